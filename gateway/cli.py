@@ -9,6 +9,11 @@ from gateway import __version__
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="FHIR delivery gateway (pseudonymisation at the source).")
 
 
+@app.callback()
+def main() -> None:
+    """FHIR delivery gateway: validate, opt-out, pseudonymise, de-identify and forward FHIR to registries."""
+
+
 @app.command()
 def version() -> None:
     """Print the gateway version."""
