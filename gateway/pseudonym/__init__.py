@@ -1,0 +1,1 @@
+"""NLPS1 pseudonymisation: input extraction, normalisation and the source stage (domain spec §4)."""
