@@ -1,0 +1,131 @@
+"""Gateway configuration: one YAML file, with environment variables for secrets and per-machine overrides.
+
+Secrets never live in the YAML file: it names environment variables or key files (mode 0600) instead.
+Every setting, its environment variable and its default is listed in README.md ("Configuration").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProviderConfig(_Strict):
+    """A care provider (hospital) whose EHR delivers through this gateway."""
+
+    id: str = Field(description="AGB or URA code, e.g. 'ura:00000000'")
+    name: str = ""
+    mrn_system: str | None = Field(None, description="identifier.system of the provider's own patient number")
+
+
+class ClientConfig(_Strict):
+    """An EHR integration that may post bundles (authenticated by API key, stored as SHA-256)."""
+
+    id: str
+    provider: str
+    api_key_sha256: str | None = None
+    mtls_subject: str | None = Field(None, description="client certificate subject passed by a trusted proxy")
+    registries: list[str] = Field(default_factory=list)
+
+
+class RegistryAuth(_Strict):
+    type: Literal["none", "bearer", "oauth2", "mtls"] = "none"
+    token_env: str | None = None
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret_env: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class RegistryConfig(_Strict):
+    """Where and how one registry receives its deliveries."""
+
+    profile: str = Field(description="id of the delivery profile in profiles/")
+    endpoint: str = Field(description="base URL of the registry's FHIR endpoint")
+    auth: RegistryAuth = RegistryAuth()
+    optout: list[Literal["register", "bundle-consent", "ehr-consent"]] = ["register", "bundle-consent"]
+    ehr_consent_url: str | None = None
+    timeout_seconds: float = 30.0
+    ca_bundle: str | None = None
+    identifier_system: str = Field(
+        "urn:nlps1:{registry}:{type}", description="Patient.identifier.system of each pseudonym"
+    )
+
+
+class TTPConfig(_Strict):
+    url: str = Field("embedded", description="base URL of the TTP, or 'embedded' for the in-process reference TTP")
+    api_key_env: str = "FHIR_GATEWAY_TTP_API_KEY"
+    timeout_seconds: float = 10.0
+    max_concurrency: int = 4
+    max_batch: int = 100_000
+    ca_bundle: str | None = None
+
+
+class GatewayConfig(_Strict):
+    providers: list[ProviderConfig]
+    clients: list[ClientConfig] = Field(default_factory=list)
+    registries: dict[str, RegistryConfig]
+    ttp: TTPConfig = TTPConfig()
+    admin_api_key_sha256: str | None = None
+    trusted_proxies: list[str] = Field(default_factory=list)
+    profiles_dir: str = str(REPO_ROOT / "profiles")
+
+    @field_validator("providers")
+    @classmethod
+    def _unique_providers(cls, value: list[ProviderConfig]) -> list[ProviderConfig]:
+        ids = [p.id for p in value]
+        if len(ids) != len(set(ids)):
+            raise ValueError("provider ids must be unique")
+        return value
+
+    def provider(self, provider_id: str) -> ProviderConfig:
+        for p in self.providers:
+            if p.id == provider_id:
+                return p
+        raise KeyError(provider_id)
+
+
+class Settings(BaseSettings):
+    """Per-machine settings, from the environment (prefix FHIR_GATEWAY_)."""
+
+    model_config = SettingsConfigDict(env_prefix="FHIR_GATEWAY_", extra="ignore")
+
+    config: Path = Path("gateway.yaml")
+    store_url: str = "sqlite:///var/gateway.db"
+    key_dir: Path = Path("var/keys")
+    host: str = "127.0.0.1"
+    port: int = 8200
+    log_level: str = "INFO"
+    max_body_bytes: int = 50 * 1024 * 1024
+    worker_concurrency: int = 4
+    worker_poll_seconds: float = 0.2
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Load and check the YAML configuration; raises ValueError with one clear line."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"configuration file {path} cannot be read: {exc.strerror}") from None
+    except yaml.YAMLError:
+        raise ValueError(f"configuration file {path} is not valid YAML") from None
+    try:
+        return GatewayConfig.model_validate(data)
+    except Exception as exc:  # pydantic's message names fields, not secrets
+        raise ValueError(f"configuration file {path} is invalid: {exc}") from None
+
+
+def secret_from_env(name: str | None) -> str | None:
+    return os.environ.get(name) if name else None
