@@ -1,0 +1,212 @@
+"""What differs between SQLite and PostgreSQL: connecting, transactions, errors and the claim statement.
+
+SQL elsewhere is written once with `?` placeholders; the PostgreSQL dialect rewrites them to `%s`
+(so no SQL text in this package may contain a literal `?` or `%`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+
+from gateway.store.pool import PoolTimeout
+
+# Claimable: queued and due, or delivering with an expired lease (its worker died). Per-patient order: a
+# delivery waits while an older one of the same registry and patient_order_key is still queued or in flight
+# (including one waiting for its retry), so a registry never sees a patient's bundles out of order and never
+# two of them at once. Dead deliveries do not block (else one rejected bundle would stall a patient forever).
+CLAIMABLE = """
+    ((d.status = 'queued' AND d.next_attempt_at <= ?)
+      OR (d.status = 'delivering' AND d.lease_expires_at <= ?))
+    {registry_filter}
+    AND (d.patient_order_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM deliveries e
+        WHERE e.registry = d.registry AND e.patient_order_key = d.patient_order_key
+          AND e.status IN ('queued', 'delivering') AND e.seq < d.seq))
+"""
+
+
+def _claimable(now: float, registries: list[str] | None) -> tuple[str, list[Any]]:
+    if registries is None:
+        return CLAIMABLE.format(registry_filter=""), [now, now]
+    marks = ", ".join("?" for _ in registries) or "NULL"
+    return CLAIMABLE.format(registry_filter=f"AND d.registry IN ({marks})"), [now, now, *registries]
+
+
+@dataclass
+class Dialect:
+    name: str
+    connect: Callable[[], Any]
+    ddl: dict[str, str]
+    unavailable: tuple[type[BaseException], ...]
+    integrity: tuple[type[BaseException], ...]
+
+    def sql(self, text: str) -> str:
+        return text
+
+    @contextlib.contextmanager
+    def transaction(self, conn: Any) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def claim(
+        self,
+        *,
+        owner: str,
+        now: float,
+        lease_until: float,
+        registries: list[str] | None,
+        limit: int,
+        returning: str,
+    ) -> tuple[str, list[Any]]:
+        """The claim statement and its parameters (their order differs between the two statements)."""
+        raise NotImplementedError
+
+    def lock_migrations(self, conn: Any) -> None:
+        """Serialise concurrent migrators (several worker processes starting at once)."""
+
+
+class SqliteDialect(Dialect):
+    @contextlib.contextmanager
+    def transaction(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front (waiting up to busy_timeout), so a read-then-write
+        # transaction can never fail half-way with SQLITE_BUSY on lock upgrade.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def claim(
+        self,
+        *,
+        owner: str,
+        now: float,
+        lease_until: float,
+        registries: list[str] | None,
+        limit: int,
+        returning: str,
+    ) -> tuple[str, list[Any]]:
+        where, where_params = _claimable(now, registries)
+        # One UPDATE ... RETURNING inside BEGIN IMMEDIATE: the write lock makes the claim atomic across
+        # processes sharing the file.
+        sql = f"""UPDATE deliveries SET status = 'delivering', lease_owner = ?, lease_expires_at = ?,
+                       attempts = attempts + 1, updated_at = ?
+                   WHERE seq IN (SELECT d.seq FROM deliveries d
+                                 WHERE {where}
+                                 ORDER BY d.seq LIMIT ?)
+                   RETURNING {returning}"""
+        return sql, [owner, lease_until, now, *where_params, limit]
+
+
+class PostgresDialect(Dialect):
+    def sql(self, text: str) -> str:
+        return text.replace("?", "%s")
+
+    @contextlib.contextmanager
+    def transaction(self, conn: Any) -> Iterator[Any]:
+        with conn.transaction():
+            yield conn
+
+    def claim(
+        self,
+        *,
+        owner: str,
+        now: float,
+        lease_until: float,
+        registries: list[str] | None,
+        limit: int,
+        returning: str,
+    ) -> tuple[str, list[Any]]:
+        where, where_params = _claimable(now, registries)
+        returning = ", ".join(f"deliveries.{c.strip()}" for c in returning.split(","))  # c.seq is ambiguous
+        # SKIP LOCKED lets concurrent workers take disjoint batches without waiting on each other. Rows
+        # another worker has just claimed are re-checked after the lock (READ COMMITTED re-evaluation), so
+        # they drop out instead of being claimed twice.
+        claim = f"""WITH c AS (SELECT d.seq FROM deliveries d
+                               WHERE {where}
+                               ORDER BY d.seq LIMIT ? FOR UPDATE OF d SKIP LOCKED)
+                    UPDATE deliveries SET status = 'delivering', lease_owner = ?, lease_expires_at = ?,
+                        attempts = deliveries.attempts + 1, updated_at = ?
+                    FROM c WHERE deliveries.seq = c.seq
+                    RETURNING {returning}"""
+        return self.sql(claim), [*where_params, limit, owner, lease_until, now]
+
+    def lock_migrations(self, conn: Any) -> None:
+        conn.execute("SELECT pg_advisory_xact_lock(7310451)")
+
+
+def sqlite_dialect(url: str, on_connect: Callable[[Any], None] | None) -> tuple[Dialect, int]:
+    if not url.startswith("sqlite:///"):
+        raise ValueError("sqlite URL must look like sqlite:///relative.db or sqlite:////abs/path.db")
+    path, _, qs = url[len("sqlite:///") :].partition("?")
+    if not path:
+        raise ValueError("sqlite URL needs a file path")
+    query = {k: v[-1] for k, v in parse_qs(qs).items()}
+    busy_ms = int(query.get("busy_timeout", "5000"))
+    # FULL: the gateway acknowledges a bundle to the EHR only after the commit, and the EHR may then discard
+    # it. With WAL, NORMAL is safe against a crash of our process but can lose the last commits on power
+    # loss or an OS crash; FULL fsyncs the WAL on every commit, which costs little at delivery rates.
+    synchronous = query.get("synchronous", "full").upper()
+    if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+        raise ValueError("sqlite synchronous must be full, normal or extra")
+    pool_size = int(query.get("pool_size", "8"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if on_connect:
+            on_connect(conn)
+        return conn
+
+    ddl = {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "ts": "REAL"}
+    dialect = SqliteDialect(
+        "sqlite",
+        connect,
+        ddl,
+        unavailable=(sqlite3.OperationalError, sqlite3.InterfaceError, PoolTimeout),
+        integrity=(sqlite3.IntegrityError,),
+    )
+    return dialect, pool_size
+
+
+def postgres_dialect(url: str, on_connect: Callable[[Any], None] | None) -> tuple[Dialect, int]:
+    import psycopg  # imported here so a SQLite-only deployment never needs libpq
+
+    parts = urlsplit(url.replace("postgresql+psycopg://", "postgresql://", 1))
+    query = parse_qsl(parts.query)
+    pool_size = int(dict(query).get("pool_size", "8"))
+    # Everything but our own pool_size goes to libpq (options=-csearch_path=..., sslmode, connect_timeout...).
+    rest = [(k, v) for k, v in query if k != "pool_size"]
+    if not any(k == "connect_timeout" for k, _ in rest):
+        rest.append(("connect_timeout", "5"))
+    conninfo = parts._replace(query=urlencode(rest)).geturl()
+
+    def connect() -> Any:
+        conn = psycopg.connect(conninfo, autocommit=True)
+        if on_connect:
+            on_connect(conn)
+        return conn
+
+    ddl = {"pk": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA", "ts": "DOUBLE PRECISION"}
+    dialect = PostgresDialect(
+        "postgresql",
+        connect,
+        ddl,
+        # OperationalError covers connection loss, disk full (class 53), lock/statement timeouts, and
+        # serialization failures; InterfaceError a connection that is already closed.
+        unavailable=(psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout),
+        integrity=(psycopg.IntegrityError,),
+    )
+    return dialect, pool_size

@@ -1,0 +1,68 @@
+"""A tiny thread-safe connection pool (psycopg_pool is not a project dependency; this is all we need).
+
+Each connection is used by one thread at a time. A connection that saw a driver-level failure is closed
+instead of returned, so a dead server connection never gets handed out twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+C = TypeVar("C")
+
+
+class PoolTimeout(Exception):
+    pass
+
+
+class Pool(Generic[C]):
+    def __init__(self, connect: Callable[[], C], *, size: int, timeout: float) -> None:
+        self._connect = connect
+        self._idle: queue.LifoQueue[C] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self._timeout = timeout
+        self._closed = False
+
+    @contextlib.contextmanager
+    def connection(self, discard_on: tuple[type[BaseException], ...] = ()) -> Iterator[C]:
+        if self._closed:
+            raise PoolTimeout("pool closed")
+        if not self._slots.acquire(timeout=self._timeout):
+            raise PoolTimeout("no free connection")
+        conn: C | None = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            yield conn
+        except discard_on:
+            _close(conn)
+            conn = None
+            raise
+        finally:
+            if conn is not None:
+                if self._closed:
+                    _close(conn)
+                else:
+                    self._idle.put(conn)
+            self._slots.release()
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                _close(self._idle.get_nowait())
+            except queue.Empty:
+                return
+
+
+def _close(conn: Any) -> None:
+    if conn is None:
+        return
+    with contextlib.suppress(Exception):
+        conn.close()

@@ -1,0 +1,69 @@
+"""One schema for SQLite and PostgreSQL, applied by numbered migrations recorded in `schema_version`.
+
+DDL is written once with three placeholders the dialect fills in: {pk} (an auto-increment primary key),
+{blob} (BLOB / bytea) and {ts} (epoch seconds as a double: one comparable type on both engines, and the
+store's clock can be injected in tests). Migrations only ever get appended; never edit a released one.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            """CREATE TABLE deliveries (
+                seq {pk},
+                id TEXT NOT NULL UNIQUE,
+                provider TEXT NOT NULL,
+                registry TEXT NOT NULL,
+                sender TEXT NOT NULL,
+                idempotency_key TEXT NOT NULL,
+                status TEXT NOT NULL CHECK (status IN ('queued', 'delivering', 'delivered', 'dead')),
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at {ts} NOT NULL,
+                lease_owner TEXT,
+                lease_expires_at {ts},
+                patient_order_key TEXT,
+                created_at {ts} NOT NULL,
+                updated_at {ts} NOT NULL,
+                registry_status INTEGER,
+                last_error TEXT,
+                counts_json TEXT NOT NULL DEFAULT '{{}}',
+                pseudonym_types TEXT NOT NULL DEFAULT '',
+                payload_sha256 TEXT NOT NULL,
+                payload_size INTEGER NOT NULL,
+                payload {blob} NOT NULL,
+                UNIQUE (provider, registry, idempotency_key)
+            )""",
+            "CREATE INDEX deliveries_claim ON deliveries (status, next_attempt_at)",
+            "CREATE INDEX deliveries_patient ON deliveries (registry, patient_order_key, seq)",
+            "CREATE INDEX deliveries_lease ON deliveries (status, lease_expires_at)",
+            """CREATE TABLE audit_events (
+                id {pk},
+                at {ts} NOT NULL,
+                actor TEXT NOT NULL,
+                provider TEXT NOT NULL,
+                registry TEXT NOT NULL,
+                event TEXT NOT NULL,
+                outcome TEXT NOT NULL,
+                delivery_id TEXT,
+                registry_status INTEGER,
+                counts_json TEXT NOT NULL DEFAULT '{{}}',
+                pseudonym_types TEXT NOT NULL DEFAULT '',
+                detail TEXT
+            )""",
+            "CREATE INDEX audit_registry_at ON audit_events (registry, at)",
+            "CREATE INDEX audit_delivery ON audit_events (delivery_id)",
+            # The caller computes the keyed hash of the patient number; only that (hex) is stored here.
+            """CREATE TABLE optout_register (
+                provider TEXT NOT NULL,
+                registry TEXT NOT NULL,
+                patient_hash TEXT NOT NULL,
+                created_at {ts} NOT NULL,
+                PRIMARY KEY (provider, registry, patient_hash)
+            )""",
+        ),
+    ),
+)
+
+LATEST = MIGRATIONS[-1][0]

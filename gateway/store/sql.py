@@ -1,0 +1,558 @@
+"""The outbox, audit trail and opt-out register over SQLite or PostgreSQL (one implementation, two dialects).
+
+All methods are synchronous and thread-safe (each call borrows a pooled connection); async code calls them
+through `gateway.store.aio.AsyncStore`, which runs them in a worker thread. Every write is one transaction:
+on any driver failure it is rolled back and `StoreUnavailable` is raised, so nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import orjson
+
+from gateway.store.dialects import Dialect
+from gateway.store.model import STATUSES, AuditEvent, AuditInput, Delivery, DeliveryStatus, StoreUnavailable
+from gateway.store.pool import Pool
+from gateway.store.schema import LATEST, MIGRATIONS
+
+_META = (
+    "id, provider, registry, sender, idempotency_key, status, attempts, next_attempt_at, lease_owner, "
+    "lease_expires_at, patient_order_key, created_at, updated_at, registry_status, last_error, "
+    "payload_sha256, payload_size, counts_json, pseudonym_types"
+)
+_WITH_PAYLOAD = _META + ", payload"
+_AUDIT = (
+    "id, at, actor, provider, registry, event, outcome, delivery_id, registry_status, counts_json, "
+    "pseudonym_types, detail"
+)
+MAX_ERROR_TEXT = 8000  # a registry's OperationOutcome is kept for the operator, bounded
+
+
+class SqlStore:
+    def __init__(
+        self,
+        dialect: Dialect,
+        *,
+        pool_size: int = 8,
+        pool_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dialect = dialect
+        self._pool: Pool[Any] = Pool(dialect.connect, size=pool_size, timeout=pool_timeout)
+        self._clock = clock
+        self.migrate()
+
+    # -- plumbing (RETURNING results are always read with fetchall: SQLite finishes the statement only then)
+
+    @contextlib.contextmanager
+    def _conn(self) -> Iterator[Any]:
+        try:
+            with self._pool.connection(discard_on=self.dialect.unavailable) as conn:
+                yield conn
+        except self.dialect.unavailable as exc:
+            raise StoreUnavailable(f"store unavailable ({type(exc).__name__})") from exc
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with self._conn() as conn, self.dialect.transaction(conn):
+            yield conn
+
+    def _q(self, conn: Any, sql: str, params: Iterable[Any] = ()) -> Any:
+        return conn.execute(self.dialect.sql(sql), tuple(params))
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def migrate(self) -> int:
+        """Apply pending migrations; returns the schema version. Safe when several processes start at once."""
+        with self._tx() as conn:
+            self.dialect.lock_migrations(conn)
+            self._q(
+                conn,
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at "
+                + self.dialect.ddl["ts"]
+                + " NOT NULL)",
+            )
+            current = self._q(conn, "SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+            if current > LATEST:
+                raise RuntimeError(f"store schema v{current} is newer than this gateway (v{LATEST})")
+            for version, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    self._q(conn, statement.format(**self.dialect.ddl))
+                self._q(
+                    conn,
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                    (version, self._clock()),
+                )
+            return max(current, LATEST)
+
+    def schema_version(self) -> int:
+        with self._conn() as conn:
+            return self._q(conn, "SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+
+    # -- outbox ---------------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        *,
+        provider: str,
+        registry: str,
+        sender: str,
+        payload: bytes,
+        idempotency_key: str | None = None,
+        patient_order_key: str | None = None,
+        counts: dict[str, Any] | None = None,
+        pseudonym_types: Iterable[str] = (),
+    ) -> tuple[str, bool]:
+        """Queue a pseudonymised bundle; the same (provider, registry, idempotency_key) gives the same id.
+
+        Returns (delivery_id, created). When it returns, the row is committed (and fsynced on SQLite).
+        """
+        now = self._clock()
+        delivery_id = uuid.uuid4().hex
+        key = idempotency_key or delivery_id
+        types = tuple(sorted(set(pseudonym_types)))
+        counts_json = orjson.dumps(counts or {}, option=orjson.OPT_SORT_KEYS).decode()
+        with self._tx() as conn:
+            row = self._q(
+                conn,
+                """INSERT INTO deliveries (id, provider, registry, sender, idempotency_key, status, attempts,
+                       next_attempt_at, patient_order_key, created_at, updated_at, counts_json,
+                       pseudonym_types,
+                       payload_sha256, payload_size, payload)
+                   VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (provider, registry, idempotency_key) DO NOTHING RETURNING id""",
+                (
+                    delivery_id,
+                    provider,
+                    registry,
+                    sender,
+                    key,
+                    now,
+                    patient_order_key,
+                    now,
+                    now,
+                    counts_json,
+                    ",".join(types),
+                    hashlib.sha256(payload).hexdigest(),
+                    len(payload),
+                    payload,
+                ),
+            ).fetchall()
+            if not row:
+                existing = self._q(
+                    conn,
+                    "SELECT id FROM deliveries WHERE provider = ? AND registry = ? AND idempotency_key = ?",
+                    (provider, registry, key),
+                ).fetchone()
+                return existing[0], False
+            self._audit(
+                conn,
+                AuditInput(
+                    actor=sender,
+                    provider=provider,
+                    registry=registry,
+                    event="accepted",
+                    outcome="queued",
+                    delivery_id=delivery_id,
+                    counts=counts or {},
+                    pseudonym_types=types,
+                ),
+                now,
+            )
+            return delivery_id, True
+
+    def claim_batch(
+        self, owner: str, limit: int, lease_seconds: float, registries: Iterable[str] | None = None
+    ) -> list[Delivery]:
+        """Lease up to `limit` due deliveries to `owner`, oldest first, at most one in flight per patient key.
+
+        A delivery whose lease expired (its worker died) is claimable again. `attempts` counts claims.
+        """
+        now = self._clock()
+        sql, params = self.dialect.claim(
+            owner=owner,
+            now=now,
+            lease_until=now + lease_seconds,
+            registries=None if registries is None else sorted(set(registries)),
+            limit=limit,
+            returning=_WITH_PAYLOAD + ", seq",
+        )
+        with self._tx() as conn:
+            rows = conn.execute(sql, tuple(params)).fetchall()
+        rows.sort(key=lambda r: r[-1])
+        return [_delivery(r[:-1]) for r in rows]
+
+    def _finish(
+        self,
+        delivery_id: str,
+        owner: str,
+        assignments: str,
+        params: tuple[Any, ...],
+        audit: AuditInput | None,
+    ) -> bool:
+        now = self._clock()
+        with self._tx() as conn:
+            # Fenced by the lease owner: a worker whose lease expired (and was reclaimed) cannot overwrite
+            # the new owner's outcome.
+            cur = self._q(
+                conn,
+                f"UPDATE deliveries SET {assignments}, lease_owner = NULL, lease_expires_at = NULL, "
+                "updated_at = ? "
+                "WHERE id = ? AND status = 'delivering' AND lease_owner = ?",
+                (*params, now, delivery_id, owner),
+            )
+            if cur.rowcount != 1:
+                return False
+            if audit is not None:
+                self._audit(conn, audit, now)
+            return True
+
+    def mark_delivered(
+        self,
+        delivery_id: str,
+        owner: str,
+        *,
+        registry_status: int | None = None,
+        audit: AuditInput | None = None,
+    ) -> bool:
+        return self._finish(
+            delivery_id,
+            owner,
+            "status = 'delivered', registry_status = ?, last_error = NULL",
+            (registry_status,),
+            audit,
+        )
+
+    def mark_retry(
+        self,
+        delivery_id: str,
+        owner: str,
+        delay: float,
+        *,
+        registry_status: int | None = None,
+        error: str | None = None,
+        audit: AuditInput | None = None,
+    ) -> bool:
+        return self._finish(
+            delivery_id,
+            owner,
+            "status = 'queued', next_attempt_at = ?, registry_status = ?, last_error = ?",
+            (self._clock() + max(0.0, delay), registry_status, _bounded(error)),
+            audit,
+        )
+
+    def mark_dead(
+        self,
+        delivery_id: str,
+        owner: str,
+        outcome: str,
+        *,
+        registry_status: int | None = None,
+        audit: AuditInput | None = None,
+    ) -> bool:
+        return self._finish(
+            delivery_id,
+            owner,
+            "status = 'dead', registry_status = ?, last_error = ?",
+            (registry_status, _bounded(outcome)),
+            audit,
+        )
+
+    def requeue(self, delivery_id: str, *, provider: str | None = None, actor: str = "operator") -> bool:
+        """Put a dead (or waiting) delivery back at the front of its turn: attempts reset, due now."""
+        now = self._clock()
+        with self._tx() as conn:
+            where, params = "id = ? AND status IN ('dead', 'queued')", [delivery_id]
+            if provider is not None:
+                where += " AND provider = ?"
+                params.append(provider)
+            row = self._q(
+                conn,
+                f"UPDATE deliveries SET status = 'queued', attempts = 0, next_attempt_at = ?, "
+                f"updated_at = ? WHERE {where} RETURNING provider, registry",
+                (now, now, *params),
+            ).fetchall()
+            if not row:
+                return False
+            self._audit(
+                conn,
+                AuditInput(
+                    actor=actor,
+                    provider=row[0][0],
+                    registry=row[0][1],
+                    event="requeued",
+                    outcome="queued",
+                    delivery_id=delivery_id,
+                ),
+                now,
+            )
+            return True
+
+    def get(
+        self, delivery_id: str, provider: str | None = None, *, with_payload: bool = False
+    ) -> Delivery | None:
+        """One delivery; with `provider` given, another provider's delivery is not found (no leak)."""
+        where, params = "id = ?", [delivery_id]
+        if provider is not None:
+            where += " AND provider = ?"
+            params.append(provider)
+        with self._conn() as conn:
+            row = self._q(
+                conn,
+                f"SELECT {_WITH_PAYLOAD if with_payload else _META} FROM deliveries WHERE {where}",
+                params,
+            ).fetchone()
+        return None if row is None else _delivery(row)
+
+    def list_deliveries(
+        self,
+        provider: str | None = None,
+        status: DeliveryStatus | None = None,
+        registry: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Delivery]:
+        """Newest first, without payloads."""
+        where, params = _filters(provider=provider, status=status, registry=registry)
+        with self._conn() as conn:
+            rows = self._q(
+                conn,
+                f"SELECT {_META} FROM deliveries {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            ).fetchall()
+        return [_delivery(r) for r in rows]
+
+    def depth(self, registry: str | None = None) -> dict[str, int]:
+        where, params = _filters(registry=registry)
+        with self._conn() as conn:
+            rows = self._q(
+                conn, f"SELECT status, COUNT(*) FROM deliveries {where} GROUP BY status", params
+            ).fetchall()
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({status: int(n) for status, n in rows})
+        return counts
+
+    def purge_payloads(self, older_than_seconds: float) -> int:
+        """Data minimisation: empty the payload of deliveries delivered longer ago than the retention."""
+        cutoff = self._clock() - older_than_seconds
+        with self._tx() as conn:
+            cur = self._q(
+                conn,
+                "UPDATE deliveries SET payload = ? WHERE status = 'delivered' AND updated_at < ? "
+                "AND length(payload) > 0",
+                (b"", cutoff),
+            )
+            return int(cur.rowcount)
+
+    # -- audit ----------------------------------------------------------------------------------------
+
+    def _audit(self, conn: Any, event: AuditInput, now: float) -> None:
+        self._q(
+            conn,
+            """INSERT INTO audit_events (at, actor, provider, registry, event, outcome, delivery_id,
+                       registry_status, counts_json, pseudonym_types, detail)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                now,
+                event.actor,
+                event.provider,
+                event.registry,
+                event.event,
+                event.outcome,
+                event.delivery_id,
+                event.registry_status,
+                orjson.dumps(event.counts, option=orjson.OPT_SORT_KEYS).decode(),
+                ",".join(sorted(set(event.pseudonym_types))),
+                _bounded(event.detail),
+            ),
+        )
+
+    def record_audit(self, event: AuditInput) -> None:
+        with self._tx() as conn:
+            self._audit(conn, event, self._clock())
+
+    def list_audit(
+        self,
+        registry: str | None = None,
+        provider: str | None = None,
+        delivery_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+    ) -> list[AuditEvent]:
+        """Oldest first."""
+        where, params = _filters(registry=registry, provider=provider, delivery_id=delivery_id)
+        for clause, value in (("at >= ?", since), ("at < ?", until)):
+            if value is not None:
+                where += (" AND " if where else "WHERE ") + clause
+                params.append(value)
+        with self._conn() as conn:
+            rows = self._q(
+                conn, f"SELECT {_AUDIT} FROM audit_events {where} ORDER BY id LIMIT ?", (*params, limit)
+            ).fetchall()
+        return [_audit_event(r) for r in rows]
+
+    def processing_record(
+        self, registry: str, since: float | None = None, until: float | None = None
+    ) -> dict[str, Any]:
+        """AVG art. 30 summary for one recipient: who delivered what kind of data, when, how much.
+
+        Built from the audit trail (counts and pseudonym types only) and the outbox depth.
+        """
+        events = self.list_audit(registry=registry, since=since, until=until, limit=10_000_000)
+        delivered = [e for e in events if e.event == "delivered"]
+        totals: dict[str, Any] = {}
+        for e in delivered:
+            _add_counts(totals, e.counts)
+        outcomes: dict[str, int] = {}
+        for e in events:
+            outcomes[e.event] = outcomes.get(e.event, 0) + 1
+        types = sorted({t for e in events for t in e.pseudonym_types})
+        return {
+            "registry": registry,
+            "recipients": [registry],
+            "purpose": "delivery to a quality registry (Wkkgz/Wkz)",
+            "categoriesOfData": "pseudonymised health data (FHIR); no direct identifiers",
+            "providers": sorted({e.provider for e in events}),
+            "period": {
+                "first": _iso(min((e.at for e in events), default=None)),
+                "last": _iso(max((e.at for e in events), default=None)),
+            },
+            "events": outcomes,
+            "bundlesDelivered": len(delivered),
+            "delivered": totals,
+            "pseudonymTypes": types,
+            "outbox": self.depth(registry),
+        }
+
+    # -- opt-out register -----------------------------------------------------------------------------
+
+    def optout_add(self, provider: str, registry: str, patient_hash: bytes | str) -> bool:
+        """Register an objection (registry '*' = every registry); True if it was new."""
+        with self._tx() as conn:
+            row = self._q(
+                conn,
+                "INSERT INTO optout_register (provider, registry, patient_hash, created_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING provider",
+                (provider, registry, _hex(patient_hash), self._clock()),
+            ).fetchall()
+            return bool(row)
+
+    def optout_withdraw(self, provider: str, registry: str, patient_hash: bytes | str) -> bool:
+        with self._tx() as conn:
+            cur = self._q(
+                conn,
+                "DELETE FROM optout_register WHERE provider = ? AND registry = ? AND patient_hash = ?",
+                (provider, registry, _hex(patient_hash)),
+            )
+            return cur.rowcount > 0
+
+    def optout_lookup(self, provider: str, registry: str, patient_hashes: Iterable[bytes | str]) -> set[str]:
+        """The given hashes (as lower-case hex) with an objection for this registry or for all ('*')."""
+        wanted = sorted({_hex(h) for h in patient_hashes})
+        found: set[str] = set()
+        with self._conn() as conn:
+            for start in range(0, len(wanted), 500):  # bounded IN lists
+                chunk = wanted[start : start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                rows = self._q(
+                    conn,
+                    f"SELECT patient_hash FROM optout_register WHERE provider = ? AND "
+                    f"registry IN (?, '*') AND patient_hash IN ({marks})",
+                    (provider, registry, *chunk),
+                ).fetchall()
+                found.update(r[0] for r in rows)
+        return found
+
+    def optout_count(self, provider: str | None = None) -> int:
+        where, params = _filters(provider=provider)
+        with self._conn() as conn:
+            return int(self._q(conn, f"SELECT COUNT(*) FROM optout_register {where}", params).fetchone()[0])
+
+
+def _filters(**values: Any) -> tuple[str, list[Any]]:
+    clauses = [f"{name} = ?" for name, value in values.items() if value is not None]
+    params = [value for value in values.values() if value is not None]
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _bounded(text: str | None) -> str | None:
+    return None if text is None else text[:MAX_ERROR_TEXT]
+
+
+def _hex(value: bytes | str) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    text = value.strip().lower()
+    bytes.fromhex(text)  # reject anything that is not hex: a plain patient number must never land here
+    return text
+
+
+def _types(text: str) -> tuple[str, ...]:
+    return tuple(t for t in text.split(",") if t)
+
+
+def _delivery(row: tuple[Any, ...]) -> Delivery:
+    payload = bytes(row[19]) if len(row) > 19 and row[19] is not None else None
+    return Delivery(
+        id=row[0],
+        provider=row[1],
+        registry=row[2],
+        sender=row[3],
+        idempotency_key=row[4],
+        status=row[5],
+        attempts=int(row[6]),
+        next_attempt_at=float(row[7]),
+        lease_owner=row[8],
+        lease_expires_at=None if row[9] is None else float(row[9]),
+        patient_order_key=row[10],
+        created_at=float(row[11]),
+        updated_at=float(row[12]),
+        registry_status=row[13],
+        last_error=row[14],
+        payload_sha256=row[15],
+        payload_size=int(row[16]),
+        counts=orjson.loads(row[17]),
+        pseudonym_types=_types(row[18]),
+        payload=payload,
+    )
+
+
+def _audit_event(row: tuple[Any, ...]) -> AuditEvent:
+    return AuditEvent(
+        id=int(row[0]),
+        at=float(row[1]),
+        actor=row[2],
+        provider=row[3],
+        registry=row[4],
+        event=row[5],
+        outcome=row[6],
+        delivery_id=row[7],
+        registry_status=row[8],
+        counts=orjson.loads(row[9]),
+        pseudonym_types=_types(row[10]),
+        detail=row[11],
+    )
+
+
+def _add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            _add_counts(total.setdefault(key, {}), value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+
+
+def _iso(at: float | None) -> str | None:
+    if at is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
