@@ -1,0 +1,354 @@
+"""The outbox store, run against both SQLite (tmp_path) and PostgreSQL (a fresh schema per test)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.store import AuditInput, Store, StoreUnavailable, open_store
+from gateway.store.schema import LATEST
+
+
+class FakeClock:
+    """The store takes its time from here, so lease expiry and retry delays need no sleeping."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/outbox.db"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(store_url: str, clock: FakeClock) -> Iterator[Store]:
+    s = open_store(store_url, clock=clock)
+    yield s
+    s.close()
+
+
+def put(
+    store: Store,
+    key: str,
+    *,
+    patient: str | None = None,
+    registry: str = "dica",
+    provider: str = "ura:1",
+    payload: bytes = b'{"resourceType":"Bundle"}',
+) -> str:
+    delivery_id, _ = store.enqueue(
+        provider=provider,
+        registry=registry,
+        sender="ehr-1",
+        payload=payload,
+        idempotency_key=key,
+        patient_order_key=patient,
+        counts={"resources": {"Patient": 1, "Observation": 2}, "patients": 1},
+        pseudonym_types=["SNGGV", "MRN"],
+    )
+    return delivery_id
+
+
+def test_schema_is_migrated_once_and_reopening_is_harmless(store_url: str, clock: FakeClock) -> None:
+    first = open_store(store_url, clock=clock)
+    put(first, "k1")
+    first.close()
+    again = open_store(store_url, clock=clock)
+    assert again.schema_version() == LATEST
+    assert again.depth()["queued"] == 1
+    again.close()
+
+
+def test_same_idempotency_key_twice_gives_one_row(store: Store) -> None:
+    a, created_a = store.enqueue(
+        provider="ura:1", registry="dica", sender="ehr", payload=b"x", idempotency_key="same"
+    )
+    b, created_b = store.enqueue(
+        provider="ura:1", registry="dica", sender="ehr", payload=b"x", idempotency_key="same"
+    )
+    assert (a, created_a, created_b) == (b, True, False)
+    assert store.depth() == {"queued": 1, "delivering": 0, "delivered": 0, "dead": 0}
+    # The key is scoped per (provider, registry).
+    c, created_c = store.enqueue(
+        provider="ura:1", registry="nkr", sender="ehr", payload=b"x", idempotency_key="same"
+    )
+    d, created_d = store.enqueue(
+        provider="ura:2", registry="dica", sender="ehr", payload=b"x", idempotency_key="same"
+    )
+    assert created_c and created_d and len({a, c, d}) == 3
+    assert [e.event for e in store.list_audit()] == ["accepted"] * 3
+
+
+def test_claim_is_oldest_first_and_one_in_flight_per_patient(store: Store, clock: FakeClock) -> None:
+    a1 = put(store, "a1", patient="pA")
+    clock.now += 1
+    b1 = put(store, "b1", patient="pB")
+    clock.now += 1
+    a2 = put(store, "a2", patient="pA")
+    clock.now += 1
+    n1 = put(store, "n1")  # no patient key: no ordering constraint
+
+    batch = store.claim_batch("w1", limit=10, lease_seconds=30)
+    assert [d.id for d in batch] == [a1, b1, n1]  # a2 waits for a1
+    assert all(d.status == "delivering" and d.attempts == 1 and d.payload for d in batch)
+
+    assert store.mark_delivered(b1, "w1") and store.mark_delivered(n1, "w1")
+    # a1 waits for a retry: a2 still waits (in order per patient).
+    assert store.mark_retry(a1, "w1", 60, registry_status=503, error="registry unavailable")
+    assert store.claim_batch("w1", limit=10, lease_seconds=30) == []
+    clock.now += 61
+    again = store.claim_batch("w1", limit=10, lease_seconds=30)
+    assert [d.id for d in again] == [a1] and again[0].attempts == 2
+    assert store.mark_delivered(a1, "w1", registry_status=200)
+    assert [d.id for d in store.claim_batch("w1", limit=10, lease_seconds=30)] == [a2]
+
+
+def test_per_patient_order_is_per_registry(store: Store) -> None:
+    x = put(store, "x", patient="pA", registry="dica")
+    y = put(store, "y", patient="pA", registry="nkr")
+    assert {d.id for d in store.claim_batch("w", limit=10, lease_seconds=30)} == {x, y}
+
+
+def test_claim_can_be_limited_to_registries(store: Store) -> None:
+    put(store, "x", registry="dica")
+    y = put(store, "y", registry="nkr")
+    assert [d.id for d in store.claim_batch("w", 10, 30, registries=["nkr"])] == [y]
+
+
+def test_expired_lease_is_reclaimed_and_the_old_owner_is_fenced_off(store: Store, clock: FakeClock) -> None:
+    d = put(store, "k", patient="p")
+    assert [x.id for x in store.claim_batch("w1", 10, lease_seconds=30)] == [d]
+    assert store.claim_batch("w2", 10, lease_seconds=30) == []  # leased
+    clock.now += 31  # w1 died
+    reclaimed = store.claim_batch("w2", 10, lease_seconds=30)
+    assert (
+        [x.id for x in reclaimed] == [d] and reclaimed[0].attempts == 2 and reclaimed[0].lease_owner == "w2"
+    )
+    assert not store.mark_delivered(d, "w1", registry_status=200)  # too late: w2 owns it now
+    assert store.mark_delivered(d, "w2", registry_status=200)
+    got = store.get(d)
+    assert (
+        got is not None
+        and got.status == "delivered"
+        and got.registry_status == 200
+        and got.lease_owner is None
+    )
+
+
+def test_dead_requeue_get_list_and_provider_scoping(store: Store, clock: FakeClock) -> None:
+    d = put(store, "k", provider="ura:1")
+    other = put(store, "k", provider="ura:2")
+    store.claim_batch("w", 1, 30)
+    outcome = '{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid"}]}'
+    assert store.mark_dead(d, "w", outcome, registry_status=400)
+    dead = store.get(d, provider="ura:1")
+    assert dead is not None and dead.status == "dead" and dead.last_error == outcome
+    assert store.get(d, provider="ura:2") is None  # another provider's delivery does not exist for them
+    assert [x.id for x in store.list_deliveries(status="dead")] == [d]
+    assert [x.id for x in store.list_deliveries(provider="ura:2")] == [other]
+    assert store.list_deliveries(registry="nope") == []
+    assert all(x.payload is None for x in store.list_deliveries())
+    assert not store.requeue(d, provider="ura:2")
+    assert store.requeue(d, provider="ura:1", actor="admin")
+    back = store.get(d)
+    assert back is not None and back.status == "queued" and back.attempts == 0
+    assert [e.event for e in store.list_audit(delivery_id=d)] == ["accepted", "requeued"]
+
+
+def test_audit_trail_and_processing_record(store: Store, clock: FakeClock) -> None:
+    d1 = put(store, "k1")
+    d2 = put(store, "k2")
+    for d in store.claim_batch("w", 10, 30):
+        assert store.mark_delivered(
+            d.id,
+            "w",
+            registry_status=200,
+            audit=AuditInput(
+                actor="w",
+                provider=d.provider,
+                registry=d.registry,
+                event="delivered",
+                outcome="ok",
+                delivery_id=d.id,
+                registry_status=200,
+                counts=d.counts,
+                pseudonym_types=d.pseudonym_types,
+            ),
+        )
+    store.record_audit(
+        AuditInput(
+            actor="ehr-1",
+            provider="ura:1",
+            registry="dica",
+            event="rejected",
+            outcome="leak-scan",
+            detail="fixed text",
+        )
+    )
+    events = store.list_audit(registry="dica")
+    assert [e.event for e in events] == ["accepted", "accepted", "delivered", "delivered", "rejected"]
+    assert {e.delivery_id for e in events if e.event == "delivered"} == {d1, d2}
+    record = store.processing_record("dica")
+    assert record["bundlesDelivered"] == 2
+    assert record["delivered"] == {"patients": 2, "resources": {"Patient": 2, "Observation": 4}}
+    assert record["pseudonymTypes"] == ["MRN", "SNGGV"]
+    assert record["providers"] == ["ura:1"] and record["recipients"] == ["dica"]
+    assert record["outbox"]["delivered"] == 2 and record["period"]["first"].endswith("Z")
+    assert store.processing_record("other")["bundlesDelivered"] == 0
+
+
+def test_optout_register(store: Store) -> None:
+    h = bytes.fromhex("ab" * 32)
+    assert store.optout_add("ura:1", "dica", h)
+    assert not store.optout_add("ura:1", "dica", h.hex().upper())  # same hash, hex in any case
+    assert store.optout_add("ura:1", "*", "cd" * 32)
+    assert store.optout_lookup("ura:1", "dica", [h, "cd" * 32, "ef" * 32]) == {"ab" * 32, "cd" * 32}
+    assert store.optout_lookup("ura:1", "nkr", [h, "cd" * 32]) == {"cd" * 32}  # '*' means every registry
+    assert store.optout_lookup("ura:2", "dica", [h]) == set()
+    assert store.optout_withdraw("ura:1", "dica", h)
+    assert not store.optout_withdraw("ura:1", "dica", h)
+    assert store.optout_lookup("ura:1", "dica", [h]) == set()
+    with pytest.raises(ValueError):
+        store.optout_add("ura:1", "dica", "123456782")  # a plain number is refused: hashes only
+
+
+def test_concurrent_claimers_never_get_the_same_delivery(store_url: str) -> None:
+    setup = open_store(store_url)
+    ids = {put(setup, f"k{i}", patient=f"p{i % 7}") for i in range(120)}
+    claimed: Counter[str] = Counter()
+    in_flight: set[str] = set()  # patient keys currently held by some worker
+    violations: list[str] = []
+    lock = threading.Lock()
+
+    def work(owner: str) -> None:
+        s = open_store(store_url)  # its own pool, as a separate process would have
+        try:
+            idle = 0
+            while idle < 20:
+                batch = s.claim_batch(owner, limit=5, lease_seconds=60)
+                if not batch:
+                    idle += 1
+                    continue
+                idle = 0
+                with lock:
+                    claimed.update(d.id for d in batch)
+                    for d in batch:
+                        if d.patient_order_key in in_flight:
+                            violations.append(d.id)
+                        in_flight.add(d.patient_order_key)
+                for d in batch:
+                    with lock:  # released just before the commit, so a fast successor is no false alarm
+                        in_flight.discard(d.patient_order_key)
+                    assert s.mark_delivered(d.id, owner, registry_status=200)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert set(claimed) == ids and max(claimed.values()) == 1
+    assert violations == []  # never two deliveries of one patient in flight
+    assert setup.depth()["delivered"] == 120
+    setup.close()
+
+
+def test_purge_payloads_of_old_deliveries(store: Store, clock: FakeClock) -> None:
+    d = put(store, "k")
+    store.claim_batch("w", 1, 30)
+    store.mark_delivered(d, "w", registry_status=200)
+    assert store.purge_payloads(older_than_seconds=3600) == 0
+    clock.now += 7200
+    assert store.purge_payloads(older_than_seconds=3600) == 1
+    got = store.get(d, with_payload=True)
+    assert got is not None and got.payload == b"" and got.payload_size > 0
+    assert store.purge_payloads(older_than_seconds=3600) == 0
+
+
+# -- failures leave nothing half-written --------------------------------------------------------------
+
+
+def test_sqlite_locked_beyond_busy_timeout_raises_store_unavailable(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/outbox.db?busy_timeout=100"
+    store = open_store(url)
+    blocker = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with pytest.raises(StoreUnavailable) as err:
+            put(store, "k")
+        assert "payload" not in str(err.value).lower() and "Bundle" not in str(err.value)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store.depth()["queued"] == 0 and store.list_audit() == []
+    put(store, "k")  # and it recovers
+    assert store.depth()["queued"] == 1
+    store.close()
+
+
+def test_sqlite_disk_full_raises_store_unavailable_and_rolls_back(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/outbox.db"
+    open_store(url).close()
+
+    def cap_size(conn: sqlite3.Connection) -> None:  # the file may not grow: SQLITE_FULL on the next page
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+
+    store = open_store(url, on_connect=cap_size)
+    with pytest.raises(StoreUnavailable):
+        put(store, "big", payload=b"x" * 200_000)
+    store.close()
+    after = open_store(url)
+    assert after.depth()["queued"] == 0 and after.list_audit() == []
+    after.close()
+
+
+def test_sqlite_url_options_and_pragmas(tmp_path) -> None:
+    store = open_store(f"sqlite:///{tmp_path}/o.db?synchronous=normal&busy_timeout=250")
+    with store._conn() as conn:  # white-box: the pragmas really are set on pooled connections
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 250
+    store.close()
+    with open_store(f"sqlite:///{tmp_path}/f.db")._conn() as conn:
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL by default
+    with pytest.raises(ValueError):
+        open_store("mysql://x")
+
+
+@pytest.mark.postgres
+def test_postgres_lock_timeout_raises_store_unavailable(pg_url: str) -> None:
+    import psycopg
+
+    store = open_store(pg_url, on_connect=lambda c: c.execute("SET lock_timeout = '200ms'"))
+    with psycopg.connect(pg_url, autocommit=False) as blocker:
+        blocker.execute("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(StoreUnavailable):
+            put(store, "k")
+        blocker.rollback()
+    assert store.depth()["queued"] == 0
+    put(store, "k")
+    assert store.depth()["queued"] == 1
+    store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_unreachable_raises_store_unavailable() -> None:
+    with pytest.raises(StoreUnavailable):
+        open_store("postgresql://postgres@127.0.0.1:1/test?connect_timeout=2")
