@@ -1,0 +1,294 @@
+"""HttpTTPClient (the gateway's way to the NLPS1 TTP) and CachingTTP (an LRU in front of any TTPBackend).
+
+One HTTP request per ``pseudonymise`` call: the whole bundle's pre-pseudonyms go together; only batches above
+``max_batch`` values are split (and then sent concurrently, bounded by ``max_concurrency``). Transport errors,
+5xx and 429 are retried with exponential backoff, honouring ``Retry-After`` (capped); each attempt is sealed
+afresh, because the TTP refuses a request id it has already seen. When the retries are used up, or the TTP
+refuses the call (4xx), ``TTPUnavailable`` is raised: the caller fails closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import orjson
+from cryptography.hazmat.primitives.asymmetric import x25519
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from gateway.pseudonym import nlps1
+from gateway.pseudonym.types import PrePseudonym
+from gateway.ttp import envelope, service
+from gateway.ttp.backend import TTPBackend, TTPRejected, TTPResult, TTPUnavailable
+
+FHIR_JSON = "application/fhir+json"
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _diagnostics(response: httpx.Response) -> str:
+    """The TTP's own fixed diagnostics text (it never contains values), else the bare status."""
+    try:
+        issue = orjson.loads(response.content)["issue"][0]
+        return str(issue.get("diagnostics") or issue.get("code"))[:200]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+        return f"HTTP {response.status_code}"
+
+
+class HttpTTPClient:
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0, max_concurrency: int = 4,
+                 retries: int = 3, verify: bool | str = True, sealed: bool = True, max_batch: int = 100_000,
+                 backoff: float = 0.2, max_backoff: float = 5.0, max_retry_after: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if isinstance(verify, str):
+            verify_arg: bool | ssl.SSLContext = ssl.create_default_context(cafile=verify)
+        else:
+            verify_arg = verify
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), timeout=timeout, verify=verify_arg, transport=transport,
+            headers={"Authorization": f"Bearer {api_key}", "Accept": FHIR_JSON},
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency))
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self.sealed, self.max_batch, self.retries = sealed, max_batch, retries
+        self._backoff, self._max_backoff, self._max_retry_after = backoff, max_backoff, max_retry_after
+        self._public: tuple[x25519.X25519PublicKey, str] | None = None
+
+    async def __aenter__(self) -> HttpTTPClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- TTPBackend ----------------------------------------------------------------------------------------
+    async def pseudonymise(self, registry: str, items: Sequence[PrePseudonym]) -> list[TTPResult]:
+        originals = [service.pre_string(i.type, i.key_version, i.value) for i in items]
+        types = [i.type for i in items]
+        return await self._batched("pseudonymize", registry, originals, types, "pseudonym")
+
+    async def probe(self) -> None:
+        try:
+            response = await self._http.get("/metadata")
+        except httpx.HTTPError:
+            raise TTPUnavailable("TTP not reachable") from None
+        try:
+            ok = response.status_code == 200 and orjson.loads(response.content).get("resourceType") == (
+                "CapabilityStatement")
+        except (orjson.JSONDecodeError, AttributeError):
+            ok = False
+        if not ok:
+            raise TTPUnavailable(f"TTP metadata check failed (HTTP {response.status_code})")
+
+    # --- the other operations ------------------------------------------------------------------------------
+    async def translate(self, registry: str,
+                        values: Sequence[tuple[str, str, str | None]]) -> list[TTPResult]:
+        """(type, stored ``v<n>.`` value, provider for MRN else None) → the value under the current key."""
+        originals = [f"{t}:{v}:{p}" if p else f"{t}:{v}" for t, v, p in values]
+        return await self._batched("translate", registry, originals, [t for t, _, _ in values], "pseudonym")
+
+    async def depseudonymise(self, registry: str, values: Sequence[str]) -> list[TTPResult]:
+        """MRN ``v<n>.`` values → this provider's own inner layer (base64url) in ``identifier_value``."""
+        return await self._batched("de-pseudonymize", registry, [f"MRN:{v}" for v in values],
+                                   ["MRN"] * len(values), "original")
+
+    async def rotate(self, registry: str) -> int:
+        body = {"resourceType": "Parameters", "parameter": [{"name": "target", "valueString": registry}]}
+        answer = await self._send("rotate", registry, body, None)
+        return int(next(p["valueInteger"] for p in answer["parameter"] if p.get("name") == "version"))
+
+    async def public_key(self, refresh: bool = False) -> tuple[x25519.X25519PublicKey, str]:
+        if self._public is None or refresh:
+            try:
+                response = await self._http.get("/.well-known/nlps1-public-key")
+                response.raise_for_status()
+                jwk = orjson.loads(response.content)["keys"][0]
+                self._public = (x25519.X25519PublicKey.from_public_bytes(nlps1.unb64u(jwk["x"])), jwk["kid"])
+            except (httpx.HTTPError, orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+                raise TTPUnavailable("TTP public key not available") from None
+        return self._public
+
+    # --- plumbing ------------------------------------------------------------------------------------------
+    async def _batched(self, operation: str, registry: str, originals: list[str], types: list[str],
+                       name: str) -> list[TTPResult]:
+        if not originals:
+            return []
+        size = self.max_batch
+        chunks = [(start, originals[start:start + size]) for start in range(0, len(originals), size)]
+        answers = await asyncio.gather(*(self._call(operation, registry, chunk) for _, chunk in chunks))
+        results: list[TTPResult | None] = [None] * len(originals)
+        for (start, chunk), answer in zip(chunks, answers, strict=True):
+            for index, value, code in _read_answer(answer, len(chunk), name):
+                i = start + index
+                results[i] = TTPResult(i, types[i], value, code)
+        return results  # type: ignore[return-value]  # _read_answer guarantees every index is filled
+
+    async def _call(self, operation: str, registry: str, originals: list[str]) -> dict[str, Any]:
+        if not self.sealed:
+            body = {"resourceType": "Parameters", "parameter": [
+                {"name": "target", "valueString": registry},
+                *({"name": "original", "valueString": o} for o in originals)]}
+            return await self._send(operation, registry, body, None)
+        return await self._send(operation, registry, None, originals)
+
+    async def _send(self, operation: str, registry: str, body: dict[str, Any] | None,
+                    sealed_originals: list[str] | None) -> dict[str, Any]:
+        plain = orjson.dumps(body) if body is not None else b""
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.retries + 1), wait=self._wait,
+                                 retry=retry_if_exception_type(_Retryable), reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    async with self._semaphore:
+                        return await self._attempt(operation, registry, plain, sealed_originals)
+        except _Retryable as exc:
+            raise TTPUnavailable(f"TTP unavailable after {self.retries + 1} attempts ({exc})") from None
+        raise TTPUnavailable("TTP unavailable")  # not reached: AsyncRetrying either returns or raises
+
+    async def _attempt(self, operation: str, registry: str, plain: bytes,
+                       sealed_originals: list[str] | None) -> dict[str, Any]:
+        opened: tuple[bytes, bytes] | None = None
+        if sealed_originals is not None:
+            public, kid = await self.public_key()
+            params, response_key, info = envelope.seal_request(public, kid, operation, registry,
+                                                               sealed_originals)
+            plain, opened = orjson.dumps(params), (response_key, info)
+        try:
+            response = await self._http.post(f"/${operation}", content=plain,
+                                              headers={"Content-Type": FHIR_JSON})
+        except httpx.TransportError as exc:
+            raise _Retryable(type(exc).__name__) from None
+        status = response.status_code
+        if status in RETRY_STATUSES:
+            raise _Retryable(f"HTTP {status}", _retry_after(response.headers.get("retry-after")))
+        if status == 409 and opened is not None:
+            await self.public_key(refresh=True)  # the TTP's HPKE key changed (or a replay clash): re-seal
+            raise _Retryable("HTTP 409")
+        if status != 200:
+            raise TTPRejected(status, _diagnostics(response))
+        try:
+            content = response.content
+            if opened is not None:
+                content = envelope.open_response(orjson.loads(content), *opened)
+            answer = orjson.loads(content)
+        except (orjson.JSONDecodeError, envelope.EnvelopeError):
+            raise TTPUnavailable("TTP answer is not valid") from None
+        if not isinstance(answer, dict) or not isinstance(answer.get("parameter"), list):
+            raise TTPUnavailable("TTP answer is not a Parameters resource")
+        return answer
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            return min(exc.retry_after, self._max_retry_after)
+        # Exponential backoff with full jitter, so many gateways do not retry in lockstep.
+        return random.uniform(0, min(self._max_backoff, self._backoff * 2 ** (state.attempt_number - 1)))
+
+
+Row = tuple[int, str | None, str | None]
+
+
+def _read_answer(answer: dict[str, Any], expected: int, name: str) -> list[Row]:
+    """(index, value, error code) per original; TTPUnavailable unless every index is answered exactly once."""
+    out: list[Row] = []
+    seen = bytearray(expected)
+    try:
+        for p in answer["parameter"]:
+            kind = p["name"]
+            if kind not in (name, "error"):
+                continue
+            parts = {q["name"]: q for q in p["part"]}
+            index = parts["index"]["valueInteger"]
+            if kind == "error":
+                out.append((index, None, str(parts["code"]["valueCode"])))
+            else:
+                value = parts["pseudonym" if name == "pseudonym" else "pre"]["valueIdentifier"]["value"]
+                if not isinstance(value, str):
+                    raise TypeError
+                out.append((index, value, None))
+            if seen[index]:
+                raise ValueError
+            seen[index] = 1
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise TTPUnavailable("TTP answer is malformed") from None
+    if len(out) != expected:
+        raise TTPUnavailable("TTP answer is incomplete")
+    return out
+
+
+class CachingTTP:
+    """An in-memory LRU of final pseudonyms in front of any backend.
+
+    Keyed by (registry, type, source key version, pre-pseudonym bytes): never by a plain input. Entries expire
+    after ``ttl`` seconds so a domain key rotation at the TTP reaches every gateway within that time; only
+    successes are cached. Misses of one call go to the backend together in one call.
+    """
+
+    def __init__(self, backend: TTPBackend, max_entries: int = 100_000, ttl: float | None = 3600.0) -> None:
+        self.backend, self.max_entries, self.ttl = backend, max_entries, ttl
+        self._lru: OrderedDict[tuple[str, str, int, bytes], tuple[str, float]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    async def pseudonymise(self, registry: str, items: Sequence[PrePseudonym]) -> list[TTPResult]:
+        now = time.monotonic()
+        results: list[TTPResult | None] = [None] * len(items)
+        wanted: dict[tuple[str, str, int, bytes], list[int]] = {}
+        for i, item in enumerate(items):
+            key = (registry, item.type, item.key_version, item.value)
+            hit = self._lru.get(key)
+            if hit is not None and (self.ttl is None or now - hit[1] < self.ttl):
+                self._lru.move_to_end(key)
+                results[i] = TTPResult(i, item.type, hit[0], None)
+                self.hits += 1
+            else:
+                wanted.setdefault(key, []).append(i)
+        if wanted:
+            keys = list(wanted)
+            self.misses += len(keys)
+            batch = [PrePseudonym(k[1], k[2], k[3]) for k in keys]
+            fetched = await self.backend.pseudonymise(registry, batch)
+            for r in fetched:
+                key = keys[r.index]
+                for i in wanted[key]:
+                    results[i] = TTPResult(i, items[i].type, r.identifier_value, r.error_code)
+                if r.identifier_value is not None:
+                    self._store(key, r.identifier_value, now)
+        return results  # type: ignore[return-value]
+
+    def _store(self, key: tuple[str, str, int, bytes], value: str, now: float) -> None:
+        self._lru[key] = (value, now)
+        self._lru.move_to_end(key)
+        while len(self._lru) > self.max_entries:
+            self._lru.popitem(last=False)
+
+    def clear(self) -> None:
+        self._lru.clear()
+
+    async def probe(self) -> None:
+        await self.backend.probe()
