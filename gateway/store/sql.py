@@ -11,7 +11,8 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -105,36 +106,48 @@ class SqlStore:
         *,
         provider: str,
         registry: str,
-        sender: str,
         payload: bytes,
+        sender: str | None = None,
+        client: str | None = None,
         idempotency_key: str | None = None,
         patient_order_key: str | None = None,
         counts: dict[str, Any] | None = None,
-        pseudonym_types: Iterable[str] = (),
+        pseudonym_types: Iterable[str] | None = None,
+        summary: dict[str, Any] | None = None,
+        audit: AuditInput | Mapping[str, Any] | None = None,
     ) -> tuple[str, bool]:
         """Queue a pseudonymised bundle; the same (provider, registry, idempotency_key) gives the same id.
 
+        `sender` (alias `client`) is the authenticated EHR client. `counts` (or a processing report given
+        as `summary`) must hold counts only; pseudonym types default to the keys of summary["pseudonymTypes"].
+        `audit`, if given, is written in the same transaction when the row is new.
         Returns (delivery_id, created). When it returns, the row is committed (and fsynced on SQLite).
         """
+        who = sender or client
+        if not who:
+            raise ValueError("enqueue needs the sender (client id)")
+        if counts is None:
+            counts = summary or {}
+        if pseudonym_types is None:
+            pseudonym_types = (summary or {}).get("pseudonymTypes") or ()
         now = self._clock()
         delivery_id = uuid.uuid4().hex
         key = idempotency_key or delivery_id
         types = tuple(sorted(set(pseudonym_types)))
-        counts_json = orjson.dumps(counts or {}, option=orjson.OPT_SORT_KEYS).decode()
+        counts_json = orjson.dumps(counts, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
         with self._tx() as conn:
             row = self._q(
                 conn,
                 """INSERT INTO deliveries (id, provider, registry, sender, idempotency_key, status, attempts,
                        next_attempt_at, patient_order_key, created_at, updated_at, counts_json,
-                       pseudonym_types,
-                       payload_sha256, payload_size, payload)
+                       pseudonym_types, payload_sha256, payload_size, payload)
                    VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (provider, registry, idempotency_key) DO NOTHING RETURNING id""",
                 (
                     delivery_id,
                     provider,
                     registry,
-                    sender,
+                    who,
                     key,
                     now,
                     patient_order_key,
@@ -154,21 +167,21 @@ class SqlStore:
                     (provider, registry, key),
                 ).fetchone()
                 return existing[0], False
-            self._audit(
-                conn,
-                AuditInput(
-                    actor=sender,
-                    provider=provider,
-                    registry=registry,
-                    event="accepted",
-                    outcome="queued",
-                    delivery_id=delivery_id,
-                    counts=counts or {},
-                    pseudonym_types=types,
-                ),
-                now,
-            )
+            if audit is not None:
+                event = _audit_input(audit)
+                if event.delivery_id is None:
+                    event = replace(event, delivery_id=delivery_id)
+                self._audit(conn, event, now)
             return delivery_id, True
+
+    def find_by_idempotency(self, provider: str, registry: str, idempotency_key: str) -> Delivery | None:
+        with self._conn() as conn:
+            row = self._q(
+                conn,
+                f"SELECT {_META} FROM deliveries WHERE provider = ? AND registry = ? AND idempotency_key = ?",
+                (provider, registry, idempotency_key),
+            ).fetchone()
+        return None if row is None else _delivery(row)
 
     def claim_batch(
         self, owner: str, limit: int, lease_seconds: float, registries: Iterable[str] | None = None
@@ -370,15 +383,17 @@ class SqlStore:
                 event.outcome,
                 event.delivery_id,
                 event.registry_status,
-                orjson.dumps(event.counts, option=orjson.OPT_SORT_KEYS).decode(),
+                orjson.dumps(event.counts, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode(),
                 ",".join(sorted(set(event.pseudonym_types))),
                 _bounded(event.detail),
             ),
         )
 
-    def record_audit(self, event: AuditInput) -> None:
+    def record_audit(self, event: AuditInput | Mapping[str, Any]) -> None:
+        """Record one event. A plain mapping is accepted too (keys as in AuditInput; `client` for `actor`,
+        and `event` defaults to `outcome`)."""
         with self._tx() as conn:
-            self._audit(conn, event, self._clock())
+            self._audit(conn, _audit_input(event), self._clock())
 
     def list_audit(
         self,
@@ -473,10 +488,33 @@ class SqlStore:
                 found.update(r[0] for r in rows)
         return found
 
+    # Names used by the service and the opt-out sources.
+    add_objection = optout_add
+    withdraw_objection = optout_withdraw
+    objection_lookup = optout_lookup
+
     def optout_count(self, provider: str | None = None) -> int:
         where, params = _filters(provider=provider)
         with self._conn() as conn:
             return int(self._q(conn, f"SELECT COUNT(*) FROM optout_register {where}", params).fetchone()[0])
+
+
+def _audit_input(event: AuditInput | Mapping[str, Any]) -> AuditInput:
+    if isinstance(event, AuditInput):
+        return event
+    outcome = str(event.get("outcome") or "")
+    return AuditInput(
+        actor=str(event.get("actor") or event.get("client") or ""),
+        provider=str(event.get("provider") or ""),
+        registry=str(event.get("registry") or ""),
+        event=str(event.get("event") or outcome),
+        outcome=outcome,
+        delivery_id=event.get("delivery_id"),
+        registry_status=event.get("registry_status"),
+        counts=dict(event.get("counts") or {}),
+        pseudonym_types=tuple(event.get("pseudonym_types") or ()),
+        detail=event.get("detail"),
+    )
 
 
 def _filters(**values: Any) -> tuple[str, list[Any]]:

@@ -1,0 +1,67 @@
+"""Prometheus metrics of the gateway. Created on a CollectorRegistry you pass in (or a fresh one): importing
+this module registers nothing, so tests and several apps in one process never collide. Labels are registry
+names, outcomes and statuses only: never anything about a patient."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass(frozen=True)
+class GatewayMetrics:
+    registry: CollectorRegistry
+    bundles: Counter  # labels: outcome (accepted | duplicate | nothing-to-deliver | ...), for the intake
+    attempts: Counter  # labels: registry, outcome (delivered | retry | dead)
+    attempt_seconds: Histogram  # labels: registry
+    claimed: Counter  # labels: registry
+    fenced: Counter  # labels: registry; results dropped because the lease had passed to another worker
+    depth: Gauge  # labels: status
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None, namespace: str = "gateway") -> GatewayMetrics:
+        return create_metrics(registry or CollectorRegistry(), namespace)
+
+    def refresh_outbox(self, depth: Mapping[str, int]) -> None:
+        """Set the depth gauge from `store.depth()`."""
+        for status, n in depth.items():
+            self.depth.labels(status).set(n)
+
+
+# The worker needs only the outbox part; one type keeps wiring simple.
+OutboxMetrics = GatewayMetrics
+
+
+def create_metrics(registry: CollectorRegistry, namespace: str = "gateway") -> GatewayMetrics:
+    def counter(name: str, doc: str, labels: list[str]) -> Counter:
+        return Counter(name, doc, labels, namespace=namespace, registry=registry)
+
+    return GatewayMetrics(
+        registry=registry,
+        bundles=counter("bundles", "Bundles posted by EHRs, by intake outcome", ["outcome"]),
+        attempts=counter("outbox_delivery_attempts", "Delivery attempts by outcome", ["registry", "outcome"]),
+        attempt_seconds=Histogram(
+            "outbox_delivery_seconds",
+            "Time of one delivery attempt",
+            ["registry"],
+            namespace=namespace,
+            registry=registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        ),
+        claimed=counter("outbox_claimed", "Deliveries claimed by a worker", ["registry"]),
+        fenced=counter(
+            "outbox_lease_lost", "Attempt results dropped because the lease had expired", ["registry"]
+        ),
+        depth=Gauge(
+            "outbox_depth",
+            "Deliveries in the outbox by status",
+            ["status"],
+            namespace=namespace,
+            registry=registry,
+        ),
+    )
+
+
+create_outbox_metrics = create_metrics

@@ -1,0 +1,206 @@
+"""The outbox worker: claim due deliveries, send them, record the outcome. Run one or many (processes or
+hosts) against one store: leases keep them apart, and a killed worker's leases expire so another picks up
+its deliveries.
+
+Delivery is at-least-once on the wire (a lost answer or an expired lease means sending again) and
+exactly-once in effect because the gateway sends PUT entries with stable ids and a stable Bundle.identifier,
+which the registry upserts. Keep `lease_seconds` well above the client timeout so a slow registry does not
+hand a delivery to a second worker while the first is still sending it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.forward import Attempt, RegistryClient
+from gateway.metrics import GatewayMetrics
+from gateway.store import AsyncStore, AuditInput, Delivery, Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter from the attempts count; a Retry-After from the registry wins."""
+
+    base: float = 2.0
+    factor: float = 2.0
+    cap: float = 900.0
+    max_attempts: int = 15  # with the defaults about 2.5 hours of trying before a delivery is dead
+    jitter: float = 0.5  # this share of each delay is random, so retries of many deliveries spread out
+
+    def delay(self, attempts: int, rng: random.Random | None = None) -> float:
+        full = min(self.cap, self.base * self.factor ** max(0, attempts - 1))
+        r = (rng or random).random()
+        return full * (1.0 - self.jitter) + full * self.jitter * r
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{id(object()):x}"
+
+
+class OutboxWorker:
+    def __init__(
+        self,
+        store: Store | AsyncStore,
+        clients: Mapping[str, RegistryClient],
+        *,
+        owner: str | None = None,
+        poll_interval: float = 1.0,
+        lease_seconds: float = 120.0,
+        concurrency: int = 4,
+        backoff: Backoff | None = None,
+        metrics: GatewayMetrics | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store if isinstance(store, AsyncStore) else AsyncStore(store)
+        self.clients = dict(clients)
+        self.owner = owner or default_owner()
+        self.poll_interval = poll_interval
+        self.lease_seconds = lease_seconds
+        self.concurrency = max(1, concurrency)
+        self.backoff = backoff or Backoff()
+        self.metrics = metrics
+        self._rng = rng
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._running = False
+        slowest = max((c.timeout for c in self.clients.values()), default=0.0)
+        if lease_seconds < 2 * slowest:
+            log.warning(
+                "lease_seconds %.0f is under twice the registry timeout %.0f: a slow registry may see "
+                "a delivery twice",
+                lease_seconds,
+                slowest,
+            )
+
+    async def run_once(self) -> int:
+        """Claim one batch (at most `concurrency`), deliver it concurrently, record outcomes; returns the
+        number of deliveries handled. Only claims what it can send right away, so leases do not run out
+        while deliveries wait for a slot."""
+        if not self.clients:
+            return 0
+        batch = await self.store.claim_batch(
+            self.owner, self.concurrency, self.lease_seconds, registries=sorted(self.clients)
+        )
+        if self.metrics:
+            for d in batch:
+                self.metrics.claimed.labels(d.registry).inc()
+        await asyncio.gather(*(self._handle(d) for d in batch))
+        return len(batch)
+
+    async def run(self) -> None:
+        """Loop until `stop()`; a full batch is followed at once by the next, otherwise it polls."""
+        self._stopped.clear()  # a stop() that came before run() is kept: the loop then ends at once
+        self._running = True
+        try:
+            while not self._stopping.is_set():
+                try:
+                    handled = await self.run_once()
+                except StoreUnavailable as exc:
+                    log.warning("outbox store unavailable (%s); retrying after the poll interval", exc)
+                    handled = 0
+                if handled < self.concurrency:
+                    await self._refresh_depth()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+        finally:
+            self._running = False
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Ask the loop to stop and wait until in-flight deliveries are finished and recorded."""
+        self._stopping.set()
+        if self._running:
+            await self._stopped.wait()
+
+    async def _refresh_depth(self) -> None:
+        if not self.metrics:
+            return
+        with contextlib.suppress(StoreUnavailable):
+            self.metrics.refresh_outbox(await self.store.depth())
+
+    async def _handle(self, d: Delivery) -> None:
+        client = self.clients[d.registry]
+        started = time.monotonic()
+        try:
+            attempt = await client.deliver(d.payload or b"", request_id=d.id)
+        except Exception as exc:  # a bug in a client or auth plug-in must not kill the loop
+            log.exception("delivery %s: unexpected %s", d.id, type(exc).__name__)
+            attempt = Attempt(False, None, True, None, f"internal error: {type(exc).__name__}")
+        if self.metrics:
+            self.metrics.attempt_seconds.labels(d.registry).observe(time.monotonic() - started)
+        try:
+            outcome, recorded = await self._record(d, attempt)
+        except StoreUnavailable as exc:
+            # The lease will expire and the delivery be sent again; the registry's upsert absorbs it.
+            log.error("delivery %s: outcome not recorded (%s)", d.id, exc)
+            return
+        if self.metrics:
+            self.metrics.attempts.labels(d.registry, outcome).inc()
+            if not recorded:
+                self.metrics.fenced.labels(d.registry).inc()
+        log.info(
+            "delivery %s to %s: %s (HTTP %s, attempt %d)%s",
+            d.id,
+            d.registry,
+            outcome,
+            attempt.status,
+            d.attempts,
+            "" if recorded else " - lease had expired, result dropped",
+        )
+
+    async def _record(self, d: Delivery, attempt: Attempt) -> tuple[str, bool]:
+        def audit(event: str, outcome: str, detail: str | None) -> AuditInput:
+            return AuditInput(
+                actor=self.owner,
+                provider=d.provider,
+                registry=d.registry,
+                event=event,
+                outcome=outcome,
+                delivery_id=d.id,
+                registry_status=attempt.status,
+                counts=d.counts,
+                pseudonym_types=d.pseudonym_types,
+                detail=detail,
+            )
+
+        if attempt.ok:
+            ok = await self.store.mark_delivered(
+                d.id, self.owner, registry_status=attempt.status, audit=audit("delivered", "ok", None)
+            )
+            return "delivered", ok
+        if attempt.retryable and d.attempts < self.backoff.max_attempts:
+            delay = (
+                attempt.retry_after
+                if attempt.retry_after is not None
+                else self.backoff.delay(d.attempts, self._rng)
+            )
+            ok = await self.store.mark_retry(
+                d.id,
+                self.owner,
+                delay,
+                registry_status=attempt.status,
+                error=attempt.outcome_text,
+                audit=audit("retry", "retryable", attempt.outcome_text),
+            )
+            return "retry", ok
+        text = attempt.outcome_text or "registry rejected the delivery"
+        if attempt.retryable:
+            text = f"gave up after {d.attempts} attempts; last: {text}"
+        ok = await self.store.mark_dead(
+            d.id,
+            self.owner,
+            text,
+            registry_status=attempt.status,
+            audit=audit("dead", "gave-up" if attempt.retryable else "rejected", text),
+        )
+        return "dead", ok
