@@ -1,0 +1,113 @@
+"""The HPKE envelope over real HTTP: stale and replayed requests refused, bindings enforced, answer sealed."""
+
+import secrets
+import time
+
+import httpx
+import orjson
+import pytest
+
+from gateway.pseudonym import nlps1
+from gateway.ttp import envelope
+from gateway.ttp.app import create_app
+from gateway.ttp.testing import make_test_ttp
+from tests.servers import serve
+
+REGISTRY = "registry-example"
+
+
+@pytest.fixture
+def ttp(tmp_path):
+    fixture = make_test_ttp(tmp_path / "keys", [REGISTRY, "registry-other"])
+    with serve(create_app(fixture.keystore, fixture.auth)) as base:
+        yield fixture, base
+
+
+def _sealed(fixture, originals, *, operation="pseudonymize", target=REGISTRY, now=None):
+    public = fixture.keystore.hpke_private.public_key()
+    return envelope.seal_request(public, fixture.keystore.key_id, operation, target, originals, now=now)
+
+
+def _post(base, fixture, params, op="pseudonymize"):
+    return httpx.post(f"{base}/${op}", content=orjson.dumps(params), headers=fixture.headers("provider-a"))
+
+
+def _originals(n=3):
+    return [f"B:1:{nlps1.b64u(secrets.token_bytes(32))}" for _ in range(n)]
+
+
+def test_sealed_round_trip_and_sealed_answer(ttp):
+    fixture, base = ttp
+    originals = _originals()
+    params, response_key, info = _sealed(fixture, originals)
+    r = _post(base, fixture, params)
+    assert r.status_code == 200
+    assert originals[0].split(":")[2] not in r.text  # neither the pre-pseudonyms ...
+    inner = orjson.loads(envelope.open_response(r.json(), response_key, info))
+    values = [p["part"][-1]["valueIdentifier"]["value"] for p in inner["parameter"]]
+    assert all(v.startswith("v1.") for v in values) and not any(v in r.text for v in values)  # ... nor finals
+    with pytest.raises(envelope.EnvelopeError):
+        envelope.open_response(r.json(), secrets.token_bytes(32), info)
+
+
+def test_replayed_request_refused(ttp):
+    fixture, base = ttp
+    params, _, _ = _sealed(fixture, _originals())
+    assert _post(base, fixture, params).status_code == 200
+    again = _post(base, fixture, params)
+    assert again.status_code == 409 and "replay" in again.json()["issue"][0]["diagnostics"]
+
+
+@pytest.mark.parametrize("age", [301, 3600, -120])
+def test_stale_or_future_timestamp_refused(ttp, age):
+    fixture, base = ttp
+    params, _, _ = _sealed(fixture, _originals(), now=time.time() - age)
+    r = _post(base, fixture, params)
+    assert r.status_code == 401 and r.json()["issue"][0]["code"] == "security"
+
+
+def test_bindings(ttp):
+    fixture, base = ttp
+    # sealed for one registry, sent for another: the info binding makes it fail to open
+    params, _, _ = _sealed(fixture, _originals())
+    params["parameter"][0]["valueString"] = "registry-other"
+    assert _post(base, fixture, params).status_code == 400
+    # sealed for translate, sent to pseudonymize
+    params, _, _ = _sealed(fixture, _originals(), operation="translate")
+    assert _post(base, fixture, params).status_code == 400
+    # a tampered timestamp (still fresh) does not open either
+    params, _, _ = _sealed(fixture, _originals())
+    params["parameter"][2]["valueInstant"] = envelope.utc_timestamp(time.time() - 5)
+    assert _post(base, fixture, params).status_code == 400
+    # an unknown key id: the client should refetch the public key
+    params, _, _ = _sealed(fixture, _originals())
+    params["parameter"][3]["valueString"] = "someotherkeyid"
+    assert _post(base, fixture, params).status_code == 409
+    # garbage ciphertext
+    params, _, _ = _sealed(fixture, _originals())
+    params["parameter"][5]["valueBase64Binary"] = "!!!"
+    assert _post(base, fixture, params).status_code == 400
+
+
+def test_sealed_only_server_refuses_plain(tmp_path):
+    fixture = make_test_ttp(tmp_path / "keys", [REGISTRY])
+    with serve(create_app(fixture.keystore, fixture.auth, allow_plain=False)) as base:
+        plain = {"resourceType": "Parameters",
+                 "parameter": [{"name": "target", "valueString": REGISTRY},
+                               {"name": "original", "valueString": _originals(1)[0]}]}
+        r = _post(base, fixture, plain)
+        assert r.status_code == 400 and r.json()["issue"][0]["code"] == "security"
+        params, _, _ = _sealed(fixture, _originals())
+        assert _post(base, fixture, params).status_code == 200
+
+
+def test_replay_guard_is_bounded():
+    guard = envelope.ReplayGuard(max_entries=3, max_age=300)
+    now = time.time()
+    for i in range(5):
+        guard.remember(f"id-{i}", now)
+    assert not guard.seen("id-0") and guard.seen("id-4") and len(guard._seen) == 3
+    guard.remember("late", now + 1000)  # everything older than the window is dropped
+    assert not guard.seen("id-4") and guard.seen("late")
+    with pytest.raises(envelope.EnvelopeError):
+        guard.check_fresh("2026-01-01T00:00:00", now)  # no time zone
