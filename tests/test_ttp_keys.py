@@ -1,0 +1,168 @@
+"""TTP keys on disk, callers file, the `ttp` commands (incl. `check` against a live TTP), and log hygiene."""
+
+import json
+import logging
+import os
+import secrets
+import stat
+
+import pytest
+from typer.testing import CliRunner
+
+from gateway.pseudonym import nlps1
+from gateway.ttp import keystore as ks
+from gateway.ttp.app import create_app
+from gateway.ttp.auth import AuthConfigError, TTPAuth, add_caller, hash_key
+from gateway.ttp.commands import app as ttp_cli
+from gateway.ttp.testing import make_test_ttp
+from tests.servers import serve
+
+runner = CliRunner()
+
+
+def _mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_creates_private_files_and_never_overwrites(tmp_path):
+    store = ks.init_keys(tmp_path / "k", ["registry-a"])
+    for name in (ks.MASTER_FILE, ks.HPKE_FILE, ks.KEYRING_FILE):
+        assert _mode(tmp_path / "k" / name) == 0o600
+    assert len(bytes.fromhex((tmp_path / "k" / ks.MASTER_FILE).read_text())) == 32
+    assert ks.list_domains(store) == {"registry-a": {"current": 1, "retired": []}}
+    with pytest.raises(ks.KeyStoreError, match="already exists"):
+        ks.init_keys(tmp_path / "k", ["registry-a"])
+
+
+@pytest.mark.parametrize("name", [ks.MASTER_FILE, ks.HPKE_FILE, ks.KEYRING_FILE])
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620])
+def test_loading_refuses_wide_files(tmp_path, name, mode):
+    ks.init_keys(tmp_path / "k", ["registry-a"])
+    secret = (tmp_path / "k" / name).read_text().strip()
+    os.chmod(tmp_path / "k" / name, mode)
+    with pytest.raises(ks.KeyStoreError) as err:
+        ks.KeyStore.load(tmp_path / "k", env={})
+    message = str(err.value)
+    assert "\n" not in message and "chmod 600" in message and name in message
+    assert secret not in message
+
+
+def test_environment_alternative(tmp_path):
+    ks.init_keys(tmp_path / "k", ["registry-a"])
+    master, hpke = secrets.token_bytes(32), secrets.token_bytes(32)
+    env = {ks.ENV_MASTER: master.hex(), ks.ENV_HPKE: hpke.hex(),
+           ks.ENV_KEYRING: str(tmp_path / "k" / "keyring.json")}
+    store = ks.KeyStore.load(tmp_path / "elsewhere", env=env)
+    assert store.master == master
+    assert store.current_key("registry-a").final("B", bytes(32)) == nlps1.DomainKey.derive(
+        master, "registry-a", 1).final("B", bytes(32))
+    with pytest.raises(ks.KeyStoreError) as err:
+        ks.KeyStore.load(tmp_path / "k", env={ks.ENV_MASTER: "zz" + master.hex()[2:]})
+    assert master.hex()[2:] not in str(err.value)
+    assert master.hex() not in repr(store) and str(list(master)) not in repr(store)
+
+
+def test_rotate_retire_persist(tmp_path):
+    store = ks.init_keys(tmp_path / "k", ["registry-a"])
+    assert store.rotate("registry-a") == 2 and store.rotate("registry-a") == 3
+    store.retire("registry-a", 1)
+    with pytest.raises(ks.KeyStoreError):
+        store.retire("registry-a", 3)  # never the current one
+    again = ks.KeyStore.load(tmp_path / "k", env={})
+    assert again.versions("registry-a") == ks.DomainVersions(3, (1,))
+    with pytest.raises(ks.KeyStoreError):
+        again.domain_key("registry-a", 1)
+    assert again.domain_key("registry-a", 2).version == 2
+    assert _mode(tmp_path / "k" / ks.KEYRING_FILE) == 0o600
+    with pytest.raises(ks.KeyStoreError):
+        again.rotate("unknown")
+    (tmp_path / "k" / ks.KEYRING_FILE).write_text('{"domains": {"registry-a": {"current": 0}}}')
+    with pytest.raises(ks.KeyStoreError, match="not a valid keyring"):
+        ks.KeyStore.load(tmp_path / "k", env={})
+
+
+def test_callers_file_holds_hashes_only(tmp_path):
+    path = tmp_path / "callers.yaml"
+    key = add_caller(path, "umc", "provider", provider="ura:00000000")
+    reg_key = add_caller(path, "holder", "registry", registries=["registry-a"])
+    text = path.read_text()
+    assert key not in text and hash_key(key) in text and reg_key not in text
+    auth = TTPAuth.from_file(path)
+    caller = auth.authenticate({"authorization": f"Bearer {key}"})
+    assert caller and caller.provider == "ura:00000000" and caller.may_pseudonymise("anything")
+    assert auth.authenticate({"x-api-key": reg_key}).may_translate("registry-a")
+    assert auth.authenticate({"authorization": "Bearer nope"}) is None
+    assert auth.authenticate({}) is None
+    with pytest.raises(AuthConfigError):
+        add_caller(path, "umc", "provider", provider="ura:1")
+    with pytest.raises(AuthConfigError):
+        add_caller(path, "x", "superuser")
+    json_path = tmp_path / "callers.json"
+    add_caller(json_path, "ops", "admin")
+    assert json.loads(json_path.read_text())["callers"][0]["role"] == "admin"
+
+
+def test_client_certificate_subject_only_from_trusted_proxy():
+    entry = {"name": "m", "role": "provider", "provider": "ura:2", "client_subject": "CN=umc"}
+    auth = TTPAuth.from_entries([entry], client_subject_header="x-client-subject",
+                                trusted_proxies=frozenset({"10.0.0.1"}))
+    assert auth.authenticate({"x-client-subject": "CN=umc"}, peer="10.0.0.1").provider == "ura:2"
+    assert auth.authenticate({"x-client-subject": "CN=umc"}, peer="10.0.0.2") is None
+    assert auth.authenticate({"x-client-subject": "CN=other"}, peer="10.0.0.1") is None
+
+
+def test_cli_keys_and_callers(tmp_path):
+    key_dir = str(tmp_path / "k")
+    r = runner.invoke(ttp_cli, ["keys", "init", "--key-dir", key_dir, "--registry", "registry-a"])
+    assert r.exit_code == 0, r.output
+    master = (tmp_path / "k" / ks.MASTER_FILE).read_text().strip()
+    r = runner.invoke(ttp_cli, ["keys", "rotate", "registry-a", "--key-dir", key_dir])
+    assert r.exit_code == 0 and "v2" in r.output
+    r = runner.invoke(ttp_cli, ["keys", "list", "--key-dir", key_dir])
+    assert "registry-a: current v2" in r.output and master not in r.output
+    os.chmod(tmp_path / "k" / ks.MASTER_FILE, 0o644)
+    r = runner.invoke(ttp_cli, ["keys", "list", "--key-dir", key_dir])
+    assert r.exit_code == 2 and master not in r.output
+    callers = str(tmp_path / "callers.yaml")
+    r = runner.invoke(ttp_cli, ["callers", "add", "umc", "--role", "provider", "--provider", "ura:0",
+                                "--file", callers])
+    assert r.exit_code == 0, r.output
+    key = r.output.strip().splitlines()[-1]
+    assert key.startswith("nlps1_") and key not in (tmp_path / "callers.yaml").read_text()
+    r = runner.invoke(ttp_cli, ["callers", "list", "--file", callers])
+    assert "umc: provider" in r.output and hash_key(key) not in r.output
+
+
+def test_check_command_against_live_ttp(tmp_path):
+    fixture = make_test_ttp(tmp_path / "k", ["registry-example"])
+    with serve(create_app(fixture.keystore, fixture.auth)) as base:
+        r = runner.invoke(ttp_cli, ["check", "--url", base, "--registry", "registry-example"],
+                          env={"FHIR_GATEWAY_TTP_API_KEY": fixture.api_keys["provider-a"]})
+        assert r.exit_code == 0, r.output
+        assert "verdict: TTP usable for registry-example" in r.output
+        r = runner.invoke(ttp_cli, ["check", "--url", base, "--api-key", "wrong", "--plain"])
+        assert r.exit_code == 1 and "401" in r.output
+        r = runner.invoke(ttp_cli, ["check", "--url", base, "--registry", "nope"],
+                          env={"FHIR_GATEWAY_TTP_API_KEY": fixture.api_keys["provider-a"]})
+        assert r.exit_code == 1 and "does not know" in r.output
+
+
+def test_no_values_in_logs(tmp_path, caplog):
+    import asyncio
+
+    from gateway.pseudonym.types import PrePseudonym
+    from gateway.ttp.client import HttpTTPClient
+
+    fixture = make_test_ttp(tmp_path / "k", ["registry-example"])
+    pre = secrets.token_bytes(32)
+    caplog.set_level(logging.DEBUG)
+    with serve(create_app(fixture.keystore, fixture.auth)) as base:
+        async def go():
+            async with HttpTTPClient(base, fixture.api_keys["provider-a"], sealed=False) as client:
+                return await client.pseudonymise("registry-example", [PrePseudonym("B", 1, pre)] * 3)
+        [result, *_] = asyncio.run(go())
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "pseudonymize by provider-a: 3 values" in logged
+    for secret in (nlps1.b64u(pre), result.identifier_value, fixture.api_keys["provider-a"],
+                   fixture.keystore.master.hex()):
+        assert secret not in logged
