@@ -1,0 +1,155 @@
+"""Re-keying after a TTP key rotation: send the stored Patient pseudonyms to the TTP's translate operation and
+store the new values. The TTP call is pluggable: any callable that takes [(pseudonym type, value)] and returns
+the new values in the same order (None where a value could not be translated).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.receiver.db import ReceiverDB
+
+Translate = Callable[[list[tuple[str, str]]], Sequence[str | None]]
+
+PSEUDED_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+_VALUE_RE = re.compile(r"^v[1-9][0-9]*\.[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class RekeyResult:
+    patients: int = 0  # patients whose resource changed
+    translated: int = 0  # identifiers that got a new value
+    unchanged: int = 0  # the TTP gave back the same value (already current)
+    failed: int = 0  # the TTP could not translate (None); left as they were
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "patients": self.patients,
+            "translated": self.translated,
+            "unchanged": self.unchanged,
+            "failed": self.failed,
+        }
+
+
+def pseudonym_type(identifier: dict[str, Any]) -> str | None:
+    """The NLPS1 type of a pseudonym identifier, or None if it is not one.
+
+    The gateway writes type.coding PSEUDED, type.text "NLPS1 <TYPE>" and system "urn:nlps1:<registry>:<TYPE>"
+    by default; the text is preferred because the system is configurable.
+    """
+    ident_type = identifier.get("type") or {}
+    codings = ident_type.get("coding") or []
+    if not any(
+        c.get("system") == PSEUDED_SYSTEM and c.get("code") == "PSEUDED"
+        for c in codings
+        if isinstance(c, dict)
+    ):
+        return None
+    if not isinstance(identifier.get("value"), str) or not _VALUE_RE.match(identifier["value"]):
+        return None
+    text = ident_type.get("text")
+    if isinstance(text, str) and text.startswith("NLPS1 ") and text[6:].strip():
+        return text[6:].strip()
+    system = identifier.get("system")
+    if isinstance(system, str) and ":" in system:
+        return system.rsplit(":", 1)[1] or None
+    return None
+
+
+def rekey(db: ReceiverDB, translate: Translate) -> RekeyResult:
+    """Translate every stored Patient pseudonym; patients written meanwhile keep their newer values."""
+    patients = [
+        (rid, orjson.loads(body))
+        for rid, body in db.read("SELECT id, body FROM resources WHERE type = 'Patient' ORDER BY id")
+    ]
+    wanted: dict[tuple[str, str], str | None] = {}
+    for _rid, patient in patients:
+        for ident in patient.get("identifier") or []:
+            ptype = pseudonym_type(ident) if isinstance(ident, dict) else None
+            if ptype:
+                wanted[(ptype, ident["value"])] = None
+    if not wanted:
+        return RekeyResult()
+    pairs = list(wanted)
+    answers = list(translate(pairs))
+    if len(answers) != len(pairs):
+        raise ValueError("translate returned a different number of values")
+    wanted.update(zip(pairs, answers, strict=True))
+    translated = unchanged = failed = 0
+    for pair in pairs:
+        new = wanted[pair]
+        if new is None:
+            failed += 1
+        elif new == pair[1]:
+            unchanged += 1
+        else:
+            translated += 1
+    changed = 0
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with db.write() as conn:
+        for (rid,) in conn.execute("SELECT id FROM resources WHERE type = 'Patient'").fetchall():
+            # Re-read inside the write lock: only values still equal to what we sent are replaced.
+            version, body = conn.execute(
+                "SELECT version, body FROM resources WHERE type = 'Patient' AND id = ?", (rid,)
+            ).fetchone()
+            patient = orjson.loads(body)
+            touched = False
+            for ident in patient.get("identifier") or []:
+                ptype = pseudonym_type(ident) if isinstance(ident, dict) else None
+                new = wanted.get((ptype, ident.get("value"))) if ptype else None
+                if new and new != ident["value"]:
+                    ident["value"] = new
+                    touched = True
+            if touched:
+                version += 1
+                patient["meta"] = {
+                    **(patient.get("meta") or {}),
+                    "versionId": str(version),
+                    "lastUpdated": stamp,
+                }
+                conn.execute(
+                    "UPDATE resources SET version = ?, last_updated = ?, body = ? WHERE type = 'Patient' "
+                    "AND id = ?",
+                    (version, stamp, orjson.dumps(patient), rid),
+                )
+                changed += 1
+    return RekeyResult(changed, translated, unchanged, failed)
+
+
+def ttp_translator(
+    ttp_url: str, api_key: str, registry: str, *, provider: str | None = None, verify: bool | str = True
+) -> Translate:
+    """A translate callable over the reference TTP's `POST {ttp}/$translate` (gateway.ttp.client).
+
+    MRN pseudonyms carry the delivering provider in their TTP layer, so they translate only when `provider`
+    is given; otherwise they are reported as failed and left unchanged.
+    """
+    import asyncio
+
+    from gateway.ttp.client import HttpTTPClient
+
+    def translate(pairs: list[tuple[str, str]]) -> list[str | None]:
+        todo = [(i, t, v) for i, (t, v) in enumerate(pairs) if t != "MRN" or provider]
+
+        async def call() -> list[Any]:
+            async with HttpTTPClient(ttp_url, api_key, verify=verify) as client:
+                return list(
+                    await client.translate(
+                        registry, [(t, v, provider if t == "MRN" else None) for _, t, v in todo]
+                    )
+                )
+
+        results = asyncio.run(call()) if todo else []
+        out: list[str | None] = [None] * len(pairs)
+        for result in results:  # each result names its position in the request
+            if not result.error_code:
+                out[todo[result.index][0]] = result.identifier_value
+        return out
+
+    return translate
