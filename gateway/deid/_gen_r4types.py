@@ -16,8 +16,25 @@ from typing import Any
 OUT = Path(__file__).with_name("r4types.json")
 _CHOICE_SUFFIX = re.compile(r"[a-z]([A-Z][A-Za-z0-9]*)$")
 _PRIMS = {
-    "base64Binary", "boolean", "canonical", "code", "date", "dateTime", "decimal", "id", "instant", "integer",
-    "markdown", "oid", "positiveInt", "string", "time", "unsignedInt", "uri", "url", "uuid",
+    "base64Binary",
+    "boolean",
+    "canonical",
+    "code",
+    "date",
+    "dateTime",
+    "decimal",
+    "id",
+    "instant",
+    "integer",
+    "markdown",
+    "oid",
+    "positiveInt",
+    "string",
+    "time",
+    "unsignedInt",
+    "uri",
+    "url",
+    "uuid",
 }
 
 
@@ -53,9 +70,7 @@ def build(schema: dict[str, Any]) -> dict[str, Any]:
             t, arr = _prop_type(pname, pspec)
             table[pname] = [t, 1 if arr else 0]
         types[name] = {"p": table, "r": [r for r in spec.get("required", []) if r != "resourceType"]}
-    resources = sorted(
-        r["$ref"].rsplit("/", 1)[-1] for r in schema["definitions"]["ResourceList"]["oneOf"]
-    )
+    resources = sorted(r["$ref"].rsplit("/", 1)[-1] for r in schema["definitions"]["ResourceList"]["oneOf"])
     return {"fhirVersion": "4.0.1", "primitives": primitives, "resources": resources, "types": types}
 
 

@@ -48,8 +48,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "references": {"unresolved": "drop"},
 }
 TOP_KEYS = {
-    "id", "name", "purpose", "legal_basis", "pseudonym_types", "allow_bsn_pseudonym", "endpoint",
-    "generalise", "free_text", "practitioner", "references", "resources", "description",
+    "id",
+    "name",
+    "purpose",
+    "legal_basis",
+    "pseudonym_types",
+    "allow_bsn_pseudonym",
+    "endpoint",
+    "generalise",
+    "free_text",
+    "practitioner",
+    "references",
+    "resources",
+    "description",
 }
 # Never deliverable whatever a profile says: direct identifiers of the patient (domain 5.6) and relatives.
 FORBIDDEN_TYPES = {"RelatedPerson", "Person", "Bundle", "Provenance"}
@@ -104,7 +115,9 @@ class ProfileError(ValueError):
         self.problems = problems
 
 
-def _check_enum_section(data: Mapping[str, Any], section: str, spec: dict[str, set[str]], out: list[str]) -> None:
+def _check_enum_section(
+    data: Mapping[str, Any], section: str, spec: dict[str, set[str]], out: list[str]
+) -> None:
     value = data.get(section, {})
     if not isinstance(value, Mapping):
         out.append(f"{section}: must be a mapping")
@@ -164,9 +177,13 @@ def _check_pseudonyms(data: Mapping[str, Any], out: list[str]) -> None:
         out.append("pseudonym_types: type B (from the BSN) is refused unless allow_bsn_pseudonym: true")
     if len(set(types)) != len(types):
         out.append("pseudonym_types: duplicates")
-    allows = data.get("legal_basis", {}).get("allows") if isinstance(data.get("legal_basis"), Mapping) else None
+    allows = (
+        data.get("legal_basis", {}).get("allows") if isinstance(data.get("legal_basis"), Mapping) else None
+    )
     if allows == "aggregated-only" and types:
-        out.append("pseudonym_types: an aggregated-only profile receives no person-level data, so no pseudonyms")
+        out.append(
+            "pseudonym_types: an aggregated-only profile receives no person-level data, so no pseudonyms"
+        )
     if allows in ("pseudonymised", "with-consent") and not types:
         out.append("pseudonym_types: a person-level profile needs at least one pseudonym type")
 
@@ -218,7 +235,9 @@ def _check_tree(types: R4Types, definition: str, tree: Mapping[str, Any], label:
     _check_required(types, definition, tree, label, out)
 
 
-def _check_required(types: R4Types, definition: str, tree: Mapping[str, Any], label: str, out: list[str]) -> None:
+def _check_required(
+    types: R4Types, definition: str, tree: Mapping[str, Any], label: str, out: list[str]
+) -> None:
     # Only where the profile restricts a definition: a kept-whole element keeps its required parts anyway.
     listed = {real for name in tree for real in types.expand(definition, name)}
     for req in types.required.get(definition, ()):

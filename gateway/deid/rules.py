@@ -20,9 +20,15 @@ METHODS = {"remove", "keep", "generalise", "pseudonymise-reference", "replace-wi
 GENERALISE_KINDS = {"date", "birthDate", "address"}
 # Profile options a rule may refer to (``profile_switch`` / ``to: profile:...``); see profile.py
 SWITCHES = {
-    "free_text.note", "free_text.attachment", "free_text.reference_display",
-    "practitioner.name", "practitioner.identifier", "practitioner.telecom",
-    "generalise.dates", "generalise.birthDate", "generalise.postcode",
+    "free_text.note",
+    "free_text.attachment",
+    "free_text.reference_display",
+    "practitioner.name",
+    "practitioner.identifier",
+    "practitioner.telecom",
+    "generalise.dates",
+    "generalise.birthDate",
+    "generalise.postcode",
 }
 RULE_KEYS = {"method", "kind", "to", "keep", "profile_switch", "why"}
 TOP_KEYS = {"version", "datatypes", "paths", "extensions", "modifier_extensions"}

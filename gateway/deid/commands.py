@@ -1,0 +1,104 @@
+"""CLI commands of the de-identification package (wired by the lead as ``fhir-gateway scan`` and
+``fhir-gateway profiles check``).
+
+``scan FILE...``: exit 0 clean, 1 on any finding, 2 when a file cannot be read/parsed. Output names the file,
+the FHIR path and the kind of finding, never the value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+
+from gateway.deid.leakscan import SensitiveSet, scan, sensitive_values
+from gateway.deid.profile import check_profile, read_yaml
+from gateway.deid.rules import DEFAULT_RULES, check_rules
+
+app = typer.Typer(help="De-identification: leak scan and profile checks.", no_args_is_help=True)
+
+
+def _load_json(path: Path) -> object:
+    data = path.read_bytes()
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        # NDJSON: wrap the lines in a collection Bundle so paths still name the entry
+        entries = [{"resource": orjson.loads(line)} for line in data.splitlines() if line.strip()]
+        return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+
+
+@app.command("scan")
+def scan_command(
+    files: Annotated[list[Path], typer.Argument(help="De-identified bundles (JSON or NDJSON) to check.")],
+    original: Annotated[
+        Path | None,
+        typer.Option("--original", help="The input bundle: its identifying values are sought too."),
+    ] = None,
+) -> None:
+    """Leak gate: exit 1 if a file still contains a BSN or an identifying value of the original."""
+    sensitive: SensitiveSet | None = None
+    if original is not None:
+        try:
+            sensitive = sensitive_values(_load_json(original))
+        except (OSError, ValueError):
+            typer.echo(f"{original}: unreadable", err=True)
+            raise typer.Exit(2) from None
+    worst = 0
+    for path in files:
+        try:
+            doc = _load_json(path)
+        except (OSError, ValueError):
+            typer.echo(f"{path}: unreadable", err=True)
+            worst = 2
+            continue
+        findings = scan(doc, sensitive)
+        for f in findings:
+            typer.echo(f"{path}: {f.path}: {f.kind}")
+        if findings and worst == 0:
+            worst = 1
+        elif not findings:
+            typer.echo(f"{path}: clean")
+    raise typer.Exit(worst)
+
+
+def _profile_files(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        out.extend(sorted(p.glob("*.yaml")) if p.is_dir() else [p])
+    return out
+
+
+@app.command("profiles-check")
+def profiles_check(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Profile files or directories (default: profiles/).")
+    ] = None,
+    rules: Annotated[Path, typer.Option("--rules", help="The de-identification rules file.")] = DEFAULT_RULES,
+) -> None:
+    """Validate registry profiles and the rules file; exit 1 listing every problem."""
+    problems: list[str] = []
+    seen: dict[str, Path] = {}
+    for path in _profile_files(paths or [Path("profiles")]):
+        try:
+            data = read_yaml(path)
+        except (OSError, ValueError):
+            problems.append(f"{path}: unreadable or not YAML")
+            continue
+        problems += [f"{path}: {p}" for p in check_profile(data)]
+        pid = data.get("id") if isinstance(data, dict) else None
+        if isinstance(pid, str):
+            if pid in seen:
+                problems.append(f"{path}: id '{pid}' also used by {seen[pid]}")
+            seen[pid] = path
+    try:
+        problems += [f"{rules}: {p}" for p in check_rules(read_yaml(rules))]
+    except (OSError, ValueError):
+        problems.append(f"{rules}: unreadable or not YAML")
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{len(seen)} profile(s) and the rules are valid")

@@ -1,0 +1,615 @@
+"""De-identification engine: ``compile_plan(profile, rules)`` once, then ``deidentify(bundle, plan, ...)``.
+
+One pass over plain dicts (orjson-parsed), building the output; the input is never modified or deep-copied.
+
+Ids: every delivered resource gets an opaque id = HMAC-SHA-256 under the registry's ``id_key`` of
+``registry | resourceType | original`` (original = ``Type/id`` when the resource has an id, else its fullUrl),
+formatted as a UUID (RFC 9562 version 8, "custom"). The same id serves as ``Resource.id``, the fullUrl
+``urn:uuid:<id>`` and the transaction request ``PUT <Type>/<id>``: stable per registry (re-delivery updates),
+unlinkable between registries (different keys), and a valid FHIR id (36 characters). References inside the
+bundle become ``urn:uuid:<id>``, which resolves in transaction and collection bundles alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+from gateway.deid import processors as p
+from gateway.deid.profile import Profile, _path_tree, expand_tree
+from gateway.deid.r4 import R4Types, r4
+from gateway.deid.rules import Rule, Rules
+
+PSEUDED = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "PSEUDED",
+    "display": "pseudonymized",
+}
+_STRUCTURAL_RESOURCE = ("resourceType", "id", "meta")  # rebuilt by the engine
+
+
+@dataclass(frozen=True)
+class ProvenanceInfo:
+    """What the Provenance records. ``recorded`` comes from the caller so that output is reproducible."""
+
+    gateway_version: str
+    recorded: str  # FHIR instant of the delivery run
+    ttp_name: str
+    gateway_name: str = "fhir-delivery-gateway"
+
+
+@dataclass(frozen=True)
+class Plan:
+    profile: Profile
+    nodes: Mapping[str, p.Node]  # resource type -> compiled node
+    required: Mapping[str, tuple[str, ...]]
+    extension_nodes: Mapping[str, p.Node]  # allowed extension url -> node
+    modifier_ok: frozenset[str]
+    keep_display: bool
+    shift_dates: bool
+    shift_max_days: int
+
+    @property
+    def registry(self) -> str:
+        return self.profile.id
+
+
+@dataclass
+class DeidReport:
+    """Counts only: no input value (not even an element name taken from input) appears here."""
+
+    resources_in: int = 0
+    resources_kept: int = 0
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # reason -> resource type -> count
+    elements_removed: dict[str, int] = field(default_factory=dict)  # element label -> count
+    references_dropped: int = 0
+    refused: str | None = None  # set when the profile forbids person-level delivery
+
+    def drop(self, reason: str, rtype: str) -> None:
+        per = self.dropped.setdefault(reason, {})
+        per[rtype] = per.get(rtype, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "resourcesIn": self.resources_in,
+            "resourcesKept": self.resources_kept,
+            "dropped": self.dropped,
+            "elementsRemoved": dict(sorted(self.elements_removed.items())),
+            "referencesDropped": self.references_dropped,
+            "refused": self.refused,
+        }
+
+
+@dataclass(frozen=True)
+class DeidResult:
+    bundle: dict[str, Any]
+    report: DeidReport
+
+
+# ── compile ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+class _Compiler:
+    """Turns profile allow-list + rules into nodes, once. Datatype nodes are shared (cached per datatype)."""
+
+    def __init__(self, profile: Profile, rules: Rules, types: R4Types):
+        self.profile, self.rules, self.types = profile, rules, types
+        self.cache: dict[str, p.Node] = {}
+        self.shift = profile.switch("generalise.dates") == "shift"
+
+    def method(self, rule: Rule) -> str:
+        if rule.profile_switch and self.profile.switch(rule.profile_switch) in ("keep", "keep-metadata"):
+            return "keep"
+        return rule.method
+
+    def param(self, rule: Rule) -> str | None:
+        if rule.to and rule.to.startswith("profile:"):
+            return self.profile.switch(rule.to[len("profile:") :])
+        return rule.to
+
+    def node(self, definition: str, tree: Mapping[str, Any] | None, label: str) -> p.Node:
+        if tree is None and definition in self.cache:
+            return self.cache[definition]
+        fields: dict[str, tuple] = {}
+        node: p.Node = (fields, label)
+        if tree is None:
+            self.cache[definition] = node  # before filling: datatypes are recursive (Extension, Identifier)
+        props = self.types.elements[definition]
+        for name, et in props.items():
+            if name.startswith("_"):
+                continue
+            path = f"{label}.{name}"
+            if tree is not None and name not in tree and name not in ("extension", "modifierExtension"):
+                fields[name] = (p.REMOVE, None, None, None, path)
+                continue
+            fields[name] = self.field(
+                definition, label, name, et.type, None if tree is None else tree.get(name)
+            )
+        for name in props:
+            if name.startswith("_"):
+                base = fields.get(name[1:])
+                if base is not None and base[0] != p.REMOVE:
+                    fields[name] = (
+                        p.CALL,
+                        self.node("Element", None, "Element"),
+                        p.primitive_element,
+                        None,
+                        f"{label}.{name}",
+                    )
+                else:
+                    fields[name] = (p.REMOVE, None, None, None, f"{label}.{name}")
+        return node
+
+    def field(self, definition: str, owner: str, name: str, type_name: str, sub: Any) -> tuple:
+        path = f"{owner}.{name}"
+        if name == "extension":
+            nested = self.node("Extension", None, "Extension") if definition == "Extension" else None
+            return (p.CALL, None, p.extensions, nested, path)
+        if name == "modifierExtension":
+            return (p.CALL, None, p.modifier_extensions, None, path)
+        if name == "id":
+            return (p.REMOVE, None, None, None, path)  # element ids are internal and may carry anything
+        rule = self.rules.paths.get(path) or self.rules.datatypes.get(type_name)
+        method = self.method(rule) if rule else "keep"
+        if method == "remove" or type_name == "ResourceList":
+            return (p.REMOVE, None, None, None, path)
+        if method == "pseudonymise-reference":
+            return (p.CALL, None, p.pseudonymise_reference, None, path)
+        if method == "replace-with-pseudonyms":
+            return (p.CALL, None, p.replace_with_pseudonyms, None, path)
+        if method == "generalise" and rule is not None:
+            return self.generalise(rule, path, type_name)
+        if type_name not in self.types.elements:
+            return (p.KEEP, None, None, None, path)
+        restricted = sub is not None
+        sublabel = path if restricted or self.types.is_backbone(type_name) else type_name
+        if restricted:
+            return (p.COMPLEX, self.node(type_name, sub, sublabel), None, None, path)
+        if self.types.is_backbone(type_name):
+            # backbone definitions occur at one place only, so their cache key is unique
+            return (p.COMPLEX, self.node(type_name, None, sublabel), None, None, path)
+        return (p.COMPLEX, self.node(type_name, None, type_name), None, None, path)
+
+    def generalise(self, rule: Rule, path: str, type_name: str) -> tuple:
+        to = self.param(rule)
+        if rule.kind == "date":
+            if to == "shift":
+                return (p.CALL, None, p.generalise_date, None, path)
+            return (p.KEEP, None, None, None, path)
+        if rule.kind == "birthDate":
+            if to == "drop":
+                return (p.REMOVE, None, None, None, path)
+            return (p.CALL, None, p.generalise_birthdate, (to, self.shift), path)
+        return (p.COMPLEX, self.address_node(rule, to), None, None, path)
+
+    def address_node(self, rule: Rule, postcode: str | None) -> p.Node:
+        key = f"Address#generalised#{postcode}"
+        if key in self.cache:
+            return self.cache[key]
+        fields: dict[str, tuple] = {}
+        node: p.Node = (fields, "Address")
+        self.cache[key] = node
+        for name, et in self.types.elements["Address"].items():
+            path = f"Address.{name}"
+            if name == "postalCode" and postcode == "pc4":
+                fields[name] = (p.CALL, None, p.generalise_postcode, None, path)
+            elif name in rule.keep:
+                if name.startswith("_"):
+                    fields[name] = (
+                        p.CALL,
+                        self.node("Element", None, "Element"),
+                        p.primitive_element,
+                        None,
+                        path,
+                    )
+                else:
+                    fields[name] = self.field("Address", "Address", name, et.type, None)
+            else:
+                fields[name] = (p.REMOVE, None, None, None, path)
+        return node
+
+    def resource_node(self, rtype: str, paths: tuple[str, ...]) -> p.Node:
+        tree = expand_tree(self.types, rtype, _path_tree(list(paths)))
+        fields, label = self.node(rtype, tree, rtype)
+        fields = dict(fields)
+        for name in _STRUCTURAL_RESOURCE:
+            fields[name] = (p.REMOVE, None, None, None, None)  # rebuilt by the engine, not counted
+        return (fields, label)
+
+
+def compile_plan(profile: Profile, rules: Rules) -> Plan:
+    """Combine a validated profile and rules into the nodes the walk uses. Call once per profile."""
+    types = r4()
+    comp = _Compiler(profile, rules, types)
+    nodes = {rtype: comp.resource_node(rtype, paths) for rtype, paths in profile.resources.items()}
+    ext_node = comp.node("Extension", None, "Extension")
+    return Plan(
+        profile=profile,
+        nodes=MappingProxyType(nodes),
+        required=MappingProxyType({rtype: types.required.get(rtype, ()) for rtype in nodes}),
+        extension_nodes=MappingProxyType({u: ext_node for u, m in rules.extensions.items() if m == "keep"}),
+        modifier_ok=rules.modifier_extensions,
+        keep_display=profile.switch("free_text.reference_display") == "keep",
+        shift_dates=comp.shift,
+        shift_max_days=int(profile.generalise.get("date_shift_max_days", 180)),
+    )
+
+
+# ── ids and references ─────────────────────────────────────────────────────────────────────────────────────
+
+
+class _Ids:
+    """Keyed opaque ids; the HMAC object is keyed once and copied per id (cheap)."""
+
+    def __init__(self, id_key: bytes, registry: str):
+        self._base = hmac.new(id_key, registry.encode() + b"\x1f", hashlib.sha256)
+
+    def digest(self, *parts: str) -> bytes:
+        h = self._base.copy()
+        h.update("\x1f".join(parts).encode("utf-8", "surrogatepass"))
+        return h.digest()
+
+    def uuid(self, *parts: str) -> str:
+        b = bytearray(self.digest(*parts)[:16])
+        b[6] = (b[6] & 0x0F) | 0x80  # version 8: custom (hash-derived)
+        b[8] = (b[8] & 0x3F) | 0x80  # RFC variant
+        h = b.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+    def offset(self, patient_key: str, max_days: int) -> int:
+        n = int.from_bytes(self.digest("date-shift", patient_key)[:4], "big") % (2 * max_days)
+        return n - max_days if n < max_days else n - max_days + 1  # never 0: a zero shift keeps real dates
+
+
+@dataclass
+class _Candidate:
+    rtype: str
+    resource: dict[str, Any]
+    new_id: str
+    pseudonyms: list[dict[str, Any]]
+
+
+class _Resolver:
+    """Maps every way the input can point at a delivered resource to its new ``urn:uuid``."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, str] = {}
+        self.by_identifier: dict[tuple[str, str | None, str], str | None] = {}
+        self.cache: dict[str, str | None] = {}
+
+    def add(self, rtype: str, resource: dict[str, Any], keys: list[str], urn: str) -> None:
+        for k in keys:
+            self.by_key[k] = urn
+        idents = resource.get("identifier")
+        if type(idents) is not list:
+            return
+        for ident in idents:
+            if type(ident) is not dict or type(ident.get("value")) is not str:
+                continue
+            system = ident.get("system") if type(ident.get("system")) is str else ""
+            for key in ((rtype, system, ident["value"]), (rtype, None, ident["value"])):
+                # an identifier shared by two resources resolves to neither (never guess)
+                self.by_identifier[key] = urn if self.by_identifier.get(key, urn) == urn else None
+
+    def __call__(self, ref: str) -> str | None:
+        hit = self.cache.get(ref, "")
+        if hit != "":
+            return hit
+        result = self._resolve(ref)
+        self.cache[ref] = result
+        return result
+
+    def _resolve(self, ref: str) -> str | None:
+        hit = self.by_key.get(ref)
+        if hit is not None or ref.startswith("#"):
+            return hit  # contained resources are never delivered: '#id' resolves to nothing
+        if "?" in ref:
+            return self._conditional(ref)
+        base = ref.split("/_history/", 1)[0].rstrip("/")
+        hit = self.by_key.get(base)
+        if hit is None:
+            parts = base.rsplit("/", 2)
+            if len(parts) >= 2:
+                hit = self.by_key.get(f"{parts[-2]}/{parts[-1]}")
+        return hit
+
+    def _conditional(self, ref: str) -> str | None:
+        # Only `Type?identifier=[system|]value` can be resolved; the raw identifier never leaves.
+        rtype, _, query = ref.partition("?")
+        params = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        if len(params) != 1 or params[0][0] != "identifier":
+            return None
+        value = params[0][1]
+        if "|" in value:
+            system, _, val = value.partition("|")
+            return self.by_identifier.get((rtype, system, val))
+        return self.by_identifier.get((rtype, None, value))
+
+
+# ── deidentify ───────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _entry_keys(entry: dict[str, Any], rtype: str, resource: dict[str, Any]) -> list[str]:
+    keys: list[str] = []
+    full = entry.get("fullUrl")
+    if type(full) is str and full:
+        keys.append(full)
+        tail = full.split("/_history/", 1)[0].rsplit("/", 2)
+        if len(tail) == 3 and tail[1] == rtype:
+            keys.append(f"{rtype}/{tail[2]}")
+    rid = resource.get("id")
+    if type(rid) is str and rid:
+        keys.append(f"{rtype}/{rid}")
+    return keys
+
+
+def _modifiers_ok(value: Any, allowed: frozenset[str]) -> bool:
+    if type(value) is not list:
+        return False
+    return all(type(e) is dict and e.get("url") in allowed for e in value)
+
+
+def _lookup_pseudonyms(keys: list[str], pseudonyms: Mapping[str, list[dict]]) -> list[dict[str, Any]]:
+    for k in keys:
+        found = pseudonyms.get(k)
+        if found:
+            return [dict(i) for i in found if isinstance(i, Mapping)]
+    return []
+
+
+def _select(
+    entries: list[Any], plan: Plan, ids: _Ids, pseudonyms: Mapping[str, list[dict]], report: DeidReport
+) -> tuple[list[_Candidate], _Resolver]:
+    """Pre-pass over entries only (not deep): which resources are delivered, and their new ids."""
+    known = r4().resources
+    resolver = _Resolver()
+    candidates: list[_Candidate] = []
+    used: set[str] = set()
+    for index, entry in enumerate(entries):
+        res = entry.get("resource") if type(entry) is dict else None
+        if type(res) is not dict or type(res.get("resourceType")) is not str:
+            report.drop("no-resource", "(none)")
+            continue
+        rtype = res["resourceType"]
+        label = rtype if rtype in known else "(unknown)"  # resourceType is input: only known names reported
+        report.resources_in += 1
+        if not plan.profile.person_level:
+            report.drop("aggregated-only", label)
+        elif rtype not in plan.nodes:
+            report.drop("type-not-allowed", label)
+        elif "modifierExtension" in res and not _modifiers_ok(res["modifierExtension"], plan.modifier_ok):
+            report.drop("unknown-modifierExtension", label)
+        else:
+            keys = _entry_keys(entry, rtype, res)
+            pseud = _lookup_pseudonyms(keys, pseudonyms) if rtype == "Patient" else []
+            if rtype == "Patient" and not pseud:
+                report.drop("no-pseudonym", label)  # fail closed: an unlinkable patient is not delivered
+                continue
+            basis = (
+                keys[-1]
+                if keys
+                else hashlib.sha256(orjson.dumps(res, option=orjson.OPT_SORT_KEYS)).hexdigest()
+            )
+            new_id = ids.uuid(rtype, basis)
+            if new_id in used:
+                new_id = ids.uuid(rtype, basis, str(index))
+            used.add(new_id)
+            resolver.add(rtype, res, keys, "urn:uuid:" + new_id)
+            candidates.append(_Candidate(rtype, res, new_id, pseud))
+    return candidates, resolver
+
+
+def _offsets(candidates: list[_Candidate], resolver: _Resolver, plan: Plan, ids: _Ids) -> list[int]:
+    """Per-resource date offset: that of the patient it belongs to (stable: keyed on the pseudonym)."""
+    if not plan.shift_dates:
+        return [0] * len(candidates)
+    patients = {
+        "urn:uuid:" + c.new_id: ids.offset(str(c.pseudonyms[0].get("value", c.new_id)), plan.shift_max_days)
+        for c in candidates
+        if c.rtype == "Patient"
+    }
+    only = next(iter(patients.values())) if len(patients) == 1 else None
+    fallback = ids.offset("bundle:" + ",".join(sorted(patients)), plan.shift_max_days)
+    out = []
+    for c in candidates:
+        off = patients.get("urn:uuid:" + c.new_id)
+        if off is None:
+            off = only
+        if off is None:
+            for key in ("subject", "patient"):
+                ref = c.resource.get(key)
+                target = (
+                    resolver(ref["reference"])
+                    if type(ref) is dict and type(ref.get("reference")) is str
+                    else None
+                )
+                if target in patients:
+                    off = patients[target]
+                    break
+        out.append(fallback if off is None else off)
+    return out
+
+
+def _meta(src: Any, patient: bool) -> dict[str, Any] | None:
+    meta: dict[str, Any] = {}
+    if type(src) is dict and type(src.get("profile")) is list:
+        profiles = [x for x in src["profile"] if type(x) is str]
+        if profiles:
+            meta["profile"] = profiles
+    if patient:
+        meta["security"] = [dict(PSEUDED)]
+    return meta or None
+
+
+def _build(c: _Candidate, plan: Plan, ctx: p.WalkContext) -> dict[str, Any]:
+    body = p.walk(c.resource, plan.nodes[c.rtype], ctx)
+    out: dict[str, Any] = {"resourceType": c.rtype, "id": c.new_id}
+    meta = _meta(c.resource.get("meta"), c.rtype == "Patient")
+    if meta:
+        out["meta"] = meta
+    out.update(body)
+    if c.rtype == "Patient":
+        out["identifier"] = [dict(i) for i in c.pseudonyms]
+    return out
+
+
+def _prune(value: Any, dead: set[str]) -> Any:
+    """Remove references into ``dead`` (resources dropped during the walk); rare, so a plain recursion."""
+    if type(value) is dict:
+        if value.get("reference") in dead:
+            return None
+        out = {}
+        for k, v in value.items():
+            r = _prune(v, dead)
+            if r is not None and r != [] and r != {}:
+                out[k] = r
+        return out
+    if type(value) is list:
+        return [r for r in (_prune(v, dead) for v in value) if r is not None]
+    return value
+
+
+def _walk_all(
+    candidates: list[_Candidate], offsets: list[int], plan: Plan, ctx: p.WalkContext, report: DeidReport
+) -> list[tuple[_Candidate, dict[str, Any]]]:
+    kept: list[tuple[_Candidate, dict[str, Any]]] = []
+    dead: set[str] = set()
+    for c, off in zip(candidates, offsets, strict=True):
+        ctx.pseudonyms = c.pseudonyms
+        ctx.date_offset = off
+        try:
+            out = _build(c, plan, ctx)
+        except p.DropResource as exc:
+            report.drop(exc.reason, c.rtype)
+            dead.add("urn:uuid:" + c.new_id)
+            continue
+        kept.append((c, out))
+    while True:
+        if dead:
+            kept = [(c, _prune(out, dead)) for c, out in kept]
+        lost = [(c, out) for c, out in kept if any(r not in out for r in plan.required[c.rtype])]
+        if not lost:
+            return kept
+        for c, _ in lost:
+            # e.g. Condition.subject pointed at a patient that is not delivered: the rest is meaningless
+            report.drop("required-element-lost", c.rtype)
+            dead.add("urn:uuid:" + c.new_id)
+        kept = [(c, out) for c, out in kept if "urn:uuid:" + c.new_id not in dead]
+
+
+def _provenance(entries: list[dict[str, Any]], plan: Plan, ids: _Ids, info: ProvenanceInfo) -> dict[str, Any]:
+    content = hashlib.sha256(orjson.dumps(entries)).hexdigest()
+    pid = ids.uuid("Provenance", content)
+    return {
+        "fullUrl": "urn:uuid:" + pid,
+        "resource": {
+            "resourceType": "Provenance",
+            "id": pid,
+            "target": [{"reference": e["fullUrl"]} for e in entries],
+            "recorded": info.recorded,
+            "policy": [f"urn:fhir-delivery-gateway:profile:{plan.registry}"],
+            "reason": [
+                {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HQUALIMP"}
+                    ]
+                }
+            ]
+            if plan.profile.purpose == "quality-registry"
+            else [],
+            "activity": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/iso-21089-lifecycle",
+                        "code": "pseudonymize",
+                        "display": "Pseudonymize Record Lifecycle Event",
+                    }
+                ]
+            },
+            "agent": [
+                {
+                    "type": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                "code": "performer",
+                            }
+                        ]
+                    },
+                    "who": {"display": f"{info.gateway_name} {info.gateway_version}"},
+                },
+                {
+                    "type": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                "code": "informant",
+                            }
+                        ]
+                    },
+                    "who": {"display": f"TTP {info.ttp_name}"},
+                },
+            ],
+        },
+        "request": {"method": "PUT", "url": "Provenance/" + pid},
+    }
+
+
+def deidentify(
+    bundle: dict[str, Any],
+    plan: Plan,
+    *,
+    id_key: bytes,
+    pseudonyms: Mapping[str, list[dict]],
+    provenance: ProvenanceInfo,
+) -> DeidResult:
+    """De-identify one Bundle for the plan's registry; returns a transaction Bundle and a report.
+
+    ``pseudonyms`` maps an original Patient fullUrl (and/or ``Patient/<id>``) to ready-made pseudonym
+    Identifiers; a Patient without any is not delivered (reason ``no-pseudonym``).
+    """
+    report = DeidReport()
+    raw_entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    entries = raw_entries if type(raw_entries) is list else []
+    ids = _Ids(id_key, plan.registry)
+    if not plan.profile.person_level:
+        report.refused = "aggregated-only"
+    candidates, resolver = _select(entries, plan, ids, pseudonyms, report)
+    ctx = p.WalkContext(
+        resolve=resolver,
+        keep_display=plan.keep_display,
+        extensions=dict(plan.extension_nodes),
+        modifier_ok=plan.modifier_ok,
+    )
+    kept = _walk_all(candidates, _offsets(candidates, resolver, plan, ids), plan, ctx, report)
+    out_entries = [
+        {
+            "fullUrl": "urn:uuid:" + c.new_id,
+            "resource": out,
+            "request": {"method": "PUT", "url": f"{c.rtype}/{c.new_id}"},
+        }
+        for c, out in kept
+    ]
+    report.resources_kept = len(out_entries)
+    report.elements_removed = ctx.removed
+    report.references_dropped = ctx.references_dropped
+    if out_entries:
+        out_entries.append(_provenance(out_entries, plan, ids, provenance))
+    bundle_id = ids.uuid("Bundle", *(e["fullUrl"] for e in out_entries[-1:]))
+    return DeidResult(
+        bundle={
+            "resourceType": "Bundle",
+            "id": bundle_id,
+            "meta": {"security": [dict(PSEUDED)]},
+            "type": "transaction",
+            "entry": out_entries,
+        },
+        report=report,
+    )

@@ -1,0 +1,276 @@
+"""The leak gate: does a de-identified bundle still contain anything that identifies the patient?
+
+``sensitive_values(input_bundle)`` collects identifying values from the *input* (names of persons, telecom,
+address lines, postcodes, identifier values, original patient ids and fullUrls); ``scan(output, sensitive)``
+looks for them, and for any 9-digit number passing the BSN 11-proef, in every string of the *output*.
+
+Findings name the FHIR path and the kind, never the value. Matching is on whole tokens (letters/digits runs,
+case-folded), so "Jan" does not match "January", and short values are ignored (below a threshold per kind)
+because "M", "NL" or "1" would match everywhere; BSNs and postcodes are always checked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_TOKEN = re.compile(r"[^\W_]+")
+_NINE = re.compile(r"(?<![0-9A-Za-z])[0-9]{9}(?![0-9A-Za-z])")
+PERSON_TYPES = {"Patient", "RelatedPerson", "Person"}
+PRACTITIONER_TYPES = {"Practitioner", "PractitionerRole"}
+# Identifiers of these resources name an organisation or a product, not a person (AGB, URA, GTIN...)
+PUBLIC_TYPES = {"Organization", "Location", "Medication", "Substance", "HealthcareService", "Endpoint"}
+MIN_LEN = {"name": 3, "telecom": 5, "address": 4, "identifier": 4, "patient-id": 8}
+TERMINOLOGY_PREFIXES = (
+    "http://snomed.info/",
+    "http://loinc.org",
+    "http://hl7.org/fhir/sid/icd",
+    "http://terminology.hl7.org/",
+    "urn:oid:2.16.840.1.113883.6.",
+    "http://unitsofmeasure.org",
+    "urn:iso:std:iso:",
+    "http://www.whocc.no/atc",
+    "http://hl7.org/fhir/sid/cvx",
+    "http://www.nlm.nih.gov/research/umls/rxnorm",
+)
+PSEUDED_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+
+
+def bsn_valid(digits: str) -> bool:
+    """The BSN 11-proef: sum(d_i * (9 - i)) for the first 8 digits minus the last digit is divisible by 11."""
+    if len(digits) != 9 or not digits.isdigit() or digits == "000000000":
+        return False
+    total = sum(int(d) * w for d, w in zip(digits[:8], range(9, 1, -1), strict=True)) - int(digits[8])
+    return total % 11 == 0
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: str  # e.g. Bundle.entry[3].resource.note[0].text
+    kind: str  # name | telecom | address | postcode | identifier | patient-id | patient-fullUrl | bsn
+
+
+@dataclass
+class SensitiveSet:
+    """Token sequences indexed by their first token, plus exact patient ids and fullUrls."""
+
+    by_first: dict[str, list[tuple[tuple[str, ...], str]]] = field(default_factory=dict)
+    patient_ids: set[str] = field(default_factory=set)
+    patient_urls: set[str] = field(default_factory=set)
+
+    def add(self, value: Any, kind: str) -> None:
+        if type(value) is not str:
+            return
+        tokens = tuple(_TOKEN.findall(value.casefold()))
+        if not tokens:
+            return
+        joined = "".join(tokens)
+        always = kind == "postcode"
+        digits_only = joined.isdigit()
+        minimum = MIN_LEN.get(kind, 4) + (1 if kind == "identifier" and digits_only else 0)
+        if not always and len(joined) < minimum:
+            return  # too short to tell from ordinary text
+        entry = (tokens, kind)
+        bucket = self.by_first.setdefault(tokens[0], [])
+        if entry not in bucket:
+            bucket.append(entry)
+        if kind == "postcode" and len(tokens) == 2:
+            self.add(joined, "postcode-joined")  # "1012 NX" is also written "1012NX"
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_first.values()) + len(self.patient_ids) + len(self.patient_urls)
+
+
+# ── collect from the input ─────────────────────────────────────────────────────────────────────────────────
+
+
+def _resources(bundle: Any) -> Iterator[dict[str, Any]]:
+    if not isinstance(bundle, dict):
+        return
+    if bundle.get("resourceType") != "Bundle":
+        yield bundle
+    entries = bundle.get("entry")
+    for entry in entries if isinstance(entries, list) else []:
+        res = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(res, dict):
+            yield res
+            yield from _resources(res) if res.get("resourceType") == "Bundle" else ()
+    contained = bundle.get("contained")
+    for res in contained if isinstance(contained, list) else []:
+        if isinstance(res, dict):
+            yield res
+
+
+def _ext_strings(element: Any) -> Iterator[str]:
+    """valueString of extensions on a primitive's ``_x`` (nl-core own-name, streetName...)."""
+    items = element if isinstance(element, list) else [element]
+    for item in items:
+        exts = item.get("extension") if isinstance(item, dict) else None
+        for ext in exts if isinstance(exts, list) else []:
+            if isinstance(ext, dict) and isinstance(ext.get("valueString"), str):
+                yield ext["valueString"]
+
+
+def _names(names: Any, out: SensitiveSet) -> None:
+    for name in names if isinstance(names, list) else [names]:
+        if not isinstance(name, dict):
+            continue
+        out.add(name.get("text"), "name")
+        out.add(name.get("family"), "name")
+        for given in name.get("given") or []:
+            out.add(given, "name")
+        for value in _ext_strings(name.get("_family")):
+            out.add(value, "name")
+
+
+def _telecoms(telecoms: Any, out: SensitiveSet) -> None:
+    for tel in telecoms if isinstance(telecoms, list) else []:
+        if isinstance(tel, dict):
+            out.add(tel.get("value"), "telecom")
+
+
+def _addresses(addresses: Any, out: SensitiveSet) -> None:
+    for addr in addresses if isinstance(addresses, list) else [addresses]:
+        if not isinstance(addr, dict):
+            continue
+        for line in addr.get("line") or []:
+            out.add(line, "address")
+        for value in _ext_strings(addr.get("_line") or []):
+            out.add(value, "address")
+        out.add(addr.get("text"), "address")
+        out.add(addr.get("postalCode"), "postcode")
+
+
+def _identifiers(value: Any, out: SensitiveSet) -> None:
+    """Every ``identifier`` / ``*Identifier`` value anywhere inside a resource (e.g. Reference.identifier)."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if key == "identifier" or key.endswith("Identifier"):
+                for ident in sub if isinstance(sub, list) else [sub]:
+                    if isinstance(ident, dict):
+                        out.add(ident.get("value"), "identifier")
+            if isinstance(sub, (dict, list)):
+                _identifiers(sub, out)
+    elif isinstance(value, list):
+        for item in value:
+            _identifiers(item, out)
+
+
+def _person(res: dict[str, Any], out: SensitiveSet) -> None:
+    _names(res.get("name"), out)
+    _telecoms(res.get("telecom"), out)
+    _addresses(res.get("address"), out)
+    for contact in res.get("contact") or []:
+        if isinstance(contact, dict):
+            _names(contact.get("name"), out)
+            _telecoms(contact.get("telecom"), out)
+            _addresses(contact.get("address"), out)
+
+
+def sensitive_values(bundle: Any, *, keep_practitioner_identity: bool = False) -> SensitiveSet:
+    """Identifying values of the input bundle (or single resource). With ``keep_practitioner_identity`` (the
+    profile delivers professionals' names/identifiers) those are not collected, or every kept one would be
+    reported."""
+    out = SensitiveSet()
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        res = entry.get("resource") if isinstance(entry, dict) else None
+        if (
+            isinstance(res, dict)
+            and res.get("resourceType") == "Patient"
+            and isinstance(entry.get("fullUrl"), str)
+        ):
+            out.patient_urls.add(entry["fullUrl"])
+    for res in _resources(bundle):
+        rtype = res.get("resourceType")
+        practitioner = rtype in PRACTITIONER_TYPES
+        if rtype in PERSON_TYPES or (practitioner and not keep_practitioner_identity):
+            _person(res, out)
+        if rtype == "Patient" and isinstance(res.get("id"), str):
+            out.patient_ids.add(res["id"])
+            out.add(res["id"], "patient-id")
+        if rtype not in PUBLIC_TYPES and not (practitioner and keep_practitioner_identity):
+            _identifiers(res, out)
+    return out
+
+
+# ── scan the output ────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _path(parts: list[str]) -> str:
+    return "".join(parts)
+
+
+def _is_code(parent: Mapping[str, Any], key: str) -> bool:
+    system = parent.get("system")
+    return key == "code" and isinstance(system, str) and system.startswith(TERMINOLOGY_PREFIXES)
+
+
+def _is_pseudonym(parent: Mapping[str, Any]) -> bool:
+    # our own pseudonym identifiers (type PSEUDED) are opaque base64url and may contain 9-digit runs
+    coding = (parent.get("type") or {}).get("coding") if isinstance(parent.get("type"), dict) else None
+    return isinstance(coding, list) and any(
+        isinstance(c, dict) and c.get("code") == "PSEUDED" and c.get("system") == PSEUDED_SYSTEM
+        for c in coding
+    )
+
+
+class _Scanner:
+    def __init__(self, sensitive: SensitiveSet | None):
+        self.sens = sensitive
+        self.findings: list[Finding] = []
+
+    def text(self, s: str, key: str, parent: Mapping[str, Any], parts: list[str]) -> None:
+        if not (_is_code(parent, key) or (key == "value" and _is_pseudonym(parent))):
+            for m in _NINE.finditer(s):
+                if bsn_valid(m.group(0)):
+                    self.findings.append(Finding(_path(parts), "bsn"))
+                    break
+        sens = self.sens
+        if sens is None:
+            return
+        if key in ("reference", "id", "fullUrl", "url") and sens.patient_ids:
+            tail = s.rsplit("/", 1)[-1]
+            if tail in sens.patient_ids:
+                self.findings.append(Finding(_path(parts), "patient-id"))
+        for url in sens.patient_urls:
+            if url in s:
+                self.findings.append(Finding(_path(parts), "patient-fullUrl"))
+                break
+        tokens = _TOKEN.findall(s.casefold())
+        by_first = sens.by_first
+        for i, tok in enumerate(tokens):
+            cands = by_first.get(tok)
+            if not cands:
+                continue
+            for seq, kind in cands:
+                if len(seq) == 1 or tuple(tokens[i : i + len(seq)]) == seq:
+                    self.findings.append(Finding(_path(parts), kind.replace("-joined", "")))
+                    return
+
+    def value(self, value: Any, key: str, parent: Mapping[str, Any], parts: list[str]) -> None:
+        t = type(value)
+        if t is str:
+            self.text(value, key, parent, parts)
+        elif t is dict:
+            for k, v in value.items():
+                parts.append("." + k)
+                self.value(v, k, value, parts)
+                parts.pop()
+        elif t is list:
+            for i, v in enumerate(value):
+                parts.append(f"[{i}]")
+                self.value(v, key, parent, parts)
+                parts.pop()
+        elif t is int and 100_000_000 <= value <= 999_999_999 and bsn_valid(str(value)):
+            self.findings.append(Finding(_path(parts), "bsn"))
+
+
+def scan(output: Any, sensitive: SensitiveSet | None = None) -> list[Finding]:
+    """Findings (path, kind) in ``output``; empty when clean. Without ``sensitive`` only BSNs are sought."""
+    scanner = _Scanner(sensitive)
+    root = output.get("resourceType", "Resource") if isinstance(output, dict) else "$"
+    scanner.value(output, "", {}, [str(root) if isinstance(root, str) and root.isalpha() else "Resource"])
+    return scanner.findings

@@ -1,0 +1,267 @@
+"""One processor per de-identification method, and the type-directed walk that calls them.
+
+A compiled *node* is ``(fields, label)``: ``fields`` maps an element name to a *field*
+``(op, sub_node, processor, arg, label)``. The walk builds a new dict from the input dict, looking each key up
+once: elements absent from ``fields`` are not allowed (counted, never copied). Nothing here interprets
+FHIRPath and nothing deep-copies the input; primitives are shared (immutable), containers are rebuilt.
+
+Processors take ``(value, field, ctx)`` and return the output value or ``None`` (= leave the element out).
+They must never raise on malformed input (wrong JSON types are dropped), except ``DropResource`` which
+tells the engine to drop the whole resource.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import date, timedelta
+from typing import Any
+
+KEEP, COMPLEX, REMOVE, CALL = 0, 1, 2, 3
+_PRIMITIVE = (str, int, float, bool)
+_NL_POSTCODE = re.compile(r"^\s*([1-9][0-9]{3})\s?[A-Za-z]{2}\s*$")
+
+Node = tuple[dict[str, tuple], str]
+Processor = Callable[[Any, tuple, "WalkContext"], Any]
+
+
+class DropResource(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised inside the walk: the current resource cannot be delivered (``reason`` is a fixed code)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class WalkContext:
+    """Per-bundle state of one ``deidentify`` call (never shared between calls)."""
+
+    __slots__ = (
+        "removed",
+        "resolve",
+        "keep_display",
+        "date_offset",
+        "extensions",
+        "modifier_ok",
+        "references_dropped",
+        "pseudonyms",
+    )
+
+    def __init__(
+        self,
+        *,
+        resolve: Callable[[str], str | None],
+        keep_display: bool,
+        extensions: dict[str, Node],
+        modifier_ok: frozenset[str],
+    ):
+        self.removed: dict[str, int] = {}
+        self.resolve = resolve
+        self.keep_display = keep_display
+        self.date_offset = 0
+        self.extensions = extensions  # allowed url -> node to walk the extension with
+        self.modifier_ok = modifier_ok
+        self.references_dropped = 0
+        self.pseudonyms: list[dict[str, Any]] = []
+
+    def count(self, label: str) -> None:
+        self.removed[label] = self.removed.get(label, 0) + 1
+
+
+# ── the walk (method `keep` for complex elements) ───────────────────────────────────────────────────────────
+
+
+def walk(src: dict[str, Any], node: Node, ctx: WalkContext) -> dict[str, Any]:
+    fields, label = node
+    out: dict[str, Any] = {}
+    for key, value in src.items():
+        f = fields.get(key)
+        if f is None:
+            # not allowed (or not FHIR): the key itself is input, so it is counted under a fixed label
+            ctx.count(label + ".(not-allowed)")
+            continue
+        op = f[0]
+        if op == KEEP:
+            r = keep_primitive(value, f, ctx)
+        elif op == COMPLEX:
+            r = keep_complex(value, f, ctx)
+        elif op == REMOVE:
+            if f[4] is not None:
+                ctx.count(f[4])
+            continue
+        else:
+            r = f[2](value, f, ctx)
+        if r is not None:
+            out[key] = r
+    return out
+
+
+def keep_primitive(value: Any, f: tuple, ctx: WalkContext) -> Any:
+    """keep, primitive: copied if a JSON primitive (or a list of them; nulls kept for `_x` alignment)."""
+    t = type(value)
+    if t in _PRIMITIVE:
+        return value
+    if t is list:
+        out = [v for v in value if v is None or type(v) in _PRIMITIVE]
+        return out or None
+    ctx.count(f[4] + ".(malformed)")
+    return None
+
+
+def keep_complex(value: Any, f: tuple, ctx: WalkContext) -> Any:
+    """keep, complex: walked with the element's own node, so rules apply inside it too."""
+    sub = f[1]
+    t = type(value)
+    if t is dict:
+        return walk(value, sub, ctx) or None
+    if t is list:
+        out = []
+        for item in value:
+            if type(item) is dict:
+                r = walk(item, sub, ctx)
+                if r:
+                    out.append(r)
+        return out or None
+    ctx.count(f[4] + ".(malformed)")
+    return None
+
+
+def primitive_element(value: Any, f: tuple, ctx: WalkContext) -> Any:
+    """keep for ``_x`` (id/extensions of a primitive); list positions are kept aligned with ``x``."""
+    sub = f[1]
+    t = type(value)
+    if t is dict:
+        return walk(value, sub, ctx) or None
+    if t is list:
+        out = [(walk(item, sub, ctx) or None) if type(item) is dict else None for item in value]
+        return out if any(x is not None for x in out) else None
+    return None
+
+
+# ── extensions ───────────────────────────────────────────────────────────────────────────────────────────
+
+
+def extensions(value: Any, f: tuple, ctx: WalkContext) -> Any:
+    """Extension allow-list: unknown urls dropped. ``arg`` = the Extension node for relative (nested) urls."""
+    if type(value) is not list:
+        return None
+    nested_node = f[3]
+    out = []
+    for ext in value:
+        if type(ext) is not dict:
+            continue
+        url = ext.get("url")
+        if type(url) is not str:
+            continue
+        node = ctx.extensions.get(url)
+        if node is None and nested_node is not None and "/" not in url and ":" not in url:
+            node = nested_node  # sub-extension of a kept complex extension, e.g. url "value"
+        if node is None:
+            ctx.count("extension.(not-allowed)")
+            continue
+        r = walk(ext, node, ctx)
+        if len(r) > 1 or "extension" in r:
+            out.append(r)
+    return out or None
+
+
+def modifier_extensions(value: Any, f: tuple, ctx: WalkContext) -> Any:
+    """A modifier changes the meaning of its resource: unknown ones make the resource undeliverable."""
+    if type(value) is not list:
+        raise DropResource("unknown-modifierExtension")
+    for ext in value:
+        url = ext.get("url") if type(ext) is dict else None
+        if url not in ctx.modifier_ok:
+            raise DropResource("unknown-modifierExtension")
+    return extensions(value, (CALL, None, extensions, None, f[4]), ctx)
+
+
+# ── generalise ───────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _shift(value: Any, days: int) -> str | None:
+    if type(value) is not str:
+        return None
+    if len(value) < 10:
+        # year or year-month only: shifting needs a day; a partial date is already coarse
+        return value if value[:4].isdigit() else None
+    try:
+        shifted = date(int(value[0:4]), int(value[5:7]), int(value[8:10])) + timedelta(days=days)
+    except ValueError:
+        return None  # not a date (e.g. a test-engine placeholder): cannot be shifted, so not delivered
+    if value[4] != "-" or value[7] != "-":
+        return None
+    return shifted.isoformat() + value[10:]
+
+
+def generalise_date(value: Any, f: tuple, ctx: WalkContext) -> Any:
+    """generalise kind=date with to=shift: every full date moves by the patient's offset (same for all)."""
+    days = ctx.date_offset
+    if type(value) is list:
+        out = [_shift(v, days) for v in value]
+        return out if any(v is not None for v in out) else None
+    return _shift(value, days)
+
+
+def generalise_birthdate(value: Any, f: tuple, ctx: WalkContext) -> Any:
+    """generalise kind=birthDate: year | year-month | keep (shifted too when dates are shifted)."""
+    if type(value) is not str or len(value) < 4 or not value[:4].isdigit():
+        return None
+    mode, shift = f[3]
+    if mode == "year":
+        return value[:4]
+    if mode == "year-month":
+        return value[:7] if len(value) >= 7 else value[:4]
+    return _shift(value, ctx.date_offset) if shift else value
+
+
+def generalise_postcode(value: Any, f: tuple, ctx: WalkContext) -> Any:
+    """generalise kind=address, the postcode part: a Dutch postcode becomes its 4 digits (PC4)."""
+    if type(value) is not str:
+        return None
+    m = _NL_POSTCODE.match(value)
+    if m is None:
+        ctx.count("Address.postalCode.(not-dutch)")
+        return None  # foreign or malformed postcodes may be fine-grained: not delivered
+    return m.group(1)
+
+
+# ── references and identifiers ──────────────────────────────────────────────────────────────────────────────
+
+
+def _reference(value: Any, ctx: WalkContext) -> dict[str, Any] | None:
+    if type(value) is not dict:
+        return None
+    ref = value.get("reference")
+    new = ctx.resolve(ref) if type(ref) is str else None
+    if new is None:
+        # unresolvable, external, to a dropped resource, or logical (identifier/display only)
+        ctx.references_dropped += 1
+        return None
+    out: dict[str, Any] = {"reference": new}
+    rtype = value.get("type")
+    if type(rtype) is str:
+        out["type"] = rtype
+    if "display" in value:
+        display = value["display"]
+        if ctx.keep_display and type(display) is str:
+            out["display"] = display
+        else:
+            ctx.count("Reference.display")
+    if "identifier" in value:
+        ctx.count("Reference.identifier")
+    return out
+
+
+def pseudonymise_reference(value: Any, f: tuple, ctx: WalkContext) -> Any:
+    """pseudonymise-reference: the target's opaque id, or nothing when the target is not delivered."""
+    if type(value) is list:
+        out = [r for r in (_reference(v, ctx) for v in value) if r is not None]
+        return out or None
+    return _reference(value, ctx)
+
+
+def replace_with_pseudonyms(value: Any, f: tuple, ctx: WalkContext) -> Any:
+    """replace-with-pseudonyms: whatever identifiers came in, only the TTP's pseudonyms go out."""
+    ctx.count(f[4])
+    return [dict(p) for p in ctx.pseudonyms] or None
