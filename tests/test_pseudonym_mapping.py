@@ -137,3 +137,10 @@ def test_a_per_type_override_changes_only_that_type():
     )
     assert mapping.types["GG"].skip_reasons == ("gg-needs-a-full-date", "sex-not-recognised")
     assert mapping.types["NGG"].skip_reasons[1] == "birth-date-not-full"
+
+
+def test_every_known_field_has_a_producer():
+    from gateway.pseudonym.extract import PatientFields
+    from gateway.pseudonym.mapping import FIELDS
+
+    assert {name for name in FIELDS if callable(getattr(PatientFields, "field_" + name, None))} == FIELDS

@@ -206,6 +206,7 @@ def test_elfproef_formula():
         ("   ", None),
         ("", None),
         (42, None),
+        ("A\ud800", None),
     ],
 )
 def test_mrn(raw, expected):

@@ -75,6 +75,8 @@ def test_mrn_pre_is_bound_to_the_registry():
 
 def test_mrn_without_a_provider_key_is_a_configuration_error():
     stage = SourceStage({1: SRC1}, 1, None, PROVIDER)
+    assert not stage.has_mrn_key
+    assert SourceStage({1: SRC1}, 1, MRN_MASTER, PROVIDER).has_mrn_key
     without_mrn = Extraction([i for i in EXTRACTION.inputs if i.type != "MRN"])
     assert len(stage.pre_pseudonyms(without_mrn, "r")) == 9
     with pytest.raises(nlps1.PseudonymError) as err:
@@ -111,3 +113,17 @@ def test_same_canonical_same_pre_across_calls_and_instances():
     a = SourceStage({1: SRC1}, 1, None, "ura:1").pre_pseudonyms(item, "r")
     b = SourceStage({1: SRC1}, 1, None, "ura:2").pre_pseudonyms(item, "other")
     assert a == b and nlps1.b64u(a[0].value) == EXPECTED["GG"]
+
+
+def test_patient_with_lone_surrogates_extracts_and_pre_pseudonymises_without_raising():
+    # json.loads (unlike orjson) lets lone surrogates through; they must not crash the HMAC's UTF-8 encode.
+    raw = (
+        '{"identifier": [{"system": "SYSTEM", "value": "P\\ud800"}],'
+        ' "name": [{"use": "official", "family": "\\udc00Li", "given": ["\\ud800A"]}],'
+        ' "birthDate": "2000-01-01"}'
+    )
+    patient = json.loads(raw.replace("SYSTEM", KEYS["mrn_system"]))
+    extraction = extract_inputs(patient, nlps1.TYPES, load_input_mapping(), KEYS["mrn_system"])
+    assert extraction.skipped["MRN"] == "mrn-missing"
+    assert {i.type: i.fields for i in extraction.inputs}["NGGV"] == ("LI", "20000101", "O", "A")
+    SourceStage({1: SRC1}, 1, MRN_MASTER, PROVIDER).pre_pseudonyms(extraction, "r")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from enum import Enum
+from functools import cached_property
 from typing import Any
 
 from gateway.pseudonym import normalise
@@ -81,90 +82,93 @@ def _reason(value: Unusable, field_name: str, missing_reason: str, mapping: Inpu
 
 
 class PatientFields:
-    """Computes each field of one Patient at most once (the name feeds four types, the birth date seven)."""
+    """Computes each field of one Patient at most once (the name feeds four types, the birth date seven).
+
+    Field `x` of the mapping is produced by the method `field_x`; the mapping validator only admits the
+    field names that have such a method (mapping.FIELDS).
+    """
 
     def __init__(self, patient: dict[str, Any], mapping: InputMapping, mrn_system: str | None) -> None:
         self._patient = patient
         self._mapping = mapping
         self._mrn_system = mrn_system
         self._cache: dict[str, FieldValue] = {}
-        self._producers: dict[str, Callable[[], FieldValue]] = {
-            "bsn": self._bsn,
-            "name8": lambda: self._birth_name(normalise.NAME_LONG),
-            "name4": lambda: self._birth_name(normalise.NAME_SHORT),
-            "birthdate": lambda: _or_missing(normalise.birth_date(self._patient.get("birthDate"))),
-            "sex": self._sex,
-            "initial": self._initial,
-            "pc6": lambda: _or_missing(normalise.postcode6(self._postal_code())),
-            "pc4": lambda: _or_missing(normalise.postcode4(self._postal_code())),
-            "housenumber": self._house_number,
-            "suffix": self._suffix,
-            "mrn": self._mrn,
-        }
 
     def get(self, field_name: str) -> FieldValue:
-        if field_name not in self._cache:
-            self._cache[field_name] = self._producers[field_name]()
-        return self._cache[field_name]
+        value = self._cache.get(field_name)
+        if value is None:
+            value = self._cache[field_name] = getattr(self, "field_" + field_name)()
+        return value
 
     # identifiers -------------------------------------------------------------------------------------------
 
-    def _bsn(self) -> FieldValue:
+    def field_bsn(self) -> FieldValue:
         return _one_identifier(self._patient, self._mapping.bsn_system, normalise.bsn)
 
-    def _mrn(self) -> FieldValue:
+    def field_mrn(self) -> FieldValue:
         if self._mrn_system is None:
             return Unusable.NOT_CONFIGURED
         return _one_identifier(self._patient, self._mrn_system, normalise.mrn)
 
-    # name --------------------------------------------------------------------------------------------------
+    # name, birth date, sex ---------------------------------------------------------------------------------
 
+    @cached_property
     def _names(self) -> list[dict[str, Any]]:
         uses = self._mapping.name_uses
         return [
             n for n in _list(self._patient.get("name")) if isinstance(n, dict) and _str_in(n.get("use"), uses)
         ]
 
+    @cached_property
     def _birth_name_letters(self) -> str | None:
-        if "_birth_name" not in self._cache:
-            letters = birth_name_letters(self._names(), self._mapping)
-            self._cache["_birth_name"] = letters if letters else Unusable.MISSING
-        cached = self._cache["_birth_name"]
-        return None if isinstance(cached, Unusable) else cached
+        return birth_name_letters(self._names, self._mapping)
 
-    def _birth_name(self, length: int) -> FieldValue:
-        return _or_missing(normalise.birth_name(self._birth_name_letters(), length))
+    def field_name8(self) -> FieldValue:
+        return _or_missing(normalise.birth_name(self._birth_name_letters, normalise.NAME_LONG))
 
-    def _initial(self) -> FieldValue:
-        return _or_missing(first_initial(self._names(), self._mapping))
+    def field_name4(self) -> FieldValue:
+        return _or_missing(normalise.birth_name(self._birth_name_letters, normalise.NAME_SHORT))
 
-    def _sex(self) -> FieldValue:
-        return _or_missing(
-            normalise.sex(self._patient.get("gender"), self._mapping.sex_map, self._mapping.sex_absent)
-        )
+    def field_initial(self) -> FieldValue:
+        return _or_missing(first_initial(self._names, self._mapping))
+
+    def field_birthdate(self) -> FieldValue:
+        return _or_missing(normalise.birth_date(self._patient.get("birthDate")))
+
+    def field_sex(self) -> FieldValue:
+        mapping = self._mapping
+        return _or_missing(normalise.sex(self._patient.get("gender"), mapping.sex_map, mapping.sex_absent))
 
     # address -----------------------------------------------------------------------------------------------
 
+    @cached_property
     def _address(self) -> dict[str, Any] | None:
         return choose_address(self._patient, self._mapping)
 
-    def _postal_code(self) -> object:
-        address = self._address()
-        return address.get("postalCode") if address is not None else None
-
+    @cached_property
     def _house_number_line(self) -> dict[str, Any] | None:
-        address = self._address()
+        address = self._address
         return house_number_line(address, self._mapping) if address is not None else None
 
-    def _house_number(self) -> FieldValue:
-        line = self._house_number_line()
+    def _postal_code(self) -> object:
+        address = self._address
+        return address.get("postalCode") if address is not None else None
+
+    def field_pc6(self) -> FieldValue:
+        return _or_missing(normalise.postcode6(self._postal_code()))
+
+    def field_pc4(self) -> FieldValue:
+        return _or_missing(normalise.postcode4(self._postal_code()))
+
+    def field_housenumber(self) -> FieldValue:
+        line = self._house_number_line
         if line is None:
             return Unusable.MISSING
         value = _single(_extension_values(line, self._mapping.house_number_url))
         return _or_missing(normalise.house_number(value))
 
-    def _suffix(self) -> FieldValue:
-        line = self._house_number_line()
+    def field_suffix(self) -> FieldValue:
+        line = self._house_number_line
         suffixes = _extension_values(line, self._mapping.suffix_url) if line is not None else []
         if len(suffixes) > 1 and not _all_equal(suffixes):
             return Unusable.MISSING

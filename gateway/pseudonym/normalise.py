@@ -147,4 +147,11 @@ def mrn(value: object) -> str | None:
     if not isinstance(value, str):
         return None
     trimmed = value.strip()
-    return trimmed or None
+    if not trimmed:
+        return None
+    try:
+        # A lone surrogate (possible with json.loads, not with orjson) cannot be UTF-8 encoded for the HMAC.
+        trimmed.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return trimmed

@@ -47,6 +47,11 @@ class SourceStage:
     def source_versions(self) -> frozenset[int]:
         return frozenset(self._source)
 
+    @property
+    def has_mrn_key(self) -> bool:
+        """False: an MRN input makes pre_pseudonyms raise; check at start-up against the mrn_system."""
+        return self._mrn_master is not None
+
     def pre_pseudonyms(
         self,
         extraction: Extraction,
