@@ -60,6 +60,11 @@ class Plan:
     def registry(self) -> str:
         return self.profile.id
 
+    @property
+    def practitioner_kept(self) -> tuple[str, ...]:
+        """Professionals' data the profile delivers (for ``leakscan.sensitive_values``)."""
+        return tuple(k for k, v in self.profile.practitioner.items() if v == "keep")
+
 
 @dataclass
 class DeidReport:

@@ -12,7 +12,7 @@ because "M", "NL" or "1" would match everywhere; BSNs and postcodes are always c
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,10 @@ def _resources(bundle: Any) -> Iterator[dict[str, Any]]:
             yield res
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _ext_strings(element: Any) -> Iterator[str]:
     """valueString of extensions on a primitive's ``_x`` (nl-core own-name, streetName...)."""
     items = element if isinstance(element, list) else [element]
@@ -119,7 +123,7 @@ def _names(names: Any, out: SensitiveSet) -> None:
             continue
         out.add(name.get("text"), "name")
         out.add(name.get("family"), "name")
-        for given in name.get("given") or []:
+        for given in _list(name.get("given")):
             out.add(given, "name")
         for value in _ext_strings(name.get("_family")):
             out.add(value, "name")
@@ -135,9 +139,9 @@ def _addresses(addresses: Any, out: SensitiveSet) -> None:
     for addr in addresses if isinstance(addresses, list) else [addresses]:
         if not isinstance(addr, dict):
             continue
-        for line in addr.get("line") or []:
+        for line in _list(addr.get("line")):
             out.add(line, "address")
-        for value in _ext_strings(addr.get("_line") or []):
+        for value in _ext_strings(_list(addr.get("_line"))):
             out.add(value, "address")
         out.add(addr.get("text"), "address")
         out.add(addr.get("postalCode"), "postcode")
@@ -162,17 +166,33 @@ def _person(res: dict[str, Any], out: SensitiveSet) -> None:
     _names(res.get("name"), out)
     _telecoms(res.get("telecom"), out)
     _addresses(res.get("address"), out)
-    for contact in res.get("contact") or []:
+    _contacts(res, out)
+
+
+def _practitioner(res: dict[str, Any], kept: Collection[str], out: SensitiveSet) -> None:
+    # a professional's address is the workplace, i.e. an Organization's address that may be delivered
+    if "name" not in kept:
+        _names(res.get("name"), out)
+    if "telecom" not in kept:
+        _telecoms(res.get("telecom"), out)
+    if "identifier" not in kept:
+        _identifiers(res, out)
+
+
+def _contacts(res: dict[str, Any], out: SensitiveSet) -> None:
+    for contact in _list(res.get("contact")):
         if isinstance(contact, dict):
             _names(contact.get("name"), out)
             _telecoms(contact.get("telecom"), out)
             _addresses(contact.get("address"), out)
 
 
-def sensitive_values(bundle: Any, *, keep_practitioner_identity: bool = False) -> SensitiveSet:
-    """Identifying values of the input bundle (or single resource). With ``keep_practitioner_identity`` (the
-    profile delivers professionals' names/identifiers) those are not collected, or every kept one would be
-    reported."""
+def sensitive_values(bundle: Any, *, practitioner_kept: Collection[str] = ()) -> SensitiveSet:
+    """Identifying values of the input bundle (or single resource).
+
+    ``practitioner_kept``: the parts of professionals' data the profile delivers (``name``, ``identifier``,
+    ``telecom``; see ``Plan.practitioner_kept``); those are not collected, else every one would be reported.
+    """
     out = SensitiveSet()
     entries = bundle.get("entry") if isinstance(bundle, dict) else None
     for entry in entries if isinstance(entries, list) else []:
@@ -186,14 +206,31 @@ def sensitive_values(bundle: Any, *, keep_practitioner_identity: bool = False) -
     for res in _resources(bundle):
         rtype = res.get("resourceType")
         practitioner = rtype in PRACTITIONER_TYPES
-        if rtype in PERSON_TYPES or (practitioner and not keep_practitioner_identity):
+        if rtype in PERSON_TYPES:
             _person(res, out)
+        elif practitioner:
+            _practitioner(res, practitioner_kept, out)
         if rtype == "Patient" and isinstance(res.get("id"), str):
             out.patient_ids.add(res["id"])
             out.add(res["id"], "patient-id")
-        if rtype not in PUBLIC_TYPES and not (practitioner and keep_practitioner_identity):
+        if rtype not in PUBLIC_TYPES and not practitioner:
             _identifiers(res, out)
+    _drop_public(bundle, out)
     return out
+
+
+def _drop_public(bundle: Any, out: SensitiveSet) -> None:
+    """A value the input publishes as an organisation's or location's own data (a hospital in the patient's
+    postcode area, a GP practice phone number) is not personal: delivering that Organization is no leak."""
+    public = SensitiveSet()
+    for res in _resources(bundle):
+        if res.get("resourceType") in PUBLIC_TYPES:
+            _person(res, public)
+    for first, entries in public.by_first.items():
+        mine = out.by_first.get(first)
+        if mine:
+            public_seqs = {seq for seq, _ in entries}
+            out.by_first[first] = [e for e in mine if e[0] not in public_seqs]
 
 
 # ── scan the output ────────────────────────────────────────────────────────────────────────────────────────
