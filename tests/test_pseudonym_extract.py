@@ -312,6 +312,8 @@ def test_unknown_type_is_a_configuration_error():
         extract_inputs(BASE, ["XYZ"], MAPPING, MRN_SYSTEM)
     with pytest.raises(nlps1.PseudonymError):
         extract_inputs(BASE, "GG", MAPPING, MRN_SYSTEM)
+    with pytest.raises(nlps1.PseudonymError):
+        extract_inputs(BASE, ["GG", None], MAPPING, MRN_SYSTEM)
 
 
 def test_aliases_and_duplicates():

@@ -65,6 +65,8 @@ def _wanted_types(types: Iterable[str], mapping: InputMapping) -> list[str]:
         raise PseudonymError("pass a collection of pseudonym types, not one string")
     wanted: list[str] = []
     for name in types:
+        if not isinstance(name, str):
+            raise PseudonymError("pseudonym types must be strings")
         ptype = canonical_type(name)
         if ptype not in mapping.types:
             raise PseudonymError("pseudonym type has no entry in the input mapping")
