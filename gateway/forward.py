@@ -143,7 +143,7 @@ class OAuth2ClientCredentials:
             retry=retry_if_exception_type(_CONNECT_ERRORS),
             reraise=True,
             stop=stop_after_attempt(3),
-            wait=wait_exponential_jitter(0.1, 1.0),
+            wait=wait_exponential_jitter(multiplier=0.1, max=1.0, jitter=0.1),
         ):
             with attempt:
                 try:
@@ -247,7 +247,7 @@ class RegistryClient:
             retry=retry_if_exception_type(_CONNECT_ERRORS),
             reraise=True,
             stop=stop_after_attempt(3),
-            wait=wait_exponential_jitter(0.1, 1.0),
+            wait=wait_exponential_jitter(multiplier=0.1, max=1.0, jitter=0.1),
         ):
             with attempt:
                 return await self._http.post(self.base_url, content=payload, headers=headers)
