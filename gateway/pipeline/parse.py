@@ -1,0 +1,287 @@
+"""Bytes → dict for FHIR JSON, at the speed of orjson, with every limit checked and no input echoed.
+
+Decisions (see also the table in `gateway/pipeline/__init__.py`):
+
+- Encoding: UTF-8 only (FHIR JSON is UTF-8). A leading UTF-8 BOM is *stripped and accepted*: RFC 8259 §8.1
+  allows a parser to ignore it, it carries no data, and some EHR stacks (.NET) emit it. UTF-16/UTF-32 (by BOM
+  or by the NUL-byte pattern of the first bytes) → 415 `not-supported`; any other invalid UTF-8 (Latin-1,
+  CP-1252, lone surrogates) → 400 `structure` with the byte offset.
+- Depth: orjson.loads refuses more than 1024 levels by itself (in C: 10,000 levels end as a clean 400, no
+  RecursionError). max_depth (default 100, so that later Python code can never hit the recursion limit) is
+  enforced by orjson.dumps, which stops at a fixed depth (254): the parsed value wrapped in
+  `254 - max_depth` one-item lists fails to serialise exactly when it is deeper than max_depth. That dump is
+  the one the duplicate-key check needs anyway, so the depth check costs nothing extra.
+- Duplicate keys (FHIR forbids them; orjson silently keeps the last one): detected by comparing the number of
+  object keys in the text with the number in the parsed tree, both counted in C (`bytes.count` over the
+  re-serialised tree and in the body: colons). Only when they differ does the exact stdlib pass run, to
+  confirm and name the duplicated property. Costs about one `orjson.dumps` of the body.
+- Numbers: orjson rejects literals that overflow a double (`1e400`) and turns integers outside the 64-bit
+  range into lossy floats; a C-speed pre-filter (a run of 19+ digits) triggers an exact stdlib check, and
+  such integers are rejected (400 `value`): forwarding a silently changed number is worse than refusing it.
+  Known limitation: a *decimal* with more than 17 significant digits loses precision in orjson (not detected).
+
+Nothing in an error names a value from the body: only byte offsets, fixed texts and (for duplicate keys) the
+property name when it looks like a FHIR element name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
+
+import orjson
+
+from gateway.outcome import FhirError
+
+UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+_WHITESPACE = b" \t\r\n"
+# A FHIR element name (lowerCamelCase, optional leading "_" for primitive extensions). Property names that
+# look like this are structure, not patient data, and may be named in an error; anything else is not echoed.
+_ELEMENT_NAME = re.compile(r"_?[a-z][A-Za-z0-9]{0,63}")
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGIT_RUN = b"0" * 19  # the shortest integer literal that can leave the 64-bit range
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+
+
+def _nested(depth: int) -> Any:
+    value: Any = {}
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def _measure_dumps_depth_limit() -> int:
+    """orjson.dumps' fixed nesting limit (254 so far), measured at import rather than assumed."""
+    lo, hi = 1, 4096
+    while lo < hi:  # largest depth that still serialises
+        mid = (lo + hi + 1) // 2
+        try:
+            orjson.dumps(_nested(mid))
+            lo = mid
+        except orjson.JSONEncodeError:
+            hi = mid - 1
+    return lo
+
+
+DUMPS_DEPTH_LIMIT = _measure_dumps_depth_limit()
+ORJSON_LOADS_DEPTH_LIMIT = 1024  # orjson.loads refuses deeper documents itself ("depth limit exceeded")
+
+
+def safe_name(name: object) -> str | None:
+    """The property name if it may appear in an error text (looks like a FHIR element name), else None."""
+    if isinstance(name, str) and _ELEMENT_NAME.fullmatch(name):
+        return name
+    return None
+
+
+def parse_json(body: bytes, *, max_bytes: int, max_depth: int = 100, check_duplicates: bool = True) -> dict:
+    """Parse one FHIR JSON resource. Raises FhirError (4xx OperationOutcome) on anything unacceptable."""
+    if len(body) > max_bytes:
+        raise FhirError.single(413, "too-costly", f"request body exceeds the limit of {max_bytes} bytes")
+    if not body.strip(_WHITESPACE):
+        raise FhirError.single(400, "required", "request body is empty")
+    if not 1 <= max_depth <= DUMPS_DEPTH_LIMIT:
+        raise ValueError("max_depth must be between 1 and orjson's serialisation depth limit")
+    start = _check_encoding_prefix(body)
+    value = _loads(body, start)  # orjson itself refuses more than 1024 levels, in C
+    if not isinstance(value, dict):
+        raise FhirError.single(400, "structure", "the JSON document must be an object (a FHIR resource)")
+    dumped = _dumps_within_depth(value, max_depth)
+    if check_duplicates:
+        _check_duplicate_keys(body, start, value, dumped)
+    if body.translate(_DIGITS_AS_ZERO).find(_LONG_DIGIT_RUN, start) >= 0:  # C-speed pre-filter
+        _check_integer_range(body, start)
+    return _check_resource_type(value)
+
+
+def _check_encoding_prefix(body: bytes) -> int:
+    """Return the offset where the JSON text starts (after a UTF-8 BOM); reject UTF-16/32 up front."""
+    if body.startswith(UTF8_BOM):
+        return len(UTF8_BOM)
+    # JSON text starts with an ASCII character, so NUL bytes among the first four mean UTF-16/UTF-32.
+    if body.startswith(_UTF16_32_BOMS) or b"\x00" in body[:4]:
+        raise FhirError.single(415, "not-supported", "body is not UTF-8 (UTF-16/UTF-32 detected); send UTF-8")
+    return 0
+
+
+def _loads(body: bytes, start: int) -> Any:
+    error: tuple[str, int] | None = None
+    try:
+        return orjson.loads(memoryview(body)[start:] if start else body)
+    except orjson.JSONDecodeError as exc:
+        # Keep only the message kind and position: the exception carries the whole document and must not
+        # be chained into the FhirError (tracebacks, logs).
+        error = (exc.msg, exc.pos)
+    raise _decode_error(body, error[0], error[1], start)
+
+
+def _dumps_within_depth(value: dict, max_depth: int) -> bytes:
+    """Serialise `value` (needed anyway for the duplicate check) and enforce max_depth on the way:
+    orjson.dumps stops at a fixed depth, so `DUMPS_DEPTH_LIMIT - max_depth` one-item lists around the value make it stop at
+    max_depth. All in C, no recursion in Python; the padding adds no colons, so it needs no stripping."""
+    pad = DUMPS_DEPTH_LIMIT - max_depth
+    wrapped: Any = value
+    for _ in range(pad):
+        wrapped = [wrapped]
+    try:
+        return orjson.dumps(wrapped)
+    except orjson.JSONEncodeError:
+        pass
+    raise FhirError.single(400, "too-costly", f"JSON nesting deeper than {max_depth} levels")
+
+
+def _decode_error(body: bytes, msg: str, char_pos: int, start: int) -> FhirError:
+    text = body[start:]
+    size = len(body)
+    if "UTF-8" in msg or "surrogate" in msg:
+        try:
+            text.decode("utf-8")
+            offset = _byte_offset(text, char_pos) + start
+        except UnicodeDecodeError as exc:
+            offset = exc.start + start
+        return FhirError.single(400, "structure", f"body is not valid UTF-8 (byte offset {offset})")
+    offset = min(size, _byte_offset(text, char_pos) + start)
+    if "depth" in msg:
+        return FhirError.single(
+            400,
+            "too-costly",
+            f"JSON nesting deeper than {ORJSON_LOADS_DEPTH_LIMIT} levels (byte offset {offset})",
+        )
+    if msg.startswith("number"):
+        return FhirError.single(400, "value", f"number out of range (byte offset {offset})")
+    if offset >= size:
+        return FhirError.single(
+            400, "structure", f"JSON ends unexpectedly; body truncated? (byte offset {offset})"
+        )
+    return FhirError.single(400, "structure", f"malformed JSON (byte offset {offset})")
+
+
+def _byte_offset(data: bytes, char_pos: int) -> int:
+    """orjson reports positions in characters; convert to bytes (error path only)."""
+    return len(data.decode("utf-8", "surrogateescape")[:char_pos].encode("utf-8", "surrogateescape"))
+
+
+def _check_duplicate_keys(body: bytes, start: int, value: dict, dumped: bytes) -> None:
+    # Every object key is followed by one `:` in the text. orjson drops the earlier of two duplicate keys
+    # (with its value), so the re-serialised tree then has fewer colons than the body. String contents
+    # contribute the same colons to both sides unless the body spells one as `\u003a`: then (and when the
+    # counts differ) the exact, slower stdlib pass decides. Two single-byte counts run at ~2.5 GB/s.
+    if dumped.count(b":") == body.count(b":", start) and b"\\u003" not in body:
+        return
+    name = _find_duplicate_key(body[start:])
+    if name is None:
+        return
+    shown = safe_name(name)
+    where = f" '{shown}'" if shown else ""
+    raise FhirError.single(
+        400, "structure", f"duplicate JSON property{where} in an object (FHIR forbids them)"
+    )
+
+
+def _find_duplicate_key(text: bytes) -> str | None:
+    found: list[str] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict:
+        result = dict(pairs)
+        if len(result) != len(pairs) and not found:
+            seen: set[str] = set()
+            found.extend(k for k, _ in pairs if k in seen or seen.add(k))
+        return result
+
+    json.loads(text, object_pairs_hook=pairs_hook)  # depth already bounded, so no RecursionError
+    return found[0] if found else None
+
+
+def _check_integer_range(body: bytes, start: int) -> None:
+    def parse_int(literal: str) -> int:
+        number = int(literal)
+        if not _INT64_MIN <= number <= _UINT64_MAX:
+            raise OverflowError  # carries no value
+        return number
+
+    try:
+        json.loads(body[start:], parse_int=parse_int)
+    except OverflowError:
+        raise FhirError.single(
+            400, "value", "integer outside the 64-bit range (would lose precision)"
+        ) from None
+
+
+def _check_resource_type(value: dict) -> dict:
+    rtype = value.get("resourceType")
+    if rtype is None:
+        raise FhirError.single(400, "required", "missing resourceType", "resourceType")
+    if not isinstance(rtype, str) or not rtype:
+        raise FhirError.single(400, "structure", "resourceType must be a non-empty string", "resourceType")
+    return value
+
+
+# --- NDJSON (bulk export) ---------------------------------------------------------------------------------
+
+
+def iter_ndjson(
+    stream: BinaryIO | Iterable[bytes],
+    *,
+    max_line_bytes: int,
+    max_depth: int = 100,
+    chunk_size: int = 1 << 16,
+) -> Iterator[tuple[int, dict | FhirError]]:
+    """Yield `(line_no, resource | FhirError)` per non-blank line; memory stays below ~2 × max_line_bytes.
+
+    `stream` is a binary file object or any iterable of byte chunks (e.g. an HTTP response body). A bad line
+    is reported and skipped; it never stops the stream. Lines are numbered from 1, blank lines included.
+    """
+    for line_no, line in _lines(_chunks(stream, chunk_size), max_line_bytes):
+        if line is None:
+            yield line_no, FhirError.single(413, "too-costly", f"NDJSON line exceeds {max_line_bytes} bytes")
+            continue
+        if not line.strip(_WHITESPACE):
+            continue
+        try:
+            yield line_no, parse_json(line, max_bytes=max_line_bytes, max_depth=max_depth)
+        except FhirError as err:
+            yield line_no, err
+
+
+def _chunks(stream: BinaryIO | Iterable[bytes], chunk_size: int) -> Iterator[bytes]:
+    read = getattr(stream, "read", None)
+    if read is None:
+        yield from stream  # type: ignore[misc]
+        return
+    while chunk := read(chunk_size):
+        yield chunk
+
+
+def _lines(chunks: Iterator[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """Split on LF (dropping a CR before it); an over-long line yields None and is skipped to its end."""
+    buffer = bytearray()
+    line_no = 0
+    skipping = False
+    for chunk in chunks:
+        buffer += chunk
+        while True:
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                break
+            line_no += 1
+            if skipping:
+                skipping = False
+            else:
+                yield line_no, _line(buffer[:newline], max_line_bytes)
+            del buffer[: newline + 1]
+        if len(buffer) > max_line_bytes + 1:
+            # The current line is already too long: report it once and discard its bytes as they arrive.
+            if not skipping:
+                yield line_no + 1, None
+                skipping = True
+            buffer.clear()
+    if buffer and not skipping:
+        yield line_no + 1, _line(buffer, max_line_bytes)
+
+
+def _line(raw: bytearray, max_line_bytes: int) -> bytes | None:
+    line = bytes(raw[:-1] if raw.endswith(b"\r") else raw)
+    return None if len(line) > max_line_bytes else line
