@@ -113,7 +113,10 @@ def _ext_strings(element: Any) -> Iterator[str]:
     for item in items:
         exts = item.get("extension") if isinstance(item, dict) else None
         for ext in exts if isinstance(exts, list) else []:
-            if isinstance(ext, dict) and isinstance(ext.get("valueString"), str):
+            if not isinstance(ext, dict):
+                continue
+            # voorvoegsels ("van", "de", "van der") are the commonest words of Dutch, not identifying alone
+            if isinstance(ext.get("valueString"), str) and not str(ext.get("url")).endswith("-prefix"):
                 yield ext["valueString"]
 
 
