@@ -121,23 +121,29 @@ def _capability_statement() -> dict[str, Any]:
 
 def _answer(name: str, value_part: str, registry: str, originals: Sequence[Any],
             results: Sequence[service.Result], *, echo: bool) -> bytes:
-    """Build the response with plain dicts + orjson (no models): this is the hot path for 100,000 values."""
-    target = {"name": "target", "valueIdentifier": {"system": DOMAIN_SYSTEM, "value": registry}}
+    """The answer Parameters as JSON text, written from templates: the hot path for 100,000 values.
+
+    Templates instead of dicts + orjson because 9 small dicts per value cost more than the encryption. Safe
+    without escaping: pseudonyms and codes are our own base64url/words, and an original is echoed only when
+    it matched the service's patterns, which admit no character that JSON would escape.
+    """
+    target = orjson.dumps({"name": "target", "valueIdentifier": {"system": DOMAIN_SYSTEM, "value": registry}})
+    tgt = target.decode("utf-8")
     system = ORIGINAL_SYSTEM if value_part == "pre" else PSEUDONYM_SYSTEM
-    params: list[dict[str, Any]] = []
-    add = params.append
+    ok_head = '{"name":"' + name + '","part":[{"name":"index","valueInteger":'
+    orig_head = '},{"name":"original","valueIdentifier":{"system":"' + ORIGINAL_SYSTEM + '","value":"'
+    val_head = ',{"name":"' + value_part + '","valueIdentifier":{"system":"' + system + '","value":"'
+    err_head = '{"name":"error","part":[{"name":"index","valueInteger":'
+    pieces: list[str] = []
+    add = pieces.append
     for i, (value, code) in enumerate(results):
-        if value is not None:
-            part = [{"name": "index", "valueInteger": i}, target,
-                    {"name": value_part, "valueIdentifier": {"system": system, "value": value}}]
-            if echo:
-                part.insert(1, {"name": "original", "valueIdentifier": {"system": ORIGINAL_SYSTEM,
-                                                                         "value": originals[i]}})
-            add({"name": name, "part": part})
+        if value is None:
+            add(f'{err_head}{i}}},{tgt},{{"name":"code","valueCode":"{code}"}}]}}')
+        elif echo:
+            add(f'{ok_head}{i}{orig_head}{originals[i]}"}}}},{tgt}{val_head}{value}"}}}}]}}')
         else:
-            add({"name": "error", "part": [{"name": "index", "valueInteger": i}, target,
-                                           {"name": "code", "valueCode": code}]})
-    return orjson.dumps({"resourceType": "Parameters", "parameter": params})
+            add(f'{ok_head}{i}}},{tgt}{val_head}{value}"}}}}]}}')
+    return ('{"resourceType":"Parameters","parameter":[' + ",".join(pieces) + "]}").encode("utf-8")
 
 
 def create_app(keystore: KeyStore, auth: TTPAuth, *, allow_plain: bool = True, max_values: int = 100_000,
@@ -170,7 +176,15 @@ def create_app(keystore: KeyStore, auth: TTPAuth, *, allow_plain: bool = True, m
                      run: Callable[[Caller, str, list[Any]], list[service.Result]], name: str,
                      value_part: str, echo: bool) -> Response:
         caller = _authenticate(request)
-        params = _parse_parameters(await _read_body(request, max_body))
+        raw = await _read_body(request, max_body)
+        # ~50 bytes per value on the wire: estimate the batch size before parsing it
+        with service.paused_gc(len(raw) // 50):
+            return await _run_batch(caller, raw, operation, allowed, run, name, value_part, echo)
+
+    async def _run_batch(caller: Caller, raw: bytes, operation: str, allowed: Callable[[Caller, str], bool],
+                         run: Callable[[Caller, str, list[Any]], list[service.Result]], name: str,
+                         value_part: str, echo: bool) -> Response:
+        params = _parse_parameters(raw)
         registry = _target(params)
         if not allowed(caller, registry):
             raise _forbidden()

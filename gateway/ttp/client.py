@@ -89,9 +89,10 @@ class HttpTTPClient:
 
     # --- TTPBackend ----------------------------------------------------------------------------------------
     async def pseudonymise(self, registry: str, items: Sequence[PrePseudonym]) -> list[TTPResult]:
-        originals = [service.pre_string(i.type, i.key_version, i.value) for i in items]
-        types = [i.type for i in items]
-        return await self._batched("pseudonymize", registry, originals, types, "pseudonym")
+        with service.paused_gc(len(items)):  # large batches: see service.paused_gc
+            originals = [service.pre_string(i.type, i.key_version, i.value) for i in items]
+            types = [i.type for i in items]
+            return await self._batched("pseudonymize", registry, originals, types, "pseudonym")
 
     async def probe(self) -> None:
         try:
@@ -218,17 +219,22 @@ def _read_answer(answer: dict[str, Any], expected: int, name: str) -> list[Row]:
     """(index, value, error code) per original; TTPUnavailable unless every index is answered exactly once."""
     out: list[Row] = []
     seen = bytearray(expected)
+    value_part = "pseudonym" if name == "pseudonym" else "pre"
     try:
         for p in answer["parameter"]:
             kind = p["name"]
             if kind not in (name, "error"):
                 continue
-            parts = {q["name"]: q for q in p["part"]}
-            index = parts["index"]["valueInteger"]
+            parts = p["part"]
+            first, last = parts[0], parts[-1]
+            if first["name"] != "index" or last["name"] not in (value_part, "code"):
+                parts = {q["name"]: q for q in parts}  # not our TTP's order: look the parts up by name
+                first, last = parts["index"], parts["code" if kind == "error" else value_part]
+            index = first["valueInteger"]
             if kind == "error":
-                out.append((index, None, str(parts["code"]["valueCode"])))
+                out.append((index, None, str(last["valueCode"])))
             else:
-                value = parts["pseudonym" if name == "pseudonym" else "pre"]["valueIdentifier"]["value"]
+                value = last["valueIdentifier"]["value"]
                 if not isinstance(value, str):
                     raise TypeError
                 out.append((index, value, None))

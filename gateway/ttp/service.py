@@ -13,9 +13,11 @@ objects beyond the tuple it returns, reuses one AESSIV per domain version and pr
 
 from __future__ import annotations
 
-import base64
+import binascii
+import contextlib
+import gc
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -39,16 +41,43 @@ PRE_HMAC_LEN = 32  # HMAC-SHA-256 output
 PRE_MRN_MIN, PRE_MRN_MAX = 17, 512  # AES-SIV: 16-byte tag + at least one byte; MRNs are short
 
 _PRE_RE = re.compile(r"([A-Za-z]{1,5}):([1-9][0-9]{0,5}):([A-Za-z0-9_-]{22,700})")
-_STORED_RE = re.compile(r"([A-Za-z]{1,5}):(v[1-9][0-9]{0,5}\.[A-Za-z0-9_-]{22,700})(?::(.{1,128}))?", re.S)
+# Both patterns admit only characters that need no JSON escaping: the app echoes matched values verbatim.
+_STORED_RE = re.compile(
+    r"([A-Za-z]{1,5}):(v[1-9][0-9]{0,5}\.[A-Za-z0-9_-]{22,700})(?::([A-Za-z0-9:._-]{1,128}))?")
 _TYPES = {**{t: t for t in nlps1.TYPES}, **{t.lower(): t for t in nlps1.TYPES},
           "sNGGV": "SNGGV", "sNGG": "SNGG"}
 _AD = {t: [f"NLPS1|{t}".encode("ascii")] for t in nlps1.TYPES if t not in nlps1.REVERSIBLE}
-_PAD = ("", "===", "==", "=")
+_PAD = (b"", b"===", b"==", b"=")
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def _unb64u(text: str) -> bytes:
-    # The regexes above already restrict the alphabet, so decoding cannot silently skip characters.
-    return base64.urlsafe_b64decode(text + _PAD[len(text) % 4])
+    # binascii directly: half the cost of base64.urlsafe_b64decode; strict mode rejects what the regex let by.
+    data = text.encode("ascii").translate(_FROM_URLSAFE)
+    return binascii.a2b_base64(data + _PAD[len(data) % 4], strict_mode=True)
+
+
+def _b64u(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode("ascii")
+
+
+@contextlib.contextmanager
+def paused_gc(size: int, threshold: int = 2_000) -> Iterator[None]:
+    """Pause the cyclic GC while a large batch is parsed, processed and serialised.
+
+    A 100,000-value batch allocates hundreds of thousands of dicts and lists that all survive until the
+    answer is written; the GC would rescan them again and again (measured: 2-3x slower). Nothing built here
+    holds reference cycles, so reference counting frees it all anyway. Re-enabled only if it was on.
+    """
+    if size < threshold or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _mrn_ad(provider: str | None) -> list[bytes] | None:
@@ -62,7 +91,7 @@ def pseudonymise(keys: KeyStore, registry: str, provider: str | None,
     encrypt = dom.siv.encrypt
     prefix = f"v{dom.version}."
     mrn_ad = _mrn_ad(provider)
-    match, types, ad_of, b64enc = _PRE_RE.fullmatch, _TYPES, _AD, base64.urlsafe_b64encode
+    match, types, ad_of, b2a, to_urlsafe = _PRE_RE.fullmatch, _TYPES, _AD, binascii.b2a_base64, _TO_URLSAFE
     out: list[Result] = []
     append = out.append
     for text in originals:
@@ -76,7 +105,7 @@ def pseudonymise(keys: KeyStore, registry: str, provider: str | None,
             continue
         try:
             pre = _unb64u(m.group(3))
-        except ValueError:  # binascii.Error: a length that no base64 text can have
+        except ValueError:  # binascii.Error: a length or padding no base64url text can have
             append((None, INVALID_FORMAT))
             continue
         ad = ad_of.get(ptype)
@@ -91,7 +120,8 @@ def pseudonymise(keys: KeyStore, registry: str, provider: str | None,
         elif len(pre) != PRE_HMAC_LEN:
             append((None, INVALID_LENGTH))
             continue
-        append((prefix + b64enc(encrypt(pre, ad)).rstrip(b"=").decode("ascii"), None))
+        final = b2a(encrypt(pre, ad), newline=False).translate(to_urlsafe).rstrip(b"=")
+        append((prefix + final.decode("ascii"), None))
     return out
 
 
@@ -143,7 +173,7 @@ def depseudonymise(keys: KeyStore, registry: str, provider: str, items: Sequence
         try:
             version, final = nlps1.parse_identifier(m.group(2))
             dom = keys.domain_key(registry, version)
-            out.append((nlps1.b64u(dom.siv.decrypt(final, ad)), None))
+            out.append((_b64u(dom.siv.decrypt(final, ad)), None))
         except KeyStoreError:
             out.append((None, UNUSABLE_VERSION))
         except (nlps1.PseudonymError, InvalidTag, ValueError):
