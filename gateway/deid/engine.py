@@ -239,7 +239,11 @@ def compile_plan(profile: Profile, rules: Rules) -> Plan:
         profile=profile,
         nodes=MappingProxyType(nodes),
         required=MappingProxyType({rtype: types.required.get(rtype, ()) for rtype in nodes}),
-        extension_nodes=MappingProxyType({u: ext_node for u, m in rules.extensions.items() if m == "keep"}),
+        # allowed modifier extensions are walked like kept extensions once the resource is accepted
+        extension_nodes=MappingProxyType(
+            {u: ext_node for u, m in rules.extensions.items() if m == "keep"}
+            | {u: ext_node for u in rules.modifier_extensions}
+        ),
         modifier_ok=rules.modifier_extensions,
         keep_display=profile.switch("free_text.reference_display") == "keep",
         shift_dates=comp.shift,

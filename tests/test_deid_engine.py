@@ -1,0 +1,337 @@
+"""Engine behaviour on small hand-made bundles: references, drops, generalisation, report, provenance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.deid import compile_plan, deidentify, load_rules, scan
+from gateway.deid.profile import profile_from_data, read_yaml
+from gateway.deid.rules import rules_from_data
+from tests.test_deid_support import KEY_A, PROFILES, PROVENANCE, fake_pseudonyms, plan_for, references
+
+BSN_SYSTEM = "http://fhir.nl/fhir/NamingSystem/bsn"
+TEST_BSN = "999911120"  # Nictiz test BSN (passes the 11-proef)
+
+
+def patient(**extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "id": "pat-123",
+        "identifier": [
+            {"system": BSN_SYSTEM, "value": TEST_BSN},
+            {"system": "urn:oid:2.16.840.1.113883.2.4.6.3", "value": "MRN-778899"},
+        ],
+        "name": [{"family": "Kuipers", "given": ["Annemarie"]}],
+        "gender": "female",
+        "birthDate": "1961-08-23",
+        "address": [
+            {
+                "line": ["Kerkstraat 12"],
+                "city": "Zwolle",
+                "postalCode": "8011 AB",
+                "country": "NL",
+                "use": "home",
+            }
+        ],
+        **extra,
+    }
+
+
+def bundle(*entries: tuple[str, dict[str, Any]], btype: str = "transaction") -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": btype,
+        "entry": [{"fullUrl": url, "resource": res} for url, res in entries],
+    }
+
+
+def run(b: dict[str, Any], profile: str = "example-generic", pseudonyms: Any = None) -> Any:
+    return deidentify(
+        b,
+        plan_for(profile),
+        id_key=KEY_A,
+        pseudonyms=fake_pseudonyms(b) if pseudonyms is None else pseudonyms,
+        provenance=PROVENANCE,
+    )
+
+
+def resources(out: dict[str, Any], rtype: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in out["entry"] if e["resource"]["resourceType"] == rtype]
+
+
+def obs(subject: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]},
+        "subject": {"reference": subject, "display": "Kuipers, Annemarie"},
+        **extra,
+    }
+
+
+# ── references ───────────────────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "Patient/pat-123",
+        "http://hospital.example/fhir/Patient/pat-123",
+        "http://hospital.example/fhir/Patient/pat-123/_history/4",
+        "urn:uuid:0f1e2d3c-0000-4000-8000-000000000001",
+        f"Patient?identifier={BSN_SYSTEM}|{TEST_BSN}",
+        f"Patient?identifier={BSN_SYSTEM}%7C{TEST_BSN}",
+        "Patient?identifier=MRN-778899",
+    ],
+)
+def test_every_reference_form_is_rewritten_to_the_patient(ref: str) -> None:
+    b = bundle(("urn:uuid:0f1e2d3c-0000-4000-8000-000000000001", patient()), ("urn:uuid:o1", obs(ref)))
+    out = run(b).bundle
+    (pat,) = resources(out, "Patient")
+    (o,) = resources(out, "Observation")
+    assert o["subject"] == {"reference": "urn:uuid:" + pat["id"]}  # display removed
+    assert TEST_BSN not in orjson.dumps(out).decode()
+    assert "pat-123" not in orjson.dumps(out).decode()
+
+
+def test_unresolvable_conditional_reference_is_dropped_never_passed() -> None:
+    o = obs(
+        "Patient/pat-123",
+        performer=[
+            {"reference": "Practitioner?identifier=http://x.example/big|123456782"},
+            {"reference": f"Patient?identifier={BSN_SYSTEM}|111222333"},
+        ],
+    )
+    b = bundle(("urn:uuid:p", patient()), ("urn:uuid:o", o))
+    result = run(b)
+    (out_obs,) = resources(result.bundle, "Observation")
+    assert "performer" not in out_obs
+    text = orjson.dumps(result.bundle).decode()
+    assert "123456782" not in text and "111222333" not in text
+    assert result.report.references_dropped == 2
+
+
+def test_ambiguous_identifier_resolves_to_nothing() -> None:
+    p2 = patient(id="pat-456")
+    b = bundle(
+        ("urn:uuid:a", patient()), ("urn:uuid:b", p2), ("urn:uuid:o", obs("Patient?identifier=MRN-778899"))
+    )
+    assert resources(run(b).bundle, "Observation")[0].get("subject") is None
+
+
+def test_contained_resources_and_local_references_are_removed() -> None:
+    o = obs(
+        "Patient/pat-123",
+        contained=[{"resourceType": "Practitioner", "id": "c1", "name": [{"family": "Dokter"}]}],
+        performer=[{"reference": "#c1"}],
+    )
+    out = run(bundle(("urn:uuid:p", patient()), ("urn:uuid:o", o))).bundle
+    (out_obs,) = resources(out, "Observation")
+    assert "contained" not in out_obs and "performer" not in out_obs
+    assert "Dokter" not in orjson.dumps(out).decode()
+
+
+def test_reference_to_a_resource_outside_the_bundle_is_dropped_and_required_loss_drops_resource() -> None:
+    cond = {"resourceType": "Condition", "subject": {"reference": "Patient/elsewhere"}, "code": {"text": "x"}}
+    result = run(bundle(("urn:uuid:c", cond), ("urn:uuid:o", obs("Patient/elsewhere"))))
+    assert resources(result.bundle, "Condition") == []  # Condition.subject is required (1..1)
+    assert resources(result.bundle, "Observation")[0].get("subject") is None  # Observation.subject is 0..1
+    assert result.report.dropped["required-element-lost"] == {"Condition": 1}
+
+
+def test_transaction_requests_become_put_with_the_opaque_id() -> None:
+    b = bundle(("urn:uuid:p", patient()))
+    b["entry"][0]["request"] = {
+        "method": "POST",
+        "url": "Patient",
+        "ifNoneExist": f"identifier={BSN_SYSTEM}|{TEST_BSN}",
+    }
+    b["entry"].append({"request": {"method": "DELETE", "url": "Patient/pat-123"}})
+    result = run(b)
+    entries = result.bundle["entry"]
+    assert [e["request"]["method"] for e in entries] == ["PUT", "PUT"]  # patient + provenance
+    assert entries[0]["request"]["url"] == "Patient/" + entries[0]["resource"]["id"]
+    assert result.report.dropped["no-resource"] == {"(none)": 1}
+
+
+# ── drops ────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_unknown_modifier_extension_drops_the_resource_whole() -> None:
+    mod = [{"url": "http://example.org/fhir/StructureDefinition/not-really", "valueBoolean": True}]
+    top = obs("Patient/pat-123", modifierExtension=mod)
+    nested = obs("Patient/pat-123", component=[{"code": {"text": "a"}, "modifierExtension": mod}])
+    result = run(bundle(("urn:uuid:p", patient()), ("urn:uuid:o1", top), ("urn:uuid:o2", nested)))
+    assert resources(result.bundle, "Observation") == []
+    assert result.report.dropped["unknown-modifierExtension"] == {"Observation": 2}
+
+
+def test_allowed_modifier_extension_is_kept() -> None:
+    url = "http://example.org/fhir/StructureDefinition/allowed-modifier"
+    raw = read_yaml(PROFILES.parent / "mappings" / "deid-rules.yaml")
+    raw["modifier_extensions"] = {url: {"method": "keep"}}
+    plan = compile_plan(plan_for("example-generic").profile, rules_from_data(raw))
+    o = obs("Patient/pat-123", modifierExtension=[{"url": url, "valueBoolean": True}])
+    b = bundle(("urn:uuid:p", patient()), ("urn:uuid:o", o))
+    out = deidentify(b, plan, id_key=KEY_A, pseudonyms=fake_pseudonyms(b), provenance=PROVENANCE).bundle
+    assert resources(out, "Observation")[0]["modifierExtension"] == [{"url": url, "valueBoolean": True}]
+
+
+def test_types_not_in_the_profile_and_persons_are_dropped_with_reason() -> None:
+    rp = {
+        "resourceType": "RelatedPerson",
+        "patient": {"reference": "Patient/pat-123"},
+        "name": [{"text": "Kees"}],
+    }
+    claim = {"resourceType": "Claim", "patient": {"reference": "Patient/pat-123"}}
+    result = run(bundle(("urn:uuid:p", patient()), ("urn:uuid:r", rp), ("urn:uuid:c", claim)))
+    assert result.report.dropped["type-not-allowed"] == {"RelatedPerson": 1, "Claim": 1}
+    assert result.report.resources_in == 3 and result.report.resources_kept == 1
+
+
+def test_patient_without_pseudonym_is_not_delivered() -> None:
+    b = bundle(("urn:uuid:p", patient()), ("urn:uuid:o", obs("urn:uuid:p")))
+    result = run(b, pseudonyms={})
+    assert resources(result.bundle, "Patient") == []
+    assert result.report.dropped["no-pseudonym"] == {"Patient": 1}
+    assert "subject" not in resources(result.bundle, "Observation")[0]
+
+
+def test_unknown_extensions_are_dropped_known_ones_kept() -> None:
+    p = patient(
+        extension=[
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
+                "valueAddress": {"city": "Kampen"},
+            },
+            {"url": "http://example.org/secret", "valueString": "Annemarie's nickname"},
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/patient-nationality",
+                "extension": [{"url": "code", "valueCodeableConcept": {"coding": [{"code": "0001"}]}}],
+            },
+        ]
+    )
+    out = run(bundle(("urn:uuid:p", p))).bundle
+    (pat,) = resources(out, "Patient")
+    assert [e["url"] for e in pat["extension"]] == [
+        "http://hl7.org/fhir/StructureDefinition/patient-nationality"
+    ]
+    assert pat["extension"][0]["extension"][0]["url"] == "code"
+
+
+def test_free_text_is_removed() -> None:
+    o = obs(
+        "Patient/pat-123",
+        note=[{"text": "Annemarie belde zelf"}],
+        text={"status": "generated", "div": "<div>Kuipers</div>"},
+        valueString="vrije tekst",
+    )
+    out = run(bundle(("urn:uuid:p", patient()), ("urn:uuid:o", o))).bundle
+    (out_obs,) = resources(out, "Observation")
+    assert not {"note", "text", "valueString"} & set(out_obs)
+
+
+# ── generalisation ─────────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_example_generic_generalises_birthdate_and_postcode() -> None:
+    out = run(bundle(("urn:uuid:p", patient()))).bundle
+    (pat,) = resources(out, "Patient")
+    assert pat["birthDate"] == "1961-08"
+    assert pat["address"] == [{"use": "home", "postalCode": "8011", "country": "NL"}]
+
+
+def test_cancer_registry_shifts_dates_consistently_per_patient() -> None:
+    o = obs(
+        "Patient/pat-123", effectiveDateTime="2024-02-29T10:30:00.000+01:00", issued="2024-03-01T09:00:00Z"
+    )
+    b = bundle(("urn:uuid:p", patient(deceasedDateTime="2024-05-01")), ("urn:uuid:o", o))
+    out = run(b, profile="example-cancer-registry").bundle
+    (pat,) = resources(out, "Patient")
+    (out_obs,) = resources(out, "Observation")
+    assert pat["birthDate"] == "1961"  # year only
+    assert out_obs["effectiveDateTime"] != "2024-02-29T10:30:00.000+01:00"
+    assert out_obs["effectiveDateTime"].endswith("T10:30:00.000+01:00")  # time and precision untouched
+    assert "issued" not in out_obs  # not in that profile's allow-list
+    from datetime import date
+
+    shift = date.fromisoformat(out_obs["effectiveDateTime"][:10]) - date(2024, 2, 29)
+    assert date.fromisoformat(pat["deceasedDateTime"]) - date(2024, 5, 1) == shift
+    assert 1 <= abs(shift.days) <= 30
+
+
+def test_foreign_postcode_is_not_delivered() -> None:
+    p = patient(address=[{"postalCode": "01915", "country": "US"}])
+    (pat,) = resources(run(bundle(("urn:uuid:p", p))).bundle, "Patient")
+    assert pat["address"] == [{"country": "US"}]
+
+
+# ── management information, report, provenance ─────────────────────────────────────────────────────────────
+
+
+def test_aggregated_only_profile_delivers_nothing_person_level() -> None:
+    enc = {
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": {"code": "AMB"},
+        "subject": {"reference": "Patient/pat-123"},
+    }
+    result = run(bundle(("urn:uuid:p", patient()), ("urn:uuid:e", enc)), profile="example-management-info")
+    assert result.bundle["entry"] == []
+    assert result.report.refused == "aggregated-only"
+    assert result.report.dropped["aggregated-only"] == {"Patient": 1, "Encounter": 1}
+
+
+def test_report_holds_counts_not_values() -> None:
+    o = obs("Patient/pat-123", note=[{"text": "Annemarie"}])
+    o["secretKey-Kuipers"] = "Kuipers"
+    result = run(bundle(("urn:uuid:p", patient()), ("urn:uuid:o", o)))
+    text = orjson.dumps(result.report.as_dict()).decode()
+    for value in ("Kuipers", "Annemarie", TEST_BSN, "8011", "Kerkstraat", "pat-123"):
+        assert value not in text
+    removed = result.report.elements_removed
+    assert (
+        removed["Patient.name"] == 1
+        and removed["Reference.display"] == 1
+        and removed["Observation.note"] == 1
+    )
+    assert removed["Observation.(not-allowed)"] == 1
+
+
+def test_provenance_records_the_deidentification() -> None:
+    b = bundle(("urn:uuid:p", patient()), ("urn:uuid:o", obs("urn:uuid:p")))
+    out = run(b).bundle
+    (prov,) = resources(out, "Provenance")
+    delivered = [e["fullUrl"] for e in out["entry"] if e["resource"]["resourceType"] != "Provenance"]
+    assert [t["reference"] for t in prov["target"]] == delivered
+    assert prov["activity"]["coding"][0]["code"] == "pseudonymize"
+    assert prov["recorded"] == PROVENANCE.recorded
+    whos = [a["who"]["display"] for a in prov["agent"]]
+    assert any(PROVENANCE.gateway_version in w for w in whos) and any(PROVENANCE.ttp_name in w for w in whos)
+    assert run(b).bundle["entry"][-1]["resource"]["id"] == prov["id"]  # deterministic
+    assert set(references(out)) <= {e["fullUrl"] for e in out["entry"]}
+
+
+def test_output_passes_the_leak_scan() -> None:
+    b = bundle(("urn:uuid:p", patient()), ("urn:uuid:o", obs("Patient/pat-123")))
+    assert scan(run(b).bundle) == []
+
+
+def test_compile_plan_uses_the_shipped_rules() -> None:
+    plan = compile_plan(plan_for("example-cancer-registry").profile, load_rules())
+    assert set(plan.nodes) == {"Patient", "Condition", "Procedure", "Observation"}
+    assert plan.shift_dates and plan.shift_max_days == 30
+
+
+def test_wrong_json_types_are_dropped_not_copied() -> None:
+    o = obs("Patient/pat-123", status={"nested": "Kuipers"}, category="not-a-list", valueQuantity=[1, 2])
+    out = run(bundle(("urn:uuid:p", patient()), ("urn:uuid:o", o))).bundle
+    assert "Kuipers" not in orjson.dumps(out).decode()
+
+
+def test_profile_data_roundtrip() -> None:
+    raw = read_yaml(PROFILES / "example-generic.yaml")
+    assert profile_from_data(raw).id == "example-generic"
