@@ -263,3 +263,38 @@ def test_cli_list(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "Bundles received (1 in total)" in result.output
     missing = CliRunner().invoke(receiver_cli, ["list", "--data-dir", str(tmp_path / "none")])
     assert missing.exit_code == 1 and not (tmp_path / "none").exists()
+
+
+def test_rekey_through_the_reference_ttp(tmp_path: Path) -> None:
+    """The HTTP adapter against the real TTP ($rotate, then $translate) with the shared rotation vectors."""
+    import json
+
+    from gateway.receiver import ttp_translator
+    from gateway.ttp.app import create_app as create_ttp_app
+    from gateway.ttp.testing import make_test_ttp
+
+    vectors = json.loads((Path(__file__).parent / "vectors" / "pseudonym-vectors.json").read_text())
+    keys, rows = vectors["keys"], vectors["rotation"]
+    ttp = make_test_ttp(
+        tmp_path / "ttp-keys", [keys["registry"]], master=bytes.fromhex(keys["ttp_master_hex"])
+    )
+    with serve(create_ttp_app(ttp.keystore, ttp.auth)) as ttp_base:
+        translate = ttp_translator(
+            ttp_base, ttp.api_keys["registry-holder"], keys["registry"], provider=keys["provider"]
+        )
+        with serve(create_receiver_app(tmp_path / "recv", translate=translate)) as base:
+            idents = [pseudonym(row["type"], row["v1"]) for row in rows]
+            assert post(base, make_bundle(1, identifiers=idents)).status_code == 200
+            rotated = httpx.post(
+                f"{ttp_base}/$rotate",
+                headers=ttp.headers("admin"),
+                json={
+                    "resourceType": "Parameters",
+                    "parameter": [{"name": "target", "valueString": keys["registry"]}],
+                },
+            )
+            assert rotated.status_code == 200
+            result = httpx.post(f"{base}/_rekey", timeout=30).json()
+            assert result == {"patients": 1, "translated": len(rows), "unchanged": 0, "failed": 0}
+            patient = httpx.get(f"{base}/Patient/p1").json()
+    assert [i["value"] for i in patient["identifier"]] == [row["v2"] for row in rows]
