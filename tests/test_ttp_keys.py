@@ -166,3 +166,25 @@ def test_no_values_in_logs(tmp_path, caplog):
     for secret in (nlps1.b64u(pre), result.identifier_value, fixture.api_keys["provider-a"],
                    fixture.keystore.master.hex()):
         assert secret not in logged
+
+
+def test_running_ttp_picks_up_cli_rotation(tmp_path):
+    import asyncio
+
+    from gateway.pseudonym.types import PrePseudonym
+    from gateway.ttp.client import HttpTTPClient
+
+    fixture = make_test_ttp(tmp_path / "k", ["registry-example"])
+    item = PrePseudonym("B", 1, secrets.token_bytes(32))
+
+    async def once(base):
+        async with HttpTTPClient(base, fixture.api_keys["provider-a"]) as client:
+            return (await client.pseudonymise("registry-example", [item]))[0].identifier_value
+
+    with serve(create_app(fixture.keystore, fixture.auth)) as base:
+        assert asyncio.run(once(base)).startswith("v1.")
+        r = runner.invoke(ttp_cli, ["keys", "rotate", "registry-example", "--key-dir", str(tmp_path / "k")])
+        assert r.exit_code == 0
+        assert asyncio.run(once(base)).startswith("v2.")
+        os.chmod(tmp_path / "k" / ks.KEYRING_FILE, 0o644)  # a broken keyring: the previous one stays in force
+        assert asyncio.run(once(base)).startswith("v2.")

@@ -186,6 +186,10 @@ def create_app(keystore: KeyStore, auth: TTPAuth, *, allow_plain: bool = True, m
                          value_part: str, echo: bool) -> Response:
         params = _parse_parameters(raw)
         registry = _target(params)
+        try:
+            keystore.reload_if_changed()
+        except (KeyStoreError, OSError):
+            log.error("TTP keyring reload failed; the previous keyring stays in force")
         if not allowed(caller, registry):
             raise _forbidden()
         if keystore.versions(registry) is None:
@@ -254,9 +258,17 @@ def create_app(keystore: KeyStore, auth: TTPAuth, *, allow_plain: bool = True, m
             raise _forbidden()
         registry = _target(_parse_parameters(await _read_body(request, 64 * 1024)))
         try:
+            keystore.reload_if_changed()  # rotate from the newest keyring, never from a stale copy
+        except (KeyStoreError, OSError):
+            log.error("TTP keyring unreadable; rotation refused")
+            raise FhirError.single(503, "transient", "keyring unavailable; rotation refused") from None
+        if keystore.versions(registry) is None:
+            raise FhirError.single(404, "not-found", "unknown target domain")
+        try:
             version = keystore.rotate(registry)
-        except KeyStoreError:
-            raise FhirError.single(404, "not-found", "unknown target domain") from None
+        except (KeyStoreError, OSError):
+            log.error("TTP keyring write failed; rotation refused")
+            raise FhirError.single(503, "transient", "keyring not writable; rotation refused") from None
         log.info("rotate by %s: %s now at version %d", caller.name, registry, version)
         return _fhir({"resourceType": "Parameters", "parameter": [
             {"name": "target", "valueString": registry}, {"name": "version", "valueInteger": version}]})

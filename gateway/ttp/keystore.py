@@ -143,6 +143,7 @@ class KeyStore:
     domains: dict[str, DomainVersions]
     keyring_path: Path | None = None
     _derived: dict[tuple[str, int], nlps1.DomainKey] = field(default_factory=dict, repr=False)
+    _keyring_mtime: int | None = field(default=None, repr=False)
 
     # --- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -158,9 +159,25 @@ class KeyStore:
         else:
             hpke_raw = _read_hex_file(directory / HPKE_FILE)
         keyring_path = Path(env[ENV_KEYRING]) if env.get(ENV_KEYRING) else directory / KEYRING_FILE
-        _check_private(keyring_path)
-        domains = _parse_keyring(keyring_path.read_bytes(), str(keyring_path))
-        return cls(master, x25519.X25519PrivateKey.from_private_bytes(hpke_raw), domains, keyring_path)
+        store = cls(master, x25519.X25519PrivateKey.from_private_bytes(hpke_raw), {}, keyring_path)
+        store.reload_if_changed()
+        return store
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the keyring when its file changed (``ttp keys rotate`` beside a running TTP).
+
+        One stat() per call, so the app can call it per request. A keyring that became unreadable, malformed
+        or too widely accessible raises KeyStoreError and the previous keyring stays in force.
+        """
+        if self.keyring_path is None:
+            return False
+        _check_private(self.keyring_path)
+        mtime = self.keyring_path.stat().st_mtime_ns
+        if mtime == self._keyring_mtime:
+            return False
+        self.domains = _parse_keyring(self.keyring_path.read_bytes(), str(self.keyring_path))
+        self._keyring_mtime = mtime
+        return True
 
     @classmethod
     def in_memory(cls, master: bytes, domains: Mapping[str, int],
@@ -221,6 +238,7 @@ class KeyStore:
     def _commit(self, domains: dict[str, DomainVersions]) -> None:
         if self.keyring_path is not None:
             _write_private(self.keyring_path, _dump_keyring(domains), exclusive=False)
+            self._keyring_mtime = self.keyring_path.stat().st_mtime_ns
         # Swap the whole mapping: readers in other threads see the old or the new keyring, never a mix.
         self.domains = domains
 
