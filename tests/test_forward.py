@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -199,3 +200,121 @@ def test_verify_is_on_by_default() -> None:
 
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     asyncio.run(client.aclose())
+
+
+def _write_pki(d: Path) -> dict[str, str]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (test keys only)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def issue(subject: str, key, issuer_key, issuer: str, *, ca: bool = False, san=None, usage=None):
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        if usage:
+            b = b.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    paths: dict[str, str] = {}
+
+    def save(label: str, cert, key) -> None:
+        (d / f"{label}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[f"{label}_cert"] = str(d / f"{label}.crt")
+        if key is not None:
+            (d / f"{label}.key").write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            paths[f"{label}_key"] = str(d / f"{label}.key")
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    save("ca", issue("test CA", ca_key, ca_key, "test CA", ca=True), None)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    save(
+        "server",
+        issue(
+            "127.0.0.1",
+            server_key,
+            ca_key,
+            "test CA",
+            san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+            usage=[ExtendedKeyUsageOID.SERVER_AUTH],
+        ),
+        server_key,
+    )
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    save(
+        "client",
+        issue("gateway", client_key, ca_key, "test CA", usage=[ExtendedKeyUsageOID.CLIENT_AUTH]),
+        client_key,
+    )
+    return paths
+
+
+@contextmanager
+def serve_mtls(app, pki: dict[str, str]) -> Iterator[str]:
+    """Like tests.servers.serve, but HTTPS with a required client certificate."""
+    import ssl
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ssl_certfile=pki["server_cert"],
+        ssl_keyfile=pki["server_key"],
+        ssl_ca_certs=pki["ca_cert"],
+        ssl_cert_reqs=ssl.CERT_REQUIRED,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "TLS test server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_mutual_tls_with_a_private_ca(tmp_path: Path) -> None:
+    pki = _write_pki(tmp_path)
+    with serve_mtls(create_receiver_app(tmp_path / "r"), pki) as base:
+        ok = deliver(
+            base, PAYLOAD, auth=MutualTLS(pki["client_cert"], pki["client_key"]), verify=pki["ca_cert"]
+        )
+        assert ok.ok and ok.status == 200
+        no_cert = deliver(base, PAYLOAD, verify=pki["ca_cert"], timeout=5)
+        assert not no_cert.ok and no_cert.status is None and no_cert.retryable
+        untrusted = deliver(base, PAYLOAD, auth=MutualTLS(pki["client_cert"], pki["client_key"]), timeout=5)
+        assert not untrusted.ok and untrusted.status is None  # the private CA is not in the system store
+        assert untrusted.outcome_text.startswith("network error")
