@@ -52,11 +52,14 @@ def fake_pseudonyms(bundle: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """FAKE pseudonym identifiers for every Patient of the bundle, keyed like the pipeline does."""
     out: dict[str, list[dict[str, Any]]] = {}
     for entry in bundle.get("entry", []):
-        res = entry.get("resource") or {}
-        if res.get("resourceType") != "Patient":
+        res = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(res, dict) or res.get("resourceType") != "Patient":
             continue
-        keys = [entry.get("fullUrl")] + ([f"Patient/{res['id']}"] if "id" in res else [])
-        seed = next(k for k in keys if k)
+        keys = [entry.get("fullUrl")] + ([f"Patient/{res['id']}"] if isinstance(res.get("id"), str) else [])
+        keys = [k for k in keys if isinstance(k, str) and k]
+        if not keys:
+            continue
+        seed = keys[0]
         fake = "v1.FAKE-" + hashlib.sha256(seed.encode()).hexdigest()[:16]
         ident = {
             "type": {"coding": [dict(PSEUDED)]},
