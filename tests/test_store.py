@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from collections import Counter
@@ -394,5 +395,6 @@ def test_service_facing_aliases(store: Store) -> None:
         d,
     )
     assert store.add_objection("ura:1", "*", b"\x01" * 32)
-    assert store.objection_lookup("ura:1", "dica", [b"\x01" * 32]) == {"01" * 32}
+    assert asyncio.run(store.objection_lookup("ura:1", "dica", "01" * 32)) is True
+    assert asyncio.run(store.objection_lookup("ura:1", "dica", "02" * 32)) is False
     assert store.withdraw_objection("ura:1", "*", b"\x01" * 32)

@@ -7,6 +7,7 @@ on any driver failure it is rolled back and `StoreUnavailable` is raised, so not
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
@@ -491,7 +492,15 @@ class SqlStore:
     # Names used by the service and the opt-out sources.
     add_objection = optout_add
     withdraw_objection = optout_withdraw
-    objection_lookup = optout_lookup
+
+    async def objection_lookup(self, provider: str, registry: str, digest_hex: str) -> bool | None:
+        """`gateway.optout.register.ObjectionLookup`: True/False, or None when the store cannot answer
+        (the opt-out source then fails closed)."""
+        try:
+            found = await asyncio.to_thread(self.optout_lookup, provider, registry, [digest_hex])
+        except StoreUnavailable:
+            return None
+        return bool(found)
 
     def optout_count(self, provider: str | None = None) -> int:
         where, params = _filters(provider=provider)
