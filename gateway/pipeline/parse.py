@@ -120,8 +120,9 @@ def _loads(body: bytes, start: int) -> Any:
 
 def _dumps_within_depth(value: dict, max_depth: int) -> bytes:
     """Serialise `value` (needed anyway for the duplicate check) and enforce max_depth on the way:
-    orjson.dumps stops at a fixed depth, so `DUMPS_DEPTH_LIMIT - max_depth` one-item lists around the value make it stop at
-    max_depth. All in C, no recursion in Python; the padding adds no colons, so it needs no stripping."""
+    orjson.dumps stops at a fixed depth, so `DUMPS_DEPTH_LIMIT - max_depth` one-item lists around the value
+    make it stop at max_depth. All in C, no recursion in Python; the padding adds no colons, so the output
+    needs no stripping for the colon count."""
     pad = DUMPS_DEPTH_LIMIT - max_depth
     wrapped: Any = value
     for _ in range(pad):

@@ -1,0 +1,39 @@
+"""Opt-out (objection) sources, domain spec §6: decide per patient before anything goes to the TTP.
+
+Sources: `RegisterOptOut` (the gateway's own HMAC-keyed objection register), `BundleConsentOptOut`
+(Consents posted in the Bundle), `EhrConsentSearch` (Consent search on the EHR's FHIR API). Combine them
+with `CombinedOptOut`: any objected → objected, else any unknown → unknown, else allowed. Only `allowed`
+patients are delivered.
+"""
+
+from gateway.optout.base import CombinedOptOut, Decision, OptOutSource, PatientRef, Reason, combine
+from gateway.optout.consent import BundleConsentOptOut, ConsentPolicy, evaluate_consent
+from gateway.optout.ehr import BearerToken, EhrConsentSearch
+from gateway.optout.register import (
+    InMemoryObjectionRegister,
+    ObjectionCsvError,
+    ObjectionLookup,
+    RegisterOptOut,
+    objection_digest,
+    read_objection_csv,
+)
+
+__all__ = [
+    "BearerToken",
+    "BundleConsentOptOut",
+    "CombinedOptOut",
+    "ConsentPolicy",
+    "Decision",
+    "EhrConsentSearch",
+    "InMemoryObjectionRegister",
+    "ObjectionCsvError",
+    "ObjectionLookup",
+    "OptOutSource",
+    "PatientRef",
+    "Reason",
+    "RegisterOptOut",
+    "combine",
+    "evaluate_consent",
+    "objection_digest",
+    "read_objection_csv",
+]
