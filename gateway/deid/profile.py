@@ -36,6 +36,7 @@ FREE_TEXT = {
     "note": {"drop", "keep"},
     "narrative": {"drop"},  # narrative repeats names/BSN (domain 5.5); regenerating it is not implemented
     "reference_display": {"drop", "keep"},
+    "concept_text": {"drop", "keep"},  # CodeableConcept.text: often typed by a clinician, may name people
     "attachment": {"drop", "keep-metadata"},
 }
 PRACTITIONER = {"name": {"drop", "keep"}, "identifier": {"drop", "keep"}, "telecom": {"drop", "keep"}}
@@ -43,7 +44,13 @@ REFERENCES = {"unresolved": {"drop"}}
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "generalise": {"birthDate": "year", "postcode": "pc4", "dates": "keep", "date_shift_max_days": 180},
-    "free_text": {"note": "drop", "narrative": "drop", "reference_display": "drop", "attachment": "drop"},
+    "free_text": {
+        "note": "drop",
+        "narrative": "drop",
+        "reference_display": "drop",
+        "attachment": "drop",
+        "concept_text": "drop",
+    },
     "practitioner": {"name": "drop", "identifier": "drop", "telecom": "drop"},
     "references": {"unresolved": "drop"},
 }

@@ -23,6 +23,7 @@ SWITCHES = {
     "free_text.note",
     "free_text.attachment",
     "free_text.reference_display",
+    "free_text.concept_text",
     "practitioner.name",
     "practitioner.identifier",
     "practitioner.telecom",
