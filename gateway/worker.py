@@ -132,7 +132,7 @@ class OutboxWorker:
         client = self.clients[d.registry]
         started = time.monotonic()
         try:
-            attempt = await client.deliver(d.payload or b"", request_id=d.id)
+            attempt = await self._deliver_leased(client, d)
         except Exception as exc:  # a bug in a client or auth plug-in must not kill the loop
             log.exception("delivery %s: unexpected %s", d.id, type(exc).__name__)
             attempt = Attempt(False, None, True, None, f"internal error: {type(exc).__name__}")
@@ -157,6 +157,24 @@ class OutboxWorker:
             d.attempts,
             "" if recorded else " - lease had expired, result dropped",
         )
+
+    async def _deliver_leased(self, client: RegistryClient, d: Delivery) -> Attempt:
+        """Send, renewing the lease every third of its length while the registry is still answering, so a
+        slow registry does not make another worker send the same bundle again."""
+        task = asyncio.ensure_future(client.deliver(d.payload or b"", request_id=d.id))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.lease_seconds / 3)
+                if done:
+                    return task.result()
+                try:
+                    if not await self.store.extend_lease(d.id, self.owner, self.lease_seconds):
+                        log.warning("delivery %s: lease lost while sending", d.id)
+                except StoreUnavailable:
+                    pass  # the result is fenced by the lease owner when it is recorded
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def _record(self, d: Delivery, attempt: Attempt) -> tuple[str, bool]:
         def audit(event: str, outcome: str, detail: str | None) -> AuditInput:

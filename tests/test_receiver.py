@@ -151,6 +151,16 @@ def test_leak_scan_finding_rejects_the_whole_bundle(receiver: str) -> None:
     assert httpx.get(f"{receiver}/Patient/p1").status_code == 404
 
 
+def test_a_crashing_scanner_refuses_the_bundle(tmp_path: Path) -> None:
+    def broken_scan(bundle: dict[str, Any]) -> list[Any]:
+        raise RuntimeError("scanner bug")
+
+    with serve(create_receiver_app(tmp_path / "r", scan=broken_scan)) as base:
+        r = post(base, make_bundle(1))
+        assert r.status_code == 500 and r.json()["resourceType"] == "OperationOutcome"
+        assert httpx.get(f"{base}/deliveries").json() == []
+
+
 def test_bad_bundles_are_refused_and_nothing_is_stored(receiver: str) -> None:
     assert post(receiver, b"{not json").status_code == 400
     assert post(receiver, {"resourceType": "Patient"}).status_code == 400

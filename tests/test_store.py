@@ -155,6 +155,19 @@ def test_expired_lease_is_reclaimed_and_the_old_owner_is_fenced_off(store: Store
     )
 
 
+def test_lease_can_be_extended_only_by_its_owner(store: Store, clock: FakeClock) -> None:
+    d = put(store, "k")
+    store.claim_batch("w1", 1, lease_seconds=30)
+    clock.now += 20
+    assert store.extend_lease(d, "w1", 30)
+    assert not store.extend_lease(d, "w2", 30)
+    clock.now += 20  # past the first lease, within the renewed one
+    assert store.claim_batch("w2", 1, 30) == []
+    clock.now += 11
+    assert [x.id for x in store.claim_batch("w2", 1, 30)] == [d]
+    assert not store.extend_lease(d, "w1", 30)
+
+
 def test_dead_requeue_get_list_and_provider_scoping(store: Store, clock: FakeClock) -> None:
     d = put(store, "k", provider="ura:1")
     other = put(store, "k", provider="ura:2")

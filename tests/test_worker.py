@@ -297,3 +297,42 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
         full = min(30.0, 2.0 ** (n - 1))
         assert full * 0.5 <= d <= full
     assert max(delays) <= 30.0
+
+
+def test_lease_is_renewed_while_a_slow_registry_answers(receiver: str, store: Store) -> None:
+    httpx.post(f"{receiver}/_faults", json={"status": None, "delay": 1.0})
+    d = enqueue(store, 1)
+
+    async def go() -> list:
+        async with RegistryClient(receiver) as client:
+            worker = OutboxWorker(store, {"dica": client}, owner="slow", backoff=FAST, lease_seconds=0.3)
+            sending = asyncio.create_task(worker.run_once())
+            stolen = []
+            for _ in range(8):  # another worker keeps trying while the first is still sending
+                await asyncio.sleep(0.1)
+                stolen += await asyncio.to_thread(store.claim_batch, "thief", 1, 30)
+            await sending
+            return stolen
+
+    assert asyncio.run(go()) == []
+    done = store.get(d)
+    assert done.status == "delivered" and done.attempts == 1
+    assert accepted(receiver) == {"urn:test:delivery|d-1": 1}
+
+
+def test_logs_and_errors_carry_no_payload(
+    receiver: str, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    httpx.post(f"{receiver}/_faults", json=[{"status": 503}, {"status": 400}])
+    d1, d2 = enqueue(store, 1, patient="secretpatient"), enqueue(store, 2, patient="otherpatient")
+
+    async def go() -> None:
+        async with RegistryClient(receiver) as client:
+            await drain(OutboxWorker(store, {"dica": client}, owner="w1", backoff=FAST), store)
+
+    run(go)
+    text = caplog.text + " ".join(str(store.get(i).last_error) for i in (d1, d2))
+    text += " ".join(str(e.detail) for e in store.list_audit())
+    for marker in ("secretpatient", "otherpatient", "80.1", "weight", "v1.AAAA"):
+        assert marker not in text

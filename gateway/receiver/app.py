@@ -113,7 +113,11 @@ def create_receiver_app(
         except orjson.JSONDecodeError:
             raise FhirError.single(400, "structure", "body is not valid JSON") from None
         if scan is not None and isinstance(bundle, dict):
-            findings = await asyncio.to_thread(scan, bundle)
+            try:
+                findings = await asyncio.to_thread(scan, bundle)
+            except Exception as exc:  # a scanner crash must not let a bundle through: refuse, sender retries
+                log.error("leak scan failed (%s); bundle refused", type(exc).__name__)
+                raise FhirError.single(500, "exception", "leak scan failed; nothing was stored") from None
             if findings:
                 log.warning("bundle rejected by the leak scan: %d finding(s)", len(findings))
                 raise FhirError(422, finding_issues(list(findings)))

@@ -24,6 +24,9 @@ class AsyncStore:
     ) -> list[Delivery]:
         return await asyncio.to_thread(self.sync.claim_batch, owner, limit, lease_seconds, registries)
 
+    async def extend_lease(self, delivery_id: str, owner: str, lease_seconds: float) -> bool:
+        return await asyncio.to_thread(self.sync.extend_lease, delivery_id, owner, lease_seconds)
+
     async def mark_delivered(self, delivery_id: str, owner: str, **kw: Any) -> bool:
         return await asyncio.to_thread(lambda: self.sync.mark_delivered(delivery_id, owner, **kw))
 

@@ -205,6 +205,18 @@ class SqlStore:
         rows.sort(key=lambda r: r[-1])
         return [_delivery(r[:-1]) for r in rows]
 
+    def extend_lease(self, delivery_id: str, owner: str, lease_seconds: float) -> bool:
+        """Keep a long delivery leased (heartbeat); False if the lease already went to another worker."""
+        now = self._clock()
+        with self._tx() as conn:
+            cur = self._q(
+                conn,
+                "UPDATE deliveries SET lease_expires_at = ?, updated_at = ? "
+                "WHERE id = ? AND status = 'delivering' AND lease_owner = ?",
+                (now + lease_seconds, now, delivery_id, owner),
+            )
+            return cur.rowcount == 1
+
     def _finish(
         self,
         delivery_id: str,
