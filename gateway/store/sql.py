@@ -436,29 +436,50 @@ class SqlStore:
 
         Built from the audit trail (counts and pseudonym types only) and the outbox depth.
         """
-        events = self.list_audit(registry=registry, since=since, until=until, limit=10_000_000)
-        delivered = [e for e in events if e.event == "delivered"]
+        where, params = _filters(registry=registry)
+        for clause, value in (("at >= ?", since), ("at < ?", until)):
+            if value is not None:
+                where += " AND " + clause
+                params.append(value)
         totals: dict[str, Any] = {}
-        for e in delivered:
-            _add_counts(totals, e.counts)
-        outcomes: dict[str, int] = {}
-        for e in events:
-            outcomes[e.event] = outcomes.get(e.event, 0) + 1
-        types = sorted({t for e in events for t in e.pseudonym_types})
+        types: set[str] = set()
+        with self._conn() as conn:
+            # Aggregates in SQL; only the small counts JSON of delivered events is summed here, row by row.
+            first, last = self._q(
+                conn, f"SELECT MIN(at), MAX(at) FROM audit_events {where}", params
+            ).fetchone()
+            outcomes = dict(
+                self._q(
+                    conn, f"SELECT event, COUNT(*) FROM audit_events {where} GROUP BY event", params
+                ).fetchall()
+            )
+            providers = [
+                r[0]
+                for r in self._q(
+                    conn, f"SELECT DISTINCT provider FROM audit_events {where}", params
+                ).fetchall()
+            ]
+            for (joined,) in self._q(
+                conn, f"SELECT DISTINCT pseudonym_types FROM audit_events {where}", params
+            ).fetchall():
+                types.update(_types(joined))
+            cur = self._q(
+                conn, f"SELECT counts_json FROM audit_events {where} AND event = 'delivered'", params
+            )
+            while rows := cur.fetchmany(1000):
+                for (counts_json,) in rows:
+                    _add_counts(totals, orjson.loads(counts_json))
         return {
             "registry": registry,
             "recipients": [registry],
             "purpose": "delivery to a quality registry (Wkkgz/Wkz)",
             "categoriesOfData": "pseudonymised health data (FHIR); no direct identifiers",
-            "providers": sorted({e.provider for e in events}),
-            "period": {
-                "first": _iso(min((e.at for e in events), default=None)),
-                "last": _iso(max((e.at for e in events), default=None)),
-            },
-            "events": outcomes,
-            "bundlesDelivered": len(delivered),
+            "providers": sorted(providers),
+            "period": {"first": _iso(first), "last": _iso(last)},
+            "events": {k: int(v) for k, v in outcomes.items()},
+            "bundlesDelivered": int(outcomes.get("delivered", 0)),
             "delivered": totals,
-            "pseudonymTypes": types,
+            "pseudonymTypes": sorted(types),
             "outbox": self.depth(registry),
         }
 
