@@ -15,6 +15,15 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 EHR_BASE = "http://ehr.example.org/fhir"
+# The demo hospital's own patient-number system (configured per provider as `mrn_system`): every hospital
+# patient has one, and the objection register is keyed by it. Public examples that lack it get one here.
+MRN_SYSTEM = "http://ehr.example.org/fhir/NamingSystem/patient-number"
+MR_TYPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
+
+
+def with_hospital_mrn(patient: dict[str, Any], number: str) -> dict[str, Any]:
+    others = [i for i in patient.get("identifier", []) if i.get("system") != MRN_SYSTEM]
+    return {**patient, "identifier": [*others, {"type": MR_TYPE, "system": MRN_SYSTEM, "value": number}]}
 
 
 def _entry(resource: dict[str, Any], method: str = "PUT") -> dict[str, Any]:
@@ -42,6 +51,7 @@ def nictiz_bundle(shared: Path) -> dict[str, Any]:
     folder = shared / "corpus" / "dutch" / "nictiz-zib2024"
     resources = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     resources.sort(key=lambda r: r["resourceType"] != "Patient")  # Patient first, for the reader's eye
+    resources[0] = with_hospital_mrn(resources[0], "NICTIZ-ALT-0001")
     return _bundle("nictiz-zib2024-alt-1", resources)
 
 
@@ -98,7 +108,11 @@ def opted_out_bundle(shared: Path) -> dict[str, Any]:
 
 def synthea_bundle(shared: Path) -> dict[str, Any]:
     path = shared / "corpus" / "synthea" / "smart-generated-sample-data-r4"
-    return json.loads((path / "Clemente_Kreiger_1484a42d-0eaf-4654-9cbf-6b050a5cd73b.json").read_text())
+    bundle = json.loads((path / "Clemente_Kreiger_1484a42d-0eaf-4654-9cbf-6b050a5cd73b.json").read_text())
+    for entry in bundle["entry"]:
+        if entry["resource"]["resourceType"] == "Patient":
+            entry["resource"] = with_hospital_mrn(entry["resource"], "SYN-000001484")
+    return bundle
 
 
 def main() -> None:

@@ -1,12 +1,40 @@
-"""The `fhir-gateway` command line."""
+"""The `fhir-gateway` command line.
+
+Each command imports what it needs when it runs, so `fhir-gateway --help` stays fast and one broken
+optional part cannot take the whole command line down.
+"""
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from gateway import __version__
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="FHIR delivery gateway (pseudonymisation at the source).")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="FHIR delivery gateway: validate, opt-out, pseudonymise, de-identify and forward to registries.")
+keys_app = typer.Typer(no_args_is_help=True, help="The gateway's own keys (source key, provider MRN keys, secret).")
+clients_app = typer.Typer(no_args_is_help=True, help="EHR client credentials.")
+profiles_app = typer.Typer(no_args_is_help=True, help="Registry delivery profiles.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(clients_app, name="clients")
+app.add_typer(profiles_app, name="profiles")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _mount_subcommands() -> None:
+    """Sub-apps owned by their packages (TTP, receiver, deliveries, objections)."""
+    from gateway.receiver.commands import app as receiver_app
+    from gateway.ttp.commands import app as ttp_app
+
+    app.add_typer(ttp_app, name="ttp", help="The reference TTP: serve, keys, check.")
+    app.add_typer(receiver_app, name="receiver", help="A registry-side receiver for testers and registry holders.")
 
 
 @app.callback()
@@ -18,6 +46,149 @@ def main() -> None:
 def version() -> None:
     """Print the gateway version."""
     typer.echo(__version__)
+
+
+@app.command()
+def serve(
+    config: Path = typer.Option(Path("gateway.yaml"), "--config", "-c", envvar="FHIR_GATEWAY_CONFIG"),
+    host: str = typer.Option(None, envvar="FHIR_GATEWAY_HOST"),
+    port: int = typer.Option(None, envvar="FHIR_GATEWAY_PORT"),
+) -> None:
+    """Run the gateway service (ingest, admin API and the outbox worker) under uvicorn."""
+    import uvicorn
+
+    from gateway.bootstrap import startup_runtime
+    from gateway.service.app import create_app
+    from gateway.service.logs import configure
+
+    runtime, settings = startup_runtime(config, fail=_fail)
+    configure(settings.log_level)
+    uvicorn.run(create_app(runtime), host=host or settings.host, port=port or settings.port,
+                log_config=None, timeout_graceful_shutdown=30)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[red]fhir-gateway: {message}[/red]")
+    raise typer.Exit(2)
+
+
+@app.command()
+def demo(
+    examples: Path = typer.Option(Path("examples"), help="folder of example bundles to replay"),
+    registry: str = typer.Option("example-generic", help="registry (delivery profile) to deliver to"),
+    work_dir: Path = typer.Option(None, help="where keys, the store and the receiver's data go (default: temp)"),
+) -> None:
+    """Start the embedded chain (reference TTP, receiver, gateway on SQLite), replay the examples, show the result."""
+    from gateway.demo import run_demo
+
+    raise typer.Exit(run_demo(examples, registry=registry, work_dir=work_dir, console=console))
+
+
+@app.command()
+def replay(
+    paths: list[Path] = typer.Argument(..., help="bundle (.json) or NDJSON files, or folders of them"),
+    to: str = typer.Option(..., "--to", help="base URL of the gateway"),
+    registry: str = typer.Option(..., "--registry"),
+    api_key: str = typer.Option(..., "--api-key", envvar="FHIR_GATEWAY_API_KEY"),
+    respond_async: bool = typer.Option(False, "--async", help="Prefer: respond-async"),
+) -> None:
+    """Post example bundles or NDJSON exports to a running gateway and print a table of results."""
+    from rich.progress import Progress
+
+    from gateway.replay import expand, replay as do_replay
+
+    files = expand(paths)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("replaying", total=len(files))
+        results = do_replay(files, base_url=to, registry=registry, api_key=api_key, respond_async=respond_async,
+                            on_done=lambda _: progress.advance(task))
+    console.print(results_table(results))
+    if any(r.status >= 400 or r.status == 0 for r in results):
+        raise typer.Exit(1)
+
+
+def results_table(results) -> Table:
+    table = Table(title="Replay results")
+    for col in ("file", "HTTP", "outcome", "delivery", "detail"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.file, str(r.status), r.outcome, r.delivery or "-", r.detail)
+    return table
+
+
+@app.command()
+def deidentify(
+    bundles: list[Path] = typer.Argument(..., help="FHIR Bundle or single-resource JSON files"),
+    registry: str = typer.Option(..., "--registry"),
+    out: Path = typer.Option(None, "--out", help="write <name>.deid.json files here (default: stdout)"),
+    config: Path = typer.Option(None, "--config", "-c", envvar="FHIR_GATEWAY_CONFIG",
+                                help="gateway config; without it an embedded TTP with fresh keys is used"),
+) -> None:
+    """The offline path: validate, opt-out, pseudonymise and de-identify files; print a summary per file."""
+    from gateway.offline import run_deidentify
+
+    raise typer.Exit(run_deidentify(bundles, registry=registry, out=out, config=config, console=console))
+
+
+@app.command()
+def selftest(vectors: Path = typer.Option(..., "--vectors", exists=True, dir_okay=False)) -> None:
+    """Check this NLPS1 implementation against a vectors file; exit 1 naming each case and type that differs."""
+    from gateway.pseudonym.commands import selftest as run
+
+    run(vectors)
+
+
+@app.command()
+def scan(files: list[Path] = typer.Argument(..., help="FHIR JSON files to scan for direct identifiers")) -> None:
+    """Scan FHIR files for direct identifiers (BSN, ...); exit 1 on a finding. Findings name paths, not values."""
+    from gateway.deid.commands import scan as run
+
+    run(files)
+
+
+@profiles_app.command("check")
+def profiles_check(directory: Path = typer.Argument(None, help="profiles folder (default: the shipped one)")) -> None:
+    """Validate every delivery profile; exit 1 on a problem."""
+    from gateway.deid.commands import profiles_check as run
+
+    run(directory)
+
+
+@keys_app.command("init")
+def keys_init(
+    key_dir: Path = typer.Option(Path("var/keys"), envvar="FHIR_GATEWAY_KEY_DIR"),
+    provider: list[str] = typer.Option([], "--provider", help="provider id (AGB/URA) to create an MRN key for"),
+) -> None:
+    """Create missing key files (mode 0600). Existing keys are never overwritten."""
+    from gateway.keys import init_keys
+
+    for path in init_keys(key_dir, provider):
+        console.print(f"created {path}")
+
+
+@keys_app.command("list")
+def keys_list(key_dir: Path = typer.Option(Path("var/keys"), envvar="FHIR_GATEWAY_KEY_DIR")) -> None:
+    """List key files (names only, never content)."""
+    from gateway.keys import list_keys
+
+    for name in list_keys(key_dir):
+        console.print(name)
+
+
+@clients_app.command("new-key")
+def clients_new_key() -> None:
+    """Make a new API key: prints the key once (give it to the EHR) and its SHA-256 for gateway.yaml."""
+    from gateway.service.auth import hash_api_key
+
+    key = secrets.token_urlsafe(32)
+    console.print(f"API key (shown once): {key}")
+    console.print(f"api_key_sha256: {hash_api_key(key)}")
+
+
+try:
+    _mount_subcommands()
+except ImportError:  # a partial installation still gets the rest of the command line
+    pass
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ class ProviderConfig(_Strict):
     id: str = Field(description="AGB or URA code, e.g. 'ura:00000000'")
     name: str = ""
     mrn_system: str | None = Field(None, description="identifier.system of the provider's own patient number")
+    ttp_api_key_env: str | None = Field(
+        None, description="environment variable with this provider's TTP API key (default: ttp.api_key_env)"
+    )
 
 
 class ClientConfig(_Strict):

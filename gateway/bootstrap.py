@@ -1,0 +1,43 @@
+"""Start-up: configuration, profiles, keys and the TTP checked in order, each failing with one clear line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from gateway.config import GatewayConfig, ProviderConfig, Settings, TTPConfig, load_config, secret_from_env
+from gateway.runtime import Runtime, build_runtime
+from gateway.ttp.backend import TTPBackend
+
+
+def ttp_backend(ttp: TTPConfig, provider: ProviderConfig, embedded_key_dir: Path) -> tuple[TTPBackend, str]:
+    """The configured TTP for one provider: the reference TTP over HTTP, or the embedded one."""
+    if ttp.url == "embedded":
+        from gateway.ttp.embedded import EmbeddedTTP
+        from gateway.ttp.keystore import KeyStore
+
+        return EmbeddedTTP(KeyStore.load(embedded_key_dir), provider=provider.id), "embedded-reference-ttp"
+    from gateway.ttp.client import HttpTTPClient
+
+    api_key = secret_from_env(provider.ttp_api_key_env or ttp.api_key_env) or ""
+    client = HttpTTPClient(ttp.url, api_key, timeout=ttp.timeout_seconds, max_concurrency=ttp.max_concurrency,
+                           max_batch=ttp.max_batch, verify=ttp.ca_bundle or True)
+    return client, ttp.url
+
+
+def startup_runtime(config_path: Path, fail: Callable[[str], NoReturn],
+                    settings: Settings | None = None) -> tuple[Runtime, Settings]:
+    settings = settings or Settings(config=config_path)
+    try:
+        config: GatewayConfig = load_config(config_path or settings.config)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        ttps = {p.id: ttp_backend(config.ttp, p, settings.key_dir.parent / "ttp-keys") for p in config.providers}
+    except Exception as exc:  # noqa: BLE001 - one line for the operator, never a traceback
+        fail(f"TTP: {exc}")
+    try:
+        return build_runtime(config, settings, ttps=ttps), settings
+    except Exception as exc:  # noqa: BLE001
+        fail(f"start-up: {exc}")

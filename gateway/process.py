@@ -1,0 +1,215 @@
+"""The chain for one bundle: validate → opt-out → pseudonymise → de-identify → leak gate.
+
+Plain data in, plain data out; the I/O (TTP, opt-out sources) sits behind interfaces passed in. The HTTP
+service, the offline `deidentify` command, bulk delivery and the benchmarks all run this one function.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway import __version__
+from gateway.deid.engine import Plan, ProvenanceInfo, deidentify
+from gateway.deid.leakscan import scan, sensitive_values
+from gateway.optout import BundleConsentOptOut, CombinedOptOut, Decision, OptOutSource, PatientRef
+from gateway.outcome import FhirError, Issue
+from gateway.pipeline.validate import (
+    BundleIndex,
+    PatientEntry,
+    SchemaValidator,
+    resources_of_patient,
+    validate_bundle,
+)
+from gateway.pseudonym.mapping import InputMapping
+from gateway.pseudonym.source import SourceStage
+from gateway.pseudonymise import pseudonymise_patients
+from gateway.ttp.backend import TTPBackend
+
+
+@dataclass(frozen=True)
+class RegistryChain:
+    """Everything one registry's deliveries need, compiled once at start-up."""
+
+    registry: str
+    plan: Plan
+    types: tuple[str, ...]
+    optout: tuple[OptOutSource, ...]  # sources that answer independently of the posted bundle
+    id_key: bytes
+    bundle_consent: bool = True  # also read Consent resources posted in the bundle
+    identifier_system: str = "urn:nlps1:{registry}:{type}"
+    require_patient: bool = True
+
+
+@dataclass(frozen=True)
+class ProviderChain:
+    provider: str
+    source: SourceStage
+    mrn_system: str | None
+    ttp: TTPBackend  # authenticated as this provider: the TTP binds the MRN layer to it
+    ttp_name: str = "reference-ttp"
+
+
+@dataclass
+class Processed:
+    bundle: dict[str, Any] | None  # None: nothing left to deliver (every patient opted out)
+    report: dict[str, Any] = field(default_factory=dict)
+    patient_keys: list[str] = field(default_factory=list)  # opaque, pseudonymous ordering keys
+
+
+async def process_bundle(
+    bundle: dict[str, Any],
+    *,
+    registry: RegistryChain,
+    provider: ProviderChain,
+    validator: SchemaValidator,
+    mapping: InputMapping,
+    recorded: str | None = None,
+) -> Processed:
+    """`recorded` (a FHIR instant) goes into the Provenance; by default the current time."""
+    if not registry.plan.profile.person_level:
+        # checked before anything else: no patient of this bundle may reach the TTP for such a registry
+        raise FhirError.single(422, "business-rule", "this registry's profile allows aggregated data only; "
+                               "person-level delivery is refused", "registry")
+    index = validate_bundle(bundle, validator, require_patient=registry.require_patient)
+    decisions = await _check_optout(bundle, index, registry, provider)
+    admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
+    dropped = _dropped_entries(index, decisions)
+    report: dict[str, Any] = {
+        "patients": len(decisions),
+        "patientsDroppedOptOut": sum(1 for d in decisions.values() if d.status == "objected"),
+        "patientsDroppedUnknownOptOut": sum(1 for d in decisions.values() if d.status == "unknown"),
+        "optOutReasons": dict(Counter(d.reason for d in decisions.values() if d.status != "allowed")),
+        "resourcesIn": len(bundle.get("entry") or []),
+        "resourcesDroppedOptOut": len(dropped),
+    }
+    if decisions and not admitted:
+        return Processed(None, report)
+    kept_input = _without_entries(bundle, dropped)
+    pseudonyms = await pseudonymise_patients(
+        admitted,
+        registry=registry.registry,
+        types=registry.types,
+        mapping=mapping,
+        source=provider.source,
+        mrn_system=provider.mrn_system,
+        ttp=provider.ttp,
+        system_template=registry.identifier_system,
+    )
+    unlinkable = [p for p in index.patients if patient_key(p) in admitted
+                  and not pseudonyms.identifiers.get(patient_key(p))]
+    if unlinkable:
+        # a patient without any pseudonym cannot be linked by the registry: deliver none of their data
+        dropped_no_pseudonym = set().union(*(resources_of_patient(index, p) for p in unlinkable))
+        kept_input = _without_entries(bundle, dropped | dropped_no_pseudonym)
+        report["patientsDroppedNoPseudonym"] = len(unlinkable)
+        report["resourcesDroppedNoPseudonym"] = len(dropped_no_pseudonym - dropped)
+        if len(unlinkable) == len(admitted):
+            report["pseudonymsSkipped"] = dict(pseudonyms.skipped)
+            return Processed(None, report)
+    result = deidentify(
+        kept_input,
+        registry.plan,
+        id_key=registry.id_key,
+        pseudonyms=_by_every_reference(pseudonyms.identifiers, index),
+        provenance=ProvenanceInfo(gateway_version=__version__, recorded=recorded or _now(),
+                                  ttp_name=provider.ttp_name),
+    )
+    _leak_gate(result.bundle, kept_input, registry.plan.practitioner_kept)
+    report |= {
+        "pseudonymTypes": dict(pseudonyms.types_added),
+        "pseudonymsSkipped": dict(pseudonyms.skipped),
+        "deidentification": result.report.as_dict(),
+    }
+    return Processed(result.bundle, report, _patient_keys(result.bundle))
+
+
+def patient_key(patient: PatientEntry) -> str:
+    """How a Patient is known through the stages: its fullUrl, else `Patient/<id>`, else its entry."""
+    if patient.full_url:
+        return patient.full_url
+    rid = patient.resource.get("id")
+    return f"Patient/{rid}" if isinstance(rid, str) else f"Bundle.entry[{patient.index}]"
+
+
+def _patients(index: BundleIndex) -> dict[str, dict[str, Any]]:
+    return {patient_key(p): p.resource for p in index.patients}
+
+
+async def _check_optout(bundle: dict[str, Any], index: BundleIndex, registry: RegistryChain,
+                        provider: ProviderChain) -> dict[str, Decision]:
+    refs = [
+        PatientRef(key=patient_key(p), resource=p.resource, mrn=_mrn(p.resource, provider.mrn_system),
+                   provider=provider.provider, registry=registry.registry)
+        for p in index.patients
+    ]
+    sources = list(registry.optout)
+    if registry.bundle_consent:
+        sources.append(BundleConsentOptOut.from_bundle(bundle))
+    if not sources:  # a registry without any opt-out source cannot deliver: fail closed
+        return {r.key: Decision("unknown", "no-optout-source") for r in refs}
+    try:
+        decisions = await CombinedOptOut(sources).check(refs) if refs else {}
+    except Exception:  # a source that cannot answer must not deliver anything: fail closed
+        decisions = {}
+    return {r.key: decisions.get(r.key) or Decision("unknown", "optout-source-error") for r in refs}
+
+
+def _mrn(patient: dict[str, Any], system: str | None) -> str | None:
+    for ident in patient.get("identifier") or []:
+        if isinstance(ident, dict) and system and ident.get("system") == system:
+            value = ident.get("value")
+            return value.strip() if isinstance(value, str) else None
+    return None
+
+
+def _dropped_entries(index: BundleIndex, decisions: Mapping[str, Decision]) -> set[int]:
+    dropped: set[int] = set()
+    for patient in index.patients:
+        if decisions[patient_key(patient)].status != "allowed":
+            dropped |= resources_of_patient(index, patient)
+    return dropped
+
+
+def _without_entries(bundle: dict[str, Any], dropped: set[int]) -> dict[str, Any]:
+    if not dropped:
+        return bundle
+    entries = [e for i, e in enumerate(bundle.get("entry") or []) if i not in dropped]
+    return {**bundle, "entry": entries}
+
+
+def _by_every_reference(identifiers: Mapping[str, list[dict[str, Any]]], index: BundleIndex) -> dict[str, list]:
+    """The engine looks pseudonyms up by fullUrl and by `Patient/<id>`; offer both."""
+    out: dict[str, list] = {}
+    for patient in index.patients:
+        key = patient_key(patient)
+        idents = identifiers.get(key, [])
+        out[key] = idents
+        rid = patient.resource.get("id")
+        if isinstance(rid, str):
+            out[f"Patient/{rid}"] = idents
+    return out
+
+
+def _leak_gate(output: dict[str, Any], kept_input: dict[str, Any], practitioner_kept: tuple[str, ...]) -> None:
+    """After rewriting and before anything leaves: a hit blocks the delivery, naming the path, not the value."""
+    findings = scan(output, sensitive_values(kept_input, practitioner_kept=practitioner_kept))
+    if findings:
+        issues = [Issue("security", f"direct identifier ({f.kind}) left after de-identification", (f.path,))
+                  for f in findings[:50]]
+        raise FhirError(422, issues)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _patient_keys(bundle: dict[str, Any]) -> list[str]:
+    return [
+        f"Patient/{e['resource']['id']}"
+        for e in bundle.get("entry") or []
+        if isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") == "Patient"
+    ]

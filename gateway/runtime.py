@@ -1,0 +1,241 @@
+"""The running gateway: configuration turned into compiled chains, a store, a TTP client and a worker.
+
+Built once at start-up (`build_runtime`); everything that needs I/O hangs off this object, so the stages
+themselves stay plain functions and there is no global state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway import __version__
+from gateway.config import GatewayConfig, RegistryConfig, Settings, secret_from_env
+from gateway.deid.engine import compile_plan
+from gateway.deid.profile import Profile, load_profiles
+from gateway.deid.rules import load_rules
+from gateway.forward import RegistryClient, auth_from_config
+from gateway.keys import GatewayKeys, load_keys
+from gateway.metrics import GatewayMetrics
+from gateway.optout import EhrConsentSearch, OptOutSource, RegisterOptOut, objection_digest
+from gateway.pipeline.validate import SchemaValidator
+from gateway.process import ProviderChain, RegistryChain, process_bundle
+from gateway.pseudonym.mapping import InputMapping, load_input_mapping
+from gateway.pseudonym.source import SourceStage
+from gateway.service.auth import Authenticator, Caller
+from gateway.store import AuditInput, Store, open_store
+from gateway.ttp.backend import TTPBackend
+from gateway.worker import OutboxWorker
+
+log = logging.getLogger("gateway.runtime")
+
+DELIVERY_SYSTEM = "urn:fhir-gateway:delivery"
+SCHEMA_PATH = Path(__file__).parent / "data" / "fhir-r4.schema.json"
+
+
+@dataclass
+class Accepted:
+    delivery_id: str | None
+    report: dict[str, Any]
+    created: bool = True
+
+
+@dataclass
+class Runtime:
+    config: GatewayConfig
+    settings: Settings
+    keys: GatewayKeys
+    store: Store
+    validator: SchemaValidator
+    mapping: InputMapping
+    profiles: dict[str, Profile]
+    registries: dict[str, RegistryChain]
+    providers: dict[str, ProviderChain]
+    forwarders: dict[str, RegistryClient]
+    metrics: GatewayMetrics
+    version: str = __version__
+    authenticator: Authenticator = field(init=False)
+    _worker: OutboxWorker | None = field(default=None, init=False)
+    _worker_task: asyncio.Task | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.authenticator = Authenticator(self.config)
+
+    # -- life cycle -------------------------------------------------------------------------------------
+    async def start(self, *, run_worker: bool = True) -> None:
+        for provider in self.providers.values():
+            await provider.ttp.probe()
+        if run_worker:
+            self._worker = OutboxWorker(self.store, self.forwarders, poll_interval=self.settings.worker_poll_seconds,
+                                        concurrency=self.settings.worker_concurrency, metrics=self.metrics)
+            self._worker_task = asyncio.create_task(self._worker.run())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            await self._worker.stop()
+        if self._worker_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker_task
+        for client in self.forwarders.values():
+            await client.aclose()
+        for provider in self.providers.values():
+            aclose = getattr(provider.ttp, "aclose", None)  # an in-process TTP holds no connections
+            if aclose is not None:
+                await aclose()
+
+    async def readiness(self) -> list[str]:
+        problems = []
+        try:
+            await asyncio.to_thread(self.store.depth)
+        except Exception:
+            problems.append("store")
+        for name, provider in self.providers.items():
+            try:
+                await provider.ttp.probe()
+            except Exception:
+                problems.append(f"ttp:{name}")
+        return problems
+
+    # -- deliveries -------------------------------------------------------------------------------------
+    async def accept_bundle(self, bundle: dict[str, Any], *, caller: Caller, registry: str,
+                            idempotency_key: str | None, body_digest: str) -> Accepted:
+        """Run the chain and commit the pseudonymised result to the outbox; only then is it accepted.
+
+        Idempotency: the `Idempotency-Key` header, else `Bundle.identifier`, else the body's digest; each
+        stored only as a keyed hash (with sender's provider and registry), so a re-post is one delivery.
+        """
+        provider = caller.provider or ""
+        key = self._idempotency(provider, registry, idempotency_key or _bundle_identifier(bundle) or body_digest)
+        # cheap look-up first: a re-post costs no TTP round trip
+        existing = await asyncio.to_thread(self.store.find_by_idempotency, provider, registry, key)
+        if existing is not None:
+            self.metrics.bundles.labels(outcome="duplicate").inc()
+            return Accepted(existing.id, {"duplicate": True}, created=False)
+        processed = await process_bundle(
+            bundle, registry=self.registries[registry], provider=self.providers[provider],
+            validator=self.validator, mapping=self.mapping,
+        )
+        if processed.bundle is None:
+            self.metrics.bundles.labels(outcome="nothing-to-deliver").inc()
+            await asyncio.to_thread(self.store.record_audit,
+                                    _audit(caller, registry, "nothing-to-deliver", processed.report))
+            return Accepted(None, processed.report)
+        # a stable identifier lets the registry (and our receiver) recognise a re-sent delivery
+        processed.bundle["identifier"] = {"system": DELIVERY_SYSTEM, "value": key[:32]}
+        payload = orjson.dumps(processed.bundle)
+        delivery_id, created = await asyncio.to_thread(
+            self.store.enqueue, provider=provider, client=caller.client_id, registry=registry,
+            idempotency_key=key, payload=payload,
+            patient_order_key=processed.patient_keys[0] if processed.patient_keys else None,
+            counts=_counts(processed.report), pseudonym_types=sorted(processed.report.get("pseudonymTypes") or {}),
+            audit=_audit(caller, registry, "accepted", processed.report),
+        )
+        self.metrics.bundles.labels(outcome="accepted" if created else "duplicate").inc()
+        return Accepted(delivery_id, processed.report, created)
+
+    def _idempotency(self, provider: str, registry: str, key: str) -> str:
+        msg = f"{provider}|{registry}|{key}".encode()
+        return hmac.new(self.keys.idempotency_key(), msg, hashlib.sha256).hexdigest()
+
+    async def wait_for(self, delivery_id: str, timeout: float) -> Any:
+        deadline = asyncio.get_running_loop().time() + timeout
+        delay = 0.02
+        while True:
+            d = await asyncio.to_thread(self.store.get, delivery_id)
+            if d is None or d.status in ("delivered", "dead"):
+                return d
+            if asyncio.get_running_loop().time() > deadline:
+                return d
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    # -- objection register -----------------------------------------------------------------------------
+    async def objections_add(self, caller: Caller, patient_number: str, registry: str) -> None:
+        digest = objection_digest(self.keys.objection_key(), caller.provider or "", patient_number)
+        await asyncio.to_thread(self.store.optout_add, caller.provider or "", registry, digest)
+
+    async def objections_withdraw(self, caller: Caller, patient_number: str, registry: str) -> None:
+        digest = objection_digest(self.keys.objection_key(), caller.provider or "", patient_number)
+        await asyncio.to_thread(self.store.optout_withdraw, caller.provider or "", registry, digest)
+
+    def processing_context(self, registry: str) -> dict[str, Any]:
+        profile = self.profiles[self.config.registries[registry].profile]
+        return {"purpose": profile.purpose, "legalBasis": profile.legal_basis,
+                "pseudonymTypes": list(profile.pseudonym_types), "recipient": profile.name}
+
+
+def _bundle_identifier(bundle: dict[str, Any]) -> str | None:
+    ident = bundle.get("identifier")
+    if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+        return f"{ident.get('system', '')}|{ident['value']}"
+    return None
+
+
+def _counts(report: dict[str, Any]) -> dict[str, Any]:
+    """Counts only: what the outbox row and the audit trail keep of a delivery."""
+    deid = report.get("deidentification") or {}
+    keys = ("patients", "patientsDroppedOptOut", "patientsDroppedUnknownOptOut", "patientsDroppedNoPseudonym",
+            "resourcesIn", "resourcesDroppedOptOut", "resourcesDroppedNoPseudonym")
+    return {k: report[k] for k in keys if k in report} | {
+        "resourcesDelivered": deid.get("resourcesKept"), "dropped": deid.get("dropped")}
+
+
+def _audit(caller: Caller, registry: str, outcome: str, report: dict[str, Any]) -> AuditInput:
+    return AuditInput(actor=caller.client_id, provider=caller.provider or "", registry=registry, event="accepted"
+                      if outcome == "accepted" else "received", outcome=outcome, counts=_counts(report),
+                      pseudonym_types=tuple(sorted(report.get("pseudonymTypes") or {})))
+
+
+# -- building -------------------------------------------------------------------------------------------
+def build_runtime(config: GatewayConfig, settings: Settings, *, ttps: dict[str, tuple[TTPBackend, str]],
+                  store: Store | None = None) -> Runtime:
+    """`ttps` maps each provider id to its TTP backend (authenticated as that provider) and a display name."""
+    keys = load_keys(settings.key_dir, [p.id for p in config.providers])
+    store = store or open_store(settings.store_url)
+    profiles = load_profiles(Path(config.profiles_dir))
+    rules = load_rules()
+    registries = {name: _registry_chain(name, reg, profiles, rules, keys, store)
+                  for name, reg in config.registries.items()}
+    providers = {
+        p.id: ProviderChain(p.id, SourceStage(keys.source_keys, keys.source_version, keys.provider_mrn.get(p.id),
+                                              p.id), p.mrn_system, ttps[p.id][0], ttps[p.id][1])
+        for p in config.providers
+    }
+    forwarders = {name: RegistryClient(reg.endpoint, auth=auth_from_config(reg.auth, secret_from_env),
+                                       timeout=reg.timeout_seconds, verify=reg.ca_bundle or True)
+                  for name, reg in config.registries.items()}
+    return Runtime(config=config, settings=settings, keys=keys, store=store, validator=SchemaValidator.from_file(SCHEMA_PATH), mapping=load_input_mapping(),
+                   profiles=profiles, registries=registries, providers=providers, forwarders=forwarders,
+                   metrics=GatewayMetrics.create())
+
+
+def _registry_chain(name: str, reg: RegistryConfig, profiles: dict[str, Profile], rules: Any, keys: GatewayKeys,
+                    store: Store) -> RegistryChain:
+    if reg.profile not in profiles:
+        raise ValueError(f"registry {name}: profile {reg.profile!r} not found")
+    profile = profiles[reg.profile]
+    return RegistryChain(
+        registry=name, plan=compile_plan(profile, rules), types=tuple(profile.pseudonym_types),
+        optout=_optout(reg, keys, store), bundle_consent="bundle-consent" in reg.optout, id_key=keys.id_key(name),
+        identifier_system=reg.identifier_system,
+    )
+
+
+def _optout(reg: RegistryConfig, keys: GatewayKeys, store: Store) -> tuple[OptOutSource, ...]:
+    """The bundle-independent sources; Consents in the posted bundle are read per bundle."""
+    sources: list[OptOutSource] = []
+    if "register" in reg.optout:
+        sources.append(RegisterOptOut(store.objection_lookup, keys.objection_key()))
+    if "ehr-consent" in reg.optout:
+        if not reg.ehr_consent_url:
+            raise ValueError("ehr-consent opt-out needs ehr_consent_url")
+        sources.append(EhrConsentSearch(reg.ehr_consent_url))
+    return tuple(sources)

@@ -1,0 +1,244 @@
+"""The gateway's HTTP service: EHRs post bundles here; the outbox worker forwards them to the registries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.outcome import FhirError
+from gateway.pipeline.parse import parse_json
+from gateway.runtime import Runtime
+from gateway.service import errors
+from gateway.service.auth import Caller, require_admin, require_registry
+from gateway.service.body import check_content_type, read_limited
+from gateway.service.capability import capability_statement
+from gateway.service.logs import request_id
+from gateway.service.responses import fhir_response
+from gateway.service.summary import delivery_parameters
+from gateway.store import StoreUnavailable
+from gateway.ttp.backend import TTPUnavailable
+
+log = logging.getLogger("gateway.service")
+
+SYNC_WAIT_SECONDS = 20.0
+
+
+def create_app(runtime: Runtime, *, run_worker: bool = True) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start(run_worker=run_worker)
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="FHIR delivery gateway", version=runtime.version, lifespan=lifespan)
+    app.state.runtime = runtime
+    errors.install(app)
+    _install_request_ids(app, runtime)
+    _operations_routes(app, runtime)
+    _ingest_routes(app, runtime)
+    _delivery_routes(app, runtime)
+    _admin_routes(app, runtime)
+    return app
+
+
+def _install_request_ids(app: FastAPI, runtime: Runtime) -> None:
+    @app.middleware("http")
+    async def _request_id(request: Request, call_next):
+        rid = uuid.uuid4().hex
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        finally:
+            request_id.reset(token)
+        response.headers["X-Request-ID"] = rid
+        log.info("request", extra={"method": request.method, "route": _route_name(request),
+                                   "status": response.status_code, "request_id": rid,
+                                   "ms": round((time.perf_counter() - started) * 1000, 1)})
+        return response
+
+
+def _route_name(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+def caller_of(runtime: Runtime, request: Request) -> Caller:
+    peer = request.client.host if request.client else None
+    return runtime.authenticator.authenticate({k.lower(): v for k, v in request.headers.items()}, peer)
+
+
+def _operations_routes(app: FastAPI, runtime: Runtime) -> None:
+    @app.get("/metadata")
+    async def metadata() -> Response:
+        return fhir_response(capability_statement(list(runtime.registries)))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        problems = await runtime.readiness()
+        body = {"status": "ready" if not problems else "not-ready", "problems": problems}
+        return Response(orjson.dumps(body), status_code=200 if not problems else 503, media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        require_admin(caller_of(runtime, request))
+        runtime.metrics.refresh_outbox(await asyncio.to_thread(runtime.store.depth))
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _ingest_routes(app: FastAPI, runtime: Runtime) -> None:
+    @app.post("/registries/{registry}/Bundle")
+    async def post_bundle(registry: str, request: Request) -> Response:
+        caller = caller_of(runtime, request)
+        require_registry(caller, registry, runtime.registries)
+        check_content_type(request)
+        body = await read_limited(request, runtime.settings.max_body_bytes)
+        bundle = parse_json(body, max_bytes=runtime.settings.max_body_bytes)
+        idempotency = request.headers.get("idempotency-key")
+        try:
+            accepted = await runtime.accept_bundle(bundle, caller=caller, registry=registry,
+                                                   idempotency_key=idempotency,
+                                                   body_digest=hashlib.sha256(body).hexdigest())
+        except TTPUnavailable:
+            runtime.metrics.bundles.labels(outcome="ttp-unavailable").inc()
+            raise FhirError.single(503, "transient", "the pseudonymisation service (TTP) cannot answer; "
+                                   "nothing was stored or delivered", headers={"Retry-After": "30"}) from None
+        except StoreUnavailable:
+            runtime.metrics.bundles.labels(outcome="store-unavailable").inc()
+            raise FhirError.single(503, "transient", "the delivery store cannot take the bundle; nothing was "
+                                   "stored", headers={"Retry-After": "10"}) from None
+        if accepted.delivery_id is None:
+            return fhir_response(delivery_parameters(None, "nothing-to-deliver", accepted.report), 200)
+        status_url = f"/deliveries/{accepted.delivery_id}"
+        headers = {"Content-Location": status_url}
+        if "respond-async" in request.headers.get("prefer", ""):
+            return fhir_response(delivery_parameters(accepted.delivery_id, "queued", accepted.report), 202,
+                                 headers=headers)
+        delivery = await runtime.wait_for(accepted.delivery_id, SYNC_WAIT_SECONDS)
+        status = delivery.status if delivery else "queued"
+        http_status = {"delivered": 200, "dead": 422}.get(status, 202)
+        body_out = delivery_parameters(accepted.delivery_id, status, accepted.report,
+                                       delivery.registry_status if delivery else None)
+        return fhir_response(body_out, http_status, headers=headers)
+
+
+def _delivery_view(d: Any) -> dict[str, Any]:
+    """What a client may see of a delivery: status and counts, never the payload."""
+    return {
+        "id": d.id, "registry": d.registry, "status": d.status, "attempts": d.attempts,
+        "createdAt": d.created_at, "updatedAt": d.updated_at, "registryStatus": d.registry_status,
+        "lastError": d.last_error,
+    }
+
+
+def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
+    @app.get("/deliveries")
+    async def list_deliveries(request: Request, status: str | None = None, registry: str | None = None,
+                              limit: int = 100) -> Response:
+        caller = caller_of(runtime, request)
+        rows = await asyncio.to_thread(runtime.store.list_deliveries, provider=caller.provider, status=status,
+                                       registry=registry, limit=min(max(limit, 1), 1000))
+        return Response(orjson.dumps([_delivery_view(d) for d in rows]), media_type="application/json")
+
+    @app.get("/deliveries/{delivery_id}")
+    async def delivery_status(delivery_id: str, request: Request) -> Response:
+        caller = caller_of(runtime, request)
+        d = await asyncio.to_thread(runtime.store.get, delivery_id, provider=caller.provider)
+        if d is None:
+            raise FhirError.single(404, "not-found", "no such delivery for this client")
+        if d.status in ("queued", "delivering"):
+            return Response(status_code=202, headers={"X-Progress": d.status, "Retry-After": "1"})
+        return Response(orjson.dumps(_delivery_view(d)), media_type="application/json")
+
+    @app.post("/deliveries/{delivery_id}/$requeue")
+    async def requeue(delivery_id: str, request: Request) -> Response:
+        caller = caller_of(runtime, request)
+        ok = await asyncio.to_thread(runtime.store.requeue, delivery_id, provider=caller.provider)
+        if not ok:
+            raise FhirError.single(404, "not-found", "no dead delivery with this id for this client")
+        return Response(orjson.dumps({"id": delivery_id, "status": "queued"}), media_type="application/json")
+
+    @app.post("/objections")
+    async def add_objection(request: Request) -> Response:
+        caller = caller_of(runtime, request)
+        patient_number, registry = await _objection_body(request)
+        await runtime.objections_add(caller, patient_number, registry)
+        return Response(status_code=204)
+
+    @app.post("/objections/$withdraw")
+    async def withdraw_objection(request: Request) -> Response:
+        caller = caller_of(runtime, request)
+        patient_number, registry = await _objection_body(request)
+        await runtime.objections_withdraw(caller, patient_number, registry)
+        return Response(status_code=204)
+
+
+async def _objection_body(request: Request) -> tuple[str, str]:
+    check_content_type(request)
+    try:
+        data = orjson.loads(await read_limited(request, 10_000))
+    except orjson.JSONDecodeError:
+        raise FhirError.single(400, "structure", "body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise FhirError.single(400, "structure", "body must be a JSON object")
+    number, registry = data.get("patientNumber"), data.get("registry", "*")
+    if not isinstance(number, str) or not number.strip():
+        raise FhirError.single(400, "required", "patientNumber is required", "patientNumber")
+    if not isinstance(registry, str):
+        raise FhirError.single(400, "value", "registry must be a string", "registry")
+    return number.strip(), registry
+
+
+def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
+    @app.get("/admin/deliveries")
+    async def admin_deliveries(request: Request, status: str | None = None, registry: str | None = None,
+                               limit: int = 100) -> Response:
+        require_admin(caller_of(runtime, request))
+        rows = await asyncio.to_thread(runtime.store.list_deliveries, provider=None, status=status,
+                                       registry=registry, limit=min(max(limit, 1), 1000))
+        return Response(orjson.dumps([_delivery_view(d) for d in rows]), media_type="application/json")
+
+    @app.post("/admin/deliveries/{delivery_id}/$requeue")
+    async def admin_requeue(delivery_id: str, request: Request) -> Response:
+        require_admin(caller_of(runtime, request))
+        if not await asyncio.to_thread(runtime.store.requeue, delivery_id, provider=None):
+            raise FhirError.single(404, "not-found", "no dead delivery with this id")
+        return Response(orjson.dumps({"id": delivery_id, "status": "queued"}), media_type="application/json")
+
+    @app.get("/admin/audit")
+    async def audit(request: Request, registry: str | None = None, limit: int = 100) -> Response:
+        require_admin(caller_of(runtime, request))
+        rows = await asyncio.to_thread(runtime.store.list_audit, registry=registry, limit=min(max(limit, 1), 10000))
+        return Response(orjson.dumps(rows, default=_plain), media_type="application/json")
+
+    @app.get("/admin/processing-record/{registry}")
+    async def processing_record(registry: str, request: Request) -> Response:
+        require_admin(caller_of(runtime, request))
+        if registry not in runtime.registries:
+            raise FhirError.single(404, "not-found", "unknown registry", "registry")
+        record = await asyncio.to_thread(runtime.store.processing_record, registry)
+        record |= runtime.processing_context(registry)
+        return Response(orjson.dumps(record, default=_plain), media_type="application/json")
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "__dict__"):
+        return vars(value)
+    return str(value)

@@ -1,0 +1,44 @@
+"""Reading a request body safely: content type, declared and actual size, before anything is parsed."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from gateway.outcome import FhirError
+
+FHIR_JSON = "application/fhir+json"
+ACCEPTED_TYPES = {FHIR_JSON, "application/json"}
+NDJSON_TYPES = {"application/fhir+ndjson", "application/ndjson", "application/x-ndjson"}
+
+
+def check_content_type(request: Request, accepted: set[str] = ACCEPTED_TYPES) -> None:
+    raw = request.headers.get("content-type", "")
+    media, _, params = raw.partition(";")
+    if media.strip().lower() not in accepted:
+        raise FhirError.single(415, "not-supported", f"content type must be one of {', '.join(sorted(accepted))}")
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise FhirError.single(415, "not-supported", "FHIR JSON must be UTF-8")
+
+
+async def read_limited(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refusing (413) before reading past the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise FhirError.single(400, "structure", "Content-Length is not a number")
+        if int(declared) > max_bytes:
+            raise _too_large(max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> FhirError:
+    return FhirError.single(413, "too-costly", f"body larger than the limit of {max_bytes} bytes")

@@ -1,0 +1,43 @@
+"""What the EHR gets back: a FHIR Parameters resource with counts only (no patient data)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _counts(name: str, counts: dict[str, int]) -> dict[str, Any]:
+    return {"name": name, "part": [{"name": str(k), "valueInteger": int(v)} for k, v in sorted(counts.items())]}
+
+
+def delivery_parameters(
+    delivery_id: str | None, status: str, report: dict[str, Any], registry_status: int | None = None
+) -> dict[str, Any]:
+    params: list[dict[str, Any]] = [{"name": "status", "valueCode": status}]
+    if delivery_id:
+        params.append({"name": "delivery", "valueString": delivery_id})
+    if registry_status is not None:
+        params.append({"name": "registryStatus", "valueInteger": registry_status})
+    for key in ("patients", "patientsDroppedOptOut", "patientsDroppedUnknownOptOut", "patientsDroppedNoPseudonym",
+                "resourcesIn", "resourcesDroppedOptOut", "resourcesDroppedNoPseudonym"):
+        if key in report:
+            params.append({"name": key, "valueInteger": int(report[key])})
+    for key in ("optOutReasons", "pseudonymTypes", "pseudonymsSkipped"):
+        if report.get(key):
+            params.append(_counts(key, report[key]))
+    deid = report.get("deidentification") or {}
+    if "resourcesKept" in deid:
+        params.append({"name": "resourcesDelivered", "valueInteger": int(deid["resourcesKept"])})
+    if deid.get("dropped"):
+        params.append(_counts("resourcesDropped", _flatten(deid["dropped"])))
+    return {"resourceType": "Parameters", "parameter": params}
+
+
+def _flatten(counts: dict[str, Any]) -> dict[str, int]:
+    flat: dict[str, int] = {}
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            for sub, n in value.items():
+                flat[f"{key}:{sub}"] = int(n)
+        else:
+            flat[key] = int(value)
+    return flat

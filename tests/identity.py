@@ -1,0 +1,52 @@
+"""An independent list of what identifies a person in an input (written apart from the gateway's scanner).
+
+Used by tests to check that none of it appears anywhere in what the gateway delivers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+PERSON_TYPES = {"Patient", "RelatedPerson"}
+MIN_LENGTH = 4  # shorter values ("P.", "Z1") occur by chance inside random pseudonyms
+
+
+def identifying_values(data: Any) -> list[tuple[str, str]]:
+    found = {
+        (kind, value) for kind, value in _walk(data) if isinstance(value, str) and len(value) >= MIN_LENGTH
+    }
+    return sorted(found)
+
+
+def _walk(node: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        if node.get("resourceType") in PERSON_TYPES:
+            yield from _person(node)
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def _person(resource: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    for ident in resource.get("identifier") or []:
+        yield "identifier", ident.get("value")
+    yield "id", resource.get("id")
+    holders = [resource, *(resource.get("contact") or [])]
+    for holder in holders:
+        names = holder.get("name")
+        for name in names if isinstance(names, list) else [names] if names else []:
+            yield "name", name.get("family")
+            yield "name", name.get("text")
+            yield from (("name", g) for g in name.get("given") or [])
+        for telecom in holder.get("telecom") or []:
+            yield "telecom", telecom.get("value")
+        addresses = holder.get("address")
+        for address in addresses if isinstance(addresses, list) else [addresses] if addresses else []:
+            yield from (("street", line) for line in address.get("line") or [])
+            postcode = address.get("postalCode")
+            if isinstance(postcode, str):
+                yield "postcode", postcode
+                yield "postcode", postcode.replace(" ", "")
