@@ -411,3 +411,20 @@ def test_service_facing_aliases(store: Store) -> None:
     assert asyncio.run(store.objection_lookup("ura:1", "dica", "01" * 32)) is True
     assert asyncio.run(store.objection_lookup("ura:1", "dica", "02" * 32)) is False
     assert store.withdraw_objection("ura:1", "*", b"\x01" * 32)
+
+
+def test_an_older_schema_is_migrated_in_place(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.store.sql as sql
+    from gateway.store.schema import MIGRATIONS
+
+    monkeypatch.setattr(sql, "MIGRATIONS", MIGRATIONS[:1])
+    monkeypatch.setattr(sql, "LATEST", 1)
+    old = open_store(store_url)
+    assert old.schema_version() == 1
+    d = put(old, "k", patient="p")
+    old.close()
+    monkeypatch.undo()
+    new = open_store(store_url)
+    assert new.schema_version() == LATEST > 1
+    assert new.get(d) is not None and [x.id for x in new.claim_batch("w", 5, 30)] == [d]
+    new.close()

@@ -64,6 +64,16 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        2,
+        (
+            # The per-patient order check only looks at pending deliveries; a partial index keeps it fast
+            # however many delivered bundles a patient has.
+            "DROP INDEX deliveries_patient",
+            "CREATE INDEX deliveries_pending_patient ON deliveries (registry, patient_order_key, seq) "
+            "WHERE status IN ('queued', 'delivering')",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]
