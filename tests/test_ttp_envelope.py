@@ -39,13 +39,17 @@ def _originals(n=3):
 def test_sealed_round_trip_and_sealed_answer(ttp):
     fixture, base = ttp
     originals = _originals()
+    originals.insert(1, "B:1:garbage-value-that-must-not-come-back")
     params, response_key, info = _sealed(fixture, originals)
     r = _post(base, fixture, params)
     assert r.status_code == 200
     assert originals[0].split(":")[2] not in r.text  # neither the pre-pseudonyms ...
     inner = orjson.loads(envelope.open_response(r.json(), response_key, info))
-    values = [p["part"][-1]["valueIdentifier"]["value"] for p in inner["parameter"]]
-    assert all(v.startswith("v1.") for v in values) and not any(v in r.text for v in values)  # ... nor finals
+    values = inner["pseudonym"]
+    assert inner["error"] == [[1, "invalid-length"]] and values[1] is None
+    finals = [v for v in values if v]
+    assert all(v.startswith("v1.") for v in finals) and not any(v in r.text for v in finals)  # nor finals
+    assert b"garbage" not in envelope.open_response(r.json(), response_key, info)
     with pytest.raises(envelope.EnvelopeError):
         envelope.open_response(r.json(), secrets.token_bytes(32), info)
 

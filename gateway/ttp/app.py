@@ -12,7 +12,9 @@ always true and ``allowCreate`` is accepted and ignored. Extensions of the gPAS 
   valueCode from ``gateway.ttp.service.ERROR_CODES``) instead of failing the batch; the value is not echoed;
 - the sealed variant: instead of the ``original`` parts the request carries ``requestId``, ``timestamp``,
   ``keyId``, ``enc`` and ``sealed`` (HPKE, see ``gateway.ttp.envelope``) and the answer is sealed to the
-  caller's one-time response key. ``create_app(..., allow_plain=False)`` refuses unsealed batches.
+  caller's one-time response key; inside both envelopes the batch is compact JSON (``{"original": [...]}``
+  in, ``{"target", "pseudonym"|"pre": [value|null, ...], "error": [[index, code], ...]}`` out).
+  ``create_app(..., allow_plain=False)`` refuses unsealed batches.
 
 Endpoints:
 
@@ -146,6 +148,17 @@ def _answer(name: str, value_part: str, registry: str, originals: Sequence[Any],
     return ('{"resourceType":"Parameters","parameter":[' + ",".join(pieces) + "]}").encode("utf-8")
 
 
+def _compact_answer(value_part: str, registry: str, results: Sequence[service.Result]) -> bytes:
+    """The sealed variant's inner answer, as compact as its request: values by position, errors apart.
+
+    ``{"target": registry, "<pseudonym|pre>": [value or null, ...], "error": [[index, code], ...]}``: one
+    list instead of ~10 JSON objects per value halves the client's CPU per value (parsing, freeing).
+    """
+    values = [value for value, _ in results]
+    errors = [[i, code] for i, (value, code) in enumerate(results) if value is None]
+    return orjson.dumps({"target": registry, value_part: values, "error": errors})
+
+
 def create_app(keystore: KeyStore, auth: TTPAuth, *, allow_plain: bool = True, max_values: int = 100_000,
                max_body: int = 32 * 1024 * 1024, replay_guard: envelope.ReplayGuard | None = None) -> FastAPI:
     app = FastAPI(title="NLPS1 TTP", docs_url=None, redoc_url=None, openapi_url=None)
@@ -213,7 +226,9 @@ def create_app(keystore: KeyStore, auth: TTPAuth, *, allow_plain: bool = True, m
 
         def work() -> bytes:
             results = run(caller, registry, originals)
-            return _answer(name, value_part, registry, originals, results, echo=echo and opened is None)
+            if opened is not None:
+                return _compact_answer(value_part, registry, results)
+            return _answer(name, value_part, registry, originals, results, echo=echo)
 
         body = await anyio.to_thread.run_sync(work) if len(originals) > THREAD_THRESHOLD else work()
         # Counts and timings only: never values.

@@ -200,7 +200,9 @@ class HttpTTPClient:
             answer = orjson.loads(content)
         except (orjson.JSONDecodeError, envelope.EnvelopeError):
             raise TTPUnavailable("TTP answer is not valid") from None
-        if not isinstance(answer, dict) or not isinstance(answer.get("parameter"), list):
+        if not isinstance(answer, dict):
+            raise TTPUnavailable("TTP answer is not valid")
+        if opened is None and not isinstance(answer.get("parameter"), list):
             raise TTPUnavailable("TTP answer is not a Parameters resource")
         return answer
 
@@ -217,6 +219,8 @@ Row = tuple[int, str | None, str | None]
 
 def _read_answer(answer: dict[str, Any], expected: int, name: str) -> list[Row]:
     """(index, value, error code) per original; TTPUnavailable unless every index is answered exactly once."""
+    if "parameter" not in answer:
+        return _read_compact(answer, expected, "pseudonym" if name == "pseudonym" else "pre")
     out: list[Row] = []
     seen = bytearray(expected)
     value_part = "pseudonym" if name == "pseudonym" else "pre"
@@ -245,6 +249,26 @@ def _read_answer(answer: dict[str, Any], expected: int, name: str) -> list[Row]:
         raise TTPUnavailable("TTP answer is malformed") from None
     if len(out) != expected:
         raise TTPUnavailable("TTP answer is incomplete")
+    return out
+
+
+def _read_compact(answer: dict[str, Any], expected: int, value_part: str) -> list[Row]:
+    """The sealed variant's inner answer (see gateway.ttp.app._compact_answer)."""
+    values, errors = answer.get(value_part), answer.get("error")
+    if not isinstance(values, list) or len(values) != expected or not isinstance(errors, list):
+        raise TTPUnavailable("TTP answer is malformed")
+    try:
+        codes = {int(i): str(code) for i, code in errors}
+    except (TypeError, ValueError):
+        raise TTPUnavailable("TTP answer is malformed") from None
+    out: list[Row] = []
+    for i, value in enumerate(values):
+        if type(value) is str:
+            out.append((i, value, None))
+        elif value is None and i in codes:
+            out.append((i, None, codes[i]))
+        else:
+            raise TTPUnavailable("TTP answer is malformed")
     return out
 
 
