@@ -86,6 +86,7 @@ class Runtime:
                 await self._worker_task
         for client in self.forwarders.values():
             await client.aclose()
+        log.info("gateway stopped: in-flight deliveries finished")
         for provider in self.providers.values():
             aclose = getattr(provider.ttp, "aclose", None)  # an in-process TTP holds no connections
             if aclose is not None:

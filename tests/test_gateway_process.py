@@ -1,0 +1,44 @@
+"""The gateway as an operator runs it: `fhir-gateway serve --config gateway.yaml` in its own process."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import httpx
+
+from tests.processes import process_chain
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_serve_delivers_and_logs_json_with_request_ids(tmp_path):
+    with process_chain(tmp_path) as chain:
+        gw = chain.start_gateway(log_level="DEBUG")
+        body = (EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_bytes()
+        response = httpx.post(f"{gw.url}/registries/example-generic/Bundle", content=body, timeout=60,
+                              headers={"Content-Type": "application/fhir+json",
+                                       "Authorization": f"Bearer {chain.ehr_api_key}"})
+        assert response.status_code == 200, response.text
+        request_id = response.headers["X-Request-ID"]
+        gw.kill(signal.SIGTERM)  # graceful: finishes in-flight work, then exits
+        assert gw.proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean stop
+        lines = [json.loads(line) for line in gw.logs().splitlines() if line.startswith("{")]
+        assert any(line["msg"].startswith("gateway stopped") for line in lines)
+        assert any(line.get("request_id") == request_id for line in lines)
+        assert httpx.get(f"{chain.receiver_url}/").json()["bundles"] == 1
+
+
+def test_start_up_fails_with_one_clear_line_on_a_bad_config(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "gateway.yaml"
+    bad.write_text("providers: []\nregistries: {x: {profile: nope, endpoint: 'http://127.0.0.1:9'}}\nttp: {url: embedded}\n")
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=60, env={"FHIR_GATEWAY_KEY_DIR": str(tmp_path / "k"),
+                                                                          "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") <= 2
