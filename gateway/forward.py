@@ -120,6 +120,9 @@ class OAuth2ClientCredentials:
     audience: str | None = None
     refresh_margin: float = 30.0
     client_cert: tuple[str, str | None, str | None] | None = None
+    # TLS trust for the token endpoint when it differs from the registry's (e.g. the registry has a private
+    # CA but the authorisation server a public certificate); None: use the registry client's settings.
+    token_verify: bool | str | None = None
     _token: str | None = field(default=None, init=False, repr=False)
     _expires: float = field(default=0.0, init=False, repr=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
@@ -134,6 +137,15 @@ class OAuth2ClientCredentials:
         self._token = None
 
     async def _fetch(self, http: httpx.AsyncClient) -> None:
+        if self.token_verify is None:
+            await self._request(http)
+            return
+        async with httpx.AsyncClient(
+            verify=ssl_context(self.token_verify, None), timeout=http.timeout
+        ) as own:
+            await self._request(own)
+
+    async def _request(self, http: httpx.AsyncClient) -> None:
         form = {"grant_type": "client_credentials"}
         if self.scope:
             form["scope"] = self.scope

@@ -318,3 +318,14 @@ def test_mutual_tls_with_a_private_ca(tmp_path: Path) -> None:
         untrusted = deliver(base, PAYLOAD, auth=MutualTLS(pki["client_cert"], pki["client_key"]), timeout=5)
         assert not untrusted.ok and untrusted.status is None  # the private CA is not in the system store
         assert untrusted.outcome_text.startswith("network error")
+
+
+def test_oauth2_token_endpoint_with_its_own_tls_settings(tmp_path: Path) -> None:
+    issued: list[str] = []
+    with (
+        serve(token_server(issued, "tok")) as tokens,
+        serve(create_receiver_app(tmp_path / "r", token="tok")) as base,
+    ):
+        auth = OAuth2ClientCredentials(f"{tokens}/token", "gw", "secret", token_verify=True)
+        assert deliver(base, PAYLOAD, auth=auth).ok
+    assert issued == ["tok"]
