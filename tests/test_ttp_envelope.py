@@ -46,7 +46,7 @@ def test_sealed_round_trip_and_sealed_answer(ttp):
     assert originals[0].split(":")[2] not in r.text  # neither the pre-pseudonyms ...
     inner = orjson.loads(envelope.open_response(r.json(), response_key, info))
     values = inner["pseudonym"]
-    assert inner["error"] == [[1, "invalid-length"]] and values[1] is None
+    assert inner["error"] == [[1, "invalid-format"]] and values[1] is None
     finals = [v for v in values if v]
     assert all(v.startswith("v1.") for v in finals) and not any(v in r.text for v in finals)  # nor finals
     assert b"garbage" not in envelope.open_response(r.json(), response_key, info)
