@@ -1,0 +1,50 @@
+"""Where a bulk job's transaction Bundles go: the durable outbox (normal) or files in a folder (offline).
+
+Both are idempotent per key (`bulk|<job>|<group>[-<chunk>]`): putting the same key twice stores it once, so a
+resumed run never delivers a Bundle twice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.store import Store
+
+
+class Sink(Protocol):
+    def put(self, key: str, payload: bytes, *, order_key: str | None, counts: dict[str, Any]) -> bool:
+        """Store one Bundle; False when this key was stored before (nothing new)."""
+        ...
+
+
+class StoreSink:
+    """The outbox: the worker forwards each row to the registry, retries, and audits."""
+
+    def __init__(self, store: Store, *, provider: str, registry: str, sender: str) -> None:
+        self.store, self.provider, self.registry, self.sender = store, provider, registry, sender
+
+    def put(self, key: str, payload: bytes, *, order_key: str | None, counts: dict[str, Any]) -> bool:
+        _, created = self.store.enqueue(provider=self.provider, registry=self.registry, payload=payload,
+                                        sender=self.sender, idempotency_key=key, patient_order_key=order_key,
+                                        counts=counts)
+        return created
+
+
+class DirSink:
+    """`--to-dir`: one `<key>.json` per Bundle, written atomically (temp file + rename)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, key: str, payload: bytes, *, order_key: str | None, counts: dict[str, Any]) -> bool:
+        name = key.replace("|", "_") + ".json"
+        target = self.folder / name
+        if target.exists():
+            return False
+        temp = self.folder / f".{name}.tmp"
+        temp.write_bytes(payload)
+        os.replace(temp, target)
+        return True

@@ -1,0 +1,86 @@
+"""Which NDJSON files make up an export: a folder, explicit files, or a Bulk Data manifest naming local files.
+
+A manifest (`{"output": [{"type": ..., "url": ...}]}`) may name files by relative path, absolute path or
+`file://` URL; with `allowed_root` set (the HTTP `$import`), every file must resolve inside that folder and
+anything else is refused: an upload must not be able to make the gateway read arbitrary files.
+Bulk Data `log.ndjson` / OperationOutcome files are not resources to deliver and are skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import orjson
+
+from gateway.bulk.index import SourceFile
+
+_TYPE_FROM_NAME = re.compile(r"^([A-Z][A-Za-z]+)(?:[.-]\d+)?\.ndjson$")
+NOT_RESOURCES = frozenset({"log.ndjson"})
+
+
+class SourceError(ValueError):
+    """The export cannot be used as given (message is fixed text plus at most a file's base name)."""
+
+
+def resolve_sources(paths: list[Path], *, allowed_root: Path | None = None) -> list[SourceFile]:
+    files: list[SourceFile] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(_folder(path))
+        elif path.suffix == ".json":
+            files.extend(read_manifest(path, allowed_root=allowed_root))
+        elif path.is_file():
+            files.append(SourceFile(path, _type_hint(path.name)))
+        else:
+            raise SourceError(f"no such file or folder: {path.name}")
+    if not files:
+        raise SourceError("no NDJSON files in the export")
+    return files
+
+
+def _folder(folder: Path) -> list[SourceFile]:
+    manifests = [p for p in (folder / "manifest.json",) if p.is_file()]
+    if manifests:
+        return read_manifest(manifests[0], allowed_root=None)
+    # Patients first: their groups are cut in export order, and nothing depends on the rest's order.
+    found = sorted((p for p in folder.glob("*.ndjson") if p.name not in NOT_RESOURCES),
+                   key=lambda p: (p.name.split(".")[0] != "Patient", p.name))
+    return [SourceFile(p, _type_hint(p.name)) for p in found]
+
+
+def read_manifest(path: Path, *, allowed_root: Path | None) -> list[SourceFile]:
+    try:
+        manifest = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        raise SourceError("the manifest is not readable JSON") from None
+    outputs = manifest.get("output") if isinstance(manifest, dict) else None
+    if not isinstance(outputs, list):
+        raise SourceError("the manifest has no output list")
+    files = []
+    for item in outputs:
+        if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+            raise SourceError("a manifest output entry has no url")
+        target = _local(item["url"], path.parent, allowed_root)
+        rtype = item.get("type") if isinstance(item.get("type"), str) else _type_hint(target.name)
+        files.append(SourceFile(target, rtype))
+    return files
+
+
+def _local(url: str, base: Path, allowed_root: Path | None) -> Path:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("", "file"):
+        raise SourceError("manifest urls must name local files (no remote download)")
+    raw = Path(unquote(parsed.path if parsed.scheme == "file" else url))
+    target = (raw if raw.is_absolute() else (allowed_root or base) / raw).resolve()
+    if allowed_root is not None and not target.is_relative_to(allowed_root.resolve()):
+        raise SourceError("manifest names a file outside the import folder")
+    if not target.is_file():
+        raise SourceError(f"manifest names a missing file: {target.name}")
+    return target
+
+
+def _type_hint(name: str) -> str | None:
+    match = _TYPE_FROM_NAME.match(name)
+    return match.group(1) if match else None

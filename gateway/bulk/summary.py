@@ -1,0 +1,83 @@
+"""What a bulk job reports: counts per resource type and per reason, invalid lines by number. Never a value:
+resource type names appear only when they are R4 type names, files by their base name."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.bulk import index as ix
+
+
+@dataclass
+class BulkSummary:
+    job: str
+    registry: str
+    files: int = 0
+    bytes: int = 0
+    lines: int = 0
+    patients: int = 0
+    resources_in: Counter[str] = field(default_factory=Counter)
+    sent: Counter[str] = field(default_factory=Counter)  # entries sent (shared resources once per Bundle)
+    dropped: dict[str, Counter[str]] = field(default_factory=dict)  # reason → type → count
+    invalid_lines: list[tuple[str, int, str]] = field(default_factory=list)  # (file, line number, reason)
+    patients_opted_out: int = 0
+    patients_unknown_optout: int = 0
+    patients_no_pseudonym: int = 0
+    resources_opted_out: int = 0
+    groups_total: int = 0
+    groups_done: int = 0
+    groups_resumed: int = 0
+    bundles: int = 0
+    bundles_already_stored: int = 0
+    seconds: float = 0.0
+    _file_names: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def absorb_index(self, stats: ix.IndexStats, conn: sqlite3.Connection, max_listed: int) -> None:
+        self.files, self.bytes, self.lines, self.patients = stats.files, stats.bytes, stats.lines, stats.patients
+        self._file_names = ix.file_names(conn)
+        for rtype, n in conn.execute("SELECT rtype, COUNT(*) FROM resources GROUP BY rtype"):
+            self.resources_in[rtype] += n
+        for reason, rtype, n in ix.not_delivered(conn):
+            self._drop(reason, rtype, n)
+        for rtype, n in ix.shared_unreferenced(conn):
+            self._drop("shared-unreferenced", rtype, n)
+        invalid = conn.execute("SELECT COUNT(*) FROM invalid").fetchone()[0]
+        if invalid:
+            self._drop("invalid-line", "(unknown)", invalid)
+        self.invalid_lines = [(name, line, reason) for name, line, reason in ix.invalid_lines(conn, max_listed)]
+
+    def absorb_group(self, counts: dict[str, Any], *, resumed: bool) -> None:
+        self.groups_done += 1
+        self.groups_resumed += resumed
+        self.patients_opted_out += counts["patientsOptedOut"]
+        self.patients_unknown_optout += counts["patientsUnknownOptOut"]
+        self.patients_no_pseudonym += counts["patientsNoPseudonym"]
+        self.resources_opted_out += counts["resourcesOptedOut"]
+        self.sent.update(counts["sent"])
+        self.bundles += counts["bundles"]
+        self.bundles_already_stored += counts["bundlesAlreadyStored"]
+        for reason, per_type in counts["dropped"].items():
+            for rtype, n in per_type.items():
+                self._drop(reason, rtype, n)
+        for file_no, line, reason in counts["rejectedLines"]:
+            if len(self.invalid_lines) < 1000:
+                self.invalid_lines.append((self._file_names.get(file_no, str(file_no)), line, reason))
+
+    def _drop(self, reason: str, rtype: str, n: int) -> None:
+        self.dropped.setdefault(reason, Counter())[rtype] += n
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job, "registry": self.registry, "files": self.files, "bytes": self.bytes,
+            "lines": self.lines, "patients": self.patients, "resourcesIn": dict(sorted(self.resources_in.items())),
+            "sent": dict(sorted(self.sent.items())),
+            "dropped": {r: dict(sorted(c.items())) for r, c in sorted(self.dropped.items())},
+            "invalidLines": [{"file": f, "line": n, "reason": r} for f, n, r in self.invalid_lines],
+            "patientsOptedOut": self.patients_opted_out, "patientsUnknownOptOut": self.patients_unknown_optout,
+            "patientsNoPseudonym": self.patients_no_pseudonym, "resourcesOptedOut": self.resources_opted_out,
+            "groupsTotal": self.groups_total, "groupsDone": self.groups_done, "groupsResumed": self.groups_resumed,
+            "bundles": self.bundles, "bundlesAlreadyStored": self.bundles_already_stored, "seconds": self.seconds,
+        }
