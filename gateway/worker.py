@@ -88,31 +88,53 @@ class OutboxWorker:
         while deliveries wait for a slot."""
         if not self.clients:
             return 0
+        batch = await self._claim(self.concurrency)
+        await asyncio.gather(*(self._handle(d) for d in batch))
+        return len(batch)
+
+    async def _claim(self, limit: int) -> list[Delivery]:
         batch = await self.store.claim_batch(
-            self.owner, self.concurrency, self.lease_seconds, registries=sorted(self.clients)
+            self.owner, limit, self.lease_seconds, registries=sorted(self.clients)
         )
         if self.metrics:
             for d in batch:
                 self.metrics.claimed.labels(d.registry).inc()
-        await asyncio.gather(*(self._handle(d) for d in batch))
-        return len(batch)
+        return batch
 
     async def run(self) -> None:
-        """Loop until `stop()`; a full batch is followed at once by the next, otherwise it polls."""
+        """Loop until `stop()`. Each free slot is refilled as soon as a delivery finishes, so one slow
+        registry does not hold up the others; with nothing due it polls every `poll_interval`."""
         self._stopped.clear()  # a stop() that came before run() is kept: the loop then ends at once
         self._running = True
+        in_flight: set[asyncio.Task[None]] = set()
+        stop_waiter = asyncio.ensure_future(self._stopping.wait())
         try:
             while not self._stopping.is_set():
-                try:
-                    handled = await self.run_once()
-                except StoreUnavailable as exc:
-                    log.warning("outbox store unavailable (%s); retrying after the poll interval", exc)
-                    handled = 0
-                if handled < self.concurrency:
+                free = self.concurrency - len(in_flight)
+                claimed: list[Delivery] = []
+                if free > 0 and self.clients:
+                    try:
+                        claimed = await self._claim(free)
+                    except StoreUnavailable as exc:
+                        log.warning("outbox store unavailable (%s); retrying after the poll interval", exc)
+                for d in claimed:
+                    in_flight.add(asyncio.create_task(self._handle(d)))
+                idle = len(claimed) < free  # nothing more is due right now
+                if idle and not in_flight:
                     await self._refresh_depth()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+                done, _ = await asyncio.wait(
+                    {*in_flight, stop_waiter},
+                    timeout=self.poll_interval if idle else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                in_flight -= done
+                for task in done - {stop_waiter}:
+                    if not task.cancelled() and task.exception() is not None:
+                        log.error("delivery task failed: %s", type(task.exception()).__name__)
         finally:
+            stop_waiter.cancel()
+            if in_flight:  # graceful: what was sent gets its outcome recorded
+                await asyncio.gather(*in_flight, return_exceptions=True)
             self._running = False
             self._stopped.set()
 

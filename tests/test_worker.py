@@ -336,3 +336,34 @@ def test_logs_and_errors_carry_no_payload(
     text += " ".join(str(e.detail) for e in store.list_audit())
     for marker in ("secretpatient", "otherpatient", "80.1", "weight", "v1.AAAA"):
         assert marker not in text
+
+
+def test_a_slow_registry_does_not_hold_up_another(tmp_path: Path, store: Store) -> None:
+    slow_app = create_receiver_app(tmp_path / "slow", test_faults=True)
+    with serve(slow_app) as slow, serve(create_receiver_app(tmp_path / "fast")) as fast:
+        httpx.post(f"{slow}/_faults", json={"status": None, "delay": 2.0})
+        s = enqueue(store, 0, patient="a", registry="slow")
+        quick = [enqueue(store, n, patient=f"b{n}", registry="fast") for n in range(1, 7)]
+
+        async def go() -> float:
+            async with RegistryClient(slow) as c_slow, RegistryClient(fast) as c_fast:
+                worker = OutboxWorker(
+                    store,
+                    {"slow": c_slow, "fast": c_fast},
+                    owner="w",
+                    backoff=FAST,
+                    concurrency=2,
+                    poll_interval=0.05,
+                )
+                started = time.monotonic()
+                task = asyncio.create_task(worker.run())
+                while any(store.get(q).status != "delivered" for q in quick):
+                    await asyncio.sleep(0.02)
+                fast_done = time.monotonic() - started
+                assert store.get(s).status == "delivering"  # still waiting for the slow registry
+                await worker.stop()
+                await task
+                return fast_done
+
+        assert asyncio.run(go()) < 2.0
+        assert store.get(s).status == "delivered"  # stop() waited for it
