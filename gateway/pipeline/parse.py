@@ -151,7 +151,7 @@ def _decode_error(body: bytes, msg: str, char_pos: int, start: int) -> FhirError
             "too-costly",
             f"JSON nesting deeper than {ORJSON_LOADS_DEPTH_LIMIT} levels (byte offset {offset})",
         )
-    if msg.startswith("number"):
+    if "infinity" in msg:  # a literal beyond the double range (1e400, 400 digits)
         return FhirError.single(400, "value", f"number out of range (byte offset {offset})")
     if offset >= size:
         return FhirError.single(

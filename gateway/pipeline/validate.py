@@ -10,8 +10,11 @@ result is *stricter or equal*, never looser:
   string resourceType", and each nested resource is validated by its own type's validator. Same coverage as
   the `oneOf` (dispatch on resourceType, as the schema's `discriminator` says), but linear cost and errors
   that point at the right place instead of 146 failed branches.
-- `integer`, `positiveInt` and `unsignedInt` get JSON `integer` type and the 32-bit bounds of the FHIR
-  spec: the official schema types them as `number` with a `pattern`, which JSON Schema ignores for numbers.
+- `integer`, `positiveInt` and `unsignedInt` (also where inlined, e.g. `valueInteger`) get JSON `integer`
+  type and the 32-bit bounds of the FHIR spec: the official schema types them as `number` with a `pattern`,
+  which JSON Schema ignores for numbers.
+- Complex types and resources get `type: object`: the official schema omits it, so `"class": "IMP"` or an
+  array where a Coding belongs would pass (`properties`/`additionalProperties` only constrain objects).
 
 Error texts are built here from the error kind and the schema path, never from jsonschema-rs's message
 (which quotes the instance value).
@@ -43,10 +46,12 @@ _NESTED_RESOURCE = {
     "properties": {"resourceType": {"type": "string"}},
 }
 _INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
-_STRICTER_PRIMITIVES = {
-    "integer": _INT32,
-    "positiveInt": {**_INT32, "minimum": 1},
-    "unsignedInt": {**_INT32, "minimum": 0},
+# FHIR integer types by the pattern the official schema gives them (as `number`, where JSON Schema ignores
+# patterns). They appear as definitions and inlined in choice elements (valueInteger, multipleBirthInteger).
+_INTEGER_BY_PATTERN = {
+    "^-?([0]|([1-9][0-9]*))$": _INT32,
+    "^[1-9][0-9]*$": {**_INT32, "minimum": 1},
+    "^[0]|([1-9][0-9]*)$": {**_INT32, "minimum": 0},
 }
 _DATE_TYPES = frozenset({"date", "dateTime", "instant", "time"})
 _REFERENCE_KEYS = frozenset({"id", "extension", "reference", "type", "identifier", "display"})
@@ -61,8 +66,7 @@ class SchemaValidator:
             ref["$ref"].rsplit("/", 1)[1] for ref in definitions["ResourceList"]["oneOf"]
         )
         definitions["ResourceList"] = _NESTED_RESOURCE
-        definitions.update(_STRICTER_PRIMITIVES)
-        self._definitions = definitions
+        self._definitions = _tightened(definitions)
         self._compiled: dict[str, Any] = {}
 
     @classmethod
@@ -106,6 +110,28 @@ class SchemaValidator:
                     return
         for path, nested in _nested_resources(resource, rtype):
             self._collect(nested, f"{prefix}.{path}", issues)
+
+
+def _tightened(definitions: dict[str, Any]) -> dict[str, Any]:
+    """Copies of the definitions with what the official schema leaves out (never looser):
+    complex types and resources must be JSON objects (the schema has `properties` but no `type`, so a string
+    or an array where a Coding belongs would pass), and FHIR integers must be 32-bit JSON integers."""
+    result = {}
+    for name, definition in definitions.items():
+        definition = dict(definition)
+        if "properties" in definition and "type" not in definition:
+            definition["type"] = "object"
+            definition["properties"] = {k: _integer(v) for k, v in definition["properties"].items()}
+        result[name] = _integer(definition)
+    return result
+
+
+def _integer(schema: Any) -> Any:
+    if isinstance(schema, dict) and schema.get("type") == "number":
+        stricter = _INTEGER_BY_PATTERN.get(schema.get("pattern"))
+        if stricter is not None:
+            return {**schema, **stricter}
+    return schema
 
 
 def _expr(expression: str | None) -> tuple[str, ...]:
@@ -269,12 +295,20 @@ def validate_bundle(
 
     Raises FhirError: 400 with the schema issues, or 422 with every business-rule violation found.
     """
-    if bundle.get("resourceType") != "Bundle":
+    rtype = bundle.get("resourceType")
+    if rtype not in validator.resource_types:
+        raise FhirError.single(
+            400, "not-supported", "resourceType is not an R4 resource type", "resourceType"
+        )
+    if rtype != "Bundle":
         raise FhirError.single(422, "not-supported", "expected a Bundle", "resourceType")
     schema_issues = validator.validate_resource(bundle, "Bundle")
     if schema_issues:
         raise FhirError(400, schema_issues)
-    bundle_type = bundle["type"]
+    bundle_type = bundle.get("type")
+    if bundle_type is None:
+        # The JSON Schema cannot require primitives (they may come as `_type` extensions only); R4 says 1..1.
+        raise FhirError.single(400, "required", "missing required element 'type'", "Bundle.type")
     if bundle_type not in allowed_types:
         allowed = ", ".join(sorted(allowed_types))
         raise FhirError.single(422, "not-supported", f"Bundle.type must be one of: {allowed}", "Bundle.type")
