@@ -65,7 +65,13 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Run the TTP under uvicorn."""
+    import logging
+
     import uvicorn
+
+    # The TTP logs operation, caller, count and duration per batch (never values): make that visible.
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(levelname)s:     %(name)s: %(message)s")
 
     from gateway.ttp.app import create_app
 
