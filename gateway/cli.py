@@ -30,11 +30,14 @@ err_console = Console(stderr=True)
 
 def _mount_subcommands() -> None:
     """Sub-apps owned by their packages (TTP, receiver, deliveries, objections)."""
+    from gateway.admin_cli import deliveries_app, objections_app
     from gateway.receiver.commands import app as receiver_app
     from gateway.ttp.commands import app as ttp_app
 
     app.add_typer(ttp_app, name="ttp", help="The reference TTP: serve, keys, check.")
     app.add_typer(receiver_app, name="receiver", help="A registry-side receiver for testers and registry holders.")
+    app.add_typer(objections_app, name="objections")
+    app.add_typer(deliveries_app, name="deliveries")
 
 
 @app.callback()
@@ -185,10 +188,7 @@ def clients_new_key() -> None:
     console.print(f"api_key_sha256: {hash_api_key(key)}")
 
 
-try:
-    _mount_subcommands()
-except ImportError:  # a partial installation still gets the rest of the command line
-    pass
+_mount_subcommands()
 
 
 if __name__ == "__main__":

@@ -50,3 +50,34 @@ def _person(resource: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             if isinstance(postcode, str):
                 yield "postcode", postcode
                 yield "postcode", postcode.replace(" ", "")
+
+
+def leaked_kinds(source: Any, output_text: str) -> list[str]:
+    """Kinds of identifying values of `source` found in `output_text` (serialised JSON).
+
+    Resource ids are matched as whole JSON values or reference tails (`"example"`, `Patient/example"`):
+    a short id such as `example` otherwise matches inside unrelated words like `example-generic`.
+    """
+    hits = []
+    public = set(_strings_of(source, {"Organization", "Location"}))
+    for kind, value in identifying_values(source):
+        if value in public:  # e.g. a patient living in the hospital's own postcode area: kept as the hospital's
+            continue
+        if kind == "id":
+            if f'"{value}"' in output_text or f'/{value}"' in output_text:
+                hits.append(kind)
+        elif value in output_text:
+            hits.append(kind)
+    return hits
+
+
+def _strings_of(node: Any, types: set[str], inside: bool = False) -> Iterator[str]:
+    if isinstance(node, dict):
+        inside = inside or node.get("resourceType") in types
+        for value in node.values():
+            yield from _strings_of(value, types, inside)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings_of(value, types, inside)
+    elif inside and isinstance(node, str):
+        yield node

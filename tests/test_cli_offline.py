@@ -1,0 +1,107 @@
+"""The command line as testers and integration engineers use it: deidentify, scan, selftest, objections."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gateway.cli import app
+from tests.identity import leaked_kinds
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CORPUS = SHARED / "corpus"
+runner = CliRunner()
+
+
+def _corpus_bundles_and_patients() -> list[Path]:
+    files = []
+    for path in sorted(CORPUS.rglob("*.json")):
+        kind = json.loads(path.read_text()).get("resourceType")
+        if kind in ("Bundle", "Patient"):
+            files.append(path)
+    return files
+
+
+@pytest.mark.parametrize("path", _corpus_bundles_and_patients(), ids=lambda p: p.name)
+def test_every_corpus_bundle_and_patient_deidentifies_or_is_cleanly_rejected(path, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["deidentify", str(path), "--registry", "example-generic", "--out", str(out)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    written = list(out.glob("*.json")) if out.exists() else []
+    if result.exit_code == 2:
+        outcome = json.loads(result.output[: result.output.rindex("}") + 1])
+        assert outcome["resourceType"] == "OperationOutcome"
+        assert not written
+        return
+    assert result.exit_code == 0, result.output
+    if not written:  # every patient dropped (no pseudonym possible, or opted out): nothing leaves
+        assert "nothing to deliver" in result.output
+        return
+    scanned = runner.invoke(app, ["scan", *map(str, written)])
+    assert scanned.exit_code == 0, scanned.output
+    text = written[0].read_text()
+    assert leaked_kinds(json.loads(path.read_text()), text) == []
+
+
+def test_template_placeholders_exit_2_with_operation_outcome(tmp_path):
+    bundle = json.loads((Path(__file__).parent.parent / "examples" / "02-nlps1-vector-patients-transaction.json")
+                        .read_text())
+    bundle["entry"][1]["resource"]["period"]["start"] = "${DATE, T, D, -60}"
+    path = tmp_path / "placeholder.json"
+    path.write_text(json.dumps(bundle))
+    result = runner.invoke(app, ["deidentify", str(path), "--registry", "example-generic"])
+    assert result.exit_code == 2
+    outcome = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert any("period" in e for i in outcome["issue"] for e in i.get("expression", []))
+    assert "${DATE" not in result.stdout
+
+
+def test_selftest_passes_on_the_shared_vectors_and_fails_on_an_altered_copy(tmp_path):
+    vectors = Path(__file__).parent / "vectors" / "pseudonym-vectors.json"
+    assert runner.invoke(app, ["selftest", "--vectors", str(vectors)]).exit_code == 0
+    data = json.loads(vectors.read_text())
+    data["cases"][0]["pseudonyms"][1]["pre_b64u"] = "A" + data["cases"][0]["pseudonyms"][1]["pre_b64u"][1:]
+    altered = tmp_path / "altered.json"
+    altered.write_text(json.dumps(data))
+    failed = runner.invoke(app, ["selftest", "--vectors", str(altered)])
+    assert failed.exit_code == 1
+    assert "NGGV" in failed.output
+
+
+def test_profiles_check_accepts_the_shipped_profiles():
+    result = runner.invoke(app, ["profiles", "check"])
+    assert result.exit_code == 0, result.output
+
+
+def test_objections_import_stores_keyed_hashes_only(tmp_path, monkeypatch):
+    from gateway.keys import init_keys, load_keys
+    from gateway.optout import objection_digest
+    from gateway.store import open_store
+
+    provider = "ura:00000000"
+    init_keys(tmp_path / "keys", [provider])
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"providers": [{"id": provider}],
+                                      "registries": {"example-generic": {"profile": "example-generic",
+                                                                         "endpoint": "http://127.0.0.1:9"}}}))
+    csv_file = tmp_path / "objections.csv"
+    csv_file.write_text("patient_number;date\nP0001234;2026-01-01\nH-778899;2026-02-01\n<bad number>;x\n")
+    store_url = f"sqlite:///{tmp_path / 'gateway.db'}"
+    monkeypatch.setenv("FHIR_GATEWAY_KEY_DIR", str(tmp_path / "keys"))
+    monkeypatch.setenv("FHIR_GATEWAY_STORE_URL", store_url)
+    result = runner.invoke(app, ["objections", "import", str(csv_file), "--provider", provider,
+                                 "--config", str(config)])
+    assert result.exit_code == 1  # one refused row
+    assert "2 objections read, 2 new, 1 rows refused" in result.output
+    assert "<bad number>" not in result.output
+    keys = load_keys(tmp_path / "keys", [provider])
+    store = open_store(store_url)
+    digest = objection_digest(keys.objection_key(), provider, "P0001234")
+    assert store.optout_lookup(provider, "example-generic", [digest])
+    assert b"P0001234" not in (tmp_path / "gateway.db").read_bytes()
