@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = 50 * 1024 * 1024
     worker_concurrency: int = 4
     worker_poll_seconds: float = 0.2
+    # How long a claimed delivery stays leased to this worker (renewed while sending). After a crash, its
+    # in-flight deliveries wait this long before another worker (or the restarted one) sends them again.
+    worker_lease_seconds: float = 120.0
 
 
 def load_config(path: Path) -> GatewayConfig:

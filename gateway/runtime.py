@@ -75,6 +75,7 @@ class Runtime:
             await provider.ttp.probe()
         if run_worker:
             self._worker = OutboxWorker(self.store, self.forwarders, poll_interval=self.settings.worker_poll_seconds,
+                                        lease_seconds=self.settings.worker_lease_seconds,
                                         concurrency=self.settings.worker_concurrency, metrics=self.metrics)
             self._worker_task = asyncio.create_task(self._worker.run())
 
