@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from collections import Counter
@@ -428,3 +429,23 @@ def test_an_older_schema_is_migrated_in_place(store_url: str, monkeypatch: pytes
     assert new.schema_version() == LATEST > 1
     assert new.get(d) is not None and [x.id for x in new.claim_batch("w", 5, 30)] == [d]
     new.close()
+
+
+@pytest.mark.postgres
+def test_postgres_dropped_connections_are_replaced(pg_url: str) -> None:
+    import psycopg
+
+    store = open_store(pg_url + "&application_name=outbox-drop-test")
+    put(store, "k1")
+    # The server restarts or a proxy cuts the connections.
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'outbox-drop-test'"
+        )
+    with contextlib.suppress(StoreUnavailable):
+        store.depth()  # the pooled connection is dead: this call may fail ...
+    assert store.depth()["queued"] == 1  # ... and the next one works on a fresh connection
+    put(store, "k2")
+    assert store.depth()["queued"] == 2
+    store.close()

@@ -367,3 +367,31 @@ def test_a_slow_registry_does_not_hold_up_another(tmp_path: Path, store: Store) 
 
         assert asyncio.run(go()) < 2.0
         assert store.get(s).status == "delivered"  # stop() waited for it
+
+
+def test_the_loop_survives_a_store_outage(tmp_path: Path, receiver: str) -> None:
+    import sqlite3
+
+    store = open_store(f"sqlite:///{tmp_path}/o.db?busy_timeout=50")
+    d = enqueue(store, 1)
+    blocker = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock: claims fail for a while
+
+    async def go() -> None:
+        async with RegistryClient(receiver) as client:
+            worker = OutboxWorker(store, {"dica": client}, owner="w", backoff=FAST, poll_interval=0.05)
+            task = asyncio.create_task(worker.run())
+            await asyncio.sleep(0.4)
+            assert store.get(d).status == "queued" and not task.done()
+            blocker.execute("ROLLBACK")
+            while store.get(d).status != "delivered":
+                await asyncio.sleep(0.02)
+            await worker.stop()
+            await task
+
+    try:
+        asyncio.run(asyncio.wait_for(go(), 20))
+    finally:
+        blocker.close()
+        store.close()
+    assert accepted(receiver) == {"urn:test:delivery|d-1": 1}
