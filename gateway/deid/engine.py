@@ -12,8 +12,8 @@ bundle become ``urn:uuid:<id>``, which resolves in transaction and collection bu
 
 from __future__ import annotations
 
+import gc
 import hashlib
-import hmac
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ PSEUDED = {
     "display": "pseudonymized",
 }
 _STRUCTURAL_RESOURCE = ("resourceType", "id", "meta")  # rebuilt by the engine
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class _Compiler:
         if tree is None and definition in self.cache:
             return self.cache[definition]
         fields: dict[str, tuple] = {}
-        node: p.Node = (fields, label)
+        node: p.Node = (fields, label, set())
         if tree is None:
             self.cache[definition] = node  # before filling: datatypes are recursive (Extension, Identifier)
         props = self.types.elements[definition]
@@ -150,7 +151,7 @@ class _Compiler:
                     )
                 else:
                     fields[name] = (p.REMOVE, None, None, None, f"{label}.{name}")
-        return node
+        return p.finish(node)
 
     def field(self, definition: str, owner: str, name: str, type_name: str, sub: Any) -> tuple:
         path = f"{owner}.{name}"
@@ -199,7 +200,7 @@ class _Compiler:
         if key in self.cache:
             return self.cache[key]
         fields: dict[str, tuple] = {}
-        node: p.Node = (fields, "Address")
+        node: p.Node = (fields, "Address", set())
         self.cache[key] = node
         for name, et in self.types.elements["Address"].items():
             path = f"Address.{name}"
@@ -218,15 +219,15 @@ class _Compiler:
                     fields[name] = self.field("Address", "Address", name, et.type, None)
             else:
                 fields[name] = (p.REMOVE, None, None, None, path)
-        return node
+        return p.finish(node)
 
     def resource_node(self, rtype: str, paths: tuple[str, ...]) -> p.Node:
         tree = expand_tree(self.types, rtype, _path_tree(list(paths)))
-        fields, label = self.node(rtype, tree, rtype)
+        fields, label, _ = self.node(rtype, tree, rtype)
         fields = dict(fields)
         for name in _STRUCTURAL_RESOURCE:
             fields[name] = (p.REMOVE, None, None, None, None)  # rebuilt by the engine, not counted
-        return (fields, label)
+        return p.finish((fields, label, set()))
 
 
 def compile_plan(profile: Profile, rules: Rules) -> Plan:
@@ -255,22 +256,27 @@ def compile_plan(profile: Profile, rules: Rules) -> Plan:
 
 
 class _Ids:
-    """Keyed opaque ids; the HMAC object is keyed once and copied per id (cheap)."""
+    """Keyed opaque ids: HMAC-SHA-256(id_key, registry | type | original)."""
 
     def __init__(self, id_key: bytes, registry: str):
-        self._base = hmac.new(id_key, registry.encode() + b"\x1f", hashlib.sha256)
+        # HMAC (RFC 2104) with the key's inner and outer SHA-256 states computed once per call of deidentify:
+        # copying a hashlib state is C-level, so an id costs ~0.7 us instead of ~1.6 us for hmac.digest.
+        key = hashlib.sha256(id_key).digest() if len(id_key) > 64 else id_key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        self._prefix = registry + "\x1f"
 
     def digest(self, *parts: str) -> bytes:
-        h = self._base.copy()
-        h.update("\x1f".join(parts).encode("utf-8", "surrogatepass"))
-        return h.digest()
+        inner = self._inner.copy()
+        inner.update((self._prefix + "\x1f".join(parts)).encode("utf-8", "surrogatepass"))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
     def uuid(self, *parts: str) -> str:
-        b = bytearray(self.digest(*parts)[:16])
-        b[6] = (b[6] & 0x0F) | 0x80  # version 8: custom (hash-derived)
-        b[8] = (b[8] & 0x3F) | 0x80  # RFC variant
-        h = b.hex()
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        h = self.digest(*parts)[:16].hex()
+        # version nibble 8 (custom, hash-derived) and the RFC variant bits, set on the hex string directly
+        return f"{h[:8]}-{h[8:12]}-8{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
     def offset(self, patient_key: str, max_days: int) -> int:
         n = int.from_bytes(self.digest("date-shift", patient_key)[:4], "big") % (2 * max_days)
@@ -292,10 +298,21 @@ class _Resolver:
         self.by_key: dict[str, str] = {}
         self.by_identifier: dict[tuple[str, str | None, str], str | None] = {}
         self.cache: dict[str, str | None] = {}
+        # the identifier index is only needed for conditional references (rare): built on first use
+        self.pending: list[tuple[str, dict[str, Any], str]] | None = []
 
     def add(self, rtype: str, resource: dict[str, Any], keys: list[str], urn: str) -> None:
         for k in keys:
             self.by_key[k] = urn
+        if self.pending is not None:
+            self.pending.append((rtype, resource, urn))
+
+    def _index(self) -> None:
+        for rtype, resource, urn in self.pending or ():
+            self._index_identifiers(rtype, resource, urn)
+        self.pending = None
+
+    def _index_identifiers(self, rtype: str, resource: dict[str, Any], urn: str) -> None:
         idents = resource.get("identifier")
         if type(idents) is not list:
             return
@@ -331,6 +348,8 @@ class _Resolver:
 
     def _conditional(self, ref: str) -> str | None:
         # Only `Type?identifier=[system|]value` can be resolved; the raw identifier never leaves.
+        if self.pending is not None:
+            self._index()
         rtype, _, query = ref.partition("?")
         params = urllib.parse.parse_qsl(query, keep_blank_values=True)
         if len(params) != 1 or params[0][0] != "identifier":
@@ -458,12 +477,12 @@ def _meta(src: Any, patient: bool) -> dict[str, Any] | None:
 
 
 def _build(c: _Candidate, plan: Plan, ctx: p.WalkContext) -> dict[str, Any]:
-    body = p.walk(c.resource, plan.nodes[c.rtype], ctx)
     out: dict[str, Any] = {"resourceType": c.rtype, "id": c.new_id}
-    meta = _meta(c.resource.get("meta"), c.rtype == "Patient")
-    if meta:
-        out["meta"] = meta
-    out.update(body)
+    if "meta" in c.resource or c.rtype == "Patient":
+        meta = _meta(c.resource.get("meta"), c.rtype == "Patient")
+        if meta:
+            out["meta"] = meta
+    p.walk(c.resource, plan.nodes[c.rtype], ctx, out)
     if c.rtype == "Patient":
         out["identifier"] = [dict(i) for i in c.pseudonyms]
     return out
@@ -584,6 +603,24 @@ def deidentify(
     ``pseudonyms`` maps an original Patient fullUrl (and/or ``Patient/<id>``) to ready-made pseudonym
     Identifiers; a Patient without any is not delivered (reason ``no-pseudonym``).
     """
+    # The walk allocates a container per element and builds no reference cycles: a cyclic-GC pass during it
+    # is pure cost (perf-notes: 2x on large bundles). Restored on exit; harmless if another thread races.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _deidentify(bundle, plan, id_key, pseudonyms, provenance)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _deidentify(
+    bundle: dict[str, Any],
+    plan: Plan,
+    id_key: bytes,
+    pseudonyms: Mapping[str, list[dict]],
+    provenance: ProvenanceInfo,
+) -> DeidResult:
     report = DeidReport()
     raw_entries = bundle.get("entry") if isinstance(bundle, dict) else None
     entries = raw_entries if type(raw_entries) is list else []

@@ -1,6 +1,6 @@
 """One processor per de-identification method, and the type-directed walk that calls them.
 
-A compiled *node* is ``(fields, label)``: ``fields`` maps an element name to a *field*
+A compiled *node* is ``(fields, label, plain)``: ``fields`` maps an element name to a *field*
 ``(op, sub_node, processor, arg, label)``. The walk builds a new dict from the input dict, looking each key up
 once: elements absent from ``fields`` are not allowed (counted, never copied). Nothing here interprets
 FHIRPath and nothing deep-copies the input; primitives are shared (immutable), containers are rebuilt.
@@ -19,9 +19,20 @@ from typing import Any
 
 KEEP, COMPLEX, REMOVE, CALL = 0, 1, 2, 3
 _PRIMITIVE = (str, int, float, bool)
+_PRIMITIVE_SET = frozenset(_PRIMITIVE)
 _NL_POSTCODE = re.compile(r"^\s*([1-9][0-9]{3})\s?[A-Za-z]{2}\s*$")
 
-Node = tuple[dict[str, tuple], str]
+# (fields, label, plain): ``plain`` = the names whose field is KEEP (a JSON primitive), filled once by the
+# compiler after the fields (nodes are created before they are filled because datatypes are recursive)
+Node = tuple[dict[str, tuple], str, set[str]]
+
+
+def finish(node: Node) -> Node:
+    """Compute ``plain`` once the fields are complete."""
+    node[2].update(name for name, f in node[0].items() if f[0] == KEEP)
+    return node
+
+
 Processor = Callable[[Any, tuple, "WalkContext"], Any]
 
 
@@ -71,26 +82,58 @@ class WalkContext:
 # ── the walk (method `keep` for complex elements) ───────────────────────────────────────────────────────────
 
 
-def walk(src: dict[str, Any], node: Node, ctx: WalkContext) -> dict[str, Any]:
-    fields, label = node
-    out: dict[str, Any] = {}
+def walk(
+    src: dict[str, Any], node: Node, ctx: WalkContext, out: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Build the output dict of ``src`` (into ``out`` if given). The hot loop of the engine: kept flat."""
+    fields, label, plain = node
+    if out is None:
+        if src.keys() <= plain:
+            # fast path (Coding, Quantity, Period...): every key is a kept primitive; copy if the values are
+            for value in src.values():
+                t = type(value)
+                if t is not str and t not in _PRIMITIVE_SET:
+                    break
+            else:
+                return dict(src)
+        out = {}
+    removed = ctx.removed
     for key, value in src.items():
         f = fields.get(key)
         if f is None:
             # not allowed (or not FHIR): the key itself is input, so it is counted under a fixed label
-            ctx.count(label + ".(not-allowed)")
+            lbl = label + ".(not-allowed)"
+            removed[lbl] = removed.get(lbl, 0) + 1
             continue
         op = f[0]
         if op == KEEP:
+            t = type(value)
+            if t is str or t in _PRIMITIVE_SET:
+                out[key] = value
+                continue
             r = keep_primitive(value, f, ctx)
         elif op == COMPLEX:
-            r = keep_complex(value, f, ctx)
-        elif op == REMOVE:
-            if f[4] is not None:
-                ctx.count(f[4])
-            continue
-        else:
+            t = type(value)
+            if t is dict:
+                r = walk(value, f[1], ctx) or None
+            elif t is list:
+                sub = f[1]
+                r = []
+                for item in value:
+                    if type(item) is dict:
+                        x = walk(item, sub, ctx)
+                        if x:
+                            r.append(x)
+                r = r or None
+            else:
+                r = keep_complex(value, f, ctx)
+        elif op == CALL:
             r = f[2](value, f, ctx)
+        else:  # REMOVE
+            lbl = f[4]
+            if lbl is not None:
+                removed[lbl] = removed.get(lbl, 0) + 1
+            continue
         if r is not None:
             out[key] = r
     return out
