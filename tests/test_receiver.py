@@ -308,3 +308,43 @@ def test_rekey_through_the_reference_ttp(tmp_path: Path) -> None:
             assert result == {"patients": 1, "translated": len(rows), "unchanged": 0, "failed": 0}
             patient = httpx.get(f"{base}/Patient/p1").json()
     assert [i["value"] for i in patient["identifier"]] == [row["v2"] for row in rows]
+
+
+def test_cli_serve_with_the_real_leak_scanner(tmp_path: Path) -> None:
+    """`fhir-gateway receiver serve` as a subprocess, with gateway.deid.leakscan as the gate."""
+    import subprocess
+    import sys
+
+    from tests.servers import free_port, wait_http
+
+    port = free_port()
+    code = "from gateway.receiver.commands import app; app()"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--test-faults",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/metadata", timeout=30)
+        assert post(base, make_bundle(1)).status_code == 200
+        bsn = {"system": "http://fhir.nl/fhir/NamingSystem/bsn", "value": "111222333"}
+        refused = post(base, make_bundle(2, "p2", identifiers=[bsn]))
+        assert refused.status_code == 422 and "111222333" not in refused.text
+        assert httpx.post(f"{base}/_faults", json={"status": 503}).status_code == 200
+        assert post(base, make_bundle(3)).status_code == 503
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    listing = CliRunner().invoke(receiver_cli, ["list", "--data-dir", str(tmp_path / "d")])
+    assert "Bundles received (1 in total)" in listing.output
