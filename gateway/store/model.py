@@ -40,7 +40,7 @@ class Delivery:
     payload_size: int
     counts: dict[str, Any] = field(default_factory=dict)
     pseudonym_types: tuple[str, ...] = ()
-    payload: bytes | None = None
+    payload: bytes | None = field(default=None, repr=False)  # never in a log line via repr()
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready view without the payload (for the service's delivery listing)."""
