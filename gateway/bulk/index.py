@@ -46,7 +46,7 @@ CREATE TABLE files (id INTEGER PRIMARY KEY, name TEXT NOT NULL, size INTEGER NOT
 CREATE TABLE resources (
     id INTEGER PRIMARY KEY, file INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL,
     line INTEGER NOT NULL, rtype TEXT NOT NULL, self_key INTEGER, is_patient INTEGER NOT NULL DEFAULT 0,
-    owner INTEGER, state TEXT NOT NULL DEFAULT 'pending');
+    owner INTEGER, state TEXT NOT NULL DEFAULT 'pending', sent INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE pkeys (key INTEGER NOT NULL, patient INTEGER NOT NULL);
 CREATE TABLE prefs (res INTEGER NOT NULL, key INTEGER NOT NULL, strict INTEGER NOT NULL);
 CREATE TABLE edges (res INTEGER NOT NULL, key INTEGER NOT NULL);
@@ -327,6 +327,7 @@ def _cut_groups(conn: sqlite3.Connection, group_size: int, max_group_resources: 
 # -- reading back -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Line:
+    id: int
     file: int
     off: int
     length: int
@@ -353,7 +354,7 @@ def group_lines(conn: sqlite3.Connection, group: int) -> list[Line]:
             break
         frontier = list(found)
     rows = owned + [shared[k] for k in sorted(shared)]
-    return [Line(f, o, n, ln, t, w) for _, f, o, n, ln, t, w in rows]
+    return [Line(*row) for row in rows]
 
 
 def _shared_targets(conn: sqlite3.Connection, sources: list[int], seen: dict[int, tuple]) -> set[int]:
@@ -376,12 +377,18 @@ def not_delivered(conn: sqlite3.Connection) -> Iterable[tuple[str, str, int]]:
                            WHERE state NOT IN ('ok', 'shared') GROUP BY state, rtype""").fetchall()
 
 
-def shared_unreferenced(conn: sqlite3.Connection) -> Iterable[tuple[str, int]]:
-    """Shared resources no delivered resource references: they are never sent (nothing links them to a
-    patient delivery)."""
-    return conn.execute("""SELECT rtype, COUNT(*) FROM resources r WHERE state = 'shared' AND NOT EXISTS
-                           (SELECT 1 FROM edges e JOIN resources s ON s.id = e.res
-                            WHERE e.key = r.self_key AND s.state IN ('ok', 'shared'))
+def mark_sent(conn: sqlite3.Connection, lines: list[Line]) -> None:
+    """Remember which shared resources went out with some group (for the summary's accounting)."""
+    ids = [(line.id,) for line in lines if line.owner is None]
+    conn.execute("BEGIN")
+    conn.executemany("UPDATE resources SET sent = 1 WHERE id = ?", ids)
+    conn.execute("COMMIT")
+
+
+def shared_unsent(conn: sqlite3.Connection) -> Iterable[tuple[str, int]]:
+    """Shared resources that no delivered group referred to: nothing links them to a patient, so they are
+    never sent (a registry gets no free-floating Organizations or Practitioners)."""
+    return conn.execute("""SELECT rtype, COUNT(*) FROM resources WHERE state = 'shared' AND sent = 0
                            GROUP BY rtype""").fetchall()
 
 

@@ -64,8 +64,9 @@ async def deliver_export(files: list[ix.SourceFile], *, chains: Chains, sink: Si
             ix.build_index, conn, files, ix.Keyer(), group_size=options.group_size,
             max_group_resources=options.max_group_resources, max_line_bytes=options.max_line_bytes,
             progress=(lambda done: progress("index", done, total_bytes)) if progress else None)
-        summary.absorb_index(stats, conn, MAX_INVALID_LISTED)
+        summary.absorb_index(stats, conn, MAX_INVALID_LISTED, chains.validator.resource_types | {"(unknown)"})
         await _deliver_groups(conn, state, files, chains, sink, options, summary, recorded, progress)
+        summary.absorb_unsent(conn)
     finally:
         conn.close()
         state.close()
@@ -83,13 +84,14 @@ async def _deliver_groups(conn: sqlite3.Connection, state: sqlite3.Connection, f
     ran = 0
     try:
         for group in range(total):
+            if options.stop_after_groups is not None and ran >= options.stop_after_groups:
+                raise StopAfter(f"stopped after {ran} groups")
+            lines = await asyncio.to_thread(ix.group_lines, conn, group)
+            await asyncio.to_thread(ix.mark_sent, conn, lines)
             if group in done:
                 summary.absorb_group(orjson.loads(done[group]), resumed=True)
                 _tick(progress, summary, total)
                 continue
-            if options.stop_after_groups is not None and ran >= options.stop_after_groups:
-                raise StopAfter(f"stopped after {ran} groups")
-            lines = await asyncio.to_thread(ix.group_lines, conn, group)
             counts = await _one_group(lines, read, chains, sink, options, summary.job, group, recorded)
             state.execute("INSERT INTO groups_done (id, counts, at) VALUES (?, ?, ?)",
                           (group, orjson.dumps(counts), time.time()))

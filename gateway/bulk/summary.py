@@ -34,16 +34,17 @@ class BulkSummary:
     bundles_already_stored: int = 0
     seconds: float = 0.0
     _file_names: dict[int, str] = field(default_factory=dict, repr=False)
+    _known: frozenset[str] = field(default=frozenset({"(unknown)"}), repr=False)
 
-    def absorb_index(self, stats: ix.IndexStats, conn: sqlite3.Connection, max_listed: int) -> None:
+    def absorb_index(self, stats: ix.IndexStats, conn: sqlite3.Connection, max_listed: int,
+                     known_types: frozenset[str]) -> None:
+        self._known = known_types
         self.files, self.bytes, self.lines, self.patients = stats.files, stats.bytes, stats.lines, stats.patients
         self._file_names = ix.file_names(conn)
         for rtype, n in conn.execute("SELECT rtype, COUNT(*) FROM resources GROUP BY rtype"):
-            self.resources_in[rtype] += n
+            self.resources_in[self._label(rtype)] += n
         for reason, rtype, n in ix.not_delivered(conn):
             self._drop(reason, rtype, n)
-        for rtype, n in ix.shared_unreferenced(conn):
-            self._drop("shared-unreferenced", rtype, n)
         invalid = conn.execute("SELECT COUNT(*) FROM invalid").fetchone()[0]
         if invalid:
             self._drop("invalid-line", "(unknown)", invalid)
@@ -66,8 +67,15 @@ class BulkSummary:
             if len(self.invalid_lines) < 1000:
                 self.invalid_lines.append((self._file_names.get(file_no, str(file_no)), line, reason))
 
+    def absorb_unsent(self, conn: sqlite3.Connection) -> None:
+        for rtype, n in ix.shared_unsent(conn):
+            self._drop("shared-not-referenced", rtype, n)
+
+    def _label(self, rtype: str) -> str:
+        return rtype if rtype in self._known else "(unknown)"  # a type name from input only if it is R4
+
     def _drop(self, reason: str, rtype: str, n: int) -> None:
-        self.dropped.setdefault(reason, Counter())[rtype] += n
+        self.dropped.setdefault(reason, Counter())[self._label(rtype)] += n
 
     def as_dict(self) -> dict[str, Any]:
         return {

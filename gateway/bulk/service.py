@@ -1,0 +1,153 @@
+"""Bulk jobs inside the running gateway (`POST /registries/{r}/$import`, `GET /bulk/{job}`).
+
+Each job runs in its own thread with its own event loop, so a yearly export does not stall the Bundle
+endpoint's loop with CPU work; the chain's I/O objects (TTP client, opt-out sources) belong to the server's
+loop, so their calls are handed back to it (`_OnLoop`). The outbox worker of the server forwards what the job
+stores. Job state is in memory (status) and in `<work_root>/<job>/state.db` (resume on a re-run of the job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from gateway.bulk import BulkOptions, BulkSummary, run_bulk_async
+from gateway.bulk.chains import from_runtime
+from gateway.bulk.group import Chains
+from gateway.bulk.sources import SourceError
+from gateway.optout.base import Decision, PatientRef
+from gateway.outcome import FhirError
+from gateway.pseudonym.types import PrePseudonym
+from gateway.ttp.backend import TTPResult, TTPUnavailable
+
+log = logging.getLogger("gateway.bulk")
+
+
+@dataclass
+class JobStatus:
+    id: str
+    provider: str
+    registry: str
+    state: str = "queued"  # queued | indexing | delivering | completed | failed
+    phase_done: int = 0
+    phase_total: int = 0
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    summary: BulkSummary | None = None
+    error: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"job": self.id, "registry": self.registry, "state": self.state,
+                               "progress": {"done": self.phase_done, "total": self.phase_total},
+                               "startedAt": self.started, "finishedAt": self.finished}
+        if self.summary is not None:
+            out["summary"] = self.summary.as_dict()
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class BulkJobs:
+    def __init__(self, runtime: Any, *, work_root: Path, import_dir: Path | None,
+                 options: BulkOptions | None = None, max_upload_bytes: int = 20 * 1024**3) -> None:
+        self.runtime, self.work_root, self.import_dir = runtime, work_root, import_dir
+        self.options = options or BulkOptions()
+        self.max_upload_bytes = max_upload_bytes
+        self.jobs: dict[str, JobStatus] = {}
+        self._threads: dict[str, threading.Thread] = {}
+
+    def new_job(self, provider: str, registry: str) -> JobStatus:
+        job = JobStatus(uuid.uuid4().hex, provider, registry)
+        (self.work_root / job.id).mkdir(parents=True, exist_ok=True)
+        self.jobs[job.id] = job
+        return job
+
+    async def receive_upload(self, job: JobStatus, chunks: AsyncIterator[bytes]) -> Path:
+        """Stream an NDJSON upload to the job's folder (never whole in memory)."""
+        target = self.work_root / job.id / "upload.ndjson"
+        size = 0
+        with target.open("wb") as handle:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > self.max_upload_bytes:
+                    raise FhirError.single(413, "too-costly", "upload larger than the bulk limit")
+                handle.write(chunk)
+        return target
+
+    def manifest_path(self, job: JobStatus, manifest: bytes) -> Path:
+        if self.import_dir is None:
+            raise FhirError.single(403, "forbidden", "manifest imports are not enabled on this gateway "
+                                   "(no import folder configured); upload NDJSON instead")
+        target = self.work_root / job.id / "manifest.json"
+        target.write_bytes(manifest)
+        return target
+
+    def start(self, job: JobStatus, sources: list[Path], *, sender: str) -> None:
+        loop = asyncio.get_running_loop()
+        chains = _on_loop(from_runtime(self.runtime, job.registry, job.provider), loop)
+        thread = threading.Thread(target=self._run, args=(job, sources, chains, sender), daemon=True,
+                                  name=f"bulk-{job.id[:8]}")
+        self._threads[job.id] = thread
+        thread.start()
+
+    def _run(self, job: JobStatus, sources: list[Path], chains: Chains, sender: str) -> None:
+        def progress(phase: str, done: int, total: int) -> None:
+            job.state, job.phase_done, job.phase_total = ("indexing" if phase == "index" else "delivering",
+                                                          done, total)
+
+        try:
+            job.summary = asyncio.run(run_bulk_async(
+                sources, registry=job.registry, work_dir=self.work_root / job.id, runtime=self.runtime,
+                chains=chains, provider=job.provider, sender=sender, options=self.options, progress=progress,
+                allowed_root=self.import_dir))
+            job.state = "completed"
+        except SourceError as exc:
+            job.state, job.error = "failed", str(exc)
+        except TTPUnavailable:
+            job.state, job.error = "failed", "the TTP could not be reached; re-run the import to resume"
+        except Exception as exc:  # noqa: BLE001 - reported as a fixed text with the error class only
+            log.exception("bulk job %s failed", job.id)
+            job.state, job.error = "failed", f"internal error ({type(exc).__name__})"
+        finally:
+            job.finished = time.time()
+
+    def wait(self, job_id: str, timeout: float | None = None) -> None:
+        thread = self._threads.get(job_id)
+        if thread is not None:
+            thread.join(timeout)
+
+
+# -- the chain's I/O objects, called on the server's loop --------------------------------------------------
+class _OnLoop:
+    def __init__(self, target: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._target, self._loop = target, loop
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        future = asyncio.run_coroutine_threadsafe(getattr(self._target, name)(*args), self._loop)
+        return await asyncio.wrap_future(future)
+
+
+class _TTPOnLoop(_OnLoop):
+    async def pseudonymise(self, registry: str, items: Sequence[PrePseudonym]) -> list[TTPResult]:
+        return await self._call("pseudonymise", registry, items)
+
+    async def probe(self) -> None:
+        await self._call("probe")
+
+
+class _OptOutOnLoop(_OnLoop):
+    async def check(self, patients: Sequence[PatientRef]) -> dict[str, Decision]:
+        return await self._call("check", patients)
+
+
+def _on_loop(chains: Chains, loop: asyncio.AbstractEventLoop) -> Chains:
+    registry = replace(chains.registry, optout=tuple(_OptOutOnLoop(s, loop) for s in chains.registry.optout))
+    provider = replace(chains.provider, ttp=_TTPOnLoop(chains.provider.ttp, loop))
+    return Chains(registry, provider, chains.validator, chains.mapping)

@@ -1,0 +1,69 @@
+"""`POST /registries/{registry}/$import` (NDJSON upload or a manifest of files in the import folder) and
+`GET /bulk/{job}` (status, progress, counts). Same authentication and registry authorisation as the Bundle
+endpoint; a job is visible only to callers of the provider that started it.
+
+    install_bulk_routes(app, runtime)   # work folder and import folder from the environment (see below)
+
+FHIR_GATEWAY_BULK_WORK_DIR (default `var/bulk`): per-job index and state. FHIR_GATEWAY_BULK_IMPORT_DIR (no
+default): the only folder a manifest may name files in; without it only uploads are accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from gateway.bulk.service import BulkJobs
+from gateway.outcome import FhirError
+from gateway.service.app import caller_of
+from gateway.service.auth import require_registry
+from gateway.service.body import NDJSON_TYPES, read_limited
+
+MANIFEST_TYPES = {"application/json", "application/fhir+json"}
+MAX_MANIFEST_BYTES = 1024 * 1024
+
+
+def install_bulk_routes(app: FastAPI, runtime, *, work_root: Path | None = None,  # noqa: ANN001
+                        import_dir: Path | None = None) -> BulkJobs:
+    work_root = work_root or Path(os.environ.get("FHIR_GATEWAY_BULK_WORK_DIR", "var/bulk"))
+    env_import = os.environ.get("FHIR_GATEWAY_BULK_IMPORT_DIR")
+    import_dir = import_dir or (Path(env_import) if env_import else None)
+    jobs = BulkJobs(runtime, work_root=work_root, import_dir=import_dir)
+    app.state.bulk_jobs = jobs
+
+    @app.post("/registries/{registry}/$import")
+    async def bulk_import(registry: str, request: Request) -> Response:
+        caller = caller_of(runtime, request)
+        require_registry(caller, registry, runtime.registries)
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media not in NDJSON_TYPES | MANIFEST_TYPES:
+            raise FhirError.single(415, "not-supported", "send application/fhir+ndjson (the export) or "
+                                   "application/json (a Bulk Data manifest of files in the import folder)")
+        job = jobs.new_job(caller.provider or "", registry)
+        if media in NDJSON_TYPES:
+            sources = [await jobs.receive_upload(job, request.stream())]
+        else:
+            sources = [jobs.manifest_path(job, await read_limited(request, MAX_MANIFEST_BYTES))]
+        jobs.start(job, sources, sender=caller.client_id)
+        location = f"/bulk/{job.id}"
+        return Response(orjson.dumps(job.view()), status_code=202, media_type="application/json",
+                        headers={"Content-Location": location})
+
+    @app.get("/bulk/{job_id}")
+    async def bulk_status(job_id: str, request: Request) -> Response:
+        caller = caller_of(runtime, request)
+        job = jobs.jobs.get(job_id)
+        if job is None or (not caller.admin and job.provider != caller.provider):
+            raise FhirError.single(404, "not-found", "no such bulk job for this client")
+        running = job.state not in ("completed", "failed")
+        headers = {"X-Progress": f"{job.state} {job.phase_done}/{job.phase_total}"}
+        if running:
+            headers["Retry-After"] = "2"
+        return Response(orjson.dumps(job.view()), status_code=202 if running else 200,
+                        media_type="application/json", headers=headers)
+
+    return jobs

@@ -1,0 +1,221 @@
+"""Bulk delivery (offline chain, real files): corpus exports, opt-out, invalid lines, resume, bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.bulk import BulkOptions, JobMismatch, SourceError, StopAfter, StoreSink, run_bulk, run_bulk_async
+from gateway.bulk import index as ix
+from gateway.bulk.chains import offline_chains
+from gateway.bulk.sources import resolve_sources
+from gateway.bulk.synth import SynthSpec, patient_id, write_export
+from gateway.forward import RegistryClient
+from gateway.metrics import GatewayMetrics
+from gateway.receiver import create_receiver_app
+from gateway.store import open_store
+from gateway.worker import OutboxWorker
+from tests.servers import serve
+
+CORPUS = Path("/work/shared/corpus/ndjson")
+REGISTRY = "example-generic"
+needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason="shared NDJSON corpus not present")
+
+
+def bundles(folder: Path) -> list[dict]:
+    return [orjson.loads(p.read_bytes()) for p in sorted(folder.glob("*.json"))]
+
+
+def resources(folder: Path) -> list[dict]:
+    return [e["resource"] for b in bundles(folder) for e in b["entry"]]
+
+
+@needs_corpus
+def test_sample_bulk_export_is_delivered_per_patient(tmp_path: Path) -> None:
+    summary = run_bulk([CORPUS / "sample-bulk-10-patients"], registry=REGISTRY, work_dir=tmp_path / "w",
+                       to_dir=tmp_path / "out", options=BulkOptions(group_size=4, bundle_size=150))
+    assert summary.patients == 13 and summary.groups_total == 4 and summary.groups_done == 4
+    assert summary.resources_in["Condition"] == 555
+    assert summary.sent["Patient"] == 13 and summary.sent["Condition"] == 555
+    assert summary.invalid_lines == []
+    for bundle in bundles(tmp_path / "out"):
+        assert bundle["type"] == "transaction"
+        patients = sum(e["resource"]["resourceType"] == "Patient" for e in bundle["entry"])
+        # at most bundle_size entries (+ Provenance), unless one patient alone is bigger: never split a patient
+        assert len(bundle["entry"]) <= 151 or patients == 1
+        full_urls = {e["fullUrl"] for e in bundle["entry"]}
+        refs = {r for r in _references(bundle) if r.startswith("urn:uuid:")}
+        assert refs <= full_urls  # every internal reference resolves inside its own Bundle
+        provenance = bundle["entry"][-1]["resource"]
+        assert provenance["resourceType"] == "Provenance"
+        assert {t["reference"] for t in provenance["target"]} == full_urls - {bundle["entry"][-1]["fullUrl"]}
+
+
+@needs_corpus
+def test_cumulus_export_reports_resources_of_absent_patients(tmp_path: Path) -> None:
+    summary = run_bulk([CORPUS / "cumulus-etl-simple-input"], registry=REGISTRY, work_dir=tmp_path / "w",
+                       to_dir=tmp_path / "out")
+    assert summary.patients == 2
+    absent = summary.dropped["patient-absent"]
+    assert absent["Condition"] == 2 and absent["Procedure"] == 2
+    assert summary.sent["Patient"] == 2 and summary.sent["Encounter"] == 2
+    assert "shared-not-referenced" in summary.dropped  # Organizations etc. no delivered resource points at
+    sent_types = {r["resourceType"] for r in resources(tmp_path / "out")}
+    assert "Condition" not in sent_types
+
+
+def test_objecting_patient_is_dropped_with_all_their_resources(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=12, resources_per_patient=8, objecting={5}))
+    summary = run_bulk([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out",
+                       options=BulkOptions(group_size=5))
+    assert summary.patients_opted_out == 1
+    assert summary.resources_opted_out == 1 + 8 + 1  # Patient, clinical resources, the Consent itself
+    assert summary.sent["Patient"] == 11
+    sent = resources(tmp_path / "out")
+    assert sum(r["resourceType"] == "Patient" for r in sent) == 11
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "out").glob("*.json"))
+    assert patient_id(5).encode() not in raw and b"MRN00000005" not in raw
+
+
+def test_invalid_lines_are_reported_by_line_number_without_values(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=4, resources_per_patient=4,
+                                                invalid_lines={"Observation": [2], "Condition": [3]}))
+    # a schema-invalid but well-formed line: reported by the chain, by number
+    with (tmp_path / "export" / "Procedure.ndjson").open("ab") as f:
+        f.write(orjson.dumps({"resourceType": "Procedure", "id": "bad1", "status": 42,
+                              "subject": {"reference": f"Patient/{patient_id(1)}"}}) + b"\n")
+    summary = run_bulk([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
+    listed = {(f, n): reason for f, n, reason in summary.invalid_lines}
+    assert listed[("Observation.ndjson", 2)] == "malformed-json"
+    assert listed[("Condition.ndjson", 3)] == "malformed-json"
+    assert listed[("Procedure.ndjson", 5)].startswith("rejected-")
+    assert summary.sent["Patient"] == 4  # the rest of that patient's group still goes
+    text = orjson.dumps(summary.as_dict())
+    assert b"broken" not in text and b"MRN" not in text
+
+
+def test_resume_after_interruption_stores_every_bundle_once(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=10, resources_per_patient=6))
+    options = BulkOptions(group_size=2, bundle_size=10)
+    with pytest.raises(StopAfter):
+        run_bulk([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out",
+                 options=BulkOptions(group_size=2, bundle_size=10, stop_after_groups=2))
+    first = {p.name for p in (tmp_path / "out").glob("*.json")}
+    summary = run_bulk([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out",
+                       options=options)
+    assert summary.groups_total == 5 and summary.groups_resumed == 2
+    names = {p.name for p in (tmp_path / "out").glob("*.json")}
+    assert first < names
+    assert sum(r["resourceType"] == "Patient" for r in resources(tmp_path / "out")) == 10
+
+
+def test_a_work_dir_of_another_export_is_refused(tmp_path: Path) -> None:
+    write_export(tmp_path / "a", SynthSpec(patients=2, resources_per_patient=2))
+    write_export(tmp_path / "b", SynthSpec(patients=3, resources_per_patient=2))
+    run_bulk([tmp_path / "a"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
+    with pytest.raises(JobMismatch):
+        run_bulk([tmp_path / "b"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
+
+
+def test_groups_are_read_from_the_index_by_offset(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=6, resources_per_patient=5))
+    files = resolve_sources([tmp_path / "export"])
+    conn = ix.open_index(tmp_path / "index.db")
+    stats = ix.build_index(conn, files, ix.Keyer(), group_size=4, max_group_resources=1000, max_line_bytes=1 << 20)
+    assert stats.patients == 6 and ix.group_count(conn) == 2
+    lines = ix.group_lines(conn, 0)
+    assert {line.rtype for line in lines} >= {"Patient", "Encounter", "Organization", "Practitioner"}
+    for line in lines:  # offsets point at exactly one line of the right type
+        with files[line.file].path.open("rb") as f:
+            f.seek(line.off)
+            assert orjson.loads(f.read(line.length))["resourceType"] == line.rtype
+    # nothing identifying is stored: no ids, names or numbers from the export, only offsets and keys
+    dump = "\n".join(sqlite3.connect(tmp_path / "index.db").iterdump())
+    assert patient_id(1) not in dump and "MRN" not in dump and "Dorpsstraat" not in dump
+
+
+def test_group_memory_is_bounded_by_max_group_resources(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=10, resources_per_patient=20))
+    files = resolve_sources([tmp_path / "export"])
+    conn = ix.open_index(tmp_path / "index.db")
+    ix.build_index(conn, files, ix.Keyer(), group_size=200, max_group_resources=50, max_line_bytes=1 << 20)
+    sizes = [r[0] for r in conn.execute("SELECT resources FROM groups")]
+    assert len(sizes) == 5 and max(sizes) <= 50
+
+
+def test_manifest_must_stay_inside_the_import_folder(tmp_path: Path) -> None:
+    write_export(tmp_path / "imports" / "x", SynthSpec(patients=1, resources_per_patient=1))
+    good = tmp_path / "good.json"
+    good.write_bytes(orjson.dumps({"output": [{"type": "Patient", "url": "x/Patient.ndjson"}]}))
+    assert len(resolve_sources([good], allowed_root=tmp_path / "imports")) == 1
+    for url in ("../secret.ndjson", "/etc/passwd", "https://example.org/Patient.ndjson"):
+        bad = tmp_path / "bad.json"
+        bad.write_bytes(orjson.dumps({"output": [{"type": "Patient", "url": url}]}))
+        with pytest.raises(SourceError):
+            resolve_sources([bad], allowed_root=tmp_path / "imports")
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[str]:
+    with serve(create_receiver_app(tmp_path / "recv")) as base:
+        yield base
+
+
+def test_resume_through_the_outbox_delivers_each_bundle_exactly_once(tmp_path: Path, receiver: str) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=9, resources_per_patient=6))
+    store = open_store(f"sqlite:///{tmp_path / 'gw.db'}")
+    chains = offline_chains(REGISTRY, tmp_path / "w")
+    sink = StoreSink(store, provider="ura:00000000", registry=REGISTRY, sender="test")
+    options = BulkOptions(group_size=2, bundle_size=8)
+
+    async def go() -> None:
+        with pytest.raises(StopAfter):
+            await run_bulk_async([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", chains=chains,
+                                 sink=sink, options=BulkOptions(group_size=2, bundle_size=8, stop_after_groups=3))
+        await _forward(store, receiver)  # what was stored before the interruption is delivered
+        summary = await run_bulk_async([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w",
+                                       chains=chains, sink=sink, options=options)
+        assert summary.groups_resumed == 3
+        # replaying a finished job stores nothing new
+        stored = sum(store.depth().values())
+        again = await run_bulk_async([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w",
+                                     chains=chains, sink=sink, options=options)
+        assert again.groups_resumed == again.groups_total and sum(store.depth().values()) == stored
+        await _forward(store, receiver)
+
+    asyncio.run(go())
+    counts = httpx.get(f"{receiver}/_accepted").json()
+    assert counts and set(counts.values()) == {1}
+    assert store.depth()["delivered"] == len(counts)
+    patients = [d for d in httpx.get(f"{receiver}/deliveries").json()]
+    assert sum((d.get("resourceCounts") or {}).get("Patient", 0) for d in patients) == 9
+
+
+async def _forward(store, receiver: str) -> None:  # noqa: ANN001
+    client = RegistryClient(receiver, timeout=10)
+    worker = OutboxWorker(store, {REGISTRY: client}, poll_interval=0.01,
+                          metrics=GatewayMetrics.create(CollectorRegistry()))
+    try:
+        while await worker.run_once():
+            pass
+    finally:
+        await client.aclose()
+
+
+def _references(node: object) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                yield value
+            else:
+                yield from _references(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _references(value)
