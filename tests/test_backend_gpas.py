@@ -95,7 +95,7 @@ def test_batches_split_by_batch_size_counted_at_the_stub():
     items = _items(2500)
     with serve(create_gpas_stub(state)) as base:
         results = _run(base, lambda t: t.pseudonymise(REGISTRY, items), batch_size=1000)
-    assert [len(v) for v in state.received(PSA)] == [1000, 1000, 500]
+    assert sorted(len(v) for v in state.received(PSA)) == [500, 1000, 1000]  # chunks go concurrently
     assert all(r.identifier_value for r in results)
     assert [r.index for r in results] == list(range(2500))
 

@@ -76,7 +76,7 @@ def test_at_most_1000_values_per_request():
     state = TresState(max_values=1000)
     with serve(create_tres_stub(state)) as base:
         results = _run(base, lambda t: t.pseudonymise(REGISTRY, _mrn(2500)))
-    assert [len(v) for v in state.received(ENC)] == [1000, 1000, 500]
+    assert sorted(len(v) for v in state.received(ENC)) == [500, 1000, 1000]  # chunks go concurrently
     assert all(r.identifier_value for r in results) and [r.index for r in results] == list(range(2500))
     with pytest.raises(ValueError):
         _tres("http://127.0.0.1:1", chunk_size=1001)
