@@ -138,21 +138,22 @@ class EhrConsentSearch:
             self._cache.popitem(last=False)
 
     async def _search(self, patient_id: str) -> list[dict]:
-        params: list[tuple[str, str]] = [("patient", f"Patient/{patient_id}"), ("status", "active")]
-        params += [("scope", scope) for scope in self.scopes]
+        params: list[tuple[str, str]] | None = [("patient", f"Patient/{patient_id}"), ("status", "active")]
+        params += [("scope", scope) for scope in self.scopes]  # type: ignore[operator]
         url: str | None = f"{self.base_url}/Consent"
         consents: list[dict] = []
         for _ in range(self.max_pages):
             bundle = await self._get(url, params)  # type: ignore[arg-type]
             consents += _consents_of_searchset(bundle)
-            url, params = _next_link(bundle), []
+            # A next link carries its own query; params=None keeps it (an empty list would erase it).
+            url, params = _next_link(bundle), None
             if url is None:
                 return consents
             if not _same_origin(url, self.base_url):
                 raise _NotClean(Reason.EHR_INCOMPLETE)
         raise _NotClean(Reason.EHR_INCOMPLETE)
 
-    async def _get(self, url: str, params: list[tuple[str, str]]) -> dict:
+    async def _get(self, url: str, params: list[tuple[str, str]] | None) -> dict:
         try:
             response = await self._client.get(url, params=params, headers={"Accept": FHIR_JSON})
         except httpx.HTTPError as exc:  # transport errors, timeouts, invalid URLs

@@ -1,0 +1,706 @@
+"""Opt-out sources: register (HMAC digests), Consents in the Bundle, Consent search on a stub EHR, combining.
+
+The EHR is a small FastAPI *stub* (fake EHR) served by real uvicorn on loopback (tests/servers.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request, Response
+
+from gateway.optout import (
+    BearerToken,
+    BundleConsentOptOut,
+    CombinedOptOut,
+    ConsentPolicy,
+    Decision,
+    EhrConsentSearch,
+    InMemoryObjectionRegister,
+    ObjectionCsvError,
+    PatientRef,
+    Reason,
+    RegisterOptOut,
+    combine,
+    evaluate_consent,
+    objection_digest,
+    read_objection_csv,
+)
+from gateway.pipeline.validate import SchemaValidator
+from tests.servers import free_port, serve
+
+SCHEMA = Path("/work/shared/fhir-r4/fhir.schema.json")
+KEY = hashlib.sha256(b"test objection key (not a real key)").digest()
+PROVIDER, REGISTRY = "ura:00001234", "dica"
+ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
+REGISTRY_URA = "http://fhir.nl/fhir/NamingSystem/ura|00009999"
+POLICY = ConsentPolicy(registry_actors={REGISTRY: frozenset({REGISTRY_URA})})
+NOW = datetime(2026, 11, 24, 6, 0, tzinfo=UTC)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def patient_ref(pid: str = "pat-1", mrn: str | None = "MRN-7734421", key: str | None = None) -> PatientRef:
+    resource = {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [
+            {
+                "system": "http://fhir.nl/fhir/NamingSystem/bsn",
+                "value": "999911120" if pid == "pat-1" else f"bsn-of-{pid}",
+            }
+        ],
+    }
+    return PatientRef(key or f"urn:uuid:{pid}", resource, mrn, PROVIDER, REGISTRY)
+
+
+# --- realistic R4 Consents -------------------------------------------------------------------------
+
+
+def research_objection(patient: str = "urn:uuid:pat-1") -> dict:
+    """A patient's objection against reuse of data for quality registries and research, as a hospital EHR
+    could record it (scope research, deny, purposes HQUALIMP + HRESCH, open-ended period)."""
+    return {
+        "resourceType": "Consent",
+        "id": "bezwaar-1",
+        "status": "active",
+        "scope": {"coding": [{"system": SCOPE, "code": "research"}]},
+        "category": [
+            {"coding": [{"system": "http://loinc.org", "code": "59284-0", "display": "Patient Consent"}]}
+        ],
+        "patient": {"reference": patient},
+        "dateTime": "2025-03-01T10:15:00+01:00",
+        "organization": [
+            {"identifier": {"system": "http://fhir.nl/fhir/NamingSystem/ura", "value": "00001234"}}
+        ],
+        "sourceAttachment": {"contentType": "application/pdf", "title": "Bezwaarformulier"},
+        "policyRule": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}]
+        },
+        "provision": {
+            "type": "deny",
+            "period": {"start": "2025-03-01"},
+            "purpose": [
+                {"system": ACT_REASON, "code": "HQUALIMP", "display": "health quality improvement"},
+                {"system": ACT_REASON, "code": "HRESCH", "display": "healthcare research"},
+            ],
+        },
+    }
+
+
+def privacy_consent_with_registry_exception(patient: str = "urn:uuid:pat-1") -> dict:
+    """Deny all secondary use, except delivery to the named registry (nested permit, actor = registry)."""
+    return {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {"coding": [{"system": SCOPE, "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "64292-6"}]}],
+        "patient": {"reference": patient},
+        "provision": {
+            "type": "deny",
+            "provision": [
+                {
+                    "type": "permit",
+                    "actor": [
+                        {
+                            "role": {
+                                "coding": [
+                                    {
+                                        "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                        "code": "IRCP",
+                                    }
+                                ]
+                            },
+                            "reference": {
+                                "identifier": {
+                                    "system": "http://fhir.nl/fhir/NamingSystem/ura",
+                                    "value": "00009999",
+                                }
+                            },
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def treatment_directive(patient: str = "urn:uuid:pat-1") -> dict:
+    """zib TreatmentDirective2-style: do not resuscitate. About care, not data use."""
+    return {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {"coding": [{"system": SCOPE, "code": "treatment"}]},
+        "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "11341000146107"}]}],
+        "patient": {"reference": patient},
+        "provision": {
+            "type": "deny",
+            "code": [{"coding": [{"system": "http://snomed.info/sct", "code": "89666000"}]}],
+        },
+    }
+
+
+def withdrawn_objection(patient: str = "urn:uuid:pat-1") -> dict:
+    return {**research_objection(patient), "status": "inactive"}
+
+
+def expired_objection(patient: str = "urn:uuid:pat-1") -> dict:
+    consent = research_objection(patient)
+    consent["provision"] = {**consent["provision"], "period": {"start": "2020-01-01", "end": "2025-12-31"}}
+    return consent
+
+
+ALL_CONSENTS = [
+    research_objection,
+    privacy_consent_with_registry_exception,
+    treatment_directive,
+    withdrawn_objection,
+    expired_objection,
+]
+
+
+def test_example_consents_are_valid_r4() -> None:
+    validator = SchemaValidator.from_file(SCHEMA)
+    for make in ALL_CONSENTS:
+        assert validator.validate_resource(make()) == [], make.__name__
+
+
+@pytest.mark.parametrize(
+    ("make", "verdict"),
+    [
+        (research_objection, "deny"),
+        (privacy_consent_with_registry_exception, "permit"),
+        (treatment_directive, "not-applicable"),
+        (withdrawn_objection, "not-applicable"),
+        (expired_objection, "not-applicable"),
+    ],
+)
+def test_evaluate_realistic_consents(make, verdict: str) -> None:
+    assert evaluate_consent(make(), REGISTRY, POLICY, NOW) == verdict
+
+
+def test_registry_exception_is_registry_specific() -> None:
+    assert evaluate_consent(privacy_consent_with_registry_exception(), "nkr", POLICY, NOW) == "deny"
+
+
+@pytest.mark.parametrize(
+    ("change", "verdict"),
+    [
+        ({"status": None}, "unknown"),
+        ({"status": "onbekend"}, "unknown"),
+        ({"provision": {"type": "deny", "period": {"start": "gisteren"}}}, "unknown"),
+        ({"provision": {"type": "weigeren"}}, "unknown"),
+        ({"provision": {"type": "deny", "purpose": "HQUALIMP"}}, "unknown"),
+        ({"provision": {"type": "deny", "actor": [{"role": {}}]}}, "unknown"),
+        ({"provision": None, "policyRule": None}, "unknown"),
+        ({"provision": {"type": "deny", "period": {"end": "2026-11-24T06:59:59+01:00"}}}, "deny"),
+        ({"provision": {"type": "deny", "period": {"end": "2026-11-24T06:59:58+01:00"}}}, "not-applicable"),
+        ({"provision": {"type": "deny", "period": {"end": "2026-11-24"}}}, "deny"),
+        ({"provision": {"type": "deny", "period": {"start": "2026-11-25"}}}, "not-applicable"),
+        ({"provision": {"type": "deny", "period": {"start": "2026-11"}}}, "deny"),
+    ],
+)
+def test_evaluate_edge_cases(change: dict, verdict: str) -> None:
+    consent = research_objection()
+    for key, value in change.items():
+        if value is None:
+            consent.pop(key, None)
+        else:
+            consent[key] = value
+    now = datetime(2026, 11, 24, 5, 59, 59, tzinfo=UTC)  # 06:59:59 in Amsterdam
+    assert evaluate_consent(consent, REGISTRY, POLICY, now) == verdict
+
+
+# --- BundleConsentOptOut ---------------------------------------------------------------------------
+
+
+def consent_bundle(*consents: dict) -> dict:
+    entries = [
+        {"fullUrl": "urn:uuid:pat-1", "resource": patient_ref().resource},
+        {"fullUrl": "urn:uuid:pat-2", "resource": patient_ref("pat-2").resource},
+    ]
+    entries += [{"fullUrl": f"urn:uuid:c{i}", "resource": c} for i, c in enumerate(consents)]
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+
+
+def bundle_decisions(*consents: dict) -> dict[str, Decision]:
+    source = BundleConsentOptOut.from_bundle(consent_bundle(*consents), policy=POLICY, clock=lambda: NOW)
+    return run(source.check([patient_ref(), patient_ref("pat-2")]))
+
+
+def test_bundle_consents_per_patient() -> None:
+    decisions = bundle_decisions(research_objection("urn:uuid:pat-2"), treatment_directive("urn:uuid:pat-1"))
+    assert decisions == {
+        "urn:uuid:pat-1": Decision("allowed", Reason.CONSENT_NOT_APPLICABLE),
+        "urn:uuid:pat-2": Decision("objected", Reason.CONSENT_DENY),
+    }
+
+
+def test_bundle_without_consents_allows() -> None:
+    assert {d.reason for d in bundle_decisions().values()} == {Reason.NO_CONSENT}
+    assert run(BundleConsentOptOut().check([patient_ref()])) == {
+        "urn:uuid:pat-1": Decision("allowed", Reason.NO_CONSENT)
+    }
+
+
+def test_objection_beats_permit_and_unparseable() -> None:
+    unreadable = {**research_objection(), "provision": {"type": "deny", "period": {"start": "morgen"}}}
+    assert (
+        bundle_decisions(privacy_consent_with_registry_exception(), research_objection())[
+            "urn:uuid:pat-1"
+        ].status
+        == "objected"
+    )
+    assert bundle_decisions(unreadable)["urn:uuid:pat-1"] == Decision("unknown", Reason.CONSENT_UNPARSEABLE)
+    assert bundle_decisions(unreadable, research_objection())["urn:uuid:pat-1"].status == "objected"
+
+
+def test_patient_matching_forms() -> None:
+    for ref in [
+        "urn:uuid:pat-1",
+        "Patient/pat-1",
+        "https://ehr.example.nl/fhir/Patient/pat-1/_history/3",
+        "Patient?identifier=http://fhir.nl/fhir/NamingSystem/bsn|999911120",
+    ]:
+        decisions = bundle_decisions(research_objection(ref))
+        assert (decisions["urn:uuid:pat-1"].status, decisions["urn:uuid:pat-2"].status) == (
+            "objected",
+            "allowed",
+        )
+    logical = research_objection()
+    logical["patient"] = {
+        "identifier": {"system": "http://fhir.nl/fhir/NamingSystem/bsn", "value": "999911120"}
+    }
+    assert bundle_decisions(logical)["urn:uuid:pat-1"].status == "objected"
+
+
+def test_consent_without_patient_blocks_everyone_only_if_it_could_deny() -> None:
+    orphan = research_objection()
+    del orphan["patient"]
+    assert {d.reason for d in bundle_decisions(orphan).values()} == {Reason.CONSENT_WITHOUT_PATIENT}
+    orphan_permit = privacy_consent_with_registry_exception()
+    del orphan_permit["patient"]
+    assert {d.status for d in bundle_decisions(orphan_permit).values()} == {"allowed"}
+
+
+# --- register --------------------------------------------------------------------------------------
+
+
+def test_digest_is_stable() -> None:
+    digest = objection_digest(KEY, PROVIDER, "MRN-7734421")
+    assert digest == hmac.new(KEY, b"ura:00001234|MRN-7734421", hashlib.sha256).hexdigest()
+    assert digest == "80dc0c87668ef3276d7e57bb1ec1bcb204372ed05c942446cef45324620e79e7"
+    assert objection_digest(KEY, PROVIDER, "  MRN-7734421\n") == digest
+    assert objection_digest(KEY, "ura:00005555", "MRN-7734421") != digest
+    assert objection_digest(KEY[::-1], PROVIDER, "MRN-7734421") != digest
+
+
+def test_digest_pinned_vector() -> None:
+    """Pinned: a change of the message layout would orphan every stored objection."""
+    expected = "2479f8d1e247626720944bd1b8388dfa713307aedc955467e033bcf6947df7dd"
+    assert objection_digest(bytes(range(32)), "ura:1", "123") == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "provider", "number"),
+    [(b"short", PROVIDER, "1"), (KEY, "a|b", "1"), (KEY, "", "1"), (KEY, PROVIDER, "  ")],
+)
+def test_digest_rejects_bad_input_without_echo(key: bytes, provider: str, number: str) -> None:
+    with pytest.raises(ValueError) as err:
+        objection_digest(key, provider, number)
+    assert "MRN" not in str(err.value)
+
+
+def test_register_source() -> None:
+    store = InMemoryObjectionRegister()
+    store.add(PROVIDER, REGISTRY, objection_digest(KEY, PROVIDER, "MRN-1"))
+    store.add(PROVIDER, "*", objection_digest(KEY, PROVIDER, "MRN-ALL"))
+    store.add(PROVIDER, "nkr", objection_digest(KEY, PROVIDER, "MRN-NKR"))
+    source = RegisterOptOut(store, KEY)
+    patients = [
+        patient_ref("a", "MRN-1"),
+        patient_ref("b", "MRN-2"),
+        patient_ref("c", "MRN-ALL"),
+        patient_ref("d", "MRN-NKR"),
+        patient_ref("e", None),
+    ]
+    assert {k: (d.status, d.reason) for k, d in run(source.check(patients)).items()} == {
+        "urn:uuid:a": ("objected", Reason.REGISTER_OBJECTION),
+        "urn:uuid:b": ("allowed", Reason.REGISTER_NO_OBJECTION),
+        "urn:uuid:c": ("objected", Reason.REGISTER_OBJECTION),
+        "urn:uuid:d": ("allowed", Reason.REGISTER_NO_OBJECTION),
+        "urn:uuid:e": ("unknown", Reason.NO_PATIENT_NUMBER),
+    }
+    assert all("MRN" not in repr(d) for d in store.objections)  # digests only
+    store.withdraw(PROVIDER, REGISTRY, objection_digest(KEY, PROVIDER, "MRN-1"))
+    assert run(source.check(patients[:1]))["urn:uuid:a"].status == "allowed"
+
+
+def test_register_fails_closed() -> None:
+    store = InMemoryObjectionRegister(available=False)
+    assert run(RegisterOptOut(store, KEY).check([patient_ref()]))["urn:uuid:pat-1"] == Decision(
+        "unknown", Reason.REGISTER_UNAVAILABLE
+    )
+
+    async def broken(provider: str, registry: str, digest_hex: str) -> bool | None:
+        raise ConnectionError("database at 10.0.0.1 said MRN-7734421")
+
+    decision = run(RegisterOptOut(broken, KEY).check([patient_ref()]))["urn:uuid:pat-1"]
+    assert decision == Decision("unknown", Reason.REGISTER_UNAVAILABLE)
+
+
+def test_register_with_the_sqlite_store(tmp_path: Path) -> None:
+    store_module = pytest.importorskip("gateway.store")
+    store = store_module.open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    assert store.add_objection(PROVIDER, REGISTRY, bytes.fromhex(objection_digest(KEY, PROVIDER, "MRN-1")))
+    source = RegisterOptOut(store.objection_lookup, KEY)
+    decisions = run(source.check([patient_ref("a", "MRN-1"), patient_ref("b", "MRN-2")]))
+    assert (decisions["urn:uuid:a"].status, decisions["urn:uuid:b"].status) == ("objected", "allowed")
+
+
+# --- CSV import ------------------------------------------------------------------------------------
+
+
+def test_read_objection_csv(tmp_path: Path) -> None:
+    path = tmp_path / "bezwaren.csv"
+    path.write_bytes(
+        "\ufeffPatientnummer;datum;opmerking\n# export 2026-11\n\n 123456 ;2026-01-01;x\n"
+        'AB-77/3;2026-02-01;"met ; puntkomma"\r\n'.encode()
+    )
+    assert list(read_objection_csv(path)) == ["123456", "AB-77/3"]
+    path.write_text("patient_number\n1\n2\n")
+    assert list(read_objection_csv(path)) == ["1", "2"]
+
+
+def test_read_objection_csv_bad_rows(tmp_path: Path) -> None:
+    path = tmp_path / "bezwaren.csv"
+    path.write_text("patient_number,date\n1,2026\nJansen Piet,2026\n,2026\n3\n4,2026\n" + "x" * 70 + ",1\n")
+    errors: list[ObjectionCsvError] = []
+    assert list(read_objection_csv(path, on_error=errors.append)) == ["1", "4"]
+    assert [(e.line_no, e.problem.split(" ")[0]) for e in errors] == [
+        (3, "patient"),
+        (4, "empty"),
+        (5, "expected"),
+        (7, "patient"),
+    ]
+    assert all("Jansen" not in str(e) for e in errors)
+    with pytest.raises(ObjectionCsvError) as err:
+        list(read_objection_csv(path))
+    assert err.value.line_no == 3 and "Jansen" not in str(err.value)
+
+
+def test_read_objection_csv_header(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("mrn,date\n1,2\n")
+    with pytest.raises(ObjectionCsvError):
+        list(read_objection_csv(path))
+    path.write_text("")
+    with pytest.raises(ObjectionCsvError):
+        list(read_objection_csv(path))
+
+
+# --- combining -------------------------------------------------------------------------------------
+
+
+ALLOW, OBJECT, UNK = Decision("allowed", "a"), Decision("objected", "o"), Decision("unknown", "u")
+
+
+@pytest.mark.parametrize(
+    ("decisions", "expected"),
+    [
+        ([ALLOW, ALLOW], ALLOW),
+        ([ALLOW, OBJECT], OBJECT),
+        ([UNK, OBJECT], OBJECT),
+        ([ALLOW, UNK], UNK),
+        ([UNK, ALLOW, OBJECT], OBJECT),
+        ([ALLOW], ALLOW),
+        ([], None),
+    ],
+)
+def test_combine(decisions: list[Decision], expected: Decision | None) -> None:
+    result = combine(decisions)
+    assert result == expected if expected else result.status == "unknown"
+
+
+class Fixed:
+    def __init__(self, answer: dict[str, Decision] | Exception) -> None:
+        self.answer = answer
+
+    async def check(self, patients):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return dict(self.answer)
+
+
+def test_combined_sources() -> None:
+    patients = [patient_ref("a"), patient_ref("b"), patient_ref("c")]
+    first = Fixed({"urn:uuid:a": ALLOW, "urn:uuid:b": ALLOW, "urn:uuid:c": ALLOW})
+    second = Fixed({"urn:uuid:a": OBJECT, "urn:uuid:b": UNK})  # says nothing about c
+    result = run(CombinedOptOut([first, second]).check(patients))
+    assert result == {
+        "urn:uuid:a": OBJECT,
+        "urn:uuid:b": UNK,
+        "urn:uuid:c": Decision("unknown", Reason.SOURCE_NO_ANSWER),
+    }
+    failing = run(CombinedOptOut([first, Fixed(RuntimeError("MRN-7734421"))]).check(patients))
+    assert {d.reason for d in failing.values()} == {Reason.SOURCE_FAILED}
+    with pytest.raises(ValueError):
+        CombinedOptOut([])
+
+
+def test_combined_register_and_bundle() -> None:
+    store = InMemoryObjectionRegister()
+    store.add(PROVIDER, REGISTRY, objection_digest(KEY, PROVIDER, "MRN-2"))
+    sources = [
+        RegisterOptOut(store, KEY),
+        BundleConsentOptOut.from_bundle(consent_bundle(research_objection()), policy=POLICY),
+    ]
+    patients = [patient_ref("pat-1", "MRN-1"), patient_ref("pat-2", "MRN-2")]
+    result = run(CombinedOptOut(sources).check(patients))
+    assert result["urn:uuid:pat-1"] == Decision("objected", Reason.CONSENT_DENY)
+    assert result["urn:uuid:pat-2"] == Decision("objected", Reason.REGISTER_OBJECTION)
+
+
+# --- EHR Consent search against a stub EHR ---------------------------------------------------------
+
+
+TOKEN = "stub-ehr-token"
+
+
+class StubEhr:
+    """A fake EHR FHIR endpoint: per patient id a canned answer; records every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.base = ""
+        self.app = FastAPI()
+        self.app.get("/fhir/Consent")(self.consent_search)
+
+    async def consent_search(self, request: Request) -> Response:
+        params = list(request.query_params.multi_items())
+        with self.lock:
+            self.requests.append({"params": params, "auth": request.headers.get("authorization")})
+        if request.headers.get("authorization") != f"Bearer {TOKEN}":
+            return Response(status_code=401)
+        pid = dict(params).get("patient", "").removeprefix("Patient/")
+        page = dict(params).get("page")
+        return self.answer(pid, page)
+
+    def answer(self, pid: str, page: str | None) -> Response:
+        ref = f"Patient/{pid}"
+        if pid == "p-500":
+            return Response(status_code=500)
+        if pid == "p-slow":
+            time.sleep(1.5)
+            return fhir(searchset([]))
+        if pid == "p-garbage":
+            return Response(b"<html>login</html>", media_type="text/html")
+        if pid == "p-patient":
+            return fhir({"resourceType": "Patient", "id": pid})
+        if pid == "p-outcome":
+            outcome = {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "too-costly"}],
+            }
+            return fhir(searchset([], extra=[{"resource": outcome, "search": {"mode": "outcome"}}]))
+        if pid == "p-other":
+            return fhir(searchset([research_objection("Patient/someone-else")]))
+        if pid == "p-paged":
+            if page is None:
+                return fhir(
+                    searchset(
+                        [treatment_directive(ref)],
+                        next_url=f"{self.base}/fhir/Consent?patient=Patient/{pid}&page=2",
+                    )
+                )
+            return fhir(searchset([research_objection(ref)]))
+        if pid == "p-foreign-next":
+            return fhir(searchset([], next_url="http://evil.example.org/fhir/Consent?page=2"))
+        if pid == "p-endless":
+            return fhir(searchset([], next_url=f"{self.base}/fhir/Consent?patient=Patient/{pid}&page=n"))
+        if pid.startswith("p-deny"):
+            return fhir(searchset([research_objection(ref), treatment_directive(ref)]))
+        if pid.startswith("p-permit"):
+            return fhir(searchset([privacy_consent_with_registry_exception(ref)]))
+        return fhir(searchset([]))
+
+
+def searchset(consents: list[dict], next_url: str | None = None, extra: list | None = None) -> dict:
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(consents),
+        "entry": [{"resource": c, "search": {"mode": "match"}} for c in consents] + (extra or []),
+    }
+    if next_url:
+        bundle["link"] = [{"relation": "next", "url": next_url}]
+    return bundle
+
+
+def fhir(body: dict) -> Response:
+    return Response(json.dumps(body).encode(), media_type="application/fhir+json")
+
+
+@pytest.fixture(scope="module")
+def stub_ehr() -> Iterator[StubEhr]:
+    stub = StubEhr()
+    with serve(stub.app, probe="/fhir/Consent") as base:
+        stub.base = base
+        yield stub
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ehr_check(stub: StubEhr, refs: list[PatientRef], **kw: Any) -> dict[str, Decision]:
+    async def go() -> dict[str, Decision]:
+        kw.setdefault("auth", BearerToken(TOKEN))
+        async with EhrConsentSearch(
+            f"{stub.base}/fhir", policy=POLICY, timeout=kw.pop("timeout", 1.0), **kw
+        ) as ehr:
+            return await ehr.check(refs)
+
+    return run(go())
+
+
+def ref(pid: str) -> PatientRef:
+    return patient_ref(pid, key=f"urn:uuid:{pid}")
+
+
+def test_ehr_decisions(stub_ehr: StubEhr) -> None:
+    result = ehr_check(stub_ehr, [ref("p-deny-1"), ref("p-permit-1"), ref("p-none")])
+    assert result == {
+        "urn:uuid:p-deny-1": Decision("objected", Reason.CONSENT_DENY),
+        "urn:uuid:p-permit-1": Decision("allowed", Reason.CONSENT_PERMIT),
+        "urn:uuid:p-none": Decision("allowed", Reason.NO_CONSENT),
+    }
+
+
+def test_ehr_query_shape(stub_ehr: StubEhr) -> None:
+    stub_ehr.requests.clear()
+    ehr_check(stub_ehr, [ref("p-none")], scopes=["research", "patient-privacy"])
+    (request,) = stub_ehr.requests
+    assert request["params"] == [
+        ("patient", "Patient/p-none"),
+        ("status", "active"),
+        ("scope", "research"),
+        ("scope", "patient-privacy"),
+    ]
+    assert request["auth"] == f"Bearer {TOKEN}"
+
+
+def test_ehr_patient_id_from_full_url(stub_ehr: StubEhr) -> None:
+    no_id = PatientRef(
+        "https://ehr.example.nl/fhir/Patient/p-deny-2", {"resourceType": "Patient"}, None, PROVIDER, REGISTRY
+    )
+    urn_only = PatientRef("urn:uuid:x", {"resourceType": "Patient"}, None, PROVIDER, REGISTRY)
+    result = ehr_check(stub_ehr, [no_id, urn_only])
+    assert result[no_id.key].status == "objected"
+    assert result[urn_only.key] == Decision("unknown", Reason.EHR_NO_PATIENT_ID)
+
+
+def test_ehr_follows_pages_on_the_same_origin(stub_ehr: StubEhr) -> None:
+    assert ehr_check(stub_ehr, [ref("p-paged")])["urn:uuid:p-paged"].status == "objected"
+
+
+@pytest.mark.parametrize(
+    ("pid", "reason"),
+    [
+        ("p-500", Reason.EHR_BAD_STATUS),
+        ("p-garbage", Reason.EHR_BAD_RESPONSE),
+        ("p-patient", Reason.EHR_BAD_RESPONSE),
+        ("p-outcome", Reason.EHR_BAD_RESPONSE),
+        ("p-other", Reason.EHR_OTHER_PATIENT),
+        ("p-foreign-next", Reason.EHR_INCOMPLETE),
+        ("p-endless", Reason.EHR_INCOMPLETE),
+        ("p-slow", Reason.EHR_UNAVAILABLE),
+    ],
+)
+def test_ehr_fails_closed(stub_ehr: StubEhr, pid: str, reason: str) -> None:
+    assert ehr_check(stub_ehr, [ref(pid)], timeout=0.5)[f"urn:uuid:{pid}"] == Decision("unknown", reason)
+
+
+def test_ehr_without_credentials_is_unknown(stub_ehr: StubEhr) -> None:
+    result = ehr_check(stub_ehr, [ref("p-deny-3")], auth=None)
+    assert result["urn:uuid:p-deny-3"] == Decision("unknown", Reason.EHR_BAD_STATUS)
+
+
+def test_ehr_unreachable_is_unknown() -> None:
+    async def go() -> Decision:
+        async with EhrConsentSearch(f"http://127.0.0.1:{free_port()}/fhir", timeout=1.0) as ehr:
+            return (await ehr.check([ref("p-deny-4")]))["urn:uuid:p-deny-4"]
+
+    assert run(go()) == Decision("unknown", Reason.EHR_UNAVAILABLE)
+
+
+def test_ehr_cache_ttl(stub_ehr: StubEhr) -> None:
+    clock = FakeClock()
+
+    async def go() -> list[int]:
+        counts = []
+        async with EhrConsentSearch(
+            f"{stub_ehr.base}/fhir", auth=BearerToken(TOKEN), policy=POLICY, cache_ttl=30, clock=clock
+        ) as ehr:
+            for advance in (0, 10, 19.9, 0.2, 5):
+                clock.now += advance
+                stub_ehr.requests.clear()
+                decision = (await ehr.check([ref("p-deny-5")]))["urn:uuid:p-deny-5"]
+                assert decision.status == "objected"
+                counts.append(len(stub_ehr.requests))
+        return counts
+
+    assert run(go()) == [1, 0, 0, 1, 0]  # cached until 30 s after the first answer, then asked again
+
+
+def test_ehr_failures_are_not_cached(stub_ehr: StubEhr) -> None:
+    async def go() -> int:
+        stub_ehr.requests.clear()
+        async with EhrConsentSearch(f"{stub_ehr.base}/fhir", auth=BearerToken(TOKEN), cache_ttl=300) as ehr:
+            for _ in range(3):
+                assert (await ehr.check([ref("p-500")]))["urn:uuid:p-500"].status == "unknown"
+        return len(stub_ehr.requests)
+
+    assert run(go()) == 3
+
+
+def test_ehr_cache_is_per_registry(stub_ehr: StubEhr) -> None:
+    async def go() -> int:
+        stub_ehr.requests.clear()
+        async with EhrConsentSearch(f"{stub_ehr.base}/fhir", auth=BearerToken(TOKEN), cache_ttl=300) as ehr:
+            await ehr.check([ref("p-deny-6")])
+            other = PatientRef("urn:uuid:p-deny-6", ref("p-deny-6").resource, None, PROVIDER, "nkr")
+            await ehr.check([other])
+            await ehr.check([ref("p-deny-6")])
+        return len(stub_ehr.requests)
+
+    assert run(go()) == 2
+
+
+def test_ehr_uses_a_given_client_without_closing_it(stub_ehr: StubEhr) -> None:
+    async def go() -> bool:
+        async with httpx.AsyncClient(auth=BearerToken(TOKEN)) as client:
+            async with EhrConsentSearch(f"{stub_ehr.base}/fhir", client=client) as ehr:
+                await ehr.check([ref("p-none")])
+            return client.is_closed
+
+    assert run(go()) is False
