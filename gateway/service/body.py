@@ -8,6 +8,7 @@ from gateway.outcome import FhirError
 
 FHIR_JSON = "application/fhir+json"
 ACCEPTED_TYPES = {FHIR_JSON, "application/json"}
+R4_VERSIONS = {"4.0", "4.0.0", "4.0.1"}
 NDJSON_TYPES = {"application/fhir+ndjson", "application/ndjson", "application/x-ndjson"}
 
 
@@ -15,11 +16,17 @@ def check_content_type(request: Request, accepted: set[str] = ACCEPTED_TYPES) ->
     raw = request.headers.get("content-type", "")
     media, _, params = raw.partition(";")
     if media.strip().lower() not in accepted:
-        raise FhirError.single(415, "not-supported", f"content type must be one of {', '.join(sorted(accepted))}")
+        raise FhirError.single(
+            415, "not-supported", f"content type must be one of {', '.join(sorted(accepted))}"
+        )
     for param in params.split(";"):
         name, _, value = param.partition("=")
-        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+        name, value = name.strip().lower(), value.strip().strip('"')
+        if name == "charset" and value.lower() not in ("utf-8", "utf8"):
             raise FhirError.single(415, "not-supported", "FHIR JSON must be UTF-8")
+        # FHIR's mime-type parameter: a body declared as STU3 or R5 would otherwise be read as R4
+        if name == "fhirversion" and value not in R4_VERSIONS:
+            raise FhirError.single(415, "not-supported", "only FHIR R4 is accepted (fhirVersion=4.0)")
 
 
 async def read_limited(request: Request, max_bytes: int) -> bytes:
