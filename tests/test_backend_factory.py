@@ -9,7 +9,7 @@ import pytest
 from gateway.ttp.app import create_app
 from gateway.ttp.client import HttpTTPClient
 from gateway.ttp.embedded import EmbeddedTTP
-from gateway.ttp.factory import KINDS, check_backend, ttp_from_config
+from gateway.ttp.factory import KINDS, check_backend, options_from_pairs, ttp_from_config
 from gateway.ttp.gpas import GpasTTP
 from gateway.ttp.testing import make_test_ttp
 from gateway.ttp.tres import RoutingTTP, TresTTP
@@ -57,7 +57,7 @@ def test_kinds_build_their_backends(tmp_path):
                                                                "api_key_env": "TTP_KEY"}},
                                       provider=PROVIDER, secret=ENV.get),
     }
-    assert set(built) | {"tres+gpas"} == set(KINDS)
+    assert set(built) | {"tres", "tres+gpas"} == set(KINDS)
     assert isinstance(built["nlps1"], HttpTTPClient) and isinstance(built["embedded"], EmbeddedTTP)
     assert isinstance(built["gpas"], GpasTTP)
     router = built["tres+nlps1"]
@@ -113,3 +113,32 @@ def test_check_reference_ttp_and_embedded(tmp_path):
 def test_check_unreachable():
     steps = _check("gpas", {**_gpas_options(f"http://127.0.0.1:{free_port()}"), "retries": 0})
     assert steps == [("probe", False, "gPAS not reachable")]
+
+
+def test_options_from_pairs():
+    options = options_from_pairs(["domain=REG_A", "auth.type=basic", "auth.username=gw", "search_image=true"],
+                                 kind="gpas", url="https://ttp", registry="reg-a")
+    assert options == {"url": "https://ttp", "domains": {"reg-a": "REG_A"}, "search_image": True,
+                       "auth": {"type": "basic", "username": "gw"}}
+    with pytest.raises(ValueError):
+        options_from_pairs(["novalue"], kind="gpas", url="u", registry="r")
+
+
+def test_cli_check_kind_gpas_and_tres(monkeypatch):
+    from typer.testing import CliRunner
+
+    from gateway.ttp.commands import app
+
+    monkeypatch.setenv("TEST_TRES_PW", "test-password")
+    runner = CliRunner()
+    with serve(create_gpas_stub(GpasState())) as gpas, serve(create_tres_stub(TresState())) as tres:
+        ok = runner.invoke(app, ["check", "--kind", "gpas", "--url", gpas, "--registry", REGISTRY])
+        tres_ok = runner.invoke(app, ["check", "--kind", "tres", "--url", tres,
+                                      "--option", "domain=zorgttp.nl", "--option", "project=registry-mrn",
+                                      "--option", "username=gateway", "--option", "password_env=TEST_TRES_PW",
+                                      ])
+        bad = runner.invoke(app, ["check", "--kind", "gpas", "--url", gpas, "--option", "domain=missing"])
+    assert ok.exit_code == 0 and "verdict: gpas TTP usable" in ok.output
+    assert tres_ok.exit_code == 0 and "reversal" in tres_ok.output
+    assert "test-password" not in tres_ok.output
+    assert bad.exit_code == 1 and "HTTP 404" in bad.output

@@ -4,6 +4,8 @@
     fhir-gateway ttp callers add umc --role provider --provider ura:00000000 --file var/ttp-callers.yaml
     fhir-gateway ttp serve --key-dir var/ttp-keys --api-keys-file var/ttp-callers.yaml
     FHIR_GATEWAY_TTP_API_KEY=... fhir-gateway ttp check --url http://127.0.0.1:8300 --registry reg-a
+    fhir-gateway ttp check --kind gpas --url https://ttp/ttp-fhir/fhir/gpas --option domain=REG_A
+        --option auth.type=basic --option auth.username=gw --option auth.password_env=GPAS_PW  (one line)
 
 Nothing here prints a key except ``callers add``, which prints the new caller's API key once.
 """
@@ -176,11 +178,37 @@ def check(
     ca_file: Annotated[str | None, typer.Option(help="CA bundle for TLS")] = None,
     plain: Annotated[bool, typer.Option(help="test without the HPKE envelope")] = False,
     timeout: Annotated[float, typer.Option(help="seconds")] = 10.0,
+    kind: Annotated[str, typer.Option(help="nlps1 (reference TTP), gpas, tres, tres+nlps1, tres+gpas")] = (
+        "nlps1"),
+    option: Annotated[list[str] | None, typer.Option("--option", help="KEY=VALUE for --kind (repeatable, "
+                                                     "dotted keys nest; secrets by *_env name)")] = None,
 ) -> None:
     """Probe a TTP: metadata, public key, authentication and one round trip with a synthetic value."""
-    ok = asyncio.run(_check(url, registry, api_key, ca_file, plain, timeout))
+    if kind != "nlps1":
+        ok = asyncio.run(_check_kind(kind, url, registry, option or []))
+    else:
+        ok = asyncio.run(_check(url, registry, api_key, ca_file, plain, timeout))
     if not ok:
         raise typer.Exit(1)
+
+
+async def _check_kind(kind: str, url: str, registry: str, pairs: list[str]) -> bool:
+    """gPAS / TRES / routed set-ups (docs/backends/): probe, deterministic round trip, MRN reversal."""
+    from gateway.config import secret_from_env
+    from gateway.ttp.factory import check_configured, options_from_pairs
+
+    try:
+        options = options_from_pairs(pairs, kind=kind, url=url, registry=registry)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    steps = await check_configured(kind, options, registry=registry, provider="check", secret=secret_from_env)
+    for name, ok, detail in steps:
+        console.print(f"[{'green' if ok else 'red'}]{'ok  ' if ok else 'FAIL'}[/] {name}: {detail}",
+                      highlight=False)
+    good = bool(steps) and all(ok for _, ok, _ in steps)
+    console.print(f"[{'green' if good else 'red'}]verdict: {kind} TTP {'usable' if good else 'NOT usable'} "
+                  f"for {registry}[/]", highlight=False)
+    return good
 
 
 async def _check(url: str, registry: str, api_key: str, ca_file: str | None, plain: bool,

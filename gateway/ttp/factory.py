@@ -7,8 +7,9 @@ Kinds and their options (secrets are always named by environment variable and re
     embedded     key_dir                                                          → EmbeddedTTP (tests/demos)
     gpas         url, domains {registry: gPAS domain}, auth {...}, batch_size, timeout_seconds, retries,
                  max_concurrency, ca_bundle                                       → GpasTTP
-    tres+nlps1   tres {url, domain, project, username, password_env, search_image, timeout_seconds,
-                 retries, chunk_size, ca_bundle}, nlps1 {as above}                → RoutingTTP (MRN → TRES)
+    tres         url, domain, project, username, password_env, search_image, timeout_seconds, retries,
+                 chunk_size, ca_bundle                                  → TresTTP (MRN only; checks, tests)
+    tres+nlps1   tres {as above}, nlps1 {as above}                                → RoutingTTP (MRN → TRES)
     tres+gpas    tres {...}, gpas {...}                                           → RoutingTTP (MRN → TRES)
 
 ``auth`` is ``gateway.ttp.gpas.auth_from_options``: ``{type: none|basic|bearer|oauth2, ...}``.
@@ -28,7 +29,7 @@ from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable
 from gateway.ttp.gpas import GpasTTP, auth_from_options
 from gateway.ttp.tres import RoutingTTP, TresTTP
 
-KINDS = ("nlps1", "embedded", "gpas", "tres+nlps1", "tres+gpas")
+KINDS = ("nlps1", "embedded", "gpas", "tres", "tres+nlps1", "tres+gpas")
 Secret = Callable[[str | None], str | None]
 Step = tuple[str, bool, str]
 
@@ -104,6 +105,8 @@ def ttp_from_config(kind: str, options: Mapping[str, Any], *, provider: str, sec
             raise ValueError(f"embedded TTP: {exc}") from None
     if kind == "gpas":
         return _gpas(options, secret)
+    if kind == "tres":
+        return _tres(options, secret)
     if kind in ("tres+nlps1", "tres+gpas"):
         tres = _tres(_required(options, "tres", kind), secret)
         other_kind = kind.split("+", 1)[1]
@@ -163,3 +166,39 @@ async def check_backend(backend: TTPBackend, *, registry: str = "registry-exampl
         steps.append(("reversal", good, "MRN reversal returns the inner layer" if good
                       else f"MRN reversal failed ({back.error_code or 'wrong value'})"))
     return steps
+
+
+def options_from_pairs(pairs: list[str], *, kind: str, url: str, registry: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs from the command line (dotted keys nest, ``true``/``false`` are booleans) plus the
+    command's ``--url`` and ``--registry`` where the kind needs them (gPAS: ``domain`` defaults to the
+    registry id). Values are never secrets: those are named by ``*_env`` keys."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option needs KEY=VALUE, got {key!r}")
+        node = options
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = {"true": True, "false": False}.get(value.lower(), value)
+    if kind in ("gpas", "tres", "nlps1"):
+        options.setdefault("url", url)
+    if kind == "gpas" and "domains" not in options:
+        options["domains"] = {registry: options.pop("domain", registry)}
+    return options
+
+
+async def check_configured(kind: str, options: dict[str, Any], *, registry: str, provider: str,
+                           secret: Secret) -> list[Step]:
+    """Build the backend, check it, close it; a configuration problem is one failed ``config`` step."""
+    try:
+        backend = ttp_from_config(kind, options, provider=provider, secret=secret)
+    except ValueError as exc:
+        return [("config", False, str(exc))]
+    try:
+        return await check_backend(backend, registry=registry)
+    finally:
+        close = getattr(backend, "aclose", None)
+        if close is not None:
+            await close()
