@@ -29,7 +29,11 @@ def with_hospital_mrn(patient: dict[str, Any], number: str) -> dict[str, Any]:
 def _entry(resource: dict[str, Any], method: str = "PUT") -> dict[str, Any]:
     rtype, rid = resource["resourceType"], resource["id"]
     url = f"{rtype}/{rid}" if method == "PUT" else rtype
-    return {"fullUrl": f"{EHR_BASE}/{rtype}/{rid}", "resource": resource, "request": {"method": method, "url": url}}
+    return {
+        "fullUrl": f"{EHR_BASE}/{rtype}/{rid}",
+        "resource": resource,
+        "request": {"method": method, "url": url},
+    }
 
 
 def _bundle(bundle_id: str, resources: list[dict[str, Any]], kind: str = "transaction") -> dict[str, Any]:
@@ -57,21 +61,46 @@ def nictiz_bundle(shared: Path) -> dict[str, Any]:
 
 def _clinical(pid: str, n: int) -> list[dict[str, Any]]:
     subject = {"reference": f"Patient/{pid}", "display": f"patient {pid}"}
-    enc = {"resourceType": "Encounter", "id": f"{pid}-enc-{n}", "status": "finished",
-           "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
-           "subject": subject, "period": {"start": "2026-03-01T09:00:00+01:00", "end": "2026-03-04T11:30:00+01:00"}}
-    cond = {"resourceType": "Condition", "id": f"{pid}-cond-{n}",
-            "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                                           "code": "active"}]},
-            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "254637007",
-                                 "display": "Non-small cell lung cancer"}]},
-            "subject": subject, "encounter": {"reference": f"Encounter/{pid}-enc-{n}"},
-            "onsetDateTime": "2026-02-20", "note": [{"text": f"Besproken met patiënt {pid} en partner."}]}
-    obs = {"resourceType": "Observation", "id": f"{pid}-obs-{n}", "status": "final",
-           "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"}]},
-           "subject": subject, "encounter": {"reference": f"Encounter/{pid}-enc-{n}"},
-           "effectiveDateTime": "2026-03-01T09:15:00.000+01:00",
-           "valueQuantity": {"value": 80.10, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"}}
+    enc = {
+        "resourceType": "Encounter",
+        "id": f"{pid}-enc-{n}",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
+        "subject": subject,
+        "period": {"start": "2026-03-01T09:00:00+01:00", "end": "2026-03-04T11:30:00+01:00"},
+    }
+    cond = {
+        "resourceType": "Condition",
+        "id": f"{pid}-cond-{n}",
+        "clinicalStatus": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}
+            ]
+        },
+        "code": {
+            "coding": [
+                {
+                    "system": "http://snomed.info/sct",
+                    "code": "254637007",
+                    "display": "Non-small cell lung cancer",
+                }
+            ]
+        },
+        "subject": subject,
+        "encounter": {"reference": f"Encounter/{pid}-enc-{n}"},
+        "onsetDateTime": "2026-02-20",
+        "note": [{"text": f"Besproken met patiënt {pid} en partner."}],
+    }
+    obs = {
+        "resourceType": "Observation",
+        "id": f"{pid}-obs-{n}",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"}]},
+        "subject": subject,
+        "encounter": {"reference": f"Encounter/{pid}-enc-{n}"},
+        "effectiveDateTime": "2026-03-01T09:15:00.000+01:00",
+        "valueQuantity": {"value": 80.10, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"},
+    }
     return [enc, cond, obs]
 
 
@@ -92,15 +121,23 @@ def opted_out_bundle(shared: Path) -> dict[str, Any]:
     objector = dict(vectors["cases"][1]["patient"], id="objector-1")
     other = dict(vectors["cases"][0]["patient"], id="consenting-1")
     consent = {
-        "resourceType": "Consent", "id": "objector-1-registry-objection", "status": "active",
-        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+        "resourceType": "Consent",
+        "id": "objector-1-registry-objection",
+        "status": "active",
+        "scope": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]
+        },
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
         "patient": {"reference": "Patient/objector-1"},
         "dateTime": "2026-01-15",
-        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}]},
-        "provision": {"type": "deny", "period": {"start": "2026-01-15"},
-                      "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
-                                   "code": "HQUALIMP"}]},
+        "policyRule": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}]
+        },
+        "provision": {
+            "type": "deny",
+            "period": {"start": "2026-01-15"},
+            "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HQUALIMP"}],
+        },
     }
     resources = [objector, consent, *_clinical("objector-1", 1), other, *_clinical("consenting-1", 2)]
     return _bundle("opt-out-demo", resources)

@@ -18,7 +18,9 @@ console = Console()
 
 @objections_app.command("import")
 def import_objections(
-    csv_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="CSV with a patient_number column"),
+    csv_file: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, help="CSV with a patient_number column"
+    ),
     provider: str = typer.Option(..., "--provider", help="provider id (AGB/URA) the numbers belong to"),
     registry: str = typer.Option("*", "--registry", help="registry the objection is for; * means all"),
     config: Path = typer.Option(Path("gateway.yaml"), "--config", "-c", envvar="FHIR_GATEWAY_CONFIG"),
@@ -36,7 +38,9 @@ def import_objections(
     added = total = 0
     for number in read_objection_csv(csv_file, on_error=bad.append):
         total += 1
-        added += bool(store.optout_add(provider, registry, objection_digest(keys.objection_key(), provider, number)))
+        added += bool(
+            store.optout_add(provider, registry, objection_digest(keys.objection_key(), provider, number))
+        )
     for err in bad[:20]:
         console.print(f"[yellow]{err}[/yellow]")  # line number and problem, never the row
     console.print(f"{total} objections read, {added} new, {len(bad)} rows refused")
@@ -67,8 +71,14 @@ def list_deliveries(
     for col in ("id", "registry", "status", "attempts", "registry status", "last error"):
         table.add_column(col)
     for d in response.json():
-        table.add_row(d["id"], d["registry"], d["status"], str(d["attempts"]), str(d.get("registryStatus") or "-"),
-                      (d.get("lastError") or "")[:60])
+        table.add_row(
+            d["id"],
+            d["registry"],
+            d["status"],
+            str(d["attempts"]),
+            str(d.get("registryStatus") or "-"),
+            (d.get("lastError") or "")[:60],
+        )
     console.print(table)
 
 

@@ -21,20 +21,29 @@ def ttp_backend(ttp: TTPConfig, provider: ProviderConfig, embedded_key_dir: Path
     from gateway.ttp.client import HttpTTPClient
 
     api_key = secret_from_env(provider.ttp_api_key_env or ttp.api_key_env) or ""
-    client = HttpTTPClient(ttp.url, api_key, timeout=ttp.timeout_seconds, max_concurrency=ttp.max_concurrency,
-                           max_batch=ttp.max_batch, verify=ttp.ca_bundle or True)
+    client = HttpTTPClient(
+        ttp.url,
+        api_key,
+        timeout=ttp.timeout_seconds,
+        max_concurrency=ttp.max_concurrency,
+        max_batch=ttp.max_batch,
+        verify=ttp.ca_bundle or True,
+    )
     return client, ttp.url
 
 
-def startup_runtime(config_path: Path, fail: Callable[[str], NoReturn],
-                    settings: Settings | None = None) -> tuple[Runtime, Settings]:
+def startup_runtime(
+    config_path: Path, fail: Callable[[str], NoReturn], settings: Settings | None = None
+) -> tuple[Runtime, Settings]:
     settings = settings or Settings(config=config_path)
     try:
         config: GatewayConfig = load_config(config_path or settings.config)
     except ValueError as exc:
         fail(str(exc))
     try:
-        ttps = {p.id: ttp_backend(config.ttp, p, settings.key_dir.parent / "ttp-keys") for p in config.providers}
+        ttps = {
+            p.id: ttp_backend(config.ttp, p, settings.key_dir.parent / "ttp-keys") for p in config.providers
+        }
     except Exception as exc:  # noqa: BLE001 - one line for the operator, never a traceback
         fail(f"TTP: {exc}")
     try:

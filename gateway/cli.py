@@ -15,9 +15,15 @@ from rich.table import Table
 
 from gateway import __version__
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
-                  help="FHIR delivery gateway: validate, opt-out, pseudonymise, de-identify and forward to registries.")
-keys_app = typer.Typer(no_args_is_help=True, help="The gateway's own keys (source key, provider MRN keys, secret).")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="FHIR delivery gateway: validate, opt-out, pseudonymise, de-identify and forward to registries.",
+)
+keys_app = typer.Typer(
+    no_args_is_help=True, help="The gateway's own keys (source key, provider MRN keys, secret)."
+)
 clients_app = typer.Typer(no_args_is_help=True, help="EHR client credentials.")
 profiles_app = typer.Typer(no_args_is_help=True, help="Registry delivery profiles.")
 app.add_typer(keys_app, name="keys")
@@ -35,7 +41,9 @@ def _mount_subcommands() -> None:
     from gateway.ttp.commands import app as ttp_app
 
     app.add_typer(ttp_app, name="ttp", help="The reference TTP: serve, keys, check.")
-    app.add_typer(receiver_app, name="receiver", help="A registry-side receiver for testers and registry holders.")
+    app.add_typer(
+        receiver_app, name="receiver", help="A registry-side receiver for testers and registry holders."
+    )
     app.add_typer(objections_app, name="objections")
     app.add_typer(deliveries_app, name="deliveries")
 
@@ -66,8 +74,13 @@ def serve(
 
     runtime, settings = startup_runtime(config, fail=_fail)
     configure(settings.log_level)
-    uvicorn.run(create_app(runtime), host=host or settings.host, port=port or settings.port,
-                log_config=None, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        create_app(runtime),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
 
 
 def _fail(message: str) -> None:
@@ -79,9 +92,11 @@ def _fail(message: str) -> None:
 def demo(
     examples: Path = typer.Option(Path("examples"), help="folder of example bundles to replay"),
     registry: str = typer.Option("example-generic", help="registry (delivery profile) to deliver to"),
-    work_dir: Path = typer.Option(None, help="where keys, the store and the receiver's data go (default: temp)"),
+    work_dir: Path = typer.Option(
+        None, help="where keys, the store and the receiver's data go (default: temp)"
+    ),
 ) -> None:
-    """Start the embedded chain (reference TTP, receiver, gateway on SQLite), replay the examples, show the result."""
+    """Start the embedded chain (TTP, receiver, gateway on SQLite), replay the examples, show the result."""
     from gateway.demo import run_demo
 
     raise typer.Exit(run_demo(examples, registry=registry, work_dir=work_dir, console=console))
@@ -98,13 +113,20 @@ def replay(
     """Post example bundles or NDJSON exports to a running gateway and print a table of results."""
     from rich.progress import Progress
 
-    from gateway.replay import expand, replay as do_replay
+    from gateway.replay import expand
+    from gateway.replay import replay as do_replay
 
     files = expand(paths)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("replaying", total=len(files))
-        results = do_replay(files, base_url=to, registry=registry, api_key=api_key, respond_async=respond_async,
-                            on_done=lambda _: progress.advance(task))
+        results = do_replay(
+            files,
+            base_url=to,
+            registry=registry,
+            api_key=api_key,
+            respond_async=respond_async,
+            on_done=lambda _: progress.advance(task),
+        )
     console.print(results_table(results))
     if any(r.status >= 400 or r.status == 0 for r in results):
         raise typer.Exit(1)
@@ -124,8 +146,13 @@ def deidentify(
     bundles: list[Path] = typer.Argument(..., help="FHIR Bundle or single-resource JSON files"),
     registry: str = typer.Option(..., "--registry"),
     out: Path = typer.Option(None, "--out", help="write <name>.deid.json files here (default: stdout)"),
-    config: Path = typer.Option(None, "--config", "-c", envvar="FHIR_GATEWAY_CONFIG",
-                                help="gateway config; without it an embedded TTP with fresh keys is used"),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        "-c",
+        envvar="FHIR_GATEWAY_CONFIG",
+        help="gateway config; without it an embedded TTP with fresh keys is used",
+    ),
 ) -> None:
     """The offline path: validate, opt-out, pseudonymise and de-identify files; print a summary per file."""
     from gateway.offline import run_deidentify
@@ -135,22 +162,26 @@ def deidentify(
 
 @app.command()
 def selftest(vectors: Path = typer.Option(..., "--vectors", exists=True, dir_okay=False)) -> None:
-    """Check this NLPS1 implementation against a vectors file; exit 1 naming each case and type that differs."""
+    """Check NLPS1 against a vectors file; exit 1 naming each case and type that differs."""
     from gateway.pseudonym.commands import selftest as run
 
     run(vectors)
 
 
 @app.command()
-def scan(files: list[Path] = typer.Argument(..., help="FHIR JSON files to scan for direct identifiers")) -> None:
-    """Scan FHIR files for direct identifiers (BSN, ...); exit 1 on a finding. Findings name paths, not values."""
+def scan(
+    files: list[Path] = typer.Argument(..., help="FHIR JSON files to scan for direct identifiers"),
+) -> None:
+    """Scan FHIR files for direct identifiers; exit 1 on a finding. Findings name paths, not values."""
     from gateway.deid.commands import scan as run
 
     run(files)
 
 
 @profiles_app.command("check")
-def profiles_check(directory: Path = typer.Argument(None, help="profiles folder (default: the shipped one)")) -> None:
+def profiles_check(
+    directory: Path = typer.Argument(None, help="profiles folder (default: the shipped one)"),
+) -> None:
     """Validate every delivery profile; exit 1 on a problem."""
     from gateway.deid.commands import profiles_check as run
 
@@ -160,7 +191,9 @@ def profiles_check(directory: Path = typer.Argument(None, help="profiles folder 
 @keys_app.command("init")
 def keys_init(
     key_dir: Path = typer.Option(Path("var/keys"), envvar="FHIR_GATEWAY_KEY_DIR"),
-    provider: list[str] = typer.Option([], "--provider", help="provider id (AGB/URA) to create an MRN key for"),
+    provider: list[str] = typer.Option(
+        [], "--provider", help="provider id (AGB/URA) to create an MRN key for"
+    ),
 ) -> None:
     """Create missing key files (mode 0600). Existing keys are never overwritten."""
     from gateway.keys import init_keys

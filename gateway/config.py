@@ -68,7 +68,9 @@ class RegistryConfig(_Strict):
 
 
 class TTPConfig(_Strict):
-    url: str = Field("embedded", description="base URL of the TTP, or 'embedded' for the in-process reference TTP")
+    url: str = Field(
+        "embedded", description="base URL of the TTP, or 'embedded' for the in-process reference TTP"
+    )
     api_key_env: str = "FHIR_GATEWAY_TTP_API_KEY"
     timeout_seconds: float = 10.0
     max_concurrency: int = 4

@@ -24,8 +24,8 @@ from rich.table import Table
 
 from gateway.config import ClientConfig, GatewayConfig, ProviderConfig, RegistryConfig, Settings, TTPConfig
 from gateway.replay import ReplayResult, expand, replay
-from gateway.serving import serve_in_thread
 from gateway.service.auth import hash_api_key
+from gateway.serving import serve_in_thread
 
 PROVIDER = "ura:00000000"
 MRN_SYSTEM = "http://ehr.example.org/fhir/NamingSystem/patient-number"
@@ -47,10 +47,18 @@ class DemoChain:
 
 
 @contextmanager
-def embedded_chain(work_dir: Path, registries: list[str], *, providers: tuple[str, ...] = (PROVIDER,),
-                   store_url: str | None = None, run_worker: bool = True, receiver_faults: bool = False,
-                   ttp_sealed: bool = True, wrap_ttp_app: Callable[[Any], Any] | None = None,
-                   client_registries: dict[str, list[str]] | None = None) -> Iterator[DemoChain]:
+def embedded_chain(
+    work_dir: Path,
+    registries: list[str],
+    *,
+    providers: tuple[str, ...] = (PROVIDER,),
+    store_url: str | None = None,
+    run_worker: bool = True,
+    receiver_faults: bool = False,
+    ttp_sealed: bool = True,
+    wrap_ttp_app: Callable[[Any], Any] | None = None,
+    client_registries: dict[str, list[str]] | None = None,
+) -> Iterator[DemoChain]:
     """TTP + receiver + gateway on loopback with fresh keys under `work_dir` (demo, tests, benchmarks).
 
     One EHR client per provider, allowed the registries in `client_registries[provider]` (default: all).
@@ -69,26 +77,50 @@ def embedded_chain(work_dir: Path, registries: list[str], *, providers: tuple[st
     ehr_secrets = {p: os.urandom(24).hex() for p in providers}
     admin_secret = os.urandom(24).hex()
     ttp_keys = init_ttp_keys(work_dir / "ttp-keys", registries)
-    ttp_auth = TTPAuth.from_entries([{"name": f"gateway-{n}", "role": "provider", "provider": p,
-                                      "key_sha256": hash_key(ttp_secrets[p])} for n, p in enumerate(providers)])
+    ttp_auth = TTPAuth.from_entries(
+        [
+            {
+                "name": f"gateway-{n}",
+                "role": "provider",
+                "provider": p,
+                "key_sha256": hash_key(ttp_secrets[p]),
+            }
+            for n, p in enumerate(providers)
+        ]
+    )
     init_keys(work_dir / "keys", list(providers))
     with ExitStack() as stack:
         ttp_app = create_ttp_app(ttp_keys, ttp_auth)
         ttp_url = stack.enter_context(serve_in_thread(wrap_ttp_app(ttp_app) if wrap_ttp_app else ttp_app))
-        receiver_url = stack.enter_context(serve_in_thread(
-            create_receiver_app(work_dir / "receiver", scan=scan, test_faults=receiver_faults)))
+        receiver_url = stack.enter_context(
+            serve_in_thread(
+                create_receiver_app(work_dir / "receiver", scan=scan, test_faults=receiver_faults)
+            )
+        )
         allowed = client_registries or {}
         config = GatewayConfig(
-            providers=[ProviderConfig(id=p, name=f"Demo hospital {n}", mrn_system=MRN_SYSTEM)
-                       for n, p in enumerate(providers)],
-            clients=[ClientConfig(id=f"ehr-{n}", provider=p, api_key_sha256=hash_api_key(ehr_secrets[p]),
-                                  registries=allowed.get(p, registries)) for n, p in enumerate(providers)],
+            providers=[
+                ProviderConfig(id=p, name=f"Demo hospital {n}", mrn_system=MRN_SYSTEM)
+                for n, p in enumerate(providers)
+            ],
+            clients=[
+                ClientConfig(
+                    id=f"ehr-{n}",
+                    provider=p,
+                    api_key_sha256=hash_api_key(ehr_secrets[p]),
+                    registries=allowed.get(p, registries),
+                )
+                for n, p in enumerate(providers)
+            ],
             registries={r: RegistryConfig(profile=r, endpoint=receiver_url) for r in registries},
             ttp=TTPConfig(url=ttp_url),
             admin_api_key_sha256=hash_api_key(admin_secret),
         )
-        settings = Settings(store_url=store_url or f"sqlite:///{work_dir / 'gateway.db'}", key_dir=work_dir / "keys",
-                            worker_poll_seconds=0.05)
+        settings = Settings(
+            store_url=store_url or f"sqlite:///{work_dir / 'gateway.db'}",
+            key_dir=work_dir / "keys",
+            worker_poll_seconds=0.05,
+        )
         ttps = {p: (HttpTTPClient(ttp_url, ttp_secrets[p], sealed=ttp_sealed), ttp_url) for p in providers}
         runtime = build_runtime(config, settings, ttps=ttps)
         gateway_url = stack.enter_context(serve_in_thread(create_app(runtime, run_worker=run_worker)))
@@ -104,17 +136,26 @@ def run_demo(examples: Path, *, registry: str, work_dir: Path | None, console: C
     work = Path(tempfile.mkdtemp(prefix="fhir-gateway-demo-")) if temp else work_dir
     work.mkdir(parents=True, exist_ok=True)
     try:
-        console.print(Panel.fit(
-            "Starting the embedded chain on 127.0.0.1: reference TTP (fresh keys), registry receiver, "
-            f"gateway (SQLite)\nwork folder: {work}", title="fhir-gateway demo"))
+        console.print(
+            Panel.fit(
+                "Starting the embedded chain on 127.0.0.1: reference TTP (fresh keys), registry receiver, "
+                f"gateway (SQLite)\nwork folder: {work}",
+                title="fhir-gateway demo",
+            )
+        )
         with embedded_chain(work, [registry]) as chain:
-            console.print(f"TTP {chain.ttp_url}   receiver {chain.receiver_url}   gateway {chain.gateway_url}")
+            console.print(
+                f"TTP {chain.ttp_url}   receiver {chain.receiver_url}   gateway {chain.gateway_url}"
+            )
             results = replay(files, base_url=chain.gateway_url, registry=registry, api_key=chain.ehr_api_key)
             console.print(_results_table(results))
             _show_registry_side(chain, console)
         failed = [r for r in results if r.status >= 400 or r.status == 0]
-        console.print("[green]demo finished: every example went through the chain[/green]" if not failed
-                      else f"[red]demo finished with {len(failed)} failed deliveries[/red]")
+        console.print(
+            "[green]demo finished: every example went through the chain[/green]"
+            if not failed
+            else f"[red]demo finished with {len(failed)} failed deliveries[/red]"
+        )
         return 1 if failed else 0
     finally:
         if temp:
@@ -138,14 +179,21 @@ def _show_registry_side(chain: DemoChain, console: Console) -> None:
             table.add_column(col)
         for d in deliveries:
             counts = d.get("resourceCounts") or {}
-            table.add_row(str(d.get("id")), str(d.get("receivedAt", "")),
-                          ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+            table.add_row(
+                str(d.get("id")),
+                str(d.get("receivedAt", "")),
+                ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+            )
         console.print(table)
         patient = _first_patient(client, deliveries)
     if patient:
         text = orjson.dumps(patient, option=orjson.OPT_INDENT_2).decode()
-        console.print(Panel(Syntax(text, "json", word_wrap=True),
-                            title="3. A Patient as the registry sees it: pseudonyms only"))
+        console.print(
+            Panel(
+                Syntax(text, "json", word_wrap=True),
+                title="3. A Patient as the registry sees it: pseudonyms only",
+            )
+        )
 
 
 def _first_patient(client: httpx.Client, deliveries: list[dict]) -> dict | None:

@@ -3,7 +3,7 @@
 Files in the key directory (``FHIR_GATEWAY_KEY_DIR``, default ``var/keys``):
 
 - ``source-key-v<n>.hex``   K_src[n], the ecosystem-wide source key (distributed to every provider);
-                            the highest n is current. Also ``FHIR_GATEWAY_SOURCE_KEY_V<n>`` in the environment.
+                            the highest n is current. Also ``FHIR_GATEWAY_SOURCE_KEY_V<n>``.
 - ``provider-mrn-<id>.hex`` the provider's master for the reversible MRN layer; it never leaves the hospital.
                             Also ``FHIR_GATEWAY_PROVIDER_MRN_KEY_<ID>`` (non-alphanumerics → ``_``).
 - ``gateway-secret.hex``    the gateway's own secret: opaque ids and objection-register digests are keyed
@@ -122,7 +122,9 @@ def _load_source_keys(key_dir: Path) -> dict[int, bytes]:
             if m and int(m.group(1)) not in keys:
                 keys[int(m.group(1))] = read_key_file(path)
     if not keys:
-        raise KeyFileError(f"no source key: create {key_dir}/source-key-v1.hex or set FHIR_GATEWAY_SOURCE_KEY_V1")
+        raise KeyFileError(
+            f"no source key: create {key_dir}/source-key-v1.hex or set FHIR_GATEWAY_SOURCE_KEY_V1"
+        )
     return keys
 
 

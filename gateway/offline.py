@@ -35,8 +35,9 @@ DEFAULT_PROVIDER = ProviderConfig(id="ura:00000000", name="offline", mrn_system=
 MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
-def run_deidentify(files: list[Path], *, registry: str, out: Path | None, config: Path | None,
-                   console: Console) -> int:
+def run_deidentify(
+    files: list[Path], *, registry: str, out: Path | None, config: Path | None, console: Console
+) -> int:
     table = _summary_table()
     with _chains(registry, config) as (registry_chain, provider_chain):
         rows = asyncio.run(_all(files, registry_chain, provider_chain, out))
@@ -46,8 +47,9 @@ def run_deidentify(files: list[Path], *, registry: str, out: Path | None, config
     return max((code for code, _ in rows), default=0)
 
 
-async def _all(files: list[Path], registry: RegistryChain, provider: ProviderChain,
-               out: Path | None) -> list[tuple[int, list[str]]]:
+async def _all(
+    files: list[Path], registry: RegistryChain, provider: ProviderChain, out: Path | None
+) -> list[tuple[int, list[str]]]:
     validator = SchemaValidator.from_file(SCHEMA_PATH)
     mapping = load_input_mapping()
     try:
@@ -62,12 +64,19 @@ async def close_backend(backend: Any) -> None:
         await aclose()
 
 
-async def _one(path: Path, registry: RegistryChain, provider: ProviderChain, validator: SchemaValidator,
-               mapping: Any, out: Path | None) -> tuple[int, list[str]]:
+async def _one(
+    path: Path,
+    registry: RegistryChain,
+    provider: ProviderChain,
+    validator: SchemaValidator,
+    mapping: Any,
+    out: Path | None,
+) -> tuple[int, list[str]]:
     try:
         bundle = as_bundle(parse_json(path.read_bytes(), max_bytes=MAX_FILE_BYTES))
-        processed = await process_bundle(bundle, registry=registry, provider=provider, validator=validator,
-                                         mapping=mapping)
+        processed = await process_bundle(
+            bundle, registry=registry, provider=provider, validator=validator, mapping=mapping
+        )
     except FhirError as err:
         sys.stdout.write(orjson.dumps(err.outcome(), option=orjson.OPT_INDENT_2).decode() + "\n")
         return 2, ["-", "-", "-", f"rejected ({err.status}: {err.issues[0].code})", "-", "-"]
@@ -82,8 +91,14 @@ async def _one(path: Path, registry: RegistryChain, provider: ProviderChain, val
     if report.get("resourcesDroppedNoPseudonym"):
         dropped += f" (no pseudonym: {report['resourcesDroppedNoPseudonym']})"
     types = ",".join(sorted(report.get("pseudonymTypes") or {})) or "-"
-    return 0, [str(report.get("resourcesIn", 0)), str(kept), dropped, "delivered" if processed.bundle else
-               "nothing to deliver", types, str(report.get("patientsDroppedOptOut", 0))]
+    return 0, [
+        str(report.get("resourcesIn", 0)),
+        str(kept),
+        dropped,
+        "delivered" if processed.bundle else "nothing to deliver",
+        types,
+        str(report.get("patientsDroppedOptOut", 0)),
+    ]
 
 
 def as_bundle(resource: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +107,11 @@ def as_bundle(resource: dict[str, Any]) -> dict[str, Any]:
         return resource
     rid = resource.get("id") if isinstance(resource.get("id"), str) else "resource"
     full_url = f"urn:offline:{resource.get('resourceType')}/{rid}"
-    return {"resourceType": "Bundle", "type": "collection", "entry": [{"fullUrl": full_url, "resource": resource}]}
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"fullUrl": full_url, "resource": resource}],
+    }
 
 
 def _write(path: Path, bundle: dict[str, Any], out: Path | None) -> None:
@@ -118,8 +137,15 @@ def _flat(counts: Any) -> dict[str, int]:
 
 def _summary_table() -> Table:
     table = Table(title="De-identification summary")
-    for col in ("file", "resources in", "kept", "dropped (by reason)", "result", "pseudonym types",
-                "patients dropped (opt-out)"):
+    for col in (
+        "file",
+        "resources in",
+        "kept",
+        "dropped (by reason)",
+        "result",
+        "pseudonym types",
+        "patients dropped (opt-out)",
+    ):
         table.add_column(col)
     return table
 
@@ -148,12 +174,23 @@ def _chains(registry: str, config_path: Path | None) -> Iterator[tuple[RegistryC
         profile = profiles[registry]
         ttp, name = ttp_backend(ttp_config, provider, ttp_key_dir)
         yield (
-            RegistryChain(registry=registry, plan=compile_plan(profile, load_rules()),
-                          types=tuple(profile.pseudonym_types), optout=(), bundle_consent=True,
-                          id_key=keys.id_key(registry)),
-            ProviderChain(provider.id, SourceStage(keys.source_keys, keys.source_version,
-                                                   keys.provider_mrn.get(provider.id), provider.id),
-                          provider.mrn_system, ttp, name),
+            RegistryChain(
+                registry=registry,
+                plan=compile_plan(profile, load_rules()),
+                types=tuple(profile.pseudonym_types),
+                optout=(),
+                bundle_consent=True,
+                id_key=keys.id_key(registry),
+            ),
+            ProviderChain(
+                provider.id,
+                SourceStage(
+                    keys.source_keys, keys.source_version, keys.provider_mrn.get(provider.id), provider.id
+                ),
+                provider.mrn_system,
+                ttp,
+                name,
+            ),
         )
 
 

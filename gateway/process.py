@@ -72,8 +72,12 @@ async def process_bundle(
     """`recorded` (a FHIR instant) goes into the Provenance; by default the current time."""
     if not registry.plan.profile.person_level:
         # checked before anything else: no patient of this bundle may reach the TTP for such a registry
-        raise FhirError.single(422, "business-rule", "this registry's profile allows aggregated data only; "
-                               "person-level delivery is refused", "registry")
+        raise FhirError.single(
+            422,
+            "business-rule",
+            "this registry's profile allows aggregated data only; person-level delivery is refused",
+            "registry",
+        )
     index = validate_bundle(bundle, validator, require_patient=registry.require_patient)
     decisions = await _check_optout(bundle, index, registry, provider)
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
@@ -99,8 +103,11 @@ async def process_bundle(
         ttp=provider.ttp,
         system_template=registry.identifier_system,
     )
-    unlinkable = [p for p in index.patients if patient_key(p) in admitted
-                  and not pseudonyms.identifiers.get(patient_key(p))]
+    unlinkable = [
+        p
+        for p in index.patients
+        if patient_key(p) in admitted and not pseudonyms.identifiers.get(patient_key(p))
+    ]
     if unlinkable:
         # a patient without any pseudonym cannot be linked by the registry: deliver none of their data
         dropped_no_pseudonym = set().union(*(resources_of_patient(index, p) for p in unlinkable))
@@ -115,8 +122,9 @@ async def process_bundle(
         registry.plan,
         id_key=registry.id_key,
         pseudonyms=_by_every_reference(pseudonyms.identifiers, index),
-        provenance=ProvenanceInfo(gateway_version=__version__, recorded=recorded or _now(),
-                                  ttp_name=provider.ttp_name),
+        provenance=ProvenanceInfo(
+            gateway_version=__version__, recorded=recorded or _now(), ttp_name=provider.ttp_name
+        ),
     )
     _leak_gate(result.bundle, kept_input, registry.plan.practitioner_kept)
     report |= {
@@ -139,11 +147,17 @@ def _patients(index: BundleIndex) -> dict[str, dict[str, Any]]:
     return {patient_key(p): p.resource for p in index.patients}
 
 
-async def _check_optout(bundle: dict[str, Any], index: BundleIndex, registry: RegistryChain,
-                        provider: ProviderChain) -> dict[str, Decision]:
+async def _check_optout(
+    bundle: dict[str, Any], index: BundleIndex, registry: RegistryChain, provider: ProviderChain
+) -> dict[str, Decision]:
     refs = [
-        PatientRef(key=patient_key(p), resource=p.resource, mrn=_mrn(p.resource, provider.mrn_system),
-                   provider=provider.provider, registry=registry.registry)
+        PatientRef(
+            key=patient_key(p),
+            resource=p.resource,
+            mrn=_mrn(p.resource, provider.mrn_system),
+            provider=provider.provider,
+            registry=registry.registry,
+        )
         for p in index.patients
     ]
     sources = list(registry.optout)
@@ -181,7 +195,9 @@ def _without_entries(bundle: dict[str, Any], dropped: set[int]) -> dict[str, Any
     return {**bundle, "entry": entries}
 
 
-def _by_every_reference(identifiers: Mapping[str, list[dict[str, Any]]], index: BundleIndex) -> dict[str, list]:
+def _by_every_reference(
+    identifiers: Mapping[str, list[dict[str, Any]]], index: BundleIndex
+) -> dict[str, list]:
     """The engine looks pseudonyms up by fullUrl and by `Patient/<id>`; offer both."""
     out: dict[str, list] = {}
     for patient in index.patients:
@@ -194,12 +210,16 @@ def _by_every_reference(identifiers: Mapping[str, list[dict[str, Any]]], index: 
     return out
 
 
-def _leak_gate(output: dict[str, Any], kept_input: dict[str, Any], practitioner_kept: tuple[str, ...]) -> None:
-    """After rewriting and before anything leaves: a hit blocks the delivery, naming the path, not the value."""
+def _leak_gate(
+    output: dict[str, Any], kept_input: dict[str, Any], practitioner_kept: tuple[str, ...]
+) -> None:
+    """After rewriting, before anything leaves: a hit blocks the delivery, naming the path, not the value."""
     findings = scan(output, sensitive_values(kept_input, practitioner_kept=practitioner_kept))
     if findings:
-        issues = [Issue("security", f"direct identifier ({f.kind}) left after de-identification", (f.path,))
-                  for f in findings[:50]]
+        issues = [
+            Issue("security", f"direct identifier ({f.kind}) left after de-identification", (f.path,))
+            for f in findings[:50]
+        ]
         raise FhirError(422, issues)
 
 

@@ -29,8 +29,16 @@ def expand(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def replay(files: list[Path], *, base_url: str, registry: str, api_key: str, respond_async: bool = False,
-           timeout: float = 120.0, on_done: Callable[[ReplayResult], None] | None = None) -> list[ReplayResult]:
+def replay(
+    files: list[Path],
+    *,
+    base_url: str,
+    registry: str,
+    api_key: str,
+    respond_async: bool = False,
+    timeout: float = 120.0,
+    on_done: Callable[[ReplayResult], None] | None = None,
+) -> list[ReplayResult]:
     headers = {"Authorization": f"Bearer {api_key}"}
     if respond_async:
         headers["Prefer"] = "respond-async"
@@ -63,10 +71,16 @@ def _interpret(name: str, response: httpx.Response) -> ReplayResult:
     except orjson.JSONDecodeError:
         body = {}
     if body.get("resourceType") == "OperationOutcome":
-        texts = [f"{i.get('code')}: {i.get('diagnostics', '')} {','.join(i.get('expression', []))}".strip()
-                 for i in body.get("issue", [])[:3]]
+        texts = [
+            f"{i.get('code')}: {i.get('diagnostics', '')} {','.join(i.get('expression', []))}".strip()
+            for i in body.get("issue", [])[:3]
+        ]
         return ReplayResult(name, response.status_code, "rejected", None, "; ".join(texts))
-    params = {p.get("name"): p for p in body.get("parameter", [])} if body.get("resourceType") == "Parameters" else {}
+    params = (
+        {p.get("name"): p for p in body.get("parameter", [])}
+        if body.get("resourceType") == "Parameters"
+        else {}
+    )
     status = params.get("status", {}).get("valueCode", "error" if response.status_code >= 400 else "?")
     delivery = params.get("delivery", {}).get("valueString")
     return ReplayResult(name, response.status_code, status, delivery, _summary(params))
@@ -74,8 +88,13 @@ def _interpret(name: str, response: httpx.Response) -> ReplayResult:
 
 def _summary(params: dict[str, dict]) -> str:
     parts = []
-    for name in ("patients", "patientsDroppedOptOut", "patientsDroppedUnknownOptOut", "patientsDroppedNoPseudonym",
-                 "resourcesIn"):
+    for name in (
+        "patients",
+        "patientsDroppedOptOut",
+        "patientsDroppedUnknownOptOut",
+        "patientsDroppedNoPseudonym",
+        "resourcesIn",
+    ):
         if name in params:
             parts.append(f"{name}={params[name].get('valueInteger')}")
     if "resourcesDelivered" in params:

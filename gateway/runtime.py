@@ -74,9 +74,14 @@ class Runtime:
         for provider in self.providers.values():
             await provider.ttp.probe()
         if run_worker:
-            self._worker = OutboxWorker(self.store, self.forwarders, poll_interval=self.settings.worker_poll_seconds,
-                                        lease_seconds=self.settings.worker_lease_seconds,
-                                        concurrency=self.settings.worker_concurrency, metrics=self.metrics)
+            self._worker = OutboxWorker(
+                self.store,
+                self.forwarders,
+                poll_interval=self.settings.worker_poll_seconds,
+                lease_seconds=self.settings.worker_lease_seconds,
+                concurrency=self.settings.worker_concurrency,
+                metrics=self.metrics,
+            )
             self._worker_task = asyncio.create_task(self._worker.run())
 
     async def stop(self) -> None:
@@ -107,37 +112,55 @@ class Runtime:
         return problems
 
     # -- deliveries -------------------------------------------------------------------------------------
-    async def accept_bundle(self, bundle: dict[str, Any], *, caller: Caller, registry: str,
-                            idempotency_key: str | None, body_digest: str) -> Accepted:
+    async def accept_bundle(
+        self,
+        bundle: dict[str, Any],
+        *,
+        caller: Caller,
+        registry: str,
+        idempotency_key: str | None,
+        body_digest: str,
+    ) -> Accepted:
         """Run the chain and commit the pseudonymised result to the outbox; only then is it accepted.
 
         Idempotency: the `Idempotency-Key` header, else `Bundle.identifier`, else the body's digest; each
         stored only as a keyed hash (with sender's provider and registry), so a re-post is one delivery.
         """
         provider = caller.provider or ""
-        key = self._idempotency(provider, registry, idempotency_key or _bundle_identifier(bundle) or body_digest)
+        key = self._idempotency(
+            provider, registry, idempotency_key or _bundle_identifier(bundle) or body_digest
+        )
         # cheap look-up first: a re-post costs no TTP round trip
         existing = await asyncio.to_thread(self.store.find_by_idempotency, provider, registry, key)
         if existing is not None:
             self.metrics.bundles.labels(outcome="duplicate").inc()
             return Accepted(existing.id, {"duplicate": True}, created=False)
         processed = await process_bundle(
-            bundle, registry=self.registries[registry], provider=self.providers[provider],
-            validator=self.validator, mapping=self.mapping,
+            bundle,
+            registry=self.registries[registry],
+            provider=self.providers[provider],
+            validator=self.validator,
+            mapping=self.mapping,
         )
         if processed.bundle is None:
             self.metrics.bundles.labels(outcome="nothing-to-deliver").inc()
-            await asyncio.to_thread(self.store.record_audit,
-                                    _audit(caller, registry, "nothing-to-deliver", processed.report))
+            await asyncio.to_thread(
+                self.store.record_audit, _audit(caller, registry, "nothing-to-deliver", processed.report)
+            )
             return Accepted(None, processed.report)
         # a stable identifier lets the registry (and our receiver) recognise a re-sent delivery
         processed.bundle["identifier"] = {"system": DELIVERY_SYSTEM, "value": key[:32]}
         payload = orjson.dumps(processed.bundle)
         delivery_id, created = await asyncio.to_thread(
-            self.store.enqueue, provider=provider, client=caller.client_id, registry=registry,
-            idempotency_key=key, payload=payload,
+            self.store.enqueue,
+            provider=provider,
+            client=caller.client_id,
+            registry=registry,
+            idempotency_key=key,
+            payload=payload,
             patient_order_key=processed.patient_keys[0] if processed.patient_keys else None,
-            counts=_counts(processed.report), pseudonym_types=sorted(processed.report.get("pseudonymTypes") or {}),
+            counts=_counts(processed.report),
+            pseudonym_types=sorted(processed.report.get("pseudonymTypes") or {}),
             audit=_audit(caller, registry, "accepted", processed.report),
         )
         self.metrics.bundles.labels(outcome="accepted" if created else "duplicate").inc()
@@ -170,8 +193,12 @@ class Runtime:
 
     def processing_context(self, registry: str) -> dict[str, Any]:
         profile = self.profiles[self.config.registries[registry].profile]
-        return {"purpose": profile.purpose, "legalBasis": profile.legal_basis,
-                "pseudonymTypes": list(profile.pseudonym_types), "recipient": profile.name}
+        return {
+            "purpose": profile.purpose,
+            "legalBasis": profile.legal_basis,
+            "pseudonymTypes": list(profile.pseudonym_types),
+            "recipient": profile.name,
+        }
 
 
 def _bundle_identifier(bundle: dict[str, Any]) -> str | None:
@@ -184,49 +211,97 @@ def _bundle_identifier(bundle: dict[str, Any]) -> str | None:
 def _counts(report: dict[str, Any]) -> dict[str, Any]:
     """Counts only: what the outbox row and the audit trail keep of a delivery."""
     deid = report.get("deidentification") or {}
-    keys = ("patients", "patientsDroppedOptOut", "patientsDroppedUnknownOptOut", "patientsDroppedNoPseudonym",
-            "resourcesIn", "resourcesDroppedOptOut", "resourcesDroppedNoPseudonym")
+    keys = (
+        "patients",
+        "patientsDroppedOptOut",
+        "patientsDroppedUnknownOptOut",
+        "patientsDroppedNoPseudonym",
+        "resourcesIn",
+        "resourcesDroppedOptOut",
+        "resourcesDroppedNoPseudonym",
+    )
     return {k: report[k] for k in keys if k in report} | {
-        "resourcesDelivered": deid.get("resourcesKept"), "dropped": deid.get("dropped")}
+        "resourcesDelivered": deid.get("resourcesKept"),
+        "dropped": deid.get("dropped"),
+    }
 
 
 def _audit(caller: Caller, registry: str, outcome: str, report: dict[str, Any]) -> AuditInput:
-    return AuditInput(actor=caller.client_id, provider=caller.provider or "", registry=registry, event="accepted"
-                      if outcome == "accepted" else "received", outcome=outcome, counts=_counts(report),
-                      pseudonym_types=tuple(sorted(report.get("pseudonymTypes") or {})))
+    return AuditInput(
+        actor=caller.client_id,
+        provider=caller.provider or "",
+        registry=registry,
+        event="accepted" if outcome == "accepted" else "received",
+        outcome=outcome,
+        counts=_counts(report),
+        pseudonym_types=tuple(sorted(report.get("pseudonymTypes") or {})),
+    )
 
 
 # -- building -------------------------------------------------------------------------------------------
-def build_runtime(config: GatewayConfig, settings: Settings, *, ttps: dict[str, tuple[TTPBackend, str]],
-                  store: Store | None = None) -> Runtime:
+def build_runtime(
+    config: GatewayConfig,
+    settings: Settings,
+    *,
+    ttps: dict[str, tuple[TTPBackend, str]],
+    store: Store | None = None,
+) -> Runtime:
     """`ttps` maps each provider id to its TTP backend (authenticated as that provider) and a display name."""
     keys = load_keys(settings.key_dir, [p.id for p in config.providers])
     store = store or open_store(settings.store_url)
     profiles = load_profiles(Path(config.profiles_dir))
     rules = load_rules()
-    registries = {name: _registry_chain(name, reg, profiles, rules, keys, store)
-                  for name, reg in config.registries.items()}
+    registries = {
+        name: _registry_chain(name, reg, profiles, rules, keys, store)
+        for name, reg in config.registries.items()
+    }
     providers = {
-        p.id: ProviderChain(p.id, SourceStage(keys.source_keys, keys.source_version, keys.provider_mrn.get(p.id),
-                                              p.id), p.mrn_system, ttps[p.id][0], ttps[p.id][1])
+        p.id: ProviderChain(
+            p.id,
+            SourceStage(keys.source_keys, keys.source_version, keys.provider_mrn.get(p.id), p.id),
+            p.mrn_system,
+            ttps[p.id][0],
+            ttps[p.id][1],
+        )
         for p in config.providers
     }
-    forwarders = {name: RegistryClient(reg.endpoint, auth=auth_from_config(reg.auth, secret_from_env),
-                                       timeout=reg.timeout_seconds, verify=reg.ca_bundle or True)
-                  for name, reg in config.registries.items()}
-    return Runtime(config=config, settings=settings, keys=keys, store=store, validator=SchemaValidator.from_file(SCHEMA_PATH), mapping=load_input_mapping(),
-                   profiles=profiles, registries=registries, providers=providers, forwarders=forwarders,
-                   metrics=GatewayMetrics.create())
+    forwarders = {
+        name: RegistryClient(
+            reg.endpoint,
+            auth=auth_from_config(reg.auth, secret_from_env),
+            timeout=reg.timeout_seconds,
+            verify=reg.ca_bundle or True,
+        )
+        for name, reg in config.registries.items()
+    }
+    return Runtime(
+        config=config,
+        settings=settings,
+        keys=keys,
+        store=store,
+        validator=SchemaValidator.from_file(SCHEMA_PATH),
+        mapping=load_input_mapping(),
+        profiles=profiles,
+        registries=registries,
+        providers=providers,
+        forwarders=forwarders,
+        metrics=GatewayMetrics.create(),
+    )
 
 
-def _registry_chain(name: str, reg: RegistryConfig, profiles: dict[str, Profile], rules: Any, keys: GatewayKeys,
-                    store: Store) -> RegistryChain:
+def _registry_chain(
+    name: str, reg: RegistryConfig, profiles: dict[str, Profile], rules: Any, keys: GatewayKeys, store: Store
+) -> RegistryChain:
     if reg.profile not in profiles:
         raise ValueError(f"registry {name}: profile {reg.profile!r} not found")
     profile = profiles[reg.profile]
     return RegistryChain(
-        registry=name, plan=compile_plan(profile, rules), types=tuple(profile.pseudonym_types),
-        optout=_optout(reg, keys, store), bundle_consent="bundle-consent" in reg.optout, id_key=keys.id_key(name),
+        registry=name,
+        plan=compile_plan(profile, rules),
+        types=tuple(profile.pseudonym_types),
+        optout=_optout(reg, keys, store),
+        bundle_consent="bundle-consent" in reg.optout,
+        id_key=keys.id_key(name),
         identifier_system=reg.identifier_system,
     )
 

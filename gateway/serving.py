@@ -21,8 +21,9 @@ def free_port() -> int:
 def serve_in_thread(app, *, port: int | None = None, ready_timeout: float = 20.0) -> Iterator[str]:
     """Run `app` under uvicorn in a daemon thread; yield its base URL; shut it down gracefully afterwards."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                            log_config=None)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", log_config=None
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -61,7 +61,9 @@ def leaked_kinds(source: Any, output_text: str) -> list[str]:
     hits = []
     public = set(_strings_of(source, {"Organization", "Location"}))
     for kind, value in identifying_values(source):
-        if value in public:  # e.g. a patient living in the hospital's own postcode area: kept as the hospital's
+        if (
+            value in public
+        ):  # e.g. a patient living in the hospital's own postcode area: kept as the hospital's
             continue
         if kind == "id":
             if f'"{value}"' in output_text or f'/{value}"' in output_text:

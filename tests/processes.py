@@ -1,4 +1,4 @@
-"""The chain with the gateway as a real OS process (`fhir-gateway serve --config`), for kill and restart tests.
+"""The chain with the gateway as a real OS process (`fhir-gateway serve --config`): kill and restart tests.
 
 The reference TTP and the receiver run under uvicorn in threads of the test process; the gateway runs as a
 subprocess configured exactly as an operator would: a YAML file, key files, secrets in the environment.
@@ -58,15 +58,25 @@ class ProcessChain:
     admin_api_key: str
     gateways: list[GatewayProcess] = field(default_factory=list)
 
-    def start_gateway(self, *, port: int | None = None, log_level: str = "INFO",
-                      extra_env: dict[str, str] | None = None) -> GatewayProcess:
+    def start_gateway(
+        self, *, port: int | None = None, log_level: str = "INFO", extra_env: dict[str, str] | None = None
+    ) -> GatewayProcess:
         port = port or free_port()
         log_path = self.work_dir / f"gateway-{port}-{len(self.gateways)}.log"
-        env = {**self.env, "FHIR_GATEWAY_PORT": str(port), "FHIR_GATEWAY_LOG_LEVEL": log_level,
-               **(extra_env or {})}
+        env = {
+            **self.env,
+            "FHIR_GATEWAY_PORT": str(port),
+            "FHIR_GATEWAY_LOG_LEVEL": log_level,
+            **(extra_env or {}),
+        }
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path)],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.work_dir)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.work_dir,
+            )
         gw = GatewayProcess(f"http://127.0.0.1:{port}", proc, log_path)
         _wait_ready(gw)
         self.gateways.append(gw)
@@ -94,30 +104,51 @@ def _wait_ready(gw: GatewayProcess, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def process_chain(work_dir: Path, *, registries: tuple[str, ...] = ("example-generic",),
-                  store_url: str | None = None, receiver_faults: bool = True) -> Iterator[ProcessChain]:
+def process_chain(
+    work_dir: Path,
+    *,
+    registries: tuple[str, ...] = ("example-generic",),
+    store_url: str | None = None,
+    receiver_faults: bool = True,
+) -> Iterator[ProcessChain]:
     ttp_secret, ehr_secret, admin_secret = (os.urandom(24).hex() for _ in range(3))
     ttp_keys = init_ttp_keys(work_dir / "ttp-keys", list(registries))
-    ttp_auth = TTPAuth.from_entries([{"name": "gateway", "role": "provider", "provider": PROVIDER,
-                                      "key_sha256": hash_key(ttp_secret)}])
+    ttp_auth = TTPAuth.from_entries(
+        [{"name": "gateway", "role": "provider", "provider": PROVIDER, "key_sha256": hash_key(ttp_secret)}]
+    )
     init_keys(work_dir / "keys", [PROVIDER])
     with contextlib.ExitStack() as stack:
         ttp_url = stack.enter_context(serve_in_thread(create_ttp_app(ttp_keys, ttp_auth)))
-        receiver_url = stack.enter_context(serve_in_thread(
-            create_receiver_app(work_dir / "receiver", scan=scan, test_faults=receiver_faults)))
+        receiver_url = stack.enter_context(
+            serve_in_thread(
+                create_receiver_app(work_dir / "receiver", scan=scan, test_faults=receiver_faults)
+            )
+        )
         config = {
             "providers": [{"id": PROVIDER, "name": "Test hospital", "mrn_system": MRN_SYSTEM}],
-            "clients": [{"id": "ehr", "provider": PROVIDER, "api_key_sha256": hash_api_key(ehr_secret),
-                         "registries": list(registries)}],
-            "registries": {r: {"profile": r, "endpoint": receiver_url, "timeout_seconds": 10} for r in registries},
+            "clients": [
+                {
+                    "id": "ehr",
+                    "provider": PROVIDER,
+                    "api_key_sha256": hash_api_key(ehr_secret),
+                    "registries": list(registries),
+                }
+            ],
+            "registries": {
+                r: {"profile": r, "endpoint": receiver_url, "timeout_seconds": 10} for r in registries
+            },
             "ttp": {"url": ttp_url, "api_key_env": "TEST_TTP_KEY"},
             "admin_api_key_sha256": hash_api_key(admin_secret),
         }
         config_path = work_dir / "gateway.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        env = {**os.environ, "TEST_TTP_KEY": ttp_secret, "FHIR_GATEWAY_KEY_DIR": str(work_dir / "keys"),
-               "FHIR_GATEWAY_STORE_URL": store_url or f"sqlite:///{work_dir / 'gateway.db'}",
-               "FHIR_GATEWAY_WORKER_POLL_SECONDS": "0.05"}
+        env = {
+            **os.environ,
+            "TEST_TTP_KEY": ttp_secret,
+            "FHIR_GATEWAY_KEY_DIR": str(work_dir / "keys"),
+            "FHIR_GATEWAY_STORE_URL": store_url or f"sqlite:///{work_dir / 'gateway.db'}",
+            "FHIR_GATEWAY_WORKER_POLL_SECONDS": "0.05",
+        }
         chain = ProcessChain(work_dir, ttp_url, receiver_url, config_path, env, ehr_secret, admin_secret)
         try:
             yield chain

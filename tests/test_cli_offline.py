@@ -49,8 +49,9 @@ def test_every_corpus_bundle_and_patient_deidentifies_or_is_cleanly_rejected(pat
 
 
 def test_template_placeholders_exit_2_with_operation_outcome(tmp_path):
-    bundle = json.loads((Path(__file__).parent.parent / "examples" / "02-nlps1-vector-patients-transaction.json")
-                        .read_text())
+    bundle = json.loads(
+        (Path(__file__).parent.parent / "examples" / "02-nlps1-vector-patients-transaction.json").read_text()
+    )
     bundle["entry"][1]["resource"]["period"]["start"] = "${DATE, T, D, -60}"
     path = tmp_path / "placeholder.json"
     path.write_text(json.dumps(bundle))
@@ -87,16 +88,24 @@ def test_objections_import_stores_keyed_hashes_only(tmp_path, monkeypatch):
     provider = "ura:00000000"
     init_keys(tmp_path / "keys", [provider])
     config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump({"providers": [{"id": provider}],
-                                      "registries": {"example-generic": {"profile": "example-generic",
-                                                                         "endpoint": "http://127.0.0.1:9"}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "providers": [{"id": provider}],
+                "registries": {
+                    "example-generic": {"profile": "example-generic", "endpoint": "http://127.0.0.1:9"}
+                },
+            }
+        )
+    )
     csv_file = tmp_path / "objections.csv"
     csv_file.write_text("patient_number;date\nP0001234;2026-01-01\nH-778899;2026-02-01\n<bad number>;x\n")
     store_url = f"sqlite:///{tmp_path / 'gateway.db'}"
     monkeypatch.setenv("FHIR_GATEWAY_KEY_DIR", str(tmp_path / "keys"))
     monkeypatch.setenv("FHIR_GATEWAY_STORE_URL", store_url)
-    result = runner.invoke(app, ["objections", "import", str(csv_file), "--provider", provider,
-                                 "--config", str(config)])
+    result = runner.invoke(
+        app, ["objections", "import", str(csv_file), "--provider", provider, "--config", str(config)]
+    )
     assert result.exit_code == 1  # one refused row
     assert "2 objections read, 2 new, 1 rows refused" in result.output
     assert "<bad number>" not in result.output

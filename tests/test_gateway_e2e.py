@@ -19,11 +19,19 @@ REGISTRY = "example-generic"
 FHIR = {"Content-Type": "application/fhir+json"}
 
 
-def _post(chain, path: Path | bytes, *, key: str | None = None, headers: dict | None = None,
-          registry: str = REGISTRY) -> httpx.Response:
+def _post(
+    chain,
+    path: Path | bytes,
+    *,
+    key: str | None = None,
+    headers: dict | None = None,
+    registry: str = REGISTRY,
+) -> httpx.Response:
     body = path.read_bytes() if isinstance(path, Path) else path
     h = {**FHIR, "Authorization": f"Bearer {key or chain.ehr_api_key}", **(headers or {})}
-    return httpx.post(f"{chain.gateway_url}/registries/{registry}/Bundle", content=body, headers=h, timeout=60)
+    return httpx.post(
+        f"{chain.gateway_url}/registries/{registry}/Bundle", content=body, headers=h, timeout=60
+    )
 
 
 def _received(chain) -> list[dict]:
@@ -71,8 +79,13 @@ def chain(tmp_path_factory):
         recorder["ttp"] = RecordingTTP(app)
         return recorder["ttp"]
 
-    with embedded_chain(tmp_path_factory.mktemp("e2e"), [REGISTRY, "example-cancer-registry"],
-                        receiver_faults=True, ttp_sealed=False, wrap_ttp_app=wrap) as c:
+    with embedded_chain(
+        tmp_path_factory.mktemp("e2e"),
+        [REGISTRY, "example-cancer-registry"],
+        receiver_faults=True,
+        ttp_sealed=False,
+        wrap_ttp_app=wrap,
+    ) as c:
         c.ttp_recorder = recorder["ttp"]
         yield c
 
@@ -84,8 +97,9 @@ def test_every_example_arrives_pseudonymised(chain, example):
     params = {p["name"]: p for p in response.json()["parameter"]}
     assert params["status"]["valueCode"] == "delivered"
     delivery = params["delivery"]["valueString"]
-    stored = httpx.get(f"{chain.gateway_url}/deliveries/{delivery}",
-                       headers={"Authorization": f"Bearer {chain.ehr_api_key}"}).json()
+    stored = httpx.get(
+        f"{chain.gateway_url}/deliveries/{delivery}", headers={"Authorization": f"Bearer {chain.ehr_api_key}"}
+    ).json()
     assert stored["status"] == "delivered" and stored["registryStatus"] == 200
 
     arrived = [b for b in _received(chain) if b["identifier"]["value"] == _identifier_of(chain, delivery)]
@@ -99,7 +113,8 @@ def test_every_example_arrives_pseudonymised(chain, example):
     for patient in patients:
         assert all(i["type"]["coding"][0]["code"] == "PSEUDED" for i in patient["identifier"])
         assert {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "PSEUDED"} in [
-            {k: s[k] for k in ("system", "code")} for s in patient["meta"]["security"]]
+            {k: s[k] for k in ("system", "code")} for s in patient["meta"]["security"]
+        ]
 
 
 def _identifier_of(chain, delivery_id: str) -> str:
@@ -119,7 +134,9 @@ def test_opted_out_patient_never_reaches_ttp_nor_registry(chain):
     keys = load_keys(chain.work_dir / "keys", [PROVIDER])
     stage = SourceStage(keys.source_keys, keys.source_version, keys.provider_mrn[PROVIDER], PROVIDER)
     types = chain.runtime.registries[REGISTRY].types
-    extraction = extract_inputs(objector, types, load_input_mapping(), chain.runtime.providers[PROVIDER].mrn_system)
+    extraction = extract_inputs(
+        objector, types, load_input_mapping(), chain.runtime.providers[PROVIDER].mrn_system
+    )
     objector_pres = [p.value for p in stage.pre_pseudonyms(extraction, REGISTRY)]
     assert objector_pres, "the objector would have had pseudonyms: the check below must mean something"
 
@@ -132,10 +149,13 @@ def test_opted_out_patient_never_reaches_ttp_nor_registry(chain):
     sent_to_ttp = b"".join(chain.ttp_recorder.bodies[before:])
     assert sent_to_ttp, "the other patient was pseudonymised, so the TTP was called"
     from gateway.pseudonym.nlps1 import b64u
+
     for pre in objector_pres:
         assert b64u(pre).encode() not in sent_to_ttp
     # nothing of the objector at the registry: no resource whose original id was theirs survives
-    delivered = orjson.loads(chain.runtime.store.get(params["delivery"]["valueString"], with_payload=True).payload)
+    delivered = orjson.loads(
+        chain.runtime.store.get(params["delivery"]["valueString"], with_payload=True).payload
+    )
     types_out = [e["resource"]["resourceType"] for e in delivered["entry"]]
     assert types_out.count("Patient") == 1
     assert "Consent" not in types_out
@@ -148,13 +168,18 @@ def test_same_bundle_twice_is_one_delivery(chain):
     assert first.status_code == 200 and second.status_code == 200
     ids = [{p["name"]: p for p in r.json()["parameter"]}["delivery"]["valueString"] for r in (first, second)]
     assert ids[0] == ids[1]
-    listing = httpx.get(f"{chain.gateway_url}/deliveries", headers={"Authorization": f"Bearer {chain.ehr_api_key}"})
+    listing = httpx.get(
+        f"{chain.gateway_url}/deliveries", headers={"Authorization": f"Bearer {chain.ehr_api_key}"}
+    )
     assert sum(1 for d in listing.json() if d["id"] == ids[0]) == 1
 
 
 def test_async_request_pattern(chain):
-    response = _post(chain, EXAMPLES / "02-nlps1-vector-patients-transaction.json",
-                     headers={"Prefer": "respond-async", "Idempotency-Key": "async-1"})
+    response = _post(
+        chain,
+        EXAMPLES / "02-nlps1-vector-patients-transaction.json",
+        headers={"Prefer": "respond-async", "Idempotency-Key": "async-1"},
+    )
     assert response.status_code == 202
     status_url = chain.gateway_url + response.headers["Content-Location"]
     auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
@@ -165,13 +190,17 @@ def test_async_request_pattern(chain):
 def test_registry_503_then_200_is_delivered_once(chain):
     httpx.post(f"{chain.receiver_url}/_faults", json={"status": 503, "count": 1})
     before = httpx.get(f"{chain.receiver_url}/").json()["bundles"]
-    response = _post(chain, EXAMPLES / "02-nlps1-vector-patients-transaction.json",
-                     headers={"Idempotency-Key": "fault-503"})
+    response = _post(
+        chain,
+        EXAMPLES / "02-nlps1-vector-patients-transaction.json",
+        headers={"Idempotency-Key": "fault-503"},
+    )
     assert response.status_code in (200, 202)
     delivery = response.headers["Content-Location"]
     auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
-    final = _wait_until(lambda: (r := httpx.get(chain.gateway_url + delivery, headers=auth)).status_code == 200
-                        and r.json())
+    final = _wait_until(
+        lambda: (r := httpx.get(chain.gateway_url + delivery, headers=auth)).status_code == 200 and r.json()
+    )
     assert final["status"] == "delivered" and final["attempts"] == 2
     assert httpx.get(f"{chain.receiver_url}/").json()["bundles"] == before + 1
 
@@ -179,20 +208,33 @@ def test_registry_503_then_200_is_delivered_once(chain):
 def test_registry_429_retry_after_is_honoured(chain):
     httpx.post(f"{chain.receiver_url}/_faults", json={"status": 429, "count": 1, "retry_after": "1"})
     started = time.monotonic()
-    response = _post(chain, EXAMPLES / "02-nlps1-vector-patients-transaction.json",
-                     headers={"Idempotency-Key": "fault-429"})
+    response = _post(
+        chain,
+        EXAMPLES / "02-nlps1-vector-patients-transaction.json",
+        headers={"Idempotency-Key": "fault-429"},
+    )
     assert response.status_code in (200, 202)
     auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
-    final = _wait_until(lambda: (r := httpx.get(chain.gateway_url + response.headers["Content-Location"],
-                                                 headers=auth)).status_code == 200 and r.json())
+    final = _wait_until(
+        lambda: (
+            (
+                r := httpx.get(chain.gateway_url + response.headers["Content-Location"], headers=auth)
+            ).status_code
+            == 200
+            and r.json()
+        )
+    )
     assert final["status"] == "delivered"
     assert time.monotonic() - started >= 0.9  # waited as the registry asked
 
 
 def test_registry_400_goes_to_dead_letters_and_can_be_requeued(chain):
     httpx.post(f"{chain.receiver_url}/_faults", json={"status": 400, "count": 1})
-    response = _post(chain, EXAMPLES / "02-nlps1-vector-patients-transaction.json",
-                     headers={"Idempotency-Key": "fault-400"})
+    response = _post(
+        chain,
+        EXAMPLES / "02-nlps1-vector-patients-transaction.json",
+        headers={"Idempotency-Key": "fault-400"},
+    )
     assert response.status_code == 422
     delivery_id = {p["name"]: p for p in response.json()["parameter"]}["delivery"]["valueString"]
     auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
@@ -200,29 +242,41 @@ def test_registry_400_goes_to_dead_letters_and_can_be_requeued(chain):
     assert delivery_id in [d["id"] for d in dead]
     requeued = httpx.post(f"{chain.gateway_url}/deliveries/{delivery_id}/$requeue", headers=auth)
     assert requeued.status_code == 200
-    final = _wait_until(lambda: (r := httpx.get(f"{chain.gateway_url}/deliveries/{delivery_id}",
-                                                headers=auth)).status_code == 200 and r.json())
+    final = _wait_until(
+        lambda: (
+            (r := httpx.get(f"{chain.gateway_url}/deliveries/{delivery_id}", headers=auth)).status_code == 200
+            and r.json()
+        )
+    )
     assert final["status"] == "delivered"
 
 
 def test_authentication_and_registry_authorisation(chain):
     example = EXAMPLES / "02-nlps1-vector-patients-transaction.json"
-    no_key = httpx.post(f"{chain.gateway_url}/registries/{REGISTRY}/Bundle", content=example.read_bytes(),
-                        headers=FHIR)
+    no_key = httpx.post(
+        f"{chain.gateway_url}/registries/{REGISTRY}/Bundle", content=example.read_bytes(), headers=FHIR
+    )
     assert no_key.status_code == 401
     assert no_key.json()["resourceType"] == "OperationOutcome"
     assert _post(chain, example, key="wrong-key").status_code == 401
     assert _post(chain, example, registry="no-such-registry").status_code == 404
-    assert httpx.get(f"{chain.gateway_url}/admin/audit",
-                     headers={"Authorization": f"Bearer {chain.ehr_api_key}"}).status_code == 403
+    assert (
+        httpx.get(
+            f"{chain.gateway_url}/admin/audit", headers={"Authorization": f"Bearer {chain.ehr_api_key}"}
+        ).status_code
+        == 403
+    )
 
 
 def test_bad_input_is_an_operation_outcome(chain):
     bad = _post(chain, b'{"resourceType": "Bundle", "type": "transaction", "entry": [')
     assert bad.status_code == 400
     assert bad.json()["resourceType"] == "OperationOutcome"
-    wrong_type = httpx.post(f"{chain.gateway_url}/registries/{REGISTRY}/Bundle", content=b"{}",
-                            headers={"Content-Type": "text/plain", "Authorization": f"Bearer {chain.ehr_api_key}"})
+    wrong_type = httpx.post(
+        f"{chain.gateway_url}/registries/{REGISTRY}/Bundle",
+        content=b"{}",
+        headers={"Content-Type": "text/plain", "Authorization": f"Bearer {chain.ehr_api_key}"},
+    )
     assert wrong_type.status_code == 415
 
 
@@ -243,30 +297,49 @@ def test_metadata_health_and_metrics(chain):
     assert httpx.get(f"{chain.gateway_url}/healthz").status_code == 200
     assert httpx.get(f"{chain.gateway_url}/readyz").status_code == 200
     assert httpx.get(f"{chain.gateway_url}/metrics").status_code == 401
-    metrics = httpx.get(f"{chain.gateway_url}/metrics", headers={"Authorization": f"Bearer {chain.admin_api_key}"})
+    metrics = httpx.get(
+        f"{chain.gateway_url}/metrics", headers={"Authorization": f"Bearer {chain.admin_api_key}"}
+    )
     assert metrics.status_code == 200 and "gateway_bundles_total" in metrics.text
 
 
 def test_two_providers_see_only_their_own_deliveries(tmp_path):
     other = "ura:11111111"
-    with embedded_chain(tmp_path, [REGISTRY, "example-cancer-registry"], providers=(PROVIDER, other),
-                        client_registries={other: [REGISTRY]}) as c:
+    with embedded_chain(
+        tmp_path,
+        [REGISTRY, "example-cancer-registry"],
+        providers=(PROVIDER, other),
+        client_registries={other: [REGISTRY]},
+    ) as c:
         example = EXAMPLES / "02-nlps1-vector-patients-transaction.json"
         mine = _post(c, example, key=c.ehr_api_keys[PROVIDER])
         theirs = _post(c, example, key=c.ehr_api_keys[other])
         assert mine.status_code == 200 and theirs.status_code == 200
         my_id = {p["name"]: p for p in mine.json()["parameter"]}["delivery"]["valueString"]
         their_id = {p["name"]: p for p in theirs.json()["parameter"]}["delivery"]["valueString"]
-        for key, own, foreign in ((c.ehr_api_keys[PROVIDER], my_id, their_id),
-                                  (c.ehr_api_keys[other], their_id, my_id)):
+        for key, own, foreign in (
+            (c.ehr_api_keys[PROVIDER], my_id, their_id),
+            (c.ehr_api_keys[other], their_id, my_id),
+        ):
             auth = {"Authorization": f"Bearer {key}"}
             listed = [d["id"] for d in httpx.get(f"{c.gateway_url}/deliveries", headers=auth).json()]
             assert own in listed and foreign not in listed
             assert httpx.get(f"{c.gateway_url}/deliveries/{foreign}", headers=auth).status_code == 404
         # registry not configured for that client
-        assert _post(c, example, key=c.ehr_api_keys[other], registry="example-cancer-registry").status_code == 403
+        assert (
+            _post(c, example, key=c.ehr_api_keys[other], registry="example-cancer-registry").status_code
+            == 403
+        )
         # the same person delivered by two providers gets the same pseudonyms in one registry
         bundles = [orjson.loads(c.runtime.store.get(i, with_payload=True).payload) for i in (my_id, their_id)]
-        nggv = [sorted(i["value"] for e in b["entry"] if e["resource"]["resourceType"] == "Patient"
-                       for i in e["resource"]["identifier"] if "NGGV" in i["system"]) for b in bundles]
+        nggv = [
+            sorted(
+                i["value"]
+                for e in b["entry"]
+                if e["resource"]["resourceType"] == "Patient"
+                for i in e["resource"]["identifier"]
+                if "NGGV" in i["system"]
+            )
+            for b in bundles
+        ]
         assert nggv[0] and nggv[0] == nggv[1]

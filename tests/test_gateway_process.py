@@ -17,9 +17,12 @@ def test_serve_delivers_and_logs_json_with_request_ids(tmp_path):
     with process_chain(tmp_path) as chain:
         gw = chain.start_gateway(log_level="DEBUG")
         body = (EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_bytes()
-        response = httpx.post(f"{gw.url}/registries/example-generic/Bundle", content=body, timeout=60,
-                              headers={"Content-Type": "application/fhir+json",
-                                       "Authorization": f"Bearer {chain.ehr_api_key}"})
+        response = httpx.post(
+            f"{gw.url}/registries/example-generic/Bundle",
+            content=body,
+            timeout=60,
+            headers={"Content-Type": "application/fhir+json", "Authorization": f"Bearer {chain.ehr_api_key}"},
+        )
         assert response.status_code == 200, response.text
         request_id = response.headers["X-Request-ID"]
         gw.kill(signal.SIGTERM)  # graceful: finishes in-flight work, then exits
@@ -35,10 +38,18 @@ def test_start_up_fails_with_one_clear_line_on_a_bad_config(tmp_path):
     import sys
 
     bad = tmp_path / "gateway.yaml"
-    bad.write_text("providers: []\nregistries: {x: {profile: nope, endpoint: 'http://127.0.0.1:9'}}\nttp: {url: embedded}\n")
-    out = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(bad)],
-                         capture_output=True, text=True, timeout=60, env={"FHIR_GATEWAY_KEY_DIR": str(tmp_path / "k"),
-                                                                          "PATH": "/usr/bin:/bin"})
+    bad.write_text(
+        "providers: []\n"
+        "registries: {x: {profile: nope, endpoint: 'http://127.0.0.1:9'}}\n"
+        "ttp: {url: embedded}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"FHIR_GATEWAY_KEY_DIR": str(tmp_path / "k"), "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") <= 2

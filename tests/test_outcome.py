@@ -2,7 +2,9 @@ from gateway.outcome import FhirError, Issue, operation_outcome
 
 
 def test_error_outcome_names_path_not_value():
-    err = FhirError.single(422, "value", "birthDate is not a valid date", "Bundle.entry[0].resource.birthDate")
+    err = FhirError.single(
+        422, "value", "birthDate is not a valid date", "Bundle.entry[0].resource.birthDate"
+    )
     oo = err.outcome()
     assert oo["resourceType"] == "OperationOutcome"
     assert oo["issue"][0]["expression"] == ["Bundle.entry[0].resource.birthDate"]

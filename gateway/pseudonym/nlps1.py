@@ -1,8 +1,9 @@
 """The NLPS1 cryptographic primitives (domain spec §4.1, §4.3, §4.4), all from `cryptography`.
 
 Source stage (in the hospital):  pre = HMAC-SHA-256(K_src[v], canonical)
-                                 pre(MRN) = AES-SIV(K_mrn[provider, registry, v], canonical, AD=[NLPS1|MRN, registry, provider])
-TTP stage:                       final = AES-SIV(K_dom[registry, v], pre, AD=[NLPS1|TYPE]) (MRN: AD=[NLPS1|MRN, provider])
+    MRN:  pre = AES-SIV(K_mrn[provider, registry, v], canonical, AD=[NLPS1|MRN, registry, provider])
+TTP stage:                       final = AES-SIV(K_dom[registry, v], pre, AD=[NLPS1|TYPE])
+    MRN:  final = AES-SIV(K_dom[registry, v], pre, AD=[NLPS1|MRN, provider])
 Identifier value:                "v<n>." + base64url(final) without padding.
 
 Key objects are built once and reused: building an AESSIV per call costs five times the encryption itself.

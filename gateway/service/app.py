@@ -65,9 +65,16 @@ def _install_request_ids(app: FastAPI, runtime: Runtime) -> None:
         finally:
             request_id.reset(token)
         response.headers["X-Request-ID"] = rid
-        log.info("request", extra={"method": request.method, "route": _route_name(request),
-                                   "status": response.status_code, "request_id": rid,
-                                   "ms": round((time.perf_counter() - started) * 1000, 1)})
+        log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "route": _route_name(request),
+                "status": response.status_code,
+                "request_id": rid,
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
         return response
 
 
@@ -94,7 +101,9 @@ def _operations_routes(app: FastAPI, runtime: Runtime) -> None:
     async def readyz() -> Response:
         problems = await runtime.readiness()
         body = {"status": "ready" if not problems else "not-ready", "problems": problems}
-        return Response(orjson.dumps(body), status_code=200 if not problems else 503, media_type="application/json")
+        return Response(
+            orjson.dumps(body), status_code=200 if not problems else 503, media_type="application/json"
+        )
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -113,48 +122,73 @@ def _ingest_routes(app: FastAPI, runtime: Runtime) -> None:
         bundle = parse_json(body, max_bytes=runtime.settings.max_body_bytes)
         idempotency = request.headers.get("idempotency-key")
         try:
-            accepted = await runtime.accept_bundle(bundle, caller=caller, registry=registry,
-                                                   idempotency_key=idempotency,
-                                                   body_digest=hashlib.sha256(body).hexdigest())
+            accepted = await runtime.accept_bundle(
+                bundle,
+                caller=caller,
+                registry=registry,
+                idempotency_key=idempotency,
+                body_digest=hashlib.sha256(body).hexdigest(),
+            )
         except TTPUnavailable:
             runtime.metrics.bundles.labels(outcome="ttp-unavailable").inc()
-            raise FhirError.single(503, "transient", "the pseudonymisation service (TTP) cannot answer; "
-                                   "nothing was stored or delivered", headers={"Retry-After": "30"}) from None
+            raise FhirError.single(
+                503,
+                "transient",
+                "the pseudonymisation service (TTP) cannot answer; nothing was stored or delivered",
+                headers={"Retry-After": "30"},
+            ) from None
         except StoreUnavailable:
             runtime.metrics.bundles.labels(outcome="store-unavailable").inc()
-            raise FhirError.single(503, "transient", "the delivery store cannot take the bundle; nothing was "
-                                   "stored", headers={"Retry-After": "10"}) from None
+            raise FhirError.single(
+                503,
+                "transient",
+                "the delivery store cannot take the bundle; nothing was stored",
+                headers={"Retry-After": "10"},
+            ) from None
         if accepted.delivery_id is None:
             return fhir_response(delivery_parameters(None, "nothing-to-deliver", accepted.report), 200)
         status_url = f"/deliveries/{accepted.delivery_id}"
         headers = {"Content-Location": status_url}
         if "respond-async" in request.headers.get("prefer", ""):
-            return fhir_response(delivery_parameters(accepted.delivery_id, "queued", accepted.report), 202,
-                                 headers=headers)
+            return fhir_response(
+                delivery_parameters(accepted.delivery_id, "queued", accepted.report), 202, headers=headers
+            )
         delivery = await runtime.wait_for(accepted.delivery_id, SYNC_WAIT_SECONDS)
         status = delivery.status if delivery else "queued"
         http_status = {"delivered": 200, "dead": 422}.get(status, 202)
-        body_out = delivery_parameters(accepted.delivery_id, status, accepted.report,
-                                       delivery.registry_status if delivery else None)
+        body_out = delivery_parameters(
+            accepted.delivery_id, status, accepted.report, delivery.registry_status if delivery else None
+        )
         return fhir_response(body_out, http_status, headers=headers)
 
 
 def _delivery_view(d: Any) -> dict[str, Any]:
     """What a client may see of a delivery: status and counts, never the payload."""
     return {
-        "id": d.id, "registry": d.registry, "status": d.status, "attempts": d.attempts,
-        "createdAt": d.created_at, "updatedAt": d.updated_at, "registryStatus": d.registry_status,
+        "id": d.id,
+        "registry": d.registry,
+        "status": d.status,
+        "attempts": d.attempts,
+        "createdAt": d.created_at,
+        "updatedAt": d.updated_at,
+        "registryStatus": d.registry_status,
         "lastError": d.last_error,
     }
 
 
 def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.get("/deliveries")
-    async def list_deliveries(request: Request, status: str | None = None, registry: str | None = None,
-                              limit: int = 100) -> Response:
+    async def list_deliveries(
+        request: Request, status: str | None = None, registry: str | None = None, limit: int = 100
+    ) -> Response:
         caller = caller_of(runtime, request)
-        rows = await asyncio.to_thread(runtime.store.list_deliveries, provider=caller.provider, status=status,
-                                       registry=registry, limit=min(max(limit, 1), 1000))
+        rows = await asyncio.to_thread(
+            runtime.store.list_deliveries,
+            provider=caller.provider,
+            status=status,
+            registry=registry,
+            limit=min(max(limit, 1), 1000),
+        )
         return Response(orjson.dumps([_delivery_view(d) for d in rows]), media_type="application/json")
 
     @app.get("/deliveries/{delivery_id}")
@@ -208,11 +242,17 @@ async def _objection_body(request: Request) -> tuple[str, str]:
 
 def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.get("/admin/deliveries")
-    async def admin_deliveries(request: Request, status: str | None = None, registry: str | None = None,
-                               limit: int = 100) -> Response:
+    async def admin_deliveries(
+        request: Request, status: str | None = None, registry: str | None = None, limit: int = 100
+    ) -> Response:
         require_admin(caller_of(runtime, request))
-        rows = await asyncio.to_thread(runtime.store.list_deliveries, provider=None, status=status,
-                                       registry=registry, limit=min(max(limit, 1), 1000))
+        rows = await asyncio.to_thread(
+            runtime.store.list_deliveries,
+            provider=None,
+            status=status,
+            registry=registry,
+            limit=min(max(limit, 1), 1000),
+        )
         return Response(orjson.dumps([_delivery_view(d) for d in rows]), media_type="application/json")
 
     @app.post("/admin/deliveries/{delivery_id}/$requeue")
@@ -225,7 +265,9 @@ def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.get("/admin/audit")
     async def audit(request: Request, registry: str | None = None, limit: int = 100) -> Response:
         require_admin(caller_of(runtime, request))
-        rows = await asyncio.to_thread(runtime.store.list_audit, registry=registry, limit=min(max(limit, 1), 10000))
+        rows = await asyncio.to_thread(
+            runtime.store.list_audit, registry=registry, limit=min(max(limit, 1), 10000)
+        )
         return Response(orjson.dumps(rows, default=_plain), media_type="application/json")
 
     @app.get("/admin/processing-record/{registry}")

@@ -44,7 +44,9 @@ class Authenticator:
             for client in self._clients:
                 if client.mtls_subject and hmac.compare_digest(client.mtls_subject, subject):
                     return _caller(client)
-        raise FhirError.single(401, "login", "authentication required", headers={"WWW-Authenticate": "Bearer"})
+        raise FhirError.single(
+            401, "login", "authentication required", headers={"WWW-Authenticate": "Bearer"}
+        )
 
     def _by_key(self, key: str) -> Caller:
         digest = hash_api_key(key)

@@ -17,22 +17,32 @@ def capability_statement(registries: list[str]) -> dict[str, Any]:
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "application/json"],
         "implementation": {
-            "description": "Delivery gateway: opt-out, NLPS1 pseudonymisation at the source, de-identification "
+            "description": "Delivery gateway: opt-out, NLPS1 pseudonymisation at the source, "
+            "de-identification "
             f"and durable forwarding to quality registries ({', '.join(sorted(registries))})"
         },
         "rest": [
             {
                 "mode": "server",
                 "security": {
-                    "description": "API key (Authorization: Bearer) or mTLS client identity via a trusted proxy",
+                    "description": "API key (Authorization: Bearer) or mTLS client identity "
+                    "via a trusted proxy",
                 },
                 "resource": [
-                    {"type": "Bundle", "interaction": [{"code": "create"}],
-                     "documentation": "POST /registries/{registry}/Bundle: transaction, batch or collection"},
+                    {
+                        "type": "Bundle",
+                        "interaction": [{"code": "create"}],
+                        "documentation": "POST /registries/{registry}/Bundle: transaction, batch "
+                        "or collection",
+                    },
                 ],
                 "operation": [
-                    {"name": "import", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/import",
-                     "documentation": "POST /registries/{registry}/$import: NDJSON bulk export (yearly delivery)"},
+                    {
+                        "name": "import",
+                        "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/import",
+                        "documentation": "POST /registries/{registry}/$import: NDJSON bulk export "
+                        "(yearly delivery)",
+                    },
                 ],
             }
         ],

@@ -14,7 +14,13 @@ from gateway.service.responses import fhir_response
 
 log = logging.getLogger("gateway.service")
 
-_HTTP_CODES = {404: "not-found", 405: "not-supported", 406: "not-supported", 413: "too-costly", 415: "not-supported"}
+_HTTP_CODES = {
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    413: "too-costly",
+    415: "not-supported",
+}
 
 
 def install(app: FastAPI) -> None:
@@ -25,8 +31,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
         # names the parameter (location), never the value pydantic saw
-        issues = [Issue("invalid", "request parameter is missing or invalid", (".".join(map(str, e["loc"])),))
-                  for e in exc.errors()]
+        issues = [
+            Issue("invalid", "request parameter is missing or invalid", (".".join(map(str, e["loc"])),))
+            for e in exc.errors()
+        ]
         return fhir_response(operation_outcome(issues), 400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -38,4 +46,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
         log.error("unexpected error", extra={"exc_type": type(exc).__name__})
-        return fhir_response(operation_outcome([Issue("exception", "internal error; nothing was stored")]), 500)
+        return fhir_response(
+            operation_outcome([Issue("exception", "internal error; nothing was stored")]), 500
+        )

@@ -6,7 +6,10 @@ from typing import Any
 
 
 def _counts(name: str, counts: dict[str, int]) -> dict[str, Any]:
-    return {"name": name, "part": [{"name": str(k), "valueInteger": int(v)} for k, v in sorted(counts.items())]}
+    return {
+        "name": name,
+        "part": [{"name": str(k), "valueInteger": int(v)} for k, v in sorted(counts.items())],
+    }
 
 
 def delivery_parameters(
@@ -17,8 +20,15 @@ def delivery_parameters(
         params.append({"name": "delivery", "valueString": delivery_id})
     if registry_status is not None:
         params.append({"name": "registryStatus", "valueInteger": registry_status})
-    for key in ("patients", "patientsDroppedOptOut", "patientsDroppedUnknownOptOut", "patientsDroppedNoPseudonym",
-                "resourcesIn", "resourcesDroppedOptOut", "resourcesDroppedNoPseudonym"):
+    for key in (
+        "patients",
+        "patientsDroppedOptOut",
+        "patientsDroppedUnknownOptOut",
+        "patientsDroppedNoPseudonym",
+        "resourcesIn",
+        "resourcesDroppedOptOut",
+        "resourcesDroppedNoPseudonym",
+    ):
         if key in report:
             params.append({"name": key, "valueInteger": int(report[key])})
     for key in ("optOutReasons", "pseudonymTypes", "pseudonymsSkipped"):
