@@ -704,3 +704,39 @@ def test_ehr_uses_a_given_client_without_closing_it(stub_ehr: StubEhr) -> None:
             return client.is_closed
 
     assert run(go()) is False
+
+
+# --- from a validated Bundle to the entries to drop ---------------------------------------------------------
+
+
+def test_patient_refs_and_entries_to_drop() -> None:
+    from gateway.optout import entries_to_drop, patient_refs
+    from gateway.pipeline.validate import validate_bundle
+    from tests.badinput.generate import MRN_SYSTEM, bundle, observation, patient, url
+
+    validator = SchemaValidator.from_file(SCHEMA)
+    body = bundle(
+        patient(),
+        observation(),
+        patient(id="pat-2", identifier=[{"system": MRN_SYSTEM, "value": " MRN-2 "}]),
+        observation(subject=url(3)),
+        observation(subject=url(1), focus=[{"reference": url(3)}]),
+        {"resourceType": "Practitioner"},
+        research_objection(url(3)),
+    )
+    index = validate_bundle(body, validator)
+    refs = patient_refs(index, provider=PROVIDER, registry=REGISTRY, mrn_system=MRN_SYSTEM)
+    assert [(r.key, r.mrn) for r in refs] == [(url(1), "MRN-7734421"), (url(3), "MRN-2")]
+    decisions = run(BundleConsentOptOut.from_bundle(body, policy=POLICY).check(refs))
+    assert {k: d.status for k, d in decisions.items()} == {url(1): "allowed", url(3): "objected"}
+    # Patient 2, its Observation, the Observation about both, and the objection itself (it refers to pat-2).
+    assert entries_to_drop(index, decisions) == {2, 3, 4, 6}
+    assert entries_to_drop(index, {}) == set(range(7)) - {5}  # no answer = unknown: all but the Practitioner
+
+
+def test_read_objection_csv_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("patient_number\n1\nMüller\n".encode("latin-1"))
+    with pytest.raises(ObjectionCsvError) as err:
+        list(read_objection_csv(path))
+    assert "UTF-8" in str(err.value) and "M" not in str(err.value).replace("UTF-8", "")

@@ -348,4 +348,4 @@ def test_patient_link_makes_one_person(validator: SchemaValidator) -> None:
 def test_index_is_plain_data() -> None:
     index = BundleIndex("collection", [PatientEntry(0, "u", {})], {"u": 0}, [set(), {0}, {1}])
     assert resources_of_patient(index, 0) == {0, 1, 2}
-    assert index.referenced_by() == [{1}, {2}, set()]
+    assert index.referenced_by == [{1}, {2}, set()]

@@ -134,7 +134,21 @@ def read_objection_csv(
 
 
 def _numbered_lines(handle) -> Iterator[tuple[int, str]]:
-    for line_no, text in enumerate(handle, start=1):
+    line_no = 0
+    lines = iter(handle)
+    while True:
+        failed = False
+        try:
+            text = next(lines)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:
+            # The decoder's message quotes bytes of the file: report only where (approximately, since the
+            # file is decoded in blocks).
+            failed = True
+        if failed:
+            raise ObjectionCsvError(line_no + 1, "not valid UTF-8 (export the list as UTF-8)")
+        line_no += 1
         stripped = text.rstrip("\r\n")
         if stripped.strip() and not stripped.lstrip().startswith("#"):
             yield line_no, stripped

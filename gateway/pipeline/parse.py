@@ -183,6 +183,7 @@ def _check_duplicate_keys(body: bytes, start: int, value: dict, dumped: bytes) -
 
 
 def _find_duplicate_key(text: bytes) -> str | None:
+    """The exact (slower) check, run only when the fast count disagrees."""
     found: list[str] = []
 
     def pairs_hook(pairs: list[tuple[str, Any]]) -> dict:
@@ -192,23 +193,35 @@ def _find_duplicate_key(text: bytes) -> str | None:
             found.extend(k for k, _ in pairs if k in seen or seen.add(k))
         return result
 
-    json.loads(text, object_pairs_hook=pairs_hook)  # depth already bounded, so no RecursionError
+    try:
+        json.loads(text, object_pairs_hook=pairs_hook)  # depth already bounded: no RecursionError
+    except ValueError:
+        # orjson accepted the text, so this cannot happen for valid JSON; never let the stdlib error (which
+        # carries the document) escape.
+        return None
     return found[0] if found else None
+
+
+class _OutOfRange(Exception):
+    """Raised from the stdlib parser's int hook; carries no value."""
 
 
 def _check_integer_range(body: bytes, start: int) -> None:
     def parse_int(literal: str) -> int:
         number = int(literal)
         if not _INT64_MIN <= number <= _UINT64_MAX:
-            raise OverflowError  # carries no value
+            raise _OutOfRange
         return number
 
+    out_of_range = False
     try:
         json.loads(body[start:], parse_int=parse_int)
-    except OverflowError:
-        raise FhirError.single(
-            400, "value", "integer outside the 64-bit range (would lose precision)"
-        ) from None
+    except _OutOfRange:
+        out_of_range = True
+    except ValueError:
+        return  # see _find_duplicate_key
+    if out_of_range:
+        raise FhirError.single(400, "value", "integer outside the 64-bit range (would lose precision)")
 
 
 def _check_resource_type(value: dict) -> dict:

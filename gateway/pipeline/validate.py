@@ -26,6 +26,7 @@ import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -257,7 +258,9 @@ class BundleIndex:
     external_references: list[tuple[int, str]] = field(default_factory=list)
     issues: list[Issue] = field(default_factory=list)
 
+    @cached_property
     def referenced_by(self) -> list[set[int]]:
+        """The reverse graph: for each entry, the entries that refer to it (computed once)."""
         reverse: list[set[int]] = [set() for _ in self.references]
         for source, targets in enumerate(self.references):
             for target in targets:
@@ -273,7 +276,7 @@ def resources_of_patient(index: BundleIndex, patient_entry: PatientEntry | int) 
     an entry that refers to two patients belongs to both.
     """
     start = patient_entry.index if isinstance(patient_entry, PatientEntry) else patient_entry
-    reverse = index.referenced_by()
+    reverse = index.referenced_by
     seen = {start}
     queue = deque([start])
     while queue:

@@ -1,0 +1,44 @@
+"""Glue between the validated Bundle and the opt-out sources: who to ask, and what to drop afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gateway.optout.base import Decision, PatientRef
+from gateway.pipeline.validate import BundleIndex, PatientEntry, resources_of_patient
+
+
+def patient_key(patient: PatientEntry) -> str:
+    """The key of a Patient in opt-out answers: its fullUrl, or its entry position when it has none."""
+    return patient.full_url or f"Bundle.entry[{patient.index}]"
+
+
+def patient_refs(
+    index: BundleIndex, *, provider: str, registry: str, mrn_system: str | None = None
+) -> list[PatientRef]:
+    """One PatientRef per Patient of the Bundle; `mrn` is the value of its identifier with `mrn_system`."""
+    return [
+        PatientRef(patient_key(p), p.resource, _mrn(p.resource, mrn_system), provider, registry)
+        for p in index.patients
+    ]
+
+
+def _mrn(resource: dict, system: str | None) -> str | None:
+    if system is None:
+        return None
+    for identifier in resource.get("identifier") or ():
+        value = identifier.get("value") if isinstance(identifier, dict) else None
+        if identifier.get("system") == system and isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def entries_to_drop(index: BundleIndex, decisions: Mapping[str, Decision]) -> set[int]:
+    """Entry indices to remove: every resource of every Patient whose decision is not `allowed` (a missing
+    decision counts as unknown). An entry that belongs to an allowed and a dropped Patient is dropped."""
+    drop: set[int] = set()
+    for patient in index.patients:
+        decision = decisions.get(patient_key(patient))
+        if decision is None or decision.status != "allowed":
+            drop |= resources_of_patient(index, patient)
+    return drop
