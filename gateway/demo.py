@@ -66,6 +66,7 @@ def embedded_chain(
     from gateway.deid.leakscan import scan
     from gateway.keys import init_keys
     from gateway.receiver.app import create_receiver_app
+    from gateway.receiver.rekey import ttp_translator
     from gateway.runtime import build_runtime
     from gateway.service.app import create_app
     from gateway.ttp.app import create_app as create_ttp_app
@@ -77,26 +78,29 @@ def embedded_chain(
     ehr_secrets = {p: os.urandom(24).hex() for p in providers}
     admin_secret = os.urandom(24).hex()
     ttp_keys = init_ttp_keys(work_dir / "ttp-keys", registries)
-    ttp_auth = TTPAuth.from_entries(
-        [
-            {
-                "name": f"gateway-{n}",
-                "role": "provider",
-                "provider": p,
-                "key_sha256": hash_key(ttp_secrets[p]),
-            }
-            for n, p in enumerate(providers)
-        ]
+    holder_secret = os.urandom(24).hex()  # the registry holder's TTP key, for re-keying after a rotation
+    callers = [
+        {"name": f"gateway-{n}", "role": "provider", "provider": p, "key_sha256": hash_key(ttp_secrets[p])}
+        for n, p in enumerate(providers)
+    ]
+    callers.append(
+        {
+            "name": "registry-holder",
+            "role": "registry",
+            "registries": list(registries),
+            "key_sha256": hash_key(holder_secret),
+        }
     )
+    ttp_auth = TTPAuth.from_entries(callers)
     init_keys(work_dir / "keys", list(providers))
     with ExitStack() as stack:
         ttp_app = create_ttp_app(ttp_keys, ttp_auth)
         ttp_url = stack.enter_context(serve_in_thread(wrap_ttp_app(ttp_app) if wrap_ttp_app else ttp_app))
-        receiver_url = stack.enter_context(
-            serve_in_thread(
-                create_receiver_app(work_dir / "receiver", scan=scan, test_faults=receiver_faults)
-            )
+        translate = ttp_translator(ttp_url, holder_secret, registries[0], provider=providers[0])
+        receiver = create_receiver_app(
+            work_dir / "receiver", scan=scan, test_faults=receiver_faults, translate=translate
         )
+        receiver_url = stack.enter_context(serve_in_thread(receiver))
         allowed = client_registries or {}
         config = GatewayConfig(
             providers=[

@@ -343,3 +343,38 @@ def test_two_providers_see_only_their_own_deliveries(tmp_path):
             for b in bundles
         ]
         assert nggv[0] and nggv[0] == nggv[1]
+
+
+def test_key_rotation_and_registry_side_rekeying(tmp_path):
+    """The registry holder re-keys its stored pseudonyms after a rotation; new deliveries then match them."""
+    with embedded_chain(tmp_path, [REGISTRY]) as c:
+        example = EXAMPLES / "02-nlps1-vector-patients-transaction.json"
+        first = _post(c, example, headers={"Idempotency-Key": "before-rotation"})
+        assert first.status_code == 200
+        old = _patient_pseudonyms(c)
+        assert old and all(v.startswith("v1.") for v in old)
+
+        from gateway.ttp.keystore import KeyStore
+
+        # what `fhir-gateway ttp keys rotate` does; the running TTP picks the new version up
+        assert KeyStore.load(tmp_path / "ttp-keys").rotate(REGISTRY) == 2
+        rekeyed = httpx.post(f"{c.receiver_url}/_rekey", timeout=60).json()
+        assert rekeyed["translated"] > 0 and rekeyed["failed"] == 0
+        translated = _patient_pseudonyms(c)
+        assert translated and all(v.startswith("v2.") for v in translated)
+
+        second = _post(c, example, headers={"Idempotency-Key": "after-rotation"})
+        assert second.status_code == 200
+        fresh = _patient_pseudonyms(c)
+        assert fresh == translated  # the same people, the same v2 pseudonyms: linkage survives the rotation
+
+
+def _patient_pseudonyms(chain) -> list[str]:
+    values = set()
+    for bundle in _received(chain):
+        for entry in bundle["entry"]:
+            resource = entry["resource"]
+            if resource["resourceType"] == "Patient":
+                patient = httpx.get(f"{chain.receiver_url}/Patient/{resource['id']}").json()
+                values.update(i["value"] for i in patient["identifier"])
+    return sorted(values)
