@@ -283,7 +283,7 @@ class _Ids:
         return n - max_days if n < max_days else n - max_days + 1  # never 0: a zero shift keeps real dates
 
 
-@dataclass
+@dataclass(slots=True)
 class _Candidate:
     rtype: str
     resource: dict[str, Any]
@@ -299,18 +299,18 @@ class _Resolver:
         self.by_identifier: dict[tuple[str, str | None, str], str | None] = {}
         self.cache: dict[str, str | None] = {}
         # the identifier index is only needed for conditional references (rare): built on first use
-        self.pending: list[tuple[str, dict[str, Any], str]] | None = []
+        self.pending: list[tuple[str, dict[str, Any], str]] = []
+        self.indexed = False
 
     def add(self, rtype: str, resource: dict[str, Any], keys: list[str], urn: str) -> None:
         for k in keys:
             self.by_key[k] = urn
-        if self.pending is not None:
-            self.pending.append((rtype, resource, urn))
+        self.pending.append((rtype, resource, urn))
 
     def _index(self) -> None:
-        for rtype, resource, urn in self.pending or ():
+        for rtype, resource, urn in self.pending:
             self._index_identifiers(rtype, resource, urn)
-        self.pending = None
+        self.indexed = True
 
     def _index_identifiers(self, rtype: str, resource: dict[str, Any], urn: str) -> None:
         idents = resource.get("identifier")
@@ -348,7 +348,7 @@ class _Resolver:
 
     def _conditional(self, ref: str) -> str | None:
         # Only `Type?identifier=[system|]value` can be resolved; the raw identifier never leaves.
-        if self.pending is not None:
+        if not self.indexed:
             self._index()
         rtype, _, query = ref.partition("?")
         params = urllib.parse.parse_qsl(query, keep_blank_values=True)
@@ -397,7 +397,10 @@ def _select(
 ) -> tuple[list[_Candidate], _Resolver]:
     """Pre-pass over entries only (not deep): which resources are delivered, and their new ids."""
     known = r4().resources
+    nodes = plan.nodes
+    person_level = plan.profile.person_level
     resolver = _Resolver()
+    by_key, pending = resolver.by_key, resolver.pending  # resolver.add, inlined for the hot loop
     candidates: list[_Candidate] = []
     used: set[str] = set()
     for index, entry in enumerate(entries):
@@ -408,9 +411,9 @@ def _select(
         rtype = res["resourceType"]
         label = rtype if rtype in known else "(unknown)"  # resourceType is input: only known names reported
         report.resources_in += 1
-        if not plan.profile.person_level:
+        if not person_level:
             report.drop("aggregated-only", label)
-        elif rtype not in plan.nodes:
+        elif rtype not in nodes:
             report.drop("type-not-allowed", label)
         elif "modifierExtension" in res and not _modifiers_ok(res["modifierExtension"], plan.modifier_ok):
             report.drop("unknown-modifierExtension", label)
@@ -429,7 +432,10 @@ def _select(
             if new_id in used:
                 new_id = ids.uuid(rtype, basis, str(index))
             used.add(new_id)
-            resolver.add(rtype, res, keys, "urn:uuid:" + new_id)
+            urn = "urn:uuid:" + new_id
+            for k in keys:
+                by_key[k] = urn
+            pending.append((rtype, res, urn))
             candidates.append(_Candidate(rtype, res, new_id, pseud))
     return candidates, resolver
 
@@ -509,6 +515,7 @@ def _walk_all(
 ) -> list[tuple[_Candidate, dict[str, Any]]]:
     kept: list[tuple[_Candidate, dict[str, Any]]] = []
     dead: set[str] = set()
+    required = plan.required
     for c, off in zip(candidates, offsets, strict=True):
         ctx.pseudonyms = c.pseudonyms
         ctx.date_offset = off
@@ -518,11 +525,20 @@ def _walk_all(
             report.drop(exc.reason, c.rtype)
             dead.add("urn:uuid:" + c.new_id)
             continue
-        kept.append((c, out))
+        for r in required[c.rtype]:
+            if r not in out:
+                # e.g. Condition.subject pointed at a patient that is not delivered: the rest is meaningless
+                report.drop("required-element-lost", c.rtype)
+                dead.add("urn:uuid:" + c.new_id)
+                break
+        else:
+            kept.append((c, out))
     while True:
-        if dead:
-            kept = [(c, _prune(out, dead)) for c, out in kept]
-        lost = [(c, out) for c, out in kept if any(r not in out for r in plan.required[c.rtype])]
+        if not dead:
+            return kept
+        # drops during the walk (rare): remove references to them, which may cascade
+        kept = [(c, _prune(out, dead)) for c, out in kept]
+        lost = [(c, out) for c, out in kept if any(r not in out for r in required[c.rtype])]
         if not lost:
             return kept
         for c, _ in lost:
@@ -630,6 +646,7 @@ def _deidentify(
     candidates, resolver = _select(entries, plan, ids, pseudonyms, report)
     ctx = p.WalkContext(
         resolve=resolver,
+        ref_map=resolver.by_key,
         keep_display=plan.keep_display,
         extensions=dict(plan.extension_nodes),
         modifier_ok=plan.modifier_ok,

@@ -50,6 +50,7 @@ class WalkContext:
     __slots__ = (
         "removed",
         "resolve",
+        "ref_map",
         "keep_display",
         "date_offset",
         "extensions",
@@ -62,12 +63,14 @@ class WalkContext:
         self,
         *,
         resolve: Callable[[str], str | None],
+        ref_map: dict[str, str],
         keep_display: bool,
         extensions: dict[str, Node],
         modifier_ok: frozenset[str],
     ):
         self.removed: dict[str, int] = {}
         self.resolve = resolve
+        self.ref_map = ref_map  # exact fullUrl / Type/id -> new urn; ``resolve`` handles every other form
         self.keep_display = keep_display
         self.date_offset = 0
         self.extensions = extensions  # allowed url -> node to walk the extension with
@@ -118,9 +121,18 @@ def walk(
                 r = walk(value, f[1], ctx) or None
             elif t is list:
                 sub = f[1]
+                splain = sub[2]
                 r = []
                 for item in value:
                     if type(item) is dict:
+                        if item.keys() <= splain:  # the fast path of walk, inlined for lists of Codings
+                            for v in item.values():
+                                tv = type(v)
+                                if tv is not str and tv not in _PRIMITIVE_SET:
+                                    break
+                            else:
+                                r.append(dict(item))
+                                continue
                         x = walk(item, sub, ctx)
                         if x:
                             r.append(x)
@@ -276,11 +288,15 @@ def _reference(value: Any, ctx: WalkContext) -> dict[str, Any] | None:
     if type(value) is not dict:
         return None
     ref = value.get("reference")
-    new = ctx.resolve(ref) if type(ref) is str else None
+    new = ctx.ref_map.get(ref) if type(ref) is str else None  # the common case: a fullUrl or Type/id
+    if new is None and type(ref) is str:
+        new = ctx.resolve(ref)
     if new is None:
         # unresolvable, external, to a dropped resource, or logical (identifier/display only)
         ctx.references_dropped += 1
         return None
+    if len(value) == 1:
+        return {"reference": new}  # the commonest shape
     out: dict[str, Any] = {"reference": new}
     rtype = value.get("type")
     if type(rtype) is str:
@@ -290,7 +306,8 @@ def _reference(value: Any, ctx: WalkContext) -> dict[str, Any] | None:
         if ctx.keep_display and type(display) is str:
             out["display"] = display
         else:
-            ctx.count("Reference.display")
+            removed = ctx.removed
+            removed["Reference.display"] = removed.get("Reference.display", 0) + 1
     if "identifier" in value:
         ctx.count("Reference.identifier")
     return out
@@ -298,10 +315,12 @@ def _reference(value: Any, ctx: WalkContext) -> dict[str, Any] | None:
 
 def pseudonymise_reference(value: Any, f: tuple, ctx: WalkContext) -> Any:
     """pseudonymise-reference: the target's opaque id, or nothing when the target is not delivered."""
+    if type(value) is dict:
+        return _reference(value, ctx)
     if type(value) is list:
         out = [r for r in (_reference(v, ctx) for v in value) if r is not None]
         return out or None
-    return _reference(value, ctx)
+    return None
 
 
 def replace_with_pseudonyms(value: Any, f: tuple, ctx: WalkContext) -> Any:
