@@ -55,6 +55,7 @@ _INTEGER_BY_PATTERN = {
     "^[0]|([1-9][0-9]*)$": {**_INT32, "minimum": 0},
 }
 _DATE_TYPES = frozenset({"date", "dateTime", "instant", "time"})
+_CONTAINERS = frozenset({"Bundle", "Parameters"})
 _REFERENCE_KEYS = frozenset({"id", "extension", "reference", "type", "identifier", "display"})
 
 
@@ -103,14 +104,15 @@ class SchemaValidator:
             issues.append(Issue("not-supported", "resourceType is not an R4 resource type", _expr(prefix)))
             return
         prefix = prefix or rtype
-        validator = self._validator(rtype)
+        validator = self._compiled.get(rtype) or self._validator(rtype)
         if not validator.is_valid(resource):  # fast path: errors are only materialised for invalid input
             for error in validator.iter_errors(resource):
                 issues.extend(_issues_of(error, prefix))
                 if len(issues) >= MAX_ISSUES:
                     return
-        for path, nested in _nested_resources(resource, rtype):
-            self._collect(nested, f"{prefix}.{path}", issues)
+        if "contained" in resource or rtype in _CONTAINERS:  # most resources nest nothing: skip the generator
+            for path, nested in _nested_resources(resource, rtype):
+                self._collect(nested, f"{prefix}.{path}", issues)
 
 
 def _tightened(definitions: dict[str, Any]) -> dict[str, Any]:
@@ -390,7 +392,8 @@ class _Resolver:
         if not isinstance(resource, dict):
             return set()  # already reported as an entry without a resource
         dumped = orjson.dumps(resource)
-        self._check_nested_patients(i, resource, dumped)
+        if dumped.count(_PATIENT_TYPE) != int(resource.get("resourceType") == "Patient"):
+            self._nested_patient(i, resource)
         targets: set[int] = set()
         for raw in _REFERENCE_VALUE.findall(dumped):
             ref = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
@@ -399,10 +402,8 @@ class _Resolver:
             targets |= self._logical_references(i, resource)
         return targets
 
-    def _check_nested_patients(self, i: int, resource: dict, dumped: bytes) -> None:
-        expected = 1 if resource.get("resourceType") == "Patient" else 0
-        if dumped.count(_PATIENT_TYPE) == expected:
-            return
+    def _nested_patient(self, i: int, resource: dict) -> None:
+        """A Patient other than the entry's own resource appears in it (counted in the compact JSON)."""
         where = f"Bundle.entry[{i}].resource"
         for j, item in enumerate(resource.get("contained") or ()):
             if isinstance(item, dict) and item.get("resourceType") == "Patient":
@@ -527,7 +528,8 @@ def _type_id_index(entries: list[dict]) -> dict[str, list[int]]:
         keys = set()
         if isinstance(resource.get("id"), str):
             keys.add(f"{resource.get('resourceType')}/{resource['id']}")
-        tail = _RESTFUL_TAIL.search(entry.get("fullUrl") or "")
+        full_url = entry.get("fullUrl") or ""
+        tail = None if full_url.startswith("urn:") else _RESTFUL_TAIL.search(full_url)
         if tail:
             keys.add(f"{tail.group(1)}/{tail.group(2)}")
         for key in keys:
