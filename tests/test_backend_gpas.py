@@ -278,3 +278,28 @@ def test_auth_from_options_reads_secrets_by_name_only():
         auth_from_options({"type": "basic", "username": "u", "password_env": "UNSET"}, env.get)
     with pytest.raises(ValueError):
         auth_from_options({"type": "kerberos"}, env.get)
+
+
+def test_refusal_texts_carry_no_server_diagnostics():
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+
+    @app.post("/$pseudonymizeAllowCreate")
+    async def refuse() -> JSONResponse:
+        return JSONResponse({"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "processing", "diagnostics": "value B.v1.SECRETISH refused"}]},
+            status_code=422)
+
+    with serve(app) as base, pytest.raises(TTPRejected) as info:
+        _run(base, lambda t: t.pseudonymise(REGISTRY, _items(1)))
+    assert info.value.status == 422 and "issue-processing" in str(info.value)
+    assert "SECRETISH" not in str(info.value)
+
+
+def test_empty_batch_sends_nothing():
+    state = GpasState()
+    with serve(create_gpas_stub(state)) as base:
+        assert _run(base, lambda t: t.pseudonymise(REGISTRY, [])) == []
+    assert state.requests == []

@@ -207,3 +207,10 @@ def test_routing_fails_closed_when_one_backend_fails():
                 await router.aclose()
         with pytest.raises(TTPUnavailable):
             asyncio.run(go())
+
+
+def test_empty_batch_sends_nothing():
+    state = TresState()
+    with serve(create_tres_stub(state)) as base:
+        assert _run(base, lambda t: t.pseudonymise(REGISTRY, [])) == []
+    assert state.requests == []

@@ -49,7 +49,7 @@ from gateway.pseudonym import nlps1
 from gateway.pseudonym.types import PrePseudonym
 from gateway.ttp import service
 from gateway.ttp.backend import TTPRejected, TTPResult, TTPUnavailable
-from gateway.ttp.client import FHIR_JSON, RETRY_STATUSES, _diagnostics, _retry_after, _Retryable
+from gateway.ttp.client import FHIR_JSON, RETRY_STATUSES, _retry_after, _Retryable
 
 T = TypeVar("T")
 
@@ -193,7 +193,17 @@ def classify(response: httpx.Response, auth: RegistryAuth | None, refreshed: lis
         auth.invalidate()
         raise _Retryable("HTTP 401")
     if status != 200:
-        raise TTPRejected(status, _diagnostics(response))
+        raise TTPRejected(status, issue_code(response))
+
+
+def issue_code(response: httpx.Response) -> str:
+    """Only the OperationOutcome's issue code (a FHIR code word): an external TTP's diagnostics text may
+    quote the value it refused, and that must not reach our logs or error texts."""
+    try:
+        code = orjson.loads(response.content)["issue"][0]["code"]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return f"HTTP {response.status_code}"
+    return f"HTTP {response.status_code}, {error_word('issue', code)}"
 
 
 def error_word(prefix: str, code: Any) -> str:
