@@ -335,3 +335,19 @@ def test_wrong_json_types_are_dropped_not_copied() -> None:
 def test_profile_data_roundtrip() -> None:
     raw = read_yaml(PROFILES / "example-generic.yaml")
     assert profile_from_data(raw).id == "example-generic"
+
+
+def test_opaque_ids_are_hmac_sha256_and_valid_fhir_ids() -> None:
+    import hashlib
+    import hmac
+    import re
+
+    from gateway.deid.engine import _Ids
+
+    for key in (KEY_A, b"k" * 100):  # short and longer-than-block keys
+        ids = _Ids(key, "example-generic")
+        expected = hmac.new(key, b"example-generic\x1fPatient\x1fPatient/123", hashlib.sha256).digest()
+        assert ids.digest("Patient", "Patient/123") == expected
+        new = ids.uuid("Patient", "Patient/123")
+        assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", new)
+        assert re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", new)
