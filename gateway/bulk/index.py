@@ -21,7 +21,7 @@ Ownership (which patient a resource travels with):
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import hmac
 import os
 import re
@@ -81,15 +81,26 @@ class IndexStats:
 
 
 class Keyer:
-    """63-bit opaque keys: HMAC-SHA-256 under a key that is never written anywhere (see module docstring)."""
+    """63-bit opaque keys: HMAC-SHA-256 under a key that is never written anywhere (see module docstring).
 
-    def __init__(self, key: bytes | None = None) -> None:
-        self._base = hmac.new(key or os.urandom(32), b"bulk-index", hashlib.sha256)
+    One-shot `hmac.digest` (C, no Python HMAC object) plus a small LRU: an export names the same patient
+    in every line of that patient's resources, so most references repeat within a few lines."""
+
+    def __init__(self, key: bytes | None = None, cache: int = 1 << 16) -> None:
+        secret = key or os.urandom(32)
+
+        @functools.lru_cache(maxsize=cache)
+        def keyed(text: str) -> int:
+            digest = hmac.digest(secret, text.encode("utf-8", "surrogatepass"), "sha256")
+            return int.from_bytes(digest[:8], "big") >> 1  # SQLite INTEGER is signed 64-bit
+
+        self._keyed = keyed
+        # The same reference text recurs line after line (the patient, their encounter, a few
+        # practitioners): classify each distinct text once.
+        self.classify = functools.lru_cache(maxsize=cache)(lambda raw: _classify(raw, self))
 
     def __call__(self, text: str) -> int:
-        h = self._base.copy()
-        h.update(text.encode("utf-8", "surrogatepass"))
-        return int.from_bytes(h.digest()[:8], "big") >> 1  # SQLite INTEGER is signed 64-bit
+        return self._keyed(text)
 
 
 def open_index(path: Path) -> sqlite3.Connection:
@@ -158,7 +169,8 @@ def _scan_file(path: Path, number: int, keyer: Keyer, max_line_bytes: int, stats
             offset += length
 
 
-def _scan_line(body: bytes, number: int, offset: int, line_no: int, keyer: Keyer, max_line_bytes: int) -> _Row:
+def _scan_line(body: bytes, number: int, offset: int, line_no: int, keyer: Keyer,
+               max_line_bytes: int) -> _Row:
     row = _Row(number, offset, len(body), line_no, None)
     if len(body) > max_line_bytes:
         row.reason = "line-too-long"
@@ -178,12 +190,14 @@ def _scan_line(body: bytes, number: int, offset: int, line_no: int, keyer: Keyer
         row.self_key = keyer(f"{rtype}/{rid}")
     if rtype == "Patient":
         row.patient_keys = tuple(_patient_aliases(resource, rid, keyer))
-    prefs: list[tuple[int, int]] = []
-    edges: list[int] = []
+    prefs: set[tuple[int, int]] = set()
+    edges: set[int] = set()
+    classify = keyer.classify
     for raw_ref in _REFERENCE.findall(body):
-        ref = orjson.loads(b'"' + raw_ref + b'"') if b"\\" in raw_ref else raw_ref.decode("utf-8", "replace")
-        _classify(ref, keyer, prefs, edges)
-    row.prefs, row.edges = tuple(set(prefs)), tuple(set(edges))
+        found_prefs, found_edges = classify(raw_ref)
+        prefs.update(found_prefs)
+        edges.update(found_edges)
+    row.prefs, row.edges = tuple(prefs), tuple(edges)
     return row
 
 
@@ -199,8 +213,16 @@ def _patient_aliases(resource: dict, rid: object, keyer: Keyer) -> Iterator[int]
             yield keyer(f"ident-any|{ident['value']}")
 
 
-def _classify(ref: str, keyer: Keyer, prefs: list[tuple[int, int]], edges: list[int]) -> None:
+def _classify(raw: bytes, keyer: Keyer) -> tuple[list[tuple[int, int]], list[int]]:
     """Patient-candidate references go to `prefs`, the rest (as `Type/id`) to `edges`."""
+    ref = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode("utf-8", "replace")
+    prefs: list[tuple[int, int]] = []
+    edges: list[int] = []
+    _classify_into(ref, keyer, prefs, edges)
+    return prefs, edges
+
+
+def _classify_into(ref: str, keyer: Keyer, prefs: list[tuple[int, int]], edges: list[int]) -> None:
     if ref.startswith("#"):
         return
     if ref.startswith("urn:uuid:"):

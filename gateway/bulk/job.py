@@ -81,6 +81,8 @@ async def _deliver_groups(conn: sqlite3.Connection, state: sqlite3.Connection, f
     summary.groups_total = total
     done = dict(state.execute("SELECT id, counts FROM groups_done").fetchall())
     read, close = line_reader([str(f.path) for f in files])
+    if progress:
+        progress("deliver", 0, total)
     ran = 0
     try:
         for group in range(total):
