@@ -42,6 +42,13 @@ class Backoff:
         r = (rng or random).random()
         return full * (1.0 - self.jitter) + full * self.jitter * r
 
+    def patience(self) -> float:
+        """The shortest time this schedule takes to use up `max_attempts`. A delivery is given up only after
+        trying at least this long: a registry that answers 503 with a short Retry-After uses up attempts in
+        seconds, and an outage of a minute must not turn its deliveries into dead letters."""
+        delays = (min(self.cap, self.base * self.factor ** max(0, a - 1)) for a in range(1, self.max_attempts))
+        return sum(delays) * (1.0 - self.jitter)
+
 
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{id(object()):x}"
@@ -218,7 +225,10 @@ class OutboxWorker:
                 d.id, self.owner, registry_status=attempt.status, audit=audit("delivered", "ok", None)
             )
             return "delivered", ok
-        if attempt.retryable and d.attempts < self.backoff.max_attempts:
+        out_of_patience = (
+            d.attempts >= self.backoff.max_attempts and time.time() - d.created_at >= self.backoff.patience()
+        )
+        if attempt.retryable and not out_of_patience:
             delay = (
                 attempt.retry_after
                 if attempt.retry_after is not None
