@@ -8,6 +8,7 @@ SQLite) under uvicorn on 127.0.0.1. The export is generated into a temp dir and 
     .venv/bin/python benchmarks/bulk.py [--resources 1000000] [--per-patient 100] [--group-size 200]
 """
 
+# ruff: noqa: E402 - imports follow the sys.path guard below (benchmarks/http.py shadows `http`)
 from __future__ import annotations
 
 import sys
@@ -43,8 +44,9 @@ def serve_main(work: Path) -> None:
 
     secret = os.urandom(24).hex()
     keys = init_ttp_keys(work / "ttp-keys", [REGISTRY])
-    auth = TTPAuth.from_entries([{"name": "bench-gateway", "role": "provider", "provider": PROVIDER,
-                                  "key_sha256": hash_key(secret)}])
+    auth = TTPAuth.from_entries(
+        [{"name": "bench-gateway", "role": "provider", "provider": PROVIDER, "key_sha256": hash_key(secret)}]
+    )
     with ExitStack() as stack:
         ttp_url = stack.enter_context(serve_in_thread(create_ttp_app(keys, auth)))
         receiver_url = stack.enter_context(serve_in_thread(create_receiver_app(work / "receiver", scan=scan)))
@@ -62,13 +64,20 @@ async def deliver(export: Path, work: Path, urls: dict, args: argparse.Namespace
     init_keys(work / "keys", [PROVIDER])
     config = GatewayConfig(
         providers=[ProviderConfig(id=PROVIDER, name="bench", mrn_system=args.mrn_system)],
-        registries={REGISTRY: RegistryConfig(profile=REGISTRY, endpoint=urls["receiver"],
-                                             optout=["bundle-consent"])},
-        ttp=TTPConfig(url=urls["ttp"]))
-    settings = Settings(store_url=f"sqlite:///{work / 'gateway.db'}", key_dir=work / "keys",
-                        worker_poll_seconds=0.05, worker_concurrency=4)
-    runtime = build_runtime(config, settings, ttps={PROVIDER: (HttpTTPClient(urls["ttp"], urls["secret"]),
-                                                               urls["ttp"])})
+        registries={
+            REGISTRY: RegistryConfig(profile=REGISTRY, endpoint=urls["receiver"], optout=["bundle-consent"])
+        },
+        ttp=TTPConfig(url=urls["ttp"]),
+    )
+    settings = Settings(
+        store_url=f"sqlite:///{work / 'gateway.db'}",
+        key_dir=work / "keys",
+        worker_poll_seconds=0.05,
+        worker_concurrency=4,
+    )
+    runtime = build_runtime(
+        config, settings, ttps={PROVIDER: (HttpTTPClient(urls["ttp"], urls["secret"]), urls["ttp"])}
+    )
     await runtime.start(run_worker=True)
     marks = {"start": time.perf_counter()}
     last = {"phase": ""}
@@ -80,10 +89,19 @@ async def deliver(export: Path, work: Path, urls: dict, args: argparse.Namespace
 
     try:
         summary = await run_bulk_async(
-            [export], registry=REGISTRY, work_dir=work / "job", runtime=runtime, provider=PROVIDER,
-            sender="bench", progress=progress,
-            options=BulkOptions(group_size=args.group_size, max_group_resources=args.max_group_resources,
-                                bundle_size=args.bundle_size))
+            [export],
+            registry=REGISTRY,
+            work_dir=work / "job",
+            runtime=runtime,
+            provider=PROVIDER,
+            sender="bench",
+            progress=progress,
+            options=BulkOptions(
+                group_size=args.group_size,
+                max_group_resources=args.max_group_resources,
+                bundle_size=args.bundle_size,
+            ),
+        )
         marks["stored"] = time.perf_counter()
         while True:
             depth = await asyncio.to_thread(runtime.store.depth)
@@ -100,7 +118,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--resources", type=int, default=1_000_000)
-    parser.add_argument("--per-patient", type=int, default=100, help="resources per patient (Patient included)")
+    parser.add_argument(
+        "--per-patient", type=int, default=100, help="resources per patient (Patient included)"
+    )
     parser.add_argument("--group-size", type=int, default=200)
     parser.add_argument("--max-group-resources", type=int, default=5000)
     parser.add_argument("--bundle-size", type=int, default=500)
@@ -115,13 +135,21 @@ def main() -> None:
         work = Path(tmp)
         t0 = time.perf_counter()
         patients = max(1, args.resources // args.per_patient)
-        counts = write_export(work / "export", SynthSpec(patients=patients,
-                                                         resources_per_patient=args.per_patient - 1))
+        counts = write_export(
+            work / "export", SynthSpec(patients=patients, resources_per_patient=args.per_patient - 1)
+        )
         size = sum(p.stat().st_size for p in (work / "export").glob("*.ndjson"))
-        print(f"generated {sum(counts.values()):,} resources, {patients:,} patients, {size / 1e6:.0f} MB "
-              f"in {time.perf_counter() - t0:.1f} s (not counted)", flush=True)
-        server = subprocess.Popen([sys.executable, __file__, "--serve", str(work)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+        print(
+            f"generated {sum(counts.values()):,} resources, {patients:,} patients, {size / 1e6:.0f} MB "
+            f"in {time.perf_counter() - t0:.1f} s (not counted)",
+            flush=True,
+        )
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(work)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             urls = json.loads(server.stdout.readline())
             result = asyncio.run(deliver(work / "export", work, urls, args))
@@ -140,8 +168,10 @@ def _report(result: dict, size: int) -> None:
     print(f"outbox drained after      {m['forwarded'] - m['stored']:8.1f} s more")
     total = m["forwarded"] - start
     resources = sum(s["resourcesIn"].values())
-    print(f"wall time end to end      {total:8.1f} s   {resources / total:,.0f} resources/s  "
-          f"({s['patients']:,} patients, {s['groupsTotal']} groups, {s['bundles']} bundles)")
+    print(
+        f"wall time end to end      {total:8.1f} s   {resources / total:,.0f} resources/s  "
+        f"({s['patients']:,} patients, {s['groupsTotal']} groups, {s['bundles']} bundles)"
+    )
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"peak RSS: this process {own:.0f} MB, largest child (TTP + receiver) {children:.0f} MB")

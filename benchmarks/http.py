@@ -9,6 +9,7 @@ duration. At the end the outbox depth is printed: the worker must have forwarded
     .venv/bin/python benchmarks/http.py [--small 2000] [--large 60] [--concurrency 8] [--max-seconds 60]
 """
 
+# ruff: noqa: E402 - imports follow the sys.path guard below (benchmarks/http.py shadows `http`)
 from __future__ import annotations
 
 import sys
@@ -20,9 +21,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import statistics
-import importlib.util
 import subprocess
 import tempfile
 import time
@@ -62,16 +63,28 @@ def bundles(n: int) -> list[bytes]:
 
 
 # -- load generator (runs in the second process) ----------------------------------------------------------
-async def _connection(host: str, port: int, path: str, headers: str, bodies: list[bytes], todo: list[int],
-                      deadline: float, latencies: list[float], statuses: dict[int, int]) -> None:
+async def _connection(
+    host: str,
+    port: int,
+    path: str,
+    headers: str,
+    bodies: list[bytes],
+    todo: list[int],
+    deadline: float,
+    latencies: list[float],
+    statuses: dict[int, int],
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while todo and time.perf_counter() < deadline:
             i = todo.pop()
             body = bodies[i % len(bodies)]
             start = time.perf_counter()
-            writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Length: {len(body)}\r\n\r\n"
-                         .encode() + body)
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
             length = 0
@@ -86,35 +99,62 @@ async def _connection(host: str, port: int, path: str, headers: str, bodies: lis
         writer.close()
 
 
-async def _load(url: str, path: str, headers: str, bodies: list[bytes], count: int, concurrency: int,
-                max_seconds: float) -> dict:
+async def _load(
+    url: str, path: str, headers: str, bodies: list[bytes], count: int, concurrency: int, max_seconds: float
+) -> dict:
     host, port = url.removeprefix("http://").split(":")
     todo = list(range(count))
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     started = time.perf_counter()
     deadline = started + max_seconds
-    await asyncio.gather(*(_connection(host, int(port), path, headers, bodies, todo, deadline, latencies,
-                                       statuses) for _ in range(concurrency)))
+    await asyncio.gather(
+        *(
+            _connection(host, int(port), path, headers, bodies, todo, deadline, latencies, statuses)
+            for _ in range(concurrency)
+        )
+    )
     elapsed = time.perf_counter() - started
     latencies.sort()
-    return {"requests": len(latencies), "seconds": elapsed, "per_second": len(latencies) / elapsed,
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-            "statuses": statuses}
+    return {
+        "requests": len(latencies),
+        "seconds": elapsed,
+        "per_second": len(latencies) / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "statuses": statuses,
+    }
 
 
 def load_main(args: argparse.Namespace) -> None:
     bodies = [p.read_bytes() for p in sorted(Path(args.bodies).glob("*.json"))]
     headers = "".join(f"{h}\r\n" for h in args.header)
-    result = asyncio.run(_load(args.url, args.path, headers, bodies, args.count, args.concurrency, args.max_seconds))
+    result = asyncio.run(
+        _load(args.url, args.path, headers, bodies, args.count, args.concurrency, args.max_seconds)
+    )
     print(json.dumps(result))
 
 
-def run_load(url: str, path: str, headers: list[str], folder: Path, count: int, concurrency: int,
-             max_seconds: float) -> dict:
-    cmd = [sys.executable, __file__, "--load", "--url", url, "--path", path, "--bodies", str(folder),
-           "--count", str(count), "--concurrency", str(concurrency), "--max-seconds", str(max_seconds)]
+def run_load(
+    url: str, path: str, headers: list[str], folder: Path, count: int, concurrency: int, max_seconds: float
+) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--load",
+        "--url",
+        url,
+        "--path",
+        path,
+        "--bodies",
+        str(folder),
+        "--count",
+        str(count),
+        "--concurrency",
+        str(concurrency),
+        "--max-seconds",
+        str(max_seconds),
+    ]
     for h in headers:
         cmd += ["--header", h]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=max_seconds + 120)
@@ -156,23 +196,42 @@ def main() -> None:
         work = Path(tmp)
         scenarios = [("10-entry", 10, args.small), ("1,000-entry", 1000, args.large)]
         folders = {}
-        for name, n, _ in scenarios:
+        for _, n, _ in scenarios:
             folders[n] = work / f"bodies-{n}"
             folders[n].mkdir()
             for i, body in enumerate(bundles(n)):
                 (folders[n] / f"{i:03d}.json").write_bytes(body)
-        print(f"{'scenario':<34} {'requests':>8} {'req/s':>8} {'MB/s':>7} {'p50 ms':>8} {'p99 ms':>8}  statuses")
+        print(
+            f"{'scenario':<34} {'requests':>8} {'req/s':>8} {'MB/s':>7} {'p50 ms':>8} {'p99 ms':>8}  statuses"
+        )
         with serve_in_thread(echo_app()) as echo_url:
             for name, n, count in scenarios:
-                r = run_load(echo_url, "/echo", ["Content-Type: application/fhir+json"], folders[n], count,
-                             args.concurrency, args.max_seconds)
+                r = run_load(
+                    echo_url,
+                    "/echo",
+                    ["Content-Type: application/fhir+json"],
+                    folders[n],
+                    count,
+                    args.concurrency,
+                    args.max_seconds,
+                )
                 _row(f"echo (bare FastAPI) {name}", r, folders[n])
         with embedded_chain(work / "chain", [REGISTRY]) as chain:
-            headers = ["Content-Type: application/fhir+json", "Prefer: respond-async",
-                       f"Authorization: Bearer {chain.ehr_api_key}"]
+            headers = [
+                "Content-Type: application/fhir+json",
+                "Prefer: respond-async",
+                f"Authorization: Bearer {chain.ehr_api_key}",
+            ]
             for name, n, count in scenarios:
-                r = run_load(chain.gateway_url, f"/registries/{REGISTRY}/Bundle", headers, folders[n], count,
-                             args.concurrency, args.max_seconds)
+                r = run_load(
+                    chain.gateway_url,
+                    f"/registries/{REGISTRY}/Bundle",
+                    headers,
+                    folders[n],
+                    count,
+                    args.concurrency,
+                    args.max_seconds,
+                )
                 _row(f"gateway async {name}", r, folders[n])
             store = open_store(f"sqlite:///{work / 'chain' / 'gateway.db'}")
             deadline = time.monotonic() + 120
@@ -185,8 +244,11 @@ def main() -> None:
 
 def _row(name: str, r: dict, folder: Path) -> None:
     size = sum(p.stat().st_size for p in folder.glob("*.json")) / len(list(folder.glob("*.json")))
-    print(f"{name:<34} {r['requests']:>8} {r['per_second']:>8.1f} {r['per_second'] * size / 1e6:>7.1f} "
-          f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}  {r['statuses']}", flush=True)
+    print(
+        f"{name:<34} {r['requests']:>8} {r['per_second']:>8.1f} {r['per_second'] * size / 1e6:>7.1f} "
+        f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}  {r['statuses']}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

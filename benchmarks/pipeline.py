@@ -9,6 +9,7 @@ service and paused around each bundle as the bulk path does.
     .venv/bin/python benchmarks/pipeline.py [--sizes 10,100,1000,10000] [--profile 1000] [--no-fhir-resources]
 """
 
+# ruff: noqa: E402 - imports follow the sys.path guard below (benchmarks/http.py shadows `http`)
 from __future__ import annotations
 
 import sys
@@ -54,9 +55,14 @@ GOAL = 0.25  # the chain should reach a quarter of the orjson floor
 def chain_fn(chains: Chains, body: bytes, loop: asyncio.AbstractEventLoop) -> Callable[[], bytes]:
     async def once() -> bytes:
         bundle = parse_json(body, max_bytes=1 << 30)
-        processed = await process_bundle(bundle, registry=chains.registry, provider=chains.provider,
-                                         validator=chains.validator, mapping=chains.mapping,
-                                         recorded="2026-01-01T00:00:00.000Z")
+        processed = await process_bundle(
+            bundle,
+            registry=chains.registry,
+            provider=chains.provider,
+            validator=chains.validator,
+            mapping=chains.mapping,
+            recorded="2026-01-01T00:00:00.000Z",
+        )
         assert processed.bundle is not None
         return orjson.dumps(processed.bundle)
 
@@ -75,8 +81,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,100,1000,10000")
     parser.add_argument("--profile", type=int, default=0, help="cProfile the chain on a bundle of this size")
     parser.add_argument("--no-fhir-resources", action="store_true")
-    parser.add_argument("--fhir-resources-max", type=int, default=1000,
-                        help="above this size the fhir.resources figure is extrapolated from this size")
+    parser.add_argument(
+        "--fhir-resources-max",
+        type=int,
+        default=1000,
+        help="above this size the fhir.resources figure is extrapolated from this size",
+    )
     args = parser.parse_args()
     loop = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,28 +107,41 @@ def main() -> None:
             floor = median_seconds(_no_gc(lambda b=body: orjson.dumps(orjson.loads(b))), budget=budget)
             stages: list[tuple[str, float]] = [
                 ("orjson loads + dumps (floor)", floor),
-                ("parse_json (limits, duplicates)", median_seconds(
-                    _no_gc(lambda b=body: parse_json(b, max_bytes=1 << 30)), budget=budget)),
-                ("parse_json + validate_bundle", median_seconds(
-                    _no_gc(lambda b=body: validate_bundle(parse_json(b, max_bytes=1 << 30), chains.validator)),
-                    budget=budget)),
+                (
+                    "parse_json (limits, duplicates)",
+                    median_seconds(_no_gc(lambda b=body: parse_json(b, max_bytes=1 << 30)), budget=budget),
+                ),
+                (
+                    "parse_json + validate_bundle",
+                    median_seconds(
+                        _no_gc(
+                            lambda b=body: validate_bundle(parse_json(b, max_bytes=1 << 30), chains.validator)
+                        ),
+                        budget=budget,
+                    ),
+                ),
                 ("whole chain + orjson.dumps (one core)", median_seconds(run, budget=budget)),
             ]
             if fhir_bundle is not None:
                 stages.append(_fhir_stage(fhir_bundle, body, n, args.fhir_resources_max, fhir_rate, budget))
             for name, seconds in stages:
                 mb_s = len(body) / seconds / 1e6
-                print(f"{n:>8} {len(body) / 1e6:>7.2f}MB  {name:<46} {mb_s:>8.1f} {(n + 1) / seconds:>12,.0f}"
-                      f" {floor / seconds:>8.2f}x")
+                print(
+                    f"{n:>8} {len(body) / 1e6:>7.2f}MB  {name:<46} {mb_s:>8.1f} {(n + 1) / seconds:>12,.0f}"
+                    f" {floor / seconds:>8.2f}x"
+                )
             chain_ratio = floor / stages[3][1]
             verdict = "met" if chain_ratio >= GOAL else "NOT met"
-            print(f"{'':>8} goal: whole chain >= {GOAL:.2f}x of the floor -> {chain_ratio:.2f}x ({verdict})\n")
+            print(
+                f"{'':>8} goal: whole chain >= {GOAL:.2f}x of the floor -> {chain_ratio:.2f}x ({verdict})\n"
+            )
         if args.profile:
             _profile(chain_fn(chains, orjson.dumps(make_bundle(args.profile)), loop))
 
 
 def _no_gc(fn: Callable[[], object]) -> Callable[[], object]:
     """Every stage, the floor included, runs with the GC paused: the comparison is then like for like."""
+
     def run() -> object:
         gc.disable()
         try:
@@ -129,11 +152,20 @@ def _no_gc(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def _fhir_stage(model, body: bytes, n: int, max_n: int, rate: dict[int, float],  # noqa: ANN001
-                budget: float) -> tuple[str, float]:
+def _fhir_stage(
+    model,
+    body: bytes,
+    n: int,
+    max_n: int,
+    rate: dict[int, float],  # noqa: ANN001
+    budget: float,
+) -> tuple[str, float]:
     if n <= max_n:
-        seconds = median_seconds(_no_gc(lambda: model.model_validate(orjson.loads(body)).model_dump_json()),
-                                 budget=budget, min_runs=2)
+        seconds = median_seconds(
+            _no_gc(lambda: model.model_validate(orjson.loads(body)).model_dump_json()),
+            budget=budget,
+            min_runs=2,
+        )
         rate[n] = seconds / len(body)
         return "fhir.resources R4B validate + model_dump_json", seconds
     base = max(rate) if rate else None

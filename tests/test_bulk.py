@@ -1,4 +1,5 @@
-"""Bulk delivery (offline chain, real files): corpus exports, opt-out, invalid lines, resume, bounded memory."""
+"""Bulk delivery (offline chain, real files): corpus exports, opt-out, invalid lines, resume, bounded
+memory."""
 
 from __future__ import annotations
 
@@ -39,8 +40,13 @@ def resources(folder: Path) -> list[dict]:
 
 @needs_corpus
 def test_sample_bulk_export_is_delivered_per_patient(tmp_path: Path) -> None:
-    summary = run_bulk([CORPUS / "sample-bulk-10-patients"], registry=REGISTRY, work_dir=tmp_path / "w",
-                       to_dir=tmp_path / "out", options=BulkOptions(group_size=4, bundle_size=150))
+    summary = run_bulk(
+        [CORPUS / "sample-bulk-10-patients"],
+        registry=REGISTRY,
+        work_dir=tmp_path / "w",
+        to_dir=tmp_path / "out",
+        options=BulkOptions(group_size=4, bundle_size=150),
+    )
     assert summary.patients == 13 and summary.groups_total == 4 and summary.groups_done == 4
     assert summary.resources_in["Condition"] == 555
     assert summary.sent["Patient"] == 13 and summary.sent["Condition"] == 555
@@ -48,7 +54,7 @@ def test_sample_bulk_export_is_delivered_per_patient(tmp_path: Path) -> None:
     for bundle in bundles(tmp_path / "out"):
         assert bundle["type"] == "transaction"
         patients = sum(e["resource"]["resourceType"] == "Patient" for e in bundle["entry"])
-        # at most bundle_size entries (+ Provenance), unless one patient alone is bigger: never split a patient
+        # at most bundle_size entries (+ Provenance), unless one patient alone is bigger: never split one
         assert len(bundle["entry"]) <= 151 or patients == 1
         full_urls = {e["fullUrl"] for e in bundle["entry"]}
         refs = {r for r in _references(bundle) if r.startswith("urn:uuid:")}
@@ -60,8 +66,12 @@ def test_sample_bulk_export_is_delivered_per_patient(tmp_path: Path) -> None:
 
 @needs_corpus
 def test_cumulus_export_reports_resources_of_absent_patients(tmp_path: Path) -> None:
-    summary = run_bulk([CORPUS / "cumulus-etl-simple-input"], registry=REGISTRY, work_dir=tmp_path / "w",
-                       to_dir=tmp_path / "out")
+    summary = run_bulk(
+        [CORPUS / "cumulus-etl-simple-input"],
+        registry=REGISTRY,
+        work_dir=tmp_path / "w",
+        to_dir=tmp_path / "out",
+    )
     assert summary.patients == 2
     absent = summary.dropped["patient-absent"]
     assert absent["Condition"] == 2 and absent["Procedure"] == 2
@@ -73,8 +83,13 @@ def test_cumulus_export_reports_resources_of_absent_patients(tmp_path: Path) -> 
 
 def test_objecting_patient_is_dropped_with_all_their_resources(tmp_path: Path) -> None:
     write_export(tmp_path / "export", SynthSpec(patients=12, resources_per_patient=8, objecting={5}))
-    summary = run_bulk([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out",
-                       options=BulkOptions(group_size=5))
+    summary = run_bulk(
+        [tmp_path / "export"],
+        registry=REGISTRY,
+        work_dir=tmp_path / "w",
+        to_dir=tmp_path / "out",
+        options=BulkOptions(group_size=5),
+    )
     assert summary.patients_opted_out == 1
     assert summary.resources_opted_out == 1 + 8 + 1  # Patient, clinical resources, the Consent itself
     assert summary.sent["Patient"] == 11
@@ -85,13 +100,26 @@ def test_objecting_patient_is_dropped_with_all_their_resources(tmp_path: Path) -
 
 
 def test_invalid_lines_are_reported_by_line_number_without_values(tmp_path: Path) -> None:
-    write_export(tmp_path / "export", SynthSpec(patients=4, resources_per_patient=4,
-                                                invalid_lines={"Observation": [2], "Condition": [3]}))
+    write_export(
+        tmp_path / "export",
+        SynthSpec(patients=4, resources_per_patient=4, invalid_lines={"Observation": [2], "Condition": [3]}),
+    )
     # a schema-invalid but well-formed line: reported by the chain, by number
     with (tmp_path / "export" / "Procedure.ndjson").open("ab") as f:
-        f.write(orjson.dumps({"resourceType": "Procedure", "id": "bad1", "status": 42,
-                              "subject": {"reference": f"Patient/{patient_id(1)}"}}) + b"\n")
-    summary = run_bulk([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
+        f.write(
+            orjson.dumps(
+                {
+                    "resourceType": "Procedure",
+                    "id": "bad1",
+                    "status": 42,
+                    "subject": {"reference": f"Patient/{patient_id(1)}"},
+                }
+            )
+            + b"\n"
+        )
+    summary = run_bulk(
+        [tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out"
+    )
     listed = {(f, n): reason for f, n, reason in summary.invalid_lines}
     assert listed[("Observation.ndjson", 2)] == "malformed-json"
     assert listed[("Condition.ndjson", 3)] == "malformed-json"
@@ -105,11 +133,21 @@ def test_resume_after_interruption_stores_every_bundle_once(tmp_path: Path) -> N
     write_export(tmp_path / "export", SynthSpec(patients=10, resources_per_patient=6))
     options = BulkOptions(group_size=2, bundle_size=10)
     with pytest.raises(StopAfter):
-        run_bulk([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out",
-                 options=BulkOptions(group_size=2, bundle_size=10, stop_after_groups=2))
+        run_bulk(
+            [tmp_path / "export"],
+            registry=REGISTRY,
+            work_dir=tmp_path / "w",
+            to_dir=tmp_path / "out",
+            options=BulkOptions(group_size=2, bundle_size=10, stop_after_groups=2),
+        )
     first = {p.name for p in (tmp_path / "out").glob("*.json")}
-    summary = run_bulk([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out",
-                       options=options)
+    summary = run_bulk(
+        [tmp_path / "export"],
+        registry=REGISTRY,
+        work_dir=tmp_path / "w",
+        to_dir=tmp_path / "out",
+        options=options,
+    )
     assert summary.groups_total == 5 and summary.groups_resumed == 2
     names = {p.name for p in (tmp_path / "out").glob("*.json")}
     assert first < names
@@ -128,7 +166,9 @@ def test_groups_are_read_from_the_index_by_offset(tmp_path: Path) -> None:
     write_export(tmp_path / "export", SynthSpec(patients=6, resources_per_patient=5))
     files = resolve_sources([tmp_path / "export"])
     conn = ix.open_index(tmp_path / "index.db")
-    stats = ix.build_index(conn, files, ix.Keyer(), group_size=4, max_group_resources=1000, max_line_bytes=1 << 20)
+    stats = ix.build_index(
+        conn, files, ix.Keyer(), group_size=4, max_group_resources=1000, max_line_bytes=1 << 20
+    )
     assert stats.patients == 6 and ix.group_count(conn) == 2
     lines = ix.group_lines(conn, 0)
     assert {line.rtype for line in lines} >= {"Patient", "Encounter", "Organization", "Practitioner"}
@@ -177,16 +217,34 @@ def test_resume_through_the_outbox_delivers_each_bundle_exactly_once(tmp_path: P
 
     async def go() -> None:
         with pytest.raises(StopAfter):
-            await run_bulk_async([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", chains=chains,
-                                 sink=sink, options=BulkOptions(group_size=2, bundle_size=8, stop_after_groups=3))
+            await run_bulk_async(
+                [tmp_path / "export"],
+                registry=REGISTRY,
+                work_dir=tmp_path / "w",
+                chains=chains,
+                sink=sink,
+                options=BulkOptions(group_size=2, bundle_size=8, stop_after_groups=3),
+            )
         await _forward(store, receiver)  # what was stored before the interruption is delivered
-        summary = await run_bulk_async([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w",
-                                       chains=chains, sink=sink, options=options)
+        summary = await run_bulk_async(
+            [tmp_path / "export"],
+            registry=REGISTRY,
+            work_dir=tmp_path / "w",
+            chains=chains,
+            sink=sink,
+            options=options,
+        )
         assert summary.groups_resumed == 3
         # replaying a finished job stores nothing new
         stored = sum(store.depth().values())
-        again = await run_bulk_async([tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w",
-                                     chains=chains, sink=sink, options=options)
+        again = await run_bulk_async(
+            [tmp_path / "export"],
+            registry=REGISTRY,
+            work_dir=tmp_path / "w",
+            chains=chains,
+            sink=sink,
+            options=options,
+        )
         assert again.groups_resumed == again.groups_total and sum(store.depth().values()) == stored
         await _forward(store, receiver)
 
@@ -200,8 +258,9 @@ def test_resume_through_the_outbox_delivers_each_bundle_exactly_once(tmp_path: P
 
 async def _forward(store, receiver: str) -> None:  # noqa: ANN001
     client = RegistryClient(receiver, timeout=10)
-    worker = OutboxWorker(store, {REGISTRY: client}, poll_interval=0.01,
-                          metrics=GatewayMetrics.create(CollectorRegistry()))
+    worker = OutboxWorker(
+        store, {REGISTRY: client}, poll_interval=0.01, metrics=GatewayMetrics.create(CollectorRegistry())
+    )
     try:
         while await worker.run_once():
             pass

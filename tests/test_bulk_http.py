@@ -61,9 +61,19 @@ def wait_received(receiver: str, bundles: int, timeout: float = 60) -> dict[str,
 def test_ndjson_upload_is_delivered_to_the_registry(chain, tmp_path: Path) -> None:  # noqa: ANN001
     c, _ = chain
     write_export(tmp_path / "export", SynthSpec(patients=6, resources_per_patient=5, objecting={2}))
-    body = b"".join((tmp_path / "export" / f"{t}.ndjson").read_bytes() for t in
-                    ("Patient", "Encounter", "Observation", "Condition", "Procedure", "Organization",
-                     "Practitioner", "Consent"))
+    body = b"".join(
+        (tmp_path / "export" / f"{t}.ndjson").read_bytes()
+        for t in (
+            "Patient",
+            "Encounter",
+            "Observation",
+            "Condition",
+            "Procedure",
+            "Organization",
+            "Practitioner",
+            "Consent",
+        )
+    )
     headers = {"Content-Type": "application/fhir+ndjson"}
     auth = {"Authorization": f"Bearer {c.ehr_api_key}"}
     with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
@@ -85,27 +95,48 @@ def test_ndjson_upload_is_delivered_to_the_registry(chain, tmp_path: Path) -> No
 def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noqa: ANN001
     c, imports = chain
     write_export(imports / "exp", SynthSpec(patients=3, resources_per_patient=3))
-    manifest = {"output": [{"type": t, "url": f"exp/{t}.ndjson"} for t in ("Patient", "Encounter", "Observation")]}
+    manifest = {
+        "output": [{"type": t, "url": f"exp/{t}.ndjson"} for t in ("Patient", "Encounter", "Observation")]
+    }
     auth = {"Authorization": f"Bearer {c.ehr_api_key}"}
     with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
-        response = client.post(f"/registries/{REGISTRY}/$import", content=orjson.dumps(manifest),
-                               headers=auth | {"Content-Type": "application/json"})
+        response = client.post(
+            f"/registries/{REGISTRY}/$import",
+            content=orjson.dumps(manifest),
+            headers=auth | {"Content-Type": "application/json"},
+        )
         assert response.status_code == 202
         status = wait_done(client, response.headers["Content-Location"])
         assert status["state"] == "completed" and status["summary"]["sent"]["Patient"] == 3
         # a manifest naming a file outside the import folder fails without reading it
         outside = {"output": [{"type": "Patient", "url": "../../etc/passwd"}]}
-        response = client.post(f"/registries/{REGISTRY}/$import", content=orjson.dumps(outside),
-                               headers=auth | {"Content-Type": "application/json"})
+        response = client.post(
+            f"/registries/{REGISTRY}/$import",
+            content=orjson.dumps(outside),
+            headers=auth | {"Content-Type": "application/json"},
+        )
         status = wait_done(client, response.headers["Content-Location"])
         assert status["state"] == "failed" and "outside" in status["error"]
         # authentication and registry authorisation as on the Bundle endpoint
-        anonymous = httpx.post(f"{c.gateway_url}/registries/{REGISTRY}/$import", content=b"{}",
-                               headers={"Content-Type": "application/fhir+ndjson"})
+        anonymous = httpx.post(
+            f"{c.gateway_url}/registries/{REGISTRY}/$import",
+            content=b"{}",
+            headers={"Content-Type": "application/fhir+ndjson"},
+        )
         assert anonymous.status_code == 401
-        assert client.post("/registries/nope/$import", content=b"{}",
-                           headers=auth | {"Content-Type": "application/fhir+ndjson"}).status_code == 404
-        assert client.post(f"/registries/{REGISTRY}/$import", content=b"x",
-                           headers=auth | {"Content-Type": "text/plain"}).status_code == 415
+        assert (
+            client.post(
+                "/registries/nope/$import",
+                content=b"{}",
+                headers=auth | {"Content-Type": "application/fhir+ndjson"},
+            ).status_code
+            == 404
+        )
+        assert (
+            client.post(
+                f"/registries/{REGISTRY}/$import", content=b"x", headers=auth | {"Content-Type": "text/plain"}
+            ).status_code
+            == 415
+        )
         assert client.get("/bulk/unknown", headers=auth).status_code == 404
         assert httpx.get(c.gateway_url + response.headers["Content-Location"]).status_code == 401

@@ -1,7 +1,8 @@
 """Bulk delivery of a FHIR Bulk Data export (the yearly delivery): see docs in `gateway/bulk/job.py`.
 
     summary = run_bulk([Path("export/")], runtime=runtime, registry="example-generic", work_dir=Path("job1"))
-    summary = run_bulk([Path("export/")], to_dir=Path("out"), registry="example-generic", work_dir=Path("job1"))
+    summary = run_bulk([Path("export/")], to_dir=Path("out"), registry="example-generic",
+                       work_dir=Path("job1"))
 
 Pass 1 streams every file into an on-disk index (offsets and opaque keys, `gateway/bulk/index.py`); pass 2
 runs the chain once per group of patients (one TTP batch each) and stores the resulting transaction Bundles
@@ -20,14 +21,37 @@ from gateway.bulk.sinks import DirSink, Sink, StoreSink
 from gateway.bulk.sources import SourceError, resolve_sources
 from gateway.bulk.summary import BulkSummary
 
-__all__ = ["BulkOptions", "BulkSummary", "Chains", "DirSink", "JobMismatch", "SourceError", "StopAfter",
-           "StoreSink", "deliver_export", "resolve_sources", "run_bulk", "run_bulk_async"]
+__all__ = [
+    "BulkOptions",
+    "BulkSummary",
+    "Chains",
+    "DirSink",
+    "JobMismatch",
+    "SourceError",
+    "StopAfter",
+    "StoreSink",
+    "deliver_export",
+    "resolve_sources",
+    "run_bulk",
+    "run_bulk_async",
+]
 
 
-async def run_bulk_async(sources: list[Path], *, registry: str, work_dir: Path, runtime=None,  # noqa: ANN001
-                         chains: Chains | None = None, sink: Sink | None = None, to_dir: Path | None = None,
-                         provider: str | None = None, sender: str = "bulk", options: BulkOptions = BulkOptions(),
-                         progress: Progress | None = None, allowed_root: Path | None = None) -> BulkSummary:
+async def run_bulk_async(
+    sources: list[Path],
+    *,
+    registry: str,
+    work_dir: Path,
+    runtime=None,  # noqa: ANN001
+    chains: Chains | None = None,
+    sink: Sink | None = None,
+    to_dir: Path | None = None,
+    provider: str | None = None,
+    sender: str = "bulk",
+    options: BulkOptions = BulkOptions(),
+    progress: Progress | None = None,
+    allowed_root: Path | None = None,
+) -> BulkSummary:
     """One of: `runtime` (its chains, its outbox), `to_dir` (offline chain, files), or `chains` + `sink`."""
     files = resolve_sources(sources, allowed_root=allowed_root)
     if runtime is not None:
@@ -40,8 +64,9 @@ async def run_bulk_async(sources: list[Path], *, registry: str, work_dir: Path, 
         if to_dir is None:
             raise ValueError("run_bulk needs a runtime, a sink or to_dir")
         sink = DirSink(to_dir)
-    return await deliver_export(files, chains=chains, sink=sink, work_dir=work_dir, options=options,
-                                progress=progress)
+    return await deliver_export(
+        files, chains=chains, sink=sink, work_dir=work_dir, options=options, progress=progress
+    )
 
 
 def run_bulk(sources: list[Path], **kwargs) -> BulkSummary:  # noqa: ANN003 - same keywords as run_bulk_async

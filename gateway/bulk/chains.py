@@ -1,4 +1,4 @@
-"""The chain a bulk job runs: taken from a running gateway (`from_runtime`) or built offline (`offline_chains`).
+"""The chain a bulk job runs: from a running gateway (`from_runtime`) or built offline (`offline_chains`).
 
 Offline (`--to-dir`, benchmarks): the embedded reference TTP with keys created once under `<work_dir>/keys`
 and kept there, so that a resumed run produces the same pseudonyms and ids as the interrupted one. Those keys
@@ -33,11 +33,14 @@ def from_runtime(runtime: Runtime, registry: str, provider: str) -> Chains:
         raise ValueError(f"unknown registry {registry!r}")
     if provider not in runtime.providers:
         raise ValueError(f"unknown provider {provider!r}")
-    return Chains(runtime.registries[registry], runtime.providers[provider], runtime.validator, runtime.mapping)
+    return Chains(
+        runtime.registries[registry], runtime.providers[provider], runtime.validator, runtime.mapping
+    )
 
 
-def offline_chains(registry: str, key_root: Path, *, profiles_dir: Path | None = None,
-                   mrn_system: str | None = None) -> Chains:
+def offline_chains(
+    registry: str, key_root: Path, *, profiles_dir: Path | None = None, mrn_system: str | None = None
+) -> Chains:
     profiles = load_profiles(profiles_dir or REPO_ROOT / "profiles")
     if registry not in profiles:
         raise ValueError(f"no delivery profile {registry!r}")
@@ -49,12 +52,26 @@ def offline_chains(registry: str, key_root: Path, *, profiles_dir: Path | None =
     keys = load_keys(key_dir, [OFFLINE_PROVIDER])
     ttp = CachingTTP(EmbeddedTTP(KeyStore.load(ttp_dir), provider=OFFLINE_PROVIDER))
     return Chains(
-        RegistryChain(registry=registry, plan=compile_plan(profile, load_rules()),
-                      types=tuple(profile.pseudonym_types), optout=(), bundle_consent=True,
-                      id_key=keys.id_key(registry)),
-        ProviderChain(OFFLINE_PROVIDER, SourceStage(keys.source_keys, keys.source_version,
-                                                    keys.provider_mrn.get(OFFLINE_PROVIDER), OFFLINE_PROVIDER),
-                      mrn_system, ttp, "embedded-reference-ttp"),
+        RegistryChain(
+            registry=registry,
+            plan=compile_plan(profile, load_rules()),
+            types=tuple(profile.pseudonym_types),
+            optout=(),
+            bundle_consent=True,
+            id_key=keys.id_key(registry),
+        ),
+        ProviderChain(
+            OFFLINE_PROVIDER,
+            SourceStage(
+                keys.source_keys,
+                keys.source_version,
+                keys.provider_mrn.get(OFFLINE_PROVIDER),
+                OFFLINE_PROVIDER,
+            ),
+            mrn_system,
+            ttp,
+            "embedded-reference-ttp",
+        ),
         SchemaValidator.from_file(SCHEMA_PATH),
         load_input_mapping(),
     )

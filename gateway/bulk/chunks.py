@@ -1,4 +1,5 @@
-"""Split one de-identified transaction Bundle (a whole patient group) into transaction Bundles of bounded size.
+"""Split one de-identified transaction Bundle (a whole patient group) into transaction Bundles of bounded
+size.
 
 Each output Bundle is self-contained for the registry: a patient travels with everything that (directly or
 through other entries) refers to them, and every *shared* entry (one that leads to no patient: Organization,
@@ -117,18 +118,35 @@ def _shared_closure(members: set[int], targets: list[set[int]], owned: set[int])
     return shared
 
 
-def _chunk(bundle: dict[str, Any], entries: list[dict], dumped: list[bytes], picked: list[int],
-           provenance: dict | None, tag: str) -> Chunk:
+def _chunk(
+    bundle: dict[str, Any],
+    entries: list[dict],
+    dumped: list[bytes],
+    picked: list[int],
+    provenance: dict | None,
+    tag: str,
+) -> Chunk:
     parts = [dumped[i] for i in picked]
     counts: Counter[str] = Counter(entries[i]["resource"].get("resourceType") for i in picked)
     if provenance is not None:
         parts.append(orjson.dumps(_provenance_for(provenance, [entries[i]["fullUrl"] for i in picked], tag)))
         counts["Provenance"] += 1
-    head = {"resourceType": "Bundle", "id": _uuid(f"bundle|{tag}"), "meta": bundle.get("meta") or {},
-            "identifier": {"system": IDENTIFIER_SYSTEM, "value": tag}, "type": "transaction"}
+    head = {
+        "resourceType": "Bundle",
+        "id": _uuid(f"bundle|{tag}"),
+        "meta": bundle.get("meta") or {},
+        "identifier": {"system": IDENTIFIER_SYSTEM, "value": tag},
+        "type": "transaction",
+    }
     payload = orjson.dumps(head)[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
-    order_key = next((f"Patient/{entries[i]['resource'].get('id')}" for i in picked
-                      if entries[i]["resource"].get("resourceType") == "Patient"), None)
+    order_key = next(
+        (
+            f"Patient/{entries[i]['resource'].get('id')}"
+            for i in picked
+            if entries[i]["resource"].get("resourceType") == "Patient"
+        ),
+        None,
+    )
     return Chunk(tag, payload, counts, order_key)
 
 
@@ -137,8 +155,11 @@ def _provenance_for(provenance: dict, full_urls: list[str], tag: str) -> dict[st
     pid = _uuid(f"provenance|{resource.get('id')}|{tag}")
     resource["id"] = pid
     resource["target"] = [{"reference": u} for u in full_urls]
-    return {"fullUrl": f"urn:uuid:{pid}", "resource": resource,
-            "request": {"method": "PUT", "url": f"Provenance/{pid}"}}
+    return {
+        "fullUrl": f"urn:uuid:{pid}",
+        "resource": resource,
+        "request": {"method": "PUT", "url": f"Provenance/{pid}"},
+    }
 
 
 def _uuid(text: str) -> str:

@@ -25,26 +25,38 @@ from gateway.bulk import BulkOptions, BulkSummary, JobMismatch, SourceError, run
 def bulk(
     paths: list[Path] = typer.Argument(..., help="export folder, NDJSON files, or a manifest .json"),
     registry: str = typer.Option(..., "--registry", help="registry (delivery profile) to deliver to"),
-    config: Path = typer.Option(None, "--config", "-c", envvar="FHIR_GATEWAY_CONFIG",
-                                help="gateway configuration: deliver through its outbox and worker"),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        "-c",
+        envvar="FHIR_GATEWAY_CONFIG",
+        help="gateway configuration: deliver through its outbox and worker",
+    ),
     to_dir: Path = typer.Option(None, "--to-dir", help="offline: write the transaction Bundles here"),
-    work_dir: Path = typer.Option(Path("bulk-work"), "--work-dir",
-                                  help="job state and index; reuse it to resume an interrupted job"),
-    provider: str = typer.Option(None, "--provider", help="delivering provider (default: the first configured)"),
+    work_dir: Path = typer.Option(
+        Path("bulk-work"), "--work-dir", help="job state and index; reuse it to resume an interrupted job"
+    ),
+    provider: str = typer.Option(
+        None, "--provider", help="delivering provider (default: the first configured)"
+    ),
     group_size: int = typer.Option(200, "--group-size", min=1, help="patients per TTP batch"),
     max_group_resources: int = typer.Option(5000, "--max-group-resources", min=1),
     bundle_size: int = typer.Option(500, "--bundle-size", min=1, help="entries per transaction Bundle"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="with --config: wait until the outbox is empty"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
-    """Deliver a FHIR Bulk Data export: grouped per patient, opt-out filtered, pseudonymised, de-identified."""
+    """Deliver a FHIR Bulk Data export: per patient, opt-out filtered, pseudonymised, de-identified."""
     console = Console(stderr=True)
     if (config is None) == (to_dir is None):
         console.print("[red]fhir-gateway bulk: give exactly one of --config or --to-dir[/red]")
         raise typer.Exit(2)
-    options = BulkOptions(group_size=group_size, max_group_resources=max_group_resources, bundle_size=bundle_size)
+    options = BulkOptions(
+        group_size=group_size, max_group_resources=max_group_resources, bundle_size=bundle_size
+    )
     try:
-        summary = asyncio.run(_run(paths, registry, config, to_dir, work_dir, provider, options, wait, console))
+        summary = asyncio.run(
+            _run(paths, registry, config, to_dir, work_dir, provider, options, wait, console)
+        )
     except (SourceError, JobMismatch, ValueError) as exc:
         console.print(f"[red]fhir-gateway bulk: {exc}[/red]")
         raise typer.Exit(2) from None
@@ -55,24 +67,43 @@ def bulk(
     raise typer.Exit(1 if summary.invalid_lines or summary.dropped.get("rejected-422") else 0)
 
 
-async def _run(paths: list[Path], registry: str, config: Path | None, to_dir: Path | None, work_dir: Path,
-               provider: str | None, options: BulkOptions, wait: bool, console: Console) -> BulkSummary:
+async def _run(
+    paths: list[Path],
+    registry: str,
+    config: Path | None,
+    to_dir: Path | None,
+    work_dir: Path,
+    provider: str | None,
+    options: BulkOptions,
+    wait: bool,
+    console: Console,
+) -> BulkSummary:
     with _progress(console) as bar:
-        tasks = {"index": bar.add_task("index (bytes)", total=None),
-                 "deliver": bar.add_task("deliver (groups)", total=None)}
+        tasks = {
+            "index": bar.add_task("index (bytes)", total=None),
+            "deliver": bar.add_task("deliver (groups)", total=None),
+        }
 
         def progress(phase: str, done: int, total: int) -> None:
             bar.update(tasks[phase], completed=done, total=total)
 
         if config is None:
-            return await run_bulk_async(paths, registry=registry, work_dir=work_dir, to_dir=to_dir,
-                                        options=options, progress=progress)
+            return await run_bulk_async(
+                paths, registry=registry, work_dir=work_dir, to_dir=to_dir, options=options, progress=progress
+            )
         runtime = _runtime(config)
         await runtime.start(run_worker=True)
         try:
-            summary = await run_bulk_async(paths, registry=registry, work_dir=work_dir, runtime=runtime,
-                                           provider=provider, sender="bulk-cli", options=options,
-                                           progress=progress)
+            summary = await run_bulk_async(
+                paths,
+                registry=registry,
+                work_dir=work_dir,
+                runtime=runtime,
+                provider=provider,
+                sender="bulk-cli",
+                options=options,
+                progress=progress,
+            )
             if wait:
                 drain = bar.add_task("forward (outbox)", total=None)
                 await _drain(runtime, registry, lambda left: bar.update(drain, completed=left))
@@ -102,8 +133,14 @@ async def _drain(runtime, registry: str, show, poll: float = 0.5) -> None:  # no
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def summary_table(summary: BulkSummary) -> Table:
@@ -114,11 +151,17 @@ def summary_table(summary: BulkSummary) -> Table:
     table.add_column("dropped (reason=count)")
     types = sorted(set(summary.resources_in) | set(summary.sent))
     for rtype in types:
-        dropped = ", ".join(f"{reason}={c[rtype]}" for reason, c in sorted(summary.dropped.items()) if c.get(rtype))
-        table.add_row(rtype, str(summary.resources_in.get(rtype, 0)), str(summary.sent.get(rtype, 0)), dropped)
-    table.caption = (f"patients {summary.patients}, opted out {summary.patients_opted_out}, opt-out unknown "
-                     f"{summary.patients_unknown_optout}; groups {summary.groups_done}/{summary.groups_total} "
-                     f"({summary.groups_resumed} resumed); bundles {summary.bundles} new, "
-                     f"{summary.bundles_already_stored} already stored; invalid lines {len(summary.invalid_lines)}"
-                     f" at {time.strftime('%H:%M:%S')}")
+        dropped = ", ".join(
+            f"{reason}={c[rtype]}" for reason, c in sorted(summary.dropped.items()) if c.get(rtype)
+        )
+        table.add_row(
+            rtype, str(summary.resources_in.get(rtype, 0)), str(summary.sent.get(rtype, 0)), dropped
+        )
+    table.caption = (
+        f"patients {summary.patients}, opted out {summary.patients_opted_out}, opt-out unknown "
+        f"{summary.patients_unknown_optout}; groups {summary.groups_done}/{summary.groups_total} "
+        f"({summary.groups_resumed} resumed); bundles {summary.bundles} new, "
+        f"{summary.bundles_already_stored} already stored; invalid lines {len(summary.invalid_lines)}"
+        f" at {time.strftime('%H:%M:%S')}"
+    )
     return table

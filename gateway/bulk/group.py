@@ -2,7 +2,8 @@
 patients), cut the result into transaction Bundles.
 
 A chain error is narrowed down instead of failing the group: an error that names entries
-(`Bundle.entry[i]...`: schema errors, a reference to a Patient that is not there) drops those entries (reported
+(`Bundle.entry[i]...`: schema errors, a reference to a Patient that is not there) drops those entries
+(reported
 by file and line number, never by value) and the group is run again; an error that names no entry splits the
 group in halves, down to a single patient, whose resources are then reported as rejected.
 TTPUnavailable and store errors are not caught: the job stops and can be resumed (fail closed).
@@ -74,8 +75,16 @@ class _Item:
     resource: dict
 
 
-async def run_group(lines: list[Line], read: Callable[[Line], bytes], chains: Chains,
-                    *, tag: str, bundle_size: int, max_line_bytes: int, recorded: str) -> GroupResult:
+async def run_group(
+    lines: list[Line],
+    read: Callable[[Line], bytes],
+    chains: Chains,
+    *,
+    tag: str,
+    bundle_size: int,
+    max_line_bytes: int,
+    recorded: str,
+) -> GroupResult:
     result = GroupResult(known_types=chains.validator.resource_types)
     items: list[_Item] = []
     for line in lines:
@@ -102,16 +111,27 @@ async def _process(items: list[_Item], chains: Chains, result: GroupResult, reco
                 result.drop("no-patient-left", item.line.rtype)
             return []
         try:
-            processed = await process_bundle(_collection(items), registry=chains.registry,
-                                             provider=chains.provider, validator=chains.validator,
-                                             mapping=chains.mapping, recorded=recorded)
+            processed = await process_bundle(
+                _collection(items),
+                registry=chains.registry,
+                provider=chains.provider,
+                validator=chains.validator,
+                mapping=chains.mapping,
+                recorded=recorded,
+            )
         except FhirError as err:
             bad = _entries_named(err, len(items))
             if not bad:
                 return await _split(items, chains, result, recorded, err)
             for i in sorted(bad):
-                code = next((iss.code for iss in err.issues if _ENTRY.match(iss.expression[0] if iss.expression
-                                                                           else "")), "invalid")
+                code = next(
+                    (
+                        iss.code
+                        for iss in err.issues
+                        if _ENTRY.match(iss.expression[0] if iss.expression else "")
+                    ),
+                    "invalid",
+                )
                 result.rejected_lines.append((items[i].line.file, items[i].line.line, f"rejected-{code}"))
                 result.drop(f"rejected-{err.status}", items[i].line.rtype)
             items = [item for n, item in enumerate(items) if n not in bad]
@@ -121,8 +141,9 @@ async def _process(items: list[_Item], chains: Chains, result: GroupResult, reco
     return await _split(items, chains, result, recorded, None)
 
 
-async def _split(items: list[_Item], chains: Chains, result: GroupResult, recorded: str,
-                 err: FhirError | None) -> list[dict]:
+async def _split(
+    items: list[_Item], chains: Chains, result: GroupResult, recorded: str, err: FhirError | None
+) -> list[dict]:
     owners = sorted({i.owner for i in items if i.owner is not None})
     if len(owners) <= 1:
         reason = f"rejected-{err.status}-{err.issues[0].code}" if err else "rejected"

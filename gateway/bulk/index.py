@@ -108,15 +108,23 @@ def open_index(path: Path) -> sqlite3.Connection:
         path.unlink()  # the index of an earlier run is keyed under a key that is gone: rebuild it
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     # The index is scratch data (rebuilt on resume): no fsync, no journal to pay for.
-    conn.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=MEMORY;"
-                       "PRAGMA cache_size=-65536;")
+    conn.executescript(
+        "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=MEMORY;PRAGMA cache_size=-65536;"
+    )
     conn.executescript(SCHEMA)
     return conn
 
 
-def build_index(conn: sqlite3.Connection, files: list[SourceFile], keyer: Keyer, *, group_size: int,
-                max_group_resources: int, max_line_bytes: int,
-                progress: Callable[[int], None] | None = None) -> IndexStats:
+def build_index(
+    conn: sqlite3.Connection,
+    files: list[SourceFile],
+    keyer: Keyer,
+    *,
+    group_size: int,
+    max_group_resources: int,
+    max_line_bytes: int,
+    progress: Callable[[int], None] | None = None,
+) -> IndexStats:
     """Index every file, resolve owners, cut patient groups. `progress(bytes_done)` after each batch."""
     stats = IndexStats(files=len(files))
     writer = _Writer(conn)
@@ -152,7 +160,9 @@ class _Row:
     reason: str = ""
 
 
-def _scan_file(path: Path, number: int, keyer: Keyer, max_line_bytes: int, stats: IndexStats) -> Iterator[_Row]:
+def _scan_file(
+    path: Path, number: int, keyer: Keyer, max_line_bytes: int, stats: IndexStats
+) -> Iterator[_Row]:
     offset = 0
     with path.open("rb", buffering=1 << 20) as handle:
         for line_no, raw in enumerate(handle, start=1):
@@ -169,8 +179,9 @@ def _scan_file(path: Path, number: int, keyer: Keyer, max_line_bytes: int, stats
             offset += length
 
 
-def _scan_line(body: bytes, number: int, offset: int, line_no: int, keyer: Keyer,
-               max_line_bytes: int) -> _Row:
+def _scan_line(
+    body: bytes, number: int, offset: int, line_no: int, keyer: Keyer, max_line_bytes: int
+) -> _Row:
     row = _Row(number, offset, len(body), line_no, None)
     if len(body) > max_line_bytes:
         row.reason = "line-too-long"
@@ -270,15 +281,29 @@ class _Writer:
             rid = self.next_id
             self.next_id += 1
             patient = 1 if row.patient_keys else 0
-            resources.append((rid, row.file, row.off, row.length, row.line, row.rtype, row.self_key, patient,
-                              rid if patient else None))
+            resources.append(
+                (
+                    rid,
+                    row.file,
+                    row.off,
+                    row.length,
+                    row.line,
+                    row.rtype,
+                    row.self_key,
+                    patient,
+                    rid if patient else None,
+                )
+            )
             pkeys.extend((key, rid) for key in row.patient_keys)
             prefs.extend((rid, key, strict) for key, strict in row.prefs)
             edges.extend((rid, key) for key in row.edges)
         c = self.conn
         c.execute("BEGIN")
-        c.executemany("INSERT INTO resources (id, file, off, len, line, rtype, self_key, is_patient, owner) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", resources)
+        c.executemany(
+            "INSERT INTO resources (id, file, off, len, line, rtype, self_key, is_patient, owner) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            resources,
+        )
         c.executemany("INSERT INTO invalid (file, line, reason) VALUES (?, ?, ?)", invalid)
         c.executemany("INSERT INTO pkeys (key, patient) VALUES (?, ?)", pkeys)
         c.executemany("INSERT INTO prefs (res, key, strict) VALUES (?, ?, ?)", prefs)
@@ -297,7 +322,9 @@ def _resolve_owners(conn: sqlite3.Connection) -> None:
                  WHERE is_patient = 1 AND self_key IN (SELECT self_key FROM resources WHERE is_patient = 1
                  GROUP BY self_key HAVING COUNT(*) > 1) AND id NOT IN (SELECT MIN(id) FROM resources
                  WHERE is_patient = 1 GROUP BY self_key)""")
-    c.execute("DELETE FROM pkeys WHERE patient IN (SELECT id FROM resources WHERE state = 'duplicate-patient')")
+    c.execute(
+        "DELETE FROM pkeys WHERE patient IN (SELECT id FROM resources WHERE state = 'duplicate-patient')"
+    )
     c.execute("UPDATE resources SET state = 'ok' WHERE is_patient = 1")
     # `strict` references name a Patient for sure (Patient/x, Patient?identifier=); `urn:uuid:` ones only
     # count when they match a Patient, so an unmatched urn:uuid does not make a resource an orphan.
@@ -327,7 +354,8 @@ def _resolve_owners(conn: sqlite3.Connection) -> None:
 def _cut_groups(conn: sqlite3.Connection, group_size: int, max_group_resources: int) -> None:
     """Consecutive patients (export order) into groups of at most `group_size` patients and, unless a single
     patient is bigger, `max_group_resources` resources: a bounded TTP batch and a bounded memory footprint."""
-    rows = conn.execute("""SELECT r.id, (SELECT COUNT(*) FROM resources o WHERE o.owner = r.id AND o.state = 'ok')
+    rows = conn.execute("""SELECT r.id,
+                             (SELECT COUNT(*) FROM resources o WHERE o.owner = r.id AND o.state = 'ok')
                            FROM resources r WHERE r.is_patient = 1 AND r.state = 'ok' ORDER BY r.id""")
     groups: list[tuple[int, int, int, int, int]] = []
     first = last = None
@@ -342,7 +370,9 @@ def _cut_groups(conn: sqlite3.Connection, group_size: int, max_group_resources: 
     if first is not None:
         groups.append((len(groups), first, last, patients, resources))
     conn.execute("BEGIN")
-    conn.executemany("INSERT INTO groups (id, first, last, patients, resources) VALUES (?, ?, ?, ?, ?)", groups)
+    conn.executemany(
+        "INSERT INTO groups (id, first, last, patients, resources) VALUES (?, ?, ?, ?, ?)", groups
+    )
     conn.execute("COMMIT")
 
 
@@ -366,8 +396,11 @@ def group_lines(conn: sqlite3.Connection, group: int) -> list[Line]:
     """The lines of one group: its patients' resources, then the shared resources they reference (with the
     shared resources those reference, a few hops deep), each once, in export order."""
     first, last = conn.execute("SELECT first, last FROM groups WHERE id = ?", (group,)).fetchone()
-    owned = conn.execute("""SELECT id, file, off, len, line, rtype, owner FROM resources
-                            WHERE owner BETWEEN ? AND ? AND state = 'ok' ORDER BY id""", (first, last)).fetchall()
+    owned = conn.execute(
+        """SELECT id, file, off, len, line, rtype, owner FROM resources
+                            WHERE owner BETWEEN ? AND ? AND state = 'ok' ORDER BY id""",
+        (first, last),
+    ).fetchall()
     shared: dict[int, tuple] = {}
     frontier = [r[0] for r in owned]
     for _ in range(INHERIT_ROUNDS):
@@ -382,11 +415,14 @@ def group_lines(conn: sqlite3.Connection, group: int) -> list[Line]:
 def _shared_targets(conn: sqlite3.Connection, sources: list[int], seen: dict[int, tuple]) -> set[int]:
     new: set[int] = set()
     for start in range(0, len(sources), 900):  # SQLite's bound-parameter limit
-        chunk = sources[start:start + 900]
+        chunk = sources[start : start + 900]
         marks = ",".join("?" * len(chunk))
-        for row in conn.execute(f"""SELECT DISTINCT r.id, r.file, r.off, r.len, r.line, r.rtype, NULL FROM edges e
+        for row in conn.execute(
+            f"""SELECT DISTINCT r.id, r.file, r.off, r.len, r.line, r.rtype, NULL FROM edges e
                                     JOIN resources r ON r.self_key = e.key AND r.state = 'shared'
-                                    WHERE e.res IN ({marks})""", chunk):
+                                    WHERE e.res IN ({marks})""",
+            chunk,
+        ):
             if row[0] not in seen:
                 seen[row[0]] = row
                 new.add(row[0])
@@ -415,8 +451,11 @@ def shared_unsent(conn: sqlite3.Connection) -> Iterable[tuple[str, int]]:
 
 
 def invalid_lines(conn: sqlite3.Connection, limit: int) -> list[tuple[str, int, str]]:
-    return conn.execute("""SELECT f.name, i.line, i.reason FROM invalid i JOIN files f ON f.id = i.file
-                           ORDER BY i.file, i.line LIMIT ?""", (limit,)).fetchall()
+    return conn.execute(
+        """SELECT f.name, i.line, i.reason FROM invalid i JOIN files f ON f.id = i.file
+                           ORDER BY i.file, i.line LIMIT ?""",
+        (limit,),
+    ).fetchall()
 
 
 def file_names(conn: sqlite3.Connection) -> dict[int, str]:

@@ -50,8 +50,15 @@ class BulkOptions:
     stop_after_groups: int | None = None  # simulate an interruption (tests)
 
 
-async def deliver_export(files: list[ix.SourceFile], *, chains: Chains, sink: Sink, work_dir: Path,
-                         options: BulkOptions = BulkOptions(), progress: Progress | None = None) -> BulkSummary:
+async def deliver_export(
+    files: list[ix.SourceFile],
+    *,
+    chains: Chains,
+    sink: Sink,
+    work_dir: Path,
+    options: BulkOptions = BulkOptions(),
+    progress: Progress | None = None,
+) -> BulkSummary:
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     state = _open_state(work_dir / "state.db")
@@ -61,9 +68,15 @@ async def deliver_export(files: list[ix.SourceFile], *, chains: Chains, sink: Si
     try:
         total_bytes = sum(f.path.stat().st_size for f in files)
         stats = await asyncio.to_thread(
-            ix.build_index, conn, files, ix.Keyer(), group_size=options.group_size,
-            max_group_resources=options.max_group_resources, max_line_bytes=options.max_line_bytes,
-            progress=(lambda done: progress("index", done, total_bytes)) if progress else None)
+            ix.build_index,
+            conn,
+            files,
+            ix.Keyer(),
+            group_size=options.group_size,
+            max_group_resources=options.max_group_resources,
+            max_line_bytes=options.max_line_bytes,
+            progress=(lambda done: progress("index", done, total_bytes)) if progress else None,
+        )
         summary.absorb_index(stats, conn, MAX_INVALID_LISTED, chains.validator.resource_types | {"(unknown)"})
         await _deliver_groups(conn, state, files, chains, sink, options, summary, recorded, progress)
         summary.absorb_unsent(conn)
@@ -74,9 +87,17 @@ async def deliver_export(files: list[ix.SourceFile], *, chains: Chains, sink: Si
     return summary
 
 
-async def _deliver_groups(conn: sqlite3.Connection, state: sqlite3.Connection, files: list[ix.SourceFile],
-                          chains: Chains, sink: Sink, options: BulkOptions, summary: BulkSummary,
-                          recorded: str, progress: Progress | None) -> None:
+async def _deliver_groups(
+    conn: sqlite3.Connection,
+    state: sqlite3.Connection,
+    files: list[ix.SourceFile],
+    chains: Chains,
+    sink: Sink,
+    options: BulkOptions,
+    summary: BulkSummary,
+    recorded: str,
+    progress: Progress | None,
+) -> None:
     total = ix.group_count(conn)
     summary.groups_total = total
     done = dict(state.execute("SELECT id, counts FROM groups_done").fetchall())
@@ -95,8 +116,10 @@ async def _deliver_groups(conn: sqlite3.Connection, state: sqlite3.Connection, f
                 _tick(progress, summary, total)
                 continue
             counts = await _one_group(lines, read, chains, sink, options, summary.job, group, recorded)
-            state.execute("INSERT INTO groups_done (id, counts, at) VALUES (?, ?, ?)",
-                          (group, orjson.dumps(counts), time.time()))
+            state.execute(
+                "INSERT INTO groups_done (id, counts, at) VALUES (?, ?, ?)",
+                (group, orjson.dumps(counts), time.time()),
+            )
             summary.absorb_group(counts, resumed=False)
             ran += 1
             _tick(progress, summary, total)
@@ -104,22 +127,38 @@ async def _deliver_groups(conn: sqlite3.Connection, state: sqlite3.Connection, f
         close()
 
 
-async def _one_group(lines: list[ix.Line], read: Callable[[ix.Line], bytes], chains: Chains, sink: Sink,
-                     options: BulkOptions, job: str, group: int, recorded: str) -> dict[str, Any]:
+async def _one_group(
+    lines: list[ix.Line],
+    read: Callable[[ix.Line], bytes],
+    chains: Chains,
+    sink: Sink,
+    options: BulkOptions,
+    job: str,
+    group: int,
+    recorded: str,
+) -> dict[str, Any]:
     # A group allocates tens of thousands of containers and frees them all at once; the cyclic GC would
     # walk them again and again while they are alive (perf-notes: 2x on large bundles) and the stages create
     # no reference cycles, so collect once per group instead.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        result = await run_group(lines, read, chains, tag=f"bulk|{job}|{group}", bundle_size=options.bundle_size,
-                                 max_line_bytes=options.max_line_bytes, recorded=recorded)
+        result = await run_group(
+            lines,
+            read,
+            chains,
+            tag=f"bulk|{job}|{group}",
+            bundle_size=options.bundle_size,
+            max_line_bytes=options.max_line_bytes,
+            recorded=recorded,
+        )
         created = duplicates = 0
         sent: Counter[str] = Counter()
         for chunk in result.chunks:
             counts = {"bulkJob": job, "group": group, "resources": dict(chunk.counts)}
-            new = await asyncio.to_thread(sink.put, chunk.tag, chunk.payload, order_key=chunk.order_key,
-                                          counts=counts)
+            new = await asyncio.to_thread(
+                sink.put, chunk.tag, chunk.payload, order_key=chunk.order_key, counts=counts
+            )
             created += new
             duplicates += not new
             sent.update(chunk.counts)
@@ -131,10 +170,14 @@ async def _one_group(lines: list[ix.Line], read: Callable[[ix.Line], bytes], cha
 
 def _group_counts(result: GroupResult, sent: Counter[str], created: int, duplicates: int) -> dict[str, Any]:
     return {
-        "patients": result.patients, "patientsOptedOut": result.patients_opted_out,
+        "patients": result.patients,
+        "patientsOptedOut": result.patients_opted_out,
         "patientsUnknownOptOut": result.patients_unknown_optout,
-        "patientsNoPseudonym": result.patients_no_pseudonym, "resourcesOptedOut": result.resources_opted_out,
-        "sent": dict(sent), "bundles": created, "bundlesAlreadyStored": duplicates,
+        "patientsNoPseudonym": result.patients_no_pseudonym,
+        "resourcesOptedOut": result.resources_opted_out,
+        "sent": dict(sent),
+        "bundles": created,
+        "bundlesAlreadyStored": duplicates,
         "dropped": {reason: dict(c) for reason, c in result.dropped.items()},
         "rejectedLines": [list(x) for x in result.rejected_lines[:MAX_INVALID_LISTED]],
     }
@@ -150,7 +193,8 @@ def _open_state(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.executescript("""PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
         CREATE TABLE IF NOT EXISTS job (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE IF NOT EXISTS groups_done (id INTEGER PRIMARY KEY, counts BLOB NOT NULL, at REAL NOT NULL);""")
+        CREATE TABLE IF NOT EXISTS groups_done (id INTEGER PRIMARY KEY, counts BLOB NOT NULL,
+                                                at REAL NOT NULL);""")
     return conn
 
 
@@ -158,13 +202,17 @@ def _job_identity(state: sqlite3.Connection, fingerprint: str) -> tuple[str, str
     meta = dict(state.execute("SELECT key, value FROM job").fetchall())
     if meta:
         if meta["fingerprint"] != fingerprint:
-            raise JobMismatch("this work dir belongs to a bulk job over other files or with other parameters; "
-                              "use a new work dir")
+            raise JobMismatch(
+                "this work dir belongs to a bulk job over other files or with other parameters; "
+                "use a new work dir"
+            )
         return meta["job"], meta["recorded"]
     job = uuid.uuid4().hex
     recorded = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    state.executemany("INSERT INTO job (key, value) VALUES (?, ?)",
-                      [("job", job), ("recorded", recorded), ("fingerprint", fingerprint)])
+    state.executemany(
+        "INSERT INTO job (key, value) VALUES (?, ?)",
+        [("job", job), ("recorded", recorded), ("fingerprint", fingerprint)],
+    )
     return job, recorded
 
 

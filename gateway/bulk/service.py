@@ -44,9 +44,14 @@ class JobStatus:
     error: str | None = None
 
     def view(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"job": self.id, "registry": self.registry, "state": self.state,
-                               "progress": {"done": self.phase_done, "total": self.phase_total},
-                               "startedAt": self.started, "finishedAt": self.finished}
+        out: dict[str, Any] = {
+            "job": self.id,
+            "registry": self.registry,
+            "state": self.state,
+            "progress": {"done": self.phase_done, "total": self.phase_total},
+            "startedAt": self.started,
+            "finishedAt": self.finished,
+        }
         if self.summary is not None:
             out["summary"] = self.summary.as_dict()
         if self.error:
@@ -55,8 +60,15 @@ class JobStatus:
 
 
 class BulkJobs:
-    def __init__(self, runtime: Any, *, work_root: Path, import_dir: Path | None,
-                 options: BulkOptions | None = None, max_upload_bytes: int = 20 * 1024**3) -> None:
+    def __init__(
+        self,
+        runtime: Any,
+        *,
+        work_root: Path,
+        import_dir: Path | None,
+        options: BulkOptions | None = None,
+        max_upload_bytes: int = 20 * 1024**3,
+    ) -> None:
         self.runtime, self.work_root, self.import_dir = runtime, work_root, import_dir
         self.options = options or BulkOptions()
         self.max_upload_bytes = max_upload_bytes
@@ -83,8 +95,12 @@ class BulkJobs:
 
     def manifest_path(self, job: JobStatus, manifest: bytes) -> Path:
         if self.import_dir is None:
-            raise FhirError.single(403, "forbidden", "manifest imports are not enabled on this gateway "
-                                   "(no import folder configured); upload NDJSON instead")
+            raise FhirError.single(
+                403,
+                "forbidden",
+                "manifest imports are not enabled on this gateway "
+                "(no import folder configured); upload NDJSON instead",
+            )
         target = self.work_root / job.id / "manifest.json"
         target.write_bytes(manifest)
         return target
@@ -92,21 +108,35 @@ class BulkJobs:
     def start(self, job: JobStatus, sources: list[Path], *, sender: str) -> None:
         loop = asyncio.get_running_loop()
         chains = _on_loop(from_runtime(self.runtime, job.registry, job.provider), loop)
-        thread = threading.Thread(target=self._run, args=(job, sources, chains, sender), daemon=True,
-                                  name=f"bulk-{job.id[:8]}")
+        thread = threading.Thread(
+            target=self._run, args=(job, sources, chains, sender), daemon=True, name=f"bulk-{job.id[:8]}"
+        )
         self._threads[job.id] = thread
         thread.start()
 
     def _run(self, job: JobStatus, sources: list[Path], chains: Chains, sender: str) -> None:
         def progress(phase: str, done: int, total: int) -> None:
-            job.state, job.phase_done, job.phase_total = ("indexing" if phase == "index" else "delivering",
-                                                          done, total)
+            job.state, job.phase_done, job.phase_total = (
+                "indexing" if phase == "index" else "delivering",
+                done,
+                total,
+            )
 
         try:
-            job.summary = asyncio.run(run_bulk_async(
-                sources, registry=job.registry, work_dir=self.work_root / job.id, runtime=self.runtime,
-                chains=chains, provider=job.provider, sender=sender, options=self.options, progress=progress,
-                allowed_root=self.import_dir))
+            job.summary = asyncio.run(
+                run_bulk_async(
+                    sources,
+                    registry=job.registry,
+                    work_dir=self.work_root / job.id,
+                    runtime=self.runtime,
+                    chains=chains,
+                    provider=job.provider,
+                    sender=sender,
+                    options=self.options,
+                    progress=progress,
+                    allowed_root=self.import_dir,
+                )
+            )
             job.state = "completed"
         except SourceError as exc:
             job.state, job.error = "failed", str(exc)

@@ -26,9 +26,15 @@ class StoreSink:
         self.store, self.provider, self.registry, self.sender = store, provider, registry, sender
 
     def put(self, key: str, payload: bytes, *, order_key: str | None, counts: dict[str, Any]) -> bool:
-        _, created = self.store.enqueue(provider=self.provider, registry=self.registry, payload=payload,
-                                        sender=self.sender, idempotency_key=key, patient_order_key=order_key,
-                                        counts=counts)
+        _, created = self.store.enqueue(
+            provider=self.provider,
+            registry=self.registry,
+            payload=payload,
+            sender=self.sender,
+            idempotency_key=key,
+            patient_order_key=order_key,
+            counts=counts,
+        )
         return created
 
 

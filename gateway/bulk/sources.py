@@ -45,8 +45,10 @@ def _folder(folder: Path) -> list[SourceFile]:
     if manifests:
         return read_manifest(manifests[0], allowed_root=None)
     # Patients first: their groups are cut in export order, and nothing depends on the rest's order.
-    found = sorted((p for p in folder.glob("*.ndjson") if p.name not in NOT_RESOURCES),
-                   key=lambda p: (p.name.split(".")[0] != "Patient", p.name))
+    found = sorted(
+        (p for p in folder.glob("*.ndjson") if p.name not in NOT_RESOURCES),
+        key=lambda p: (p.name.split(".")[0] != "Patient", p.name),
+    )
     return [SourceFile(p, _type_hint(p.name)) for p in found]
 
 

@@ -36,10 +36,16 @@ class BulkSummary:
     _file_names: dict[int, str] = field(default_factory=dict, repr=False)
     _known: frozenset[str] = field(default=frozenset({"(unknown)"}), repr=False)
 
-    def absorb_index(self, stats: ix.IndexStats, conn: sqlite3.Connection, max_listed: int,
-                     known_types: frozenset[str]) -> None:
+    def absorb_index(
+        self, stats: ix.IndexStats, conn: sqlite3.Connection, max_listed: int, known_types: frozenset[str]
+    ) -> None:
         self._known = known_types
-        self.files, self.bytes, self.lines, self.patients = stats.files, stats.bytes, stats.lines, stats.patients
+        self.files, self.bytes, self.lines, self.patients = (
+            stats.files,
+            stats.bytes,
+            stats.lines,
+            stats.patients,
+        )
         self._file_names = ix.file_names(conn)
         for rtype, n in conn.execute("SELECT rtype, COUNT(*) FROM resources GROUP BY rtype"):
             self.resources_in[self._label(rtype)] += n
@@ -48,7 +54,9 @@ class BulkSummary:
         invalid = conn.execute("SELECT COUNT(*) FROM invalid").fetchone()[0]
         if invalid:
             self._drop("invalid-line", "(unknown)", invalid)
-        self.invalid_lines = [(name, line, reason) for name, line, reason in ix.invalid_lines(conn, max_listed)]
+        self.invalid_lines = [
+            (name, line, reason) for name, line, reason in ix.invalid_lines(conn, max_listed)
+        ]
 
     def absorb_group(self, counts: dict[str, Any], *, resumed: bool) -> None:
         self.groups_done += 1
@@ -79,13 +87,24 @@ class BulkSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "job": self.job, "registry": self.registry, "files": self.files, "bytes": self.bytes,
-            "lines": self.lines, "patients": self.patients, "resourcesIn": dict(sorted(self.resources_in.items())),
+            "job": self.job,
+            "registry": self.registry,
+            "files": self.files,
+            "bytes": self.bytes,
+            "lines": self.lines,
+            "patients": self.patients,
+            "resourcesIn": dict(sorted(self.resources_in.items())),
             "sent": dict(sorted(self.sent.items())),
             "dropped": {r: dict(sorted(c.items())) for r, c in sorted(self.dropped.items())},
             "invalidLines": [{"file": f, "line": n, "reason": r} for f, n, r in self.invalid_lines],
-            "patientsOptedOut": self.patients_opted_out, "patientsUnknownOptOut": self.patients_unknown_optout,
-            "patientsNoPseudonym": self.patients_no_pseudonym, "resourcesOptedOut": self.resources_opted_out,
-            "groupsTotal": self.groups_total, "groupsDone": self.groups_done, "groupsResumed": self.groups_resumed,
-            "bundles": self.bundles, "bundlesAlreadyStored": self.bundles_already_stored, "seconds": self.seconds,
+            "patientsOptedOut": self.patients_opted_out,
+            "patientsUnknownOptOut": self.patients_unknown_optout,
+            "patientsNoPseudonym": self.patients_no_pseudonym,
+            "resourcesOptedOut": self.resources_opted_out,
+            "groupsTotal": self.groups_total,
+            "groupsDone": self.groups_done,
+            "groupsResumed": self.groups_resumed,
+            "bundles": self.bundles,
+            "bundlesAlreadyStored": self.bundles_already_stored,
+            "seconds": self.seconds,
         }

@@ -27,8 +27,13 @@ MANIFEST_TYPES = {"application/json", "application/fhir+json"}
 MAX_MANIFEST_BYTES = 1024 * 1024
 
 
-def install_bulk_routes(app: FastAPI, runtime, *, work_root: Path | None = None,  # noqa: ANN001
-                        import_dir: Path | None = None) -> BulkJobs:
+def install_bulk_routes(
+    app: FastAPI,
+    runtime,
+    *,
+    work_root: Path | None = None,  # noqa: ANN001
+    import_dir: Path | None = None,
+) -> BulkJobs:
     work_root = work_root or Path(os.environ.get("FHIR_GATEWAY_BULK_WORK_DIR", "var/bulk"))
     env_import = os.environ.get("FHIR_GATEWAY_BULK_IMPORT_DIR")
     import_dir = import_dir or (Path(env_import) if env_import else None)
@@ -41,8 +46,12 @@ def install_bulk_routes(app: FastAPI, runtime, *, work_root: Path | None = None,
         require_registry(caller, registry, runtime.registries)
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media not in NDJSON_TYPES | MANIFEST_TYPES:
-            raise FhirError.single(415, "not-supported", "send application/fhir+ndjson (the export) or "
-                                   "application/json (a Bulk Data manifest of files in the import folder)")
+            raise FhirError.single(
+                415,
+                "not-supported",
+                "send application/fhir+ndjson (the export) or "
+                "application/json (a Bulk Data manifest of files in the import folder)",
+            )
         job = jobs.new_job(caller.provider or "", registry)
         if media in NDJSON_TYPES:
             sources = [await jobs.receive_upload(job, request.stream())]
@@ -50,8 +59,12 @@ def install_bulk_routes(app: FastAPI, runtime, *, work_root: Path | None = None,
             sources = [jobs.manifest_path(job, await read_limited(request, MAX_MANIFEST_BYTES))]
         jobs.start(job, sources, sender=caller.client_id)
         location = f"/bulk/{job.id}"
-        return Response(orjson.dumps(job.view()), status_code=202, media_type="application/json",
-                        headers={"Content-Location": location})
+        return Response(
+            orjson.dumps(job.view()),
+            status_code=202,
+            media_type="application/json",
+            headers={"Content-Location": location},
+        )
 
     @app.get("/bulk/{job_id}")
     async def bulk_status(job_id: str, request: Request) -> Response:
@@ -63,7 +76,11 @@ def install_bulk_routes(app: FastAPI, runtime, *, work_root: Path | None = None,
         headers = {"X-Progress": f"{job.state} {job.phase_done}/{job.phase_total}"}
         if running:
             headers["Retry-After"] = "2"
-        return Response(orjson.dumps(job.view()), status_code=202 if running else 200,
-                        media_type="application/json", headers=headers)
+        return Response(
+            orjson.dumps(job.view()),
+            status_code=202 if running else 200,
+            media_type="application/json",
+            headers=headers,
+        )
 
     return jobs
