@@ -138,9 +138,15 @@ class OutboxWorker:
                 for task in done - {stop_waiter}:
                     if not task.cancelled() and task.exception() is not None:
                         log.error("delivery task failed: %s", type(task.exception()).__name__)
+        except asyncio.CancelledError:
+            # A hard stop: abandon what is in flight; the leases run out and another worker (or this one
+            # after a restart) sends those deliveries again. stop() is the graceful way.
+            for task in in_flight:
+                task.cancel()
+            raise
         finally:
             stop_waiter.cancel()
-            if in_flight:  # graceful: what was sent gets its outcome recorded
+            if in_flight:  # after stop(): what was sent gets its outcome recorded
                 await asyncio.gather(*in_flight, return_exceptions=True)
             self._running = False
             self._stopped.set()

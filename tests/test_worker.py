@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -395,3 +396,79 @@ def test_the_loop_survives_a_store_outage(tmp_path: Path, receiver: str) -> None
         blocker.close()
         store.close()
     assert accepted(receiver) == {"urn:test:delivery|d-1": 1}
+
+
+def test_gateway_restart_during_a_registry_outage_loses_nothing(tmp_path: Path, receiver: str) -> None:
+    url = f"sqlite:///{tmp_path}/outbox.db"
+    first = open_store(url)
+    ids = [enqueue(first, n, patient=f"p{n}") for n in range(5)]
+    httpx.post(f"{receiver}/_faults", json={"status": 503, "count": 1000})
+
+    async def outage() -> None:
+        async with RegistryClient(receiver) as client:
+            patient = Backoff(base=0.05, cap=0.2, max_attempts=1000)  # an outage must not make them dead
+            worker = OutboxWorker(
+                first,
+                {"dica": client},
+                owner="before",
+                backoff=patient,
+                poll_interval=0.02,
+                lease_seconds=0.5,
+            )
+            task = asyncio.create_task(worker.run())
+            await asyncio.sleep(0.5)
+            task.cancel()  # the process is killed, not stopped
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(outage())
+    first.close()
+    assert accepted(receiver) == {}
+    httpx.delete(f"{receiver}/_faults")  # the registry is back
+
+    second = open_store(url)  # the gateway starts again
+
+    async def after() -> None:
+        async with RegistryClient(receiver) as client:
+            worker = OutboxWorker(second, {"dica": client}, owner="after", backoff=FAST)
+            await asyncio.sleep(0.6)  # leases of deliveries that were in flight at the kill run out
+            await drain(worker, second)
+
+    asyncio.run(after())
+    assert all(second.get(i).status == "delivered" for i in ids)
+    assert accepted(receiver) == {f"urn:test:delivery|d-{n}": 1 for n in range(5)}
+    second.close()
+
+
+def test_killed_mid_delivery_the_registry_ends_up_with_one_copy(tmp_path: Path, receiver: str) -> None:
+    store = open_store(f"sqlite:///{tmp_path}/outbox.db")
+    d = enqueue(store, 1)
+    httpx.post(f"{receiver}/_faults", json={"status": None, "delay": 0.5})
+
+    async def crash() -> None:
+        async with RegistryClient(receiver) as client:
+            worker = OutboxWorker(store, {"dica": client}, owner="victim", backoff=FAST, lease_seconds=0.6)
+            task = asyncio.create_task(worker.run())
+            while store.get(d).status != "delivering":
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            task.cancel()  # killed while the request is on the wire
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(crash())
+    assert store.get(d).status == "delivering"  # nobody recorded an outcome
+
+    async def recover() -> None:
+        async with RegistryClient(receiver) as client:
+            await asyncio.sleep(0.7)
+            await drain(OutboxWorker(store, {"dica": client}, owner="survivor", backoff=FAST), store)
+
+    asyncio.run(recover())
+    assert store.get(d).status == "delivered"
+    # The registry may have seen the bundle twice (sent, then the answer was lost), but PUT upserts keep one
+    # copy of every resource; the receipt counter shows how often it arrived.
+    assert accepted(receiver)["urn:test:delivery|d-1"] in (1, 2)
+    patient = httpx.get(f"{receiver}/Patient/p1").json()
+    assert patient["id"] == "p1" and len(httpx.get(f"{receiver}/deliveries").json()) in (1, 2)
+    store.close()
