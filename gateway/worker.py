@@ -4,8 +4,9 @@ its deliveries.
 
 Delivery is at-least-once on the wire (a lost answer or an expired lease means sending again) and
 exactly-once in effect because the gateway sends PUT entries with stable ids and a stable Bundle.identifier,
-which the registry upserts. Keep `lease_seconds` well above the client timeout so a slow registry does not
-hand a delivery to a second worker while the first is still sending it.
+which the registry upserts. While a delivery is on the wire its lease is renewed every third of
+`lease_seconds`, so a slow registry does not make a second worker send it too; `lease_seconds` is how long
+the deliveries of a killed worker wait before another worker takes them over.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class Backoff:
         """The shortest time this schedule takes to use up `max_attempts`. A delivery is given up only after
         trying at least this long: a registry that answers 503 with a short Retry-After uses up attempts in
         seconds, and an outage of a minute must not turn its deliveries into dead letters."""
-        delays = (min(self.cap, self.base * self.factor ** max(0, a - 1)) for a in range(1, self.max_attempts))
+        delays = (
+            min(self.cap, self.base * self.factor ** max(0, a - 1)) for a in range(1, self.max_attempts)
+        )
         return sum(delays) * (1.0 - self.jitter)
 
 
@@ -80,14 +83,6 @@ class OutboxWorker:
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._running = False
-        slowest = max((c.timeout for c in self.clients.values()), default=0.0)
-        if lease_seconds < 2 * slowest:
-            log.warning(
-                "lease_seconds %.0f is under twice the registry timeout %.0f: a slow registry may see "
-                "a delivery twice",
-                lease_seconds,
-                slowest,
-            )
 
     async def run_once(self) -> int:
         """Claim one batch (at most `concurrency`), deliver it concurrently, record outcomes; returns the
