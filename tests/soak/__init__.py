@@ -1,0 +1,1 @@
+"""Soak and load scripts (run by hand, not collected by pytest) and the helpers the CI fault tests share."""
