@@ -99,3 +99,52 @@ def test_deidentify_never_raises_and_keeps_references_inside(bundle: dict[str, A
 def test_deidentify_tolerates_any_bundle_shape(value: Any) -> None:
     doc = {"resourceType": "Bundle", "entry": value}
     deidentify(doc, PLAN, id_key=KEY_A, pseudonyms={}, provenance=PROVENANCE)
+
+
+PROFILE_KEYS = st.sampled_from(
+    [
+        "id",
+        "name",
+        "purpose",
+        "legal_basis",
+        "pseudonym_types",
+        "allow_bsn_pseudonym",
+        "endpoint",
+        "generalise",
+        "free_text",
+        "practitioner",
+        "references",
+        "resources",
+        "basis",
+        "allows",
+        "birthDate",
+        "Patient",
+        "Observation",
+        "method",
+        "kind",
+        "to",
+        "keep",
+        "profile_switch",
+        "datatypes",
+        "paths",
+        "extensions",
+        "version",
+        "HumanName",
+        "Patient.name",
+        "http://x.example/e",
+    ]
+)
+yaml_like = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(PROFILE_KEYS, inner, max_size=5),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(yaml_like)
+def test_validators_never_raise(data: Any) -> None:
+    from gateway.deid import check_profile, check_rules
+
+    assert isinstance(check_profile(data), list)
+    assert isinstance(check_rules(data), list)

@@ -154,3 +154,8 @@ def test_cli_scan_exit_codes(tmp_path: Path) -> None:
     named.write_bytes(orjson.dumps(out_with(valueString="Johanna van Putten")))
     assert runner.invoke(app, ["scan", "--original", str(original), str(named)]).exit_code == 1
     assert runner.invoke(app, ["scan", "--original", str(original), str(clean)]).exit_code == 0
+
+
+def test_paths_never_carry_odd_keys() -> None:
+    findings = scan({"resourceType": "Bundle", "Jansen 111222333": "111222333"})
+    assert [f.path for f in findings] == ["Bundle.(key)"]

@@ -381,7 +381,7 @@ def _entry_keys(entry: dict[str, Any], rtype: str, resource: dict[str, Any]) -> 
 def _modifiers_ok(value: Any, allowed: frozenset[str]) -> bool:
     if type(value) is not list:
         return False
-    return all(type(e) is dict and e.get("url") in allowed for e in value)
+    return all(type(e) is dict and type(e.get("url")) is str and e["url"] in allowed for e in value)
 
 
 def _lookup_pseudonyms(keys: list[str], pseudonyms: Mapping[str, list[dict]]) -> list[dict[str, Any]]:

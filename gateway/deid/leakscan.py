@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _TOKEN = re.compile(r"[^\W_]+")
+_ELEMENT_NAME = re.compile(r"_?[A-Za-z][A-Za-z0-9]{0,63}\Z")
 _NINE = re.compile(r"(?<![0-9A-Za-z])[0-9]{9}(?![0-9A-Za-z])")
 PERSON_TYPES = {"Patient", "RelatedPerson", "Person"}
 PRACTITIONER_TYPES = {"Practitioner", "PractitionerRole"}
@@ -261,9 +262,25 @@ class _Scanner:
     def __init__(self, sensitive: SensitiveSet | None):
         self.sens = sensitive
         self.findings: list[Finding] = []
+        self.part_of: dict[Any, str] = {}  # key -> ".key" (or ".(key)"), computed once per distinct key
+        # One C-level search per string decides whether it needs the exact (Python) checks: any 9-digit run,
+        # any first token of a sensitive sequence, any patient fullUrl or id. Most strings do not.
+        alternatives = [r"(?<![0-9A-Za-z])[0-9]{9}(?![0-9A-Za-z])"]
+        if sensitive is not None:
+            firsts = sorted(sensitive.by_first, key=len, reverse=True)
+            if firsts:
+                alternatives.append(r"(?<![^\W_])(?:" + "|".join(map(re.escape, firsts)) + r")(?![^\W_])")
+            alternatives += [re.escape(u) for u in sensitive.patient_urls | sensitive.patient_ids]
+        self.quick = re.compile("|".join(alternatives), re.IGNORECASE)
+
+    def needs_check(self, s: str) -> bool:
+        # IGNORECASE covers ASCII; other text is case-folded first, as the sensitive tokens were
+        return self.quick.search(s if s.isascii() else s.casefold()) is not None
 
     def text(self, s: str, key: str, parent: Mapping[str, Any], parts: list[str]) -> None:
-        if not (_is_code(parent, key) or (key == "value" and _is_pseudonym(parent))):
+        if _NINE.search(s) is not None and not (
+            _is_code(parent, key) or (key == "value" and _is_pseudonym(parent))
+        ):
             for m in _NINE.finditer(s):
                 if bsn_valid(m.group(0)):
                     self.findings.append(Finding(_path(parts), "bsn"))
@@ -290,15 +307,28 @@ class _Scanner:
                     self.findings.append(Finding(_path(parts), kind.replace("-joined", "")))
                     return
 
+    def part(self, key: Any) -> str:
+        part = self.part_of.get(key)
+        if part is None:
+            # paths name FHIR elements; a key that is not an element name could itself be a value
+            part = "." + key if type(key) is str and _ELEMENT_NAME.match(key) else ".(key)"
+            self.part_of[key] = part
+        return part
+
     def value(self, value: Any, key: str, parent: Mapping[str, Any], parts: list[str]) -> None:
         t = type(value)
         if t is str:
-            self.text(value, key, parent, parts)
+            if self.needs_check(value):
+                self.text(value, key, parent, parts)
         elif t is dict:
             for k, v in value.items():
-                parts.append("." + k)
-                self.value(v, k, value, parts)
-                parts.pop()
+                tv = type(v)
+                if tv is str and not self.needs_check(v):
+                    continue  # the common case, decided without building a path
+                if tv is str or tv is dict or tv is list or tv is int:
+                    parts.append(self.part(k))
+                    self.value(v, k, value, parts) if tv is not str else self.text(v, k, value, parts)
+                    parts.pop()
         elif t is list:
             for i, v in enumerate(value):
                 parts.append(f"[{i}]")

@@ -226,7 +226,7 @@ def modifier_extensions(value: Any, f: tuple, ctx: WalkContext) -> Any:
         raise DropResource("unknown-modifierExtension")
     for ext in value:
         url = ext.get("url") if type(ext) is dict else None
-        if url not in ctx.modifier_ok:
+        if type(url) is not str or url not in ctx.modifier_ok:
             raise DropResource("unknown-modifierExtension")
     return extensions(value, (CALL, None, extensions, None, f[4]), ctx)
 

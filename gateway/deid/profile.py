@@ -122,6 +122,11 @@ class ProfileError(ValueError):
         self.problems = problems
 
 
+def _text(value: Any) -> str | None:
+    """Strings only: YAML may hold lists or mappings where a name is expected (unhashable, never valid)."""
+    return value if isinstance(value, str) else None
+
+
 def _check_enum_section(
     data: Mapping[str, Any], section: str, spec: dict[str, set[str]], out: list[str]
 ) -> None:
@@ -137,7 +142,7 @@ def _check_enum_section(
         allowed = spec.get(str(key))
         if allowed is None:
             out.append(f"{section}.{key}: unknown option")
-        elif val not in allowed:
+        elif not isinstance(val, str) or val not in allowed:
             out.append(f"{section}.{key}: must be one of {sorted(allowed)}")
 
 
@@ -153,7 +158,7 @@ def _check_identity(data: Mapping[str, Any], out: list[str]) -> None:
 
 
 def _check_purpose(data: Mapping[str, Any], out: list[str]) -> None:
-    purpose = data.get("purpose")
+    purpose = _text(data.get("purpose"))
     if purpose not in PURPOSES:
         out.append(f"purpose: must be one of {sorted(PURPOSES)}")
     basis = data.get("legal_basis")
@@ -162,7 +167,7 @@ def _check_purpose(data: Mapping[str, Any], out: list[str]) -> None:
         return
     if not isinstance(basis.get("basis"), str) or not basis.get("basis"):
         out.append("legal_basis.basis: required text naming the legal basis")
-    allows = basis.get("allows")
+    allows = _text(basis.get("allows"))
     if allows not in ALLOWS:
         out.append(f"legal_basis.allows: must be one of {sorted(ALLOWS)}")
     elif purpose in PURPOSES and allows not in PURPOSES[purpose]:

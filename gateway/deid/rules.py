@@ -59,6 +59,11 @@ class RulesError(ValueError):
         self.problems = problems
 
 
+def _text(value: Any) -> str | None:
+    """Strings only: YAML may hold lists or mappings where a name is expected (unhashable, never valid)."""
+    return value if isinstance(value, str) else None
+
+
 def _check_rule(where: str, rule: Any, owner_type: str | None, out: list[str]) -> None:
     if not isinstance(rule, Mapping):
         out.append(f"{where}: must be a mapping with 'method'")
@@ -66,11 +71,12 @@ def _check_rule(where: str, rule: Any, owner_type: str | None, out: list[str]) -
     for key in rule:
         if key not in RULE_KEYS:
             out.append(f"{where}.{key}: unknown option")
-    method = rule.get("method")
+    method = _text(rule.get("method"))
     if method not in METHODS:
         out.append(f"{where}.method: must be one of {sorted(METHODS)}")
         return
     switch = rule.get("profile_switch")
+    switch = switch if switch is None else _text(switch) or "?"
     if switch is not None and switch not in SWITCHES:
         out.append(f"{where}.profile_switch: unknown profile option")
     if method == "pseudonymise-reference" and owner_type != "Reference":
@@ -82,7 +88,7 @@ def _check_rule(where: str, rule: Any, owner_type: str | None, out: list[str]) -
 
 
 def _check_generalise(where: str, rule: Mapping[str, Any], owner_type: str | None, out: list[str]) -> None:
-    kind = rule.get("kind")
+    kind = _text(rule.get("kind"))
     if kind not in GENERALISE_KINDS:
         out.append(f"{where}.kind: must be one of {sorted(GENERALISE_KINDS)}")
         return
@@ -118,7 +124,7 @@ def _check_urls(section: str, value: Any, allowed_methods: set[str], out: list[s
     for url, rule in value.items():
         if not isinstance(url, str) or "://" not in url and not url.startswith("urn:"):
             out.append(f"{section}: keys must be absolute extension urls")
-        if not isinstance(rule, Mapping) or rule.get("method") not in allowed_methods:
+        if not isinstance(rule, Mapping) or _text(rule.get("method")) not in allowed_methods:
             out.append(f"{section}.{url}: method must be one of {sorted(allowed_methods)}")
 
 
