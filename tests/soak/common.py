@@ -14,6 +14,7 @@ and (2) every delivery carries a stable Bundle.identifier, so the registry can r
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -36,6 +37,11 @@ REGISTRY = "example-generic"
 FHIR_JSON = "application/fhir+json"
 
 
+@functools.cache
+def _example_text() -> str:
+    return EXAMPLE_02.read_text(encoding="utf-8")
+
+
 def variant(n: int, patient_group: int, *, run: str = "r") -> bytes:
     """Example 02 as delivery `n` about patient group `patient_group`.
 
@@ -43,7 +49,7 @@ def variant(n: int, patient_group: int, *, run: str = "r") -> bytes:
     resource ids vary per patient group, so deliveries of one group are about the same patients (same
     patient_order_key, upserts of the same resources) and different groups never share a resource.
     """
-    text = EXAMPLE_02.read_text(encoding="utf-8").replace("vector-", f"{run}g{patient_group}-vector-")
+    text = _example_text().replace("vector-", f"{run}g{patient_group}-vector-")
     bundle = json.loads(text)
     bundle["identifier"]["value"] = f"{run}-delivery-{n}"
     return orjson.dumps(bundle)
