@@ -62,6 +62,8 @@ async def deliver(export: Path, work: Path, urls: dict, args: argparse.Namespace
     from gateway.ttp.client import HttpTTPClient
 
     init_keys(work / "keys", [PROVIDER])
+    # Worker processes rebuild the chain from the configuration, reading the TTP key as `serve` does.
+    os.environ["FHIR_GATEWAY_TTP_API_KEY"] = urls["secret"]
     config = GatewayConfig(
         providers=[ProviderConfig(id=PROVIDER, name="bench", mrn_system=args.mrn_system)],
         registries={
@@ -100,6 +102,7 @@ async def deliver(export: Path, work: Path, urls: dict, args: argparse.Namespace
                 group_size=args.group_size,
                 max_group_resources=args.max_group_resources,
                 bundle_size=args.bundle_size,
+                workers=args.workers,
             ),
         )
         marks["stored"] = time.perf_counter()
@@ -125,6 +128,7 @@ def main() -> None:
     parser.add_argument("--max-group-resources", type=int, default=5000)
     parser.add_argument("--bundle-size", type=int, default=500)
     parser.add_argument("--mrn-system", default=None)
+    parser.add_argument("--workers", type=int, default=2, help="worker processes for the chain (0: in-process)")
     args = parser.parse_args()
     if args.serve:
         serve_main(Path(args.serve))

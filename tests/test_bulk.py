@@ -278,3 +278,24 @@ def _references(node: object) -> Iterator[str]:
     elif isinstance(node, list):
         for value in node:
             yield from _references(value)
+
+
+def test_worker_processes_deliver_what_the_in_process_run_delivers(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=9, resources_per_patient=6, objecting={4}))
+    results = {}
+    for workers in (0, 2):
+        summary = run_bulk(
+            [tmp_path / "export"],
+            registry=REGISTRY,
+            work_dir=tmp_path / f"w{workers}",
+            to_dir=tmp_path / f"out{workers}",
+            options=BulkOptions(group_size=2, workers=workers),
+        )
+        results[workers] = (
+            dict(summary.sent),
+            summary.patients_opted_out,
+            summary.groups_done,
+            summary.bundles,
+        )
+    assert results[0] == results[2]
+    assert results[2][0]["Patient"] == 8

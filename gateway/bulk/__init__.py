@@ -17,6 +17,7 @@ from pathlib import Path
 from gateway.bulk.chains import from_runtime, offline_chains
 from gateway.bulk.group import Chains
 from gateway.bulk.job import BulkOptions, JobMismatch, Progress, StopAfter, deliver_export
+from gateway.bulk.pool import ChainSpec, runtime_spec
 from gateway.bulk.sinks import DirSink, Sink, StoreSink
 from gateway.bulk.sources import SourceError, resolve_sources
 from gateway.bulk.summary import BulkSummary
@@ -52,20 +53,27 @@ async def run_bulk_async(
     progress: Progress | None = None,
     allowed_root: Path | None = None,
 ) -> BulkSummary:
-    """One of: `runtime` (its chains, its outbox), `to_dir` (offline chain, files), or `chains` + `sink`."""
+    """One of: `runtime` (its chains, its outbox), `to_dir` (offline chain, files), or `chains` + `sink`.
+
+    `options.workers` > 0 runs groups in worker processes when they can rebuild the chain (offline, or a
+    runtime whose TTP key is in the environment); otherwise, and with explicit `chains`, in this process."""
     files = resolve_sources(sources, allowed_root=allowed_root)
+    spec: ChainSpec | None = None
     if runtime is not None:
         provider = provider or next(iter(runtime.providers))
-        chains = chains or from_runtime(runtime, registry, provider)
+        if chains is None:
+            chains = from_runtime(runtime, registry, provider)
+            spec = runtime_spec(runtime, registry, provider)
         sink = sink or StoreSink(runtime.store, provider=provider, registry=registry, sender=sender)
     elif chains is None:
         chains = offline_chains(registry, work_dir)
+        spec = ChainSpec(registry, offline_root=work_dir)
     if sink is None:
         if to_dir is None:
             raise ValueError("run_bulk needs a runtime, a sink or to_dir")
         sink = DirSink(to_dir)
     return await deliver_export(
-        files, chains=chains, sink=sink, work_dir=work_dir, options=options, progress=progress
+        files, chains=chains, sink=sink, work_dir=work_dir, options=options, progress=progress, spec=spec
     )
 
 

@@ -10,6 +10,7 @@ Re-running with the same `--work-dir` resumes an interrupted job; finished group
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def bulk(
     group_size: int = typer.Option(200, "--group-size", min=1, help="patients per TTP batch"),
     max_group_resources: int = typer.Option(5000, "--max-group-resources", min=1),
     bundle_size: int = typer.Option(500, "--bundle-size", min=1, help="entries per transaction Bundle"),
+    workers: int = typer.Option(
+        min(2, os.cpu_count() or 1), "--workers", min=0, help="worker processes for the chain (0: in-process)"
+    ),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="with --config: wait until the outbox is empty"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
@@ -51,7 +55,10 @@ def bulk(
         console.print("[red]fhir-gateway bulk: give exactly one of --config or --to-dir[/red]")
         raise typer.Exit(2)
     options = BulkOptions(
-        group_size=group_size, max_group_resources=max_group_resources, bundle_size=bundle_size
+        group_size=group_size,
+        max_group_resources=max_group_resources,
+        bundle_size=bundle_size,
+        workers=workers,
     )
     try:
         summary = asyncio.run(

@@ -20,12 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from gateway.bulk import index as ix
 from gateway.bulk.group import Chains, GroupResult, line_reader, run_group
+from gateway.bulk.pool import ChainSpec, PoolRunner
 from gateway.bulk.sinks import Sink
 from gateway.bulk.summary import BulkSummary
 
@@ -48,6 +49,7 @@ class BulkOptions:
     bundle_size: int = 500  # entries per forwarded transaction Bundle
     max_line_bytes: int = 16 * 1024 * 1024
     stop_after_groups: int | None = None  # simulate an interruption (tests)
+    workers: int = 0  # 0: in this process; n: n worker processes (needs a ChainSpec)
 
 
 async def deliver_export(
@@ -58,7 +60,10 @@ async def deliver_export(
     work_dir: Path,
     options: BulkOptions = BulkOptions(),
     progress: Progress | None = None,
+    spec: ChainSpec | None = None,
 ) -> BulkSummary:
+    """Index `files`, then run every group not done yet through the chain into `sink`. With
+    `options.workers` and a `spec`, groups run in worker processes (see gateway/bulk/pool.py)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     state = _open_state(work_dir / "state.db")
@@ -78,7 +83,11 @@ async def deliver_export(
             progress=(lambda done: progress("index", done, total_bytes)) if progress else None,
         )
         summary.absorb_index(stats, conn, MAX_INVALID_LISTED, chains.validator.resource_types | {"(unknown)"})
-        await _deliver_groups(conn, state, files, chains, sink, options, summary, recorded, progress)
+        runner, close = _runner(files, chains, spec, options.workers)
+        try:
+            await _deliver_groups(conn, state, runner, sink, options, summary, recorded, progress)
+        finally:
+            close()
         summary.absorb_unsent(conn)
     finally:
         conn.close()
@@ -87,84 +96,122 @@ async def deliver_export(
     return summary
 
 
+class InProcessRunner:
+    """Groups through the chain in this process (the service's job thread; one core)."""
+
+    parallelism = 1
+
+    def __init__(self, chains: Chains, read: Callable[[ix.Line], bytes]) -> None:
+        self.chains, self.read = chains, read
+
+    async def run(
+        self, lines: list[ix.Line], tag: str, bundle_size: int, max_line_bytes: int, recorded: str
+    ) -> GroupResult:
+        # A group allocates tens of thousands of containers and frees them all at once; the cyclic GC would
+        # walk them again and again while they are alive (perf-notes: 2x on large bundles) and the stages
+        # create no reference cycles, so collect once per group instead.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return await run_group(
+                lines,
+                self.read,
+                self.chains,
+                tag=tag,
+                bundle_size=bundle_size,
+                max_line_bytes=max_line_bytes,
+                recorded=recorded,
+            )
+        finally:
+            if was_enabled:
+                gc.enable()
+
+
 async def _deliver_groups(
     conn: sqlite3.Connection,
     state: sqlite3.Connection,
-    files: list[ix.SourceFile],
-    chains: Chains,
+    runner: Runner,
     sink: Sink,
     options: BulkOptions,
     summary: BulkSummary,
     recorded: str,
     progress: Progress | None,
 ) -> None:
+    """Run the groups not done yet, `runner.parallelism` at a time; store each group's Bundles and mark it
+    done (in one place, this process) as soon as it finishes, in whatever order they finish."""
     total = ix.group_count(conn)
     summary.groups_total = total
     done = dict(state.execute("SELECT id, counts FROM groups_done").fetchall())
-    read, close = line_reader([str(f.path) for f in files])
     if progress:
         progress("deliver", 0, total)
-    ran = 0
+    pending: dict[asyncio.Task, int] = {}
+    started = 0
     try:
         for group in range(total):
-            if options.stop_after_groups is not None and ran >= options.stop_after_groups:
-                raise StopAfter(f"stopped after {ran} groups")
             lines = await asyncio.to_thread(ix.group_lines, conn, group)
             await asyncio.to_thread(ix.mark_sent, conn, lines)
             if group in done:
                 summary.absorb_group(orjson.loads(done[group]), resumed=True)
                 _tick(progress, summary, total)
                 continue
-            counts = await _one_group(lines, read, chains, sink, options, summary.job, group, recorded)
+            if options.stop_after_groups is not None and started >= options.stop_after_groups:
+                await _finish(pending, state, sink, summary, progress, total, wait_all=True)
+                raise StopAfter(f"stopped after {started} groups")
+            task = asyncio.ensure_future(
+                runner.run(
+                    lines,
+                    f"bulk|{summary.job}|{group}",
+                    options.bundle_size,
+                    options.max_line_bytes,
+                    recorded,
+                )
+            )
+            pending[task] = group
+            started += 1
+            if len(pending) >= runner.parallelism:
+                await _finish(pending, state, sink, summary, progress, total, wait_all=False)
+        await _finish(pending, state, sink, summary, progress, total, wait_all=True)
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+async def _finish(
+    pending: dict[asyncio.Task, int],
+    state: sqlite3.Connection,
+    sink: Sink,
+    summary: BulkSummary,
+    progress: Progress | None,
+    total: int,
+    *,
+    wait_all: bool,
+) -> None:
+    while pending:
+        finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in finished:
+            group = pending.pop(task)
+            counts = await _store(task.result(), sink, summary.job, group)
             state.execute(
                 "INSERT INTO groups_done (id, counts, at) VALUES (?, ?, ?)",
                 (group, orjson.dumps(counts), time.time()),
             )
             summary.absorb_group(counts, resumed=False)
-            ran += 1
             _tick(progress, summary, total)
-    finally:
-        close()
+        if not wait_all:
+            return
 
 
-async def _one_group(
-    lines: list[ix.Line],
-    read: Callable[[ix.Line], bytes],
-    chains: Chains,
-    sink: Sink,
-    options: BulkOptions,
-    job: str,
-    group: int,
-    recorded: str,
-) -> dict[str, Any]:
-    # A group allocates tens of thousands of containers and frees them all at once; the cyclic GC would
-    # walk them again and again while they are alive (perf-notes: 2x on large bundles) and the stages create
-    # no reference cycles, so collect once per group instead.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        result = await run_group(
-            lines,
-            read,
-            chains,
-            tag=f"bulk|{job}|{group}",
-            bundle_size=options.bundle_size,
-            max_line_bytes=options.max_line_bytes,
-            recorded=recorded,
+async def _store(result: GroupResult, sink: Sink, job: str, group: int) -> dict[str, Any]:
+    created = duplicates = 0
+    sent: Counter[str] = Counter()
+    for chunk in result.chunks:
+        counts = {"bulkJob": job, "group": group, "resources": dict(chunk.counts)}
+        new = await asyncio.to_thread(
+            sink.put, chunk.tag, chunk.payload, order_key=chunk.order_key, counts=counts
         )
-        created = duplicates = 0
-        sent: Counter[str] = Counter()
-        for chunk in result.chunks:
-            counts = {"bulkJob": job, "group": group, "resources": dict(chunk.counts)}
-            new = await asyncio.to_thread(
-                sink.put, chunk.tag, chunk.payload, order_key=chunk.order_key, counts=counts
-            )
-            created += new
-            duplicates += not new
-            sent.update(chunk.counts)
-    finally:
-        if was_enabled:
-            gc.enable()
+        created += new
+        duplicates += not new
+        sent.update(chunk.counts)
     return _group_counts(result, sent, created, duplicates)
 
 
@@ -181,6 +228,25 @@ def _group_counts(result: GroupResult, sent: Counter[str], created: int, duplica
         "dropped": {reason: dict(c) for reason, c in result.dropped.items()},
         "rejectedLines": [list(x) for x in result.rejected_lines[:MAX_INVALID_LISTED]],
     }
+
+
+class Runner(Protocol):
+    parallelism: int
+
+    async def run(
+        self, lines: list[ix.Line], tag: str, bundle_size: int, max_line_bytes: int, recorded: str
+    ) -> GroupResult: ...
+
+
+def _runner(
+    files: list[ix.SourceFile], chains: Chains, spec: ChainSpec | None, workers: int
+) -> tuple[Runner, Callable[[], None]]:
+    paths = [str(f.path) for f in files]
+    if workers > 0 and spec is not None:
+        pool = PoolRunner(spec, workers, paths)
+        return pool, pool.close
+    read, close = line_reader(paths)
+    return InProcessRunner(chains, read), close
 
 
 def _tick(progress: Progress | None, summary: BulkSummary, total: int) -> None:

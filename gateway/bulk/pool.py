@@ -1,0 +1,114 @@
+"""Groups through the chain on several cores: worker processes that each build the chain once.
+
+The chain is CPU-bound Python (validation, de-identification, the leak gate) and holds the GIL, so threads
+do not help; processes do. A worker cannot share the parent's I/O objects (TTP client, store pool), so it
+builds its own from a picklable `ChainSpec`: offline (embedded TTP, keys under the work dir) or from the
+gateway configuration (TTP client and opt-out sources as configured; the TTP API key from the environment,
+as `fhir-gateway serve` reads it). Each worker reads its group's lines by offset itself and returns the
+finished transaction Bundles (bytes); the parent alone writes to the outbox and the job state, so resume
+and idempotency work as in-process. Every group is still ONE TTP batch, sent by the worker that runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.bulk.group import Chains, GroupResult, run_group
+from gateway.bulk.index import Line
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    registry: str
+    offline_root: Path | None = None  # offline: keys under this folder (as offline_chains)
+    config: Any = None  # GatewayConfig (pydantic, picklable)
+    settings: Any = None  # Settings
+    provider: str | None = None
+
+
+def build_chains(spec: ChainSpec) -> Chains:
+    from gateway.bulk.chains import from_runtime, offline_chains
+
+    if spec.offline_root is not None:
+        return offline_chains(spec.registry, spec.offline_root)
+    from gateway.bootstrap import ttp_backend
+    from gateway.runtime import build_runtime
+
+    ttp_dir = Path(spec.settings.key_dir).parent / "ttp-keys"
+    ttps = {p.id: ttp_backend(spec.config.ttp, p, ttp_dir) for p in spec.config.providers}
+    runtime = build_runtime(spec.config, spec.settings, ttps=ttps)
+    return from_runtime(runtime, spec.registry, spec.provider or spec.config.providers[0].id)
+
+
+def runtime_spec(runtime: Any, registry: str, provider: str) -> ChainSpec | None:
+    """A spec workers can rebuild the runtime's chain from, or None (e.g. a TTP key only held in memory)."""
+    ttp = runtime.config.ttp
+    key_env = runtime.config.provider(provider).ttp_api_key_env or ttp.api_key_env
+    if ttp.url != "embedded" and not os.environ.get(key_env):
+        return None
+    return ChainSpec(registry, config=runtime.config, settings=runtime.settings, provider=provider)
+
+
+# -- in the worker process ----------------------------------------------------------------------------------
+_worker: dict[str, Any] = {}  # per-process state of a pool worker (its chain, loop and open files)
+
+
+def _init(spec: ChainSpec) -> None:
+    _worker["chains"] = build_chains(spec)
+    _worker["loop"] = asyncio.new_event_loop()
+    _worker["fds"] = {}
+    gc.freeze()  # start-up objects (schema, plan) are never garbage: keep the GC off them
+
+
+def _read(paths: list[str], line: Line) -> bytes:
+    fds = _worker["fds"]
+    path = paths[line.file]
+    if path not in fds:
+        fds[path] = os.open(path, os.O_RDONLY)
+    return os.pread(fds[path], line.length, line.off)
+
+
+def _run(
+    paths: list[str], lines: list[Line], tag: str, bundle_size: int, max_line_bytes: int, recorded: str
+) -> GroupResult:
+    gc.disable()  # see job._one_group: no cycles, so collect once per group
+    try:
+        return _worker["loop"].run_until_complete(
+            run_group(
+                lines,
+                lambda line: _read(paths, line),
+                _worker["chains"],
+                tag=tag,
+                bundle_size=bundle_size,
+                max_line_bytes=max_line_bytes,
+                recorded=recorded,
+            )
+        )
+    finally:
+        gc.enable()
+        gc.collect()
+
+
+# -- in the parent ------------------------------------------------------------------------------------------
+class PoolRunner:
+    def __init__(self, spec: ChainSpec, workers: int, paths: list[str]) -> None:
+        self.parallelism = workers
+        self.paths = paths
+        self._pool = ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(spec,))
+
+    async def run(
+        self, lines: list[Line], tag: str, bundle_size: int, max_line_bytes: int, recorded: str
+    ) -> GroupResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, _run, self.paths, lines, tag, bundle_size, max_line_bytes, recorded
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
