@@ -13,7 +13,16 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.bulk import BulkOptions, JobMismatch, SourceError, StopAfter, StoreSink, run_bulk, run_bulk_async
+from gateway.bulk import (
+    BulkOptions,
+    DirSink,
+    JobMismatch,
+    SourceError,
+    StopAfter,
+    StoreSink,
+    run_bulk,
+    run_bulk_async,
+)
 from gateway.bulk import index as ix
 from gateway.bulk.chains import offline_chains
 from gateway.bulk.sources import resolve_sources
@@ -299,3 +308,47 @@ def test_worker_processes_deliver_what_the_in_process_run_delivers(tmp_path: Pat
         )
     assert results[0] == results[2]
     assert results[2][0]["Patient"] == 8
+
+
+class _CrashingSink(DirSink):
+    """Dies after `left` Bundles, half-way through a group (a power cut between two outbox writes)."""
+
+    def __init__(self, folder: Path, left: int) -> None:
+        super().__init__(folder)
+        self.left = left
+
+    def put(self, key: str, payload: bytes, *, order_key: str | None, counts: dict) -> bool:
+        if self.left == 0:
+            raise OSError("simulated crash")
+        self.left -= 1
+        return super().put(key, payload, order_key=order_key, counts=counts)
+
+
+def test_a_group_cut_off_half_way_is_redone_without_duplicates(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=8, resources_per_patient=6))
+    options = BulkOptions(group_size=4, bundle_size=8)
+    chains = offline_chains(REGISTRY, tmp_path / "w")
+    with pytest.raises(OSError):
+        asyncio.run(
+            run_bulk_async(
+                [tmp_path / "export"],
+                registry=REGISTRY,
+                work_dir=tmp_path / "w",
+                chains=chains,
+                sink=_CrashingSink(tmp_path / "out", 3),
+                options=options,
+            )
+        )
+    assert len(list((tmp_path / "out").glob("*.json"))) == 3
+    summary = asyncio.run(
+        run_bulk_async(
+            [tmp_path / "export"],
+            registry=REGISTRY,
+            work_dir=tmp_path / "w",
+            chains=chains,
+            sink=DirSink(tmp_path / "out"),
+            options=options,
+        )
+    )
+    assert summary.bundles_already_stored == 3 and summary.groups_resumed == 0
+    assert sum(r["resourceType"] == "Patient" for r in resources(tmp_path / "out")) == 8
