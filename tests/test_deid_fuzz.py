@@ -148,3 +148,54 @@ def test_validators_never_raise(data: Any) -> None:
 
     assert isinstance(check_profile(data), list)
     assert isinstance(check_rules(data), list)
+
+
+def _full_walk(doc: Any, sensitive: Any) -> list[Any]:
+    from gateway.deid.leakscan import _Scanner
+
+    scanner = _Scanner(sensitive)
+    scanner.value(doc, "", {}, ["Bundle"])
+    return scanner.findings
+
+
+pieces = st.sampled_from(
+    [
+        "111222333",
+        "Johanna",
+        "van Putten",
+        "1012 NX",
+        "1012NX",
+        "0031688228822",
+        "x",
+        " ",
+        "\n",
+        "\t",
+        "\x07",
+        '"',
+        "\\",
+        "é",
+        "ß",
+        "_",
+        "-",
+        "9",
+        "SNOMED",
+        "Jansens",
+        "jan",
+        "Peter",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(pieces, max_size=6).map("".join), min_size=1, max_size=4))
+def test_whole_document_glance_never_hides_a_finding(texts: list[str]) -> None:
+    from gateway.deid import scan, sensitive_values
+    from tests.test_deid_support import dutch_bundle
+
+    sensitive = sensitive_values(dutch_bundle())
+    doc = {
+        "resourceType": "Bundle",
+        "entry": [{"resource": {"resourceType": "Observation", "note": [{"text": t} for t in texts]}}],
+    }
+    assert bool(scan(doc, sensitive)) == bool(_full_walk(doc, sensitive))
+    assert bool(scan(doc)) == bool(_full_walk(doc, None))

@@ -159,3 +159,12 @@ def test_cli_scan_exit_codes(tmp_path: Path) -> None:
 def test_paths_never_carry_odd_keys() -> None:
     findings = scan({"resourceType": "Bundle", "Jansen 111222333": "111222333"})
     assert [f.path for f in findings] == ["Bundle.(key)"]
+
+
+@pytest.mark.parametrize(
+    "text", ["regel 1\n111222333", "tab\t111222333\tx", 'quote"111222333"', "bel\x07111222333"]
+)
+def test_values_after_json_escapes_are_found(text: str) -> None:
+    assert [f.kind for f in scan(out_with(valueString=text))] == ["bsn"]
+    named = scan(out_with(valueString=text.replace("111222333", "Johanna")), sensitive_values(source()))
+    assert [f.kind for f in named] == ["name"]

@@ -16,7 +16,11 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 _TOKEN = re.compile(r"[^\W_]+")
+_JSON_ESCAPE = re.compile(rb'\\(?:[nrtbf/"\\]|u[0-9a-fA-F]{4})')
+_RUNS = bytes(c if 48 <= c <= 57 else 97 if 65 <= c <= 90 or 97 <= c <= 122 else 32 for c in range(256))
 _ELEMENT_NAME = re.compile(r"_?[A-Za-z][A-Za-z0-9]{0,63}\Z")
 _NINE = re.compile(r"(?<![0-9A-Za-z])[0-9]{9}(?![0-9A-Za-z])")
 PERSON_TYPES = {"Patient", "RelatedPerson", "Person"}
@@ -265,13 +269,20 @@ class _Scanner:
         self.part_of: dict[Any, str] = {}  # key -> ".key" (or ".(key)"), computed once per distinct key
         # One C-level search per string decides whether it needs the exact (Python) checks: any 9-digit run,
         # any first token of a sensitive sequence, any patient fullUrl or id. Most strings do not.
-        alternatives = [r"(?<![0-9A-Za-z])[0-9]{9}(?![0-9A-Za-z])"]
+        others: list[str] = []
+        # for the whole-document check: each first token with a literal-first pattern (fast in `re`), the
+        # left token boundary is checked by hand; patient urls/ids as they appear inside a JSON string
+        self.first_tokens: list[tuple[str, re.Pattern[str]]] = []
+        self.json_literals: list[str] = []
         if sensitive is not None:
             firsts = sorted(sensitive.by_first, key=len, reverse=True)
             if firsts:
-                alternatives.append(r"(?<![^\W_])(?:" + "|".join(map(re.escape, firsts)) + r")(?![^\W_])")
-            alternatives += [re.escape(u) for u in sensitive.patient_urls | sensitive.patient_ids]
-        self.quick = re.compile("|".join(alternatives), re.IGNORECASE)
+                others.append(r"(?<![^\W_])(?:" + "|".join(map(re.escape, firsts)) + r")(?![^\W_])")
+            self.first_tokens = [(f, re.compile(re.escape(f) + r"(?![^\W_])")) for f in firsts]
+            ids = sensitive.patient_urls | sensitive.patient_ids
+            others += [re.escape(u) for u in ids]
+            self.json_literals = [orjson.dumps(u).decode()[1:-1] for u in ids]
+        self.quick = re.compile("|".join([_NINE.pattern, *others]), re.IGNORECASE)
 
     def needs_check(self, s: str) -> bool:
         # IGNORECASE covers ASCII; other text is case-folded first, as the sensitive tokens were
@@ -338,9 +349,38 @@ class _Scanner:
             self.findings.append(Finding(_path(parts), "bsn"))
 
 
+def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
+    """Most outputs are clean: one serialisation and C-level regex passes over the whole document prove it
+    without walking it in Python. Any hit (or anything orjson cannot serialise) means: walk and check."""
+    try:
+        raw = orjson.dumps(output)
+    except (TypeError, orjson.JSONEncodeError):
+        return False
+    if any(lit in raw.decode() for lit in scanner.json_literals):
+        return False
+    if b"\\" in raw:
+        # a JSON escape (\n, \t, \u0007...) is a separator inside the string; left alone, its letter would
+        # glue onto the next token ("\n111222333" -> "n111222333") and hide it
+        raw = _JSON_ESCAPE.sub(b" ", raw)
+    # 9-digit runs are common (SNOMED codes); only one that passes the 11-proef needs a closer look.
+    # translate() maps letters to "a" and everything else but digits to " ": split() then yields the runs.
+    for run in raw.translate(_RUNS).split():
+        if len(run) == 9 and run.isdigit() and bsn_valid(run.decode()):
+            return False
+    low = raw.decode().casefold()
+    for first, pattern in scanner.first_tokens:
+        if first in low:  # C substring search; most tokens never occur at all
+            for m in pattern.finditer(low):
+                if m.start() == 0 or not low[m.start() - 1].isalnum():
+                    return False
+    return True
+
+
 def scan(output: Any, sensitive: SensitiveSet | None = None) -> list[Finding]:
     """Findings (path, kind) in ``output``; empty when clean. Without ``sensitive`` only BSNs are sought."""
     scanner = _Scanner(sensitive)
+    if _clean_at_a_glance(output, scanner):
+        return []
     root = output.get("resourceType", "Resource") if isinstance(output, dict) else "$"
     scanner.value(output, "", {}, [str(root) if isinstance(root, str) and root.isalpha() else "Resource"])
     return scanner.findings
