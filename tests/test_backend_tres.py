@@ -214,3 +214,44 @@ def test_empty_batch_sends_nothing():
     with serve(create_tres_stub(state)) as base:
         assert _run(base, lambda t: t.pseudonymise(REGISTRY, [])) == []
     assert state.requests == []
+
+
+def test_vector_patient_routed_mrn_reverses_to_the_hospital_layer():
+    """Pseudonymise stage with RoutingTTP (MRN → TRES, rest → gPAS); the MRN value comes back through TRES to
+    the vector's MRN pre-pseudonym, which only the hospital's K_mrn opens."""
+    import json
+    from pathlib import Path
+
+    from gateway.pseudonym.mapping import load_input_mapping
+    from gateway.pseudonym.source import SourceStage
+    from gateway.pseudonymise import pseudonymise_patients
+
+    vectors = json.loads((Path(__file__).parent / "vectors" / "pseudonym-vectors.json").read_text())
+    keys, case = vectors["keys"], vectors["cases"][0]
+    source = SourceStage({1: bytes.fromhex(keys["source_key_v1_hex"])}, 1,
+                         bytes.fromhex(keys["provider_mrn_master_hex"]), keys["provider"])
+    types = [p["type"] for p in case["pseudonyms"]]
+    mrn_vector = next(p for p in case["pseudonyms"] if p["type"] == "MRN")
+    tres_state, gpas_state = TresState(), GpasState()
+    with serve(create_tres_stub(tres_state)) as tres_base, serve(create_gpas_stub(gpas_state)) as gpas_base:
+        async def go():
+            router = RoutingTTP({"MRN": _tres(tres_base)},
+                                GpasTTP(gpas_base, domain_map={REGISTRY: "registry-example"}))
+            try:
+                outcome = await pseudonymise_patients(
+                    {"urn:uuid:p1": case["patient"]}, registry=REGISTRY, types=types,
+                    mapping=load_input_mapping(), source=source, mrn_system=keys["mrn_system"], ttp=router,
+                    system_template="urn:test:{registry}:{type}")
+                mrn_value = next(i["value"] for i in outcome.identifiers["urn:uuid:p1"]
+                                 if i["type"]["text"] == "NLPS1 MRN")
+                return outcome, await router.depseudonymise(REGISTRY, [mrn_value])
+            finally:
+                await router.aclose()
+        outcome, [back] = asyncio.run(go())
+    assert sum(outcome.types_added.values()) == len(types)
+    assert back.identifier_value == mrn_vector["pre_b64u"]
+    assert source.mrn_key(REGISTRY, 1).reveal(nlps1.unb64u(back.identifier_value)) == "NLPS1|MRN|P0001234"
+    sent = [v for values in tres_state.received(ENC) for v in values]
+    assert sent == [f"MRN.v1.{mrn_vector['pre_b64u']}"]
+    assert not any("P0001234" in v or "111222333" in v for v in sent)
+    assert len(gpas_state.received("pseudonymizeAllowCreate")) == 1
