@@ -258,8 +258,8 @@ class GpasTTP:
         with service.paused_gc(len(items)):
             originals = [original_string(i) for i in items]
             answers = await self._resolve("pseudonymizeAllowCreate", domain, originals, "original")
-            return [TTPResult(n, item.type, *answers[o]) for n, (item, o) in enumerate(zip(items, originals,
-                                                                                              strict=True))]
+            pairs = zip(items, originals, strict=True)
+            return [TTPResult(n, item.type, *answers[original]) for n, (item, original) in enumerate(pairs)]
 
     async def probe(self) -> None:
         try:
