@@ -171,3 +171,16 @@ def test_cli_profiles_check(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
     bad = runner.invoke(app, ["profiles-check", str(tmp_path), "--rules", str(RULES)])
     assert bad.exit_code == 1 and "drops 'subject'" in bad.output
+
+
+def test_commands_callable_as_functions_as_the_cli_does(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from gateway.deid import commands
+
+    commands.profiles_check(PROFILES)  # one directory, positionally, as gateway/cli.py calls it: no Exit(1)
+    commands.profiles_check(None)  # default: the shipped profiles
+    assert "3 profile(s) and the rules are valid" in capsys.readouterr().out
+    with pytest.raises(typer.Exit) as exc:
+        commands.scan([RULES])  # not JSON: unreadable
+    assert exc.value.exit_code == 2

@@ -13,9 +13,12 @@ from typing import Annotated
 import orjson
 import typer
 
-from gateway.deid.leakscan import SensitiveSet, scan, sensitive_values
+from gateway.deid.leakscan import SensitiveSet, sensitive_values
+from gateway.deid.leakscan import scan as scan_document
 from gateway.deid.profile import check_profile, read_yaml
 from gateway.deid.rules import DEFAULT_RULES, check_rules
+
+DEFAULT_PROFILES = DEFAULT_RULES.parents[1] / "profiles"
 
 app = typer.Typer(help="De-identification: leak scan and profile checks.", no_args_is_help=True)
 
@@ -31,7 +34,7 @@ def _load_json(path: Path) -> object:
 
 
 @app.command("scan")
-def scan_command(
+def scan(
     files: Annotated[list[Path], typer.Argument(help="De-identified bundles (JSON or NDJSON) to check.")],
     original: Annotated[
         Path | None,
@@ -54,7 +57,7 @@ def scan_command(
             typer.echo(f"{path}: unreadable", err=True)
             worst = 2
             continue
-        findings = scan(doc, sensitive)
+        findings = scan_document(doc, sensitive)
         for f in findings:
             typer.echo(f"{path}: {f.path}: {f.kind}")
         if findings and worst == 0:
@@ -74,14 +77,17 @@ def _profile_files(paths: list[Path]) -> list[Path]:
 @app.command("profiles-check")
 def profiles_check(
     paths: Annotated[
-        list[Path] | None, typer.Argument(help="Profile files or directories (default: profiles/).")
+        list[Path] | None,
+        typer.Argument(help="Profile files or directories (default: the shipped profiles/)."),
     ] = None,
     rules: Annotated[Path, typer.Option("--rules", help="The de-identification rules file.")] = DEFAULT_RULES,
 ) -> None:
     """Validate registry profiles and the rules file; exit 1 listing every problem."""
+    if isinstance(paths, Path):
+        paths = [paths]  # called as a function with one directory (gateway/cli.py)
     problems: list[str] = []
     seen: dict[str, Path] = {}
-    for path in _profile_files(paths or [Path("profiles")]):
+    for path in _profile_files(paths or [DEFAULT_PROFILES]):
         try:
             data = read_yaml(path)
         except (OSError, ValueError):
