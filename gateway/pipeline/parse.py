@@ -16,9 +16,11 @@ Decisions (see also the table in `gateway/pipeline/__init__.py`):
   re-serialised tree and in the body: colons). Only when they differ does the exact stdlib pass run, to
   confirm and name the duplicated property. Costs about one `orjson.dumps` of the body.
 - Numbers: orjson rejects literals that overflow a double (`1e400`) and turns integers outside the 64-bit
-  range into lossy floats; a C-speed pre-filter (a run of 19+ digits) triggers an exact stdlib check, and
-  such integers are rejected (400 `value`): forwarding a silently changed number is worse than refusing it.
-  Known limitation: a *decimal* with more than 17 significant digits loses precision in orjson (not detected).
+  range into lossy floats; a C-speed pre-filter (a float >= 1e18 in the re-serialised tree) triggers an
+  exact stdlib check, and such integers are rejected (400 `value`): forwarding a silently changed number is
+  worse than refusing it.
+  Known limitation (not detected): orjson parses every FHIR decimal as a double, so re-serialising changes
+  its lexical form: `80.10` → `80.1`, `1e2` → `100.0`, more than 17 significant digits are rounded.
 
 Nothing in an error names a value from the body: only byte offsets, fixed texts and (for duplicate keys) the
 property name when it looks like a FHIR element name.
@@ -41,8 +43,10 @@ _WHITESPACE = b" \t\r\n"
 # A FHIR element name (lowerCamelCase, optional leading "_" for primitive extensions). Property names that
 # look like this are structure, not patient data, and may be named in an error; anything else is not echoed.
 _ELEMENT_NAME = re.compile(r"_?[a-z][A-Za-z0-9]{0,63}")
-_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
-_LONG_DIGIT_RUN = b"0" * 19  # the shortest integer literal that can leave the 64-bit range
+# orjson turns an integer literal outside the 64-bit range into a float of magnitude >= 9.2e18, which it
+# serialises with an exponent (`-9.223372036854776e+18`). The regex has a literal prefix, so it runs as a
+# fast substring search; base64 or media types containing "e+" do not match the digits after it.
+_BIG_FLOAT = re.compile(rb"e\+(?:1[89]|[2-9][0-9]|[0-9]{3})")
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 
 
@@ -92,7 +96,7 @@ def parse_json(body: bytes, *, max_bytes: int, max_depth: int = 100, check_dupli
     dumped = _dumps_within_depth(value, max_depth)
     if check_duplicates:
         _check_duplicate_keys(body, start, value, dumped)
-    if body.translate(_DIGITS_AS_ZERO).find(_LONG_DIGIT_RUN, start) >= 0:  # C-speed pre-filter
+    if _BIG_FLOAT.search(dumped):  # C-speed pre-filter over the serialised tree
         _check_integer_range(body, start)
     return _check_resource_type(value)
 
