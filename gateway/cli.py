@@ -79,6 +79,7 @@ def serve(
         host=host or settings.host,
         port=port or settings.port,
         log_config=None,
+        proxy_headers=False,  # trust is decided on the peer address (trusted_proxies), never X-Forwarded-For
         timeout_graceful_shutdown=30,
     )
 

@@ -32,7 +32,7 @@ from gateway.pseudonym.mapping import InputMapping, load_input_mapping
 from gateway.pseudonym.source import SourceStage
 from gateway.service.auth import Authenticator, Caller
 from gateway.store import AuditInput, Store, open_store
-from gateway.ttp.backend import TTPBackend
+from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable
 from gateway.worker import OutboxWorker
 
 log = logging.getLogger("gateway.runtime")
@@ -71,8 +71,16 @@ class Runtime:
 
     # -- life cycle -------------------------------------------------------------------------------------
     async def start(self, *, run_worker: bool = True) -> None:
-        for provider in self.providers.values():
-            await provider.ttp.probe()
+        """A TTP that refuses us (wrong key, wrong URL) stops the start; one that is merely down does not:
+        the outbox still drains to the registries (no TTP needed) and intake answers 503 until it is back."""
+        for name, provider in self.providers.items():
+            try:
+                await provider.ttp.probe()
+            except TTPRejected:
+                raise
+            except TTPUnavailable:
+                log.warning("TTP not reachable at start-up; intake answers 503 until it is",
+                            extra={"provider": name})
         if run_worker:
             self._worker = OutboxWorker(
                 self.store,

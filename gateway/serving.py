@@ -22,7 +22,13 @@ def serve_in_thread(app, *, port: int | None = None, ready_timeout: float = 20.0
     """Run `app` under uvicorn in a daemon thread; yield its base URL; shut it down gracefully afterwards."""
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", log_config=None
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        log_config=None,
+        proxy_headers=False,  # trust is decided on the peer address, never on X-Forwarded-For
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -274,11 +274,6 @@ def test_mtls_subject_header_only_from_a_trusted_proxy(tmp_path: Path) -> None:
         assert httpx.get(f"{gw.url}/deliveries", headers={**subject, **auth("wrong")}).status_code == 401
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `fhir-gateway serve` runs uvicorn with proxy_headers=True (its default, forwarded_allow_ips "
-    "127.0.0.1), so any loopback caller's X-Forwarded-For replaces the peer address the gateway checks "
-    "against trusted_proxies. Fix: uvicorn.run(..., proxy_headers=False) in gateway/cli.py serve (and "
-    "uvicorn.Config(..., proxy_headers=False) in gateway/serving.py)"))
 def test_x_forwarded_for_cannot_make_a_caller_a_trusted_proxy(tmp_path: Path) -> None:
     subject = {"x-client-cert-subject": MTLS_SUBJECT}
     with process_chain(tmp_path) as pc:

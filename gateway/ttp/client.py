@@ -76,6 +76,9 @@ class HttpTTPClient:
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self.sealed, self.max_batch, self.retries = sealed, max_batch, retries
         self._backoff, self._max_backoff, self._max_retry_after = backoff, max_backoff, max_retry_after
+        # One call never takes longer than its own retries would: waiting for a concurrency slot counts too,
+        # so a slow TTP makes EHR requests fail closed in bounded time instead of queueing behind each other.
+        self._budget = (retries + 1) * timeout + min(max_backoff, backoff * 2**retries)
         self._public: tuple[x25519.X25519PublicKey, str] | None = None
 
     async def __aenter__(self) -> HttpTTPClient:
@@ -104,8 +107,12 @@ class HttpTTPClient:
                 "CapabilityStatement")
         except (orjson.JSONDecodeError, AttributeError):
             ok = False
-        if not ok:
+        if ok:
+            return
+        if response.status_code >= 500:
             raise TTPUnavailable(f"TTP metadata check failed (HTTP {response.status_code})")
+        # it answered, but not as a TTP: a wrong URL is configuration, not an outage
+        raise TTPRejected(response.status_code, "the configured TTP URL serves no NLPS1 CapabilityStatement")
 
     # --- the other operations ------------------------------------------------------------------------------
     async def translate(self, registry: str,
@@ -164,12 +171,15 @@ class HttpTTPClient:
         retrying = AsyncRetrying(stop=stop_after_attempt(self.retries + 1), wait=self._wait,
                                  retry=retry_if_exception_type(_Retryable), reraise=True)
         try:
-            async for attempt in retrying:
-                with attempt:
-                    async with self._semaphore:
-                        return await self._attempt(operation, registry, plain, sealed_originals)
+            async with asyncio.timeout(self._budget):
+                async for attempt in retrying:
+                    with attempt:
+                        async with self._semaphore:
+                            return await self._attempt(operation, registry, plain, sealed_originals)
         except _Retryable as exc:
             raise TTPUnavailable(f"TTP unavailable after {self.retries + 1} attempts ({exc})") from None
+        except TimeoutError:
+            raise TTPUnavailable(f"TTP did not answer within {self._budget:.1f} s") from None
         raise TTPUnavailable("TTP unavailable")  # not reached: AsyncRetrying either returns or raises
 
     async def _attempt(self, operation: str, registry: str, plain: bytes,
