@@ -13,6 +13,7 @@ def test_small_load_no_5xx_no_loss_bounded_memory(tmp_path: Path) -> None:
     print("\n".join(report.lines()))
     f = report.figures
     assert report.requests > 20 and set(report.by_kind) >= {"good", "malformed-json", "wrong-content-type"}
+    assert report.peak_connections >= 15, "the load must really hold its connections open"
     assert report.server_errors == 0, report.by_kind
     assert report.transport_errors == 0, report.by_kind
     assert report.bad_not_4xx == 0, report.by_kind

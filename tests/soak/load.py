@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from tests.processes import process_chain
 from tests.soak.common import (
     FHIR_JSON,
     REGISTRY,
+    ConnectionSampler,
     Figures,
     PostResult,
     RssSampler,
@@ -112,7 +113,7 @@ class LoadReport:
     latency_ms: dict[str, float]
     load_seconds: float
     seconds: float
-    notes: list[str] = field(default_factory=list)
+    peak_connections: int = 0  # ESTABLISHED at the gateway's port, sampled every 0.5 s
 
     @property
     def memory_flat(self) -> bool:
@@ -130,6 +131,7 @@ class LoadReport:
         return [
             f"requests:         {self.requests} in {self.load_seconds:.0f} s "
             f"({self.requests / self.load_seconds:.0f}/s; whole run with drain {self.seconds:.0f} s)",
+            f"connections:      peak {self.peak_connections} established at the gateway",
             f"answers per kind: {kinds}",
             f"5xx:              {self.server_errors}",
             f"transport errors: {self.transport_errors}",
@@ -155,7 +157,8 @@ def run_load(work_dir: Path, *, connections: int, seconds: float, seed: int = 1,
         target = f"{gw.url}/registries/{REGISTRY}/Bundle"
         client = ctx.Process(target=_client_main,
                              args=(target, chain.ehr_api_key, connections, seconds, seed, str(out)))
-        with RssSampler(gw.proc.pid, 1.0) as sampler:
+        port = int(gw.url.rsplit(":", 1)[1])
+        with RssSampler(gw.proc.pid, 1.0) as sampler, ConnectionSampler(port, 0.5) as conns:
             client.start()
             client.join(timeout=seconds + 300)  # bounded: the requests time out after 120 s
             if client.is_alive():
@@ -176,6 +179,7 @@ def run_load(work_dir: Path, *, connections: int, seconds: float, seed: int = 1,
     statuses = [r["status"] for r in records]
     latencies = sorted(r["ms"] for r in records)
     rss = sampler.summary()
+    peak_connections = max(conns.samples, default=0)
     warm = sampler.samples[max(0, samples_during_load // 4)] if sampler.samples else 0
     return LoadReport(
         requests=len(records),
@@ -191,6 +195,7 @@ def run_load(work_dir: Path, *, connections: int, seconds: float, seed: int = 1,
         latency_ms={"p50": _pct(latencies, 0.5), "p99": _pct(latencies, 0.99), "max": _pct(latencies, 1.0)},
         load_seconds=seconds,
         seconds=time.monotonic() - started,
+        peak_connections=peak_connections,
     )
 
 
