@@ -4,6 +4,7 @@ memory."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from gateway.bulk.sources import resolve_sources
 from gateway.bulk.synth import SynthSpec, patient_id, write_export
 from gateway.forward import RegistryClient
 from gateway.metrics import GatewayMetrics
+from gateway.pseudonym.extract import extract_inputs
 from gateway.receiver import create_receiver_app
 from gateway.store import open_store
 from gateway.worker import OutboxWorker
@@ -352,3 +354,40 @@ def test_a_group_cut_off_half_way_is_redone_without_duplicates(tmp_path: Path) -
     )
     assert summary.bundles_already_stored == 3 and summary.groups_resumed == 0
     assert sum(r["resourceType"] == "Patient" for r in resources(tmp_path / "out")) == 8
+
+
+class _RecordingTTP:
+    def __init__(self, backend) -> None:  # noqa: ANN001
+        self.backend, self.batches = backend, []
+
+    async def pseudonymise(self, registry, items):  # noqa: ANN001, ANN201
+        self.batches.append(list(items))
+        return await self.backend.pseudonymise(registry, items)
+
+    async def probe(self) -> None:
+        return None
+
+
+def test_one_ttp_batch_per_group_and_never_an_objecting_patient(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=30, resources_per_patient=3, objecting={5, 17}))
+    chains = offline_chains(REGISTRY, tmp_path / "w")
+    recorder = _RecordingTTP(chains.provider.ttp)
+    chains = dataclasses.replace(chains, provider=dataclasses.replace(chains.provider, ttp=recorder))
+    summary = asyncio.run(
+        run_bulk_async(
+            [tmp_path / "export"],
+            registry=REGISTRY,
+            work_dir=tmp_path / "w",
+            chains=chains,
+            sink=DirSink(tmp_path / "out"),
+            options=BulkOptions(group_size=15, patients_per_call=4),
+        )
+    )
+    assert summary.groups_total == 2 and len(recorder.batches) == 2 == summary.ttp_batches
+    assert summary.patients_opted_out == 2 and summary.sent["Patient"] == 28
+    sent = {item.value for batch in recorder.batches for item in batch}
+    for n in (5, 17):
+        patient = orjson.loads((tmp_path / "export" / "Patient.ndjson").read_bytes().splitlines()[n])
+        extraction = extract_inputs(patient, chains.registry.types, chains.mapping, None)
+        objecting = {p.value for p in chains.provider.source.pre_pseudonyms(extraction, REGISTRY)}
+        assert objecting and not objecting & sent

@@ -14,17 +14,22 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.bulk.chunks import Chunk, split_transaction
 from gateway.bulk.index import Line
+from gateway.optout import BundleConsentOptOut, CombinedOptOut
+from gateway.optout.base import PatientRef
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
-from gateway.pipeline.validate import SchemaValidator
-from gateway.process import ProviderChain, RegistryChain, process_bundle
+from gateway.pipeline.validate import PatientEntry, SchemaValidator
+from gateway.process import ProviderChain, RegistryChain, patient_key, process_bundle
+from gateway.pseudonym.extract import extract_inputs
 from gateway.pseudonym.mapping import InputMapping
+from gateway.pseudonym.types import PrePseudonym
+from gateway.ttp.backend import TTPBackend, TTPResult
 
 MAX_RETRIES = 4
 _ENTRY = re.compile(r"^Bundle\.entry\[(\d+)\]")
@@ -52,6 +57,8 @@ class GroupResult:
     dropped: dict[str, Counter[str]] = field(default_factory=dict)  # reason → resource type → count
     rejected_lines: list[tuple[int, int, str]] = field(default_factory=list)  # (file, line, reason)
     known_types: frozenset[str] = frozenset()
+    ttp_calls: int = 0
+    ttp_misses: int = 0
 
     def drop(self, reason: str, rtype: str, n: int = 1) -> None:
         label = rtype if rtype in self.known_types else "(unknown)"  # a type name from input only if R4
@@ -84,7 +91,12 @@ async def run_group(
     bundle_size: int,
     max_line_bytes: int,
     recorded: str,
+    patients_per_call: int = 10,
 ) -> GroupResult:
+    """The whole group is ONE TTP batch (`prefetch_pseudonyms`); the chain itself then runs on slices of
+    `patients_per_call` patients, answered from that batch. Why slices: the leak gate's cost grows with
+    (strings x patients in the bundle), so a 200-patient bundle is ~15x slower per resource than a
+    10-patient one (see benchmarks/README.md); slicing keeps the big TTP batch and loses nothing else."""
     result = GroupResult(known_types=chains.validator.resource_types)
     items: list[_Item] = []
     for line in lines:
@@ -96,7 +108,13 @@ async def run_group(
             continue
         items.append(_Item(line, line.owner, resource))
     result.patients = sum(1 for i in items if i.resource.get("resourceType") == "Patient")
-    bundles = await _process(items, chains, result, recorded)
+    batch_ttp = BatchTTP(chains.provider.ttp)
+    chains = replace(chains, provider=replace(chains.provider, ttp=batch_ttp))
+    await prefetch_pseudonyms(items, chains)
+    bundles: list[dict] = []
+    for sub in _sub_batches(items, patients_per_call):
+        bundles += await _process(sub, chains, result, recorded)
+    result.ttp_calls, result.ttp_misses = batch_ttp.calls, batch_ttp.misses
     for number, bundle in enumerate(bundles):
         sub_tag = tag if len(bundles) == 1 else f"{tag}.{number}"
         result.chunks.extend(split_transaction(bundle, max_entries=bundle_size, tag=sub_tag))
@@ -154,6 +172,102 @@ async def _split(
     first = [i for i in items if i.owner in half or i.owner is None]
     second = [i for i in items if (i.owner is not None and i.owner not in half) or i.owner is None]
     return await _process(first, chains, result, recorded) + await _process(second, chains, result, recorded)
+
+
+def _sub_batches(items: list[_Item], patients: int) -> list[list[_Item]]:
+    """Slices of `patients` patients with their resources; the shared resources go with every slice (the
+    Bundle splitter keeps only those a slice's entries refer to)."""
+    owners = sorted({i.owner for i in items if i.owner is not None})
+    shared = [i for i in items if i.owner is None]
+    if len(owners) <= patients:
+        return [items]
+    slices = []
+    for start in range(0, len(owners), patients):
+        wanted = set(owners[start : start + patients])
+        slices.append([i for i in items if i.owner in wanted] + shared)
+    return slices
+
+
+class BatchTTP:
+    """Answers the chain's TTP calls from one batch fetched for the whole group (keyed by pre-pseudonym
+    bytes, never a plain value); anything not fetched (should not happen) goes to the real TTP."""
+
+    def __init__(self, backend: TTPBackend) -> None:
+        self.backend = backend
+        self.answers: dict[tuple[str, str, int, bytes], TTPResult] = {}
+        self.calls = self.misses = 0
+
+    async def fetch(self, registry: str, items: Sequence[PrePseudonym]) -> None:
+        if not items:
+            return
+        self.calls += 1
+        for item, res in zip(items, await self.backend.pseudonymise(registry, items), strict=True):
+            self.answers[(registry, item.type, item.key_version, item.value)] = res
+
+    async def pseudonymise(self, registry: str, items: Sequence[PrePseudonym]) -> list[TTPResult]:
+        keys = [(registry, i.type, i.key_version, i.value) for i in items]
+        missing = [i for i, k in zip(items, keys, strict=True) if k not in self.answers]
+        if missing:
+            self.misses += len(missing)
+            await self.fetch(registry, missing)
+        return [replace(self.answers[k], index=n) for n, k in enumerate(keys)]
+
+    async def probe(self) -> None:
+        await self.backend.probe()
+
+
+async def prefetch_pseudonyms(items: list[_Item], chains: Chains) -> None:
+    """ONE TTP batch for every patient of the group that the opt-out sources admit.
+
+    The same sources as process_bundle (the registry's, plus the Consents of this group when the registry
+    uses bundle consents) decide, with the same patient keys, so an objecting or unknown patient is never
+    offered to the TTP. Any doubt (a source fails) means no prefetch: process_bundle then decides and calls
+    the TTP itself per slice, exactly as without prefetching."""
+    registry, provider = chains.registry, chains.provider
+    collection = _collection(items)
+    entries = collection["entry"]
+    patients = [
+        PatientEntry(n, e.get("fullUrl"), e["resource"])
+        for n, e in enumerate(entries)
+        if e["resource"].get("resourceType") == "Patient"
+    ]
+    if not patients:
+        return
+    sources = list(registry.optout)
+    if registry.bundle_consent:
+        sources.append(BundleConsentOptOut.from_bundle(collection))
+    if not sources:
+        return
+    refs = [
+        PatientRef(
+            key=patient_key(p),
+            resource=p.resource,
+            mrn=_mrn(p.resource, provider.mrn_system),
+            provider=provider.provider,
+            registry=registry.registry,
+        )
+        for p in patients
+    ]
+    try:
+        decisions = await CombinedOptOut(sources).check(refs)
+    except Exception:  # noqa: BLE001 - fail closed: no prefetch, process_bundle decides per slice
+        return
+    admitted = {r.key: r.resource for r in refs if getattr(decisions.get(r.key), "status", None) == "allowed"}
+    if not admitted or not isinstance(provider.ttp, BatchTTP):
+        return
+    pres: list[PrePseudonym] = []
+    for patient in admitted.values():
+        extraction = extract_inputs(patient, registry.types, chains.mapping, provider.mrn_system)
+        pres.extend(provider.source.pre_pseudonyms(extraction, registry.registry))
+    await provider.ttp.fetch(registry.registry, pres)
+
+
+def _mrn(patient: dict[str, Any], system: str | None) -> str | None:
+    for ident in patient.get("identifier") or []:
+        if isinstance(ident, dict) and system and ident.get("system") == system:
+            value = ident.get("value")
+            return value.strip() if isinstance(value, str) else None
+    return None
 
 
 def _entries_named(err: FhirError, count: int) -> set[int]:

@@ -50,6 +50,7 @@ class BulkOptions:
     max_line_bytes: int = 16 * 1024 * 1024
     stop_after_groups: int | None = None  # simulate an interruption (tests)
     workers: int = 0  # 0: in this process; n: n worker processes (needs a ChainSpec)
+    patients_per_call: int = 10  # patients per process_bundle slice (the TTP batch stays the whole group)
 
 
 async def deliver_export(
@@ -83,7 +84,7 @@ async def deliver_export(
             progress=(lambda done: progress("index", done, total_bytes)) if progress else None,
         )
         summary.absorb_index(stats, conn, MAX_INVALID_LISTED, chains.validator.resource_types | {"(unknown)"})
-        runner, close = _runner(files, chains, spec, options.workers)
+        runner, close = _runner(files, chains, spec, options)
         try:
             await _deliver_groups(conn, state, runner, sink, options, summary, recorded, progress)
         finally:
@@ -101,8 +102,8 @@ class InProcessRunner:
 
     parallelism = 1
 
-    def __init__(self, chains: Chains, read: Callable[[ix.Line], bytes]) -> None:
-        self.chains, self.read = chains, read
+    def __init__(self, chains: Chains, read: Callable[[ix.Line], bytes], patients_per_call: int) -> None:
+        self.chains, self.read, self.patients_per_call = chains, read, patients_per_call
 
     async def run(
         self, lines: list[ix.Line], tag: str, bundle_size: int, max_line_bytes: int, recorded: str
@@ -121,6 +122,7 @@ class InProcessRunner:
                 bundle_size=bundle_size,
                 max_line_bytes=max_line_bytes,
                 recorded=recorded,
+                patients_per_call=self.patients_per_call,
             )
         finally:
             if was_enabled:
@@ -225,6 +227,7 @@ def _group_counts(result: GroupResult, sent: Counter[str], created: int, duplica
         "sent": dict(sent),
         "bundles": created,
         "bundlesAlreadyStored": duplicates,
+        "ttpBatches": result.ttp_calls,
         "dropped": {reason: dict(c) for reason, c in result.dropped.items()},
         "rejectedLines": [list(x) for x in result.rejected_lines[:MAX_INVALID_LISTED]],
     }
@@ -239,14 +242,14 @@ class Runner(Protocol):
 
 
 def _runner(
-    files: list[ix.SourceFile], chains: Chains, spec: ChainSpec | None, workers: int
+    files: list[ix.SourceFile], chains: Chains, spec: ChainSpec | None, options: BulkOptions
 ) -> tuple[Runner, Callable[[], None]]:
     paths = [str(f.path) for f in files]
-    if workers > 0 and spec is not None:
-        pool = PoolRunner(spec, workers, paths)
+    if options.workers > 0 and spec is not None:
+        pool = PoolRunner(spec, options.workers, paths, options.patients_per_call)
         return pool, pool.close
     read, close = line_reader(paths)
-    return InProcessRunner(chains, read), close
+    return InProcessRunner(chains, read, options.patients_per_call), close
 
 
 def _tick(progress: Progress | None, summary: BulkSummary, total: int) -> None:

@@ -75,9 +75,15 @@ def _read(paths: list[str], line: Line) -> bytes:
 
 
 def _run(
-    paths: list[str], lines: list[Line], tag: str, bundle_size: int, max_line_bytes: int, recorded: str
+    paths: list[str],
+    lines: list[Line],
+    tag: str,
+    bundle_size: int,
+    max_line_bytes: int,
+    recorded: str,
+    patients_per_call: int,
 ) -> GroupResult:
-    gc.disable()  # see job._one_group: no cycles, so collect once per group
+    gc.disable()  # see job.InProcessRunner: no cycles, so collect once per group
     try:
         return _worker["loop"].run_until_complete(
             run_group(
@@ -88,6 +94,7 @@ def _run(
                 bundle_size=bundle_size,
                 max_line_bytes=max_line_bytes,
                 recorded=recorded,
+                patients_per_call=patients_per_call,
             )
         )
     finally:
@@ -97,9 +104,9 @@ def _run(
 
 # -- in the parent ------------------------------------------------------------------------------------------
 class PoolRunner:
-    def __init__(self, spec: ChainSpec, workers: int, paths: list[str]) -> None:
+    def __init__(self, spec: ChainSpec, workers: int, paths: list[str], patients_per_call: int) -> None:
         self.parallelism = workers
-        self.paths = paths
+        self.paths, self.patients_per_call = paths, patients_per_call
         self._pool = ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(spec,))
 
     async def run(
@@ -107,7 +114,15 @@ class PoolRunner:
     ) -> GroupResult:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._pool, _run, self.paths, lines, tag, bundle_size, max_line_bytes, recorded
+            self._pool,
+            _run,
+            self.paths,
+            lines,
+            tag,
+            bundle_size,
+            max_line_bytes,
+            recorded,
+            self.patients_per_call,
         )
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ class BulkSummary:
     groups_resumed: int = 0
     bundles: int = 0
     bundles_already_stored: int = 0
+    ttp_batches: int = 0
     seconds: float = 0.0
     _file_names: dict[int, str] = field(default_factory=dict, repr=False)
     _known: frozenset[str] = field(default=frozenset({"(unknown)"}), repr=False)
@@ -68,6 +69,7 @@ class BulkSummary:
         self.sent.update(counts["sent"])
         self.bundles += counts["bundles"]
         self.bundles_already_stored += counts["bundlesAlreadyStored"]
+        self.ttp_batches += counts.get("ttpBatches", 0)
         for reason, per_type in counts["dropped"].items():
             for rtype, n in per_type.items():
                 self._drop(reason, rtype, n)
@@ -106,5 +108,6 @@ class BulkSummary:
             "groupsResumed": self.groups_resumed,
             "bundles": self.bundles,
             "bundlesAlreadyStored": self.bundles_already_stored,
+            "ttpBatches": self.ttp_batches,
             "seconds": self.seconds,
         }
