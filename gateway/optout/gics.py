@@ -99,33 +99,15 @@ class GicsConsent:
     """OptOutSource over gICS. ``bulk=True``: ``$allConsentsForPerson`` with up to ``page_size`` signer ids
     per request; ``bulk=False``: ``$isConsented`` per patient and objection policy."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        domain: str,
-        objection_policies: Iterable[Any],
-        signer_id: Callable[[PatientRef], str | None],
-        auth: RegistryAuth | None = None,
-        domain_map: Mapping[str, str] | None = None,
-        signer_system: str = PSEUDONYM_SYSTEM,
-        policy_version: str = "1.0",
-        ignore_version: bool = True,
-        bulk: bool = True,
-        page_size: int = 50,
-        max_pages: int = 20,
-        no_record: str = "allowed",
-        cache_ttl: float = 60.0,
-        cache_size: int = 10_000,
-        timeout: float = 5.0,
-        retries: int = 2,
-        max_concurrency: int = 8,
-        verify: bool | str = True,
-        backoff: float = 0.2,
-        transport: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        now: Callable[[], datetime] = utc_now,
-    ) -> None:
+    def __init__(self, base_url: str, *, domain: str, objection_policies: Iterable[Any],
+                 signer_id: Callable[[PatientRef], str | None], auth: RegistryAuth | None = None,
+                 domain_map: Mapping[str, str] | None = None, signer_system: str = PSEUDONYM_SYSTEM,
+                 policy_version: str = "1.0", ignore_version: bool = True, bulk: bool = True,
+                 page_size: int = 50, max_pages: int = 20, no_record: str = "allowed",
+                 cache_ttl: float = 60.0, cache_size: int = 10_000, timeout: float = 5.0, retries: int = 2,
+                 max_concurrency: int = 8, verify: bool | str = True, backoff: float = 0.2,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 clock: Callable[[], float] = time.monotonic, now: Callable[[], datetime] = utc_now) -> None:
         if no_record not in ("allowed", "unknown"):
             raise ValueError("no_record must be 'allowed' or 'unknown'")
         if page_size < 1:
@@ -138,14 +120,8 @@ class GicsConsent:
         self.bulk, self.page_size, self.max_pages, self.no_record = bulk, page_size, max_pages, no_record
         self.cache_ttl, self._cache_size = cache_ttl, cache_size
         self._auth = auth
-        self._http = http_client(
-            base_url,
-            timeout=timeout,
-            verify=verify,
-            max_concurrency=max_concurrency,
-            auth=auth,
-            transport=transport,
-        )
+        self._http = http_client(base_url, timeout=timeout, verify=verify, max_concurrency=max_concurrency,
+                                 auth=auth, transport=transport)
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._retry = RetryPolicy(retries, backoff, 2.0, 10.0)
         self._cache: OrderedDict[tuple[str, str], tuple[float, Decision]] = OrderedDict()
@@ -177,7 +153,7 @@ class GicsConsent:
                 todo.setdefault(domain, []).append((p, sid))
         for domain, pending in todo.items():
             if self.bulk:
-                pages = [pending[s : s + self.page_size] for s in range(0, len(pending), self.page_size)]
+                pages = [pending[s:s + self.page_size] for s in range(0, len(pending), self.page_size)]
                 answers = await asyncio.gather(*(self._bulk(domain, page) for page in pages))
                 decided = {k: d for answer in answers for k, d in answer.items()}
             else:
@@ -201,9 +177,8 @@ class GicsConsent:
 
     # --- per patient: $isConsented --------------------------------------------------------------------
     async def _single(self, domain: str, sid: str) -> Decision:
-        answers = await asyncio.gather(
-            *(self._is_consented(domain, sid, policy) for policy in self.policies), return_exceptions=True
-        )
+        answers = await asyncio.gather(*(self._is_consented(domain, sid, policy) for policy in self.policies),
+                                       return_exceptions=True)
         if any(a is True for a in answers):
             return Decision("objected", OBJECTION)  # one recorded objection suffices, whatever the rest said
         for a in answers:
@@ -214,48 +189,28 @@ class GicsConsent:
         return Decision("allowed", NO_OBJECTION)
 
     async def _is_consented(self, domain: str, sid: str, policy: Policy) -> bool:
-        config = {
-            "resourceType": "Parameters",
-            "parameter": [
-                {"name": "ignoreVersionNumber", "valueBoolean": self.ignore_version},
-                {"name": "unknownStateIsConsideredAsDecline", "valueBoolean": False},
-            ],
-        }
-        body = {
-            "resourceType": "Parameters",
-            "parameter": [
-                {"name": "personIdentifier", "valueIdentifier": {"system": self.signer_system, "value": sid}},
-                {"name": "domain", "valueString": domain},
-                {"name": "policy", "valueCoding": {"system": policy[0], "code": policy[1]}},
-                {"name": "version", "valueString": self.policy_version},
-                {"name": "config", "resource": config},
-            ],
-        }
+        config = {"resourceType": "Parameters", "parameter": [
+            {"name": "ignoreVersionNumber", "valueBoolean": self.ignore_version},
+            {"name": "unknownStateIsConsideredAsDecline", "valueBoolean": False}]}
+        body = {"resourceType": "Parameters", "parameter": [
+            {"name": "personIdentifier", "valueIdentifier": {"system": self.signer_system, "value": sid}},
+            {"name": "domain", "valueString": domain},
+            {"name": "policy", "valueCoding": {"system": policy[0], "code": policy[1]}},
+            {"name": "version", "valueString": self.policy_version},
+            {"name": "config", "resource": config}]}
         answer = await self._post("/$isConsented", body)
-        values = [
-            p.get("valueBoolean")
-            for p in answer.get("parameter") or []
-            if isinstance(p, dict) and p.get("name") == "consented"
-        ]
+        values = [p.get("valueBoolean") for p in answer.get("parameter") or [] if isinstance(p, dict)
+                  and p.get("name") == "consented"]
         if len(values) != 1 or not isinstance(values[0], bool):
             raise _NotClean(BAD_RESPONSE)
         return values[0]
 
     # --- bulk: $allConsentsForPerson ------------------------------------------------------------------
     async def _bulk(self, domain: str, page: list[tuple[PatientRef, str]]) -> dict[str, Decision]:
-        body = {
-            "resourceType": "Parameters",
-            "parameter": [
-                {"name": "domain", "valueString": domain},
-                *(
-                    {
-                        "name": "personIdentifier",
-                        "valueIdentifier": {"system": self.signer_system, "value": sid},
-                    }
-                    for _, sid in page
-                ),
-            ],
-        }
+        body = {"resourceType": "Parameters", "parameter": [
+            {"name": "domain", "valueString": domain},
+            *({"name": "personIdentifier", "valueIdentifier": {"system": self.signer_system, "value": sid}}
+              for _, sid in page)]}
         try:
             consents = await self._all_consents(body)
             per_signer = self._objections(consents, {sid for _, sid in page})
@@ -289,9 +244,8 @@ class GicsConsent:
             url = next_url
         raise _NotClean(BAD_RESPONSE)  # more pages than we follow: incomplete
 
-    def _objections(
-        self, consents: list[tuple[dict[str, Any], set[str]]], asked: set[str]
-    ) -> dict[str, bool]:
+    def _objections(self, consents: list[tuple[dict[str, Any], set[str]]],
+                    asked: set[str]) -> dict[str, bool]:
         """signer id → True (objection) / False (records, none an objection); absent: no record."""
         now = self._now()
         out: dict[str, bool] = {}
@@ -313,11 +267,8 @@ class GicsConsent:
 
         async def attempt() -> dict[str, Any]:
             async with self._semaphore:
-                headers = {
-                    "Content-Type": FHIR_JSON,
-                    "Accept": FHIR_JSON,
-                    **await auth_headers(self._auth, self._http),
-                }
+                headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON,
+                           **await auth_headers(self._auth, self._http)}
                 try:
                     response = await self._http.post(url, content=content, headers=headers)
                 except httpx.TransportError as exc:
@@ -393,11 +344,8 @@ def _consents_with_signers(bundle: dict[str, Any], system: str) -> list[tuple[di
     for full_url, res in resources:
         if res.get("resourceType") != "Patient":
             continue
-        ids = {
-            i.get("value")
-            for i in res.get("identifier") or []
-            if isinstance(i, dict) and i.get("system") == system and isinstance(i.get("value"), str)
-        }
+        ids = {i.get("value") for i in res.get("identifier") or []
+               if isinstance(i, dict) and i.get("system") == system and isinstance(i.get("value"), str)}
         for ref in (full_url, f"Patient/{res.get('id')}" if res.get("id") else None, res.get("id")):
             if ref:
                 signers.setdefault(ref, set()).update(ids)
@@ -428,13 +376,8 @@ def _is_objection(consent: dict[str, Any], policies: list[Policy], now: datetime
                 return False
         except Unparseable:
             raise _NotClean(BAD_RESPONSE) from None
-        codes = {
-            (c.get("system"), c.get("code"))
-            for cc in node.get("code") or []
-            if isinstance(cc, dict)
-            for c in cc.get("coding") or []
-            if isinstance(c, dict)
-        }
+        codes = {(c.get("system"), c.get("code")) for cc in node.get("code") or [] if isinstance(cc, dict)
+                 for c in cc.get("coding") or [] if isinstance(c, dict)}
         if rule == "permit" and codes & set(policies):
             return True
         return any(walk(child, rule) for child in node.get("provision") or [])
@@ -457,12 +400,8 @@ def _same_origin(url: str, base_url: str) -> bool:
     return (a.scheme, a.netloc) == (b.scheme, b.netloc) and a.path.startswith(b.path)
 
 
-def gics_from_config(
-    options: Mapping[str, Any],
-    secret: Callable[[str | None], str | None],
-    *,
-    signer_id: Callable[[PatientRef], str | None] | None = None,
-) -> GicsConsent:
+def gics_from_config(options: Mapping[str, Any], secret: Callable[[str | None], str | None], *,
+                     signer_id: Callable[[PatientRef], str | None] | None = None) -> GicsConsent:
     """From a YAML block, e.g.::
 
         url: https://ttp.example.org/ttp-fhir/fhir/gics
@@ -488,20 +427,12 @@ def gics_from_config(
         signer_id = hmac_signer_id(key)
     ca_bundle = options.get("ca_bundle")
     return GicsConsent(
-        str(url),
-        domain=str(domain),
-        objection_policies=options.get("objection_policies") or [],
-        signer_id=signer_id,
-        auth=auth_from_options(options.get("auth"), secret),
-        domain_map=options.get("domain_map"),
-        signer_system=options.get("signer_system", PSEUDONYM_SYSTEM),
+        str(url), domain=str(domain), objection_policies=options.get("objection_policies") or [],
+        signer_id=signer_id, auth=auth_from_options(options.get("auth"), secret),
+        domain_map=options.get("domain_map"), signer_system=options.get("signer_system", PSEUDONYM_SYSTEM),
         policy_version=str(options.get("policy_version", "1.0")),
-        ignore_version=bool(options.get("ignore_version", True)),
-        bulk=bool(options.get("bulk", True)),
-        page_size=int(options.get("page_size", 50)),
-        no_record=str(options.get("no_record", "allowed")),
+        ignore_version=bool(options.get("ignore_version", True)), bulk=bool(options.get("bulk", True)),
+        page_size=int(options.get("page_size", 50)), no_record=str(options.get("no_record", "allowed")),
         cache_ttl=float(options.get("cache_ttl_seconds", 60.0)),
         timeout=float(options.get("timeout_seconds", 5.0)),
-        retries=int(options.get("retries", 2)),
-        verify=str(ca_bundle) if ca_bundle else True,
-    )
+        retries=int(options.get("retries", 2)), verify=str(ca_bundle) if ca_bundle else True)
