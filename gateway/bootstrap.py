@@ -12,7 +12,11 @@ from gateway.ttp.backend import TTPBackend
 
 
 def ttp_backend(ttp: TTPConfig, provider: ProviderConfig, embedded_key_dir: Path) -> tuple[TTPBackend, str]:
-    """The configured TTP for one provider: the reference TTP over HTTP, or the embedded one."""
+    """The configured TTP for one provider: the reference TTP over HTTP, an adapter, or the embedded one."""
+    if ttp.kind != "nlps1":
+        from gateway.ttp.factory import ttp_from_config
+
+        return ttp_from_config(ttp.kind, ttp.options, provider=provider.id, secret=secret_from_env), ttp.kind
     if ttp.url == "embedded":
         from gateway.ttp.embedded import EmbeddedTTP
         from gateway.ttp.keystore import KeyStore

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -58,8 +58,14 @@ class RegistryConfig(_Strict):
     profile: str = Field(description="id of the delivery profile in profiles/")
     endpoint: str = Field(description="base URL of the registry's FHIR endpoint")
     auth: RegistryAuth = RegistryAuth()
-    optout: list[Literal["register", "bundle-consent", "ehr-consent"]] = ["register", "bundle-consent"]
+    optout: list[Literal["register", "bundle-consent", "ehr-consent", "gics"]] = [
+        "register",
+        "bundle-consent",
+    ]
     ehr_consent_url: str | None = None
+    gics: dict[str, Any] | None = Field(
+        None, description="gICS consent source options (docs/backends/gics.md)"
+    )
     timeout_seconds: float = 30.0
     ca_bundle: str | None = None
     identifier_system: str = Field(
@@ -68,6 +74,13 @@ class RegistryConfig(_Strict):
 
 
 class TTPConfig(_Strict):
+    kind: Literal["nlps1", "gpas", "tres+nlps1", "tres+gpas"] = Field(
+        "nlps1", description="the reference NLPS1 TTP, or an adapter (docs/backends/)"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="adapter options for kinds other than nlps1 (gateway/ttp/factory.py)",
+    )
     url: str = Field(
         "embedded", description="base URL of the TTP, or 'embedded' for the in-process reference TTP"
     )

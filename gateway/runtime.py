@@ -79,8 +79,9 @@ class Runtime:
             except TTPRejected:
                 raise
             except TTPUnavailable:
-                log.warning("TTP not reachable at start-up; intake answers 503 until it is",
-                            extra={"provider": name})
+                log.warning(
+                    "TTP not reachable at start-up; intake answers 503 until it is", extra={"provider": name}
+                )
         if run_worker:
             self._worker = OutboxWorker(
                 self.store,
@@ -323,4 +324,13 @@ def _optout(reg: RegistryConfig, keys: GatewayKeys, store: Store) -> tuple[OptOu
         if not reg.ehr_consent_url:
             raise ValueError("ehr-consent opt-out needs ehr_consent_url")
         sources.append(EhrConsentSearch(reg.ehr_consent_url))
+    if "gics" in reg.optout:
+        from gateway.optout.gics import gics_from_config, hmac_signer_id
+
+        if not reg.gics:
+            raise ValueError("gics opt-out needs a gics block")
+        # the same keyed id as the objection register: gICS never sees a plain patient number
+        sources.append(
+            gics_from_config(reg.gics, secret_from_env, signer_id=hmac_signer_id(keys.objection_key()))
+        )
     return tuple(sources)
