@@ -449,3 +449,17 @@ def test_postgres_dropped_connections_are_replaced(pg_url: str) -> None:
     put(store, "k2")
     assert store.depth()["queued"] == 2
     store.close()
+
+
+def test_a_requeued_older_delivery_waits_for_a_newer_one_in_flight(store: Store, clock: FakeClock) -> None:
+    p1 = put(store, "k1", patient="p")
+    p2 = put(store, "k2", patient="p")
+    assert [d.id for d in store.claim_batch("w", 5, 30)] == [p1]
+    assert store.mark_dead(p1, "w", "rejected")
+    assert [d.id for d in store.claim_batch("w", 5, 30)] == [p2]  # dead does not block
+    assert store.requeue(p1)  # the operator fixed p1 while p2 is on the wire
+    assert store.claim_batch("w", 5, 30) == []  # never two of one patient in flight
+    clock.now += 31  # p2's worker died: p1 (older) goes first, then p2
+    assert [d.id for d in store.claim_batch("w2", 5, 30)] == [p1]
+    assert store.mark_delivered(p1, "w2")
+    assert [d.id for d in store.claim_batch("w2", 5, 30)] == [p2]

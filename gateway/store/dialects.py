@@ -18,8 +18,10 @@ from gateway.store.pool import PoolTimeout
 
 # Claimable: queued and due, or delivering with an expired lease (its worker died). Per-patient order: a
 # delivery waits while an older one of the same registry and patient_order_key is still queued or in flight
-# (including one waiting for its retry), so a registry never sees a patient's bundles out of order and never
-# two of them at once. Dead deliveries do not block (else one rejected bundle would stall a patient forever).
+# (including one waiting for its retry), so a registry never sees a patient's bundles out of order, and it
+# waits while any other one of them is in flight under a live lease (an older dead one requeued by an
+# operator must not go out next to a newer one still on the wire). Dead deliveries do not block (else one
+# rejected bundle would stall a patient forever).
 CLAIMABLE = """
     ((d.status = 'queued' AND d.next_attempt_at <= ?)
       OR (d.status = 'delivering' AND d.lease_expires_at <= ?))
@@ -27,15 +29,16 @@ CLAIMABLE = """
     AND (d.patient_order_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM deliveries e
         WHERE e.registry = d.registry AND e.patient_order_key = d.patient_order_key
-          AND e.status IN ('queued', 'delivering') AND e.seq < d.seq))
+          AND e.status IN ('queued', 'delivering') AND e.seq <> d.seq
+          AND (e.seq < d.seq OR (e.status = 'delivering' AND e.lease_expires_at > ?))))
 """
 
 
 def _claimable(now: float, registries: list[str] | None) -> tuple[str, list[Any]]:
     if registries is None:
-        return CLAIMABLE.format(registry_filter=""), [now, now]
+        return CLAIMABLE.format(registry_filter=""), [now, now, now]
     marks = ", ".join("?" for _ in registries) or "NULL"
-    return CLAIMABLE.format(registry_filter=f"AND d.registry IN ({marks})"), [now, now, *registries]
+    return CLAIMABLE.format(registry_filter=f"AND d.registry IN ({marks})"), [now, now, *registries, now]
 
 
 @dataclass
