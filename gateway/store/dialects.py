@@ -72,6 +72,9 @@ class Dialect:
     def lock_migrations(self, conn: Any) -> None:
         """Serialise concurrent migrators (several worker processes starting at once)."""
 
+    def lock_claims(self, conn: Any) -> None:
+        """Serialise claims (SQLite: BEGIN IMMEDIATE already does)."""
+
 
 class SqliteDialect(Dialect):
     @contextlib.contextmanager
@@ -144,6 +147,13 @@ class PostgresDialect(Dialect):
 
     def lock_migrations(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(7310451)")
+
+    def lock_claims(self, conn: Any) -> None:
+        # Claims are short; taking them one at a time (in their own statement, so the claim's READ COMMITTED
+        # snapshot already sees the previous claim) makes the per-patient rule hold even when an operator
+        # requeues an older delivery at the moment two workers claim. SKIP LOCKED still keeps a claim from
+        # waiting on rows that mark_* calls are updating.
+        conn.execute("SELECT pg_advisory_xact_lock(7310452)")
 
 
 def sqlite_dialect(url: str, on_connect: Callable[[Any], None] | None) -> tuple[Dialect, int]:

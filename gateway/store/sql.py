@@ -201,6 +201,7 @@ class SqlStore:
             returning=_WITH_PAYLOAD + ", seq",
         )
         with self._tx() as conn:
+            self.dialect.lock_claims(conn)
             rows = conn.execute(sql, tuple(params)).fetchall()
         rows.sort(key=lambda r: r[-1])
         return [_delivery(r[:-1]) for r in rows]
