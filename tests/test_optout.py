@@ -740,3 +740,44 @@ def test_read_objection_csv_not_utf8(tmp_path: Path) -> None:
     with pytest.raises(ObjectionCsvError) as err:
         list(read_objection_csv(path))
     assert "UTF-8" in str(err.value) and "M" not in str(err.value).replace("UTF-8", "")
+
+
+def test_entries_only_dropped_resources_refer_to_are_dropped_too() -> None:
+    from gateway.optout import entries_to_drop, patient_refs
+    from gateway.pipeline.validate import validate_bundle
+    from tests.badinput.generate import bundle, observation, patient, url
+
+    document = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "subject": {"reference": url(1)},
+        "content": [{"attachment": {"contentType": "application/pdf", "url": url(3)}}],
+    }
+    binary = {"resourceType": "Binary", "contentType": "application/pdf", "data": "JVBERi0xLjQK"}
+    medication = {"resourceType": "Medication", "code": {"text": "paracetamol"}}
+    request = {
+        "resourceType": "MedicationRequest",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": url(1)},
+        "medicationReference": {"reference": url(5)},
+    }
+    shared = {"resourceType": "Practitioner"}
+    body = bundle(
+        patient(),  # 0
+        document,  # 1
+        binary,  # 2: only the DocumentReference refers to it (Attachment.url)
+        request,  # 3
+        medication,  # 4: only the MedicationRequest refers to it
+        shared,  # 5: also used by patient 2's Observation
+        patient(id="pat-2"),  # 6
+        observation(subject=url(7), performer=[{"reference": url(6)}]),  # 7
+        {"resourceType": "Organization"},  # 8: nobody refers to it
+        observation(performer=[{"reference": url(6)}]),  # 9: patient 1's, also uses the Practitioner
+        urls=[url(n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)],
+    )
+    index = validate_bundle(body, SchemaValidator.from_file(SCHEMA))
+    assert index.references[1] == {0, 2}
+    refs = patient_refs(index, provider=PROVIDER, registry=REGISTRY)
+    objects = {refs[0].key: Decision("objected", Reason.CONSENT_DENY), refs[1].key: Decision("allowed", "x")}
+    assert entries_to_drop(index, objects) == {0, 1, 2, 3, 4, 9}

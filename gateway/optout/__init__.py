@@ -11,7 +11,7 @@ patients are delivered:
     drop = entries_to_drop(index, decisions)   # every entry of every patient not `allowed`
 """
 
-from gateway.optout.apply import entries_to_drop, patient_key, patient_refs
+from gateway.optout.apply import entries_to_drop, orphaned_by, patient_key, patient_refs
 from gateway.optout.base import CombinedOptOut, Decision, OptOutSource, PatientRef, Reason, combine
 from gateway.optout.consent import BundleConsentOptOut, ConsentPolicy, evaluate_consent
 from gateway.optout.ehr import BearerToken, EhrConsentSearch
@@ -42,6 +42,7 @@ __all__ = [
     "entries_to_drop",
     "evaluate_consent",
     "objection_digest",
+    "orphaned_by",
     "patient_key",
     "patient_refs",
     "read_objection_csv",

@@ -34,11 +34,36 @@ def _mrn(resource: dict, system: str | None) -> str | None:
 
 
 def entries_to_drop(index: BundleIndex, decisions: Mapping[str, Decision]) -> set[int]:
-    """Entry indices to remove: every resource of every Patient whose decision is not `allowed` (a missing
-    decision counts as unknown). An entry that belongs to an allowed and a dropped Patient is dropped."""
+    """Entry indices to remove for the Patients whose decision is not `allowed` (no decision = unknown):
+
+    - every resource of such a Patient (`resources_of_patient`: the Patient and all that refers to it,
+      transitively), so an entry that belongs to an allowed and a dropped Patient is dropped;
+    - then every entry that only dropped entries refer to (e.g. the Binary holding a dropped
+      DocumentReference's document, a Medication of a dropped MedicationRequest): it was in the Bundle for
+      them and may carry their data. Patients are never dropped this way (they have their own decision), and
+      entries that nothing refers to are kept.
+    """
     drop: set[int] = set()
     for patient in index.patients:
         decision = decisions.get(patient_key(patient))
         if decision is None or decision.status != "allowed":
             drop |= resources_of_patient(index, patient)
-    return drop
+    return drop | orphaned_by(index, drop)
+
+
+def orphaned_by(index: BundleIndex, dropped: set[int]) -> set[int]:
+    """Entries (not Patients) all of whose referrers are in `dropped` or themselves orphaned, transitively."""
+    patients = {p.index for p in index.patients}
+    reverse = index.referenced_by
+    gone = set(dropped)
+    orphans: set[int] = set()
+    queue = [t for i in dropped for t in index.references[i]]
+    while queue:
+        candidate = queue.pop()
+        if candidate in gone or candidate in patients:
+            continue
+        if reverse[candidate] and reverse[candidate] <= gone:
+            gone.add(candidate)
+            orphans.add(candidate)
+            queue.extend(index.references[candidate])
+    return orphans

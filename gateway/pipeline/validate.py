@@ -364,6 +364,7 @@ def _full_url_index(entries: list[dict], errors: list[Issue]) -> dict[str, int]:
 # is escaped, so `"reference":"` can only match a real `reference` property; this finds every reference in an
 # entry (contained and nested resources included) at C speed, with no Python walk over the resource.
 _REFERENCE_VALUE = re.compile(rb'"reference":"([^"\\]*(?:\\.[^"\\]*)*)"')  # unrolled: ~2.5x faster
+_URL_VALUE = re.compile(rb'"url":"([^"\\]*)"')
 _PATIENT_TYPE = b'"resourceType":"Patient"'
 _LOGICAL_HINT = b'"identifier":{'
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -382,6 +383,7 @@ class _Resolver:
         self.entries = entries
         self.by_full_url = by_full_url
         self.by_type_id = _type_id_index(entries)
+        self.restful_urls = any(not url.startswith("urn:") for url in by_full_url)
         self.patient_identifiers = _identifier_index(patients)
         self.errors: list[Issue] = []
         self.warnings: list[Issue] = []
@@ -398,6 +400,13 @@ class _Resolver:
         for raw in _REFERENCE_VALUE.findall(dumped):
             ref = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
             targets |= self._resolve(i, entry, ref)
+        if b'"url":"urn:' in dumped or self.restful_urls:
+            # Attachment.url may point at a Binary entry (a document's content): an edge when it names an
+            # entry of this Bundle, ignored otherwise (extension URLs, web links).
+            for raw in _URL_VALUE.findall(dumped):
+                hit = self.by_full_url.get(raw.decode(errors="replace"))
+                if hit is not None:
+                    targets.add(hit)
         if _LOGICAL_HINT in dumped:
             targets |= self._logical_references(i, resource)
         return targets
