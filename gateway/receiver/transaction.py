@@ -157,4 +157,9 @@ def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dic
                 "ON CONFLICT (identifier) DO UPDATE SET count = count + 1",
                 (key,),
             )
-    return {"resourceType": "Bundle", "id": receipt_id, "type": "transaction-response", "entry": responses}
+    return {
+        "resourceType": "Bundle",
+        "id": receipt_id,
+        "type": f"{bundle['type']}-response",
+        "entry": responses,
+    }
