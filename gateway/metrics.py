@@ -19,6 +19,8 @@ class GatewayMetrics:
     claimed: Counter  # labels: registry
     fenced: Counter  # labels: registry; results dropped because the lease had passed to another worker
     depth: Gauge  # labels: status
+    resources: Counter  # labels: resource type, action (delivered | dropped:<reason>)
+    ttp_seconds: Histogram  # one TTP batch call, whatever its size
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None, namespace: str = "gateway") -> GatewayMetrics:
@@ -60,6 +62,16 @@ def create_metrics(registry: CollectorRegistry, namespace: str = "gateway") -> G
             ["status"],
             namespace=namespace,
             registry=registry,
+        ),
+        resources=counter(
+            "resources", "Resources of accepted bundles by type and action", ["type", "action"]
+        ),
+        ttp_seconds=Histogram(
+            "ttp_call_seconds",
+            "Time of one TTP batch call",
+            namespace=namespace,
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         ),
     )
 

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,21 @@ from gateway.keys import GatewayKeys, load_keys
 from gateway.metrics import GatewayMetrics
 from gateway.optout import EhrConsentSearch, OptOutSource, RegisterOptOut, objection_digest
 from gateway.pipeline.validate import SchemaValidator
-from gateway.process import ProviderChain, RegistryChain, process_bundle
+from gateway.process import Processed, ProviderChain, RegistryChain, process_bundle
 from gateway.pseudonym.mapping import InputMapping, load_input_mapping
 from gateway.pseudonym.source import SourceStage
 from gateway.service.auth import Authenticator, Caller
 from gateway.store import AuditInput, Store, open_store
 from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable
+from gateway.ttp.client import CachingTTP
+from gateway.ttp.timed import TimedTTP
 from gateway.worker import OutboxWorker
 
 log = logging.getLogger("gateway.runtime")
 
 DELIVERY_SYSTEM = "urn:fhir-gateway:delivery"
+# How long a pseudonym from the TTP is reused: a key rotation at the TTP reaches new deliveries within this.
+CACHE_TTL_SECONDS = 600.0
 SCHEMA_PATH = Path(__file__).parent / "data" / "fhir-r4.schema.json"
 
 
@@ -157,6 +162,7 @@ class Runtime:
                 self.store.record_audit, _audit(caller, registry, "nothing-to-deliver", processed.report)
             )
             return Accepted(None, processed.report)
+        self._count_resources(processed)
         # a stable identifier lets the registry (and our receiver) recognise a re-sent delivery
         processed.bundle["identifier"] = {"system": DELIVERY_SYSTEM, "value": key[:32]}
         payload = orjson.dumps(processed.bundle)
@@ -174,6 +180,15 @@ class Runtime:
         )
         self.metrics.bundles.labels(outcome="accepted" if created else "duplicate").inc()
         return Accepted(delivery_id, processed.report, created)
+
+    def _count_resources(self, processed: Processed) -> None:
+        delivered: Counter[str] = Counter(e["resource"]["resourceType"] for e in processed.bundle["entry"])
+        for rtype, n in delivered.items():
+            self.metrics.resources.labels(rtype, "delivered").inc(n)
+        dropped = (processed.report.get("deidentification") or {}).get("dropped") or {}
+        for reason, per_type in dropped.items():
+            for rtype, n in per_type.items():
+                self.metrics.resources.labels(rtype, f"dropped:{reason}").inc(n)
 
     def _idempotency(self, provider: str, registry: str, key: str) -> str:
         msg = f"{provider}|{registry}|{key}".encode()
@@ -257,6 +272,13 @@ def build_runtime(
 ) -> Runtime:
     """`ttps` maps each provider id to its TTP backend (authenticated as that provider) and a display name."""
     keys = load_keys(settings.key_dir, [p.id for p in config.providers])
+    for p in config.providers:
+        if p.mrn_system and p.id not in keys.provider_mrn:
+            raise ValueError(
+                f"provider {p.id}: an mrn_system is configured but its MRN key is missing "
+                "(fhir-gateway keys init --provider ...)"
+            )
+    metrics = GatewayMetrics.create()
     store = store or open_store(settings.store_url)
     profiles = load_profiles(Path(config.profiles_dir))
     rules = load_rules()
@@ -269,7 +291,8 @@ def build_runtime(
             p.id,
             SourceStage(keys.source_keys, keys.source_version, keys.provider_mrn.get(p.id), p.id),
             p.mrn_system,
-            ttps[p.id][0],
+            # misses only reach the TTP (and its latency histogram); the cache is keyed by pre-pseudonym
+            CachingTTP(TimedTTP(ttps[p.id][0], metrics.ttp_seconds), ttl=CACHE_TTL_SECONDS),
             ttps[p.id][1],
         )
         for p in config.providers
@@ -294,7 +317,7 @@ def build_runtime(
         registries=registries,
         providers=providers,
         forwarders=forwarders,
-        metrics=GatewayMetrics.create(),
+        metrics=metrics,
     )
 
 

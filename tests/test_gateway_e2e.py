@@ -140,6 +140,7 @@ def test_opted_out_patient_never_reaches_ttp_nor_registry(chain):
     objector_pres = [p.value for p in stage.pre_pseudonyms(extraction, REGISTRY)]
     assert objector_pres, "the objector would have had pseudonyms: the check below must mean something"
 
+    chain.runtime.providers[PROVIDER].ttp.clear()  # the gateway's pseudonym cache would hide the TTP call
     before = len(chain.ttp_recorder.bodies)
     response = _post(chain, example, headers={"Idempotency-Key": "opt-out-check"})
     assert response.status_code == 200, response.text
@@ -363,6 +364,8 @@ def test_key_rotation_and_registry_side_rekeying(tmp_path):
         translated = _patient_pseudonyms(c)
         assert translated and all(v.startswith("v2.") for v in translated)
 
+        # a gateway picks a new key version up when its pseudonym cache expires (runtime: 10 min) or restarts
+        c.runtime.providers[PROVIDER].ttp.clear()
         second = _post(c, example, headers={"Idempotency-Key": "after-rotation"})
         assert second.status_code == 200
         fresh = _patient_pseudonyms(c)
