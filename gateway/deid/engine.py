@@ -369,9 +369,10 @@ def _entry_keys(entry: dict[str, Any], rtype: str, resource: dict[str, Any]) -> 
     full = entry.get("fullUrl")
     if type(full) is str and full:
         keys.append(full)
-        tail = full.split("/_history/", 1)[0].rsplit("/", 2)
-        if len(tail) == 3 and tail[1] == rtype:
-            keys.append(f"{rtype}/{tail[2]}")
+        if not full.startswith("urn:"):  # an absolute URL also answers to its Type/id tail
+            tail = full.split("/_history/", 1)[0].rsplit("/", 2)
+            if len(tail) == 3 and tail[1] == rtype:
+                keys.append(f"{rtype}/{tail[2]}")
     rid = resource.get("id")
     if type(rid) is str and rid:
         keys.append(f"{rtype}/{rid}")
@@ -482,16 +483,8 @@ def _meta(src: Any, patient: bool) -> dict[str, Any] | None:
     return meta or None
 
 
-def _build(c: _Candidate, plan: Plan, ctx: p.WalkContext) -> dict[str, Any]:
-    out: dict[str, Any] = {"resourceType": c.rtype, "id": c.new_id}
-    if "meta" in c.resource or c.rtype == "Patient":
-        meta = _meta(c.resource.get("meta"), c.rtype == "Patient")
-        if meta:
-            out["meta"] = meta
-    p.walk(c.resource, plan.nodes[c.rtype], ctx, out)
-    if c.rtype == "Patient":
-        out["identifier"] = [dict(i) for i in c.pseudonyms]
-    return out
+def _patient_meta(res: dict[str, Any], out: dict[str, Any]) -> None:
+    out["meta"] = _meta(res.get("meta"), True)
 
 
 def _prune(value: Any, dead: set[str]) -> Any:
@@ -516,11 +509,24 @@ def _walk_all(
     kept: list[tuple[_Candidate, dict[str, Any]]] = []
     dead: set[str] = set()
     required = plan.required
+    nodes = plan.nodes
+    walk = p.walk
     for c, off in zip(candidates, offsets, strict=True):
-        ctx.pseudonyms = c.pseudonyms
         ctx.date_offset = off
+        rtype, res = c.rtype, c.resource
+        out: dict[str, Any] = {"resourceType": rtype, "id": c.new_id}
         try:
-            out = _build(c, plan, ctx)
+            if rtype == "Patient":
+                ctx.pseudonyms = c.pseudonyms
+                _patient_meta(res, out)
+                walk(res, nodes[rtype], ctx, out)
+                out["identifier"] = [dict(i) for i in c.pseudonyms]
+            else:
+                if "meta" in res:
+                    meta = _meta(res["meta"], False)
+                    if meta:
+                        out["meta"] = meta
+                walk(res, nodes[rtype], ctx, out)
         except p.DropResource as exc:
             report.drop(exc.reason, c.rtype)
             dead.add("urn:uuid:" + c.new_id)
