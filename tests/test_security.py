@@ -235,10 +235,13 @@ def test_metric_labels_hold_no_patient_data(chain: Any) -> None:
         for sample in family.samples:
             label_names |= set(sample.labels)
             label_values |= set(sample.labels.values())
-    assert label_names <= {"outcome", "registry", "status", "le"}, label_names
-    # label values are registry names and a small vocabulary of outcomes/statuses, or histogram bounds
-    vocabulary = re.compile(r"[a-z][a-z0-9-]*|\+Inf|[0-9.]+")
+    assert not label_names & {"patient", "bsn", "mrn", "name", "id", "identifier", "delivery", "client"}, \
+        label_names
+    # label values are registry names, pseudonym types and a small vocabulary of outcomes/statuses/actions,
+    # or histogram bounds: short words, never free text, numbers of patient size or ids
+    vocabulary = re.compile(r"[A-Za-z][A-Za-z0-9_:-]{0,40}|\+Inf|[0-9.]+(e[+-][0-9]+)?")
     assert all(vocabulary.fullmatch(v) for v in label_values), label_values
+    assert not [v for v in label_values if re.search(r"[0-9a-f]{16}|[0-9]{9}", v)], label_values  # ids, BSNs
     assert not label_values & values
     assert [v for v in values if v in text] == []
 
