@@ -397,9 +397,14 @@ class _Resolver:
         if dumped.count(_PATIENT_TYPE) != int(resource.get("resourceType") == "Patient"):
             self._nested_patient(i, resource)
         targets: set[int] = set()
+        by_full_url = self.by_full_url
         for raw in _REFERENCE_VALUE.findall(dumped):
             ref = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
-            targets |= self._resolve(i, entry, ref)
+            hit = by_full_url.get(ref)  # the common case (urn:uuid / fullUrl), without the call
+            if hit is not None:
+                targets.add(hit)
+            else:
+                targets |= self._resolve(i, entry, ref)
         if b'"url":"urn:' in dumped or self.restful_urls:
             # Attachment.url may point at a Binary entry (a document's content): an edge when it names an
             # entry of this Bundle, ignored otherwise (extension URLs, web links).
