@@ -351,3 +351,52 @@ def test_opaque_ids_are_hmac_sha256_and_valid_fhir_ids() -> None:
         new = ids.uuid("Patient", "Patient/123")
         assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", new)
         assert re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", new)
+
+
+def test_profile_switches_keep_what_the_profile_asks_for() -> None:
+    raw = read_yaml(PROFILES / "example-generic.yaml")
+    raw["free_text"] = {
+        "note": "keep",
+        "reference_display": "keep",
+        "attachment": "keep-metadata",
+        "concept_text": "keep",
+    }
+    raw["practitioner"] = {"name": "keep", "identifier": "drop", "telecom": "drop"}
+    raw["resources"]["Observation"] += ["note"]
+    raw["resources"]["DiagnosticReport"] += ["presentedForm"]
+    raw["resources"]["Practitioner"] += ["name"]
+    plan = compile_plan(profile_from_data(raw), load_rules())
+    o = obs("Patient/pat-123", note=[{"text": "Meting herhaald", "authorString": "Dr. Kuipers"}])
+    o["code"]["text"] = "Lengte"
+    report = {
+        "resourceType": "DiagnosticReport",
+        "status": "final",
+        "code": {"text": "x"},
+        "presentedForm": [
+            {
+                "contentType": "application/pdf",
+                "data": "SGVsbG8=",
+                "url": "http://x/doc",
+                "title": "Verslag Kuipers",
+                "size": 5,
+            }
+        ],
+    }
+    prac = {
+        "resourceType": "Practitioner",
+        "identifier": [{"system": "http://fhir.nl/fhir/NamingSystem/big", "value": "129123456"}],
+        "name": [{"family": "Peters", "given": ["Jan"]}],
+        "telecom": [{"value": "0612345678"}],
+    }
+    b = bundle(("urn:uuid:p", patient()), ("urn:uuid:o", o), ("urn:uuid:d", report), ("urn:uuid:pr", prac))
+    out = deidentify(b, plan, id_key=KEY_A, pseudonyms=fake_pseudonyms(b), provenance=PROVENANCE).bundle
+    (out_obs,) = resources(out, "Observation")
+    assert out_obs["note"] == [{"text": "Meting herhaald"}]  # authorString always removed
+    assert out_obs["subject"]["display"] == "Kuipers, Annemarie"
+    assert out_obs["code"]["text"] == "Lengte"
+    (dr,) = resources(out, "DiagnosticReport")
+    assert dr["presentedForm"] == [{"contentType": "application/pdf", "size": 5}]
+    (pr,) = resources(out, "Practitioner")
+    assert pr["name"] == [{"family": "Peters", "given": ["Jan"]}]
+    assert "identifier" not in pr and "telecom" not in pr
+    assert plan.practitioner_kept == ("name",)
