@@ -250,7 +250,9 @@ class BundleIndex:
 
     `references[i]` is the set of entry indices that entry i refers to (from anywhere inside it, contained
     resources included). `external_references` lists (entry index, reference) pairs that point outside the
-    Bundle (the de-identification stage must rewrite or drop them); `issues` holds warnings only.
+    Bundle (the de-identification stage must rewrite or drop them; they are input values: never log them);
+    `issues` holds warnings only (value-free). The index is read-only once built (the reverse graph is
+    cached).
     """
 
     bundle_type: str
