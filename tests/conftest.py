@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -16,8 +17,8 @@ import pytest
 PG_BASE_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def _admin_connect():  # type: ignore[no-untyped-def]
-    import psycopg
+def _admin_connect() -> Any:
+    import psycopg  # imported here: SQLite-only test runs need no libpq
 
     return psycopg.connect(PG_BASE_URL, autocommit=True, connect_timeout=3)
 
