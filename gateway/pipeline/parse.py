@@ -90,7 +90,7 @@ def parse_json(body: bytes, *, max_bytes: int, max_depth: int = 100, check_dupli
     if not 1 <= max_depth <= DUMPS_DEPTH_LIMIT:
         raise ValueError("max_depth must be between 1 and orjson's serialisation depth limit")
     start = _check_encoding_prefix(body)
-    value = _loads(body, start)  # orjson itself refuses more than 1024 levels, in C
+    value = _loads(body, start, max_depth)  # orjson itself refuses more than 1024 levels, in C
     if not isinstance(value, dict):
         raise FhirError.single(400, "structure", "the JSON document must be an object (a FHIR resource)")
     dumped = _dumps_within_depth(value, max_depth)
@@ -111,7 +111,7 @@ def _check_encoding_prefix(body: bytes) -> int:
     return 0
 
 
-def _loads(body: bytes, start: int) -> Any:
+def _loads(body: bytes, start: int, max_depth: int) -> Any:
     error: tuple[str, int] | None = None
     try:
         return orjson.loads(memoryview(body)[start:] if start else body)
@@ -119,7 +119,7 @@ def _loads(body: bytes, start: int) -> Any:
         # Keep only the message kind and position: the exception carries the whole document and must not
         # be chained into the FhirError (tracebacks, logs).
         error = (exc.msg, exc.pos)
-    raise _decode_error(body, error[0], error[1], start)
+    raise _decode_error(body, error[0], error[1], start, max_depth)
 
 
 def _dumps_within_depth(value: dict, max_depth: int) -> bytes:
@@ -138,7 +138,7 @@ def _dumps_within_depth(value: dict, max_depth: int) -> bytes:
     raise FhirError.single(400, "too-costly", f"JSON nesting deeper than {max_depth} levels")
 
 
-def _decode_error(body: bytes, msg: str, char_pos: int, start: int) -> FhirError:
+def _decode_error(body: bytes, msg: str, char_pos: int, start: int, max_depth: int) -> FhirError:
     text = body[start:]
     size = len(body)
     if "UTF-8" in msg or "surrogate" in msg:
@@ -150,11 +150,8 @@ def _decode_error(body: bytes, msg: str, char_pos: int, start: int) -> FhirError
         return FhirError.single(400, "structure", f"body is not valid UTF-8 (byte offset {offset})")
     offset = min(size, _byte_offset(text, char_pos) + start)
     if "depth" in msg:
-        return FhirError.single(
-            400,
-            "too-costly",
-            f"JSON nesting deeper than {ORJSON_LOADS_DEPTH_LIMIT} levels (byte offset {offset})",
-        )
+        text = f"JSON nesting deeper than {max_depth} levels (byte offset {offset})"
+        return FhirError.single(400, "too-costly", text)
     if "infinity" in msg:  # a literal beyond the double range (1e400, 400 digits)
         return FhirError.single(400, "value", f"number out of range (byte offset {offset})")
     if offset >= size:
