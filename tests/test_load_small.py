@@ -9,7 +9,9 @@ from tests.soak.load import run_load
 
 
 def test_small_load_no_5xx_no_loss_bounded_memory(tmp_path: Path) -> None:
-    report = run_load(tmp_path, connections=20, seconds=5, seed=7, drain_timeout=60)
+    # keep-alive expiry 2 s, under the gateway's 5 s: the reset race at equal expiries (reported, see
+    # tests/soak/load.py) is timing luck and must not make CI flaky; the full script runs the default
+    report = run_load(tmp_path, connections=20, seconds=5, seed=7, drain_timeout=60, keepalive_expiry=2.0)
     print("\n".join(report.lines()))
     f = report.figures
     assert report.requests > 20 and set(report.by_kind) >= {"good", "malformed-json", "wrong-content-type"}
