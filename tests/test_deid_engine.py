@@ -222,6 +222,18 @@ def test_unknown_extensions_are_dropped_known_ones_kept() -> None:
     assert pat["extension"][0]["extension"][0]["url"] == "code"
 
 
+def test_choice_wildcard_leaves_out_free_text_variants() -> None:
+    cond = {
+        "resourceType": "Condition",
+        "subject": {"reference": "Patient/pat-123"},
+        "code": {"coding": []},
+        "onsetString": "sinds de val bij Kuipers thuis",
+        "abatementDateTime": "2024-01-02",
+    }
+    (out,) = resources(run(bundle(("urn:uuid:p", patient()), ("urn:uuid:c", cond))).bundle, "Condition")
+    assert "onsetString" not in out and out["abatementDateTime"] == "2024-01-02"
+
+
 def test_free_text_is_removed() -> None:
     o = obs(
         "Patient/pat-123",

@@ -19,6 +19,7 @@ from types import MappingProxyType
 _TABLE = Path(__file__).with_name("r4types.json")
 
 DATE_TYPES = frozenset({"date", "dateTime", "instant"})
+FREE_TEXT_TYPES = frozenset({"string", "markdown"})
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,18 @@ class R4Types:
         return "_" in type_name
 
     def expand(self, definition: str, name: str) -> list[str]:
-        """Element names matching ``name``; ``value[x]`` expands to every choice variant."""
+        """Element names matching ``name``; ``onset[x]`` expands to every choice variant except the free-text
+        ones (``onsetString``, ``...Markdown``), which a profile must name explicitly if it wants them."""
         props = self.elements.get(definition, {})
         if name.endswith("[x]"):
             stem = name[:-3]
-            return [p for p in props if p.startswith(stem) and p[len(stem) : len(stem) + 1].isupper()]
+            return [
+                p
+                for p in props
+                if p.startswith(stem)
+                and p[len(stem) : len(stem) + 1].isupper()
+                and props[p].type not in FREE_TEXT_TYPES
+            ]
         return [name] if name in props else []
 
 
