@@ -70,7 +70,10 @@ class OutboxWorker:
         backoff: Backoff | None = None,
         metrics: GatewayMetrics | None = None,
         rng: random.Random | None = None,
+        payload_retention: float | None = None,
     ) -> None:
+        """`payload_retention` (seconds): when set, the payloads of deliveries delivered longer ago are
+        emptied while idle (data minimisation; the row, its counts and the audit trail stay)."""
         self.store = store if isinstance(store, AsyncStore) else AsyncStore(store)
         self.clients = dict(clients)
         self.owner = owner or default_owner()
@@ -80,6 +83,8 @@ class OutboxWorker:
         self.backoff = backoff or Backoff()
         self.metrics = metrics
         self._rng = rng
+        self.payload_retention = payload_retention
+        self._next_purge = 0.0
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._running = False
@@ -124,6 +129,7 @@ class OutboxWorker:
                 idle = len(claimed) < free  # nothing more is due right now
                 if idle and not in_flight:
                     await self._refresh_depth()
+                    await self._purge_if_due()
                 done, _ = await asyncio.wait(
                     {*in_flight, stop_waiter},
                     timeout=self.poll_interval if idle else None,
@@ -151,6 +157,15 @@ class OutboxWorker:
         self._stopping.set()
         if self._running:
             await self._stopped.wait()
+
+    async def _purge_if_due(self) -> None:
+        if self.payload_retention is None or time.monotonic() < self._next_purge:
+            return
+        self._next_purge = time.monotonic() + min(3600.0, max(1.0, self.payload_retention / 10))
+        with contextlib.suppress(StoreUnavailable):
+            purged = await asyncio.to_thread(self.store.sync.purge_payloads, self.payload_retention)
+            if purged:
+                log.info("emptied the payloads of %d delivered deliveries past retention", purged)
 
     async def _refresh_depth(self) -> None:
         if not self.metrics:

@@ -472,3 +472,24 @@ def test_killed_mid_delivery_the_registry_ends_up_with_one_copy(tmp_path: Path, 
     patient = httpx.get(f"{receiver}/Patient/p1").json()
     assert patient["id"] == "p1" and len(httpx.get(f"{receiver}/deliveries").json()) in (1, 2)
     store.close()
+
+
+def test_payloads_past_retention_are_emptied_while_idle(receiver: str, store: Store) -> None:
+    d = enqueue(store, 1)
+
+    async def go() -> None:
+        async with RegistryClient(receiver) as client:
+            worker = OutboxWorker(
+                store, {"dica": client}, owner="w", backoff=FAST, poll_interval=0.05, payload_retention=0.2
+            )
+            task = asyncio.create_task(worker.run())
+            deadline = time.monotonic() + 15
+            while store.get(d, with_payload=True).payload != b"":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await worker.stop()
+            await task
+
+    asyncio.run(go())
+    done = store.get(d, with_payload=True)
+    assert done.status == "delivered" and done.payload == b"" and done.counts == {"resources": 3}
