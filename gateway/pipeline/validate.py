@@ -384,12 +384,15 @@ class _Resolver:
     ) -> None:
         self.entries = entries
         self.by_full_url = by_full_url
-        self.by_type_id = _type_id_index(entries)
         self.restful_urls = any(not url.startswith("urn:") for url in by_full_url)
         self.patient_identifiers = _identifier_index(patients)
         self.errors: list[Issue] = []
         self.warnings: list[Issue] = []
         self.external: list[tuple[int, str]] = []
+
+    @cached_property
+    def by_type_id(self) -> dict[str, list[int]]:
+        return _type_id_index(self.entries)  # built only when a relative reference needs it
 
     def entry_references(self, i: int, entry: dict) -> set[int]:
         resource = entry.get("resource")
