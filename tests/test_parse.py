@@ -213,6 +213,11 @@ def test_slow_paths_stay_off_for_ordinary_bodies(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(parse_module, "_check_integer_range", must_not_run)
     for path in [*CORPUS.rglob("*.json")]:
         parse_json(path.read_bytes(), max_bytes=10 << 20)
+    dotnet_style = (
+        b'{"resourceType": "Patient", "text": {"status": "generated", "div": "\\u003Cdiv xmlns=\\u0022'
+    )
+    dotnet_style += b'http://www.w3.org/1999/xhtml\\u0022\\u003EJansen\\u003C/div\\u003E"}}'
+    assert parse_json(dotnet_style, max_bytes=1000)["text"]["div"].startswith("<div")
     with pytest.raises(AssertionError):
         parse_json(b'{"resourceType": "Patient", "a": 1, "a": 2}', max_bytes=100)
 
