@@ -52,6 +52,15 @@ def variant(n: int, patient_group: int, *, run: str = "r") -> bytes:
     text = _example_text().replace("vector-", f"{run}g{patient_group}-vector-")
     bundle = json.loads(text)
     bundle["identifier"]["value"] = f"{run}-delivery-{n}"
+    # New patient numbers per group as well: the gateway caches pseudonyms, and a group whose values were
+    # all cached would never reach the TTP (a TTP fault would then go unnoticed)
+    tag = "".join(ch for ch in f"{run}G{patient_group}" if ch.isalnum())
+    patients = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
+    for patient in patients:
+        for ident in patient.get("identifier") or []:
+            if ident.get("system", "").endswith("/patient-number"):
+                core = ident["value"].strip()
+                ident["value"] = ident["value"].replace(core, core + tag)
     return orjson.dumps(bundle)
 
 
