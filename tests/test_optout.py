@@ -212,6 +212,12 @@ def test_registry_exception_is_registry_specific() -> None:
         ({"provision": {"type": "deny", "period": {"end": "2026-11-24"}}}, "deny"),
         ({"provision": {"type": "deny", "period": {"start": "2026-11-25"}}}, "not-applicable"),
         ({"provision": {"type": "deny", "period": {"start": "2026-11"}}}, "deny"),
+        ({"provision": {"type": "deny", "purpose": [{"code": "HQUALIMP"}]}}, "deny"),
+        ({"provision": {"type": "deny", "purpose": [{"code": "HMARKT"}]}}, "not-applicable"),
+        (
+            {"provision": {"type": "deny", "purpose": [{"system": "urn:local", "code": "HQUALIMP"}]}},
+            "not-applicable",
+        ),
     ],
 )
 def test_evaluate_edge_cases(change: dict, verdict: str) -> None:

@@ -161,6 +161,8 @@ def _purpose_matches(purposes: Any, rule: str | None, policy: ConsentPolicy) -> 
     if not isinstance(purposes, list) or not all(isinstance(p, dict) for p in purposes):
         raise Unparseable
     named = {(p.get("system"), p.get("code")) for p in purposes}
+    # A purpose without a system (sloppy, but seen in exports) counts as the delivery purpose with that code.
+    named |= {(system, code) for system, code in policy.purposes if (None, code) in named}
     if rule == "permit":
         return policy.purposes <= named  # an exception that lets data go must cover every delivery purpose
     return bool(named & policy.purposes)
