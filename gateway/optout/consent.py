@@ -9,7 +9,8 @@ Rules (domain spec §6, decided here where the spec leaves it open):
   are evaluated.
 - Provisions are a tree: the node's `type` is the rule, nested provisions are exceptions to it (R4). A node
   applies when its own `period` covers now (absent = always), its `purpose` is absent or names one of the
-  delivery's purposes (default v3-ActReason HQUALIMP, HRESCH), and its `actor` is absent or names the
+  delivery's purposes (default v3-ActReason HQUALIMP, HRESCH; a purpose coding without a system matches
+  by code), and its `actor` is absent or names the
   registry (configured per registry, by reference or identifier; a `Consent.policy.uri` configured for the
   registry counts as naming it). The most specific applicable node decides; when applicable siblings
   disagree, deny wins ("objections supersede consents").
