@@ -41,7 +41,6 @@ ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 PROVISION_TYPES = frozenset({"deny", "permit"})
 LOCAL_TZ = ZoneInfo("Europe/Amsterdam")  # dates without a time are Dutch calendar days
-_RESTRICTIONS = ("data", "class", "code", "dataPeriod", "securityLabel")
 
 Verdict = Literal["deny", "permit", "not-applicable", "unknown"]
 
