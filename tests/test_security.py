@@ -225,6 +225,39 @@ def test_every_answer_carries_a_request_id(chain: Any) -> None:
     assert len(seen) > 20  # fresh per request
 
 
+def test_an_unexpected_error_is_a_500_with_a_request_id_and_no_exception_text(
+        chain: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 500 path too: a fixed OperationOutcome, the request id on the answer and on the error's log line
+    (so an operator can find it), never the exception's text (which may quote input values)."""
+    import logging
+
+    from gateway.service.logs import JsonFormatter
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise RuntimeError("store exploded while reading P0001234 / 111222333")
+
+    monkeypatch.setattr(chain.runtime.store, "list_deliveries", broken)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.setFormatter(JsonFormatter())
+    handler.emit = lambda record: lines.append(handler.format(record))  # type: ignore[method-assign]
+    logger = logging.getLogger("gateway.service")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(handler)
+    try:
+        response = call(chain, "GET", "/deliveries", auth(chain.ehr_api_key))
+    finally:
+        logger.removeHandler(handler)
+    assert response.status_code == 500
+    assert response.json()["issue"][0]["code"] == "exception"
+    assert "P0001234" not in response.text and "111222333" not in response.text
+    rid = response.headers.get("x-request-id")
+    assert rid
+    errors = [json.loads(line) for line in lines if '"unexpected error"' in line]
+    assert errors and errors[0]["request_id"] == rid and errors[0]["exc_type"] == "RuntimeError"
+    assert not [line for line in lines if "P0001234" in line or "111222333" in line]
+
+
 def test_metric_labels_hold_no_patient_data(chain: Any) -> None:
     for example in sorted(EXAMPLES.glob("*.json")):
         post_bundle(chain, chain.ehr_api_key, f"metrics-{example.name}", example.read_bytes())

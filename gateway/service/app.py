@@ -62,6 +62,10 @@ def _install_request_ids(app: FastAPI, runtime: Runtime) -> None:
         started = time.perf_counter()
         try:
             response = await call_next(request)
+        except Exception as exc:  # noqa: BLE001
+            # Answered here, not by the outermost (Exception) handler, which runs only after this middleware
+            # has returned: so the 500, its "unexpected error" log line and the request line carry the id.
+            response = errors.unexpected(exc)
         finally:
             request_id.reset(token)
         response.headers["X-Request-ID"] = rid
