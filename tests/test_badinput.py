@@ -49,12 +49,7 @@ def body_of(case: dict[str, Any]) -> bytes:
 
 
 def policy_from(defaults: dict[str, Any]) -> ConsentPolicy:
-    spec = defaults["optout_policy"]
-    return ConsentPolicy(
-        purposes=frozenset(tuple(p.split("|", 1)) for p in spec["purposes"]),  # type: ignore[misc]
-        registry_actors={k: frozenset(v) for k, v in spec["registry_actors"].items()},
-        registry_policies={k: frozenset(v) for k, v in spec["registry_policies"].items()},
-    )
+    return ConsentPolicy.from_mapping(defaults["optout_policy"])
 
 
 def run(case: dict[str, Any], validator: SchemaValidator) -> Outcome:

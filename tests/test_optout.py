@@ -787,3 +787,20 @@ def test_entries_only_dropped_resources_refer_to_are_dropped_too() -> None:
     refs = patient_refs(index, provider=PROVIDER, registry=REGISTRY)
     objects = {refs[0].key: Decision("objected", Reason.CONSENT_DENY), refs[1].key: Decision("allowed", "x")}
     assert entries_to_drop(index, objects) == {0, 1, 2, 3, 4, 9}
+
+
+def test_policy_from_mapping() -> None:
+    policy = ConsentPolicy.from_mapping(
+        {
+            "purposes": [f"{ACT_REASON}|HQUALIMP"],
+            "registry_actors": {"dica": [REGISTRY_URA]},
+            "registry_policies": {"dica": ["https://registry.example.nl/policy"]},
+        }
+    )
+    assert policy.purposes == frozenset({(ACT_REASON, "HQUALIMP")})
+    assert policy.registry_actors == {"dica": frozenset({REGISTRY_URA})}
+    assert policy.not_applicable_scopes == ConsentPolicy().not_applicable_scopes
+    assert ConsentPolicy.from_mapping({}) == ConsentPolicy()
+    for bad in ({"purposes": ["HQUALIMP"]}, {"actors": {}}):
+        with pytest.raises(ValueError):
+            ConsentPolicy.from_mapping(bad)

@@ -58,6 +58,28 @@ class ConsentPolicy:
     registry_actors: Mapping[str, frozenset[str]] = field(default_factory=dict)  # registry → refs/tokens
     registry_policies: Mapping[str, frozenset[str]] = field(default_factory=dict)  # registry → policy URIs
 
+    @classmethod
+    def from_mapping(cls, spec: Mapping[str, Any]) -> ConsentPolicy:
+        """From configuration (YAML/TOML), e.g. `optout_policy` in tests/badinput/cases.yaml:
+        `purposes: ["system|code", ...]`, `not_applicable_scopes: [...]`,
+        `registry_actors: {registry: ["system|value" or "Organization/x", ...]}`,
+        `registry_policies: {registry: [policy URI, ...]}`. Omitted keys keep the defaults."""
+        unknown = set(spec) - {"purposes", "not_applicable_scopes", "registry_actors", "registry_policies"}
+        if unknown:
+            raise ValueError(f"unknown opt-out policy keys: {sorted(unknown)}")
+        kw: dict[str, Any] = {}
+        if "purposes" in spec:
+            pairs = [str(p).split("|", 1) for p in spec["purposes"]]
+            if any(len(pair) != 2 or not all(pair) for pair in pairs):
+                raise ValueError("purposes must be 'system|code'")
+            kw["purposes"] = frozenset((system, code) for system, code in pairs)
+        if "not_applicable_scopes" in spec:
+            kw["not_applicable_scopes"] = frozenset(spec["not_applicable_scopes"])
+        for key in ("registry_actors", "registry_policies"):
+            if key in spec:
+                kw[key] = {str(r): frozenset(map(str, values)) for r, values in dict(spec[key]).items()}
+        return cls(**kw)
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
