@@ -349,3 +349,23 @@ def test_index_is_plain_data() -> None:
     index = BundleIndex("collection", [PatientEntry(0, "u", {})], {"u": 0}, [set(), {0}, {1}])
     assert resources_of_patient(index, 0) == {0, 1, 2}
     assert index.referenced_by == [{1}, {2}, set()]
+
+
+def test_repeated_external_references_recorded_but_warned_once(validator: SchemaValidator) -> None:
+    org = "Organization?identifier=http://fhir.nl/fhir/NamingSystem/ura|00001234"
+    body = bundle(
+        patient(managingOrganization={"reference": org}),
+        *[observation(performer=[{"reference": org}]) for _ in range(3)],
+    )
+    index = validate_bundle(body, validator)
+    assert index.external_references == [(0, org), (1, org), (2, org), (3, org)]
+    assert [w.expression for w in index.issues] == [
+        ("Bundle.entry[0].resource.managingOrganization.reference",)
+    ]
+
+
+def test_synthea_conditional_references_resolve_once(validator: SchemaValidator) -> None:
+    path = next(CORPUS.glob("synthea/fhir-data-pipes-synthea-hiv/Bob965*.json"))
+    index = validate_bundle(parse_json(path.read_bytes(), max_bytes=10 << 20), validator)
+    assert len(index.external_references) > 200
+    assert len(index.issues) == len({ref for _, ref in index.external_references})

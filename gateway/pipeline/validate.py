@@ -384,6 +384,8 @@ class _Resolver:
     ) -> None:
         self.entries = entries
         self.by_full_url = by_full_url
+        self._warned: set[str] = set()
+        self._type_identifiers: dict[str, dict[tuple[str | None, str], set[int]]] = {}
         self.restful_urls = any(not url.startswith("urn:") for url in by_full_url)
         self.patient_identifiers = _identifier_index(patients)
         self.errors: list[Issue] = []
@@ -474,6 +476,10 @@ class _Resolver:
         return set()
 
     def _conditional(self, i: int, resource: dict, ref: str, rtype: str, query: str) -> set[int]:
+        if rtype != "Patient" and ref in self._warned:
+            # The same unresolvable reference again (Synthea repeats a few in every entry): record, skip.
+            self.external.append((i, ref))
+            return set()
         params = parse_qsl(query, keep_blank_values=True)
         if not params or any(name != "identifier" for name, _ in params):
             if rtype == "Patient":
@@ -482,9 +488,7 @@ class _Resolver:
             else:
                 self._warn(i, resource, ref, "conditional reference that cannot be resolved in the Bundle")
             return set()
-        index = (
-            self.patient_identifiers if rtype == "Patient" else _identifier_index_of_type(self.entries, rtype)
-        )
+        index = self.patient_identifiers if rtype == "Patient" else self._identifiers_of_type(rtype)
         targets: set[int] = set()
         for _, token in params:
             system, sep, value = token.rpartition("|")
@@ -498,6 +502,14 @@ class _Resolver:
         else:
             self._warn(i, resource, ref, "conditional reference to a resource that is not in the Bundle")
         return set()
+
+    def _identifiers_of_type(self, rtype: str) -> dict[tuple[str | None, str], set[int]]:
+        """Identifier index per resource type, built once per Bundle (Synthea refers to every Organization
+        and Practitioner by a conditional reference: rebuilding it per reference was quadratic)."""
+        found = self._type_identifiers.get(rtype)
+        if found is None:
+            found = self._type_identifiers[rtype] = _identifier_index_of_type(self.entries, rtype)
+        return found
 
     def _logical_references(self, i: int, resource: dict) -> set[int]:
         """References by identifier only (`subject: {identifier: {system, value}}`), found by a slow walk that
@@ -524,11 +536,13 @@ class _Resolver:
 
     def _warn(self, i: int, resource: dict, ref: str, text: str) -> None:
         self.external.append((i, ref))
-        if (
-            len(self.warnings) < MAX_ISSUES
-        ):  # locating the reference walks the resource: only for those reported
-            where = _reference_path(i, resource, ref)
-            self.warnings.append(Issue("business-rule", text, (where,), severity="warning"))
+        # Locating a reference walks the resource, so only the first place of each distinct reference is
+        # reported (Synthea names the same few Organizations in every entry), up to MAX_ISSUES.
+        if ref in self._warned or len(self.warnings) >= MAX_ISSUES:
+            return
+        self._warned.add(ref)
+        where = _reference_path(i, resource, ref)
+        self.warnings.append(Issue("business-rule", text, (where,), severity="warning"))
 
 
 def _restful_base(full_url: Any) -> str | None:
