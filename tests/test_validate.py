@@ -369,3 +369,10 @@ def test_synthea_conditional_references_resolve_once(validator: SchemaValidator)
     index = validate_bundle(parse_json(path.read_bytes(), max_bytes=10 << 20), validator)
     assert len(index.external_references) > 200
     assert len(index.issues) == len({ref for _, ref in index.external_references})
+
+
+def test_many_dangling_references_are_cheap(validator: SchemaValidator) -> None:
+    body = bundle(patient(), *[observation(subject="Patient/elsewhere") for _ in range(5000)])
+    start = time.perf_counter()
+    err = rejected(validator, body)
+    assert len(err.issues) == MAX_ISSUES and time.perf_counter() - start < 2.0

@@ -532,7 +532,8 @@ class _Resolver:
         return targets
 
     def _dangling(self, i: int, resource: dict, ref: str, text: str) -> None:
-        self.errors.append(Issue("not-found", text, (_reference_path(i, resource, ref),)))
+        if len(self.errors) < MAX_ISSUES:  # the rest would be cut anyway; locating each walks the resource
+            self.errors.append(Issue("not-found", text, (_reference_path(i, resource, ref),)))
 
     def _warn(self, i: int, resource: dict, ref: str, text: str) -> None:
         self.external.append((i, ref))
