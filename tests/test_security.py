@@ -401,13 +401,15 @@ def _one_clear_line(run: subprocess.CompletedProcess, path: Path) -> None:
 
 def test_gateway_key_file_wider_than_0600_is_refused(tmp_path: Path) -> None:
     with process_chain(tmp_path) as pc:
-        secret = tmp_path / "keys" / "gateway-secret.hex"
-        for mode in (0o640, 0o604):
-            secret.chmod(mode)
+        key_files = sorted((tmp_path / "keys").glob("*.hex"))
+        # the source key, the provider's MRN key and the gateway secret: each one refused on its own
+        assert {p.name.split("-")[0] for p in key_files} >= {"source", "provider", "gateway"}, key_files
+        for n, key_file in enumerate(key_files):
+            key_file.chmod((0o640, 0o604, 0o644)[n % 3])
             env = {**pc.env, "FHIR_GATEWAY_PORT": str(free_port())}
             run = _start_and_fail(["serve", "--config", str(pc.config_path)], env, tmp_path)
-            _one_clear_line(run, secret)
-        secret.chmod(0o600)
+            _one_clear_line(run, key_file)
+            key_file.chmod(0o600)
 
 
 def test_ttp_key_file_wider_than_0600_is_refused(tmp_path: Path) -> None:
