@@ -532,7 +532,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     """N bundles from 8 EHR threads, R kill -9 of the gateway at seeded random moments, restarts. Every
     bundle the EHR got a 2xx for reaches the registry; re-sends are counted apart and must not create a
     resource twice (see tests/soak/common.py for what exactly-once means here)."""
-    report = run_kill_soak(tmp_path, bundles=100, kills=3, seed=20261124, gap=(0.2, 1.2), drain_timeout=60)
+    report = run_kill_soak(tmp_path, bundles=100, kills=3, seed=20261124, drain_timeout=60)
     f = report.figures
     print(report.line())
     assert report.kills == 3 and report.restarts == 3

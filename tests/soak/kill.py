@@ -44,10 +44,11 @@ class KillReport:
 
 def run_kill_soak(work_dir: Path, *, bundles: int, kills: int, seed: int, threads: int = 8, groups: int = 10,
                   store_url: str | None = None, lease_seconds: float = 3.0,
-                  gap: tuple[float, float] = (0.5, 2.5),
+                  gap: tuple[float, float] = (0.0, 0.3),
                   drain_timeout: float = 120.0, log: Callable[[str], None] = lambda _: None) -> KillReport:
     """Post `bundles` distinct bundles from `threads` EHR threads; meanwhile kill -9 the gateway `kills` times
-    (seeded RNG picks the moments) and restart it on the same port; then let the outbox drain and account.
+    (seeded RNG picks the moments: a progress threshold plus a delay drawn from `gap`) and restart it on the
+    same port; then let the outbox drain and account.
 
     The lease is short (`lease_seconds`) so deliveries a killed gateway held are re-sent within seconds
     rather than the production default of two minutes."""
@@ -69,9 +70,16 @@ def run_kill_soak(work_dir: Path, *, bundles: int, kills: int, seed: int, thread
                                        deadline_s=drain_timeout, prefer_async=i % 2 == 0)
 
         restarts = 0
+        # Each kill comes when a seeded random share of the bundles has been answered (plus a random delay),
+        # so every kill lands while the EHR is still posting and the worker delivering, however fast or slow
+        # this machine is.
+        thresholds = sorted(rng.randrange(1, bundles) for _ in range(kills))
         with ThreadPoolExecutor(threads) as pool:
             futures = [pool.submit(post, i) for i in range(bundles)]
-            for k in range(kills):
+            for k, threshold in enumerate(thresholds):
+                deadline = time.monotonic() + drain_timeout
+                while sum(1 for f in futures if f.done()) < threshold and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 time.sleep(rng.uniform(*gap))
                 pending = sum(1 for f in futures if not f.done())
                 gw.kill(signal.SIGKILL)

@@ -27,7 +27,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kill-soak-") as tmp:
         report = run_kill_soak(Path(tmp), bundles=args.bundles, kills=args.kills, seed=args.seed,
-                               threads=args.threads, store_url=args.pg, gap=(0.5, 4.0), drain_timeout=300.0,
+                               threads=args.threads, store_url=args.pg, drain_timeout=300.0,
                                log=lambda line: print(line, flush=True))
     f = report.figures
     print(f"bundles posted:   {f.posted} ({f.post_requests} requests)")
