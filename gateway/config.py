@@ -63,6 +63,11 @@ class RegistryConfig(_Strict):
         "bundle-consent",
     ]
     ehr_consent_url: str | None = None
+    consent_policy: dict[str, Any] | None = Field(
+        None,
+        description="which Consents concern this registry: purposes, not_applicable_scopes, registry_actors, "
+        "registry_policies (gateway/optout/consent.py ConsentPolicy)",
+    )
     gics: dict[str, Any] | None = Field(
         None, description="gICS consent source options (docs/backends/gics.md)"
     )

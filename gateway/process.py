@@ -15,13 +15,12 @@ from typing import Any
 from gateway import __version__
 from gateway.deid.engine import Plan, ProvenanceInfo, deidentify
 from gateway.deid.leakscan import scan, sensitive_values
-from gateway.optout import BundleConsentOptOut, CombinedOptOut, Decision, OptOutSource, PatientRef
+from gateway.optout import BundleConsentOptOut, CombinedOptOut, ConsentPolicy, Decision, OptOutSource
+from gateway.optout.apply import entries_to_drop, patient_key, patient_refs
 from gateway.outcome import FhirError, Issue
 from gateway.pipeline.validate import (
     BundleIndex,
-    PatientEntry,
     SchemaValidator,
-    resources_of_patient,
     validate_bundle,
 )
 from gateway.pseudonym.mapping import InputMapping
@@ -40,6 +39,7 @@ class RegistryChain:
     optout: tuple[OptOutSource, ...]  # sources that answer independently of the posted bundle
     id_key: bytes
     bundle_consent: bool = True  # also read Consent resources posted in the bundle
+    consent_policy: ConsentPolicy | None = None  # which Consents concern this registry (default: purposes)
     identifier_system: str = "urn:nlps1:{registry}:{type}"
     require_patient: bool = True
 
@@ -81,7 +81,7 @@ async def process_bundle(
     index = validate_bundle(bundle, validator, require_patient=registry.require_patient)
     decisions = await _check_optout(bundle, index, registry, provider)
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
-    dropped = _dropped_entries(index, decisions)
+    dropped = entries_to_drop(index, decisions)
     report: dict[str, Any] = {
         "patients": len(decisions),
         "patientsDroppedOptOut": sum(1 for d in decisions.values() if d.status == "objected"),
@@ -110,8 +110,9 @@ async def process_bundle(
     ]
     if unlinkable:
         # a patient without any pseudonym cannot be linked by the registry: deliver none of their data
-        dropped_no_pseudonym = set().union(*(resources_of_patient(index, p) for p in unlinkable))
-        kept_input = _without_entries(bundle, dropped | dropped_no_pseudonym)
+        no_link = {patient_key(p): Decision("unknown", "no-pseudonym") for p in unlinkable}
+        dropped_no_pseudonym = entries_to_drop(index, {**decisions, **no_link})
+        kept_input = _without_entries(bundle, dropped_no_pseudonym)
         report["patientsDroppedNoPseudonym"] = len(unlinkable)
         report["resourcesDroppedNoPseudonym"] = len(dropped_no_pseudonym - dropped)
         if len(unlinkable) == len(admitted):
@@ -135,14 +136,6 @@ async def process_bundle(
     return Processed(result.bundle, report, _patient_keys(result.bundle))
 
 
-def patient_key(patient: PatientEntry) -> str:
-    """How a Patient is known through the stages: its fullUrl, else `Patient/<id>`, else its entry."""
-    if patient.full_url:
-        return patient.full_url
-    rid = patient.resource.get("id")
-    return f"Patient/{rid}" if isinstance(rid, str) else f"Bundle.entry[{patient.index}]"
-
-
 def _patients(index: BundleIndex) -> dict[str, dict[str, Any]]:
     return {patient_key(p): p.resource for p in index.patients}
 
@@ -150,19 +143,12 @@ def _patients(index: BundleIndex) -> dict[str, dict[str, Any]]:
 async def _check_optout(
     bundle: dict[str, Any], index: BundleIndex, registry: RegistryChain, provider: ProviderChain
 ) -> dict[str, Decision]:
-    refs = [
-        PatientRef(
-            key=patient_key(p),
-            resource=p.resource,
-            mrn=_mrn(p.resource, provider.mrn_system),
-            provider=provider.provider,
-            registry=registry.registry,
-        )
-        for p in index.patients
-    ]
+    refs = patient_refs(
+        index, provider=provider.provider, registry=registry.registry, mrn_system=provider.mrn_system
+    )
     sources = list(registry.optout)
     if registry.bundle_consent:
-        sources.append(BundleConsentOptOut.from_bundle(bundle))
+        sources.append(BundleConsentOptOut.from_bundle(bundle, policy=registry.consent_policy))
     if not sources:  # a registry without any opt-out source cannot deliver: fail closed
         return {r.key: Decision("unknown", "no-optout-source") for r in refs}
     try:
@@ -170,22 +156,6 @@ async def _check_optout(
     except Exception:  # a source that cannot answer must not deliver anything: fail closed
         decisions = {}
     return {r.key: decisions.get(r.key) or Decision("unknown", "optout-source-error") for r in refs}
-
-
-def _mrn(patient: dict[str, Any], system: str | None) -> str | None:
-    for ident in patient.get("identifier") or []:
-        if isinstance(ident, dict) and system and ident.get("system") == system:
-            value = ident.get("value")
-            return value.strip() if isinstance(value, str) else None
-    return None
-
-
-def _dropped_entries(index: BundleIndex, decisions: Mapping[str, Decision]) -> set[int]:
-    dropped: set[int] = set()
-    for patient in index.patients:
-        if decisions[patient_key(patient)].status != "allowed":
-            dropped |= resources_of_patient(index, patient)
-    return dropped
 
 
 def _without_entries(bundle: dict[str, Any], dropped: set[int]) -> dict[str, Any]:

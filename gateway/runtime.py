@@ -26,7 +26,7 @@ from gateway.deid.rules import load_rules
 from gateway.forward import RegistryClient, auth_from_config
 from gateway.keys import GatewayKeys, load_keys
 from gateway.metrics import GatewayMetrics
-from gateway.optout import EhrConsentSearch, OptOutSource, RegisterOptOut, objection_digest
+from gateway.optout import ConsentPolicy, EhrConsentSearch, OptOutSource, RegisterOptOut, objection_digest
 from gateway.pipeline.validate import SchemaValidator
 from gateway.process import Processed, ProviderChain, RegistryChain, process_bundle
 from gateway.pseudonym.mapping import InputMapping, load_input_mapping
@@ -333,9 +333,14 @@ def _registry_chain(
         types=tuple(profile.pseudonym_types),
         optout=_optout(reg, keys, store),
         bundle_consent="bundle-consent" in reg.optout,
+        consent_policy=_consent_policy(reg),
         id_key=keys.id_key(name),
         identifier_system=reg.identifier_system,
     )
+
+
+def _consent_policy(reg: RegistryConfig) -> ConsentPolicy | None:
+    return ConsentPolicy.from_mapping(reg.consent_policy) if reg.consent_policy else None
 
 
 def _optout(reg: RegistryConfig, keys: GatewayKeys, store: Store) -> tuple[OptOutSource, ...]:
@@ -346,7 +351,7 @@ def _optout(reg: RegistryConfig, keys: GatewayKeys, store: Store) -> tuple[OptOu
     if "ehr-consent" in reg.optout:
         if not reg.ehr_consent_url:
             raise ValueError("ehr-consent opt-out needs ehr_consent_url")
-        sources.append(EhrConsentSearch(reg.ehr_consent_url))
+        sources.append(EhrConsentSearch(reg.ehr_consent_url, policy=_consent_policy(reg)))
     if "gics" in reg.optout:
         from gateway.optout.gics import gics_from_config, hmac_signer_id
 
