@@ -6,6 +6,7 @@ Every fault is real or injected at a real server, and named where it is injected
 - registry down: FAULT INJECTION at the real receiver (`POST /_faults`), and the receiver server stopped.
 - store locked: a second SQLite connection holds the write lock (as another process would).
 - disk full: FAULT INJECTION through `open_store(on_connect=...)`: the file may not grow (max_page_count).
+- store failing for reads too: FAULT INJECTION through the same hook: every statement is interrupted.
 - SIGKILL / SIGTERM: the gateway as a real OS process (tests/processes.py).
 """
 
