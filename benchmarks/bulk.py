@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--max-group-resources", type=int, default=5000)
     parser.add_argument("--bundle-size", type=int, default=500)
     parser.add_argument("--mrn-system", default=None)
-    parser.add_argument("--workers", type=int, default=2, help="worker processes for the chain (0: in-process)")
+    parser.add_argument("--workers", type=int, default=2, help="chain worker processes (0: in-process)")
     args = parser.parse_args()
     if args.serve:
         serve_main(Path(args.serve))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -107,7 +108,14 @@ class PoolRunner:
     def __init__(self, spec: ChainSpec, workers: int, paths: list[str], patients_per_call: int) -> None:
         self.parallelism = workers
         self.paths, self.patients_per_call = paths, patients_per_call
-        self._pool = ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(spec,))
+        # spawn, not fork: the parent has threads (asyncio.to_thread, store pool, a server's loop) and a
+        # child forked while one of them holds a lock hangs for ever (seen: the initializer never returned).
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init,
+            initargs=(spec,),
+        )
 
     async def run(
         self, lines: list[Line], tag: str, bundle_size: int, max_line_bytes: int, recorded: str
