@@ -161,6 +161,7 @@ def test_resume_after_interruption_stores_every_bundle_once(tmp_path: Path) -> N
         options=options,
     )
     assert summary.groups_total == 5 and summary.groups_resumed == 2
+    assert not (tmp_path / "w" / "index.db").exists()  # dropped once the job is finished
     names = {p.name for p in (tmp_path / "out").glob("*.json")}
     assert first < names
     assert sum(r["resourceType"] == "Patient" for r in resources(tmp_path / "out")) == 10

@@ -93,6 +93,8 @@ async def deliver_export(
     finally:
         conn.close()
         state.close()
+    # Finished: the index (offsets into the export, keys under a key that is gone) has no further use.
+    (work_dir / "index.db").unlink(missing_ok=True)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 
