@@ -277,7 +277,8 @@ def _delivered(chain: FaultChain, response: httpx.Response, timeout: float = 30.
 
 
 def test_ttp_down_is_503_with_retry_after_nothing_stored_and_recovers(chain: FaultChain) -> None:
-    assert chain.post(_fresh(1, run="ttpdown")).status_code == 200  # the chain works before the fault
+    first = chain.post(_fresh(1, run="ttpdown"))
+    assert first.status_code == 200, first.text  # the chain works before the fault
     before = chain.footprint()
     chain.ttp.stop()  # the TTP server is really gone: connection refused on its port
     try:
@@ -292,6 +293,9 @@ def test_ttp_down_is_503_with_retry_after_nothing_stored_and_recovers(chain: Fau
         # the gateway keeps serving: liveness, metadata and status queries answer; readiness names the TTP
         assert httpx.get(f"{chain.url}/healthz").status_code == 200
         assert httpx.get(f"{chain.url}/metadata").status_code == 200
+        status = httpx.get(chain.url + first.headers["Content-Location"],
+                           headers={"Authorization": f"Bearer {chain.ehr_key}"})
+        assert status.status_code == 200 and status.json()["status"] == "delivered"
         ready = httpx.get(f"{chain.url}/readyz", timeout=30)
         assert ready.status_code == 503 and f"ttp:{PROVIDER}" in ready.json()["problems"]
     finally:
