@@ -81,6 +81,8 @@ def serve(
         log_config=None,
         proxy_headers=False,  # trust is decided on the peer address (trusted_proxies), never X-Forwarded-For
         timeout_graceful_shutdown=30,
+        # longer than common client pools keep idle connections, so the server never closes one under them
+        timeout_keep_alive=75,
     )
 
 

@@ -499,10 +499,6 @@ def test_disk_full_is_503_nothing_half_written_and_recovers(chain: FaultChain) -
     assert _delivered(chain, again).status == "delivered"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (reported; fix in gateway/service/app.py post_bundle): runtime.wait_for raises StoreUnavailable "
-    "outside the try, so the EHR gets 500 'internal error; nothing was stored' for a committed bundle. Fix: "
-    "wrap wait_for in try/except StoreUnavailable -> delivery = None (answers 202 + Content-Location)"))
 def test_store_failing_during_the_sync_wait_after_the_commit_is_not_a_500(chain: FaultChain) -> None:
     """The bundle is committed; then, while the request waits for the delivery (no Prefer: respond-async),
     the store stops answering. The EHR must not get a 500 saying "nothing was stored": it was stored, and

@@ -157,7 +157,10 @@ def _ingest_routes(app: FastAPI, runtime: Runtime) -> None:
             return fhir_response(
                 delivery_parameters(accepted.delivery_id, "queued", accepted.report), 202, headers=headers
             )
-        delivery = await runtime.wait_for(accepted.delivery_id, SYNC_WAIT_SECONDS)
+        try:
+            delivery = await runtime.wait_for(accepted.delivery_id, SYNC_WAIT_SECONDS)
+        except StoreUnavailable:  # it IS stored (committed above): say so, and let the EHR poll
+            delivery = None
         status = delivery.status if delivery else "queued"
         http_status = {"delivered": 200, "dead": 422}.get(status, 202)
         body_out = delivery_parameters(
