@@ -41,6 +41,7 @@ import anyio.to_thread
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from gateway.outcome import FhirError, Issue, operation_outcome
 from gateway.ttp import envelope, service
@@ -170,6 +171,9 @@ def create_app(keystore: KeyStore, auth: TTPAuth, *, allow_plain: bool = True, m
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
+        if isinstance(exc, ClientDisconnect):  # the caller went away mid-request (e.g. a killed gateway)
+            log.info("caller disconnected before the request was read")
+            return _fhir(operation_outcome([Issue("incomplete", "request not received whole")]), 400)
         # Log the exception type only: messages and tracebacks may carry locals from a batch.
         log.error("TTP internal error: %s", type(exc).__name__)
         return _fhir(operation_outcome([Issue("exception", "internal error")]), 500)
