@@ -230,7 +230,11 @@ def test_nothing_identifying_is_logged_stored_or_answered(tmp_path: Path) -> Non
 
             statuses: dict[str, int] = {}
             for name, doc in inputs:
-                statuses[name] = post(name, doc).status_code
+                response = post(name, doc)
+                statuses[name] = response.status_code
+                if name.startswith("02-"):  # P0001234 objected, X42 withdrawn: exactly one patient dropped
+                    counts = {p["name"]: p.get("valueInteger") for p in response.json()["parameter"]}
+                    assert counts["patientsDroppedOptOut"] == 1, response.text
             delivered = [n for n, s in statuses.items() if s in (200, 202)]
             assert len(delivered) >= 10, statuses
 
