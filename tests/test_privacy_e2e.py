@@ -226,7 +226,7 @@ def test_nothing_identifying_is_logged_stored_or_answered(tmp_path: Path) -> Non
                 keep("objection", client.post("/objections", json={"patientNumber": number,
                                                                    "registry": REGISTRY}))
             keep("withdraw", client.post("/objections/$withdraw",
-                                         json={"patientNumber": "X42", "registry": "*"}))
+                                         json={"patientNumber": "X42", "registry": REGISTRY}))
 
             statuses: dict[str, int] = {}
             for name, doc in inputs:
