@@ -275,6 +275,7 @@ def test_nothing_identifying_is_logged_stored_or_answered(tmp_path: Path) -> Non
         receiver_files = [p for p in (tmp_path / "receiver").rglob("*") if p.is_file()]
         receiver_text = [(str(p), p.read_text(errors="replace")) for p in receiver_files]
     test_log = list(test_logs.lines)
+    ehr_key, admin_key, ttp_key = pc.ehr_api_key, pc.admin_api_key, pc.env["TEST_TTP_KEY"]
 
     # --- what must not be found ---------------------------------------------------------------------------
     public = pc.config_path.read_text() + " ".join([REGISTRY, MRN_SYSTEM, "example-cancer-registry"])
@@ -291,6 +292,9 @@ def test_nothing_identifying_is_logged_stored_or_answered(tmp_path: Path) -> Non
     for number in objected:
         needles.add("objection", number)
     needles.add("planted-bsn", probe)
+    # and no credential: the EHR and admin keys, the gateway's TTP key
+    for kind, secret in (("ehr-key", ehr_key), ("admin-key", admin_key), ("ttp-key", ttp_key)):
+        needles.add(kind, secret)
     assert len(needles.values) > 100, len(needles.values)
     scan = Scan(needles.compile(), needles)
     control = Scan(scan.pattern, needles)  # the scanner finds what it looks for in the raw inputs
