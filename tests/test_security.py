@@ -348,6 +348,19 @@ def test_registry_client_verifies_the_registry_certificate(tmp_path: Path) -> No
         assert trusted.ok and trusted.status == 200
 
 
+def test_registry_client_checks_the_host_name_not_only_the_chain(tmp_path: Path) -> None:
+    # a certificate the CA bundle trusts, but issued to another name than the one connected to
+    cert, key = self_signed(tmp_path / "tls", common_name="registry.example", dns_name="registry.example")
+
+    async def deliver(base: str) -> Any:
+        async with RegistryClient(base + "/", verify=str(cert), timeout=5) as client:
+            return await client.deliver(b'{"resourceType": "Bundle"}')
+
+    with serve_https(_accepting_app(), cert, key) as base:
+        wrong_name = asyncio.run(deliver(base))
+        assert not wrong_name.ok and wrong_name.status is None
+
+
 def test_ttp_client_verifies_the_ttp_certificate(tmp_path: Path) -> None:
     from gateway.ttp.backend import TTPUnavailable
     from gateway.ttp.client import HttpTTPClient

@@ -19,8 +19,10 @@ import uvicorn
 from gateway.serving import free_port
 
 
-def self_signed(directory: Path, common_name: str = "127.0.0.1") -> tuple[Path, Path]:
-    """A throw-away self-signed certificate for 127.0.0.1 (its own CA); returns (cert.pem, key.pem)."""
+def self_signed(directory: Path, common_name: str = "127.0.0.1",
+                dns_name: str | None = None) -> tuple[Path, Path]:
+    """A throw-away self-signed certificate (its own CA) for 127.0.0.1, or for `dns_name` only (to test that
+    the host name is checked, not just the chain); returns (cert.pem, key.pem)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -39,7 +41,8 @@ def self_signed(directory: Path, common_name: str = "127.0.0.1") -> tuple[Path, 
         .not_valid_after(now + datetime.timedelta(days=1))
         # CA:TRUE so that OpenSSL accepts the certificate as the trust anchor of its own chain
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)] if dns_name else
+                                                   [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                        critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
