@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import tempfile
@@ -78,7 +79,10 @@ async def _connection(
     try:
         while todo and time.perf_counter() < deadline:
             i = todo.pop()
-            body = bodies[i % len(bodies)]
+            # a Bundle.identifier per request: every request is a new delivery (no idempotency shortcut)
+            base = bodies[i % len(bodies)]
+            ident = b'"identifier":{"system":"urn:bench","value":"%d-%d"},' % (os.getpid(), i)
+            body = base[:1] + ident + base[1:]
             start = time.perf_counter()
             writer.write(
                 f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}"
