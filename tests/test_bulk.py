@@ -393,3 +393,32 @@ def test_one_ttp_batch_per_group_and_never_an_objecting_patient(tmp_path: Path) 
         extraction = extract_inputs(patient, chains.registry.types, chains.mapping, None)
         objecting = {p.value for p in chains.provider.source.pre_pseudonyms(extraction, REGISTRY)}
         assert objecting and not objecting & sent
+
+
+def test_cli_to_dir_writes_bundles_and_a_summary(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from gateway.bulk.commands import bulk
+
+    write_export(tmp_path / "export", SynthSpec(patients=3, resources_per_patient=4))
+    app = typer.Typer()
+    app.command()(bulk)
+    args = [
+        str(tmp_path / "export"),
+        "--registry",
+        REGISTRY,
+        "--to-dir",
+        str(tmp_path / "out"),
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--json",
+        "--workers",
+        "0",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert '"patients": 3' in result.output
+    assert len(list((tmp_path / "out").glob("*.json"))) >= 1
+    both = CliRunner().invoke(app, [str(tmp_path / "export"), "--registry", REGISTRY])
+    assert both.exit_code == 2  # neither --config nor --to-dir

@@ -109,7 +109,7 @@ def open_index(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     # The index is scratch data (rebuilt on resume): no fsync, no journal to pay for.
     conn.executescript(
-        "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=MEMORY;PRAGMA cache_size=-65536;"
+        "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=FILE;PRAGMA cache_size=-32768;"
     )
     conn.executescript(SCHEMA)
     return conn
