@@ -33,6 +33,45 @@ log = logging.getLogger("gateway.service")
 
 SYNC_WAIT_SECONDS = 20.0
 
+# Request bodies are read raw (size limit first, orjson, schema per resource), so FastAPI cannot derive
+# their description; these keep the OpenAPI document (and schemathesis) truthful.
+BUNDLE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            media: {
+                "schema": {
+                    "type": "object",
+                    "required": ["resourceType", "type"],
+                    "properties": {
+                        "resourceType": {"type": "string", "enum": ["Bundle"]},
+                        "type": {"type": "string", "enum": ["transaction", "batch", "collection"]},
+                        "entry": {"type": "array", "items": {"type": "object"}},
+                    },
+                }
+            }
+            for media in ("application/fhir+json", "application/json")
+        },
+    }
+}
+OBJECTION_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["patientNumber"],
+                    "properties": {
+                        "patientNumber": {"type": "string"},
+                        "registry": {"type": "string", "default": "*"},
+                    },
+                }
+            }
+        },
+    }
+}
+
 
 def create_app(runtime: Runtime, *, run_worker: bool = True) -> FastAPI:
     @contextlib.asynccontextmanager
@@ -43,7 +82,15 @@ def create_app(runtime: Runtime, *, run_worker: bool = True) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="FHIR delivery gateway", version=runtime.version, lifespan=lifespan)
+    # the API description is served behind the admin key (see _operations_routes); no CDN-loaded doc pages
+    app = FastAPI(
+        title="FHIR delivery gateway",
+        version=runtime.version,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.runtime = runtime
     errors.install(app)
     _install_request_ids(app, runtime)
@@ -109,6 +156,11 @@ def _operations_routes(app: FastAPI, runtime: Runtime) -> None:
             orjson.dumps(body), status_code=200 if not problems else 503, media_type="application/json"
         )
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> Response:
+        require_admin(caller_of(runtime, request))
+        return Response(orjson.dumps(app.openapi()), media_type="application/json")
+
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         require_admin(caller_of(runtime, request))
@@ -117,7 +169,7 @@ def _operations_routes(app: FastAPI, runtime: Runtime) -> None:
 
 
 def _ingest_routes(app: FastAPI, runtime: Runtime) -> None:
-    @app.post("/registries/{registry}/Bundle")
+    @app.post("/registries/{registry}/Bundle", openapi_extra=BUNDLE_BODY)
     async def post_bundle(registry: str, request: Request) -> Response:
         caller = caller_of(runtime, request)
         require_registry(caller, registry, runtime.registries)
@@ -216,19 +268,27 @@ def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
             raise FhirError.single(404, "not-found", "no dead delivery with this id for this client")
         return Response(orjson.dumps({"id": delivery_id, "status": "queued"}), media_type="application/json")
 
-    @app.post("/objections")
+    @app.post("/objections", status_code=204, openapi_extra=OBJECTION_BODY)
     async def add_objection(request: Request) -> Response:
-        caller = caller_of(runtime, request)
+        caller = _provider_caller(runtime, request)
         patient_number, registry = await _objection_body(request)
         await runtime.objections_add(caller, patient_number, registry)
         return Response(status_code=204)
 
-    @app.post("/objections/$withdraw")
+    @app.post("/objections/$withdraw", status_code=204, openapi_extra=OBJECTION_BODY)
     async def withdraw_objection(request: Request) -> Response:
-        caller = caller_of(runtime, request)
+        caller = _provider_caller(runtime, request)
         patient_number, registry = await _objection_body(request)
         await runtime.objections_withdraw(caller, patient_number, registry)
         return Response(status_code=204)
+
+
+def _provider_caller(runtime: Runtime, request: Request) -> Caller:
+    """Objections belong to a provider's patients: the admin (no provider) may not record them."""
+    caller = caller_of(runtime, request)
+    if caller.provider is None:
+        raise FhirError.single(403, "forbidden", "objections are recorded by a provider's own client")
+    return caller
 
 
 async def _objection_body(request: Request) -> tuple[str, str]:
