@@ -349,6 +349,9 @@ class _Scanner:
             self.findings.append(Finding(_path(parts), "bsn"))
 
 
+_WINDOW = 512  # characters after a first token in which the rest of its sequence must follow
+
+
 def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
     """Most outputs are clean: one serialisation and C-level regex passes over the whole document prove it
     without walking it in Python. Any hit (or anything orjson cannot serialise) means: walk and check."""
@@ -368,12 +371,23 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
         if len(run) == 9 and run.isdigit() and bsn_valid(run.decode()):
             return False
     low = raw.decode().casefold()
+    by_first = scanner.sens.by_first if scanner.sens is not None else {}
     for first, pattern in scanner.first_tokens:
         if first in low:  # C substring search; most tokens never occur at all
             for m in pattern.finditer(low):
-                if m.start() == 0 or not low[m.start() - 1].isalnum():
+                if (m.start() == 0 or not low[m.start() - 1].isalnum()) and _sequence_at(
+                    low, m.start(), by_first[first]
+                ):
                     return False
     return True
+
+
+def _sequence_at(low: str, start: int, candidates: Any) -> bool:
+    """Does a whole sensitive sequence start here? A kept PC4 ("3511") is the first token of the full
+    postcode ("3511 ab") but not a leak by itself. The window may run across JSON strings ("3511","ab"),
+    which only errs towards the exact walk."""
+    tokens = _TOKEN.findall(low[start : start + _WINDOW])
+    return any(len(seq) == 1 or tuple(tokens[: len(seq)]) == seq for seq, _ in candidates)
 
 
 def scan(output: Any, sensitive: SensitiveSet | None = None) -> list[Finding]:
