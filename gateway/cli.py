@@ -171,6 +171,12 @@ def selftest(vectors: Path = typer.Option(..., "--vectors", exists=True, dir_oka
     run(vectors)
 
 
+def _mount_bulk() -> None:
+    from gateway.bulk.commands import bulk
+
+    app.command("bulk")(bulk)
+
+
 @app.command()
 def scan(
     files: list[Path] = typer.Argument(..., help="FHIR JSON files to scan for direct identifiers"),
@@ -225,6 +231,7 @@ def clients_new_key() -> None:
 
 
 _mount_subcommands()
+_mount_bulk()
 
 
 if __name__ == "__main__":

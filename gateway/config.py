@@ -137,6 +137,8 @@ class Settings(BaseSettings):
     # How long a claimed delivery stays leased to this worker (renewed while sending). After a crash, its
     # in-flight deliveries wait this long before another worker (or the restarted one) sends them again.
     worker_lease_seconds: float = 120.0
+    bulk_work_dir: Path = Path("var/bulk")  # bulk job state, index and uploads (removed when a job ends)
+    bulk_import_dir: Path | None = None  # the only folder a $import manifest may name files in
 
 
 def load_config(path: Path) -> GatewayConfig:

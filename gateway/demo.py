@@ -124,6 +124,7 @@ def embedded_chain(
             store_url=store_url or f"sqlite:///{work_dir / 'gateway.db'}",
             key_dir=work_dir / "keys",
             worker_poll_seconds=0.05,
+            bulk_work_dir=work_dir / "bulk",
         )
         ttps = {p: (HttpTTPClient(ttp_url, ttp_secrets[p], sealed=ttp_sealed), ttp_url) for p in providers}
         runtime = build_runtime(config, settings, ttps=ttps)
