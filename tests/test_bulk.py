@@ -27,7 +27,7 @@ from gateway.bulk import (
 from gateway.bulk import index as ix
 from gateway.bulk.chains import offline_chains
 from gateway.bulk.sources import resolve_sources
-from gateway.bulk.synth import SynthSpec, patient_id, write_export
+from gateway.bulk.synth import MRN_SYSTEM, SynthSpec, patient_id, write_export
 from gateway.forward import RegistryClient
 from gateway.metrics import GatewayMetrics
 from gateway.pseudonym.extract import extract_inputs
@@ -422,3 +422,43 @@ def test_cli_to_dir_writes_bundles_and_a_summary(tmp_path: Path) -> None:
     assert len(list((tmp_path / "out").glob("*.json"))) >= 1
     both = CliRunner().invoke(app, [str(tmp_path / "export"), "--registry", REGISTRY])
     assert both.exit_code == 2  # neither --config nor --to-dir
+
+
+def test_conditional_and_urn_uuid_patient_references_group_with_their_patient(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=4, resources_per_patient=1))
+    uuid_id = "6f1c2a9e-3b4d-4e5f-8a7b-9c0d1e2f3a4b"
+    with (tmp_path / "export" / "Patient.ndjson").open("ab") as f:
+        f.write(
+            orjson.dumps(
+                {
+                    "resourceType": "Patient",
+                    "id": uuid_id,
+                    "gender": "female",
+                    "birthDate": "1950-01-01",
+                    "name": [{"family": "Visser"}],
+                }
+            )
+            + b"\n"
+        )
+    obs = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+    }
+    with (tmp_path / "export" / "Observation.ndjson").open("ab") as f:
+        cond = {"reference": f"Patient?identifier={MRN_SYSTEM}|MRN00000002"}
+        f.write(orjson.dumps(obs | {"id": "cond1", "subject": cond}) + b"\n")
+        f.write(orjson.dumps(obs | {"id": "urn1", "subject": {"reference": f"urn:uuid:{uuid_id}"}}) + b"\n")
+    files = resolve_sources([tmp_path / "export"])
+    conn = ix.open_index(tmp_path / "index.db")
+    ix.build_index(conn, files, ix.Keyer(), group_size=1, max_group_resources=100, max_line_bytes=1 << 20)
+    owners = dict(
+        conn.execute("""SELECT o.line, p.line FROM resources o JOIN resources p ON p.id = o.owner
+                        WHERE o.rtype = 'Observation'""")
+    )
+    # Observation line 1 -> Patient line 3 (MRN00000002); line 2 -> the appended uuid Patient (line 5)
+    assert owners == {1: 3, 2: 5}
+    summary = run_bulk(
+        [tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out"
+    )
+    assert summary.sent["Patient"] == 5 and summary.sent["Observation"] == summary.resources_in["Observation"]
