@@ -12,26 +12,19 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from rich.console import Console
 from rich.table import Table
 
-from gateway.config import REPO_ROOT, ProviderConfig, TTPConfig, load_config
-from gateway.deid.engine import compile_plan
-from gateway.deid.profile import load_profiles
-from gateway.deid.rules import load_rules
-from gateway.keys import init_keys, load_keys
+from gateway.bulk.chains import from_runtime, offline_chains
+from gateway.bulk.group import Chains
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
 from gateway.pipeline.validate import SchemaValidator
 from gateway.process import ProviderChain, RegistryChain, process_bundle
-from gateway.pseudonym.mapping import load_input_mapping
-from gateway.pseudonym.source import SourceStage
-from gateway.runtime import SCHEMA_PATH
 
-DEFAULT_PROVIDER = ProviderConfig(id="ura:00000000", name="offline", mrn_system=None)
 MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
@@ -39,23 +32,22 @@ def run_deidentify(
     files: list[Path], *, registry: str, out: Path | None, config: Path | None, console: Console
 ) -> int:
     table = _summary_table()
-    with _chains(registry, config) as (registry_chain, provider_chain):
-        rows = asyncio.run(_all(files, registry_chain, provider_chain, out))
+    with _chains(registry, config) as chains:
+        rows = asyncio.run(_all(files, chains, out))
     for path, (_, summary) in zip(files, rows, strict=True):
         table.add_row(path.name, *summary)
     (Console(stderr=True) if out is None else console).print(table)
     return max((code for code, _ in rows), default=0)
 
 
-async def _all(
-    files: list[Path], registry: RegistryChain, provider: ProviderChain, out: Path | None
-) -> list[tuple[int, list[str]]]:
-    validator = SchemaValidator.from_file(SCHEMA_PATH)
-    mapping = load_input_mapping()
+async def _all(files: list[Path], chains: Chains, out: Path | None) -> list[tuple[int, list[str]]]:
     try:
-        return [await _one(path, registry, provider, validator, mapping, out) for path in files]
+        return [
+            await _one(path, chains.registry, chains.provider, chains.validator, chains.mapping, out)
+            for path in files
+        ]
     finally:
-        await close_backend(provider.ttp)
+        await close_backend(chains.provider.ttp)
 
 
 async def close_backend(backend: Any) -> None:
@@ -151,50 +143,17 @@ def _summary_table() -> Table:
 
 
 @contextmanager
-def _chains(registry: str, config_path: Path | None) -> Iterator[tuple[RegistryChain, ProviderChain]]:
-    from gateway.bootstrap import ttp_backend
+def _chains(registry: str, config_path: Path | None) -> Iterator[Chains]:
+    """Without a configuration: throw-away keys and the embedded TTP. With one: the configured runtime
+    (keys, TTP, every opt-out source of that registry), as the service would run it."""
+    if config_path is None:
+        with tempfile.TemporaryDirectory(prefix="fhir-gateway-offline-") as tmp:
+            yield offline_chains(registry, Path(tmp))
+        return
+    from gateway.bootstrap import startup_runtime
 
-    with tempfile.TemporaryDirectory(prefix="fhir-gateway-offline-") as tmp:
-        if config_path is None:
-            provider, ttp_config, profiles_dir = DEFAULT_PROVIDER, TTPConfig(url="embedded"), None
-            key_dir, ttp_key_dir = Path(tmp) / "keys", Path(tmp) / "ttp-keys"
-            init_keys(key_dir, [provider.id])
-            _init_embedded_ttp(ttp_key_dir, registry)
-        else:
-            config = load_config(config_path)
-            provider, ttp_config, profiles_dir = config.providers[0], config.ttp, config.profiles_dir
-            from gateway.config import Settings
+    def fail(message: str) -> NoReturn:
+        raise SystemExit(f"fhir-gateway: {message}")
 
-            key_dir = Settings().key_dir
-            ttp_key_dir = key_dir.parent / "ttp-keys"
-        keys = load_keys(key_dir, [provider.id])
-        profiles = load_profiles(Path(profiles_dir) if profiles_dir else REPO_ROOT / "profiles")
-        if registry not in profiles:
-            raise SystemExit(f"fhir-gateway: no delivery profile {registry!r}")
-        profile = profiles[registry]
-        ttp, name = ttp_backend(ttp_config, provider, ttp_key_dir)
-        yield (
-            RegistryChain(
-                registry=registry,
-                plan=compile_plan(profile, load_rules()),
-                types=tuple(profile.pseudonym_types),
-                optout=(),
-                bundle_consent=True,
-                id_key=keys.id_key(registry),
-            ),
-            ProviderChain(
-                provider.id,
-                SourceStage(
-                    keys.source_keys, keys.source_version, keys.provider_mrn.get(provider.id), provider.id
-                ),
-                provider.mrn_system,
-                ttp,
-                name,
-            ),
-        )
-
-
-def _init_embedded_ttp(key_dir: Path, registry: str) -> None:
-    from gateway.ttp.keystore import init_keys as init_ttp_keys
-
-    init_ttp_keys(key_dir, [registry])
+    runtime, _ = startup_runtime(config_path, fail)
+    yield from_runtime(runtime, registry, runtime.config.providers[0].id)
