@@ -89,12 +89,14 @@ class Keyer:
     def __init__(self, key: bytes | None = None, cache: int = 1 << 16) -> None:
         secret = key or os.urandom(32)
 
-        @functools.lru_cache(maxsize=cache)
-        def keyed(text: str) -> int:
+        def fresh(text: str) -> int:
             digest = hmac.digest(secret, text.encode("utf-8", "surrogatepass"), "sha256")
             return int.from_bytes(digest[:8], "big") >> 1  # SQLite INTEGER is signed 64-bit
 
-        self._keyed = keyed
+        # `fresh` for texts seen once (a line's own Type/id: a cache would only churn), the cached one for
+        # references.
+        self.fresh = fresh
+        self._keyed = functools.lru_cache(maxsize=cache)(fresh)
         # The same reference text recurs line after line (the patient, their encounter, a few
         # practitioners): classify each distinct text once.
         self.classify = functools.lru_cache(maxsize=cache)(lambda raw: _classify(raw, self))
@@ -198,7 +200,7 @@ def _scan_line(
     row.rtype = rtype
     rid = resource.get("id")
     if isinstance(rid, str) and _ID.fullmatch(rid):
-        row.self_key = keyer(f"{rtype}/{rid}")
+        row.self_key = keyer.fresh(f"{rtype}/{rid}")
     if rtype == "Patient":
         row.patient_keys = tuple(_patient_aliases(resource, rid, keyer))
     prefs: set[tuple[int, int]] = set()
@@ -214,14 +216,14 @@ def _scan_line(
 
 def _patient_aliases(resource: dict, rid: object, keyer: Keyer) -> Iterator[int]:
     if isinstance(rid, str) and rid:
-        yield keyer(f"Patient/{rid}")
-        yield keyer(f"urn:uuid:{rid}")
+        yield keyer.fresh(f"Patient/{rid}")
+        yield keyer.fresh(f"urn:uuid:{rid}")
     idents = resource.get("identifier")
     for ident in idents if isinstance(idents, list) else ():
         if isinstance(ident, dict) and isinstance(ident.get("value"), str):
             system = ident.get("system") if isinstance(ident.get("system"), str) else ""
-            yield keyer(f"ident|{system}|{ident['value']}")
-            yield keyer(f"ident-any|{ident['value']}")
+            yield keyer.fresh(f"ident|{system}|{ident['value']}")
+            yield keyer.fresh(f"ident-any|{ident['value']}")
 
 
 def _classify(raw: bytes, keyer: Keyer) -> tuple[list[tuple[int, int]], list[int]]:
