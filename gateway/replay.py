@@ -86,20 +86,24 @@ def _interpret(name: str, response: httpx.Response) -> ReplayResult:
     return ReplayResult(name, response.status_code, status, delivery, _summary(params))
 
 
+_SHORT = {
+    "patients": "patients",
+    "patientsDroppedOptOut": "opted out",
+    "patientsDroppedUnknownOptOut": "opt-out unknown",
+    "patientsDroppedNoPseudonym": "no pseudonym",
+    "resourcesIn": "resources in",
+    "resourcesDelivered": "delivered",
+}
+
+
 def _summary(params: dict[str, dict]) -> str:
+    """Counts worth reading: zero drops are left out."""
     parts = []
-    for name in (
-        "patients",
-        "patientsDroppedOptOut",
-        "patientsDroppedUnknownOptOut",
-        "patientsDroppedNoPseudonym",
-        "resourcesIn",
-    ):
-        if name in params:
-            parts.append(f"{name}={params[name].get('valueInteger')}")
-    if "resourcesDelivered" in params:
-        parts.append(f"delivered={params['resourcesDelivered'].get('valueInteger')}")
+    for name, label in _SHORT.items():
+        value = params.get(name, {}).get("valueInteger")
+        if value or (value == 0 and name in ("patients", "resourcesDelivered")):
+            parts.append(f"{label} {value}")
     types = params.get("pseudonymTypes", {}).get("part", [])
     if types:
-        parts.append("pseudonyms=" + ",".join(p["name"] for p in types))
-    return " ".join(parts)
+        parts.append("pseudonyms " + ",".join(p["name"] for p in types))
+    return ", ".join(parts)
