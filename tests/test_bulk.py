@@ -462,3 +462,30 @@ def test_conditional_and_urn_uuid_patient_references_group_with_their_patient(tm
         [tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out"
     )
     assert summary.sent["Patient"] == 5 and summary.sent["Observation"] == summary.resources_in["Observation"]
+
+
+def test_an_over_long_line_is_reported_without_reading_it_whole(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=2, resources_per_patient=2))
+    with (tmp_path / "export" / "Encounter.ndjson").open("ab") as f:
+        f.write(b'{"resourceType":"Encounter","note":"' + b"x" * 300_000 + b'"}\n')
+        f.write(
+            orjson.dumps(
+                {
+                    "resourceType": "Encounter",
+                    "id": "after",
+                    "status": "finished",
+                    "class": {"code": "AMB"},
+                    "subject": {"reference": f"Patient/{patient_id(0)}"},
+                }
+            )
+            + b"\n"
+        )
+    summary = run_bulk(
+        [tmp_path / "export"],
+        registry=REGISTRY,
+        work_dir=tmp_path / "w",
+        to_dir=tmp_path / "out",
+        options=BulkOptions(max_line_bytes=100_000),
+    )
+    assert ("Encounter.ndjson", 3, "line-too-long") in summary.invalid_lines
+    assert summary.sent["Encounter"] == 3  # the line after it is read at its right offset

@@ -29,6 +29,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import parse_qsl
 
 import orjson
@@ -167,18 +168,43 @@ def _scan_file(
 ) -> Iterator[_Row]:
     offset = 0
     with path.open("rb", buffering=1 << 20) as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            length = len(raw)
+        for line_no, raw, length in _raw_lines(handle, max_line_bytes):
             stats.bytes += length
             stats.lines += 1
-            body = raw.rstrip(b"\r\n")
-            if body.strip():
+            if raw is None:  # longer than max_line_bytes: never held in memory whole
                 stats.resources += 1
-                row = _scan_line(body, number, offset, line_no, keyer, max_line_bytes)
-                if row.rtype is None:
-                    stats.invalid += 1
-                yield row
+                stats.invalid += 1
+                yield _Row(number, offset, length, line_no, None, reason="line-too-long")
+            else:
+                body = raw.rstrip(b"\r\n")
+                if body.strip():
+                    stats.resources += 1
+                    row = _scan_line(body, number, offset, line_no, keyer, max_line_bytes)
+                    if row.rtype is None:
+                        stats.invalid += 1
+                    yield row
             offset += length
+
+
+def _raw_lines(handle: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, line or None when too long, length in bytes), reading at most max_line_bytes + 2 bytes
+    of any line at a time: an export without newlines cannot make pass 1 read it into memory whole."""
+    line_no = 0
+    while True:
+        raw = handle.readline(max_line_bytes + 2)
+        if not raw:
+            return
+        line_no += 1
+        if raw.endswith(b"\n") or len(raw) <= max_line_bytes:
+            yield line_no, raw, len(raw)
+            continue
+        length = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = handle.readline(1 << 20)
+            if not raw:
+                break
+            length += len(raw)
+        yield line_no, None, length
 
 
 def _scan_line(
