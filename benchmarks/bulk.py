@@ -52,6 +52,10 @@ def serve_main(work: Path) -> None:
         receiver_url = stack.enter_context(serve_in_thread(create_receiver_app(work / "receiver", scan=scan)))
         print(json.dumps({"ttp": ttp_url, "receiver": receiver_url, "secret": secret}), flush=True)
         sys.stdin.read()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        json.dumps({"cpu": usage.ru_utime + usage.ru_stime, "maxrss_mb": usage.ru_maxrss / 1024}), flush=True
+    )
 
 
 async def deliver(export: Path, work: Path, urls: dict, args: argparse.Namespace) -> dict:
@@ -159,11 +163,12 @@ def main() -> None:
             result = asyncio.run(deliver(work / "export", work, urls, args))
         finally:
             server.stdin.close()
+            server_usage = json.loads(server.stdout.readline() or "{}")
             server.wait(timeout=60)
-        _report(result, size)
+        _report(result, size, server_usage)
 
 
-def _report(result: dict, size: int) -> None:
+def _report(result: dict, size: int, server: dict) -> None:
     m, s = result["marks"], result["summary"]
     start = m["start"]
     index_s = m.get("deliver-start", m["stored"]) - m.get("index-start", start)
@@ -178,7 +183,17 @@ def _report(result: dict, size: int) -> None:
     )
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"peak RSS: this process {own:.0f} MB, largest child (TTP + receiver) {children:.0f} MB")
+    print(
+        f"peak RSS: this process {own:.0f} MB, TTP + receiver process {server.get('maxrss_mb', 0):.0f} MB, "
+        f"largest child {children:.0f} MB"
+    )
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_cpu = server.get("cpu", 0.0)
+    workers_cpu = kids.ru_utime + kids.ru_stime - server_cpu
+    print(
+        f"CPU seconds: this process {me.ru_utime + me.ru_stime:.1f}, chain workers {workers_cpu:.1f}, "
+        f"TTP + receiver {server_cpu:.1f}"
+    )
     print(f"outbox at the end: {result['depth']}")
     print(f"sent: {s['sent']}")
     print(f"dropped: {s['dropped']}  invalid lines: {len(s['invalidLines'])}")
