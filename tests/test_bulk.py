@@ -265,8 +265,16 @@ def test_resume_through_the_outbox_delivers_each_bundle_exactly_once(tmp_path: P
     counts = httpx.get(f"{receiver}/_accepted").json()
     assert counts and set(counts.values()) == {1}
     assert store.depth()["delivered"] == len(counts)
+    accepted = [
+        a for a in store.list_audit(registry=REGISTRY, limit=1000) if _field(a, "event") == "accepted"
+    ]
+    assert len(accepted) == len(counts)  # one audit line per Bundle, not one per re-run
     patients = [d for d in httpx.get(f"{receiver}/deliveries").json()]
     assert sum((d.get("resourceCounts") or {}).get("Patient", 0) for d in patients) == 9
+
+
+def _field(row, name: str):  # noqa: ANN001, ANN202 - an AuditEvent or its dict form
+    return row.get(name) if isinstance(row, dict) else getattr(row, name)
 
 
 async def _forward(store, receiver: str) -> None:  # noqa: ANN001

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.store import Store
+from gateway.store import AuditInput, Store
 
 
 class Sink(Protocol):
@@ -34,6 +34,15 @@ class StoreSink:
             idempotency_key=key,
             patient_order_key=order_key,
             counts=counts,
+            # the same audit line a posted Bundle gets, written with the row (only when it is new)
+            audit=AuditInput(
+                actor=self.sender,
+                provider=self.provider,
+                registry=self.registry,
+                event="accepted",
+                outcome="bulk",
+                counts=counts,
+            ),
         )
         return created
 
