@@ -86,7 +86,7 @@ def test_ndjson_upload_is_delivered_to_the_registry(chain, tmp_path: Path) -> No
         summary = status["summary"]
         assert summary["patients"] == 6 and summary["patientsOptedOut"] == 1
         assert summary["sent"]["Patient"] == 5
-        assert not list((tmp_path / "bulk").glob("*/upload.ndjson"))  # the upload does not stay on disk
+        assert not list((tmp_path / "bulk").glob("*"))  # the job folder (with the upload) does not stay
         counts = wait_received(c.receiver_url, summary["bundles"])
     assert len(counts) == summary["bundles"] and set(counts.values()) == {1}
     received = httpx.get(f"{c.receiver_url}/deliveries").json()

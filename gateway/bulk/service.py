@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -147,10 +148,10 @@ class BulkJobs:
             job.state, job.error = "failed", f"internal error ({type(exc).__name__})"
         finally:
             job.finished = time.time()
-            # An upload is the hospital's data in clear: it does not stay on the gateway's disk. (A failed
-            # upload job is re-run by uploading again; finished groups are then not sent twice only within
-            # the same job, so a re-upload is a new job: the registry's upserts absorb the repeat.)
-            (self.work_root / job.id / "upload.ndjson").unlink(missing_ok=True)
+            # The job folder goes when the job ends: an upload is the hospital's data in clear, and the
+            # service offers no resume (a failed upload is uploaded again: a new job, and the registry's
+            # upserts absorb what the failed one had already delivered). The status stays in memory.
+            shutil.rmtree(self.work_root / job.id, ignore_errors=True)
 
     def wait(self, job_id: str, timeout: float | None = None) -> None:
         thread = self._threads.get(job_id)
