@@ -28,6 +28,17 @@ from gateway.pseudonym.source import SourceStage
 from gateway.pseudonymise import pseudonymise_patients
 from gateway.ttp.backend import TTPBackend
 
+# The per-bundle counts of a report (integers), in the order they are shown to EHRs and auditors.
+REPORT_COUNTS = (
+    "patients",
+    "patientsDroppedOptOut",
+    "patientsDroppedUnknownOptOut",
+    "patientsDroppedNoPseudonym",
+    "resourcesIn",
+    "resourcesDroppedOptOut",
+    "resourcesDroppedNoPseudonym",
+)
+
 
 @dataclass(frozen=True)
 class RegistryChain:

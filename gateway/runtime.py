@@ -28,7 +28,7 @@ from gateway.keys import GatewayKeys, load_keys
 from gateway.metrics import GatewayMetrics
 from gateway.optout import ConsentPolicy, EhrConsentSearch, OptOutSource, RegisterOptOut, objection_digest
 from gateway.pipeline.validate import SchemaValidator
-from gateway.process import Processed, ProviderChain, RegistryChain, process_bundle
+from gateway.process import REPORT_COUNTS, Processed, ProviderChain, RegistryChain, process_bundle
 from gateway.pseudonym.mapping import InputMapping, load_input_mapping
 from gateway.pseudonym.source import SourceStage
 from gateway.service.auth import Authenticator, Caller
@@ -235,16 +235,7 @@ def _bundle_identifier(bundle: dict[str, Any]) -> str | None:
 def _counts(report: dict[str, Any]) -> dict[str, Any]:
     """Counts only: what the outbox row and the audit trail keep of a delivery."""
     deid = report.get("deidentification") or {}
-    keys = (
-        "patients",
-        "patientsDroppedOptOut",
-        "patientsDroppedUnknownOptOut",
-        "patientsDroppedNoPseudonym",
-        "resourcesIn",
-        "resourcesDroppedOptOut",
-        "resourcesDroppedNoPseudonym",
-    )
-    return {k: report[k] for k in keys if k in report} | {
+    return {k: report[k] for k in REPORT_COUNTS if k in report} | {
         "resourcesDelivered": deid.get("resourcesKept"),
         "dropped": deid.get("dropped"),
     }

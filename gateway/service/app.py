@@ -240,20 +240,27 @@ def _delivery_view(d: Any) -> dict[str, Any]:
     }
 
 
+async def _listing(
+    runtime: Runtime, provider: str | None, status: str | None, registry: str | None, limit: int
+) -> Response:
+    """Deliveries newest first; `provider` None lists every provider's (admin only)."""
+    rows = await asyncio.to_thread(
+        runtime.store.list_deliveries,
+        provider=provider,
+        status=status,
+        registry=registry,
+        limit=min(max(limit, 1), 1000),
+    )
+    return Response(orjson.dumps([_delivery_view(d) for d in rows]), media_type="application/json")
+
+
 def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.get("/deliveries")
     async def list_deliveries(
         request: Request, status: str | None = None, registry: str | None = None, limit: int = 100
     ) -> Response:
         caller = caller_of(runtime, request)
-        rows = await asyncio.to_thread(
-            runtime.store.list_deliveries,
-            provider=caller.provider,
-            status=status,
-            registry=registry,
-            limit=min(max(limit, 1), 1000),
-        )
-        return Response(orjson.dumps([_delivery_view(d) for d in rows]), media_type="application/json")
+        return await _listing(runtime, caller.provider, status, registry, limit)
 
     @app.get("/deliveries/{delivery_id}")
     async def delivery_status(delivery_id: str, request: Request) -> Response:
@@ -318,14 +325,7 @@ def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
         request: Request, status: str | None = None, registry: str | None = None, limit: int = 100
     ) -> Response:
         require_admin(caller_of(runtime, request))
-        rows = await asyncio.to_thread(
-            runtime.store.list_deliveries,
-            provider=None,
-            status=status,
-            registry=registry,
-            limit=min(max(limit, 1), 1000),
-        )
-        return Response(orjson.dumps([_delivery_view(d) for d in rows]), media_type="application/json")
+        return await _listing(runtime, None, status, registry, limit)
 
     @app.post("/admin/deliveries/{delivery_id}/$requeue")
     async def admin_requeue(delivery_id: str, request: Request) -> Response:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.process import REPORT_COUNTS
+
 
 def _counts(name: str, counts: dict[str, int]) -> dict[str, Any]:
     return {
@@ -20,15 +22,7 @@ def delivery_parameters(
         params.append({"name": "delivery", "valueString": delivery_id})
     if registry_status is not None:
         params.append({"name": "registryStatus", "valueInteger": registry_status})
-    for key in (
-        "patients",
-        "patientsDroppedOptOut",
-        "patientsDroppedUnknownOptOut",
-        "patientsDroppedNoPseudonym",
-        "resourcesIn",
-        "resourcesDroppedOptOut",
-        "resourcesDroppedNoPseudonym",
-    ):
+    for key in REPORT_COUNTS:
         if key in report:
             params.append({"name": key, "valueInteger": int(report[key])})
     for key in ("optOutReasons", "pseudonymTypes", "pseudonymsSkipped"):
