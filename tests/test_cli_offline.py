@@ -114,3 +114,44 @@ def test_objections_import_stores_keyed_hashes_only(tmp_path, monkeypatch):
     digest = objection_digest(keys.objection_key(), provider, "P0001234")
     assert store.optout_lookup(provider, "example-generic", [digest])
     assert b"P0001234" not in (tmp_path / "gateway.db").read_bytes()
+
+
+def test_deidentify_with_a_configuration_honours_the_objection_register(tmp_path, monkeypatch):
+    """With --config the offline path runs the configured chain: keys, TTP and every opt-out source."""
+    from gateway.keys import init_keys, load_keys
+    from gateway.optout import objection_digest
+    from gateway.store import open_store
+    from gateway.ttp.keystore import init_keys as init_ttp_keys
+
+    provider, registry = "ura:00000000", "example-generic"
+    mrn_system = "http://ehr.example.org/fhir/NamingSystem/patient-number"
+    init_keys(tmp_path / "keys", [provider])
+    init_ttp_keys(tmp_path / "ttp-keys", [registry])  # the embedded TTP's keys sit beside the gateway's
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "providers": [{"id": provider, "mrn_system": mrn_system}],
+                "registries": {registry: {"profile": registry, "endpoint": "http://127.0.0.1:9"}},
+                "ttp": {"url": "embedded"},
+            }
+        )
+    )
+    store_url = f"sqlite:///{tmp_path / 'gateway.db'}"
+    monkeypatch.setenv("FHIR_GATEWAY_KEY_DIR", str(tmp_path / "keys"))
+    monkeypatch.setenv("FHIR_GATEWAY_STORE_URL", store_url)
+    keys = load_keys(tmp_path / "keys", [provider])
+    open_store(store_url).optout_add(
+        provider, "*", objection_digest(keys.objection_key(), provider, "P0001234")
+    )
+
+    example = Path(__file__).parent.parent / "examples" / "02-nlps1-vector-patients-transaction.json"
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["deidentify", str(example), "--registry", registry, "--out", str(out), "--config", str(config)]
+    )
+    assert result.exit_code == 0, result.output
+    delivered = json.loads(next(out.glob("*.json")).read_text())
+    patients = [e for e in delivered["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert len(patients) == 3  # four vector persons, the one with patient number P0001234 objected
+    assert "P0001234" not in json.dumps(delivered)
