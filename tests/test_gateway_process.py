@@ -53,3 +53,29 @@ def test_start_up_fails_with_one_clear_line_on_a_bad_config(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") <= 2
+
+
+def test_outgoing_urls_are_not_logged_even_at_debug():
+    """httpx logs each request URL at INFO; an EHR Consent search URL carries the patient's id."""
+    import io
+    import logging
+
+    import httpx as httpx_module
+
+    from gateway.service.logs import configure
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    configure("DEBUG", stream=stream)
+    try:
+        # a stand-in transport: only the logging is under test, no network is needed
+        transport = httpx_module.MockTransport(lambda request: httpx_module.Response(200))
+        with httpx_module.Client(transport=transport) as client:
+            client.get("http://ehr.invalid/Consent", params={"patient": "Patient/P0001234"})
+        logging.getLogger("gateway.test").info("marker")
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    text = stream.getvalue()
+    assert "marker" in text  # the handler works: the absence below means something
+    assert "P0001234" not in text

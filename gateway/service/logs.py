@@ -43,3 +43,6 @@ def configure(level: str = "INFO", stream=None) -> None:
     root.setLevel(level.upper())
     for name in ("uvicorn.access",):  # access lines carry query strings; our middleware logs requests instead
         logging.getLogger(name).disabled = True
+    # httpx logs every outgoing URL at INFO; an EHR Consent search URL names the patient
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
