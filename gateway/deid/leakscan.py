@@ -14,13 +14,20 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import orjson
 
 _TOKEN = re.compile(r"[^\W_]+")
 _JSON_ESCAPE = re.compile(rb'\\(?:[nrtbf/"\\]|u[0-9a-fA-F]{4})')
-_RUNS = bytes(c if 48 <= c <= 57 else 97 if 65 <= c <= 90 or 97 <= c <= 122 else 32 for c in range(256))
+_DIGIT_MARKS = bytes(
+    48 if 48 <= c <= 57 else 97 if 65 <= c <= 90 or 97 <= c <= 122 else 32 for c in range(256)
+)
+# ASCII letters to lower case, digits kept, everything else a separator: split() yields _TOKEN's tokens
+_LOWER_RUNS = bytes(
+    c + 32 if 65 <= c <= 90 else c if 48 <= c <= 57 or 97 <= c <= 122 else 32 for c in range(256)
+)
 _ELEMENT_NAME = re.compile(r"_?[A-Za-z][A-Za-z0-9]{0,63}\Z")
 _NINE = re.compile(r"(?<![0-9A-Za-z])[0-9]{9}(?![0-9A-Za-z])")
 PERSON_TYPES = {"Patient", "RelatedPerson", "Person"}
@@ -267,22 +274,20 @@ class _Scanner:
         self.sens = sensitive
         self.findings: list[Finding] = []
         self.part_of: dict[Any, str] = {}  # key -> ".key" (or ".(key)"), computed once per distinct key
-        # One C-level search per string decides whether it needs the exact (Python) checks: any 9-digit run,
-        # any first token of a sensitive sequence, any patient fullUrl or id. Most strings do not.
+
+    @cached_property
+    def quick(self) -> re.Pattern[str]:
+        """One C-level search per string decides whether it needs the exact (Python) checks: any 9-digit run,
+        any first token of a sensitive sequence, any patient fullUrl or id. Most strings do not. Built only
+        when the document is walked (compiling it costs more than the whole-document check)."""
         others: list[str] = []
-        # for the whole-document check: each first token with a literal-first pattern (fast in `re`), the
-        # left token boundary is checked by hand; patient urls/ids as they appear inside a JSON string
-        self.first_tokens: list[tuple[str, re.Pattern[str]]] = []
-        self.json_literals: list[str] = []
+        sensitive = self.sens
         if sensitive is not None:
             firsts = sorted(sensitive.by_first, key=len, reverse=True)
             if firsts:
                 others.append(r"(?<![^\W_])(?:" + "|".join(map(re.escape, firsts)) + r")(?![^\W_])")
-            self.first_tokens = [(f, re.compile(re.escape(f) + r"(?![^\W_])")) for f in firsts]
-            ids = sensitive.patient_urls | sensitive.patient_ids
-            others += [re.escape(u) for u in ids]
-            self.json_literals = [orjson.dumps(u).decode()[1:-1] for u in ids]
-        self.quick = re.compile("|".join([_NINE.pattern, *others]), re.IGNORECASE)
+            others += [re.escape(u) for u in sensitive.patient_urls | sensitive.patient_ids]
+        return re.compile("|".join([_NINE.pattern, *others]), re.IGNORECASE)
 
     def needs_check(self, s: str) -> bool:
         # IGNORECASE covers ASCII; other text is case-folded first, as the sensitive tokens were
@@ -349,36 +354,91 @@ class _Scanner:
             self.findings.append(Finding(_path(parts), "bsn"))
 
 
+_PROBE_LIMIT = 24  # more sensitive first tokens + patient literals than this: tokenise the document once
 _WINDOW = 512  # characters after a first token in which the rest of its sequence must follow
 
 
+def _required_tokens(literal: str, *, substring: bool) -> list[str] | None:
+    """Tokens that must be whole tokens of a document holding ``literal`` where the walk would report it, or
+    None if there are none to rely on (then a substring search decides).
+
+    ``substring`` (a patient fullUrl, found anywhere inside a string): only the tokens with a separator on
+    both sides *inside the literal*; the first and last may be glued to neighbouring text. Otherwise (a
+    patient id, found as a whole string or the tail after the last "/"): the string starts after '"' or '/'
+    and ends at '"', so every token of the literal is whole. ASCII literals only (the ASCII document is
+    tokenised by a byte translation).
+    """
+    if not literal.isascii():
+        return None
+    matches = list(_TOKEN.finditer(literal))
+    if substring:
+        matches = [m for m in matches if m.start() > 0 and m.end() < len(literal)]
+    return [m.group(0).lower() for m in matches] or None
+
+
 def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
-    """Most outputs are clean: one serialisation and C-level regex passes over the whole document prove it
-    without walking it in Python. Any hit (or anything orjson cannot serialise) means: walk and check."""
+    """Most outputs are clean: one serialisation and C-level passes over the whole document prove it without
+    walking it in Python. Any hit (or anything orjson cannot serialise) means: walk and check.
+
+    Every string the walk checks is one JSON string of the document, delimited by '"' and with separators
+    only JSON-escaped, so each token the walk sees in a string is a whole token of the document too (the
+    document's tokens are a superset: keys and numbers included). With few sensitive tokens each is sought
+    by a substring search; with many (multi-patient bundles) the document is tokenised once into a set and
+    each is looked up, so the cost no longer grows with tokens x document size.
+    """
     try:
         raw = orjson.dumps(output)
     except (TypeError, orjson.JSONEncodeError):
         return False
-    if any(lit in raw.decode() for lit in scanner.json_literals):
-        return False
+    escaped = raw
     if b"\\" in raw:
         # a JSON escape (\n, \t, \u0007...) is a separator inside the string; left alone, its letter would
         # glue onto the next token ("\n111222333" -> "n111222333") and hide it
         raw = _JSON_ESCAPE.sub(b" ", raw)
-    # 9-digit runs are common (SNOMED codes); only one that passes the 11-proef needs a closer look.
-    # translate() maps letters to "a" and everything else but digits to " ": split() then yields the runs.
-    for run in raw.translate(_RUNS).split():
-        if len(run) == 9 and run.isdigit() and bsn_valid(run.decode()):
+    # 9-digit runs are common (SNOMED codes); only one that passes the 11-proef needs a closer look. Digits
+    # become "0", ASCII letters "a", all else " ": a " 000000000 " is then exactly a match of _NINE.
+    marks = b" " + raw.translate(_DIGIT_MARKS) + b" "
+    at = marks.find(b" 000000000 ")
+    while at >= 0:
+        if bsn_valid(raw[at : at + 9].decode()):
             return False
+        at = marks.find(b" 000000000 ", at + 10)
+    sens = scanner.sens
+    if sens is None:
+        return True
+    by_first = sens.by_first
+    literals = [(u, True) for u in sens.patient_urls] + [(i, False) for i in sens.patient_ids]
+    ascii_doc = raw.isascii()
     low = raw.decode().casefold()
-    by_first = scanner.sens.by_first if scanner.sens is not None else {}
-    for first, pattern in scanner.first_tokens:
-        if first in low:  # C substring search; most tokens never occur at all
-            for m in pattern.finditer(low):
-                if (m.start() == 0 or not low[m.start() - 1].isalnum()) and _sequence_at(
-                    low, m.start(), by_first[first]
-                ):
-                    return False
+    tokens: set[str] | None = None
+    if len(by_first) + len(literals) > _PROBE_LIMIT:
+        # ASCII: [^\W_] is [A-Za-z0-9] and casefold() is lower(): a C-level translate + split tokenises
+        tokens = set(raw.translate(_LOWER_RUNS).decode().split() if ascii_doc else _TOKEN.findall(low))
+    text: str | None = None
+    for lit, substring in literals:
+        if tokens is not None and ascii_doc:
+            required = _required_tokens(lit, substring=substring)
+            if required is not None and not all(t in tokens for t in required):
+                continue  # the walk cannot report it: a token it needs is absent from the whole document
+        if text is None:
+            text = escaped.decode()
+        if orjson.dumps(lit).decode()[1:-1] in text:
+            return False
+    firsts = by_first if tokens is None else tokens.intersection(by_first)
+    for first in firsts:
+        candidates = by_first[first]
+        if tokens is not None:
+            candidates = [e for e in candidates if all(t in tokens for t in e[0][1:])]
+            if not candidates:
+                continue  # the rest of every sequence starting with it is absent from the whole document
+            if any(len(seq) == 1 for seq, _ in candidates):
+                return False
+        elif first not in low:  # C substring search; most tokens never occur at all
+            continue
+        for m in re.finditer(re.escape(first) + r"(?![^\W_])", low):
+            start = m.start()
+            if (start == 0 or not low[start - 1].isalnum()) and _sequence_at(low, start, candidates):
+                return False
     return True
 
 

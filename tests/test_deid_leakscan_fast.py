@@ -1,0 +1,150 @@
+"""The leak gate's whole-document check (`_clean_at_a_glance`) may only ever err towards walking: whenever the
+exact walk reports a finding, the glance must not call the document clean. Both of its modes are exercised:
+substring probes (few sensitive tokens) and the tokenised document (many patients, above `_PROBE_LIMIT`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.deid.leakscan import (
+    _PROBE_LIMIT,
+    SensitiveSet,
+    _clean_at_a_glance,
+    _Scanner,
+    scan,
+    sensitive_values,
+)
+
+GIVEN = ["Johanna", "Pieter", "Willemijn", "Ærøskøbing", "Straße"]
+FAMILY = ["van Putten", "Jansens", "de Boer-Smit", "Müller", "O'Neil"]
+
+
+def _patient(n: int) -> dict[str, Any]:
+    return {
+        "fullUrl": f"urn:uuid:00000000-0000-4000-8000-{n:012d}" if n % 3 else f"http://ehr.example/Patient/p{n}",
+        "resource": {
+            "resourceType": "Patient",
+            "id": f"pat{n:05d}" if n % 4 else f"p-{n}",
+            "identifier": [{"system": "http://ehr.example/mrn", "value": f"MRN{n:06d}"}],
+            "name": [{"family": f"{FAMILY[n % 5]}{n}", "given": [GIVEN[n % 5]]}],
+            "telecom": [{"system": "phone", "value": f"06-{n:08d}"}],
+            "address": [{"line": [f"Dorpsstraat {n}"], "postalCode": f"{1000 + n} {chr(65 + n % 26)}X"}],
+        },
+    }
+
+
+def _input(patients: int) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "collection", "entry": [_patient(n) for n in range(patients)]}
+
+
+ONE = sensitive_values(_input(1))
+MANY = sensitive_values(_input(12))
+assert len(ONE.by_first) + 2 <= _PROBE_LIMIT < len(MANY.by_first)
+
+pieces = st.sampled_from(
+    [
+        "111222333",
+        "999911120",
+        "123456789",
+        "Johanna",
+        "willemijn",
+        "van Putten4",
+        "putten4",
+        "Jansens1",
+        "MÜLLER3",
+        "straße",
+        "STRASSE",
+        "o'neil9",
+        "1001 BX",
+        "1001BX",
+        "1001",
+        "bx",
+        "06-00000007",
+        "0600000007",
+        "mrn000005",
+        "pat00005",
+        "p-8",
+        "Patient/",
+        "urn:uuid:00000000-0000-4000-8000-000000000005",
+        "urn:uuid:00000000-0000-4000-8000-0000000000051",
+        "00000000-0000-4000-8000-000000000005",
+        "http://ehr.example/Patient/p3",
+        "Dorpsstraat 7",
+        "x",
+        " ",
+        "/",
+        "-",
+        "\n",
+        "\t",
+        "\x07",
+        '"',
+        "\\",
+        "é",
+        "_",
+        "9",
+        "a",
+    ]
+)
+KEYS = st.sampled_from(["text", "reference", "id", "url", "fullUrl", "code", "value", "display", "_x"])
+strings = st.lists(pieces, max_size=6).map("".join)
+leaves = strings | st.integers(min_value=99_999_990, max_value=1_000_000_010)
+documents = st.recursive(
+    leaves,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _walk(doc: Any, sensitive: SensitiveSet | None) -> list[Any]:
+    scanner = _Scanner(sensitive)
+    scanner.value(doc, "", {}, ["Bundle"])
+    return scanner.findings
+
+
+@settings(max_examples=500, deadline=None)
+@given(documents, st.sampled_from([None, ONE, MANY]))
+def test_glance_never_hides_a_finding_of_the_walk(leaf: Any, sensitive: SensitiveSet | None) -> None:
+    doc = {"resourceType": "Bundle", "entry": [leaf]}
+    findings = _walk(doc, sensitive)
+    if findings:
+        assert not _clean_at_a_glance(doc, _Scanner(sensitive))
+    assert scan(doc, sensitive) == findings
+
+
+def test_both_modes_find_every_kind_in_a_multi_patient_bundle() -> None:
+    for sensitive, n in ((ONE, 0), (MANY, 5)):
+        for text, kind in [
+            (f"{GIVEN[n % 5]} was here", "name"),
+            (f"see {FAMILY[n % 5]}{n}", "name"),
+            (f"MRN{n:06d}", "identifier"),
+            (f"{1000 + n} {chr(65 + n % 26)}X", "postcode"),
+            ("111222333", "bsn"),
+        ]:
+            doc = {"resourceType": "Observation", "note": [{"text": text}]}
+            assert [f.kind for f in scan(doc, sensitive)] == [kind], (n, kind)
+    url = _patient(5)["fullUrl"]
+    doc = {"resourceType": "Observation", "subject": {"reference": url}}
+    assert {f.kind for f in scan(doc, MANY)} >= {"patient-fullUrl"}
+    doc = {"resourceType": "Observation", "subject": {"reference": "Patient/pat00005"}}
+    assert {f.kind for f in scan(doc, MANY)} == {"patient-id"}
+    doc = {"resourceType": "Observation", "subject": {"reference": "Patient/p-8"}}
+    assert {f.kind for f in scan(doc, MANY)} == {"patient-id"}
+
+
+def test_clean_multi_patient_output_is_clean_at_a_glance() -> None:
+    doc = {
+        "resourceType": "Bundle",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:0f8f70a0-af5d-8dc3-9104-1132d75f4c6d",
+                "resource": {"resourceType": "Patient"},
+            },
+            {"resource": {"resourceType": "Observation", "code": {"text": "Heart rate 8867-4"}}},
+        ],
+    }
+    for sensitive in (None, ONE, MANY):
+        assert _clean_at_a_glance(doc, _Scanner(sensitive))
+        assert scan(doc, sensitive) == []
