@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -148,3 +149,53 @@ def test_clean_multi_patient_output_is_clean_at_a_glance() -> None:
     for sensitive in (None, ONE, MANY):
         assert _clean_at_a_glance(doc, _Scanner(sensitive))
         assert scan(doc, sensitive) == []
+
+
+def _old_identifiers(value: Any, out: SensitiveSet) -> None:
+    """The recursion as it was before the dump-and-search shortcut (every key, every item)."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if key == "identifier" or key.endswith("Identifier"):
+                for ident in sub if isinstance(sub, list) else [sub]:
+                    if isinstance(ident, dict):
+                        out.add(ident.get("value"), "identifier")
+            if isinstance(sub, (dict, list)):
+                _old_identifiers(sub, out)
+    elif isinstance(value, list):
+        for item in value:
+            _old_identifiers(item, out)
+
+
+ID_KEYS = st.sampled_from(
+    ["identifier", "basedOnIdentifier", "Identifier", "identifiers", "value", "x", "_id"]
+)
+id_values = st.sampled_from(["MRN000123", "999911120", "AB-12345", "x", "Identifier\":", 12345678, None])
+resources = st.recursive(
+    id_values,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ID_KEYS, inner, max_size=4),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(resources)
+def test_identifier_collection_is_unchanged_by_the_shortcut(value: Any) -> None:
+    from gateway.deid.leakscan import _resource_identifiers
+
+    res = {"resourceType": "Observation", "x": value}
+    old, new = SensitiveSet(), SensitiveSet()
+    _old_identifiers(res, old)
+    _resource_identifiers(res, new)
+    assert new.by_first == old.by_first
+
+
+def test_sensitive_values_of_the_dutch_corpus_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.deid import leakscan
+    from tests.test_deid_support import dutch_bundle
+
+    bundle = dutch_bundle()
+    new = sensitive_values(bundle)
+    monkeypatch.setattr(leakscan, "_resource_identifiers", _old_identifiers)
+    old = sensitive_values(bundle)
+    assert new == old
+    assert any(kind == "identifier" for entries in new.by_first.values() for _, kind in entries)

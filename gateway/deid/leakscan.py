@@ -166,15 +166,27 @@ def _identifiers(value: Any, out: SensitiveSet) -> None:
     """Every ``identifier`` / ``*Identifier`` value anywhere inside a resource (e.g. Reference.identifier)."""
     if isinstance(value, dict):
         for key, sub in value.items():
-            if key == "identifier" or key.endswith("Identifier"):
-                for ident in sub if isinstance(sub, list) else [sub]:
-                    if isinstance(ident, dict):
-                        out.add(ident.get("value"), "identifier")
-            if isinstance(sub, (dict, list)):
+            if isinstance(sub, (dict, list)):  # an identifier is a dict or a list of them; scalars hold none
+                if key == "identifier" or key.endswith("Identifier"):
+                    for ident in sub if isinstance(sub, list) else [sub]:
+                        if isinstance(ident, dict):
+                            out.add(ident.get("value"), "identifier")
                 _identifiers(sub, out)
     elif isinstance(value, list):
         for item in value:
-            _identifiers(item, out)
+            if isinstance(item, (dict, list)):
+                _identifiers(item, out)
+
+
+def _resource_identifiers(res: dict[str, Any], out: SensitiveSet) -> None:
+    """``_identifiers`` for one resource, skipped when its serialisation has no ``…dentifier":`` key at all
+    (one C-level dump and search instead of a Python walk of a resource that holds no identifier)."""
+    try:
+        if b'dentifier":' not in orjson.dumps(res):
+            return
+    except (TypeError, orjson.JSONEncodeError):
+        pass  # not plain JSON: walk it
+    _identifiers(res, out)
 
 
 def _person(res: dict[str, Any], out: SensitiveSet) -> None:
@@ -191,7 +203,7 @@ def _practitioner(res: dict[str, Any], kept: Collection[str], out: SensitiveSet)
     if "telecom" not in kept:
         _telecoms(res.get("telecom"), out)
     if "identifier" not in kept:
-        _identifiers(res, out)
+        _resource_identifiers(res, out)
 
 
 def _contacts(res: dict[str, Any], out: SensitiveSet) -> None:
@@ -229,7 +241,7 @@ def sensitive_values(bundle: Any, *, practitioner_kept: Collection[str] = ()) ->
             out.patient_ids.add(res["id"])
             out.add(res["id"], "patient-id")
         if rtype not in PUBLIC_TYPES and not practitioner:
-            _identifiers(res, out)
+            _resource_identifiers(res, out)
     _drop_public(bundle, out)
     return out
 
