@@ -370,7 +370,7 @@ _PROBE_LIMIT = 24  # more sensitive first tokens + patient literals than this: t
 _WINDOW = 512  # characters after a first token in which the rest of its sequence must follow
 
 
-def _required_tokens(literal: str, *, substring: bool) -> list[str] | None:
+def _required_tokens(literal: str, *, substring: bool) -> list[tuple[str, int]] | None:
     """Tokens that must be whole tokens of a document holding ``literal`` where the walk would report it, or
     None if there are none to rely on (then a substring search decides).
 
@@ -378,14 +378,58 @@ def _required_tokens(literal: str, *, substring: bool) -> list[str] | None:
     both sides *inside the literal*; the first and last may be glued to neighbouring text. Otherwise (a
     patient id, found as a whole string or the tail after the last "/"): the string starts after '"' or '/'
     and ends at '"', so every token of the literal is whole. ASCII literals only (the ASCII document is
-    tokenised by a byte translation).
+    tokenised by a byte translation). Each token comes with its offset in the literal.
     """
     if not literal.isascii():
         return None
     matches = list(_TOKEN.finditer(literal))
     if substring:
         matches = [m for m in matches if m.start() > 0 and m.end() < len(literal)]
-    return [m.group(0).lower() for m in matches] or None
+    return [(m.group(0).lower(), m.start()) for m in matches] or None
+
+
+def _literal_found(escaped: bytes, literals: list[tuple[str, bool]], tokens: set[str] | None) -> bool:
+    """Does any patient fullUrl / id occur (JSON-escaped) in the document? False means the walk cannot report
+    one. ``tokens``: the ASCII document's token set, or None (then every literal is a substring search).
+
+    With the token set, a literal whose required tokens are not all present is skipped; the others are
+    anchored on their longest required token: one search per distinct anchor, and at each of its positions
+    one set lookup per (offset, length) shape. So 200 fullUrls of the same shape cost one search, not 200
+    (their tokens, "fhir", "patient", "uuid" and the like, are all present in any document)."""
+    direct: list[str] = []
+    anchored: dict[str, dict[tuple[int, int], set[str]]] = {}
+    for lit, substring in literals:
+        esc = orjson.dumps(lit).decode()[1:-1]
+        required = _required_tokens(lit, substring=substring) if tokens is not None else None
+        if required is None or esc != lit:
+            if required is None or all(t in tokens for t, _ in required):  # type: ignore[operator]
+                direct.append(esc)
+            continue
+        if not all(t in tokens for t, _ in required):  # type: ignore[operator]
+            continue  # the walk cannot report it: a token it needs is absent from the whole document
+        anchor, offset = max(required, key=lambda r: len(r[0]))
+        anchored.setdefault(anchor, {}).setdefault((offset, len(lit)), set()).add(lit)
+    if not direct and not anchored:
+        return False
+    text = escaped.decode()
+    if any(esc in text for esc in direct):
+        return True
+    lowered = text.lower()  # ASCII (the token set is only built for ASCII documents): same positions
+    for anchor, shapes in anchored.items():
+        budget = 64 * (1 + sum(map(len, shapes.values())))  # then the plain searches are cheaper
+        at = lowered.find(anchor)
+        while at >= 0:
+            for (offset, length), lits in shapes.items():
+                start = at - offset
+                if start >= 0 and text[start : start + length] in lits:
+                    return True
+            budget -= 1
+            if budget < 0:
+                if any(lit in text for lits in shapes.values() for lit in lits):
+                    return True
+                break
+            at = lowered.find(anchor, at + 1)
+    return False
 
 
 def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
@@ -426,16 +470,8 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
     if len(by_first) + len(literals) > _PROBE_LIMIT:
         # ASCII: [^\W_] is [A-Za-z0-9] and casefold() is lower(): a C-level translate + split tokenises
         tokens = set(raw.translate(_LOWER_RUNS).decode().split() if ascii_doc else _TOKEN.findall(low))
-    text: str | None = None
-    for lit, substring in literals:
-        if tokens is not None and ascii_doc:
-            required = _required_tokens(lit, substring=substring)
-            if required is not None and not all(t in tokens for t in required):
-                continue  # the walk cannot report it: a token it needs is absent from the whole document
-        if text is None:
-            text = escaped.decode()
-        if orjson.dumps(lit).decode()[1:-1] in text:
-            return False
+    if literals and _literal_found(escaped, literals, tokens if ascii_doc else None):
+        return False
     firsts = by_first if tokens is None else tokens.intersection(by_first)
     for first in firsts:
         candidates = by_first[first]
