@@ -25,7 +25,9 @@ FAMILY = ["van Putten", "Jansens", "de Boer-Smit", "Müller", "O'Neil"]
 
 def _patient(n: int) -> dict[str, Any]:
     return {
-        "fullUrl": f"urn:uuid:00000000-0000-4000-8000-{n:012d}" if n % 3 else f"http://ehr.example/Patient/p{n}",
+        "fullUrl": f"urn:uuid:00000000-0000-4000-8000-{n:012d}"
+        if n % 3
+        else f"http://ehr.example/Patient/p{n}",
         "resource": {
             "resourceType": "Patient",
             "id": f"pat{n:05d}" if n % 4 else f"p-{n}",
@@ -169,7 +171,7 @@ def _old_identifiers(value: Any, out: SensitiveSet) -> None:
 ID_KEYS = st.sampled_from(
     ["identifier", "basedOnIdentifier", "Identifier", "identifiers", "value", "x", "_id"]
 )
-id_values = st.sampled_from(["MRN000123", "999911120", "AB-12345", "x", "Identifier\":", 12345678, None])
+id_values = st.sampled_from(["MRN000123", "999911120", "AB-12345", "x", 'Identifier":', 12345678, None])
 resources = st.recursive(
     id_values,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ID_KEYS, inner, max_size=4),
@@ -199,3 +201,46 @@ def test_sensitive_values_of_the_dutch_corpus_are_unchanged(monkeypatch: pytest.
     old = sensitive_values(bundle)
     assert new == old
     assert any(kind == "identifier" for entries in new.by_first.values() for _, kind in entries)
+
+
+SYSTEMS = st.sampled_from(
+    ["http://snomed.info/sct", "http://loinc.org", "http://example.org/codes", "http://snomed.info", 7, None]
+)
+CODES = st.sampled_from(["111222333", "999911120", "111222334", " 111222333", "111222333 ", "x111222333"])
+OTHER = st.sampled_from(["display", "version", "userSelected", "code2", "_code"])
+codings = st.builds(
+    lambda system, code, extra, order: dict(
+        sorted(
+            {"system": system, "code": code, **extra}.items(),
+            key=lambda kv: order.index(kv[0]) if kv[0] in order else 99,
+        )
+    ),
+    SYSTEMS,
+    CODES | st.integers(min_value=111222330, max_value=111222336),
+    st.dictionaries(OTHER, st.sampled_from(["111222333", 'a "quoted" text', "x\\y", "Heart"]), max_size=2),
+    st.permutations(["system", "code", "display", "version", "userSelected", "code2", "_code"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(codings, min_size=1, max_size=3), st.sampled_from(["code", "valueCodeableConcept", "x"]))
+def test_glance_code_exemption_never_hides_a_bsn(items: list[dict[str, Any]], key: str) -> None:
+    doc = {
+        "resourceType": "Bundle",
+        "entry": [{"resource": {"resourceType": "Observation", key: {"coding": items}}}],
+    }
+    for sensitive in (None, ONE):
+        findings = _walk(doc, sensitive)
+        if findings:
+            assert not _clean_at_a_glance(doc, _Scanner(sensitive))
+        assert scan(doc, sensitive) == findings
+
+
+def test_an_11_proef_snomed_code_no_longer_forces_the_walk() -> None:
+    coding = {"system": "http://snomed.info/sct", "code": "111222333", "display": "Something"}
+    doc = {"resourceType": "Observation", "code": {"coding": [coding]}}
+    assert _clean_at_a_glance(doc, _Scanner(ONE)) and scan(doc, ONE) == []
+    # the same digits anywhere else are still a BSN
+    for other in ({**coding, "system": "http://example.org/local"}, {**coding, "display": "111222333"}):
+        doc = {"resourceType": "Observation", "code": {"coding": [other]}}
+        assert [f.kind for f in scan(doc, ONE)] == ["bsn"]

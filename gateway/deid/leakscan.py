@@ -432,6 +432,21 @@ def _literal_found(escaped: bytes, literals: list[tuple[str, bool]], tokens: set
     return False
 
 
+_CODING_HEAD = re.compile(rb'\{"system":"([^"\\]*)","code":"\Z')
+
+
+def _coding_code_at(raw: bytes, at: int) -> bool:
+    """Is the 9-digit run at ``raw[at:at + 9]`` the whole ``code`` of a Coding whose ``system`` is a
+    terminology, written as ``{"system":"<terminology>","code":"<9 digits>"``? The walk does not check such a
+    value for a BSN (``_is_code``). Only called for a document without a single backslash: every '"' in it
+    is then a string delimiter, so this byte pattern is exactly an object whose first key is "system" (a
+    string) and whose second is "code", the run being that whole string. Any other layout: not exempt."""
+    if raw[at + 9 : at + 10] != b'"':
+        return False
+    head = _CODING_HEAD.search(raw, max(0, at - 512), at)
+    return head is not None and head.group(1).decode().startswith(TERMINOLOGY_PREFIXES)
+
+
 def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
     """Most outputs are clean: one serialisation and C-level passes over the whole document prove it without
     walking it in Python. Any hit (or anything orjson cannot serialise) means: walk and check.
@@ -456,7 +471,7 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
     marks = b" " + raw.translate(_DIGIT_MARKS) + b" "
     at = marks.find(b" 000000000 ")
     while at >= 0:
-        if bsn_valid(raw[at : at + 9].decode()):
+        if bsn_valid(raw[at : at + 9].decode()) and not (raw is escaped and _coding_code_at(raw, at)):
             return False
         at = marks.find(b" 000000000 ", at + 10)
     sens = scanner.sens
