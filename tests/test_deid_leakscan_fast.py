@@ -204,7 +204,17 @@ def test_sensitive_values_of_the_dutch_corpus_are_unchanged(monkeypatch: pytest.
 
 
 SYSTEMS = st.sampled_from(
-    ["http://snomed.info/sct", "http://loinc.org", "http://example.org/codes", "http://snomed.info", 7, None]
+    [
+        "http://snomed.info/sct",
+        "http://loinc.org",
+        "http://example.org/codes",
+        "http://snomed.info",
+        'x","system":"http://snomed.info/sct',
+        "http://snomed.info/\\",
+        '\\"http://loinc.org',
+        7,
+        None,
+    ]
 )
 CODES = st.sampled_from(["111222333", "999911120", "111222334", " 111222333", "111222333 ", "x111222333"])
 OTHER = st.sampled_from(["display", "version", "userSelected", "code2", "_code"])
@@ -217,7 +227,20 @@ codings = st.builds(
     ),
     SYSTEMS,
     CODES | st.integers(min_value=111222330, max_value=111222336),
-    st.dictionaries(OTHER, st.sampled_from(["111222333", 'a "quoted" text', "x\\y", "Heart"]), max_size=2),
+    st.dictionaries(
+        OTHER,
+        st.sampled_from(
+            [
+                "111222333",
+                'a "quoted" text',
+                "x\\y",
+                "Heart",
+                '{"system":"http://snomed.info/sct","code":"111222333"}',
+                '\\","code":"111222333',
+            ]
+        ),
+        max_size=2,
+    ),
     st.permutations(["system", "code", "display", "version", "userSelected", "code2", "_code"]),
 )
 
@@ -239,6 +262,8 @@ def test_glance_code_exemption_never_hides_a_bsn(items: list[dict[str, Any]], ke
 def test_an_11_proef_snomed_code_no_longer_forces_the_walk() -> None:
     coding = {"system": "http://snomed.info/sct", "code": "111222333", "display": "Something"}
     doc = {"resourceType": "Observation", "code": {"coding": [coding]}}
+    assert _clean_at_a_glance(doc, _Scanner(ONE)) and scan(doc, ONE) == []
+    doc["note"] = [{"text": 'line 1\nline "2"'}]  # JSON escapes elsewhere in the document
     assert _clean_at_a_glance(doc, _Scanner(ONE)) and scan(doc, ONE) == []
     # the same digits anywhere else are still a BSN
     for other in ({**coding, "system": "http://example.org/local"}, {**coding, "display": "111222333"}):

@@ -438,9 +438,12 @@ _CODING_HEAD = re.compile(rb'\{"system":"([^"\\]*)","code":"\Z')
 def _coding_code_at(raw: bytes, at: int) -> bool:
     """Is the 9-digit run at ``raw[at:at + 9]`` the whole ``code`` of a Coding whose ``system`` is a
     terminology, written as ``{"system":"<terminology>","code":"<9 digits>"``? The walk does not check such a
-    value for a BSN (``_is_code``). Only called for a document without a single backslash: every '"' in it
-    is then a string delimiter, so this byte pattern is exactly an object whose first key is "system" (a
-    string) and whose second is "code", the run being that whole string. Any other layout: not exempt."""
+    value for a BSN (``_is_code``). ``raw`` has had its JSON escapes replaced by spaces: every '"' left in it
+    is a string delimiter, so this byte pattern is exactly an object whose first key is "system" (a string)
+    and whose second is "code", the run being that whole string. The prefixes hold no character that JSON
+    escapes, so the escape-free system starts with one exactly if the real one does. Any other layout (key
+    order, a system past 512 bytes): not exempt, walk.
+    """
     if raw[at + 9 : at + 10] != b'"':
         return False
     head = _CODING_HEAD.search(raw, max(0, at - 512), at)
@@ -471,7 +474,7 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
     marks = b" " + raw.translate(_DIGIT_MARKS) + b" "
     at = marks.find(b" 000000000 ")
     while at >= 0:
-        if bsn_valid(raw[at : at + 9].decode()) and not (raw is escaped and _coding_code_at(raw, at)):
+        if bsn_valid(raw[at : at + 9].decode()) and not _coding_code_at(raw, at):
             return False
         at = marks.find(b" 000000000 ", at + 10)
     sens = scanner.sens
