@@ -269,3 +269,22 @@ def test_an_11_proef_snomed_code_no_longer_forces_the_walk() -> None:
     for other in ({**coding, "system": "http://example.org/local"}, {**coding, "display": "111222333"}):
         doc = {"resourceType": "Observation", "code": {"coding": [other]}}
         assert [f.kind for f in scan(doc, ONE)] == ["bsn"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(strings, KEYS, st.sampled_from([None, ONE, MANY]))
+def test_needs_check_never_skips_a_string_the_exact_check_reports(
+    s: str, key: str, sensitive: SensitiveSet | None
+) -> None:
+    scanner = _Scanner(sensitive)
+    scanner.text(s, key, {}, ["Bundle"])  # the exact checks, as the walk runs them on a string it checks
+    if scanner.findings:
+        assert _Scanner(sensitive).needs_check(s)
+
+
+def test_many_patients_use_the_token_lookup_not_the_alternation() -> None:
+    assert _Scanner(MANY).many and not _Scanner(ONE).many and not _Scanner(None).many
+    scanner = _Scanner(MANY)
+    assert scanner.needs_check("see urn:uuid:00000000-0000-4000-8000-000000000005 here")
+    assert scanner.needs_check("Patient/pat00005") and scanner.needs_check("ref p-8")
+    assert not scanner.needs_check("nothing to see") and "quick" not in vars(scanner)

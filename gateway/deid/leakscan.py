@@ -286,6 +286,9 @@ class _Scanner:
         self.sens = sensitive
         self.findings: list[Finding] = []
         self.part_of: dict[Any, str] = {}  # key -> ".key" (or ".(key)"), computed once per distinct key
+        literals = len(sensitive.patient_urls) + len(sensitive.patient_ids) if sensitive is not None else 0
+        # many sensitive values (multi-patient bundles): a token lookup per string instead of the alternation
+        self.many = sensitive is not None and len(sensitive.by_first) + literals > _PROBE_LIMIT
 
     @cached_property
     def quick(self) -> re.Pattern[str]:
@@ -301,9 +304,36 @@ class _Scanner:
             others += [re.escape(u) for u in sensitive.patient_urls | sensitive.patient_ids]
         return re.compile("|".join([_NINE.pattern, *others]), re.IGNORECASE)
 
+    @cached_property
+    def lookup(self) -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...]]:
+        """For ``many``: (tokens that make a string worth checking, literals without such a token, all
+        literals). A string can only be reported for a sequence if it holds the sequence's first token, for a
+        patient fullUrl / id if it holds the literal's anchor (``_required_tokens``: whole in any string the
+        exact check reports)."""
+        sens = self.sens
+        assert sens is not None
+        keys = set(sens.by_first)
+        plain: list[str] = []
+        literals = [(u, True) for u in sens.patient_urls] + [(i, False) for i in sens.patient_ids]
+        for lit, substring in literals:
+            required = _required_tokens(lit, substring=substring)
+            if required is None:
+                plain.append(lit)
+            else:
+                keys.add(max(required, key=lambda r: len(r[0]))[0])
+        return frozenset(keys), tuple(plain), tuple(lit for lit, _ in literals)
+
     def needs_check(self, s: str) -> bool:
-        # IGNORECASE covers ASCII; other text is case-folded first, as the sensitive tokens were
-        return self.quick.search(s if s.isascii() else s.casefold()) is not None
+        if not self.many:
+            # IGNORECASE covers ASCII; other text is case-folded first, as the sensitive tokens were
+            return self.quick.search(s if s.isascii() else s.casefold()) is not None
+        if _NINE.search(s) is not None:
+            return True
+        keys, plain, literals = self.lookup
+        if s.isascii():
+            return not keys.isdisjoint(_TOKEN.findall(s.lower())) or any(lit in s for lit in plain)
+        # the anchors are ASCII tokens of the literals; for other text, search every literal as text() does
+        return not keys.isdisjoint(_TOKEN.findall(s.casefold())) or any(lit in s for lit in literals)
 
     def text(self, s: str, key: str, parent: Mapping[str, Any], parts: list[str]) -> None:
         if _NINE.search(s) is not None and not (
