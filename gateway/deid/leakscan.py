@@ -513,11 +513,18 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
     by_first = sens.by_first
     literals = [(u, True) for u in sens.patient_urls] + [(i, False) for i in sens.patient_ids]
     ascii_doc = raw.isascii()
-    low = raw.decode().casefold()
     tokens: set[str] | None = None
     if len(by_first) + len(literals) > _PROBE_LIMIT:
+        # Each distinct piece between two '"' once (keys, codes, references repeat): with the escapes gone
+        # every '"' left delimits a string, so no token, and no sequence within one string, crosses one; the
+        # window of _sequence_at may join unrelated pieces, which only errs towards the walk. (With few
+        # values to seek, probing the whole document is cheaper than this.)
+        raw = b" ".join(dict.fromkeys(raw.split(b'"')))
+        low = raw.decode().casefold()
         # ASCII: [^\W_] is [A-Za-z0-9] and casefold() is lower(): a C-level translate + split tokenises
         tokens = set(raw.translate(_LOWER_RUNS).decode().split() if ascii_doc else _TOKEN.findall(low))
+    else:
+        low = raw.decode().casefold()
     if literals and _literal_found(escaped, literals, tokens if ascii_doc else None):
         return False
     firsts = by_first if tokens is None else tokens.intersection(by_first)
