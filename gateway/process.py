@@ -6,6 +6,7 @@ service, the offline `deidentify` command, bulk delivery and the benchmarks all 
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ REPORT_COUNTS = (
     "resourcesDroppedOptOut",
     "resourcesDroppedNoPseudonym",
 )
+
+
+log = logging.getLogger("gateway.process")  # counts only: never a value from a bundle
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,15 @@ async def process_bundle(
         "resourcesIn": len(bundle.get("entry") or []),
         "resourcesDroppedOptOut": len(dropped),
     }
+    log.debug(
+        "opt-out decided",
+        extra={
+            "registry": registry.registry,
+            "patients": len(decisions),
+            "admitted": len(admitted),
+            "entries_dropped": len(dropped),
+        },
+    )
     if decisions and not admitted:
         return Processed(None, report)
     kept_input = _without_entries(bundle, dropped)
@@ -137,6 +150,14 @@ async def process_bundle(
         provenance=ProvenanceInfo(
             gateway_version=__version__, recorded=recorded or _now(), ttp_name=provider.ttp_name
         ),
+    )
+    log.debug(
+        "de-identified",
+        extra={
+            "registry": registry.registry,
+            "pseudonyms": sum(pseudonyms.types_added.values()),
+            "resources_kept": result.report.resources_kept,
+        },
     )
     _leak_gate(result.bundle, kept_input, registry.plan.practitioner_kept)
     report |= {
