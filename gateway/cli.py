@@ -197,6 +197,18 @@ def profiles_check(
     run(directory)
 
 
+@app.command("mrn-reveal")
+def mrn_reveal(
+    values: list[str] = typer.Argument(..., help="MRN pseudonyms (v<n>.<...>) as the registry returned them"),
+    registry: str = typer.Option(..., "--registry"),
+    config: Path = typer.Option(Path("gateway.yaml"), "--config", "-c", envvar="FHIR_GATEWAY_CONFIG"),
+) -> None:
+    """At the hospital: turn MRN pseudonyms fed back by a registry into the hospital's own patient numbers."""
+    from gateway.mrn import reveal_command
+
+    raise typer.Exit(reveal_command(values, registry, config))
+
+
 @keys_app.command("init")
 def keys_init(
     key_dir: Path = typer.Option(Path("var/keys"), envvar="FHIR_GATEWAY_KEY_DIR"),

@@ -40,6 +40,7 @@ class DemoChain:
     admin_api_key: str
     work_dir: Path
     runtime: Any
+    ttp_api_keys: dict[str, str] | None = None  # provider id → that provider's TTP key (tests)
 
     @property
     def ehr_api_key(self) -> str:
@@ -129,7 +130,9 @@ def embedded_chain(
         ttps = {p: (HttpTTPClient(ttp_url, ttp_secrets[p], sealed=ttp_sealed), ttp_url) for p in providers}
         runtime = build_runtime(config, settings, ttps=ttps)
         gateway_url = stack.enter_context(serve_in_thread(create_app(runtime, run_worker=run_worker)))
-        yield DemoChain(gateway_url, ttp_url, receiver_url, ehr_secrets, admin_secret, work_dir, runtime)
+        yield DemoChain(
+            gateway_url, ttp_url, receiver_url, ehr_secrets, admin_secret, work_dir, runtime, ttp_secrets
+        )
 
 
 def run_demo(examples: Path, *, registry: str, work_dir: Path | None, console: Console) -> int:

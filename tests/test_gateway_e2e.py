@@ -381,3 +381,37 @@ def _patient_pseudonyms(chain) -> list[str]:
                 patient = httpx.get(f"{chain.receiver_url}/Patient/{resource['id']}").json()
                 values.update(i["value"] for i in patient["identifier"])
     return sorted(values)
+
+
+def test_mrn_pseudonym_reverses_for_the_delivering_hospital_only(tmp_path):
+    """A registry feeds results back under the MRN pseudonym; only the delivering hospital gets its number."""
+    import asyncio
+
+    from gateway.mrn import reveal_mrns
+
+    other = "ura:11111111"
+    with embedded_chain(tmp_path, [REGISTRY], providers=(PROVIDER, other)) as c:
+        response = _post(c, EXAMPLES / "02-nlps1-vector-patients-transaction.json")
+        assert response.status_code == 200
+        delivery = {p["name"]: p for p in response.json()["parameter"]}["delivery"]["valueString"]
+        delivered = orjson.loads(c.runtime.store.get(delivery, with_payload=True).payload)
+        mrn_values = [
+            i["value"]
+            for e in delivered["entry"]
+            if e["resource"]["resourceType"] == "Patient"
+            for i in e["resource"]["identifier"]
+            if i["system"].endswith(":MRN")
+        ]
+        assert len(mrn_values) == 4
+
+        async def reveal(provider: str):
+            from gateway.ttp.client import HttpTTPClient
+
+            async with HttpTTPClient(c.ttp_url, c.ttp_api_keys[provider]) as ttp:
+                source = c.runtime.providers[provider].source
+                return await reveal_mrns(mrn_values, registry=REGISTRY, source=source, ttp=ttp)
+
+        mine = asyncio.run(reveal(PROVIDER))
+        assert sorted(r.mrn for r in mine) == ["H-778899", "P0001234", "X42", "Z1"]
+        theirs = asyncio.run(reveal(other))
+        assert all(r.mrn is None and r.error for r in theirs)

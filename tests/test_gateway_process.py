@@ -79,3 +79,56 @@ def test_outgoing_urls_are_not_logged_even_at_debug():
     text = stream.getvalue()
     assert "marker" in text  # the handler works: the absence below means something
     assert "P0001234" not in text
+
+
+def test_mrn_reveal_command_at_the_hospital(tmp_path):
+    """`fhir-gateway mrn-reveal` with the hospital configuration turns fed-back MRN pseudonyms to numbers."""
+    import subprocess
+    import sys
+
+    with process_chain(tmp_path) as chain:
+        gw = chain.start_gateway()
+        body = (EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_bytes()
+        response = httpx.post(
+            f"{gw.url}/registries/example-generic/Bundle",
+            content=body,
+            timeout=60,
+            headers={"Content-Type": "application/fhir+json", "Authorization": f"Bearer {chain.ehr_api_key}"},
+        )
+        assert response.status_code == 200, response.text
+        values = []
+        for receipt in httpx.get(f"{chain.receiver_url}/deliveries").json():
+            bundle = httpx.get(f"{chain.receiver_url}/Bundle/{receipt['id']}").json()
+            values += [
+                i["value"]
+                for e in bundle["entry"]
+                if e["resource"]["resourceType"] == "Patient"
+                for i in e["resource"]["identifier"]
+                if i["system"].endswith(":MRN")
+            ]
+        assert len(values) == 4
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "mrn-reveal",
+                *values,
+                "--registry",
+                "example-generic",
+                "--config",
+                str(chain.config_path),
+            ],
+            capture_output=True,
+            text=True,
+            env=chain.env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr[-2000:] + out.stdout[-2000:]
+        assert sorted(line.split("\t")[1] for line in out.stdout.splitlines() if "\t" in line) == [
+            "H-778899",
+            "P0001234",
+            "X42",
+            "Z1",
+        ]

@@ -1,0 +1,77 @@
+"""Reversing the MRN pseudonym, for the delivering hospital only (domain spec §4.3).
+
+A registry feeds results back under the MRN pseudonym; the hospital asks the TTP to remove the TTP layer
+(which opens only for the provider bound into it: the TTP checks the caller), then removes its own layer
+with its provider MRN key, which never left the hospital. Any failure is an error, never the input echoed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.pseudonym.nlps1 import PseudonymError, unb64u
+from gateway.pseudonym.source import SourceStage
+
+CANONICAL_PREFIX = "NLPS1|MRN|"
+
+
+@dataclass(frozen=True)
+class Revealed:
+    value: str  # the pseudonym as given
+    mrn: str | None  # the hospital's patient number, or None
+    error: str | None  # a fixed code when it could not be reversed
+
+
+async def reveal_mrns(values: Sequence[str], *, registry: str, source: SourceStage, ttp) -> list[Revealed]:  # noqa: ANN001
+    """`ttp` is the provider's TTP client (it has `depseudonymise`); one TTP request for all values."""
+    results = await ttp.depseudonymise(registry, list(values))
+    out: list[Revealed] = []
+    for value, result in zip(values, results, strict=True):
+        if result.identifier_value is None:
+            out.append(Revealed(value, None, result.error_code or "ttp-refused"))
+            continue
+        out.append(_open_inner(value, unb64u(result.identifier_value), registry, source))
+    return out
+
+
+def _open_inner(value: str, pre: bytes, registry: str, source: SourceStage) -> Revealed:
+    # the inner layer's key version is the source version it was made with: try the newest first
+    for version in sorted(source.source_versions, reverse=True):
+        try:
+            canonical = source.mrn_key(registry, version).reveal(pre)
+        except PseudonymError:
+            continue
+        if canonical.startswith(CANONICAL_PREFIX):
+            return Revealed(value, canonical[len(CANONICAL_PREFIX) :], None)
+    return Revealed(value, None, "provider-layer-does-not-open")
+
+
+def reveal_command(values: list[str], registry: str, config_path) -> int:  # noqa: ANN001
+    """`fhir-gateway mrn reveal`: runs at the hospital, with the hospital's own keys and TTP credential."""
+    import asyncio
+
+    from gateway.bootstrap import ttp_backend
+    from gateway.config import Settings, load_config
+    from gateway.keys import load_keys
+
+    config = load_config(config_path)
+    provider = config.providers[0]
+    keys = load_keys(Settings().key_dir, [provider.id])
+    source = SourceStage(
+        keys.source_keys, keys.source_version, keys.provider_mrn.get(provider.id), provider.id
+    )
+    ttp, _ = ttp_backend(config.ttp, provider, Settings().key_dir.parent / "ttp-keys")
+
+    async def run() -> list[Revealed]:
+        try:
+            return await reveal_mrns(values, registry=registry, source=source, ttp=ttp)
+        finally:
+            aclose = getattr(ttp, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    results = asyncio.run(run())
+    for r in results:  # tab-separated, for scripts (rich would expand the tabs)
+        print(f"{r.value}\t{r.mrn if r.mrn is not None else 'NOT REVERSED: ' + (r.error or '')}")
+    return 0 if all(r.mrn is not None for r in results) else 1
