@@ -18,8 +18,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app, *, port: int | None = None, ready_timeout: float = 20.0) -> Iterator[str]:
-    """Run `app` under uvicorn in a daemon thread; yield its base URL; shut it down gracefully afterwards."""
+def serve_in_thread(
+    app,
+    *,
+    port: int | None = None,
+    ready_timeout: float = 20.0,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+) -> Iterator[str]:
+    """Run `app` under uvicorn in a daemon thread; yield its base URL (https with a certificate); shut it
+    down gracefully afterwards."""
     port = port or free_port()
     config = uvicorn.Config(
         app,
@@ -29,6 +37,8 @@ def serve_in_thread(app, *, port: int | None = None, ready_timeout: float = 20.0
         lifespan="on",
         log_config=None,
         proxy_headers=False,  # trust is decided on the peer address, never on X-Forwarded-For
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -40,7 +50,7 @@ def serve_in_thread(app, *, port: int | None = None, ready_timeout: float = 20.0
             raise RuntimeError("server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if ssl_certfile else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=15)

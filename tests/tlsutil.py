@@ -9,14 +9,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import uvicorn
-
-from gateway.serving import free_port
+from gateway.serving import serve_in_thread
 
 
 def self_signed(directory: Path, common_name: str = "127.0.0.1",
@@ -58,21 +54,7 @@ def self_signed(directory: Path, common_name: str = "127.0.0.1",
 
 @contextlib.contextmanager
 def serve_https(app, cert: Path, key: Path, ready_timeout: float = 15.0) -> Iterator[str]:
-    """Run `app` under uvicorn with TLS (no client certificate asked) in a thread; yield https://127.0.0.1:<port>."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None,
-                            ssl_certfile=str(cert), ssl_keyfile=str(key))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + ready_timeout
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError("TLS test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"https://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    """Run `app` under uvicorn with TLS (no client certificate asked) in a thread; yield its https URL."""
+    tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    with serve_in_thread(app, ready_timeout=ready_timeout, **tls) as url:
+        yield url
