@@ -183,6 +183,28 @@ async def auth_headers(auth: RegistryAuth | None, http: httpx.AsyncClient) -> di
         raise _Retryable(type(exc).__name__) from None
 
 
+async def post_for_json(
+    http: httpx.AsyncClient, semaphore: asyncio.Semaphore, auth: RegistryAuth | None, refreshed: list[bool],
+    path: str, service: str, headers: dict[str, str], **request: Any,
+) -> dict[str, Any]:
+    """One attempt of an adapter call: a slot, auth headers, the POST, classification, a JSON object back.
+    Transport errors and retryable statuses raise `_Retryable`; the texts name the service, never a value."""
+    async with semaphore:
+        headers = {**headers, **await auth_headers(auth, http)}
+        try:
+            response = await http.post(path, headers=headers, **request)
+        except httpx.TransportError as exc:
+            raise _Retryable(type(exc).__name__) from None
+    classify(response, auth, refreshed)
+    try:
+        answer = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        raise TTPUnavailable(f"{service} answer is not JSON") from None
+    if not isinstance(answer, dict):
+        raise TTPUnavailable(f"{service} answer is malformed")
+    return answer
+
+
 def classify(response: httpx.Response, auth: RegistryAuth | None, refreshed: list[bool]) -> None:
     """Raise for anything but 200: retryable statuses, one token refresh after 401, else TTPRejected."""
     status = response.status_code
@@ -321,19 +343,10 @@ class GpasTTP:
         refreshed = [False]
 
         async def attempt() -> dict[str, Any]:
-            async with self._semaphore:
-                headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON,
-                           **await auth_headers(self._auth, self._http)}
-                try:
-                    response = await self._http.post(f"/${operation}", content=body, headers=headers)
-                except httpx.TransportError as exc:
-                    raise _Retryable(type(exc).__name__) from None
-            classify(response, self._auth, refreshed)
-            try:
-                answer = orjson.loads(response.content)
-            except orjson.JSONDecodeError:
-                raise TTPUnavailable("gPAS answer is not JSON") from None
-            if not isinstance(answer, dict) or not isinstance(answer.get("parameter"), list):
+            headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
+            answer = await post_for_json(self._http, self._semaphore, self._auth, refreshed,
+                                         f"/${operation}", "gPAS", headers, content=body)
+            if not isinstance(answer.get("parameter"), list):
                 raise TTPUnavailable("gPAS answer is not a Parameters resource")
             return answer
 

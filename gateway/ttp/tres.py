@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
-import orjson
 
 from gateway.config import secret_from_env
 from gateway.forward import RegistryAuth
@@ -34,8 +33,14 @@ from gateway.pseudonym import nlps1
 from gateway.pseudonym.types import PrePseudonym
 from gateway.ttp import service
 from gateway.ttp.backend import TTPBackend, TTPResult, TTPUnavailable
-from gateway.ttp.client import _Retryable
-from gateway.ttp.gpas import RetryPolicy, classify, error_word, http_client, original_string, parse_original
+from gateway.ttp.gpas import (
+    RetryPolicy,
+    error_word,
+    http_client,
+    original_string,
+    parse_original,
+    post_for_json,
+)
 
 MAX_VALUES = 1_000
 SEPARATOR = "#"
@@ -155,22 +160,9 @@ class TresTTP:
         refreshed = [False]
 
         async def attempt() -> dict[str, Any]:
-            async with self._semaphore:
-                headers = {"Accept": "application/json"}
-                if self._auth is not None:
-                    headers.update(await self._auth.headers(self._http))
-                try:
-                    response = await self._http.post(f"/Service/{endpoint}", data=form, headers=headers)
-                except httpx.TransportError as exc:
-                    raise _Retryable(type(exc).__name__) from None
-            classify(response, self._auth, refreshed)
-            try:
-                answer = orjson.loads(response.content)
-            except orjson.JSONDecodeError:
-                raise TTPUnavailable("TRES answer is not JSON") from None
-            if not isinstance(answer, dict):
-                raise TTPUnavailable("TRES answer is malformed")
-            return answer
+            accept = {"Accept": "application/json"}
+            return await post_for_json(self._http, self._semaphore, self._auth, refreshed,
+                                       f"/Service/{endpoint}", "TRES", accept, data=form)
 
         answer = await self._retry.run(attempt, "TRES")
         return read_tres_answer(answer, len(values), endpoint)
