@@ -33,6 +33,20 @@ log = logging.getLogger("gateway.service")
 
 SYNC_WAIT_SECONDS = 20.0
 
+# What a dependency outage means for the EHR: nothing stored, try again later (metric outcome, text, seconds).
+UNAVAILABLE: dict[type, tuple[str, str, str]] = {
+    TTPUnavailable: (
+        "ttp-unavailable",
+        "the pseudonymisation service (TTP) cannot answer; nothing was stored or delivered",
+        "30",
+    ),
+    StoreUnavailable: (
+        "store-unavailable",
+        "the delivery store cannot take the bundle; nothing was stored",
+        "10",
+    ),
+}
+
 # Request bodies are read raw (size limit first, orjson, schema per resource), so FastAPI cannot derive
 # their description; these keep the OpenAPI document (and schemathesis) truthful.
 BUNDLE_BODY = {
@@ -190,22 +204,11 @@ def _ingest_routes(app: FastAPI, runtime: Runtime) -> None:
                 idempotency_key=idempotency,
                 body_digest=hashlib.sha256(body).hexdigest(),
             )
-        except TTPUnavailable:
-            runtime.metrics.bundles.labels(outcome="ttp-unavailable").inc()
-            raise FhirError.single(
-                503,
-                "transient",
-                "the pseudonymisation service (TTP) cannot answer; nothing was stored or delivered",
-                headers={"Retry-After": "30"},
-            ) from None
-        except StoreUnavailable:
-            runtime.metrics.bundles.labels(outcome="store-unavailable").inc()
-            raise FhirError.single(
-                503,
-                "transient",
-                "the delivery store cannot take the bundle; nothing was stored",
-                headers={"Retry-After": "10"},
-            ) from None
+        except (TTPUnavailable, StoreUnavailable) as exc:
+            key = StoreUnavailable if isinstance(exc, StoreUnavailable) else TTPUnavailable  # and subclasses
+            outcome, text, retry_after = UNAVAILABLE[key]
+            runtime.metrics.bundles.labels(outcome=outcome).inc()
+            raise FhirError.single(503, "transient", text, headers={"Retry-After": retry_after}) from None
         if accepted.delivery_id is None:
             return fhir_response(delivery_parameters(None, "nothing-to-deliver", accepted.report), 200)
         status_url = f"/deliveries/{accepted.delivery_id}"
