@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,11 +19,7 @@ from gateway.deid.leakscan import scan, sensitive_values
 from gateway.optout import BundleConsentOptOut, CombinedOptOut, ConsentPolicy, Decision, OptOutSource
 from gateway.optout.apply import entries_to_drop, patient_key, patient_refs
 from gateway.outcome import FhirError, Issue
-from gateway.pipeline.validate import (
-    BundleIndex,
-    SchemaValidator,
-    validate_bundle,
-)
+from gateway.pipeline.validate import BundleIndex, PatientEntry, SchemaValidator, validate_bundle
 from gateway.pseudonym.mapping import InputMapping
 from gateway.pseudonym.source import SourceStage
 from gateway.pseudonymise import pseudonymise_patients
@@ -94,7 +90,7 @@ async def process_bundle(
             "registry",
         )
     index = validate_bundle(bundle, validator, require_patient=registry.require_patient)
-    decisions = await _check_optout(bundle, index, registry, provider)
+    decisions = await decide_optout(bundle, index.patients, registry, provider)
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
     dropped = entries_to_drop(index, decisions)
     report: dict[str, Any] = {
@@ -172,11 +168,13 @@ def _patients(index: BundleIndex) -> dict[str, dict[str, Any]]:
     return {patient_key(p): p.resource for p in index.patients}
 
 
-async def _check_optout(
-    bundle: dict[str, Any], index: BundleIndex, registry: RegistryChain, provider: ProviderChain
+async def decide_optout(
+    bundle: dict[str, Any], patients: Sequence[PatientEntry], registry: RegistryChain, provider: ProviderChain
 ) -> dict[str, Decision]:
+    """One decision per patient key from the registry's sources (plus the bundle's Consents); anything a
+    source cannot answer is `unknown`: fail closed. Also used by bulk to pre-fetch pseudonyms."""
     refs = patient_refs(
-        index, provider=provider.provider, registry=registry.registry, mrn_system=provider.mrn_system
+        patients, provider=provider.provider, registry=registry.registry, mrn_system=provider.mrn_system
     )
     sources = list(registry.optout)
     if registry.bundle_consent:

@@ -20,12 +20,10 @@ from typing import Any
 
 from gateway.bulk.chunks import Chunk, split_transaction
 from gateway.bulk.index import Line
-from gateway.optout import BundleConsentOptOut, CombinedOptOut
-from gateway.optout.base import PatientRef
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
 from gateway.pipeline.validate import PatientEntry, SchemaValidator
-from gateway.process import ProviderChain, RegistryChain, patient_key, process_bundle
+from gateway.process import ProviderChain, RegistryChain, decide_optout, patient_key, process_bundle
 from gateway.pseudonym.extract import extract_inputs
 from gateway.pseudonym.mapping import InputMapping
 from gateway.pseudonym.types import PrePseudonym
@@ -233,26 +231,8 @@ async def prefetch_pseudonyms(items: list[_Item], chains: Chains) -> None:
     ]
     if not patients:
         return
-    sources = list(registry.optout)
-    if registry.bundle_consent:
-        sources.append(BundleConsentOptOut.from_bundle(collection))
-    if not sources:
-        return
-    refs = [
-        PatientRef(
-            key=patient_key(p),
-            resource=p.resource,
-            mrn=_mrn(p.resource, provider.mrn_system),
-            provider=provider.provider,
-            registry=registry.registry,
-        )
-        for p in patients
-    ]
-    try:
-        decisions = await CombinedOptOut(sources).check(refs)
-    except Exception:  # noqa: BLE001 - fail closed: no prefetch, process_bundle decides per slice
-        return
-    admitted = {r.key: r.resource for r in refs if getattr(decisions.get(r.key), "status", None) == "allowed"}
+    decisions = await decide_optout(collection, patients, registry, provider)
+    admitted = {patient_key(p): p.resource for p in patients if decisions[patient_key(p)].status == "allowed"}
     if not admitted or not isinstance(provider.ttp, BatchTTP):
         return
     pres: list[PrePseudonym] = []
@@ -260,14 +240,6 @@ async def prefetch_pseudonyms(items: list[_Item], chains: Chains) -> None:
         extraction = extract_inputs(patient, registry.types, chains.mapping, provider.mrn_system)
         pres.extend(provider.source.pre_pseudonyms(extraction, registry.registry))
     await provider.ttp.fetch(registry.registry, pres)
-
-
-def _mrn(patient: dict[str, Any], system: str | None) -> str | None:
-    for ident in patient.get("identifier") or []:
-        if isinstance(ident, dict) and system and ident.get("system") == system:
-            value = ident.get("value")
-            return value.strip() if isinstance(value, str) else None
-    return None
 
 
 def _entries_named(err: FhirError, count: int) -> set[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from gateway.optout.base import Decision, PatientRef
 from gateway.pipeline.validate import BundleIndex, PatientEntry, resources_of_patient
@@ -14,12 +14,17 @@ def patient_key(patient: PatientEntry) -> str:
 
 
 def patient_refs(
-    index: BundleIndex, *, provider: str, registry: str, mrn_system: str | None = None
+    index: BundleIndex | Sequence[PatientEntry],
+    *,
+    provider: str,
+    registry: str,
+    mrn_system: str | None = None,
 ) -> list[PatientRef]:
-    """One PatientRef per Patient of the Bundle; `mrn` is the value of its identifier with `mrn_system`."""
+    """One PatientRef per Patient (of a BundleIndex, or given); `mrn` is its identifier with `mrn_system`."""
+    patients = index.patients if isinstance(index, BundleIndex) else index
     return [
         PatientRef(patient_key(p), p.resource, _mrn(p.resource, mrn_system), provider, registry)
-        for p in index.patients
+        for p in patients
     ]
 
 
