@@ -321,6 +321,56 @@ def test_sqlite_locked_beyond_busy_timeout_raises_store_unavailable(tmp_path) ->
     store.close()
 
 
+def test_sqlite_writers_of_one_process_queue_in_order_and_all_commit(tmp_path) -> None:
+    """Writers in one process wait on the store's own queue, not in SQLite's sleeping busy handler: 16
+    threads enqueueing at once all commit (none runs into the busy timeout), each exactly once."""
+    store = open_store(f"sqlite:///{tmp_path}/outbox.db?busy_timeout=2000")
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for k in range(10):
+                put(store, f"w{n}-{k}")
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert store.depth()["queued"] == 160
+    store.close()
+
+
+def test_sqlite_in_process_writer_queue_times_out_as_store_unavailable(tmp_path) -> None:
+    """A writer stuck in a transaction holds the in-process queue: the next one gives up after busy_timeout
+    with StoreUnavailable (as SQLite's own lock would), writes nothing, and the store recovers."""
+    store = open_store(f"sqlite:///{tmp_path}/outbox.db?busy_timeout=100")
+    release, entered = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        with store._tx():
+            assert store.dialect.writer.locked()  # the in-process queue is held for the transaction
+            entered.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=stuck)
+    holder.start()
+    try:
+        assert entered.wait(5)
+        with pytest.raises(StoreUnavailable):
+            put(store, "k")
+    finally:
+        release.set()
+        holder.join()
+    assert store.depth()["queued"] == 0
+    put(store, "k")
+    assert store.depth()["queued"] == 1
+    store.close()
+
+
 def test_sqlite_disk_full_raises_store_unavailable_and_rolls_back(tmp_path) -> None:
     url = f"sqlite:///{tmp_path}/outbox.db"
     open_store(url).close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
@@ -93,7 +94,9 @@ def parse_json(body: bytes, *, max_bytes: int, max_depth: int = 100, check_dupli
     value = _loads(body, start, max_depth)  # orjson itself refuses more than 1024 levels, in C
     if not isinstance(value, dict):
         raise FhirError.single(400, "structure", "the JSON document must be an object (a FHIR resource)")
-    dumped = _dumps_within_depth(value, max_depth)
+    # Every level of nesting opens with a `{` or `[` in the text (brackets inside strings only raise this
+    # bound), so a body with few brackets (an NDJSON line) cannot be too deep: two C-level counts.
+    dumped = _dumps_within_depth(value, max_depth, body.count(b"{") + body.count(b"["))
     if check_duplicates:
         _check_duplicate_keys(body, start, value, dumped)
     if _BIG_FLOAT.search(dumped):  # C-speed pre-filter over the serialised tree
@@ -122,19 +125,49 @@ def _loads(body: bytes, start: int, max_depth: int) -> Any:
     raise _decode_error(body, error[0], error[1], start, max_depth)
 
 
-def _dumps_within_depth(value: dict, max_depth: int) -> bytes:
+class _Padding(threading.local):
+    """Per thread and per max_depth: `DUMPS_DEPTH_LIMIT - max_depth` nested one-item lists, built once (a
+    Python loop of ~150 steps per call cost more than parsing a small NDJSON line). The innermost list is the
+    slot the value is put into for one dump; thread-local, so concurrent parses never share a slot."""
+
+    def __init__(self) -> None:
+        self.by_depth: dict[int, tuple[list[Any], list[Any]]] = {}
+
+    def get(self, pad: int) -> tuple[list[Any], list[Any]]:
+        found = self.by_depth.get(pad)
+        if found is None:
+            slot: list[Any] = [None]
+            outer = slot
+            for _ in range(pad - 1):
+                outer = [outer]
+            found = self.by_depth[pad] = (outer, slot)
+        return found
+
+
+_PADDING = _Padding()
+
+
+def _dumps_within_depth(value: dict, max_depth: int, depth_bound: int | None = None) -> bytes:
     """Serialise `value` (needed anyway for the duplicate check) and enforce max_depth on the way:
     orjson.dumps stops at a fixed depth, so `DUMPS_DEPTH_LIMIT - max_depth` one-item lists around the value
     make it stop at max_depth. All in C, no recursion in Python; the padding adds no colons, so the output
     needs no stripping for the colon count."""
     pad = DUMPS_DEPTH_LIMIT - max_depth
-    wrapped: Any = value
-    for _ in range(pad):
-        wrapped = [wrapped]
+    if depth_bound is not None and depth_bound <= max_depth:
+        pad = 0  # the value cannot be deeper: the ~150 levels of padding cost ~2 us per dump for nothing
+    if pad == 0:
+        wrapped: Any = value
+        slot = None
+    else:
+        wrapped, slot = _PADDING.get(pad)
+        slot[0] = value
     try:
         return orjson.dumps(wrapped)
     except orjson.JSONEncodeError:
         pass
+    finally:
+        if slot is not None:
+            slot[0] = None  # hold no reference to the document after the call
     raise FhirError.single(400, "too-costly", f"JSON nesting deeper than {max_depth} levels")
 
 

@@ -391,6 +391,10 @@ class _Resolver:
         self.errors: list[Issue] = []
         self.warnings: list[Issue] = []
         self.external: list[tuple[int, str]] = []
+        # `Type/id` references that resolved without a RESTful base (bulk exports name the same patient in
+        # every line): answered from here next time. Only filled when no entry has a RESTful fullUrl, because
+        # then a relative reference means the same in every entry.
+        self.relative_hits: dict[str, set[int]] = {}
 
     @cached_property
     def by_type_id(self) -> dict[str, list[int]]:
@@ -404,12 +408,14 @@ class _Resolver:
         if dumped.count(_PATIENT_TYPE) != int(resource.get("resourceType") == "Patient"):
             self._nested_patient(i, resource)
         targets: set[int] = set()
-        by_full_url = self.by_full_url
+        by_full_url, relative_hits = self.by_full_url, self.relative_hits
         for raw in _REFERENCE_VALUE.findall(dumped):
             ref = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
             hit = by_full_url.get(ref)  # the common case (urn:uuid / fullUrl), without the call
             if hit is not None:
                 targets.add(hit)
+            elif ref in relative_hits:
+                targets |= relative_hits[ref]
             else:
                 targets |= self._resolve(i, entry, ref)
         if b'"url":"urn:' in dumped or self.restful_urls:
@@ -465,6 +471,8 @@ class _Resolver:
             # No RESTful base to resolve against (urn:uuid or absent fullUrl): match Type/id liberally.
             found = self.by_type_id.get(f"{rtype}/{rid}")
             if found:
+                if not self.restful_urls and ref == f"{rtype}/{rid}":
+                    self.relative_hits[ref] = set(found)
                 return set(found)
         elif base + versionless in self.by_full_url:
             # FHIR rule: a relative reference resolves against the base of the referring entry's fullUrl.
