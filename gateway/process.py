@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from gateway import __version__
 from gateway.deid.engine import Plan, ProvenanceInfo, deidentify
 from gateway.deid.leakscan import scan, sensitive_values
@@ -69,6 +71,7 @@ class Processed:
     bundle: dict[str, Any] | None  # None: nothing left to deliver (every patient opted out)
     report: dict[str, Any] = field(default_factory=dict)
     patient_keys: list[str] = field(default_factory=list)  # opaque, pseudonymous ordering keys
+    payload: bytes | None = None  # orjson.dumps(bundle), exactly the text the leak gate scanned
 
 
 async def process_bundle(
@@ -155,13 +158,13 @@ async def process_bundle(
             "resources_kept": result.report.resources_kept,
         },
     )
-    _leak_gate(result.bundle, kept_input, registry.plan.practitioner_kept)
+    payload = _leak_gate(result.bundle, kept_input, registry.plan.practitioner_kept)
     report |= {
         "pseudonymTypes": dict(pseudonyms.types_added),
         "pseudonymsSkipped": dict(pseudonyms.skipped),
         "deidentification": result.report.as_dict(),
     }
-    return Processed(result.bundle, report, _patient_keys(result.bundle))
+    return Processed(result.bundle, report, _patient_keys(result.bundle), payload)
 
 
 def _patients(index: BundleIndex) -> dict[str, dict[str, Any]]:
@@ -212,15 +215,19 @@ def _by_every_reference(
 
 def _leak_gate(
     output: dict[str, Any], kept_input: dict[str, Any], practitioner_kept: tuple[str, ...]
-) -> None:
-    """After rewriting, before anything leaves: a hit blocks the delivery, naming the path, not the value."""
-    findings = scan(output, sensitive_values(kept_input, practitioner_kept=practitioner_kept))
+) -> bytes:
+    """After rewriting, before anything leaves: a hit blocks the delivery, naming the path, not the value.
+    Returns the serialised output it scanned, so that what is stored is byte for byte what was checked."""
+    payload = orjson.dumps(output)
+    sensitive = sensitive_values(kept_input, practitioner_kept=practitioner_kept)
+    findings = scan(output, sensitive, serialized=payload)
     if findings:
         issues = [
             Issue("security", f"direct identifier ({f.kind}) left after de-identification", (f.path,))
             for f in findings[:50]
         ]
         raise FhirError(422, issues)
+    return payload
 
 
 def _now() -> str:

@@ -164,8 +164,9 @@ class Runtime:
             return Accepted(None, processed.report)
         self._count_resources(processed)
         # a stable identifier lets the registry (and our receiver) recognise a re-sent delivery
-        processed.bundle["identifier"] = {"system": DELIVERY_SYSTEM, "value": key[:32]}
-        payload = orjson.dumps(processed.bundle)
+        identifier = {"system": DELIVERY_SYSTEM, "value": key[:32]}
+        processed.bundle["identifier"] = identifier
+        payload = _with_last_member(processed.payload, "identifier", identifier)
         delivery_id, created = await asyncio.to_thread(
             self.store.enqueue,
             provider=provider,
@@ -353,3 +354,11 @@ def _optout(reg: RegistryConfig, keys: GatewayKeys, store: Store) -> tuple[OptOu
             gics_from_config(reg.gics, secret_from_env, signer_id=hmac_signer_id(keys.objection_key()))
         )
     return tuple(sources)
+
+
+def _with_last_member(payload: bytes | None, name: str, value: Any) -> bytes:
+    """`payload` (an orjson-serialised object) with one more member at the end: the same bytes as dumping the
+    object after adding it (a new key goes last), without serialising the whole bundle again."""
+    if payload is None or not payload.endswith(b"}") or payload == b"{}":
+        raise ValueError("expected a serialised, non-empty JSON object")
+    return payload[:-1] + b',"' + name.encode() + b'":' + orjson.dumps(value) + b"}"

@@ -480,7 +480,7 @@ def _coding_code_at(raw: bytes, at: int) -> bool:
     return head is not None and head.group(1).decode().startswith(TERMINOLOGY_PREFIXES)
 
 
-def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
+def _clean_at_a_glance(output: Any, scanner: _Scanner, serialized: bytes | None = None) -> bool:
     """Most outputs are clean: one serialisation and C-level passes over the whole document prove it without
     walking it in Python. Any hit (or anything orjson cannot serialise) means: walk and check.
 
@@ -489,11 +489,17 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner) -> bool:
     document's tokens are a superset: keys and numbers included). With few sensitive tokens each is sought
     by a substring search; with many (multi-patient bundles) the document is tokenised once into a set and
     each is looked up, so the cost no longer grows with tokens x document size.
+
+    ``serialized``: ``orjson.dumps(output)`` when the caller has it already. Exactly that text: the literal
+    search relies on orjson's escaping (another serialiser may write ``\\/`` or ``\\u00e9``).
     """
-    try:
-        raw = orjson.dumps(output)
-    except (TypeError, orjson.JSONEncodeError):
-        return False
+    if serialized is not None:
+        raw = serialized
+    else:
+        try:
+            raw = orjson.dumps(output)
+        except (TypeError, orjson.JSONEncodeError):
+            return False
     escaped = raw
     if b"\\" in raw:
         # a JSON escape (\n, \t, \u0007...) is a separator inside the string; left alone, its letter would
@@ -553,10 +559,13 @@ def _sequence_at(low: str, start: int, candidates: Any) -> bool:
     return any(len(seq) == 1 or tuple(tokens[: len(seq)]) == seq for seq, _ in candidates)
 
 
-def scan(output: Any, sensitive: SensitiveSet | None = None) -> list[Finding]:
-    """Findings (path, kind) in ``output``; empty when clean. Without ``sensitive`` only BSNs are sought."""
+def scan(
+    output: Any, sensitive: SensitiveSet | None = None, *, serialized: bytes | None = None
+) -> list[Finding]:
+    """Findings (path, kind) in ``output``; empty when clean. Without ``sensitive`` only BSNs are sought.
+    ``serialized``: exactly ``orjson.dumps(output)`` if the caller has it already (saves one dump)."""
     scanner = _Scanner(sensitive)
-    if _clean_at_a_glance(output, scanner):
+    if _clean_at_a_glance(output, scanner, serialized):
         return []
     root = output.get("resourceType", "Resource") if isinstance(output, dict) else "$"
     scanner.value(output, "", {}, [str(root) if isinstance(root, str) and root.isalpha() else "Resource"])
