@@ -25,6 +25,7 @@ import os
 import resource
 import subprocess
 import tempfile
+import threading
 import time
 
 PROVIDER = "ura:00000000"
@@ -121,6 +122,58 @@ async def deliver(export: Path, work: Path, urls: dict, args: argparse.Namespace
     return {"summary": summary.as_dict(), "marks": marks, "depth": depth}
 
 
+class MemorySampler(threading.Thread):
+    """Every 0.25 s: the memory of this process and all its descendants (the chain workers, the TTP +
+    receiver process), summed. `ru_maxrss` is per process and the per-process peaks need not coincide; this
+    is the peak of the sum. RSS counts shared pages (libraries, copy-on-write) once per process; PSS shares
+    them out, so its sum is the machine's real total."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_rss = self.peak_pss = 0.0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.25):
+            rss = pss = 0
+            for pid in _tree(os.getpid()):
+                rss += _status_kb(pid, "VmRSS")
+                pss += _rollup_kb(pid, "Pss")
+            self.peak_rss = max(self.peak_rss, rss / 1024)
+            self.peak_pss = max(self.peak_pss, pss / 1024)
+
+
+def _tree(pid: int) -> list[int]:
+    found, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                continue
+    return found
+
+
+def _status_kb(pid: int, field: str) -> int:
+    return _field_kb(Path(f"/proc/{pid}/status"), field)
+
+
+def _rollup_kb(pid: int, field: str) -> int:
+    return _field_kb(Path(f"/proc/{pid}/smaps_rollup"), field)
+
+
+def _field_kb(path: Path, field: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--serve", help=argparse.SUPPRESS)
@@ -152,6 +205,8 @@ def main() -> None:
             f"in {time.perf_counter() - t0:.1f} s (not counted)",
             flush=True,
         )
+        sampler = MemorySampler()
+        sampler.start()
         server = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(work)],
             stdin=subprocess.PIPE,
@@ -165,7 +220,12 @@ def main() -> None:
             server.stdin.close()
             server_usage = json.loads(server.stdout.readline() or "{}")
             server.wait(timeout=60)
+        sampler.stopped.set()
         _report(result, size, server_usage)
+        print(
+            f"peak memory of the whole run (sum over all processes, sampled every 0.25 s): "
+            f"RSS {sampler.peak_rss:.0f} MB, PSS {sampler.peak_pss:.0f} MB (goal < 500 MB)"
+        )
 
 
 def _report(result: dict, size: int, server: dict) -> None:
