@@ -106,7 +106,9 @@ def _run(
 # -- in the parent ------------------------------------------------------------------------------------------
 class PoolRunner:
     def __init__(self, spec: ChainSpec, workers: int, paths: list[str], patients_per_call: int) -> None:
-        self.parallelism = workers
+        # one group queued ahead of the workers: a worker that finishes finds its next group waiting instead
+        # of idling while the parent stores the finished group's Bundles and reads the next group's lines
+        self.parallelism = workers + 1
         self.paths, self.patients_per_call = paths, patients_per_call
         # spawn, not fork: the parent has threads (asyncio.to_thread, store pool, a server's loop) and a
         # child forked while one of them holds a lock hangs for ever (seen: the initializer never returned).
