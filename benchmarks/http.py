@@ -1,12 +1,21 @@
 """The gateway over HTTP: accepted bundles/s and latency under bounded load, beside a bare echo endpoint.
 
-The reference TTP, a receiver and the gateway (one uvicorn worker each, threads of this process, SQLite
-outbox, worker on) run on 127.0.0.1 via gateway.demo.embedded_chain; the load comes from a second process (a
-minimal keep-alive HTTP/1.1 client on asyncio streams, so the client costs little CPU). Requests use
-`Prefer: respond-async` (202 once stored in the outbox). Each scenario is bounded by a request count and a
-duration. At the end the outbox depth is printed: the worker must have forwarded everything.
+The gateway (one uvicorn worker, SQLite outbox, outbox worker on) runs on 127.0.0.1 in this process; the
+reference TTP and the registry receiver (leak scan and SQLite write for every forwarded bundle) run where
+`--peers` says:
+
+- `other-process` (default): in a second OS process (benchmarks/bulk.py's serve_main), as in a deployment,
+  where the TTP and the registry are other machines; this process runs only the gateway.
+- `same-process`: uvicorn threads of this process via gateway.demo.embedded_chain; all three share one GIL,
+  so the TTP's and the receiver's CPU is taken from the gateway.
+
+The load comes from another process (a minimal keep-alive HTTP/1.1 client on asyncio streams, so the client
+costs little CPU). Requests use `Prefer: respond-async` (202 once stored in the outbox) and a fresh
+Bundle.identifier each. Each scenario is bounded by a request count and a duration. At the end the outbox
+depth is printed: the worker must have forwarded everything (0 queued, 0 dead).
 
     .venv/bin/python benchmarks/http.py [--small 2000] [--large 60] [--concurrency 8] [--max-seconds 60]
+        [--peers other-process|same-process]
 """
 
 # ruff: noqa: E402 - imports follow the sys.path guard below (benchmarks/http.py shadows `http`)
@@ -24,16 +33,19 @@ import asyncio
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from gateway.demo import MRN_SYSTEM
+from gateway.demo import MRN_SYSTEM, PROVIDER
 
 
 def _sibling(name: str):  # noqa: ANN202 - a module
@@ -165,7 +177,7 @@ def run_load(
     return json.loads(out.stdout)
 
 
-# -- the servers (this process) ---------------------------------------------------------------------------
+# -- the servers ------------------------------------------------------------------------------------------
 def echo_app() -> FastAPI:
     app = FastAPI()
 
@@ -176,9 +188,84 @@ def echo_app() -> FastAPI:
     return app
 
 
+@contextmanager
+def gateway_chain(work: Path, peers: str) -> Iterator[tuple[str, str, dict]]:
+    """The gateway with its TTP and receiver; yields (gateway URL, EHR API key, peers' usage, set at exit)."""
+    from gateway.demo import embedded_chain
+
+    usage: dict = {}
+    if peers == "same-process":
+        with embedded_chain(work, [REGISTRY]) as chain:
+            yield chain.gateway_url, chain.ehr_api_key, usage
+        return
+    bulk = _sibling("bulk")
+    assert (bulk.PROVIDER, bulk.REGISTRY) == (PROVIDER, REGISTRY)
+    (work / "peers").mkdir(parents=True)
+    # a second process: `http.py --serve-peers DIR` runs bulk.py's serve_main (reference TTP + receiver)
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve-peers", str(work / "peers")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        urls = json.loads(server.stdout.readline())
+        with _gateway_alone(work, urls) as (url, key):
+            yield url, key, usage
+    finally:
+        server.stdin.close()
+        usage.update(json.loads(server.stdout.readline() or "{}"))
+        server.wait(timeout=60)
+
+
+@contextmanager
+def _gateway_alone(work: Path, urls: dict) -> Iterator[tuple[str, str]]:
+    """The gateway as embedded_chain configures it (objection register + bundle consent, MRN system), against
+    the TTP and receiver at `urls`, served by one uvicorn worker in a thread of this process."""
+    from gateway.config import (
+        ClientConfig,
+        GatewayConfig,
+        ProviderConfig,
+        RegistryConfig,
+        Settings,
+        TTPConfig,
+    )
+    from gateway.keys import init_keys
+    from gateway.runtime import build_runtime
+    from gateway.service.app import create_app
+    from gateway.service.auth import hash_api_key
+    from gateway.serving import serve_in_thread
+    from gateway.ttp.client import HttpTTPClient
+
+    ehr_key = os.urandom(24).hex()
+    init_keys(work / "keys", [PROVIDER])
+    config = GatewayConfig(
+        providers=[ProviderConfig(id=PROVIDER, name="bench", mrn_system=MRN_SYSTEM)],
+        clients=[
+            ClientConfig(
+                id="ehr-0", provider=PROVIDER, api_key_sha256=hash_api_key(ehr_key), registries=[REGISTRY]
+            )
+        ],
+        registries={REGISTRY: RegistryConfig(profile=REGISTRY, endpoint=urls["receiver"])},
+        ttp=TTPConfig(url=urls["ttp"]),
+    )
+    settings = Settings(
+        store_url=f"sqlite:///{work / 'gateway.db'}",
+        key_dir=work / "keys",
+        worker_poll_seconds=0.05,
+        bulk_work_dir=work / "bulk",
+    )
+    runtime = build_runtime(
+        config, settings, ttps={PROVIDER: (HttpTTPClient(urls["ttp"], urls["secret"]), urls["ttp"])}
+    )
+    with serve_in_thread(create_app(runtime, run_worker=True)) as url:
+        yield url, ehr_key
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-peers", help=argparse.SUPPRESS)
     parser.add_argument("--url")
     parser.add_argument("--path")
     parser.add_argument("--bodies")
@@ -188,11 +275,19 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=60, help="requests with 1,000-entry bundles")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--peers",
+        choices=["same-process", "other-process"],
+        default="other-process",
+        help="where the reference TTP and the receiver run (default: a second process, as in a deployment)",
+    )
     args = parser.parse_args()
     if args.load:
         load_main(args)
         return
-    from gateway.demo import embedded_chain
+    if args.serve_peers:
+        _sibling("bulk").serve_main(Path(args.serve_peers))
+        return
     from gateway.serving import serve_in_thread
     from gateway.store import open_store
 
@@ -205,6 +300,11 @@ def main() -> None:
             folders[n].mkdir()
             for i, body in enumerate(bundles(n)):
                 (folders[n] / f"{i:03d}.json").write_bytes(body)
+        where = {
+            "other-process": "TTP + receiver in a second process; this process runs only the gateway",
+            "same-process": "TTP + receiver + gateway in threads of this process (one GIL)",
+        }[args.peers]
+        print(f"peers: {args.peers} ({where}); gateway: one uvicorn worker; load: a separate process")
         print(
             f"{'scenario':<34} {'requests':>8} {'req/s':>8} {'MB/s':>7} {'p50 ms':>8} {'p99 ms':>8}  statuses"
         )
@@ -220,15 +320,16 @@ def main() -> None:
                     args.max_seconds,
                 )
                 _row(f"echo (bare FastAPI) {name}", r, folders[n])
-        with embedded_chain(work / "chain", [REGISTRY]) as chain:
+        cpu_before = _cpu_seconds()
+        with gateway_chain(work / "chain", args.peers) as (gateway_url, ehr_key, peers_usage):
             headers = [
                 "Content-Type: application/fhir+json",
                 "Prefer: respond-async",
-                f"Authorization: Bearer {chain.ehr_api_key}",
+                f"Authorization: Bearer {ehr_key}",
             ]
             for name, n, count in scenarios:
                 r = run_load(
-                    chain.gateway_url,
+                    gateway_url,
                     f"/registries/{REGISTRY}/Bundle",
                     headers,
                     folders[n],
@@ -244,6 +345,22 @@ def main() -> None:
                 time.sleep(0.5)
                 depth = store.depth()
             print(f"outbox at the end (after waiting up to 120 s for the worker): {depth}")
+        own = _cpu_seconds() - cpu_before
+        if args.peers == "other-process":
+            print(
+                f"CPU seconds from gateway start to drained outbox: this process (gateway) {own:.1f}; "
+                f"TTP + receiver process (its whole life) {peers_usage.get('cpu', 0.0):.1f}"
+            )
+        else:
+            print(
+                f"CPU seconds from gateway start to drained outbox: this process (gateway, TTP, receiver) "
+                f"{own:.1f}"
+            )
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _row(name: str, r: dict, folder: Path) -> None:
