@@ -8,6 +8,7 @@ entry and field, never a value.
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 import uuid
 from collections import Counter
@@ -20,6 +21,15 @@ from gateway.receiver.db import ReceiverDB
 
 _TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+# A property named "reference" with a string value, in orjson's compact output. The value may contain
+# escapes, which the unrolled `[^"\\]*(\\.[^"\\]*)*` steps over, so its closing quote is the real one. The
+# pattern starts with a literal so the regex engine can scan for it quickly (a look-behind in front is four
+# times slower); `_rewrite_references` checks the byte before it instead.
+_REFERENCE = re.compile(rb'"reference":"([^"\\]*(?:\\.[^"\\]*)*)"')
+# Ids per `IN (...)` query: old SQLite builds allow at most 999 bound parameters per statement.
+_IDS_PER_QUERY = 900
+_BACKSLASH = ord("\\")
 
 
 def check_bundle(bundle: Any) -> list[dict[str, Any]]:
@@ -90,18 +100,6 @@ def _plan(entries: list[dict[str, Any]]) -> tuple[list[tuple[str, str, str, dict
     return plan, refs
 
 
-def _rewrite(node: Any, refs: dict[str, str]) -> Any:
-    if isinstance(node, dict):
-        out = {k: _rewrite(v, refs) for k, v in node.items()}
-        ref = out.get("reference")
-        if isinstance(ref, str) and ref in refs:
-            out["reference"] = refs[ref]
-        return out
-    if isinstance(node, list):
-        return [_rewrite(v, refs) for v in node]
-    return node
-
-
 def identifier_key(bundle: dict[str, Any]) -> str | None:
     ident = bundle.get("identifier")
     if isinstance(ident, dict) and isinstance(ident.get("value"), str):
@@ -113,27 +111,19 @@ def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dic
     """Store every entry and the receipt in one SQLite transaction; return the transaction-response."""
     entries = check_bundle(bundle)
     plan, refs = _plan(entries)
+    encoded_refs = {_json_text(url): _json_text(target) for url, target in refs.items()}
     now = time.time()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
     responses: list[dict[str, Any]] = []
-    counts: Counter[str] = Counter()
+    rows: list[tuple[str, str, int, str, bytes]] = []
     receipt_id = uuid.uuid4().hex
     with db.write() as conn:
+        versions = _current_versions(conn, [(rtype, rid) for _method, rtype, rid, _resource in plan])
         for _method, rtype, rid, resource in plan:
-            row = conn.execute(
-                "SELECT version FROM resources WHERE type = ? AND id = ?", (rtype, rid)
-            ).fetchone()
-            version = 1 if row is None else int(row[0]) + 1
-            stored = _rewrite(resource, refs) if refs else dict(resource)
-            stored["id"] = rid
-            stored["meta"] = {**(stored.get("meta") or {}), "versionId": str(version), "lastUpdated": stamp}
-            conn.execute(
-                "INSERT INTO resources (type, id, version, last_updated, body) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (type, id) DO UPDATE SET version = excluded.version, "
-                "last_updated = excluded.last_updated, body = excluded.body",
-                (rtype, rid, version, stamp, orjson.dumps(stored)),
-            )
-            counts[rtype] += 1
+            version = versions.get((rtype, rid), 0) + 1
+            versions[(rtype, rid)] = version  # the same resource twice in one Bundle counts on from here
+            body = _stored_body(resource, rid, version, stamp, encoded_refs)
+            rows.append((rtype, rid, version, stamp, body))
             responses.append(
                 {
                     "response": {
@@ -144,6 +134,14 @@ def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dic
                     }
                 }
             )
+        # In Bundle order: a resource that appears twice ends as its last entry, as with one insert each.
+        conn.executemany(
+            "INSERT INTO resources (type, id, version, last_updated, body) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (type, id) DO UPDATE SET version = excluded.version, "
+            "last_updated = excluded.last_updated, body = excluded.body",
+            rows,
+        )
+        counts = Counter(rtype for _method, rtype, _rid, _resource in plan)
         key = identifier_key(bundle)
         bundle_id = bundle.get("id") if isinstance(bundle.get("id"), str) else None
         conn.execute(
@@ -163,3 +161,54 @@ def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dic
         "type": f"{bundle['type']}-response",
         "entry": responses,
     }
+
+
+def _current_versions(conn: sqlite3.Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The stored version of each (type, id) that exists, with one query per type and chunk of ids instead
+    of one per entry."""
+    ids_by_type: dict[str, dict[str, None]] = {}
+    for rtype, rid in keys:
+        ids_by_type.setdefault(rtype, {})[rid] = None  # a dict: unique ids in a stable order
+    versions: dict[tuple[str, str], int] = {}
+    for rtype, unique_ids in ids_by_type.items():
+        ids = list(unique_ids)
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start : start + _IDS_PER_QUERY]
+            placeholders = ",".join("?" * len(chunk))
+            sql = f"SELECT id, version FROM resources WHERE type = ? AND id IN ({placeholders})"
+            found = conn.execute(sql, (rtype, *chunk))
+            versions.update(((rtype, rid), int(version)) for rid, version in found)
+    return versions
+
+
+def _stored_body(
+    resource: dict[str, Any], rid: str, version: int, stamp: str, refs: dict[bytes, bytes]
+) -> bytes:
+    """The resource as stored: its id and meta set (a shallow copy: the Bundle is not changed), serialised
+    once, then the references to entries' fullUrls rewritten in the bytes."""
+    meta = {**(resource.get("meta") or {}), "versionId": str(version), "lastUpdated": stamp}
+    body = orjson.dumps({**resource, "id": rid, "meta": meta})
+    return _rewrite_references(body, refs) if refs else body
+
+
+def _rewrite_references(body: bytes, refs: dict[bytes, bytes]) -> bytes:
+    """Replace every `"reference":"<fullUrl>"` in orjson output, at any depth, by the entry's `Type/id`.
+
+    Inside a JSON string every quote is escaped, so a match is a real property named reference unless the
+    byte before it is a backslash (a name ending in `"reference`, whose value the match then spans exactly).
+    `refs` maps JSON-encoded text to JSON-encoded text (`_json_text`): orjson writes a given string always
+    the same way, so a value with escapes is compared exactly without decoding it.
+    """
+
+    def swap(match: re.Match[bytes]) -> bytes:
+        target = refs.get(match[1])
+        if target is None or body[match.start() - 1] == _BACKSLASH:
+            return match[0]
+        return b'"reference":"' + target + b'"'
+
+    return _REFERENCE.sub(swap, body)
+
+
+def _json_text(text: str) -> bytes:
+    """A string as orjson writes it between the quotes."""
+    return orjson.dumps(text)[1:-1]
