@@ -61,8 +61,8 @@ class ReceiverDB:
         # Bulk loads insert random (pseudonymised) ids, so every Bundle dirties pages all over the primary key
         # index. A 64 MiB page cache keeps that index in memory, and checkpointing every 16384 WAL pages
         # (64 MiB) instead of every 1000 copies each hot page back once per many Bundles instead of once per
-        # Bundle: together they about halve SQLite's CPU per resource. Durability is unchanged (each commit is
-        # still synced to the WAL).
+        # Bundle: together they cut SQLite's CPU per resource by a third to a half in a 300k-resource load.
+        # Durability is unchanged (each commit is still synced to the WAL).
         self._conn.execute("PRAGMA cache_size = -65536")
         self._conn.execute("PRAGMA wal_autocheckpoint = 16384")
         self._lock = threading.RLock()
