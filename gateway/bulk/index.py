@@ -2,9 +2,16 @@
 
 The index is a SQLite database in the job's work dir. It holds, per resource line: file number, byte offset,
 length, line number, resource type and opaque 63-bit keys; never a value from the export. Keys are a keyed
-hash (HMAC-SHA-256, truncated) of `Type/id`, of Patient identifiers and of the references found, under a
-random key that lives only in this process's memory: once the run ends the index is useless to anyone, and a
+hash (keyed BLAKE2b, 64 bits, shifted to 63) of `Type/id`, of Patient identifiers and of the references
+found, under a random key that lives only in memory (this process's and, while pass 1 runs, its scanning
+workers', which get it through the pool's pipe): once the run ends the index is useless to anyone, and a
 resumed run simply re-indexes (deterministic: same files, same patient order, same groups).
+
+Scanning (JSON parsing, keys, references) runs in worker processes on byte ranges of the files (cut at line
+starts, so uneven files still keep every core busy); each range is written into its own SQLite file in the
+work dir, copied into the index and deleted. A row's id is its file number and byte offset, its line number
+counts the newlines before it: the index is the one a single sequential scan builds (small exports are
+scanned in this process).
 
 Ownership (which patient a resource travels with):
 - a Patient owns itself;
@@ -21,12 +28,19 @@ Ownership (which patient a resource travels with):
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
-import hmac
+import hashlib
+import itertools
+import multiprocessing
 import os
 import re
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -36,14 +50,23 @@ import orjson
 
 INHERIT_ROUNDS = 3
 BATCH_ROWS = 20_000
+# Byte ranges scanned by one worker task: small enough that uneven files spread over the workers and the
+# last range does not leave a core idle for long, big enough that the per-range cost (a SQLite file, a copy)
+# does not matter. An export no bigger than one range is scanned in this process (no worker start-up).
+CHUNK_BYTES = 16 << 20
+MAX_WORKERS = 4
+# A row's id is (file number << 40) | byte offset of its line: unique, in export order (file order, then
+# byte order, the order groups are cut in) and known to whoever scans the line, without coordination.
+_OFFSET_BITS = 40
+MAX_FILE_BYTES = 1 << _OFFSET_BITS
 # A reference value in the raw NDJSON text. Inside a JSON string every quote is escaped, so an unescaped
 # `"reference"` followed by `:` is a property name; whitespace around the colon is allowed (pretty exporters).
 _REFERENCE = re.compile(rb'"reference"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 _TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
-SCHEMA = """
-CREATE TABLE files (id INTEGER PRIMARY KEY, name TEXT NOT NULL, size INTEGER NOT NULL);
+# What scanning writes (the index itself, or one range's file in a worker).
+SCAN_SCHEMA = """
 CREATE TABLE resources (
     id INTEGER PRIMARY KEY, file INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL,
     line INTEGER NOT NULL, rtype TEXT NOT NULL, self_key INTEGER, is_patient INTEGER NOT NULL DEFAULT 0,
@@ -52,17 +75,28 @@ CREATE TABLE pkeys (key INTEGER NOT NULL, patient INTEGER NOT NULL);
 CREATE TABLE prefs (res INTEGER NOT NULL, key INTEGER NOT NULL, strict INTEGER NOT NULL);
 CREATE TABLE edges (res INTEGER NOT NULL, key INTEGER NOT NULL);
 CREATE TABLE invalid (file INTEGER NOT NULL, line INTEGER NOT NULL, reason TEXT NOT NULL);
+"""
+_SCAN_TABLES = ("resources", "pkeys", "prefs", "edges", "invalid")
+SCHEMA = (
+    SCAN_SCHEMA
+    + """
+CREATE TABLE files (id INTEGER PRIMARY KEY, name TEXT NOT NULL, size INTEGER NOT NULL);
 CREATE TABLE groups (id INTEGER PRIMARY KEY, first INTEGER NOT NULL, last INTEGER NOT NULL,
                      patients INTEGER NOT NULL, resources INTEGER NOT NULL);
 """
+)
 # Built after the bulk inserts: building an index once is much cheaper than maintaining it row by row.
 INDEXES = """
 CREATE INDEX pkeys_key ON pkeys (key);
 CREATE INDEX prefs_res ON prefs (res);
 CREATE INDEX edges_res ON edges (res);
 CREATE INDEX resources_self ON resources (self_key);
-CREATE INDEX resources_owner ON resources (owner);
 """
+# After the owners are resolved (which sets `owner` on nearly every row).
+OWNER_INDEX = "CREATE INDEX resources_owner ON resources (owner);"
+_PRAGMAS = (
+    "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=FILE; PRAGMA cache_size=-32768;"
+)
 
 
 @dataclass(frozen=True)
@@ -82,17 +116,21 @@ class IndexStats:
 
 
 class Keyer:
-    """63-bit opaque keys: HMAC-SHA-256 under a key that is never written anywhere (see module docstring).
-
-    One-shot `hmac.digest` (C, no Python HMAC object) plus a small LRU: an export names the same patient
-    in every line of that patient's resources, so most references repeat within a few lines."""
+    """63-bit opaque keys: keyed BLAKE2b (a MAC, one C call) under a key that is never written anywhere (see
+    module docstring), plus a small LRU: an export names the same patient in every line of that patient's
+    resources, so most references repeat within a few lines. Keyers made with the same key agree (pass 1's
+    workers)."""
 
     def __init__(self, key: bytes | None = None, cache: int = 1 << 16) -> None:
         secret = key or os.urandom(32)
+        if len(secret) > hashlib.blake2b.MAX_KEY_SIZE:
+            secret = hashlib.blake2b(secret).digest()
+        self._secret = secret  # only ever handed to pass 1's workers, in memory
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
 
         def fresh(text: str) -> int:
-            digest = hmac.digest(secret, text.encode("utf-8", "surrogatepass"), "sha256")
-            return int.from_bytes(digest[:8], "big") >> 1  # SQLite INTEGER is signed 64-bit
+            digest = blake2b(text.encode("utf-8", "surrogatepass"), key=secret, digest_size=8).digest()
+            return from_bytes(digest, "big") >> 1  # SQLite INTEGER is signed 64-bit
 
         # `fresh` for texts seen once (a line's own Type/id: a cache would only churn), the cached one for
         # references.
@@ -105,17 +143,26 @@ class Keyer:
     def __call__(self, text: str) -> int:
         return self._keyed(text)
 
+    def __reduce__(self) -> tuple:
+        raise TypeError("a Keyer is not pickled (its key would end up wherever the pickle goes)")
+
 
 def open_index(path: Path) -> sqlite3.Connection:
     if path.exists():
         path.unlink()  # the index of an earlier run is keyed under a key that is gone: rebuild it
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     # The index is scratch data (rebuilt on resume): no fsync, no journal to pay for.
-    conn.executescript(
-        "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=FILE;PRAGMA cache_size=-32768;"
-    )
+    conn.executescript(_PRAGMAS)
     conn.executescript(SCHEMA)
     return conn
+
+
+def default_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
 
 
 def build_index(
@@ -127,22 +174,35 @@ def build_index(
     max_group_resources: int,
     max_line_bytes: int,
     progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> IndexStats:
-    """Index every file, resolve owners, cut patient groups. `progress(bytes_done)` after each batch."""
+    """Index every file, resolve owners, cut patient groups. `progress(bytes_done)` as scanning goes on.
+
+    `workers` scanning processes (default: the cores, at most MAX_WORKERS) on ranges of about `chunk_bytes`;
+    with `workers` <= 1 or an export no bigger than one range, scanning runs in this process. Either way the
+    index is the same."""
     stats = IndexStats(files=len(files))
-    writer = _Writer(conn)
-    for number, source in enumerate(files):
-        size = source.path.stat().st_size
-        conn.execute("INSERT INTO files (id, name, size) VALUES (?, ?, ?)", (number, source.path.name, size))
-        for row in _scan_file(source.path, number, keyer, max_line_bytes, stats):
-            writer.add(row)
-            if progress and writer.pending == 0:
-                progress(stats.bytes)
-        writer.flush()
-        if progress:
-            progress(stats.bytes)
+    sizes = [source.path.stat().st_size for source in files]
+    if any(size >= MAX_FILE_BYTES for size in sizes):
+        raise ValueError(f"an export file of {MAX_FILE_BYTES} bytes or more cannot be indexed")
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO files (id, name, size) VALUES (?, ?, ?)",
+        [
+            (number, source.path.name, size)
+            for number, (source, size) in enumerate(zip(files, sizes, strict=True))
+        ],
+    )
+    conn.execute("COMMIT")
+    workers = default_workers() if workers is None else workers
+    if workers > 1 and sum(sizes) > chunk_bytes:
+        _scan_in_workers(conn, files, keyer, max_line_bytes, stats, progress, workers, chunk_bytes)
+    else:
+        _scan_here(conn, files, keyer, max_line_bytes, stats, progress)
     conn.executescript(INDEXES)
     _resolve_owners(conn)
+    conn.executescript(OWNER_INDEX)
     stats.patients = conn.execute("SELECT COUNT(*) FROM resources WHERE is_patient = 1").fetchone()[0]
     _cut_groups(conn, group_size, max_group_resources)
     return stats
@@ -150,40 +210,223 @@ def build_index(
 
 # -- scanning ---------------------------------------------------------------------------------------------
 @dataclass
-class _Row:
-    file: int
-    off: int
-    length: int
-    line: int
-    rtype: str | None  # None: invalid line, `reason` says why
-    self_key: int | None = None
-    patient_keys: tuple[int, ...] = ()  # for a Patient: its aliases (Type/id, identifiers)
-    prefs: tuple[tuple[int, int], ...] = ()  # (key, strict)
-    edges: tuple[int, ...] = ()
-    reason: str = ""
+class _RangeStats:
+    """What scanning one byte range found (small: the only thing a worker sends back)."""
+
+    bytes: int = 0
+    lines: int = 0
+    resources: int = 0  # non-blank lines, valid or not
+    invalid: int = 0
+
+    def add_to(self, stats: IndexStats) -> None:
+        stats.bytes += self.bytes
+        stats.lines += self.lines
+        stats.resources += self.resources
+        stats.invalid += self.invalid
 
 
-def _scan_file(
-    path: Path, number: int, keyer: Keyer, max_line_bytes: int, stats: IndexStats
-) -> Iterator[_Row]:
-    offset = 0
+def _scan_here(
+    conn: sqlite3.Connection,
+    files: list[SourceFile],
+    keyer: Keyer,
+    max_line_bytes: int,
+    stats: IndexStats,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Every file as one range, straight into the index."""
+    for number, source in enumerate(files):
+        done = stats.bytes
+
+        def flushed(n: int, done: int = done) -> None:
+            if progress:
+                progress(done + n)
+
+        _scan_range(conn, source.path, number, 0, None, 0, keyer, max_line_bytes, flushed).add_to(stats)
+        if progress:
+            progress(stats.bytes)
+
+
+def _scan_in_workers(
+    conn: sqlite3.Connection,
+    files: list[SourceFile],
+    keyer: Keyer,
+    max_line_bytes: int,
+    stats: IndexStats,
+    progress: Callable[[int], None] | None,
+    workers: int,
+    chunk_bytes: int,
+) -> None:
+    """Ranges scanned in `workers` processes, each into its own SQLite file that holds the final rows (ids
+    from offsets, line numbers from the newlines before the range, counted here while the workers scan), and
+    copied into the index in export order as they come in. A few ranges in flight at a time: the files
+    waiting to be copied take bounded disk space."""
+    plan = (
+        (number, source.path, start, end, lines_before)
+        for number, source in enumerate(files)
+        for start, end, lines_before in _ranges(source.path, chunk_bytes)
+    )
+    with _scratch_dir(conn) as scratch:
+        # spawn, not fork: the parent has threads (asyncio.to_thread, a server's loop), see pool.py.
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        in_flight: collections.deque[tuple[Path, Future[_RangeStats]]] = collections.deque()
+
+        def submit_next() -> None:
+            for number, path, start, end, lines_before in itertools.islice(plan, 1):
+                db = scratch / f"{number}-{start}.db"
+                task = (str(db), str(path), number, start, end, lines_before, keyer._secret, max_line_bytes)
+                in_flight.append((db, pool.submit(_scan_range_into, *task)))
+
+        try:
+            for _ in range(2 * workers):
+                submit_next()
+            while in_flight:
+                db, future = in_flight.popleft()
+                found = future.result()
+                submit_next()
+                _copy_range(conn, db)
+                db.unlink()
+                found.add_to(stats)
+                if progress:
+                    progress(stats.bytes)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _scratch_dir(conn: sqlite3.Connection) -> Iterator[Path]:
+    """A folder for the ranges' files next to the index (`<index>.ranges`, removed afterwards; one left by a
+    run that was killed goes at the next run), or a temporary one for an index in memory."""
+    main = next((file for _, name, file in conn.execute("PRAGMA database_list") if name == "main"), "")
+    if not main:
+        with tempfile.TemporaryDirectory(prefix="index-ranges-") as folder:
+            yield Path(folder)
+        return
+    folder = Path(main + ".ranges")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ranges(path: Path, chunk_bytes: int) -> Iterator[tuple[int, int | None, int]]:
+    """(start, end, lines before start): byte ranges of at least `chunk_bytes` that start at a line start and
+    end at one (end None: at the end of the file). One sequential read in bounded blocks; the lines before a
+    range are the newlines before it (what `_raw_lines` counts: every line but the last ends in one)."""
+    chunk_bytes = max(chunk_bytes, 1)
+    start = lines_before = counted = pos = 0  # counted: newlines in [start, pos + at)
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            at = 0
+            while True:
+                # a newline at offset start + chunk_bytes - 1 or later ends the range
+                search = max(start + chunk_bytes - 1 - pos, at)
+                newline = block.find(b"\n", search) if search < len(block) else -1
+                if newline < 0:
+                    break
+                counted += block.count(b"\n", at, newline + 1)
+                end = pos + newline + 1
+                yield start, end, lines_before
+                start, lines_before, counted, at = end, lines_before + counted, 0, newline + 1
+            counted += block.count(b"\n", at)
+            pos += len(block)
+    if start < pos or start == 0:
+        yield start, None, lines_before
+
+
+def _scan_range_into(
+    db: str,
+    path: str,
+    number: int,
+    start: int,
+    end: int | None,
+    lines_before: int,
+    secret: bytes,
+    max_line_bytes: int,
+) -> _RangeStats:
+    """In a worker: scan one range into a new SQLite file `db` (the index's tables, final rows)."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.executescript(_PRAGMAS)
+        conn.executescript(SCAN_SCHEMA)
+        keyer = _worker_keyer(secret)
+        return _scan_range(conn, Path(path), number, start, end, lines_before, keyer, max_line_bytes)
+    finally:
+        conn.close()
+
+
+_keyers: dict[bytes, Keyer] = {}
+
+
+def _worker_keyer(secret: bytes) -> Keyer:
+    """One Keyer per key in a worker (its caches stay warm from one range to the next)."""
+    if secret not in _keyers:
+        _keyers.clear()
+        _keyers[secret] = Keyer(secret)
+    return _keyers[secret]
+
+
+def _copy_range(conn: sqlite3.Connection, db: Path) -> None:
+    """Append one range's rows to the index. Same tables, no expression and no index yet on the index's side:
+    SQLite copies the records as they are (its transfer optimization), no row through Python."""
+    conn.execute("ATTACH DATABASE ? AS part", (str(db),))
+    try:
+        conn.execute("BEGIN")
+        for table in _SCAN_TABLES:
+            conn.execute(f"INSERT INTO main.{table} SELECT * FROM part.{table}")
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.execute("DETACH DATABASE part")
+
+
+def _scan_range(
+    conn: sqlite3.Connection,
+    path: Path,
+    number: int,
+    start: int,
+    end: int | None,
+    lines_before: int,
+    keyer: Keyer,
+    max_line_bytes: int,
+    flushed: Callable[[int], None] | None = None,
+) -> _RangeStats:
+    """Scan the lines of `path` from byte `start` (a line start, `lines_before` lines into the file) to `end`
+    (a line start; None: the end of the file) into `conn`. `flushed(bytes scanned)` after each batch."""
+    out = _Writer(conn)
+    offset = start
+    lines = resources = invalid = pending = 0
+    id_base = number << _OFFSET_BITS
     with path.open("rb", buffering=1 << 20) as handle:
-        for line_no, raw, length in _raw_lines(handle, max_line_bytes):
-            stats.bytes += length
-            stats.lines += 1
+        handle.seek(start)
+        for lines, raw, length in _raw_lines(handle, max_line_bytes):
+            line_no = lines_before + lines
             if raw is None:  # longer than max_line_bytes: never held in memory whole
-                stats.resources += 1
-                stats.invalid += 1
-                yield _Row(number, offset, length, line_no, None, reason="line-too-long")
+                out.invalid.append((number, line_no, "line-too-long"))
+                resources += 1
+                invalid += 1
+                pending += 1
             else:
                 body = raw.rstrip(b"\r\n")
                 if body.strip():
-                    stats.resources += 1
-                    row = _scan_line(body, number, offset, line_no, keyer, max_line_bytes)
-                    if row.rtype is None:
-                        stats.invalid += 1
-                    yield row
+                    resources += 1
+                    valid = _scan_line(
+                        body, id_base | offset, number, offset, line_no, keyer, max_line_bytes, out
+                    )
+                    invalid += not valid
+                    pending += 1
             offset += length
+            if pending >= BATCH_ROWS:
+                out.flush()
+                pending = 0
+                if flushed:
+                    flushed(offset - start)
+            if end is not None and offset >= end:
+                break
+    out.flush()
+    return _RangeStats(offset - start, lines, resources, invalid)
 
 
 def _raw_lines(handle: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
@@ -208,36 +451,54 @@ def _raw_lines(handle: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, byt
 
 
 def _scan_line(
-    body: bytes, number: int, offset: int, line_no: int, keyer: Keyer, max_line_bytes: int
-) -> _Row:
-    row = _Row(number, offset, len(body), line_no, None)
+    body: bytes,
+    row: int,
+    number: int,
+    offset: int,
+    line_no: int,
+    keyer: Keyer,
+    max_line_bytes: int,
+    out: _Writer,
+) -> bool:
+    """One non-blank line into `out`'s batch: a row in `resources` with its keys and references, or (False)
+    a row in `invalid` with the reason."""
     if len(body) > max_line_bytes:
-        row.reason = "line-too-long"
-        return row
+        out.invalid.append((number, line_no, "line-too-long"))
+        return False
     try:
         resource = orjson.loads(body)
     except orjson.JSONDecodeError:
-        row.reason = "malformed-json"
-        return row
+        out.invalid.append((number, line_no, "malformed-json"))
+        return False
     rtype = resource.get("resourceType") if isinstance(resource, dict) else None
     if not isinstance(rtype, str) or not rtype.isalpha():
-        row.reason = "no-resource-type"
-        return row
-    row.rtype = rtype
+        out.invalid.append((number, line_no, "no-resource-type"))
+        return False
     rid = resource.get("id")
-    if isinstance(rid, str) and _ID.fullmatch(rid):
-        row.self_key = keyer.fresh(f"{rtype}/{rid}")
+    self_key = keyer.fresh(f"{rtype}/{rid}") if isinstance(rid, str) and _ID.fullmatch(rid) else None
+    owner = None
     if rtype == "Patient":
-        row.patient_keys = tuple(_patient_aliases(resource, rid, keyer))
-    prefs: set[tuple[int, int]] = set()
-    edges: set[int] = set()
-    classify = keyer.classify
-    for raw_ref in _REFERENCE.findall(body):
-        found_prefs, found_edges = classify(raw_ref)
-        prefs.update(found_prefs)
-        edges.update(found_edges)
-    row.prefs, row.edges = tuple(prefs), tuple(edges)
-    return row
+        aliases = list(_patient_aliases(resource, rid, keyer))
+        if aliases:  # a Patient without id and identifiers cannot be referenced: not a patient here
+            owner = row
+            out.pkeys.extend(zip(aliases, itertools.repeat(row)))
+    out.resources.append((row, number, offset, len(body), line_no, rtype, self_key, owner is not None, owner))
+    refs = _REFERENCE.findall(body)
+    if refs:
+        prefs: set[tuple[int, int]] = set()
+        edges: set[int] = set()
+        classify = keyer.classify
+        for raw_ref in set(refs):
+            found_prefs, found_edges = classify(raw_ref)
+            if found_prefs:
+                prefs.update(found_prefs)
+            if found_edges:
+                edges.update(found_edges)
+        if prefs:
+            out.prefs.extend([(row, key, strict) for key, strict in prefs])
+        if edges:
+            out.edges.extend(zip(itertools.repeat(row), edges))
+    return True
 
 
 def _patient_aliases(resource: dict, rid: object, keyer: Keyer) -> Iterator[int]:
@@ -252,13 +513,13 @@ def _patient_aliases(resource: dict, rid: object, keyer: Keyer) -> Iterator[int]
             yield keyer.fresh(f"ident-any|{ident['value']}")
 
 
-def _classify(raw: bytes, keyer: Keyer) -> tuple[list[tuple[int, int]], list[int]]:
+def _classify(raw: bytes, keyer: Keyer) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
     """Patient-candidate references go to `prefs`, the rest (as `Type/id`) to `edges`."""
     ref = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode("utf-8", "replace")
     prefs: list[tuple[int, int]] = []
     edges: list[int] = []
     _classify_into(ref, keyer, prefs, edges)
-    return prefs, edges
+    return tuple(prefs), tuple(edges)
 
 
 def _classify_into(ref: str, keyer: Keyer, prefs: list[tuple[int, int]], edges: list[int]) -> None:
@@ -290,92 +551,66 @@ class _Writer:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.rows: list[_Row] = []
-        self.pending = 0
-        self.next_id = 1
-
-    def add(self, row: _Row) -> None:
-        self.rows.append(row)
-        self.pending = len(self.rows)
-        if self.pending >= BATCH_ROWS:
-            self.flush()
+        self.resources: list[tuple] = []
+        self.invalid: list[tuple[int, int, str]] = []
+        self.pkeys: list[tuple[int, int]] = []
+        self.prefs: list[tuple[int, int, int]] = []
+        self.edges: list[tuple[int, int]] = []
 
     def flush(self) -> None:
-        resources, invalid, pkeys, prefs, edges = [], [], [], [], []
-        for row in self.rows:
-            if row.rtype is None:
-                invalid.append((row.file, row.line, row.reason))
-                continue
-            rid = self.next_id
-            self.next_id += 1
-            patient = 1 if row.patient_keys else 0
-            resources.append(
-                (
-                    rid,
-                    row.file,
-                    row.off,
-                    row.length,
-                    row.line,
-                    row.rtype,
-                    row.self_key,
-                    patient,
-                    rid if patient else None,
-                )
-            )
-            pkeys.extend((key, rid) for key in row.patient_keys)
-            prefs.extend((rid, key, strict) for key, strict in row.prefs)
-            edges.extend((rid, key) for key in row.edges)
         c = self.conn
         c.execute("BEGIN")
         c.executemany(
             "INSERT INTO resources (id, file, off, len, line, rtype, self_key, is_patient, owner) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            resources,
+            self.resources,
         )
-        c.executemany("INSERT INTO invalid (file, line, reason) VALUES (?, ?, ?)", invalid)
-        c.executemany("INSERT INTO pkeys (key, patient) VALUES (?, ?)", pkeys)
-        c.executemany("INSERT INTO prefs (res, key, strict) VALUES (?, ?, ?)", prefs)
-        c.executemany("INSERT INTO edges (res, key) VALUES (?, ?)", edges)
+        c.executemany("INSERT INTO invalid (file, line, reason) VALUES (?, ?, ?)", self.invalid)
+        c.executemany("INSERT INTO pkeys (key, patient) VALUES (?, ?)", self.pkeys)
+        c.executemany("INSERT INTO prefs (res, key, strict) VALUES (?, ?, ?)", self.prefs)
+        c.executemany("INSERT INTO edges (res, key) VALUES (?, ?)", self.edges)
         c.execute("COMMIT")
-        self.rows = []
-        self.pending = 0
+        self.resources, self.invalid, self.pkeys, self.prefs, self.edges = [], [], [], [], []
 
 
 # -- owners and groups ------------------------------------------------------------------------------------
 def _resolve_owners(conn: sqlite3.Connection) -> None:
     c = conn
     c.execute("BEGIN")
-    # A Patient id seen twice: the later line is a duplicate, reported and not delivered.
+    # A Patient id seen twice: the later line is a duplicate, reported and not delivered. (One pass over the
+    # rows, NOT INDEXED: walking resources_self would look up every row; a Patient without an id, NULL
+    # self_key, is never a duplicate.)
     c.execute("""UPDATE resources SET state = 'duplicate-patient', owner = NULL, is_patient = 0
-                 WHERE is_patient = 1 AND self_key IN (SELECT self_key FROM resources WHERE is_patient = 1
-                 GROUP BY self_key HAVING COUNT(*) > 1) AND id NOT IN (SELECT MIN(id) FROM resources
-                 WHERE is_patient = 1 GROUP BY self_key)""")
+                 WHERE id IN (SELECT id FROM (
+                     SELECT id, ROW_NUMBER() OVER (PARTITION BY self_key ORDER BY id) AS nth
+                     FROM resources NOT INDEXED WHERE is_patient = 1 AND self_key IS NOT NULL)
+                   WHERE nth > 1)""")
     c.execute(
         "DELETE FROM pkeys WHERE patient IN (SELECT id FROM resources WHERE state = 'duplicate-patient')"
     )
     c.execute("UPDATE resources SET state = 'ok' WHERE is_patient = 1")
     # `strict` references name a Patient for sure (Patient/x, Patient?identifier=); `urn:uuid:` ones only
-    # count when they match a Patient, so an unmatched urn:uuid does not make a resource an orphan.
-    c.execute("""CREATE TEMP TABLE matched AS
-                 SELECT p.res AS res, COUNT(DISTINCT k.patient) AS n, MIN(k.patient) AS owner,
-                        MAX(p.strict) AS strict
-                 FROM prefs p LEFT JOIN pkeys k ON k.key = p.key GROUP BY p.res""")
-    c.execute("""UPDATE resources SET owner = CASE WHEN m.n = 1 THEN m.owner END,
-                 state = CASE WHEN m.n = 1 THEN 'ok' ELSE 'several-patients' END
-                 FROM matched m WHERE m.res = resources.id AND resources.state = 'pending' AND m.n >= 1""")
-    c.execute("""UPDATE resources SET state = 'patient-absent'
-                 FROM matched m WHERE m.res = resources.id AND resources.state = 'pending'
-                 AND m.n = 0 AND m.strict = 1""")
+    # count when they match a Patient, so an unmatched urn:uuid does not make a resource an orphan. Per
+    # resource: no Patient matched (first IS NULL), exactly one (first = last) or several (first < last).
+    c.execute("""UPDATE resources SET owner = CASE WHEN m.first = m.last THEN m.first END,
+                 state = CASE WHEN m.first = m.last THEN 'ok' WHEN m.first IS NOT NULL THEN 'several-patients'
+                              ELSE 'patient-absent' END
+                 FROM (SELECT p.res AS res, MIN(k.patient) AS first, MAX(k.patient) AS last,
+                              MAX(p.strict) AS strict
+                       FROM prefs p LEFT JOIN pkeys k ON k.key = p.key GROUP BY p.res) m
+                 WHERE m.res = resources.id AND resources.state = 'pending'
+                 AND (m.first IS NOT NULL OR m.strict = 1)""")
     for _ in range(INHERIT_ROUNDS):
+        # Only the edges of resources still pending (most resources are owned by now).
         changed = c.execute("""UPDATE resources SET owner = t.owner, state = 'ok'
-                 FROM (SELECT e.res AS res, MIN(r2.owner) AS owner FROM edges e
+                 FROM (SELECT e.res AS res, MIN(r2.owner) AS owner
+                       FROM resources r1 JOIN edges e ON e.res = r1.id
                        JOIN resources r2 ON r2.self_key = e.key AND r2.owner IS NOT NULL AND r2.state = 'ok'
-                       GROUP BY e.res) t
+                       WHERE r1.state = 'pending' GROUP BY e.res) t
                  WHERE t.res = resources.id AND resources.state = 'pending'""").rowcount
         if not changed:
             break
     c.execute("UPDATE resources SET state = 'shared' WHERE state = 'pending'")
-    c.execute("DROP TABLE matched")
     c.execute("COMMIT")
 
 
