@@ -59,7 +59,9 @@ def serve_main(work: Path) -> None:
     )
 
 
-async def deliver(export: Path, work: Path, urls: dict, args: argparse.Namespace) -> dict:
+async def deliver(
+    export: Path, work: Path, urls: dict, args: argparse.Namespace, sampler: MemorySampler | None = None
+) -> dict:
     from gateway.bulk import BulkOptions, run_bulk_async
     from gateway.config import GatewayConfig, ProviderConfig, RegistryConfig, Settings, TTPConfig
     from gateway.keys import init_keys
@@ -93,6 +95,8 @@ async def deliver(export: Path, work: Path, urls: dict, args: argparse.Namespace
         if phase != last["phase"]:
             marks[f"{phase}-start"] = time.perf_counter()
             last["phase"] = phase
+            if sampler is not None:
+                sampler.phase = phase
 
     try:
         summary = await run_bulk_async(
@@ -111,6 +115,8 @@ async def deliver(export: Path, work: Path, urls: dict, args: argparse.Namespace
             ),
         )
         marks["stored"] = time.perf_counter()
+        if sampler is not None:
+            sampler.phase = "drain"
         while True:
             depth = await asyncio.to_thread(runtime.store.depth)
             if depth["queued"] + depth["delivering"] == 0:
@@ -131,16 +137,23 @@ class MemorySampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.peak_rss = self.peak_pss = 0.0
+        self.at_peak: list[tuple[int, float]] = []  # (pid, PSS MB) of each process at the PSS peak
+        self.phase_at_peak = ""
+        self.phase = "start"
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(0.25):
             rss = pss = 0
+            each = []
             for pid in _tree(os.getpid()):
                 rss += _status_kb(pid, "VmRSS")
-                pss += _rollup_kb(pid, "Pss")
+                mine = _rollup_kb(pid, "Pss")
+                pss += mine
+                each.append((pid, mine / 1024))
             self.peak_rss = max(self.peak_rss, rss / 1024)
-            self.peak_pss = max(self.peak_pss, pss / 1024)
+            if pss / 1024 > self.peak_pss:
+                self.peak_pss, self.at_peak, self.phase_at_peak = pss / 1024, each, self.phase
 
 
 def _tree(pid: int) -> list[int]:
@@ -215,7 +228,7 @@ def main() -> None:
         )
         try:
             urls = json.loads(server.stdout.readline())
-            result = asyncio.run(deliver(work / "export", work, urls, args))
+            result = asyncio.run(deliver(work / "export", work, urls, args, sampler))
         finally:
             server.stdin.close()
             server_usage = json.loads(server.stdout.readline() or "{}")
@@ -226,6 +239,9 @@ def main() -> None:
             f"peak memory of the whole run (sum over all processes, sampled every 0.25 s): "
             f"RSS {sampler.peak_rss:.0f} MB, PSS {sampler.peak_pss:.0f} MB (goal < 500 MB)"
         )
+        roles = {os.getpid(): "this process", server.pid: "TTP + receiver"}
+        parts = ", ".join(f"{roles.get(pid, 'worker')} {mb:.0f}" for pid, mb in sampler.at_peak if mb >= 1)
+        print(f"  at the PSS peak ({sampler.phase_at_peak}): {parts} MB")
 
 
 def _report(result: dict, size: int, server: dict) -> None:
