@@ -88,6 +88,8 @@ async def deliver(
         config, settings, ttps={PROVIDER: (HttpTTPClient(urls["ttp"], urls["secret"]), urls["ttp"])}
     )
     await runtime.start(run_worker=True)
+    if os.environ.get("BULK_BENCH_TRACE"):
+        print(f"  [started] this process PSS {_rollup_kb(os.getpid(), 'Pss') / 1024:.0f} MB", flush=True)
     marks = {"start": time.perf_counter()}
     last = {"phase": ""}
 
@@ -97,6 +99,8 @@ async def deliver(
             last["phase"] = phase
             if sampler is not None:
                 sampler.phase = phase
+            if os.environ.get("BULK_BENCH_TRACE"):
+                print(f"  [{phase}] this process PSS {_rollup_kb(os.getpid(), 'Pss') / 1024:.0f} MB", flush=True)
 
     try:
         summary = await run_bulk_async(

@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import queue
 import re
 import shutil
 import sqlite3
@@ -155,6 +156,92 @@ def open_index(path: Path) -> sqlite3.Connection:
     conn.executescript(_PRAGMAS)
     conn.executescript(SCHEMA)
     return conn
+
+
+def reopen_index(path: Path) -> sqlite3.Connection:
+    """The finished index, for pass 2: a few rows per group, so a small page cache."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-2048;")
+    return conn
+
+
+def build_index_file(
+    path: Path,
+    files: list[SourceFile],
+    *,
+    group_size: int,
+    max_group_resources: int,
+    max_line_bytes: int,
+    progress: Callable[[int], None] | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> IndexStats:
+    """Build the index at `path` (any earlier one is replaced) with a fresh key, and return its stats.
+
+    An export bigger than one range is indexed in a separate process: merging, sorting and resolving a
+    million rows grows the heap by tens of MB, which a long-lived process keeps (the allocator does not
+    return it), while the job's process stays small for pass 2. Smaller exports are indexed here."""
+    options = {"group_size": group_size, "max_group_resources": max_group_resources}
+    options["max_line_bytes"] = max_line_bytes
+    if sum(source.path.stat().st_size for source in files) <= chunk_bytes:
+        conn = open_index(path)
+        try:
+            return build_index(conn, files, Keyer(), progress=progress, chunk_bytes=chunk_bytes, **options)
+        finally:
+            conn.close()
+    ctx = multiprocessing.get_context("spawn")  # not fork: the caller has threads (see pool.py)
+    messages = ctx.Queue()
+    child = ctx.Process(target=_index_main, args=(path, files, options, chunk_bytes, messages))
+    child.start()
+    try:
+        return _await_index(child, messages, progress)
+    finally:
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+        messages.close()
+
+
+def _index_main(
+    path: Path, files: list[SourceFile], options: dict, chunk_bytes: int, messages: multiprocessing.Queue
+) -> None:
+    try:
+        conn = open_index(path)
+        try:
+            stats = build_index(
+                conn,
+                files,
+                Keyer(),
+                progress=lambda done: messages.put(("progress", done)),
+                chunk_bytes=chunk_bytes,
+                **options,
+            )
+        finally:
+            conn.close()
+        messages.put(("done", stats))
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
+        messages.put(("error", exc))
+
+
+def _await_index(
+    child: multiprocessing.process.BaseProcess,
+    messages: multiprocessing.Queue,
+    progress: Callable[[int], None] | None,
+) -> IndexStats:
+    while True:
+        try:
+            kind, value = messages.get(timeout=1.0)
+        except queue.Empty:
+            if not child.is_alive():
+                text = f"the indexing process ended without a result (exit code {child.exitcode})"
+                raise RuntimeError(text) from None
+            continue
+        if kind == "progress":
+            if progress:
+                progress(value)
+        elif kind == "error":
+            raise value
+        else:
+            return value
 
 
 def default_workers() -> int:

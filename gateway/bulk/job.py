@@ -70,19 +70,22 @@ async def deliver_export(
     state = _open_state(work_dir / "state.db")
     job_id, recorded = _job_identity(state, _fingerprint(files, options, chains.registry.registry))
     summary = BulkSummary(job=job_id, registry=chains.registry.registry)
-    conn = ix.open_index(work_dir / "index.db")
+    total_bytes = sum(f.path.stat().st_size for f in files)
     try:
-        total_bytes = sum(f.path.stat().st_size for f in files)
         stats = await asyncio.to_thread(
-            ix.build_index,
-            conn,
+            ix.build_index_file,
+            work_dir / "index.db",
             files,
-            ix.Keyer(),
             group_size=options.group_size,
             max_group_resources=options.max_group_resources,
             max_line_bytes=options.max_line_bytes,
             progress=(lambda done: progress("index", done, total_bytes)) if progress else None,
         )
+    except BaseException:
+        state.close()
+        raise
+    conn = ix.reopen_index(work_dir / "index.db")
+    try:
         summary.absorb_index(stats, conn, MAX_INVALID_LISTED, chains.validator.resource_types | {"(unknown)"})
         runner, close = _runner(files, chains, spec, options)
         try:
