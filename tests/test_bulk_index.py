@@ -212,3 +212,31 @@ def test_keyers_with_one_key_agree_and_a_keyer_is_never_pickled() -> None:
     assert 0 <= one("Patient/a") < 1 << 63
     with pytest.raises(TypeError):
         pickle.dumps(one)
+
+
+def test_an_export_bigger_than_one_range_is_indexed_in_a_child_process(tmp_path: Path) -> None:
+    """build_index_file: the same index and stats as building here, progress relayed from the child, and
+    the job process never opens the index until it is finished."""
+    files, _ = _export(tmp_path / "export")
+    here_stats, here = _build(tmp_path, "here", files, workers=1)
+    done: list[int] = []
+    path = tmp_path / "child" / "index.db"
+    path.parent.mkdir()
+    stats = ix.build_index_file(path, files, **KW, progress=done.append, chunk_bytes=20_000)
+    assert stats == here_stats
+    assert done and done[-1] == sum(f.path.stat().st_size for f in files)
+    conn = ix.reopen_index(path)
+    try:
+        child = _snapshot(conn)
+    finally:
+        conn.close()
+    for key in here:
+        assert child[key] == here[key], key
+
+
+def test_an_error_in_the_indexing_child_is_raised_in_the_job(tmp_path: Path) -> None:
+    big = tmp_path / "Observation.ndjson"
+    with big.open("wb") as handle:
+        handle.truncate(ix.MAX_FILE_BYTES)  # sparse: nothing is written
+    with pytest.raises(ValueError, match="cannot be indexed"):
+        ix.build_index_file(tmp_path / "index.db", [ix.SourceFile(big, None)], **KW, chunk_bytes=20_000)
