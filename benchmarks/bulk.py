@@ -37,12 +37,14 @@ def serve_main(work: Path) -> None:
     from contextlib import ExitStack
 
     from gateway.deid.leakscan import scan
+    from gateway.memory import return_large_buffers_to_the_os
     from gateway.receiver.app import create_receiver_app
     from gateway.serving import serve_in_thread
     from gateway.ttp.app import create_app as create_ttp_app
     from gateway.ttp.auth import TTPAuth, hash_key
     from gateway.ttp.keystore import init_keys as init_ttp_keys
 
+    return_large_buffers_to_the_os()  # as `fhir-gateway receiver serve` does (the CLI sets it)
     secret = os.urandom(24).hex()
     keys = init_ttp_keys(work / "ttp-keys", [REGISTRY])
     auth = TTPAuth.from_entries(
@@ -88,8 +90,6 @@ async def deliver(
         config, settings, ttps={PROVIDER: (HttpTTPClient(urls["ttp"], urls["secret"]), urls["ttp"])}
     )
     await runtime.start(run_worker=True)
-    if os.environ.get("BULK_BENCH_TRACE"):
-        print(f"  [started] this process PSS {_rollup_kb(os.getpid(), 'Pss') / 1024:.0f} MB", flush=True)
     marks = {"start": time.perf_counter()}
     last = {"phase": ""}
 
@@ -99,8 +99,6 @@ async def deliver(
             last["phase"] = phase
             if sampler is not None:
                 sampler.phase = phase
-            if os.environ.get("BULK_BENCH_TRACE"):
-                print(f"  [{phase}] this process PSS {_rollup_kb(os.getpid(), 'Pss') / 1024:.0f} MB", flush=True)
 
     try:
         summary = await run_bulk_async(

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway import __version__
+from gateway.memory import return_large_buffers_to_the_os
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -51,6 +52,7 @@ def _mount_subcommands() -> None:
 @app.callback()
 def main() -> None:
     """FHIR delivery gateway: validate, opt-out, pseudonymise, de-identify and forward FHIR to registries."""
+    return_large_buffers_to_the_os()  # every command handles bundle-sized buffers (see gateway/memory.py)
 
 
 @app.command()

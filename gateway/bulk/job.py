@@ -29,6 +29,7 @@ from gateway.bulk.group import Chains, GroupResult, line_reader, run_group
 from gateway.bulk.pool import ChainSpec, PoolRunner
 from gateway.bulk.sinks import Sink
 from gateway.bulk.summary import BulkSummary
+from gateway.memory import return_large_buffers_to_the_os
 
 Progress = Callable[[str, int, int], None]  # (phase "index"|"deliver", done, total)
 MAX_INVALID_LISTED = 1000
@@ -66,6 +67,7 @@ async def deliver_export(
     """Index `files`, then run every group not done yet through the chain into `sink`. With
     `options.workers` and a `spec`, groups run in worker processes (see gateway/bulk/pool.py)."""
     work_dir.mkdir(parents=True, exist_ok=True)
+    return_large_buffers_to_the_os()  # a job moves hundreds of MB of Bundle bytes (see gateway/memory.py)
     started = time.perf_counter()
     state = _open_state(work_dir / "state.db")
     job_id, recorded = _job_identity(state, _fingerprint(files, options, chains.registry.registry))

@@ -22,6 +22,7 @@ from typing import Any
 
 from gateway.bulk.group import Chains, GroupResult, run_group
 from gateway.bulk.index import Line
+from gateway.memory import return_large_buffers_to_the_os
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ _worker: dict[str, Any] = {}  # per-process state of a pool worker (its chain, l
 
 
 def _init(spec: ChainSpec) -> None:
+    return_large_buffers_to_the_os()  # each group's Bundles pass through as bytes (see gateway/memory.py)
     _worker["chains"] = build_chains(spec)
     _worker["loop"] = asyncio.new_event_loop()
     _worker["fds"] = {}
