@@ -11,7 +11,8 @@ Scanning (JSON parsing, keys, references) runs in worker processes on byte range
 starts, so uneven files still keep every core busy); each range is written into its own SQLite file in the
 work dir, copied into the index and deleted. A row's id is its file number and byte offset, its line number
 counts the newlines before it: the index is the one a single sequential scan builds (small exports are
-scanned in this process).
+scanned in this process). `build_index_file` runs all of pass 1 in a child process for exports bigger than
+one range (the key then lives only there): the job's own process stays small for pass 2.
 
 Ownership (which patient a resource travels with):
 - a Patient owns itself;
