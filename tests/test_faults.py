@@ -549,6 +549,9 @@ def test_two_gateway_processes_on_one_postgres_store(tmp_path: Path, pg_url: str
     n = 60
     with process_chain(tmp_path, store_url=pg_url) as pc:
         gateways = [pc.start_gateway(), pc.start_gateway()]
+        # FAULT INJECTION at the real receiver: every delivery is answered after 0.3 s, so no single worker
+        # can drain the outbox before the other one polls (a fast receiver let one worker take them all)
+        httpx.post(f"{pc.receiver_url}/_faults", json={"delay": 0.3, "count": n}).raise_for_status()
         local = threading.local()
 
         def post(i: int) -> Any:
