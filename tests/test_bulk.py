@@ -497,3 +497,17 @@ def test_an_over_long_line_is_reported_without_reading_it_whole(tmp_path: Path) 
     )
     assert ("Encounter.ndjson", 3, "line-too-long") in summary.invalid_lines
     assert summary.sent["Encounter"] == 3  # the line after it is read at its right offset
+
+
+def test_pool_workers_run_at_lower_priority(tmp_path: Path) -> None:
+    """Chain workers add `worker_nice` to their niceness: live deliveries and forwarding go first."""
+    import os
+
+    from gateway.bulk.pool import ChainSpec, PoolRunner
+
+    runner = PoolRunner(ChainSpec("example-generic", offline_root=tmp_path), 1, [], 10, nice=5)
+    try:
+        worker_nice = runner._pool.submit(os.nice, 0).result(timeout=120)
+    finally:
+        runner.close()
+    assert worker_nice == min(19, os.nice(0) + 5)

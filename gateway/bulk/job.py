@@ -52,6 +52,7 @@ class BulkOptions:
     stop_after_groups: int | None = None  # simulate an interruption (tests)
     workers: int = 0  # 0: in this process; n: n worker processes (needs a ChainSpec)
     patients_per_call: int = 10  # patients per process_bundle slice (the TTP batch stays the whole group)
+    worker_nice: int = 10  # niceness added to worker processes: live deliveries and forwarding go first
 
 
 async def deliver_export(
@@ -253,7 +254,7 @@ def _runner(
 ) -> tuple[Runner, Callable[[], None]]:
     paths = [str(f.path) for f in files]
     if options.workers > 0 and spec is not None:
-        pool = PoolRunner(spec, options.workers, paths, options.patients_per_call)
+        pool = PoolRunner(spec, options.workers, paths, options.patients_per_call, options.worker_nice)
         return pool, pool.close
     read, close = line_reader(paths)
     return InProcessRunner(chains, read, options.patients_per_call), close

@@ -61,8 +61,12 @@ def runtime_spec(runtime: Any, registry: str, provider: str) -> ChainSpec | None
 _worker: dict[str, Any] = {}  # per-process state of a pool worker (its chain, loop and open files)
 
 
-def _init(spec: ChainSpec) -> None:
+def _init(spec: ChainSpec, nice: int) -> None:
     return_large_buffers_to_the_os()  # each group's Bundles pass through as bytes (see gateway/memory.py)
+    if nice:
+        # The yearly delivery is batch work: the gateway's live ingest and its outbox forwarding (and on a
+        # test machine the registry) go first. Lower priority costs bulk nothing when the cores are free.
+        os.nice(nice)
     _worker["chains"] = build_chains(spec)
     _worker["loop"] = asyncio.new_event_loop()
     _worker["fds"] = {}
@@ -107,7 +111,9 @@ def _run(
 
 # -- in the parent ------------------------------------------------------------------------------------------
 class PoolRunner:
-    def __init__(self, spec: ChainSpec, workers: int, paths: list[str], patients_per_call: int) -> None:
+    def __init__(
+        self, spec: ChainSpec, workers: int, paths: list[str], patients_per_call: int, nice: int = 0
+    ) -> None:
         # one group queued ahead of the workers: a worker that finishes finds its next group waiting instead
         # of idling while the parent stores the finished group's Bundles and reads the next group's lines
         self.parallelism = workers + 1
@@ -118,7 +124,7 @@ class PoolRunner:
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(spec,),
+            initargs=(spec, nice),
         )
 
     async def run(
