@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     port: int = 8200
     log_level: str = "INFO"
     max_body_bytes: int = 50 * 1024 * 1024
+    # Bundles one gateway process works on at once; a post beyond that is answered 429 + Retry-After at once
+    # instead of queueing (latency stays bounded under overload; the EHR retries). 0: no limit.
+    max_inflight_bundles: int = 64
     worker_concurrency: int = 4
     worker_poll_seconds: float = 0.2
     # How long a claimed delivery stays leased to this worker (renewed while sending). After a crash, its

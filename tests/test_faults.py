@@ -629,3 +629,32 @@ def test_gateway_restarted_during_a_ttp_outage_still_drains_its_outbox(tmp_path:
         with opened_store(f"sqlite:///{tmp_path / 'gateway.db'}") as store:
             depth = wait_drained(store, 30)
         assert depth["delivered"] == 3 and depth["queued"] == depth["delivering"] == 0
+
+
+def test_overload_is_answered_429_at_once_instead_of_queueing(chain: FaultChain) -> None:
+    """Back-pressure: with max_inflight_bundles posts in progress (synchronous posts waiting for a slow
+    registry), the next post is answered 429 + Retry-After straight away (an OperationOutcome, nothing
+    stored); once they finish, the EHR's retry is accepted."""
+    settings = chain.runtime.settings
+    # FAULT INJECTION at the real receiver: the next 2 deliveries are answered after 3 s
+    httpx.post(f"{chain.receiver.url}/_faults", json={"delay": 3, "count": 2}).raise_for_status()
+    settings.max_inflight_bundles = 2
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(chain.post, _fresh(n, run="busy")) for n in (1, 2)]  # sync: they wait
+            deadline = time.monotonic() + 10
+            while chain.store.depth()["delivering"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert chain.store.depth()["delivering"] == 2, "both are stored and held at the registry"
+            before = chain.footprint()
+            refused = chain.post(_fresh(3, run="busy"))
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["Retry-After"] == "1"
+            assert _outcome(refused)["issue"][0]["code"] == "throttled"
+            assert chain.footprint() == before, "a refused post stores nothing"
+            assert all(f.result().status_code in (200, 202) for f in held)
+        again = chain.post(_fresh(3, run="busy"))  # the EHR posts again after Retry-After
+        assert again.status_code == 200, again.text
+    finally:
+        settings.max_inflight_bundles = 64
+    wait_drained(chain.store, 30)

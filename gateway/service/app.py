@@ -8,7 +8,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
@@ -187,46 +187,74 @@ def _operations_routes(app: FastAPI, runtime: Runtime) -> None:
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+class _InFlight:
+    """Bundles this process is working on (one event loop, so a plain counter): back-pressure."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextlib.contextmanager
+    def admit(self, runtime: Runtime) -> Iterator[None]:
+        limit = runtime.settings.max_inflight_bundles
+        if limit and self.count >= limit:
+            runtime.metrics.bundles.labels(outcome="throttled").inc()
+            text = "too many bundles in progress at this gateway; post again after Retry-After seconds"
+            raise FhirError.single(429, "throttled", text, headers={"Retry-After": "1"})
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+
 def _ingest_routes(app: FastAPI, runtime: Runtime) -> None:
+    in_flight = _InFlight()
+
     @app.post("/registries/{registry}/Bundle", openapi_extra=BUNDLE_BODY)
     async def post_bundle(registry: str, request: Request) -> Response:
         caller = caller_of(runtime, request)
         require_registry(caller, registry, runtime.registries)
         check_content_type(request)
-        body = await read_limited(request, runtime.settings.max_body_bytes)
-        bundle = parse_json(body, max_bytes=runtime.settings.max_body_bytes)
-        idempotency = request.headers.get("idempotency-key")
-        try:
-            accepted = await runtime.accept_bundle(
-                bundle,
-                caller=caller,
-                registry=registry,
-                idempotency_key=idempotency,
-                body_digest=hashlib.sha256(body).hexdigest(),
-            )
-        except (TTPUnavailable, StoreUnavailable) as exc:
-            key = StoreUnavailable if isinstance(exc, StoreUnavailable) else TTPUnavailable  # and subclasses
-            outcome, text, retry_after = UNAVAILABLE[key]
-            runtime.metrics.bundles.labels(outcome=outcome).inc()
-            raise FhirError.single(503, "transient", text, headers={"Retry-After": retry_after}) from None
-        if accepted.delivery_id is None:
-            return fhir_response(delivery_parameters(None, "nothing-to-deliver", accepted.report), 200)
-        status_url = f"/deliveries/{accepted.delivery_id}"
-        headers = {"Content-Location": status_url}
-        if "respond-async" in request.headers.get("prefer", ""):
-            return fhir_response(
-                delivery_parameters(accepted.delivery_id, "queued", accepted.report), 202, headers=headers
-            )
-        try:
-            delivery = await runtime.wait_for(accepted.delivery_id, SYNC_WAIT_SECONDS)
-        except StoreUnavailable:  # it IS stored (committed above): say so, and let the EHR poll
-            delivery = None
-        status = delivery.status if delivery else "queued"
-        http_status = {"delivered": 200, "dead": 422}.get(status, 202)
-        body_out = delivery_parameters(
-            accepted.delivery_id, status, accepted.report, delivery.registry_status if delivery else None
+        with in_flight.admit(runtime):  # before the body is read: a refused post costs next to nothing
+            return await _accept(runtime, caller, registry, request)
+
+
+async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Request) -> Response:
+    """Read, process and store one posted Bundle; answer sync (wait for the registry) or async."""
+    body = await read_limited(request, runtime.settings.max_body_bytes)
+    bundle = parse_json(body, max_bytes=runtime.settings.max_body_bytes)
+    idempotency = request.headers.get("idempotency-key")
+    try:
+        accepted = await runtime.accept_bundle(
+            bundle,
+            caller=caller,
+            registry=registry,
+            idempotency_key=idempotency,
+            body_digest=hashlib.sha256(body).hexdigest(),
         )
-        return fhir_response(body_out, http_status, headers=headers)
+    except (TTPUnavailable, StoreUnavailable) as exc:
+        key = StoreUnavailable if isinstance(exc, StoreUnavailable) else TTPUnavailable  # and subclasses
+        outcome, text, retry_after = UNAVAILABLE[key]
+        runtime.metrics.bundles.labels(outcome=outcome).inc()
+        raise FhirError.single(503, "transient", text, headers={"Retry-After": retry_after}) from None
+    if accepted.delivery_id is None:
+        return fhir_response(delivery_parameters(None, "nothing-to-deliver", accepted.report), 200)
+    status_url = f"/deliveries/{accepted.delivery_id}"
+    headers = {"Content-Location": status_url}
+    if "respond-async" in request.headers.get("prefer", ""):
+        return fhir_response(
+            delivery_parameters(accepted.delivery_id, "queued", accepted.report), 202, headers=headers
+        )
+    try:
+        delivery = await runtime.wait_for(accepted.delivery_id, SYNC_WAIT_SECONDS)
+    except StoreUnavailable:  # it IS stored (committed above): say so, and let the EHR poll
+        delivery = None
+    status = delivery.status if delivery else "queued"
+    http_status = {"delivered": 200, "dead": 422}.get(status, 202)
+    body_out = delivery_parameters(
+        accepted.delivery_id, status, accepted.report, delivery.registry_status if delivery else None
+    )
+    return fhir_response(body_out, http_status, headers=headers)
 
 
 def _delivery_view(d: Any) -> dict[str, Any]:
