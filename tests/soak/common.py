@@ -95,8 +95,8 @@ class PostResult:
 
 def post_until_accepted(client: httpx.Client, url: str, api_key: str, key: str, body: bytes, *,
                         deadline_s: float = 90.0, prefer_async: bool = False) -> PostResult:
-    """Post as an EHR does: on no answer or a 503, post the SAME bundle again (same Bundle.identifier, so the
-    gateway de-duplicates) until it is accepted or the deadline passes. Bounded by `deadline_s`."""
+    """Post as an EHR does: on no answer, a 503 or a 429, post the SAME bundle again (same Bundle.identifier,
+    so the gateway de-duplicates) until it is accepted or the deadline passes. Bounded by `deadline_s`."""
     headers = {"Content-Type": FHIR_JSON, "Authorization": f"Bearer {api_key}"}
     if prefer_async:
         headers["Prefer"] = "respond-async"
@@ -115,7 +115,7 @@ def post_until_accepted(client: httpx.Client, url: str, api_key: str, key: str, 
         if response.status_code in (200, 202):
             result.delivery_id = delivery_id_of(response)
             return result
-        if response.status_code == 503:
+        if response.status_code in (429, 503):  # nothing was stored: both say "again, later"
             time.sleep(0.2)
             continue
         return result  # any other answer is final for an EHR
