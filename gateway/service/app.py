@@ -121,36 +121,55 @@ def create_app(runtime: Runtime, *, run_worker: bool = True) -> FastAPI:
 
 
 def _install_request_ids(app: FastAPI, runtime: Runtime) -> None:
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next):
+    app.add_middleware(RequestIds)
+
+
+class RequestIds:
+    """Every request gets an id (X-Request-ID, the request log line, every log line while it runs) and an
+    unexpected error becomes a 500 OperationOutcome carrying that id. A plain ASGI middleware: Starlette's
+    `@app.middleware("http")` costs ~0.3 ms per request (measured: a bare echo endpoint went from
+    ~7,500-10,800 to ~2,500-2,900 requests/s with it).
+
+    Errors are answered here, not by the outermost (Exception) handler, which runs only after this middleware
+    has returned: so the 500, its "unexpected error" log line and the request line carry the id."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         rid = uuid.uuid4().hex
         token = request_id.set(rid)
         started = time.perf_counter()
+        state = {"status": 500, "started": False}
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                state["status"], state["started"] = message["status"], True
+                headers = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
         try:
-            response = await call_next(request)
+            await self.app(scope, receive, send_with_id)
         except Exception as exc:  # noqa: BLE001
-            # Answered here, not by the outermost (Exception) handler, which runs only after this middleware
-            # has returned: so the 500, its "unexpected error" log line and the request line carry the id.
-            response = errors.unexpected(exc)
+            if state["started"]:
+                raise  # the answer is already on its way: nothing better to send
+            await errors.unexpected(exc)(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
-        response.headers["X-Request-ID"] = rid
-        log.info(
-            "request",
-            extra={
-                "method": request.method,
-                "route": _route_name(request),
-                "status": response.status_code,
-                "request_id": rid,
-                "ms": round((time.perf_counter() - started) * 1000, 1),
-            },
-        )
-        return response
-
-
-def _route_name(request: Request) -> str:
-    route = request.scope.get("route")
-    return getattr(route, "path", "unmatched")
+            log.info(
+                "request",
+                extra={
+                    "method": scope.get("method"),
+                    "route": getattr(scope.get("route"), "path", "unmatched"),
+                    "status": state["status"],
+                    "request_id": rid,
+                    "ms": round((time.perf_counter() - started) * 1000, 1),
+                },
+            )
 
 
 def caller_of(runtime: Runtime, request: Request) -> Caller:
