@@ -10,7 +10,7 @@ A re-run with other input files or parameters is refused (the group numbering wo
 from __future__ import annotations
 
 import asyncio
-import gc
+import contextlib
 import hashlib
 import sqlite3
 import time
@@ -29,7 +29,7 @@ from gateway.bulk.group import Chains, GroupResult, line_reader, run_group
 from gateway.bulk.pool import ChainSpec, PoolRunner
 from gateway.bulk.sinks import Sink
 from gateway.bulk.summary import BulkSummary
-from gateway.memory import return_large_buffers_to_the_os
+from gateway.memory import paused_gc, return_large_buffers_to_the_os
 
 Progress = Callable[[str, int, int], None]  # (phase "index"|"deliver", done, total)
 MAX_INVALID_LISTED = 1000
@@ -70,11 +70,10 @@ async def deliver_export(
     work_dir.mkdir(parents=True, exist_ok=True)
     return_large_buffers_to_the_os()  # a job moves hundreds of MB of Bundle bytes (see gateway/memory.py)
     started = time.perf_counter()
-    state = _open_state(work_dir / "state.db")
-    job_id, recorded = _job_identity(state, _fingerprint(files, options, chains.registry.registry))
-    summary = BulkSummary(job=job_id, registry=chains.registry.registry)
     total_bytes = sum(f.path.stat().st_size for f in files)
-    try:
+    with contextlib.closing(_open_state(work_dir / "state.db")) as state:
+        job_id, recorded = _job_identity(state, _fingerprint(files, options, chains.registry.registry))
+        summary = BulkSummary(job=job_id, registry=chains.registry.registry)
         stats = await asyncio.to_thread(
             ix.build_index_file,
             work_dir / "index.db",
@@ -84,21 +83,15 @@ async def deliver_export(
             max_line_bytes=options.max_line_bytes,
             progress=(lambda done: progress("index", done, total_bytes)) if progress else None,
         )
-    except BaseException:
-        state.close()
-        raise
-    conn = ix.reopen_index(work_dir / "index.db")
-    try:
-        summary.absorb_index(stats, conn, MAX_INVALID_LISTED, chains.validator.resource_types | {"(unknown)"})
-        runner, close = _runner(files, chains, spec, options)
-        try:
-            await _deliver_groups(conn, state, runner, sink, options, summary, recorded, progress)
-        finally:
-            close()
-        summary.absorb_unsent(conn)
-    finally:
-        conn.close()
-        state.close()
+        with contextlib.closing(ix.reopen_index(work_dir / "index.db")) as conn:
+            known_types = chains.validator.resource_types | {"(unknown)"}
+            summary.absorb_index(stats, conn, MAX_INVALID_LISTED, known_types)
+            runner, close = _runner(files, chains, spec, options)
+            try:
+                await _deliver_groups(conn, state, runner, sink, options, summary, recorded, progress)
+            finally:
+                close()
+            summary.absorb_unsent(conn)
     # Finished: the index (offsets into the export, keys under a key that is gone) has no further use.
     (work_dir / "index.db").unlink(missing_ok=True)
     summary.seconds = round(time.perf_counter() - started, 3)
@@ -116,12 +109,8 @@ class InProcessRunner:
     async def run(
         self, lines: list[ix.Line], tag: str, bundle_size: int, max_line_bytes: int, recorded: str
     ) -> GroupResult:
-        # A group allocates tens of thousands of containers and frees them all at once; the cyclic GC would
-        # walk them again and again while they are alive (perf-notes: 2x on large bundles) and the stages
-        # create no reference cycles, so collect once per group instead.
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        # A group allocates tens of thousands of containers and frees them all at once, with no cycles
+        with paused_gc():
             return await run_group(
                 lines,
                 self.read,
@@ -132,9 +121,6 @@ class InProcessRunner:
                 recorded=recorded,
                 patients_per_call=self.patients_per_call,
             )
-        finally:
-            if was_enabled:
-                gc.enable()
 
 
 async def _deliver_groups(

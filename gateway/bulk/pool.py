@@ -22,7 +22,7 @@ from typing import Any
 
 from gateway.bulk.group import Chains, GroupResult, run_group
 from gateway.bulk.index import Line
-from gateway.memory import return_large_buffers_to_the_os
+from gateway.memory import paused_gc, return_large_buffers_to_the_os
 
 
 @dataclass(frozen=True)
@@ -90,22 +90,21 @@ def _run(
     recorded: str,
     patients_per_call: int,
 ) -> GroupResult:
-    gc.disable()  # see job.InProcessRunner: no cycles, so collect once per group
     try:
-        return _worker["loop"].run_until_complete(
-            run_group(
-                lines,
-                lambda line: _read(paths, line),
-                _worker["chains"],
-                tag=tag,
-                bundle_size=bundle_size,
-                max_line_bytes=max_line_bytes,
-                recorded=recorded,
-                patients_per_call=patients_per_call,
+        with paused_gc():  # see job.InProcessRunner: no cycles, so collect once per group
+            return _worker["loop"].run_until_complete(
+                run_group(
+                    lines,
+                    lambda line: _read(paths, line),
+                    _worker["chains"],
+                    tag=tag,
+                    bundle_size=bundle_size,
+                    max_line_bytes=max_line_bytes,
+                    recorded=recorded,
+                    patients_per_call=patients_per_call,
+                )
             )
-        )
     finally:
-        gc.enable()
         gc.collect()
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
@@ -125,49 +124,20 @@ def _loads(body: bytes, start: int, max_depth: int) -> Any:
     raise _decode_error(body, error[0], error[1], start, max_depth)
 
 
-class _Padding(threading.local):
-    """Per thread and per max_depth: `DUMPS_DEPTH_LIMIT - max_depth` nested one-item lists, built once (a
-    Python loop of ~150 steps per call cost more than parsing a small NDJSON line). The innermost list is the
-    slot the value is put into for one dump; thread-local, so concurrent parses never share a slot."""
-
-    def __init__(self) -> None:
-        self.by_depth: dict[int, tuple[list[Any], list[Any]]] = {}
-
-    def get(self, pad: int) -> tuple[list[Any], list[Any]]:
-        found = self.by_depth.get(pad)
-        if found is None:
-            slot: list[Any] = [None]
-            outer = slot
-            for _ in range(pad - 1):
-                outer = [outer]
-            found = self.by_depth[pad] = (outer, slot)
-        return found
-
-
-_PADDING = _Padding()
-
-
 def _dumps_within_depth(value: dict, max_depth: int, depth_bound: int | None = None) -> bytes:
     """Serialise `value` (needed anyway for the duplicate check) and enforce max_depth on the way:
     orjson.dumps stops at a fixed depth, so `DUMPS_DEPTH_LIMIT - max_depth` one-item lists around the value
     make it stop at max_depth. All in C, no recursion in Python; the padding adds no colons, so the output
-    needs no stripping for the colon count."""
-    pad = DUMPS_DEPTH_LIMIT - max_depth
-    if depth_bound is not None and depth_bound <= max_depth:
-        pad = 0  # the value cannot be deeper: the ~150 levels of padding cost ~2 us per dump for nothing
-    if pad == 0:
-        wrapped: Any = value
-        slot = None
-    else:
-        wrapped, slot = _PADDING.get(pad)
-        slot[0] = value
+    needs no stripping for the colon count. `depth_bound` (the body's bracket count) at most max_depth: the
+    value cannot be too deep, and the padding (~2 us per dump, the cost of a small NDJSON line) is skipped."""
+    wrapped: Any = value
+    if depth_bound is None or depth_bound > max_depth:
+        for _ in range(DUMPS_DEPTH_LIMIT - max_depth):
+            wrapped = [wrapped]
     try:
         return orjson.dumps(wrapped)
     except orjson.JSONEncodeError:
         pass
-    finally:
-        if slot is not None:
-            slot[0] = None  # hold no reference to the document after the call
     raise FhirError.single(400, "too-costly", f"JSON nesting deeper than {max_depth} levels")
 
 
