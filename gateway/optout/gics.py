@@ -41,8 +41,8 @@ from gateway.optout.base import Decision, PatientRef
 from gateway.optout.consent import Unparseable, _period_covers, utc_now
 from gateway.optout.register import objection_digest
 from gateway.ttp.backend import TTPUnavailable
-from gateway.ttp.client import _Retryable
-from gateway.ttp.gpas import RetryPolicy, auth_from_options, auth_headers, classify, http_client
+from gateway.ttp.client import RetryPolicy, _Retryable
+from gateway.ttp.gpas import auth_from_options, auth_headers, classify, http_client
 
 log = logging.getLogger(__name__)
 

@@ -10,19 +10,20 @@ refuses the call (4xx), ``TTPUnavailable`` is raised: the caller fails closed.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import random
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import httpx
 import orjson
 from cryptography.hazmat.primitives.asymmetric import x25519
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
+from gateway.forward import parse_retry_after
 from gateway.pseudonym import nlps1
 from gateway.pseudonym.types import PrePseudonym
 from gateway.ttp import envelope, service
@@ -30,6 +31,7 @@ from gateway.ttp.backend import TTPBackend, TTPRejected, TTPResult, TTPUnavailab
 
 FHIR_JSON = "application/fhir+json"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+T = TypeVar("T")
 
 
 class _Retryable(Exception):
@@ -38,17 +40,33 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+@dataclass
+class RetryPolicy:
+    """Retries transport errors, 5xx and 429 (``_Retryable``) with jittered exponential backoff, honouring
+    Retry-After up to a cap; then ``TTPUnavailable`` (fail closed). Every TTP and consent backend uses it."""
+
+    retries: int = 3
+    backoff: float = 0.2
+    max_backoff: float = 5.0
+    max_retry_after: float = 30.0
+
+    async def run(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.retries + 1), wait=self._wait,
+                                 retry=retry_if_exception_type(_Retryable), reraise=True)
+        try:
+            async for state in retrying:
+                with state:
+                    return await attempt()
+        except _Retryable as exc:
+            raise TTPUnavailable(f"{what} unavailable after {self.retries + 1} attempts ({exc})") from None
+        raise TTPUnavailable(f"{what} unavailable")  # not reached: AsyncRetrying returns or raises
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            return min(exc.retry_after, self.max_retry_after)
+        # Full jitter, so many gateways do not retry in lockstep.
+        return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (state.attempt_number - 1)))
 
 
 def _diagnostics(response: httpx.Response) -> str:
@@ -75,7 +93,7 @@ class HttpTTPClient:
             limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency))
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self.sealed, self.max_batch, self.retries = sealed, max_batch, retries
-        self._backoff, self._max_backoff, self._max_retry_after = backoff, max_backoff, max_retry_after
+        self._retry = RetryPolicy(retries, backoff, max_backoff, max_retry_after)
         # One call never takes longer than its own retries would: waiting for a concurrency slot counts too,
         # so a slow TTP makes EHR requests fail closed in bounded time instead of queueing behind each other.
         self._budget = (retries + 1) * timeout + min(max_backoff, backoff * 2**retries)
@@ -168,19 +186,16 @@ class HttpTTPClient:
     async def _send(self, operation: str, registry: str, body: dict[str, Any] | None,
                     sealed_originals: list[str] | None) -> dict[str, Any]:
         plain = orjson.dumps(body) if body is not None else b""
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.retries + 1), wait=self._wait,
-                                 retry=retry_if_exception_type(_Retryable), reraise=True)
+
+        async def attempt() -> dict[str, Any]:
+            async with self._semaphore:
+                return await self._attempt(operation, registry, plain, sealed_originals)
+
         try:
             async with asyncio.timeout(self._budget):
-                async for attempt in retrying:
-                    with attempt:
-                        async with self._semaphore:
-                            return await self._attempt(operation, registry, plain, sealed_originals)
-        except _Retryable as exc:
-            raise TTPUnavailable(f"TTP unavailable after {self.retries + 1} attempts ({exc})") from None
+                return await self._retry.run(attempt, "TTP")
         except TimeoutError:
             raise TTPUnavailable(f"TTP did not answer within {self._budget:.1f} s") from None
-        raise TTPUnavailable("TTP unavailable")  # not reached: AsyncRetrying either returns or raises
 
     async def _attempt(self, operation: str, registry: str, plain: bytes,
                        sealed_originals: list[str] | None) -> dict[str, Any]:
@@ -197,7 +212,7 @@ class HttpTTPClient:
             raise _Retryable(type(exc).__name__) from None
         status = response.status_code
         if status in RETRY_STATUSES:
-            raise _Retryable(f"HTTP {status}", _retry_after(response.headers.get("retry-after")))
+            raise _Retryable(f"HTTP {status}", parse_retry_after(response.headers.get("retry-after")))
         if status == 409 and opened is not None:
             await self.public_key(refresh=True)  # the TTP's HPKE key changed (or a replay clash): re-seal
             raise _Retryable("HTTP 409")
@@ -215,14 +230,6 @@ class HttpTTPClient:
         if opened is None and not isinstance(answer.get("parameter"), list):
             raise TTPUnavailable("TTP answer is not a Parameters resource")
         return answer
-
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, _Retryable) and exc.retry_after is not None:
-            return min(exc.retry_after, self._max_retry_after)
-        # Exponential backoff with full jitter, so many gateways do not retry in lockstep.
-        return random.uniform(0, min(self._max_backoff, self._backoff * 2 ** (state.attempt_number - 1)))
-
 
 Row = tuple[int, str | None, str | None]
 

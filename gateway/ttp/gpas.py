@@ -20,22 +20,21 @@ stores an original → pseudonym table and never re-derives a pseudonym, so it h
 "rotation" with gPAS means a new domain (and the registry holder relinks through gPAS itself).
 
 This module also holds the small pieces the other HTTP backends for external TTP/consent tools share
-(``RetryPolicy``, ``BasicAuth``, ``auth_from_options``): they are one family and one place keeps them alike.
+(``BasicAuth``, ``auth_from_options``; ``RetryPolicy`` comes from the reference TTP's client, whose retry
+behaviour they all follow): they are one family and one place keeps them alike.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import random
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import orjson
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from gateway.forward import (
     BearerToken,
@@ -43,15 +42,14 @@ from gateway.forward import (
     OAuth2ClientCredentials,
     RegistryAuth,
     TokenError,
+    parse_retry_after,
     ssl_context,
 )
 from gateway.pseudonym import nlps1
 from gateway.pseudonym.types import PrePseudonym
 from gateway.ttp import service
 from gateway.ttp.backend import TTPRejected, TTPResult, TTPUnavailable
-from gateway.ttp.client import FHIR_JSON, RETRY_STATUSES, _retry_after, _Retryable
-
-T = TypeVar("T")
+from gateway.ttp.client import FHIR_JSON, RETRY_STATUSES, RetryPolicy, _Retryable
 
 # The wire form of a pre-pseudonym for external TTPs: the NLPS1 reference TTP uses ``TYPE:k:b64u``; a dot
 # form reads better as a gPAS/TRES original and contains no character those tools treat specially.
@@ -140,35 +138,6 @@ def http_client(base_url: str, *, timeout: float, verify: bool | str, max_concur
         limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency))
 
 
-@dataclass
-class RetryPolicy:
-    """Retries transport errors, 5xx and 429 (``_Retryable``) with jittered exponential backoff, honouring
-    Retry-After up to a cap; then ``TTPUnavailable`` (fail closed). Same behaviour as ``HttpTTPClient``."""
-
-    retries: int = 3
-    backoff: float = 0.2
-    max_backoff: float = 5.0
-    max_retry_after: float = 30.0
-
-    async def run(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.retries + 1), wait=self._wait,
-                                 retry=retry_if_exception_type(_Retryable), reraise=True)
-        try:
-            async for state in retrying:
-                with state:
-                    return await attempt()
-        except _Retryable as exc:
-            raise TTPUnavailable(f"{what} unavailable after {self.retries + 1} attempts ({exc})") from None
-        raise TTPUnavailable(f"{what} unavailable")  # not reached: AsyncRetrying returns or raises
-
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, _Retryable) and exc.retry_after is not None:
-            return min(exc.retry_after, self.max_retry_after)
-        # Full jitter, so many gateways do not retry in lockstep.
-        return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (state.attempt_number - 1)))
-
-
 async def auth_headers(auth: RegistryAuth | None, http: httpx.AsyncClient) -> dict[str, str]:
     """Headers from ``auth``; a token endpoint failure is retryable or fails closed (fixed text)."""
     if auth is None:
@@ -209,7 +178,7 @@ def classify(response: httpx.Response, auth: RegistryAuth | None, refreshed: lis
     """Raise for anything but 200: retryable statuses, one token refresh after 401, else TTPRejected."""
     status = response.status_code
     if status in RETRY_STATUSES:
-        raise _Retryable(f"HTTP {status}", _retry_after(response.headers.get("retry-after")))
+        raise _Retryable(f"HTTP {status}", parse_retry_after(response.headers.get("retry-after")))
     if status == 401 and auth is not None and not refreshed[0] and isinstance(auth, OAuth2ClientCredentials):
         refreshed[0] = True  # the cached token may have been revoked early: fetch a new one, once
         auth.invalidate()

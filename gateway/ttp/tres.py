@@ -33,8 +33,8 @@ from gateway.pseudonym import nlps1
 from gateway.pseudonym.types import PrePseudonym
 from gateway.ttp import service
 from gateway.ttp.backend import TTPBackend, TTPResult, TTPUnavailable
+from gateway.ttp.client import RetryPolicy
 from gateway.ttp.gpas import (
-    RetryPolicy,
     error_word,
     http_client,
     original_string,
