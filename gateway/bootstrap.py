@@ -51,6 +51,8 @@ def startup_runtime(
     except Exception as exc:  # noqa: BLE001 - one line for the operator, never a traceback
         fail(f"TTP: {exc}")
     try:
-        return build_runtime(config, settings, ttps=ttps), settings
+        runtime = build_runtime(config, settings, ttps=ttps)
     except Exception as exc:  # noqa: BLE001
         fail(f"start-up: {exc}")
+    runtime.from_config_alone = True
+    return runtime, settings

@@ -142,6 +142,8 @@ class Settings(BaseSettings):
     worker_lease_seconds: float = 120.0
     bulk_work_dir: Path = Path("var/bulk")  # bulk job state, index and uploads (removed when a job ends)
     bulk_import_dir: Path | None = None  # the only folder a $import manifest may name files in
+    # worker processes (niced) that run a $import job's chain; 0: a thread of this process
+    bulk_workers: int = Field(default_factory=lambda: min(2, os.cpu_count() or 1), ge=0)
 
 
 def load_config(path: Path) -> GatewayConfig:

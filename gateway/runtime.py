@@ -68,6 +68,9 @@ class Runtime:
     metrics: GatewayMetrics
     version: str = __version__
     authenticator: Authenticator = field(init=False)
+    # True when built from the configuration alone (`startup_runtime`): another process can then build the
+    # same chain from `config` + `settings` (bulk worker processes); False when parts were handed in.
+    from_config_alone: bool = field(default=False, init=False)
     _worker: OutboxWorker | None = field(default=None, init=False)
     _worker_task: asyncio.Task | None = field(default=None, init=False)
 

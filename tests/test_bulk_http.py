@@ -15,6 +15,7 @@ import gateway.service.app as service_app
 from gateway.bulk.synth import SynthSpec, write_export
 from gateway.demo import embedded_chain
 from gateway.service.bulk_routes import install_bulk_routes
+from tests.processes import process_chain
 
 REGISTRY = "example-generic"
 
@@ -24,9 +25,11 @@ def chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     imports = tmp_path / "imports"
     imports.mkdir()
     original = service_app.create_app
+    apps = []
 
     def create_app_with_bulk(runtime, **kw):  # noqa: ANN001, ANN003, ANN202
         app = original(runtime, **kw)
+        apps.append(app)
         if not any(getattr(r, "path", "") == "/bulk/{job_id}" for r in app.routes):  # until the lead wires it
             install_bulk_routes(app, runtime, work_root=tmp_path / "bulk", import_dir=imports)
         else:
@@ -35,6 +38,7 @@ def chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
 
     monkeypatch.setattr(service_app, "create_app", create_app_with_bulk)
     with embedded_chain(tmp_path / "chain", [REGISTRY]) as c:
+        c.app = apps[-1]
         yield c, imports
 
 
@@ -86,11 +90,51 @@ def test_ndjson_upload_is_delivered_to_the_registry(chain, tmp_path: Path) -> No
         summary = status["summary"]
         assert summary["patients"] == 6 and summary["patientsOptedOut"] == 1
         assert summary["sent"]["Patient"] == 5
+        assert summary["workerProcesses"] == 0  # a runtime handed its TTP client: the job thread runs it
         assert not list((tmp_path / "bulk").glob("*"))  # the job folder (with the upload) does not stay
         counts = wait_received(c.receiver_url, summary["bundles"])
     assert len(counts) == summary["bundles"] and set(counts.values()) == {1}
     received = httpx.get(f"{c.receiver_url}/deliveries").json()
     assert sum((d.get("resourceCounts") or {}).get("Patient", 0) for d in received) == 5
+
+
+def _ndjson(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.glob("*.ndjson")))
+
+
+def _import_on_served_gateway(work: Path, body: bytes, workers: int) -> dict:
+    """`fhir-gateway serve --config` as an OS process (its own TTP, receiver and keys under `work`)."""
+    work.mkdir()
+    with process_chain(work) as chain:
+        env = {"FHIR_GATEWAY_BULK_WORK_DIR": str(work / "bulk"), "FHIR_GATEWAY_BULK_WORKERS": str(workers)}
+        gw = chain.start_gateway(extra_env=env)
+        auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
+        with httpx.Client(base_url=gw.url, timeout=30, headers=auth) as client:
+            response = client.post(
+                f"/registries/{REGISTRY}/$import",
+                content=body,
+                headers={"Content-Type": "application/fhir+ndjson"},
+            )
+            assert response.status_code == 202, response.text
+            status = wait_done(client, response.headers["Content-Location"], timeout=120)
+        assert status["state"] == "completed", status
+        summary = status["summary"]
+        wait_received(chain.receiver_url, summary["bundles"])
+        received = httpx.get(f"{chain.receiver_url}/deliveries").json()
+        summary["receivedPatients"] = sum((d.get("resourceCounts") or {}).get("Patient", 0) for d in received)
+        assert "Traceback" not in gw.logs()
+        return summary
+
+
+def test_served_gateway_runs_an_import_in_worker_processes_as_it_would_in_process(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=12, resources_per_patient=5, objecting={3, 7}))
+    body = _ndjson(tmp_path / "export")
+    pooled = _import_on_served_gateway(tmp_path / "pooled", body, workers=2)
+    threaded = _import_on_served_gateway(tmp_path / "threaded", body, workers=0)
+    assert pooled["workerProcesses"] == 2 and threaded["workerProcesses"] == 0
+    keys = ("sent", "dropped", "patientsOptedOut", "resourcesOptedOut", "bundles", "receivedPatients")
+    assert {k: pooled[k] for k in keys} == {k: threaded[k] for k in keys}
+    assert pooled["patientsOptedOut"] == 2 and pooled["receivedPatients"] == 10
 
 
 def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noqa: ANN001
@@ -141,3 +185,83 @@ def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noq
         )
         assert client.get("/bulk/unknown", headers=auth).status_code == 404
         assert httpx.get(c.gateway_url + response.headers["Content-Location"]).status_code == 401
+
+
+def test_an_upload_refused_half_way_leaves_neither_folder_nor_job(chain, tmp_path: Path) -> None:  # noqa: ANN001
+    c, _ = chain
+    jobs = c.app.state.bulk_jobs
+    jobs.max_upload_bytes = 10_000
+    write_export(tmp_path / "export", SynthSpec(patients=20, resources_per_patient=5))
+    body = _ndjson(tmp_path / "export")
+    assert len(body) > jobs.max_upload_bytes
+    response = httpx.post(
+        f"{c.gateway_url}/registries/{REGISTRY}/$import",
+        content=body,
+        headers={"Authorization": f"Bearer {c.ehr_api_key}", "Content-Type": "application/fhir+ndjson"},
+        timeout=30,
+    )
+    assert response.status_code == 413 and response.json()["issue"][0]["code"] == "too-costly"
+    assert jobs.jobs == {}
+    assert not [p for p in (tmp_path / "bulk").iterdir()]  # the part that arrived is gone
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)}
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_a_gateway_killed_mid_import_leaves_no_workers_and_its_upload_is_removed_at_restart(
+    tmp_path: Path,
+) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=1500, resources_per_patient=20))
+    body = _ndjson(tmp_path / "export")
+    (tmp_path / "c").mkdir()
+    with process_chain(tmp_path / "c") as chain:
+        env = {"FHIR_GATEWAY_BULK_WORK_DIR": str(tmp_path / "bulk"), "FHIR_GATEWAY_BULK_WORKERS": "2"}
+        gw = chain.start_gateway(extra_env=env)
+        auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
+        response = httpx.post(
+            f"{gw.url}/registries/{REGISTRY}/$import",
+            content=body,
+            headers=auth | {"Content-Type": "application/fhir+ndjson"},
+            timeout=60,
+        )
+        assert response.status_code == 202
+        deadline = time.monotonic() + 120
+        while True:
+            status = httpx.get(gw.url + response.headers["Content-Location"], headers=auth).json()
+            if status["state"] == "delivering" and status["progress"]["done"] >= 1:
+                break
+            assert status["state"] not in ("completed", "failed") and time.monotonic() < deadline, status
+            time.sleep(0.05)
+        children = _children(gw.proc.pid)
+        assert len(children) >= 2  # the chain's worker processes (and multiprocessing's resource tracker)
+        job_folder = tmp_path / "bulk" / status["job"]
+        assert (job_folder / "upload.ndjson").exists()
+        gw.kill()  # SIGKILL: no clean-up runs in the gateway
+        deadline = time.monotonic() + 30
+        while _alive(children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(children), "worker processes outlived the gateway"
+        assert job_folder.exists()
+        restarted = chain.start_gateway(extra_env=env)
+        assert not job_folder.exists()  # the hospital's upload, in clear, does not stay behind
+        assert "removed 1 bulk job folders" in restarted.logs()

@@ -87,6 +87,7 @@ async def deliver_export(
             known_types = chains.validator.resource_types | {"(unknown)"}
             summary.absorb_index(stats, conn, MAX_INVALID_LISTED, known_types)
             runner, close = _runner(files, chains, spec, options)
+            summary.worker_processes = runner.workers
             try:
                 await _deliver_groups(conn, state, runner, sink, options, summary, recorded, progress)
             finally:
@@ -102,6 +103,7 @@ class InProcessRunner:
     """Groups through the chain in this process (the service's job thread; one core)."""
 
     parallelism = 1
+    workers = 0
 
     def __init__(self, chains: Chains, read: Callable[[ix.Line], bytes], patients_per_call: int) -> None:
         self.chains, self.read, self.patients_per_call = chains, read, patients_per_call
@@ -228,7 +230,8 @@ def _group_counts(result: GroupResult, sent: Counter[str], created: int, duplica
 
 
 class Runner(Protocol):
-    parallelism: int
+    parallelism: int  # groups in flight at once
+    workers: int  # processes that run the chain; 0: this one
 
     async def run(
         self, lines: list[ix.Line], tag: str, bundle_size: int, max_line_bytes: int, recorded: str

@@ -12,9 +12,12 @@ and idempotency work as in-process. Every group is still ONE TTP batch, sent by 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import multiprocessing
 import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +52,11 @@ def build_chains(spec: ChainSpec) -> Chains:
 
 
 def runtime_spec(runtime: Any, registry: str, provider: str) -> ChainSpec | None:
-    """A spec workers can rebuild the runtime's chain from, or None (e.g. a TTP key only held in memory)."""
+    """A spec workers can rebuild the runtime's chain from, or None: a runtime given parts its configuration
+    does not describe (tests, the demo) or whose TTP key is not in the environment runs its chain in-process.
+    A worker with a different chain (another TTP, other opt-out sources) must never stand in for it."""
+    if not getattr(runtime, "from_config_alone", False):
+        return None
     ttp = runtime.config.ttp
     key_env = runtime.config.provider(provider).ttp_api_key_env or ttp.api_key_env
     if ttp.url != "embedded" and not os.environ.get(key_env):
@@ -58,10 +65,22 @@ def runtime_spec(runtime: Any, registry: str, provider: str) -> ChainSpec | None
 
 
 # -- in the worker process ----------------------------------------------------------------------------------
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _worker: dict[str, Any] = {}  # per-process state of a pool worker (its chain, loop and open files)
 
 
-def _init(spec: ChainSpec, nice: int) -> None:
+def _die_with(parent: int) -> None:
+    """A worker whose parent was killed would wait for ever on its result pipe, holding export lines: on
+    Linux the kernel kills it when the parent thread that started it exits (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(1)
+
+
+def _init(spec: ChainSpec, nice: int, parent: int) -> None:
+    _die_with(parent)
     return_large_buffers_to_the_os()  # each group's Bundles pass through as bytes (see gateway/memory.py)
     if nice:
         # The yearly delivery is batch work: the gateway's live ingest and its outbox forwarding (and on a
@@ -116,6 +135,7 @@ class PoolRunner:
         # one group queued ahead of the workers: a worker that finishes finds its next group waiting instead
         # of idling while the parent stores the finished group's Bundles and reads the next group's lines
         self.parallelism = workers + 1
+        self.workers = workers
         self.paths, self.patients_per_call = paths, patients_per_call
         # spawn, not fork: the parent has threads (asyncio.to_thread, store pool, a server's loop) and a
         # child forked while one of them holds a lock hangs for ever (seen: the initializer never returned).
@@ -123,7 +143,7 @@ class PoolRunner:
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(spec, nice),
+            initargs=(spec, nice, os.getpid()),
         )
 
     async def run(

@@ -28,13 +28,14 @@ async def run_bulk_async(
     options: BulkOptions = BulkOptions(),
     progress: Progress | None = None,
     allowed_root: Path | None = None,
+    spec: ChainSpec | None = None,
 ) -> BulkSummary:
     """One of: `runtime` (its chains, its outbox), `to_dir` (offline chain, files), or `chains` + `sink`.
 
     `options.workers` > 0 runs groups in worker processes when they can rebuild the chain (offline, or a
-    runtime whose TTP key is in the environment); otherwise, and with explicit `chains`, in this process."""
+    runtime built from its configuration whose TTP key is in the environment); otherwise in this process.
+    With explicit `chains`, workers are used only with a `spec` that rebuilds that same chain."""
     files = resolve_sources(sources, allowed_root=allowed_root)
-    spec: ChainSpec | None = None
     if runtime is not None:
         provider = provider or next(iter(runtime.providers))
         if chains is None:

@@ -1,15 +1,20 @@
 """Bulk jobs inside the running gateway (`POST /registries/{r}/$import`, `GET /bulk/{job}`).
 
 Each job runs in its own thread with its own event loop, so a yearly export does not stall the Bundle
-endpoint's loop with CPU work; the chain's I/O objects (TTP client, opt-out sources) belong to the server's
-loop, so their calls are handed back to it (`_OnLoop`). The outbox worker of the server forwards what the job
+endpoint's loop. The chain runs in worker processes at lower priority (gateway/bulk/pool.py) when the
+gateway was started from its configuration (`fhir-gateway serve`), so live deliveries keep the cores they
+need; otherwise (a runtime built with parts handed in, or `FHIR_GATEWAY_BULK_WORKERS=0`) in the job thread,
+where the chain's I/O objects (TTP client, opt-out sources) belong to the server's loop and their calls are
+handed back to it (`_OnLoop`). The outbox worker of the server forwards what the job
 stores. Job state is in memory (status) and in `<work_root>/<job>/state.db` (resume on a re-run of the job).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import shutil
 import threading
 import time
@@ -22,6 +27,7 @@ from typing import Any
 from gateway.bulk import BulkOptions, BulkSummary, run_bulk_async
 from gateway.bulk.chains import from_runtime
 from gateway.bulk.group import Chains
+from gateway.bulk.pool import ChainSpec, runtime_spec
 from gateway.bulk.sources import SourceError
 from gateway.optout.base import Decision, PatientRef
 from gateway.outcome import FhirError
@@ -75,12 +81,29 @@ class BulkJobs:
         self.max_upload_bytes = max_upload_bytes
         self.jobs: dict[str, JobStatus] = {}
         self._threads: dict[str, threading.Thread] = {}
+        self._locks: dict[str, int] = {}
+        removed = remove_abandoned_jobs(work_root)
+        if removed:
+            log.warning("removed %d bulk job folders left by a gateway that stopped mid-job", removed)
 
     def new_job(self, provider: str, registry: str) -> JobStatus:
         job = JobStatus(uuid.uuid4().hex, provider, registry)
-        (self.work_root / job.id).mkdir(parents=True, exist_ok=True)
+        folder = self.work_root / job.id
+        folder.mkdir(parents=True)
+        self._locks[job.id] = _hold_lock(folder / OWNER_LOCK)
         self.jobs[job.id] = job
         return job
+
+    def discard(self, job: JobStatus) -> None:
+        """A job whose upload or manifest never arrived whole: no status, no folder."""
+        self.jobs.pop(job.id, None)
+        self._remove_folder(job.id)
+
+    def _remove_folder(self, job_id: str) -> None:
+        shutil.rmtree(self.work_root / job_id, ignore_errors=True)
+        lock = self._locks.pop(job_id, None)
+        if lock is not None:
+            os.close(lock)
 
     async def receive_upload(self, job: JobStatus, chunks: AsyncIterator[bytes]) -> Path:
         """Stream an NDJSON upload to the job's folder (never whole in memory)."""
@@ -109,13 +132,20 @@ class BulkJobs:
     def start(self, job: JobStatus, sources: list[Path], *, sender: str) -> None:
         loop = asyncio.get_running_loop()
         chains = _on_loop(from_runtime(self.runtime, job.registry, job.provider), loop)
+        # Worker processes (niced) when they can build this very chain; else the job thread runs it.
+        spec = runtime_spec(self.runtime, job.registry, job.provider) if self.options.workers else None
         thread = threading.Thread(
-            target=self._run, args=(job, sources, chains, sender), daemon=True, name=f"bulk-{job.id[:8]}"
+            target=self._run,
+            args=(job, sources, chains, spec, sender),
+            daemon=True,
+            name=f"bulk-{job.id[:8]}",
         )
         self._threads[job.id] = thread
         thread.start()
 
-    def _run(self, job: JobStatus, sources: list[Path], chains: Chains, sender: str) -> None:
+    def _run(
+        self, job: JobStatus, sources: list[Path], chains: Chains, spec: ChainSpec | None, sender: str
+    ) -> None:
         def progress(phase: str, done: int, total: int) -> None:
             job.state, job.phase_done, job.phase_total = (
                 "indexing" if phase == "index" else "delivering",
@@ -136,6 +166,7 @@ class BulkJobs:
                     options=self.options,
                     progress=progress,
                     allowed_root=self.import_dir,
+                    spec=spec,
                 )
             )
             job.state = "completed"
@@ -151,12 +182,44 @@ class BulkJobs:
             # The job folder goes when the job ends: an upload is the hospital's data in clear, and the
             # service offers no resume (a failed upload is uploaded again: a new job, and the registry's
             # upserts absorb what the failed one had already delivered). The status stays in memory.
-            shutil.rmtree(self.work_root / job.id, ignore_errors=True)
+            self._remove_folder(job.id)
 
     def wait(self, job_id: str, timeout: float | None = None) -> None:
         thread = self._threads.get(job_id)
         if thread is not None:
             thread.join(timeout)
+
+
+# -- job folders: owned through a lock the kernel releases when the owning process dies ---------------------
+OWNER_LOCK = ".owner.lock"
+UNLOCKED_GRACE_SECONDS = 60  # a folder between mkdir and its lock, in a gateway starting at this moment
+
+
+def _hold_lock(path: Path) -> int:
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_abandoned_jobs(work_root: Path) -> int:
+    """Remove the folders of jobs whose gateway process is gone (killed, crashed, stopped mid-job): an
+    upload there is the hospital's data in clear, and the service offers no resume. Folders of jobs that
+    another live gateway process runs (shared work folder) are locked by it and stay."""
+    removed = 0
+    for folder in work_root.glob("*/") if work_root.is_dir() else ():
+        lock = folder / OWNER_LOCK
+        if not lock.exists():
+            if time.time() - folder.stat().st_mtime < UNLOCKED_GRACE_SECONDS:
+                continue
+        else:
+            try:
+                fd = _hold_lock(lock)
+            except BlockingIOError:
+                continue  # a live job
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 # -- the chain's I/O objects, called on the server's loop --------------------------------------------------

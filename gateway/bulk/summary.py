@@ -33,6 +33,7 @@ class BulkSummary:
     bundles: int = 0
     bundles_already_stored: int = 0
     ttp_batches: int = 0
+    worker_processes: int = 0  # processes that ran the chain; 0: the job's own process
     seconds: float = 0.0
     _file_names: dict[int, str] = field(default_factory=dict, repr=False)
     _known: frozenset[str] = field(default=frozenset({"(unknown)"}), repr=False)
@@ -109,5 +110,6 @@ class BulkSummary:
             "bundles": self.bundles,
             "bundlesAlreadyStored": self.bundles_already_stored,
             "ttpBatches": self.ttp_batches,
+            "workerProcesses": self.worker_processes,
             "seconds": self.seconds,
         }

@@ -17,6 +17,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from gateway.bulk.job import BulkOptions
 from gateway.bulk.service import BulkJobs
 from gateway.outcome import FhirError
 from gateway.service.app import caller_of
@@ -37,7 +38,8 @@ def install_bulk_routes(
     work_root = work_root or Path(os.environ.get("FHIR_GATEWAY_BULK_WORK_DIR", "var/bulk"))
     env_import = os.environ.get("FHIR_GATEWAY_BULK_IMPORT_DIR")
     import_dir = import_dir or (Path(env_import) if env_import else None)
-    jobs = BulkJobs(runtime, work_root=work_root, import_dir=import_dir)
+    options = BulkOptions(workers=runtime.settings.bulk_workers)
+    jobs = BulkJobs(runtime, work_root=work_root, import_dir=import_dir, options=options)
     app.state.bulk_jobs = jobs
 
     @app.post("/registries/{registry}/$import")
@@ -53,10 +55,14 @@ def install_bulk_routes(
                 "application/json (a Bulk Data manifest of files in the import folder)",
             )
         job = jobs.new_job(caller.provider or "", registry)
-        if media in NDJSON_TYPES:
-            sources = [await jobs.receive_upload(job, request.stream())]
-        else:
-            sources = [jobs.manifest_path(job, await read_limited(request, MAX_MANIFEST_BYTES))]
+        try:
+            if media in NDJSON_TYPES:
+                sources = [await jobs.receive_upload(job, request.stream())]
+            else:
+                sources = [jobs.manifest_path(job, await read_limited(request, MAX_MANIFEST_BYTES))]
+        except BaseException:  # too large, refused, or the client went away: nothing of it stays
+            jobs.discard(job)
+            raise
         jobs.start(job, sources, sender=caller.client_id)
         location = f"/bulk/{job.id}"
         return Response(
