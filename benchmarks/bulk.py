@@ -64,11 +64,10 @@ def serve_main(work: Path) -> None:
 async def deliver(
     export: Path, work: Path, urls: dict, args: argparse.Namespace, sampler: MemorySampler | None = None
 ) -> dict:
+    from gateway.bootstrap import runtime_from_config
     from gateway.bulk import BulkOptions, run_bulk_async
     from gateway.config import GatewayConfig, ProviderConfig, RegistryConfig, Settings, TTPConfig
     from gateway.keys import init_keys
-    from gateway.runtime import build_runtime
-    from gateway.ttp.client import HttpTTPClient
 
     init_keys(work / "keys", [PROVIDER])
     # Worker processes rebuild the chain from the configuration, reading the TTP key as `serve` does.
@@ -86,9 +85,7 @@ async def deliver(
         worker_poll_seconds=0.05,
         worker_concurrency=4,
     )
-    runtime = build_runtime(
-        config, settings, ttps={PROVIDER: (HttpTTPClient(urls["ttp"], urls["secret"]), urls["ttp"])}
-    )
+    runtime = runtime_from_config(config, settings)
     await runtime.start(run_worker=True)
     marks = {"start": time.perf_counter()}
     last = {"phase": ""}

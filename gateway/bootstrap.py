@@ -45,14 +45,25 @@ def startup_runtime(
     except ValueError as exc:
         fail(str(exc))
     try:
-        ttps = {
-            p.id: ttp_backend(config.ttp, p, settings.key_dir.parent / "ttp-keys") for p in config.providers
-        }
+        ttps = config_ttps(config, settings)
     except Exception as exc:  # noqa: BLE001 - one line for the operator, never a traceback
         fail(f"TTP: {exc}")
     try:
-        runtime = build_runtime(config, settings, ttps=ttps)
+        return runtime_from_config(config, settings, ttps), settings
     except Exception as exc:  # noqa: BLE001
         fail(f"start-up: {exc}")
+
+
+def config_ttps(config: GatewayConfig, settings: Settings) -> dict[str, tuple[TTPBackend, str]]:
+    return {p.id: ttp_backend(config.ttp, p, settings.key_dir.parent / "ttp-keys") for p in config.providers}
+
+
+def runtime_from_config(
+    config: GatewayConfig, settings: Settings, ttps: dict[str, tuple[TTPBackend, str]] | None = None
+) -> Runtime:
+    """The runtime the configuration describes, nothing handed in (`ttps` only as `config_ttps` built
+    them): another process (a bulk worker) can build the same chain from `config` + `settings` alone."""
+    ttps = ttps if ttps is not None else config_ttps(config, settings)
+    runtime = build_runtime(config, settings, ttps=ttps)
     runtime.from_config_alone = True
-    return runtime, settings
+    return runtime

@@ -42,12 +42,9 @@ def build_chains(spec: ChainSpec) -> Chains:
 
     if spec.offline_root is not None:
         return offline_chains(spec.registry, spec.offline_root)
-    from gateway.bootstrap import ttp_backend
-    from gateway.runtime import build_runtime
+    from gateway.bootstrap import runtime_from_config
 
-    ttp_dir = Path(spec.settings.key_dir).parent / "ttp-keys"
-    ttps = {p.id: ttp_backend(spec.config.ttp, p, ttp_dir) for p in spec.config.providers}
-    runtime = build_runtime(spec.config, spec.settings, ttps=ttps)
+    runtime = runtime_from_config(spec.config, spec.settings)
     return from_runtime(runtime, spec.registry, spec.provider or spec.config.providers[0].id)
 
 
@@ -55,7 +52,7 @@ def runtime_spec(runtime: Any, registry: str, provider: str) -> ChainSpec | None
     """A spec workers can rebuild the runtime's chain from, or None: a runtime given parts its configuration
     does not describe (tests, the demo) or whose TTP key is not in the environment runs its chain in-process.
     A worker with a different chain (another TTP, other opt-out sources) must never stand in for it."""
-    if not getattr(runtime, "from_config_alone", False):
+    if not runtime.from_config_alone:
         return None
     ttp = runtime.config.ttp
     key_env = runtime.config.provider(provider).ttp_api_key_env or ttp.api_key_env
