@@ -73,6 +73,9 @@ class RegistryConfig(_Strict):
     )
     timeout_seconds: float = 30.0
     ca_bundle: str | None = None
+    bulk_bundle_size: int = Field(
+        500, ge=1, description="entries per transaction Bundle of a bulk delivery (the registry's limit)"
+    )
     identifier_system: str = Field(
         "urn:nlps1:{registry}:{type}", description="Patient.identifier.system of each pseudonym"
     )

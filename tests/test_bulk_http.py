@@ -265,3 +265,24 @@ def test_a_gateway_killed_mid_import_leaves_no_workers_and_its_upload_is_removed
         restarted = chain.start_gateway(extra_env=env)
         assert not job_folder.exists()  # the hospital's upload, in clear, does not stay behind
         assert "removed 1 bulk job folders" in restarted.logs()
+
+
+def test_an_import_is_cut_into_bundles_of_the_registrys_bulk_bundle_size(chain, tmp_path: Path) -> None:  # noqa: ANN001
+    c, _ = chain
+    registries = c.runtime.config.registries
+    registries[REGISTRY] = registries[REGISTRY].model_copy(update={"bulk_bundle_size": 8})
+    write_export(tmp_path / "export", SynthSpec(patients=6, resources_per_patient=5))
+    auth = {"Authorization": f"Bearer {c.ehr_api_key}"}
+    with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
+        response = client.post(
+            f"/registries/{REGISTRY}/$import",
+            content=_ndjson(tmp_path / "export"),
+            headers={"Content-Type": "application/fhir+ndjson"},
+        )
+        summary = wait_done(client, response.headers["Content-Location"])["summary"]
+    wait_received(c.receiver_url, summary["bundles"])
+    counts = [d["resourceCounts"] for d in httpx.get(f"{c.receiver_url}/deliveries").json()]
+    # a patient's 5 resources with the shared ones they refer to fill a Bundle of 8: one patient per Bundle
+    # (a patient is never split; the default of 500 would carry all six in one)
+    assert len(counts) == summary["bundles"] == 6
+    assert [n["Patient"] for n in counts] == [1] * 6

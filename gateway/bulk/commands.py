@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -42,7 +43,12 @@ def bulk(
     ),
     group_size: int = typer.Option(200, "--group-size", min=1, help="patients per TTP batch"),
     max_group_resources: int = typer.Option(5000, "--max-group-resources", min=1),
-    bundle_size: int = typer.Option(500, "--bundle-size", min=1, help="entries per transaction Bundle"),
+    bundle_size: int | None = typer.Option(
+        None,
+        "--bundle-size",
+        min=1,
+        help="entries per transaction Bundle (default: the registry's bulk_bundle_size, offline 500)",
+    ),
     workers: int = typer.Option(
         min(2, os.cpu_count() or 1), "--workers", min=0, help="worker processes for the chain (0: in-process)"
     ),
@@ -57,12 +63,13 @@ def bulk(
     options = BulkOptions(
         group_size=group_size,
         max_group_resources=max_group_resources,
-        bundle_size=bundle_size,
+        bundle_size=bundle_size or BulkOptions.bundle_size,
         workers=workers,
     )
+    registry_sized = bundle_size is None and config is not None  # the registry's bulk_bundle_size
     try:
         summary = asyncio.run(
-            _run(paths, registry, config, to_dir, work_dir, provider, options, wait, console)
+            _run(paths, registry, config, to_dir, work_dir, provider, options, registry_sized, wait, console)
         )
     except (SourceError, JobMismatch, ValueError) as exc:
         console.print(f"[red]fhir-gateway bulk: {exc}[/red]")
@@ -82,6 +89,7 @@ async def _run(
     work_dir: Path,
     provider: str | None,
     options: BulkOptions,
+    registry_bundle_size: bool,
     wait: bool,
     console: Console,
 ) -> BulkSummary:
@@ -99,6 +107,8 @@ async def _run(
                 paths, registry=registry, work_dir=work_dir, to_dir=to_dir, options=options, progress=progress
             )
         runtime = _runtime(config)
+        if registry_bundle_size and registry in runtime.config.registries:
+            options = replace(options, bundle_size=runtime.config.registries[registry].bulk_bundle_size)
         await runtime.start(run_worker=True)
         try:
             summary = await run_bulk_async(

@@ -134,9 +134,11 @@ class BulkJobs:
         chains = _on_loop(from_runtime(self.runtime, job.registry, job.provider), loop)
         # Worker processes (niced) when they can build this very chain; else the job thread runs it.
         spec = runtime_spec(self.runtime, job.registry, job.provider) if self.options.workers else None
+        bundle_size = self.runtime.config.registries[job.registry].bulk_bundle_size
+        options = replace(self.options, bundle_size=bundle_size)
         thread = threading.Thread(
             target=self._run,
-            args=(job, sources, chains, spec, sender),
+            args=(job, sources, chains, spec, options, sender),
             daemon=True,
             name=f"bulk-{job.id[:8]}",
         )
@@ -144,7 +146,13 @@ class BulkJobs:
         thread.start()
 
     def _run(
-        self, job: JobStatus, sources: list[Path], chains: Chains, spec: ChainSpec | None, sender: str
+        self,
+        job: JobStatus,
+        sources: list[Path],
+        chains: Chains,
+        spec: ChainSpec | None,
+        options: BulkOptions,
+        sender: str,
     ) -> None:
         def progress(phase: str, done: int, total: int) -> None:
             job.state, job.phase_done, job.phase_total = (
@@ -163,7 +171,7 @@ class BulkJobs:
                     chains=chains,
                     provider=job.provider,
                     sender=sender,
-                    options=self.options,
+                    options=options,
                     progress=progress,
                     allowed_root=self.import_dir,
                     spec=spec,
