@@ -73,6 +73,7 @@ class Runtime:
     from_config_alone: bool = field(default=False, init=False)
     _worker: OutboxWorker | None = field(default=None, init=False)
     _worker_task: asyncio.Task | None = field(default=None, init=False)
+    _outcome_waiters: dict[str, set[asyncio.Event]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.authenticator = Authenticator(self.config)
@@ -98,6 +99,7 @@ class Runtime:
                 lease_seconds=self.settings.worker_lease_seconds,
                 concurrency=self.settings.worker_concurrency,
                 metrics=self.metrics,
+                on_recorded=self._outcome_recorded,
             )
             self._worker_task = asyncio.create_task(self._worker.run())
 
@@ -183,6 +185,8 @@ class Runtime:
             audit=_audit(caller, registry, "accepted", processed.report),
         )
         self.metrics.bundles.labels(outcome="accepted" if created else "duplicate").inc()
+        if created and self._worker is not None:
+            self._worker.wake()
         return Accepted(delivery_id, processed.report, created)
 
     def _count_resources(self, processed: Processed) -> None:
@@ -199,16 +203,31 @@ class Runtime:
         return hmac.new(self.keys.idempotency_key(), msg, hashlib.sha256).hexdigest()
 
     async def wait_for(self, delivery_id: str, timeout: float) -> Any:
-        deadline = asyncio.get_running_loop().time() + timeout
+        """The delivery once delivered or dead, or as it stands after `timeout`. Woken by this process's
+        worker when it records an outcome; the store is polled as well, for another process's worker."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         delay = 0.02
-        while True:
-            d = await asyncio.to_thread(self.store.get, delivery_id)
-            if d is None or d.status in ("delivered", "dead"):
-                return d
-            if asyncio.get_running_loop().time() > deadline:
-                return d
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+        recorded = asyncio.Event()
+        self._outcome_waiters.setdefault(delivery_id, set()).add(recorded)
+        try:
+            while True:
+                d = await asyncio.to_thread(self.store.get, delivery_id)
+                if d is None or d.status in ("delivered", "dead") or loop.time() > deadline:
+                    return d
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(recorded.wait(), min(delay, max(0.0, deadline - loop.time())))
+                recorded.clear()
+                delay = min(delay * 1.5, 0.25)
+        finally:
+            waiters = self._outcome_waiters.get(delivery_id, set())
+            waiters.discard(recorded)
+            if not waiters:
+                self._outcome_waiters.pop(delivery_id, None)
+
+    def _outcome_recorded(self, delivery_id: str) -> None:
+        for recorded in self._outcome_waiters.get(delivery_id, ()):
+            recorded.set()
 
     # -- objection register -----------------------------------------------------------------------------
     async def objections_add(self, caller: Caller, patient_number: str, registry: str) -> None:

@@ -18,7 +18,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gateway.forward import Attempt, RegistryClient
@@ -71,9 +71,12 @@ class OutboxWorker:
         metrics: GatewayMetrics | None = None,
         rng: random.Random | None = None,
         payload_retention: float | None = None,
+        on_recorded: Callable[[str], None] | None = None,
     ) -> None:
         """`payload_retention` (seconds): when set, the payloads of deliveries delivered longer ago are
-        emptied while idle (data minimisation; the row, its counts and the audit trail stay)."""
+        emptied while idle (data minimisation; the row, its counts and the audit trail stay).
+        `on_recorded(delivery_id)` is called once an attempt's outcome is committed (sync answers wait
+        for it instead of polling the store)."""
         self.store = store if isinstance(store, AsyncStore) else AsyncStore(store)
         self.clients = dict(clients)
         self.owner = owner or default_owner()
@@ -85,9 +88,17 @@ class OutboxWorker:
         self._rng = rng
         self.payload_retention = payload_retention
         self._next_purge = 0.0
+        self.on_recorded = on_recorded
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._woken = asyncio.Event()
         self._running = False
+
+    def wake(self) -> None:
+        """A delivery was just committed by this process (call on the worker's loop): claim it now rather
+        than at the next poll, so a synchronous post is not answered a poll interval late. Deliveries
+        committed elsewhere (another gateway process, a bulk job) are found by the poll."""
+        self._woken.set()
 
     async def run_once(self) -> int:
         """Claim one batch (at most `concurrency`), deliver it concurrently, record outcomes; returns the
@@ -115,6 +126,7 @@ class OutboxWorker:
         self._running = True
         in_flight: set[asyncio.Task[None]] = set()
         stop_waiter = asyncio.ensure_future(self._stopping.wait())
+        wake_waiter = asyncio.ensure_future(self._woken.wait())
         try:
             while not self._stopping.is_set():
                 free = self.concurrency - len(in_flight)
@@ -130,13 +142,19 @@ class OutboxWorker:
                 if idle and not in_flight:
                     await self._refresh_depth()
                     await self._purge_if_due()
+                # a wake-up matters only while slots are free: busy, the next finished delivery claims
+                waiters = {stop_waiter, wake_waiter} if idle else {stop_waiter}
                 done, _ = await asyncio.wait(
-                    {*in_flight, stop_waiter},
+                    {*in_flight, *waiters},
                     timeout=self.poll_interval if idle else None,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                in_flight -= done
-                for task in done - {stop_waiter}:
+                if wake_waiter in done:
+                    self._woken.clear()
+                    wake_waiter = asyncio.ensure_future(self._woken.wait())
+                finished = done & in_flight
+                in_flight -= finished
+                for task in finished:
                     if not task.cancelled() and task.exception() is not None:
                         log.error("delivery task failed: %s", type(task.exception()).__name__)
         except asyncio.CancelledError:
@@ -147,6 +165,7 @@ class OutboxWorker:
             raise
         finally:
             stop_waiter.cancel()
+            wake_waiter.cancel()
             if in_flight:  # after stop(): what was sent gets its outcome recorded
                 await asyncio.gather(*in_flight, return_exceptions=True)
             self._running = False
@@ -189,6 +208,8 @@ class OutboxWorker:
             # The lease will expire and the delivery be sent again; the registry's upsert absorbs it.
             log.error("delivery %s: outcome not recorded (%s)", d.id, exc)
             return
+        if self.on_recorded is not None:
+            self.on_recorded(d.id)
         if self.metrics:
             self.metrics.attempts.labels(d.registry, outcome).inc()
             if not recorded:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import uuid
 from pathlib import Path
 
 import httpx
@@ -132,3 +133,22 @@ def test_mrn_reveal_command_at_the_hospital(tmp_path):
             "X42",
             "Z1",
         ]
+
+
+def test_a_synchronous_post_is_forwarded_at_once_not_at_the_next_outbox_poll(tmp_path):
+    """The outbox worker is woken by the commit: with an hour between polls, a synchronous post is still
+    answered 200 'delivered' (a poll-only worker would leave it queued, and the EHR would get 202)."""
+    with process_chain(tmp_path) as chain:
+        gw = chain.start_gateway(extra_env={"FHIR_GATEWAY_WORKER_POLL_SECONDS": "3600"})
+        bundle = json.loads((EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_bytes())
+        headers = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {chain.ehr_api_key}"}
+        for n in range(3):
+            bundle["identifier"] = {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"}
+            response = httpx.post(
+                f"{gw.url}/registries/example-generic/Bundle",
+                content=json.dumps(bundle),
+                headers=headers,
+                timeout=60,
+            )
+            assert response.status_code == 200, (n, response.status_code, response.text[:300])
+        assert httpx.get(f"{chain.receiver_url}/").json()["bundles"] == 3
