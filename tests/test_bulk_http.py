@@ -255,7 +255,8 @@ def test_a_gateway_killed_mid_import_leaves_no_workers_and_its_upload_is_removed
         children = _children(gw.proc.pid)
         assert len(children) >= 2  # the chain's worker processes (and multiprocessing's resource tracker)
         job_folder = tmp_path / "bulk" / status["job"]
-        assert (job_folder / "upload.ndjson").exists()
+        assert (job_folder / "upload.ndjson").stat().st_mode & 0o777 == 0o600  # the hospital's data in clear
+        assert job_folder.stat().st_mode & 0o777 == 0o700
         gw.kill()  # SIGKILL: no clean-up runs in the gateway
         deadline = time.monotonic() + 30
         while _alive(children) and time.monotonic() < deadline:

@@ -89,7 +89,8 @@ class BulkJobs:
     def new_job(self, provider: str, registry: str) -> JobStatus:
         job = JobStatus(uuid.uuid4().hex, provider, registry)
         folder = self.work_root / job.id
-        folder.mkdir(parents=True)
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700)  # an upload is the hospital's data in clear: this service user only
         self._locks[job.id] = _hold_lock(folder / OWNER_LOCK)
         self.jobs[job.id] = job
         return job
@@ -109,7 +110,7 @@ class BulkJobs:
         """Stream an NDJSON upload to the job's folder (never whole in memory)."""
         target = self.work_root / job.id / "upload.ndjson"
         size = 0
-        with target.open("wb") as handle:
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > self.max_upload_bytes:
