@@ -231,6 +231,7 @@ def _gateway_alone(work: Path, urls: dict) -> Iterator[tuple[str, str]]:
         TTPConfig,
     )
     from gateway.keys import init_keys
+    from gateway.memory import freeze_start_up_objects
     from gateway.runtime import build_runtime
     from gateway.service.app import create_app
     from gateway.service.auth import hash_api_key
@@ -258,7 +259,9 @@ def _gateway_alone(work: Path, urls: dict) -> Iterator[tuple[str, str]]:
     runtime = build_runtime(
         config, settings, ttps={PROVIDER: (HttpTTPClient(urls["ttp"], urls["secret"]), urls["ttp"])}
     )
-    with serve_in_thread(create_app(runtime, run_worker=True)) as url:
+    app = create_app(runtime, run_worker=True)
+    freeze_start_up_objects()  # as `fhir-gateway serve` does
+    with serve_in_thread(app) as url:
         yield url, ehr_key
 
 

@@ -71,13 +71,16 @@ def serve(
     import uvicorn
 
     from gateway.bootstrap import startup_runtime
+    from gateway.memory import freeze_start_up_objects
     from gateway.service.app import create_app
     from gateway.service.logs import configure
 
     runtime, settings = startup_runtime(config, fail=_fail)
     configure(settings.log_level)
+    app = create_app(runtime)
+    freeze_start_up_objects()
     uvicorn.run(
-        create_app(runtime),
+        app,
         host=host or settings.host,
         port=port or settings.port,
         log_config=None,

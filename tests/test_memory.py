@@ -47,3 +47,19 @@ def test_freed_bundle_sized_buffers_do_not_stay_in_the_heap() -> None:
 def test_elsewhere_it_is_a_harmless_no(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory.sys, "platform", "darwin")
     assert memory.return_large_buffers_to_the_os() is False
+
+
+def test_start_up_objects_leave_the_cyclic_collector() -> None:
+    import gc
+
+    from gateway.memory import freeze_start_up_objects
+
+    survivor = [{"schema": n} for n in range(1000)]  # as a schema or a plan: held for the process's life
+    gc.unfreeze()
+    try:
+        freeze_start_up_objects()
+        assert gc.get_freeze_count() >= len(survivor)
+        scanned = {id(o) for generation in range(3) for o in gc.get_objects(generation)}
+        assert all(gc.is_tracked(x) and id(x) not in scanned for x in survivor)
+    finally:
+        gc.unfreeze()

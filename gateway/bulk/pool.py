@@ -25,7 +25,7 @@ from typing import Any
 
 from gateway.bulk.group import Chains, GroupResult, run_group
 from gateway.bulk.index import Line
-from gateway.memory import paused_gc, return_large_buffers_to_the_os
+from gateway.memory import freeze_start_up_objects, paused_gc, return_large_buffers_to_the_os
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def _init(spec: ChainSpec, nice: int, parent: int) -> None:
     _worker["chains"] = build_chains(spec)
     _worker["loop"] = asyncio.new_event_loop()
     _worker["fds"] = {}
-    gc.freeze()  # start-up objects (schema, plan) are never garbage: keep the GC off them
+    freeze_start_up_objects()
 
 
 def _read(paths: list[str], line: Line) -> bytes:
