@@ -54,7 +54,7 @@ def test_start_up_objects_leave_the_cyclic_collector() -> None:
 
     from gateway.memory import freeze_start_up_objects
 
-    survivor = [{"schema": n} for n in range(1000)]  # as a schema or a plan: held for the process's life
+    survivor = [[n, "schema"] for n in range(1000)]  # as a schema or a plan: held for the process's life
     gc.unfreeze()
     try:
         freeze_start_up_objects()
