@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from typing import Any
 from gateway.bulk import BulkOptions, BulkSummary, run_bulk_async
 from gateway.bulk.chains import from_runtime
 from gateway.bulk.group import Chains
+from gateway.bulk.job import JobMismatch
 from gateway.bulk.pool import ChainSpec, runtime_spec
 from gateway.bulk.sources import SourceError
 from gateway.optout.base import Decision, PatientRef
@@ -49,6 +51,11 @@ class JobStatus:
     finished: float | None = None
     summary: BulkSummary | None = None
     error: str | None = None
+    resumable: bool = False  # a manifest job: its folder (offsets, keyed hashes, state) outlives a failure
+
+    @property
+    def running(self) -> bool:
+        return self.state not in ("completed", "failed")
 
     def view(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -96,12 +103,13 @@ class BulkJobs:
         return job
 
     def discard(self, job: JobStatus) -> None:
-        """A job whose upload or manifest never arrived whole: no status, no folder."""
+        """A job whose upload never arrived whole: no status, no folder."""
         self.jobs.pop(job.id, None)
-        self._remove_folder(job.id)
+        self._release(job.id, remove=True)
 
-    def _remove_folder(self, job_id: str) -> None:
-        shutil.rmtree(self.work_root / job_id, ignore_errors=True)
+    def _release(self, job_id: str, *, remove: bool) -> None:
+        if remove:
+            shutil.rmtree(self.work_root / job_id, ignore_errors=True)
         lock = self._locks.pop(job_id, None)
         if lock is not None:
             os.close(lock)
@@ -118,7 +126,10 @@ class BulkJobs:
                 handle.write(chunk)
         return target
 
-    def manifest_path(self, job: JobStatus, manifest: bytes) -> Path:
+    def manifest_job(self, provider: str, registry: str, manifest: bytes) -> tuple[JobStatus, Path | None]:
+        """The job of this manifest, named after it: a post of the same manifest while it runs gets that job
+        (and None: nothing to start); after an interruption (a failure, a gateway that stopped) it resumes
+        where it stopped, from the job folder's state, without storing any Bundle twice."""
         if self.import_dir is None:
             raise FhirError.single(
                 403,
@@ -126,9 +137,24 @@ class BulkJobs:
                 "manifest imports are not enabled on this gateway "
                 "(no import folder configured); upload NDJSON instead",
             )
-        target = self.work_root / job.id / "manifest.json"
+        job_id = hashlib.sha256(b"\n".join([provider.encode(), registry.encode(), manifest])).hexdigest()[:32]
+        current = self.jobs.get(job_id)
+        if current is not None and current.running:
+            return current, None
+        folder = self.work_root / job_id
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        try:
+            self._locks[job_id] = _hold_lock(folder / OWNER_LOCK)
+        except BlockingIOError:
+            raise FhirError.single(
+                409, "conflict", "another gateway process is delivering this export; ask it for the status"
+            ) from None
+        job = JobStatus(job_id, provider, registry, resumable=True)
+        self.jobs[job_id] = job
+        target = folder / "manifest.json"
         target.write_bytes(manifest)
-        return target
+        return job, target
 
     def start(self, job: JobStatus, sources: list[Path], *, sender: str) -> None:
         loop = asyncio.get_running_loop()
@@ -162,12 +188,14 @@ class BulkJobs:
                 total,
             )
 
-        try:
-            job.summary = asyncio.run(
+        work_dir = self.work_root / job.id
+
+        def run() -> BulkSummary:
+            return asyncio.run(
                 run_bulk_async(
                     sources,
                     registry=job.registry,
-                    work_dir=self.work_root / job.id,
+                    work_dir=work_dir,
                     runtime=self.runtime,
                     chains=chains,
                     provider=job.provider,
@@ -178,20 +206,33 @@ class BulkJobs:
                     spec=spec,
                 )
             )
+
+        keep = False
+        again = "post the same manifest again to resume" if job.resumable else "upload the export again"
+        try:
+            try:
+                job.summary = run()
+            except JobMismatch:  # the files behind this manifest changed since the interrupted run
+                for name in ("state.db", "index.db"):
+                    (work_dir / name).unlink(missing_ok=True)
+                job.summary = run()
             job.state = "completed"
         except SourceError as exc:
             job.state, job.error = "failed", str(exc)
         except TTPUnavailable:
-            job.state, job.error = "failed", "the TTP could not be reached; re-run the import to resume"
+            keep = job.resumable
+            job.state, job.error = "failed", f"the TTP could not be reached; {again}"
         except Exception as exc:  # noqa: BLE001 - reported as a fixed text with the error class only
             log.exception("bulk job %s failed", job.id)
-            job.state, job.error = "failed", f"internal error ({type(exc).__name__})"
+            keep = job.resumable
+            job.state, job.error = "failed", f"internal error ({type(exc).__name__}); {again}"
         finally:
             job.finished = time.time()
-            # The job folder goes when the job ends: an upload is the hospital's data in clear, and the
-            # service offers no resume (a failed upload is uploaded again: a new job, and the registry's
-            # upserts absorb what the failed one had already delivered). The status stays in memory.
-            self._remove_folder(job.id)
+            # An upload is the hospital's data in clear: its folder goes when the job ends, whatever the
+            # outcome (a new upload is a new job; the registry's upserts absorb what was delivered). A
+            # manifest job's folder holds offsets, keyed hashes and its state only: kept after a failure
+            # so that the same manifest resumes. The status stays in memory.
+            self._release(job.id, remove=not keep)
 
     def wait(self, job_id: str, timeout: float | None = None) -> None:
         thread = self._threads.get(job_id)
@@ -202,6 +243,7 @@ class BulkJobs:
 # -- job folders: owned through a lock the kernel releases when the owning process dies ---------------------
 OWNER_LOCK = ".owner.lock"
 UNLOCKED_GRACE_SECONDS = 60  # a folder between mkdir and its lock, in a gateway starting at this moment
+MANIFEST_RESUME_SECONDS = 7 * 24 * 3600  # how long an interrupted manifest job can be resumed
 
 
 def _hold_lock(path: Path) -> int:
@@ -210,15 +252,17 @@ def _hold_lock(path: Path) -> int:
     return fd
 
 
-def remove_abandoned_jobs(work_root: Path) -> int:
-    """Remove the folders of jobs whose gateway process is gone (killed, crashed, stopped mid-job): an
-    upload there is the hospital's data in clear, and the service offers no resume. Folders of jobs that
-    another live gateway process runs (shared work folder) are locked by it and stay."""
+def remove_abandoned_jobs(work_root: Path, resume_seconds: float = MANIFEST_RESUME_SECONDS) -> int:
+    """Remove the folders of jobs whose gateway process is gone (killed, crashed, stopped mid-job). An
+    upload there is the hospital's data in clear and goes at once; a manifest job's folder (offsets, keyed
+    hashes, state) stays `resume_seconds` for a re-post of its manifest to resume. Folders of jobs that a
+    live gateway process runs (a shared work folder) are locked by it and stay."""
     removed = 0
     for folder in work_root.glob("*/") if work_root.is_dir() else ():
         lock = folder / OWNER_LOCK
+        age = time.time() - folder.stat().st_mtime
         if not lock.exists():
-            if time.time() - folder.stat().st_mtime < UNLOCKED_GRACE_SECONDS:
+            if age < UNLOCKED_GRACE_SECONDS:
                 continue
         else:
             try:
@@ -226,6 +270,8 @@ def remove_abandoned_jobs(work_root: Path) -> int:
             except BlockingIOError:
                 continue  # a live job
             os.close(fd)
+            if (folder / "manifest.json").exists() and age < resume_seconds:
+                continue
         shutil.rmtree(folder, ignore_errors=True)
         removed += 1
     return removed

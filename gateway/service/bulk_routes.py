@@ -54,16 +54,19 @@ def install_bulk_routes(
                 "send application/fhir+ndjson (the export) or "
                 "application/json (a Bulk Data manifest of files in the import folder)",
             )
-        job = jobs.new_job(caller.provider or "", registry)
-        try:
-            if media in NDJSON_TYPES:
-                sources = [await jobs.receive_upload(job, request.stream())]
-            else:
-                sources = [jobs.manifest_path(job, await read_limited(request, MAX_MANIFEST_BYTES))]
-        except BaseException:  # too large, refused, or the client went away: nothing of it stays
-            jobs.discard(job)
-            raise
-        jobs.start(job, sources, sender=caller.client_id)
+        if media in NDJSON_TYPES:
+            job = jobs.new_job(caller.provider or "", registry)
+            try:
+                upload = await jobs.receive_upload(job, request.stream())
+            except BaseException:  # too large, or the client went away: nothing of it stays
+                jobs.discard(job)
+                raise
+            jobs.start(job, [upload], sender=caller.client_id)
+        else:
+            manifest = await read_limited(request, MAX_MANIFEST_BYTES)
+            job, manifest_file = jobs.manifest_job(caller.provider or "", registry, manifest)
+            if manifest_file is not None:  # else: this manifest's job is running; answer with its status
+                jobs.start(job, [manifest_file], sender=caller.client_id)
         location = f"/bulk/{job.id}"
         return Response(
             orjson.dumps(job.view()),
