@@ -338,3 +338,16 @@ def test_a_manifest_import_cut_off_by_a_killed_gateway_resumes_where_it_stopped(
     # kill (sent, not yet recorded), the same Bundle.identifier, which the registry's upsert absorbs
     assert sum(patients.values()) == 1500
     assert sum(n > 1 for n in accepted.values()) <= 4  # at most the worker's concurrency
+
+
+def test_abandoned_folders_go_uploads_at_once_manifest_jobs_after_their_resume_window(tmp_path: Path) -> None:
+    from gateway.bulk.service import OWNER_LOCK, remove_abandoned_jobs
+
+    for name, data in (("upload-job", "upload.ndjson"), ("manifest-job", "manifest.json")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / OWNER_LOCK).touch()  # no process holds it: the job's gateway is gone
+        (tmp_path / name / data).write_text("{}")
+    assert remove_abandoned_jobs(tmp_path, resume_seconds=3600) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest-job"]
+    assert remove_abandoned_jobs(tmp_path, resume_seconds=0) == 1
+    assert list(tmp_path.iterdir()) == []
