@@ -80,7 +80,12 @@ def install_bulk_routes(
         caller = caller_of(runtime, request)
         job = jobs.jobs.get(job_id)
         if job is None or (not caller.admin and job.provider != caller.provider):
-            raise FhirError.single(404, "not-found", "no such bulk job for this client")
+            raise FhirError.single(
+                404,
+                "not-found",
+                "no such bulk job for this client (jobs do not outlive a gateway restart: post the same "
+                "manifest again to resume its job, or upload the export again)",
+            )
         running = job.state not in ("completed", "failed")
         headers = {"X-Progress": f"{job.state} {job.phase_done}/{job.phase_total}"}
         if running:
