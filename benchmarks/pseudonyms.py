@@ -11,7 +11,15 @@
 Test keys only, generated into a temporary directory.
 """
 
+# ruff: noqa: E402 - imports follow the sys.path guard below (benchmarks/http.py shadows `http`)
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# benchmarks/http.py would shadow the standard `http` package: keep this folder off sys.path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse
 import asyncio
@@ -19,26 +27,21 @@ import multiprocessing
 import os
 import secrets
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cryptography.hazmat.primitives import hashes, hmac  # noqa: E402
-from cryptography.hazmat.primitives.ciphers.aead import AESSIV  # noqa: E402
-
-from gateway.pseudonym import nlps1  # noqa: E402
-from gateway.pseudonym.types import PrePseudonym  # noqa: E402
-from gateway.ttp.auth import hash_key  # noqa: E402
-from gateway.ttp.client import HttpTTPClient  # noqa: E402
-from gateway.ttp.embedded import EmbeddedTTP  # noqa: E402
-from gateway.ttp.keystore import KeyStore  # noqa: E402
-from gateway.ttp.testing import make_test_ttp  # noqa: E402
+from gateway.pseudonym import nlps1
+from gateway.pseudonym.types import PrePseudonym
+from gateway.ttp.auth import hash_key
+from gateway.ttp.client import HttpTTPClient
+from gateway.ttp.embedded import EmbeddedTTP
+from gateway.ttp.keystore import KeyStore
+from gateway.ttp.testing import make_test_ttp
 
 REGISTRY = "registry-example"
 PROVIDER = "ura:00000000"
