@@ -15,7 +15,7 @@ import gateway.service.app as service_app
 from gateway.bulk.synth import SynthSpec, write_export
 from gateway.demo import embedded_chain
 from gateway.service.bulk_routes import install_bulk_routes
-from tests.processes import process_chain
+from tests.processes import alive, descendants, process_chain
 
 REGISTRY = "example-generic"
 
@@ -205,29 +205,6 @@ def test_an_upload_refused_half_way_leaves_neither_folder_nor_job(chain, tmp_pat
     assert not [p for p in (tmp_path / "bulk").iterdir()]  # the part that arrived is gone
 
 
-def _children(pid: int) -> set[int]:
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(stat.parent.name))
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)}
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
-
-
 def test_a_gateway_killed_mid_import_leaves_no_workers_and_its_upload_is_removed_at_restart(
     tmp_path: Path,
 ) -> None:
@@ -252,16 +229,16 @@ def test_a_gateway_killed_mid_import_leaves_no_workers_and_its_upload_is_removed
                 break
             assert status["state"] not in ("completed", "failed") and time.monotonic() < deadline, status
             time.sleep(0.05)
-        children = _children(gw.proc.pid)
+        children = descendants(gw.proc.pid)
         assert len(children) >= 2  # the chain's worker processes (and multiprocessing's resource tracker)
         job_folder = tmp_path / "bulk" / status["job"]
         assert (job_folder / "upload.ndjson").stat().st_mode & 0o777 == 0o600  # the hospital's data in clear
         assert job_folder.stat().st_mode & 0o777 == 0o700
         gw.kill()  # SIGKILL: no clean-up runs in the gateway
         deadline = time.monotonic() + 30
-        while _alive(children) and time.monotonic() < deadline:
+        while alive(children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(children), "worker processes outlived the gateway"
+        assert not alive(children), "worker processes outlived the gateway"
         assert job_folder.exists()
         restarted = chain.start_gateway(extra_env=env)
         assert not job_folder.exists()  # the hospital's upload, in clear, does not stay behind

@@ -4,6 +4,7 @@ index a single sequential scan builds (same rows, ids, line numbers, owners, gro
 from __future__ import annotations
 
 import bisect
+import contextlib
 import pickle
 import sqlite3
 from pathlib import Path
@@ -240,3 +241,46 @@ def test_an_error_in_the_indexing_child_is_raised_in_the_job(tmp_path: Path) -> 
         handle.truncate(ix.MAX_FILE_BYTES)  # sparse: nothing is written
     with pytest.raises(ValueError, match="cannot be indexed"):
         ix.build_index_file(tmp_path / "index.db", [ix.SourceFile(big, None)], **KW, chunk_bytes=20_000)
+
+
+def test_a_bulk_run_killed_while_indexing_leaves_no_indexing_processes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.processes import alive, descendants
+
+    write_export(tmp_path / "export", SynthSpec(patients=1500, resources_per_patient=100))  # > one range
+    args = ["--registry", "example-generic", "--to-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path)]
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "bulk", str(tmp_path / "export"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        tree: set[int] = set()
+        # the indexing child and its two scanners (and multiprocessing's resource trackers) are up
+        while len(tree) < 3 and time.monotonic() < deadline and cli.poll() is None:
+            tree = alive(descendants(cli.pid))
+            time.sleep(0.02)
+        assert len(tree) >= 3 and not list((tmp_path / "out").glob("*.json")), "the run should be indexing"
+        cli.send_signal(signal.SIGKILL)
+        cli.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(tree), "indexing processes outlived the bulk run"
+        # killed with the run, not after finishing a scan for no one: the index never got all 150,000 lines
+        index = tmp_path / "index.db"
+        indexed = 0
+        if index.exists():
+            with contextlib.closing(sqlite3.connect(index)) as conn:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if "resources" in tables:
+                    indexed = conn.execute("SELECT COUNT(*) FROM resources").fetchone()[0]
+        assert indexed < 150_000
+    finally:
+        if cli.poll() is None:
+            cli.kill()

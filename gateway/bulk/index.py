@@ -50,6 +50,8 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from gateway.children import end_with_parent
+
 INHERIT_ROUNDS = 3
 BATCH_ROWS = 20_000
 # Byte ranges scanned by one worker task: small enough that uneven files spread over the workers and the
@@ -191,7 +193,7 @@ def build_index_file(
             conn.close()
     ctx = multiprocessing.get_context("spawn")  # not fork: the caller has threads (see pool.py)
     messages = ctx.Queue()
-    child = ctx.Process(target=_index_main, args=(path, files, options, chunk_bytes, messages))
+    child = ctx.Process(target=_index_main, args=(path, files, options, chunk_bytes, messages, os.getpid()))
     child.start()
     try:
         return _await_index(child, messages, progress)
@@ -203,8 +205,14 @@ def build_index_file(
 
 
 def _index_main(
-    path: Path, files: list[SourceFile], options: dict, chunk_bytes: int, messages: multiprocessing.Queue
+    path: Path,
+    files: list[SourceFile],
+    options: dict,
+    chunk_bytes: int,
+    messages: multiprocessing.Queue,
+    parent: int,
 ) -> None:
+    end_with_parent(parent)
     try:
         conn = open_index(path)
         try:
@@ -355,7 +363,12 @@ def _scan_in_workers(
     )
     with _scratch_dir(conn) as scratch:
         # spawn, not fork: the parent has threads (asyncio.to_thread, a server's loop), see pool.py.
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=end_with_parent,
+            initargs=(os.getpid(),),
+        )
         in_flight: collections.deque[tuple[Path, Future[_RangeStats]]] = collections.deque()
 
         def submit_next() -> None:

@@ -12,12 +12,9 @@ and idempotency work as in-process. Every group is still ONE TTP batch, sent by 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import multiprocessing
 import os
-import signal
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ from typing import Any
 
 from gateway.bulk.group import Chains, GroupResult, run_group
 from gateway.bulk.index import Line
+from gateway.children import end_with_parent
 from gateway.memory import freeze_start_up_objects, paused_gc, return_large_buffers_to_the_os
 
 
@@ -62,22 +60,11 @@ def runtime_spec(runtime: Any, registry: str, provider: str) -> ChainSpec | None
 
 
 # -- in the worker process ----------------------------------------------------------------------------------
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _worker: dict[str, Any] = {}  # per-process state of a pool worker (its chain, loop and open files)
 
 
-def _die_with(parent: int) -> None:
-    """A worker whose parent was killed would wait for ever on its result pipe, holding export lines: on
-    Linux the kernel kills it when the parent thread that started it exits (prctl PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the line above ran
-        os._exit(1)
-
-
 def _init(spec: ChainSpec, nice: int, parent: int) -> None:
-    _die_with(parent)
+    end_with_parent(parent)
     return_large_buffers_to_the_os()  # each group's Bundles pass through as bytes (see gateway/memory.py)
     if nice:
         # The yearly delivery is batch work: the gateway's live ingest and its outbox forwarding (and on a
