@@ -302,7 +302,10 @@ def test_a_manifest_import_cut_off_by_a_killed_gateway_resumes_where_it_stopped(
         summary = status["summary"]
         assert status["state"] == "completed", status
         assert summary["groupsTotal"] == 8 and 2 <= summary["groupsResumed"] < 8, summary
-        assert not (tmp_path / "bulk" / status["job"]).exists()  # done: the folder goes
+        folder = tmp_path / "bulk" / status["job"]
+        assert not (folder / "index.db").exists()  # the offsets go; the state stays for the resume window
+        again = httpx.post(f"{gw.url}/registries/{REGISTRY}/$import", content=manifest, headers=headers)
+        assert again.json()["state"] == "completed"  # the same export again: nothing is delivered twice
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             accepted = httpx.get(f"{chain.receiver_url}/_accepted").json()
@@ -328,3 +331,31 @@ def test_abandoned_folders_go_uploads_at_once_manifest_jobs_after_their_resume_w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest-job"]
     assert remove_abandoned_jobs(tmp_path, resume_seconds=0) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_same_export_again_delivers_nothing_a_changed_one_is_a_new_job(chain, tmp_path: Path) -> None:  # noqa: ANN001
+    c, imports = chain
+    write_export(imports / "exp", SynthSpec(patients=4, resources_per_patient=3))
+    manifest = orjson.dumps(
+        {"output": [{"type": t, "url": f"exp/{t}.ndjson"} for t in ("Patient", "Encounter", "Observation")]}
+    )
+    headers = {"Authorization": f"Bearer {c.ehr_api_key}", "Content-Type": "application/json"}
+
+    def post() -> tuple[str, dict]:
+        with httpx.Client(base_url=c.gateway_url, timeout=30, headers=headers) as client:
+            answer = client.post(f"/registries/{REGISTRY}/$import", content=manifest)
+            location = answer.headers["Content-Location"]
+            return location, wait_done(client, location)
+
+    first, status = post()
+    assert status["state"] == "completed" and status["summary"]["sent"]["Patient"] == 4
+    wait_received(c.receiver_url, status["summary"]["bundles"])
+    received = len(httpx.get(f"{c.receiver_url}/_accepted").json())
+    second, again = post()
+    assert second == first and again == status  # answered from the finished job: nothing sent again
+    changed = imports / "exp" / "Observation.ndjson"
+    changed.write_bytes(changed.read_bytes())  # the hospital wrote this year's export again
+    third, fresh = post()
+    assert third != first and fresh["state"] == "completed" and fresh["summary"]["groupsResumed"] == 0
+    counts = wait_received(c.receiver_url, received + fresh["summary"]["bundles"])
+    assert len(counts) == received + fresh["summary"]["bundles"]  # delivered once more, as new Bundles

@@ -30,7 +30,7 @@ from gateway.bulk.chains import from_runtime
 from gateway.bulk.group import Chains
 from gateway.bulk.job import JobMismatch
 from gateway.bulk.pool import ChainSpec, runtime_spec
-from gateway.bulk.sources import SourceError
+from gateway.bulk.sources import SourceError, parse_manifest
 from gateway.optout.base import Decision, PatientRef
 from gateway.outcome import FhirError
 from gateway.pseudonym.types import PrePseudonym
@@ -89,9 +89,12 @@ class BulkJobs:
         self.jobs: dict[str, JobStatus] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._locks: dict[str, int] = {}
-        removed = remove_abandoned_jobs(work_root)
+        self._remove_expired()
+
+    def _remove_expired(self) -> None:
+        removed = remove_abandoned_jobs(self.work_root)
         if removed:
-            log.warning("removed %d bulk job folders left by a gateway that stopped mid-job", removed)
+            log.info("removed %d bulk job folders (stopped uploads, manifest jobs past resume)", removed)
 
     def new_job(self, provider: str, registry: str) -> JobStatus:
         job = JobStatus(uuid.uuid4().hex, provider, registry)
@@ -127,9 +130,10 @@ class BulkJobs:
         return target
 
     def manifest_job(self, provider: str, registry: str, manifest: bytes) -> tuple[JobStatus, Path | None]:
-        """The job of this manifest, named after it: a post of the same manifest while it runs gets that job
-        (and None: nothing to start); after an interruption (a failure, a gateway that stopped) it resumes
-        where it stopped, from the job folder's state, without storing any Bundle twice."""
+        """The job of this manifest and the files it names as they are now (sizes, modification times).
+        A post of the same export while its job runs or after it completed gets that job (and None: nothing
+        to start, nothing delivered twice); after an interruption (a failure, a gateway that stopped) the
+        job resumes from its folder's state. A changed export is another job."""
         if self.import_dir is None:
             raise FhirError.single(
                 403,
@@ -137,10 +141,11 @@ class BulkJobs:
                 "manifest imports are not enabled on this gateway "
                 "(no import folder configured); upload NDJSON instead",
             )
-        job_id = hashlib.sha256(b"\n".join([provider.encode(), registry.encode(), manifest])).hexdigest()[:32]
+        job_id = _manifest_job_id(provider, registry, manifest, self.import_dir)
         current = self.jobs.get(job_id)
-        if current is not None and current.running:
+        if current is not None and current.state != "failed":
             return current, None
+        self._remove_expired()
         folder = self.work_root / job_id
         self.work_root.mkdir(parents=True, exist_ok=True)
         folder.mkdir(mode=0o700, exist_ok=True)
@@ -207,37 +212,48 @@ class BulkJobs:
                 )
             )
 
-        keep = False
+        # An upload is the hospital's data in clear: its folder goes when the job ends, whatever the outcome
+        # (a new upload is a new job; the registry's upserts absorb what was delivered). A manifest job's
+        # folder holds offsets, keyed hashes and its state only: kept for the resume window, so that the
+        # same export posted again resumes (after a failure) or delivers nothing (after completion), also
+        # after a restart. The status stays in memory.
+        keep = job.resumable
         again = "post the same manifest again to resume" if job.resumable else "upload the export again"
         try:
             try:
                 job.summary = run()
-            except JobMismatch:  # the files behind this manifest changed since the interrupted run
+            except JobMismatch:  # a state from an earlier export under the same name: start afresh
                 for name in ("state.db", "index.db"):
                     (work_dir / name).unlink(missing_ok=True)
                 job.summary = run()
             job.state = "completed"
         except SourceError as exc:
+            keep = False
             job.state, job.error = "failed", str(exc)
         except TTPUnavailable:
-            keep = job.resumable
             job.state, job.error = "failed", f"the TTP could not be reached; {again}"
         except Exception as exc:  # noqa: BLE001 - reported as a fixed text with the error class only
             log.exception("bulk job %s failed", job.id)
-            keep = job.resumable
             job.state, job.error = "failed", f"internal error ({type(exc).__name__}); {again}"
         finally:
             job.finished = time.time()
-            # An upload is the hospital's data in clear: its folder goes when the job ends, whatever the
-            # outcome (a new upload is a new job; the registry's upserts absorb what was delivered). A
-            # manifest job's folder holds offsets, keyed hashes and its state only: kept after a failure
-            # so that the same manifest resumes. The status stays in memory.
             self._release(job.id, remove=not keep)
 
     def wait(self, job_id: str, timeout: float | None = None) -> None:
         thread = self._threads.get(job_id)
         if thread is not None:
             thread.join(timeout)
+
+
+def _manifest_job_id(provider: str, registry: str, manifest: bytes, import_dir: Path) -> str:
+    parts = [provider.encode(), registry.encode(), manifest]
+    try:
+        for source in parse_manifest(manifest, base=import_dir, allowed_root=import_dir):
+            st = source.path.stat()
+            parts.append(f"{source.path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    except (SourceError, OSError):
+        pass  # the job fails with the reason when it runs
+    return hashlib.sha256(b"\n".join(parts)).hexdigest()[:32]
 
 
 # -- job folders: owned through a lock the kernel releases when the owning process dies ---------------------
@@ -255,7 +271,7 @@ def _hold_lock(path: Path) -> int:
 def remove_abandoned_jobs(work_root: Path, resume_seconds: float = MANIFEST_RESUME_SECONDS) -> int:
     """Remove the folders of jobs whose gateway process is gone (killed, crashed, stopped mid-job). An
     upload there is the hospital's data in clear and goes at once; a manifest job's folder (offsets, keyed
-    hashes, state) stays `resume_seconds` for a re-post of its manifest to resume. Folders of jobs that a
+    hashes, state), ended or not, stays `resume_seconds` for a re-post of its manifest. Folders of jobs that a
     live gateway process runs (a shared work folder) are locked by it and stay."""
     removed = 0
     for folder in work_root.glob("*/") if work_root.is_dir() else ():

@@ -54,8 +54,17 @@ def _folder(folder: Path) -> list[SourceFile]:
 
 def read_manifest(path: Path, *, allowed_root: Path | None) -> list[SourceFile]:
     try:
-        manifest = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
+        data = path.read_bytes()
+    except OSError:
+        raise SourceError("the manifest is not readable JSON") from None
+    return parse_manifest(data, base=path.parent, allowed_root=allowed_root)
+
+
+def parse_manifest(data: bytes, *, base: Path, allowed_root: Path | None) -> list[SourceFile]:
+    """The files a Bulk Data manifest names: relative urls under `allowed_root` (else `base`)."""
+    try:
+        manifest = orjson.loads(data)
+    except orjson.JSONDecodeError:
         raise SourceError("the manifest is not readable JSON") from None
     outputs = manifest.get("output") if isinstance(manifest, dict) else None
     if not isinstance(outputs, list):
@@ -64,7 +73,7 @@ def read_manifest(path: Path, *, allowed_root: Path | None) -> list[SourceFile]:
     for item in outputs:
         if not isinstance(item, dict) or not isinstance(item.get("url"), str):
             raise SourceError("a manifest output entry has no url")
-        target = _local(item["url"], path.parent, allowed_root)
+        target = _local(item["url"], base, allowed_root)
         rtype = item.get("type") if isinstance(item.get("type"), str) else _type_hint(target.name)
         files.append(SourceFile(target, rtype))
     return files
