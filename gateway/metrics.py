@@ -21,6 +21,7 @@ class GatewayMetrics:
     depth: Gauge  # labels: status
     resources: Counter  # labels: resource type, action (delivered | dropped:<reason>)
     ttp_seconds: Histogram  # one TTP batch call, whatever its size
+    bulk_jobs: Gauge  # labels: registry, state (queued | indexing | delivering | completed | failed)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None, namespace: str = "gateway") -> GatewayMetrics:
@@ -30,6 +31,12 @@ class GatewayMetrics:
         """Set the depth gauge from `store.depth()`."""
         for status, n in depth.items():
             self.depth.labels(status).set(n)
+
+    def refresh_bulk(self, jobs: Mapping[tuple[str, str], int]) -> None:
+        """Set the bulk job gauge from `BulkJobs.counts()` (states without jobs read 0)."""
+        self.bulk_jobs.clear()
+        for (registry, state), n in jobs.items():
+            self.bulk_jobs.labels(registry, state).set(n)
 
 
 # The worker needs only the outbox part; one type keeps wiring simple.
@@ -65,6 +72,13 @@ def create_metrics(registry: CollectorRegistry, namespace: str = "gateway") -> G
         ),
         resources=counter(
             "resources", "Resources of accepted bundles by type and action", ["type", "action"]
+        ),
+        bulk_jobs=Gauge(
+            "bulk_jobs",
+            "Bulk jobs ($import) this process knows, by registry and state",
+            ["registry", "state"],
+            namespace=namespace,
+            registry=registry,
         ),
         ttp_seconds=Histogram(
             "ttp_call_seconds",

@@ -359,3 +359,37 @@ def test_the_same_export_again_delivers_nothing_a_changed_one_is_a_new_job(chain
     assert third != first and fresh["state"] == "completed" and fresh["summary"]["groupsResumed"] == 0
     counts = wait_received(c.receiver_url, received + fresh["summary"]["bundles"])
     assert len(counts) == received + fresh["summary"]["bundles"]  # delivered once more, as new Bundles
+
+
+def test_a_client_lists_its_jobs_and_the_metrics_count_them(chain, tmp_path: Path) -> None:  # noqa: ANN001
+    c, _ = chain
+    write_export(tmp_path / "export", SynthSpec(patients=2, resources_per_patient=3))
+    auth = {"Authorization": f"Bearer {c.ehr_api_key}"}
+    with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
+        posted = client.post(
+            f"/registries/{REGISTRY}/$import",
+            content=_ndjson(tmp_path / "export"),
+            headers={"Content-Type": "application/fhir+ndjson"},
+        )
+        wait_done(client, posted.headers["Content-Location"])
+        listing = client.get("/bulk").json()
+    assert [j["job"] for j in listing] == [posted.json()["job"]]
+    assert listing[0]["state"] == "completed" and "summary" not in listing[0]
+    assert httpx.get(f"{c.gateway_url}/bulk").status_code == 401
+    admin = {"Authorization": f"Bearer {c.admin_api_key}"}
+    metrics = httpx.get(f"{c.gateway_url}/metrics", headers=admin).text
+    assert f'gateway_bulk_jobs{{registry="{REGISTRY}",state="completed"}} 1.0' in metrics
+
+
+def test_finished_statuses_are_kept_up_to_a_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.bulk import service
+
+    monkeypatch.setattr(service, "KEEP_FINISHED", 3)
+    jobs = service.BulkJobs(None, work_root=tmp_path, import_dir=None)
+    made = []
+    for n in range(6):
+        job = jobs.new_job("ura:1", REGISTRY)
+        job.state, job.finished = "completed", float(n)
+        made.append(job.id)
+    running = jobs.new_job("ura:1", REGISTRY)  # still queued: never pruned
+    assert set(jobs.jobs) == {*made[-3:], running.id}

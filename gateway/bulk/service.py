@@ -37,6 +37,7 @@ from gateway.pseudonym.types import PrePseudonym
 from gateway.ttp.backend import TTPResult, TTPUnavailable
 
 log = logging.getLogger("gateway.bulk")
+KEEP_FINISHED = 200  # statuses of finished jobs kept in memory (a long-running gateway must not grow)
 
 
 @dataclass
@@ -96,13 +97,27 @@ class BulkJobs:
         if removed:
             log.info("removed %d bulk job folders (stopped uploads, manifest jobs past resume)", removed)
 
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Jobs by (registry, state), for the metrics."""
+        out: dict[tuple[str, str], int] = {}
+        for job in self.jobs.values():
+            out[job.registry, job.state] = out.get((job.registry, job.state), 0) + 1
+        return out
+
+    def _remember(self, job: JobStatus) -> None:
+        """Keep the status of every running job and of the last KEEP_FINISHED finished ones."""
+        self.jobs[job.id] = job
+        finished = sorted((j for j in self.jobs.values() if not j.running), key=lambda j: j.finished or 0)
+        for old in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self.jobs[old.id]
+
     def new_job(self, provider: str, registry: str) -> JobStatus:
         job = JobStatus(uuid.uuid4().hex, provider, registry)
         folder = self.work_root / job.id
         self.work_root.mkdir(parents=True, exist_ok=True)
         folder.mkdir(mode=0o700)  # an upload is the hospital's data in clear: this service user only
         self._locks[job.id] = _hold_lock(folder / OWNER_LOCK)
-        self.jobs[job.id] = job
+        self._remember(job)
         return job
 
     def discard(self, job: JobStatus) -> None:
@@ -156,7 +171,7 @@ class BulkJobs:
                 409, "conflict", "another gateway process is delivering this export; ask it for the status"
             ) from None
         job = JobStatus(job_id, provider, registry, resumable=True)
-        self.jobs[job_id] = job
+        self._remember(job)
         target = folder / "manifest.json"
         target.write_bytes(manifest)
         return job, target

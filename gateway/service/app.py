@@ -203,6 +203,9 @@ def _operations_routes(app: FastAPI, runtime: Runtime) -> None:
     async def metrics(request: Request) -> Response:
         require_admin(caller_of(runtime, request))
         runtime.metrics.refresh_outbox(await asyncio.to_thread(runtime.store.depth))
+        bulk_jobs = getattr(request.app.state, "bulk_jobs", None)
+        if bulk_jobs is not None:
+            runtime.metrics.refresh_bulk(bulk_jobs.counts())
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -75,6 +75,16 @@ def install_bulk_routes(
             headers={"Content-Location": location},
         )
 
+    @app.get("/bulk")
+    async def bulk_jobs(request: Request) -> Response:
+        """This client's provider's jobs (an admin: all), newest first: to find a job whose
+        Content-Location was lost."""
+        caller = caller_of(runtime, request)
+        mine = [j for j in jobs.jobs.values() if caller.admin or j.provider == caller.provider]
+        mine.sort(key=lambda j: j.started, reverse=True)
+        listing = [{k: v for k, v in j.view().items() if k != "summary"} for j in mine]
+        return Response(orjson.dumps(listing), media_type="application/json")
+
     @app.get("/bulk/{job_id}")
     async def bulk_status(job_id: str, request: Request) -> Response:
         caller = caller_of(runtime, request)
@@ -86,13 +96,12 @@ def install_bulk_routes(
                 "no such bulk job for this client (jobs do not outlive a gateway restart: post the same "
                 "manifest again to resume its job, or upload the export again)",
             )
-        running = job.state not in ("completed", "failed")
         headers = {"X-Progress": f"{job.state} {job.phase_done}/{job.phase_total}"}
-        if running:
+        if job.running:
             headers["Retry-After"] = "2"
         return Response(
             orjson.dumps(job.view()),
-            status_code=202 if running else 200,
+            status_code=202 if job.running else 200,
             media_type="application/json",
             headers=headers,
         )
