@@ -511,3 +511,20 @@ def test_pool_workers_run_at_lower_priority(tmp_path: Path) -> None:
     finally:
         runner.close()
     assert worker_nice == min(19, os.nice(0) + 5)
+
+
+def test_a_completed_job_run_again_neither_indexes_nor_sends(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    write_export(tmp_path / "export", SynthSpec(patients=5, resources_per_patient=4, objecting={1}))
+    kwargs = {"registry": REGISTRY, "work_dir": tmp_path / "w", "to_dir": tmp_path / "out"}
+    first = run_bulk([tmp_path / "export"], options=BulkOptions(group_size=2), **kwargs)
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
+
+    def no_index(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a completed job indexed its export again")
+
+    monkeypatch.setattr(ix, "build_index_file", no_index)
+    again = run_bulk([tmp_path / "export"], options=BulkOptions(group_size=2), **kwargs)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == written
+    assert again.groups_resumed == again.groups_total == first.groups_total == 3
+    expected = first.as_dict() | {"groupsResumed": 3, "seconds": again.seconds}
+    assert again.as_dict() == expected  # the first run's counts, per type and reason

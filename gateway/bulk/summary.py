@@ -88,6 +88,18 @@ class BulkSummary:
     def _drop(self, reason: str, rtype: str, n: int) -> None:
         self.dropped.setdefault(reason, Counter())[self._label(rtype)] += n
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BulkSummary:
+        """The inverse of `as_dict` (a finished job's summary, kept in its state)."""
+        summary = cls(job=data["job"], registry=data["registry"])
+        for attr, key in _SCALARS:
+            setattr(summary, attr, data[key])
+        summary.resources_in = Counter(data["resourcesIn"])
+        summary.sent = Counter(data["sent"])
+        summary.dropped = {reason: Counter(per_type) for reason, per_type in data["dropped"].items()}
+        summary.invalid_lines = [(x["file"], x["line"], x["reason"]) for x in data["invalidLines"]]
+        return summary
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "job": self.job,
@@ -113,3 +125,23 @@ class BulkSummary:
             "workerProcesses": self.worker_processes,
             "seconds": self.seconds,
         }
+
+
+_SCALARS = [  # (attribute, key in as_dict) of the plain numbers
+    ("files", "files"),
+    ("bytes", "bytes"),
+    ("lines", "lines"),
+    ("patients", "patients"),
+    ("patients_opted_out", "patientsOptedOut"),
+    ("patients_unknown_optout", "patientsUnknownOptOut"),
+    ("patients_no_pseudonym", "patientsNoPseudonym"),
+    ("resources_opted_out", "resourcesOptedOut"),
+    ("groups_total", "groupsTotal"),
+    ("groups_done", "groupsDone"),
+    ("groups_resumed", "groupsResumed"),
+    ("bundles", "bundles"),
+    ("bundles_already_stored", "bundlesAlreadyStored"),
+    ("ttp_batches", "ttpBatches"),
+    ("worker_processes", "workerProcesses"),
+    ("seconds", "seconds"),
+]
