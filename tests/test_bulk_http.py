@@ -393,3 +393,19 @@ def test_finished_statuses_are_kept_up_to_a_bound(tmp_path: Path, monkeypatch: p
         made.append(job.id)
     running = jobs.new_job("ura:1", REGISTRY)  # still queued: never pruned
     assert set(jobs.jobs) == {*made[-3:], running.id}
+
+
+def test_a_lock_held_elsewhere_is_refused_without_leaking_a_descriptor(tmp_path: Path) -> None:
+    import os
+
+    from gateway.bulk.service import _hold_lock
+
+    held = _hold_lock(tmp_path / "lock")
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            with pytest.raises(BlockingIOError):
+                _hold_lock(tmp_path / "lock")  # flock: another open file description, as another process
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(held)

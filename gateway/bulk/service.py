@@ -112,6 +112,7 @@ class BulkJobs:
             del self.jobs[old.id]
 
     def new_job(self, provider: str, registry: str) -> JobStatus:
+        self._remove_expired()
         job = JobStatus(uuid.uuid4().hex, provider, registry)
         folder = self.work_root / job.id
         self.work_root.mkdir(parents=True, exist_ok=True)
@@ -278,8 +279,13 @@ MANIFEST_RESUME_SECONDS = 7 * 24 * 3600  # how long an interrupted manifest job 
 
 
 def _hold_lock(path: Path) -> int:
+    """An open descriptor holding the folder's lock; BlockingIOError when a live process holds it."""
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
