@@ -10,7 +10,8 @@ import pytest
 from gateway.pseudonym import nlps1
 from gateway.ttp import envelope
 from gateway.ttp.app import create_app
-from gateway.ttp.testing import make_test_ttp
+from gateway.ttp.auth import hash_key
+from gateway.ttp.testing import TEST_CALLERS, make_test_ttp
 from tests.servers import serve
 
 REGISTRY = "registry-example"
@@ -115,3 +116,82 @@ def test_replay_guard_is_bounded():
     assert not guard.seen("id-4") and guard.seen("late")
     with pytest.raises(envelope.EnvelopeError):
         guard.check_fresh("2026-01-01T00:00:00", now)  # no time zone
+
+
+def test_a_replay_to_another_ttp_process_is_refused_with_a_shared_guard(tmp_path):
+    fixture = make_test_ttp(tmp_path / "keys", [REGISTRY])
+    params, _, _ = _sealed(fixture, _originals())
+    # two TTP instances, each with its own guard object and connection, as two processes on one host
+    shared = [envelope.SharedReplayGuard(tmp_path / "replay.db") for _ in range(2)]
+    with serve(create_app(fixture.keystore, fixture.auth, replay_guard=shared[0])) as first, \
+            serve(create_app(fixture.keystore, fixture.auth, replay_guard=shared[1])) as second:
+        assert _post(first, fixture, params).status_code == 200
+        again = _post(second, fixture, params)
+        assert again.status_code == 409 and "replay" in again.json()["issue"][0]["diagnostics"]
+    # the same pair with per-process guards lets the replay through: what the shared guard is for
+    params, _, _ = _sealed(fixture, _originals())
+    with serve(create_app(fixture.keystore, fixture.auth)) as first, \
+            serve(create_app(fixture.keystore, fixture.auth)) as second:
+        assert _post(first, fixture, params).status_code == 200
+        assert _post(second, fixture, params).status_code == 200
+    for guard in shared:
+        guard.close()
+
+
+def test_a_request_id_is_claimed_once_among_racing_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    guards = [envelope.ReplayGuard(), envelope.SharedReplayGuard(tmp_path / "replay.db")]
+    for guard in guards:
+        with ThreadPoolExecutor(8) as pool:
+            won = list(pool.map(guard.claim, ["racing-request-id-0001"] * 32, [time.time()] * 32))
+        assert won.count(True) == 1
+
+
+def test_the_shared_guard_forgets_ids_past_the_window(tmp_path):
+    guard = envelope.SharedReplayGuard(tmp_path / "replay.db", max_age=300, max_skew=60, prune_every=2)
+    now = time.time()
+    assert guard.claim("old-request-id-00001", now - 1000)
+    assert guard.claim("new-request-id-00001", now)  # the second claim prunes
+    assert not guard.seen("old-request-id-00001") and guard.seen("new-request-id-00001")
+    assert not guard.claim("new-request-id-00001", now)
+    guard.close()
+
+
+def test_two_ttp_serve_processes_sharing_a_replay_db_refuse_a_replay_across_them(tmp_path):
+    import subprocess
+    import sys
+
+    from gateway.serving import free_port
+
+    fixture = make_test_ttp(tmp_path / "keys", [REGISTRY])
+    callers = {"callers": [{"name": n, **c, "key_sha256": hash_key(fixture.api_keys[n])}
+                           for n, c in TEST_CALLERS.items()]}
+    (tmp_path / "callers.json").write_bytes(orjson.dumps(callers))
+    procs, urls = [], []
+    try:
+        for _ in range(2):
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "ttp", "serve", "--key-dir", str(tmp_path / "keys"),
+                 "--api-keys-file", str(tmp_path / "callers.json"), "--port", str(port),
+                 "--replay-db", str(tmp_path / "replay.db"), "--log-level", "warning"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(f"{url}/metadata", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "ttp serve did not start"
+                time.sleep(0.05)
+        params, _, _ = _sealed(fixture, _originals())
+        assert _post(urls[0], fixture, params).status_code == 200
+        assert _post(urls[1], fixture, params).status_code == 409
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)

@@ -65,6 +65,9 @@ def serve(
     client_subject_header: Annotated[str | None, typer.Option(help="mTLS subject header (proxy)")] = None,
     trusted_proxy: Annotated[list[str] | None, typer.Option(help="peer allowed to set that header")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    replay_db: Annotated[Path | None, typer.Option(
+        help="SQLite file of used request ids, shared by every TTP process on this host (default: in memory, "
+             "one process)")] = None,
 ) -> None:
     """Run the TTP under uvicorn."""
     import logging
@@ -83,7 +86,10 @@ def serve(
                                  trusted_proxies=frozenset(trusted_proxy or ()))
     except (AuthConfigError, OSError) as exc:
         raise _fail(f"callers file: {exc}") from None
-    api = create_app(keystore, auth, allow_plain=not sealed_only, max_values=max_values)
+    from gateway.ttp.envelope import SharedReplayGuard
+
+    guard = SharedReplayGuard(replay_db) if replay_db else None
+    api = create_app(keystore, auth, allow_plain=not sealed_only, max_values=max_values, replay_guard=guard)
     uvicorn.run(api, host=host, port=port, log_level=log_level,
                 ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                 ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)

@@ -11,8 +11,9 @@ Request (client → TTP), a FHIR ``Parameters`` extending the gPAS shape (see ``
 
 ``info`` = ``"NLPS1-TTP/1|<operation>|<target>|<requestId>|<timestamp>|<keyId>"`` binds every clear part to
 the ciphertext: change one and decryption fails. The TTP refuses timestamps older than ``max_age`` (300 s) or
-more than ``max_skew`` (60 s) ahead, and request ids it has seen in that window (a bounded in-memory LRU, per
-process: run one TTP worker process per key, or put the guard in a shared store before scaling out).
+more than ``max_skew`` (60 s) ahead, and request ids it has seen in that window: a bounded in-memory LRU for
+one TTP process (`ReplayGuard`), or a SQLite file that several TTP processes on one host share
+(`SharedReplayGuard`, `fhir-gateway ttp serve --replay-db`), where claiming an id is one atomic insert.
 ``original`` holds the same strings as the plain variant (``<TYPE>:<srcVersion>:<base64url pre>`` etc.).
 
 Response: ``Parameters`` with ``requestId`` and ``nonce`` (12 bytes) and ``sealed`` = AES-256-GCM under the
@@ -27,10 +28,13 @@ import base64
 import binascii
 import re
 import secrets
+import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -92,6 +96,7 @@ class ReplayGuard:
     def __init__(self, *, max_entries: int = 200_000, max_age: float = 300.0, max_skew: float = 60.0) -> None:
         self.max_entries, self.max_age, self.max_skew = max_entries, max_age, max_skew
         self._seen: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
 
     def check_fresh(self, timestamp: str, now: float) -> None:
         try:
@@ -107,6 +112,14 @@ class ReplayGuard:
     def seen(self, request_id: str) -> bool:
         return request_id in self._seen
 
+    def claim(self, request_id: str, now: float) -> bool:
+        """Remember `request_id`; False if it was already used (a replay). Atomic: handlers run in threads."""
+        with self._lock:
+            if request_id in self._seen:
+                return False
+            self.remember(request_id, now)
+            return True
+
     def remember(self, request_id: str, now: float) -> None:
         seen = self._seen
         while seen:
@@ -115,6 +128,39 @@ class ReplayGuard:
                 break
             del seen[oldest_id]
         seen[request_id] = now
+
+
+class SharedReplayGuard(ReplayGuard):
+    """Request ids in a SQLite file that every TTP process on this host opens: a replay sent to another
+    process than the first is refused too. A claim is one INSERT on the id's primary key (atomic across
+    processes); ids older than the window are deleted every `prune_every` claims. Ids are random request
+    ids, nothing about a patient."""
+
+    def __init__(self, path: Path, *, max_age: float = 300.0, max_skew: float = 60.0, prune_every: int = 500):
+        super().__init__(max_age=max_age, max_skew=max_skew)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL)")
+        self._prune_every, self._claims = prune_every, 0
+
+    def seen(self, request_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM seen WHERE id = ?", (request_id,)).fetchone() is not None
+
+    def claim(self, request_id: str, now: float) -> bool:
+        with self._lock:
+            try:
+                self._db.execute("INSERT INTO seen (id, at) VALUES (?, ?)", (request_id, now))
+            except sqlite3.IntegrityError:
+                return False
+            self._claims += 1
+            if self._claims % self._prune_every == 0:
+                self._db.execute("DELETE FROM seen WHERE at < ?", (now - self.max_age - self.max_skew,))
+            return True
+
+    def close(self) -> None:
+        self._db.close()
 
 
 # --- client side --------------------------------------------------------------------------------------------
@@ -191,8 +237,10 @@ def open_request(params: dict[str, Any], private_key: x25519.X25519PrivateKey, k
         payload = SUITE.decrypt(enc + sealed, private_key, info=info)
     except (InvalidTag, ValueError):
         raise EnvelopeError(400, "security", "envelope does not open (key, operation or binding)") from None
-    # Remember only ids of envelopes that opened: garbage cannot push genuine ids out of the window.
-    guard.remember(request_id, now)
+    # Claim only ids of envelopes that opened: garbage cannot push genuine ids out of the window. The claim
+    # (not the look-up above) decides: two copies racing past the look-up get one success between them.
+    if not guard.claim(request_id, now):
+        raise EnvelopeError(409, "security", "request id already used (replay refused)")
     try:
         inner = orjson.loads(payload)
         originals, response_key = inner["original"], base64.b64decode(inner["responseKey"], validate=True)
