@@ -178,3 +178,34 @@ def test_embedded_equals_http(fixture):
     assert embedded == over_http
     with pytest.raises(TTPRejected):
         asyncio.run(EmbeddedTTP(fixture.keystore).pseudonymise("nope", items))
+
+
+def test_after_a_key_rotation_the_cache_serves_no_pseudonym_under_the_old_key(fixture):
+    import httpx
+
+    counter = RequestCounter(create_app(fixture.keystore, fixture.auth))
+    known = _items(5)
+    with serve(counter) as base:
+        async def go():
+            async with HttpTTPClient(base, fixture.api_keys["provider-a"]) as client:
+                cached = CachingTTP(client, max_entries=1000, ttl=None)  # no expiry: only the version decides
+                before = await cached.pseudonymise(REGISTRY, known)
+                assert {r.identifier_value.split(".")[0] for r in before} == {"v1"}
+                target = {"name": "target", "valueString": REGISTRY}
+                rotate = {"resourceType": "Parameters", "parameter": [target]}
+                async with httpx.AsyncClient(headers=fixture.headers("admin")) as admin:
+                    answer = await admin.post(f"{base}/$rotate", json=rotate)
+                    assert answer.status_code == 200
+                # all cached: nothing tells the gateway yet, so the old version is still served
+                assert [r.identifier_value for r in await cached.pseudonymise(REGISTRY, known)] == [
+                    r.identifier_value for r in before
+                ]
+                calls = counter.counts[POST]
+                # a new patient's answer carries v2: the known ones in the same call are fetched again
+                mixed = await cached.pseudonymise(REGISTRY, [*known, *_items(1)])
+                assert {r.identifier_value.split(".")[0] for r in mixed} == {"v2"}
+                assert counter.counts[POST] == calls + 2
+                again = await cached.pseudonymise(REGISTRY, known)  # and from now on from the cache, as v2
+                assert counter.counts[POST] == calls + 2
+                assert [r.identifier_value for r in again] == [r.identifier_value for r in mixed[:5]]
+        asyncio.run(go())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import ssl
 import time
 from collections import OrderedDict
@@ -292,44 +293,75 @@ def _read_compact(answer: dict[str, Any], expected: int, value_part: str) -> lis
 class CachingTTP:
     """An in-memory LRU of final pseudonyms in front of any backend.
 
-    Keyed by (registry, type, source key version, pre-pseudonym bytes): never by a plain input. Entries expire
-    after ``ttl`` seconds so a domain key rotation at the TTP reaches every gateway within that time; only
-    successes are cached. Misses of one call go to the backend together in one call.
+    Keyed by (registry, type, source key version, pre-pseudonym bytes): never by a plain input. Only successes
+    are cached; misses of one call go to the backend together in one call. A registry key rotation at the TTP
+    shows in the version of every fresh NLPS1 pseudonym (`v<n>.`): once a fresh answer carries a newer
+    version than a cached one, cached pseudonyms under older versions are misses, and a call that learnt it
+    fetches its stale hits again, so one Bundle never mixes versions. Entries also expire after `ttl` seconds,
+    which bounds how long a gateway that sees no new patient keeps the old version.
     """
 
     def __init__(self, backend: TTPBackend, max_entries: int = 100_000, ttl: float | None = 3600.0) -> None:
         self.backend, self.max_entries, self.ttl = backend, max_entries, ttl
-        self._lru: OrderedDict[tuple[str, str, int, bytes], tuple[str, float]] = OrderedDict()
+        self._lru: OrderedDict[tuple[str, str, int, bytes], tuple[str, float, int]] = OrderedDict()
+        self._current: dict[str, int] = {}  # registry -> newest domain key version the TTP answered with
         self.hits = self.misses = 0
 
     async def pseudonymise(self, registry: str, items: Sequence[PrePseudonym]) -> list[TTPResult]:
         now = time.monotonic()
+        results, wanted, oldest_hit = self._lookup(registry, items, now)
+        if wanted:
+            await self._fetch(registry, items, results, wanted, now)
+            if self._current.get(registry, 0) > oldest_hit:  # rotated since some of these hits were cached
+                results, wanted, _ = self._lookup(registry, items, now)
+                if wanted:
+                    await self._fetch(registry, items, results, wanted, now)
+        return results  # type: ignore[return-value]
+
+    def _lookup(
+        self, registry: str, items: Sequence[PrePseudonym], now: float
+    ) -> tuple[list[TTPResult | None], dict[tuple[str, str, int, bytes], list[int]], int]:
+        """Hits, the misses by cache key, and the oldest domain key version among the hits (none: a version
+        no answer can exceed)."""
+        current = self._current.get(registry, 0)
         results: list[TTPResult | None] = [None] * len(items)
         wanted: dict[tuple[str, str, int, bytes], list[int]] = {}
+        oldest_hit = _NO_HIT
         for i, item in enumerate(items):
             key = (registry, item.type, item.key_version, item.value)
             hit = self._lru.get(key)
-            if hit is not None and (self.ttl is None or now - hit[1] < self.ttl):
+            if hit is not None and (self.ttl is None or now - hit[1] < self.ttl) and hit[2] >= current:
                 self._lru.move_to_end(key)
                 results[i] = TTPResult(i, item.type, hit[0], None)
+                oldest_hit = min(oldest_hit, hit[2])
                 self.hits += 1
             else:
                 wanted.setdefault(key, []).append(i)
-        if wanted:
-            keys = list(wanted)
-            self.misses += len(keys)
-            batch = [PrePseudonym(k[1], k[2], k[3]) for k in keys]
-            fetched = await self.backend.pseudonymise(registry, batch)
-            for r in fetched:
-                key = keys[r.index]
-                for i in wanted[key]:
-                    results[i] = TTPResult(i, items[i].type, r.identifier_value, r.error_code)
-                if r.identifier_value is not None:
-                    self._store(key, r.identifier_value, now)
-        return results  # type: ignore[return-value]
+        return results, wanted, oldest_hit
 
-    def _store(self, key: tuple[str, str, int, bytes], value: str, now: float) -> None:
-        self._lru[key] = (value, now)
+    async def _fetch(
+        self,
+        registry: str,
+        items: Sequence[PrePseudonym],
+        results: list[TTPResult | None],
+        wanted: dict[tuple[str, str, int, bytes], list[int]],
+        now: float,
+    ) -> None:
+        keys = list(wanted)
+        self.misses += len(keys)
+        fetched = await self.backend.pseudonymise(registry, [PrePseudonym(k[1], k[2], k[3]) for k in keys])
+        for r in fetched:
+            key = keys[r.index]
+            for i in wanted[key]:
+                results[i] = TTPResult(i, items[i].type, r.identifier_value, r.error_code)
+            if r.identifier_value is not None:
+                version = _domain_version(r.identifier_value)
+                if version > self._current.get(registry, 0):
+                    self._current[registry] = version
+                self._store(key, r.identifier_value, now, version)
+
+    def _store(self, key: tuple[str, str, int, bytes], value: str, now: float, version: int) -> None:
+        self._lru[key] = (value, now, version)
         self._lru.move_to_end(key)
         while len(self._lru) > self.max_entries:
             self._lru.popitem(last=False)
@@ -339,3 +371,13 @@ class CachingTTP:
 
     async def probe(self) -> None:
         await self.backend.probe()
+
+
+_NO_HIT = 1 << 62
+_NLPS1_VERSION = re.compile(r"v(\d{1,9})\.")
+
+
+def _domain_version(value: str) -> int:
+    """The TTP domain key version of an NLPS1 pseudonym (`v<n>.<base64url>`); 0 for other backends'."""
+    match = _NLPS1_VERSION.match(value)
+    return int(match.group(1)) if match else 0
