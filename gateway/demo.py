@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from gateway.config import ClientConfig, GatewayConfig, ProviderConfig, Registry
 from gateway.replay import ReplayResult, expand, replay
 from gateway.service.auth import hash_api_key
 from gateway.serving import serve_in_thread
+
+DEMO_BULK_PATIENTS = 40
 
 PROVIDER = "ura:00000000"
 MRN_SYSTEM = "http://ehr.example.org/fhir/NamingSystem/patient-number"
@@ -158,7 +161,11 @@ def run_demo(examples: Path, *, registry: str, work_dir: Path | None, console: C
             results = replay(files, base_url=chain.gateway_url, registry=registry, api_key=chain.ehr_api_key)
             console.print(_results_table(results))
             _show_registry_side(chain, console)
+            bulk_ok = _show_bulk_delivery(chain, registry, work / "bulk-export", console)
         failed = [r for r in results if r.status >= 400 or r.status == 0]
+        if not bulk_ok:
+            console.print("[red]demo finished: the yearly delivery ($import) did not complete[/red]")
+            return 1
         console.print(
             "[green]demo finished: every example went through the chain[/green]"
             if not failed
@@ -202,6 +209,42 @@ def _show_registry_side(chain: DemoChain, console: Console) -> None:
                 title="3. A Patient as the registry sees it: pseudonyms only",
             )
         )
+
+
+def _show_bulk_delivery(chain: DemoChain, registry: str, export: Path, console: Console) -> bool:
+    """The yearly delivery: a synthetic Bulk Data export (generated here, one patient objecting) uploaded to
+    `$import`, followed through its status resource until the job is done."""
+    from gateway.bulk.synth import SynthSpec, write_export
+
+    write_export(export, SynthSpec(patients=DEMO_BULK_PATIENTS, resources_per_patient=10, objecting={3}))
+    body = b"".join(path.read_bytes() for path in sorted(export.glob("*.ndjson")))
+    auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
+    with httpx.Client(base_url=chain.gateway_url, timeout=60, headers=auth) as client:
+        ndjson = {"Content-Type": "application/fhir+ndjson"}
+        answer = client.post(f"/registries/{registry}/$import", content=body, headers=ndjson)
+        if answer.status_code != 202:
+            console.print(f"[red]$import answered {answer.status_code}[/red]")
+            return False
+        location = answer.headers["Content-Location"]
+        while (status := client.get(location)).status_code == 202:
+            time.sleep(0.2)
+    job = status.json()
+    summary = job.get("summary") or {}
+    title = f"4. The yearly delivery: {len(body) / 1e6:.1f} MB of NDJSON through $import ({location})"
+    table = Table(title=title)
+    for col in ("state", "patients", "opted out", "sent", "Bundles", "seconds"):
+        table.add_column(col)
+    sent = ", ".join(f"{k} {v}" for k, v in sorted((summary.get("sent") or {}).items()))
+    table.add_row(
+        job.get("state", "?"),
+        str(summary.get("patients", "")),
+        str(summary.get("patientsOptedOut", "")),
+        sent,
+        str(summary.get("bundles", "")),
+        str(summary.get("seconds", "")),
+    )
+    console.print(table)
+    return job.get("state") == "completed"
 
 
 def _first_patient(client: httpx.Client, deliveries: list[dict]) -> dict | None:
