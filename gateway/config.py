@@ -147,6 +147,7 @@ class Settings(BaseSettings):
     bulk_import_dir: Path | None = None  # the only folder a $import manifest may name files in
     # worker processes (niced) that run a $import job's chain; 0: a thread of this process
     bulk_workers: int = Field(default_factory=lambda: min(2, os.cpu_count() or 1), ge=0)
+    bulk_max_upload_bytes: int = Field(20 * 1024**3, ge=1)  # one $import NDJSON upload (it is kept on disk)
 
 
 def load_config(path: Path) -> GatewayConfig:

@@ -409,3 +409,17 @@ def test_a_lock_held_elsewhere_is_refused_without_leaking_a_descriptor(tmp_path:
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         os.close(held)
+
+
+def test_the_upload_limit_comes_from_the_environment(tmp_path: Path) -> None:
+    write_export(tmp_path / "export", SynthSpec(patients=20, resources_per_patient=5))
+    body = _ndjson(tmp_path / "export")
+    (tmp_path / "c").mkdir()
+    with process_chain(tmp_path / "c") as chain:
+        env = {"FHIR_GATEWAY_BULK_WORK_DIR": str(tmp_path / "bulk")}
+        gw = chain.start_gateway(extra_env=env | {"FHIR_GATEWAY_BULK_MAX_UPLOAD_BYTES": "5000"})
+        headers = {"Authorization": f"Bearer {chain.ehr_api_key}", "Content-Type": "application/fhir+ndjson"}
+        url = f"{gw.url}/registries/{REGISTRY}/$import"
+        response = httpx.post(url, content=body, headers=headers, timeout=30)
+    assert len(body) > 5000 and response.status_code == 413
+    assert not [p for p in (tmp_path / "bulk").iterdir()]

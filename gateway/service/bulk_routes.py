@@ -38,8 +38,14 @@ def install_bulk_routes(
     work_root = work_root or Path(os.environ.get("FHIR_GATEWAY_BULK_WORK_DIR", "var/bulk"))
     env_import = os.environ.get("FHIR_GATEWAY_BULK_IMPORT_DIR")
     import_dir = import_dir or (Path(env_import) if env_import else None)
-    options = BulkOptions(workers=runtime.settings.bulk_workers)
-    jobs = BulkJobs(runtime, work_root=work_root, import_dir=import_dir, options=options)
+    settings = runtime.settings
+    jobs = BulkJobs(
+        runtime,
+        work_root=work_root,
+        import_dir=import_dir,
+        options=BulkOptions(workers=settings.bulk_workers),
+        max_upload_bytes=settings.bulk_max_upload_bytes,
+    )
     app.state.bulk_jobs = jobs
 
     @app.post("/registries/{registry}/$import")
