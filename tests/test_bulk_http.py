@@ -102,6 +102,18 @@ def _ndjson(folder: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(folder.glob("*.ndjson")))
 
 
+def _auth(c) -> dict[str, str]:  # noqa: ANN001 - a DemoChain
+    return {"Authorization": f"Bearer {c.ehr_api_key}"}
+
+
+def _upload_and_wait(client: httpx.Client, export: Path) -> dict:
+    """Upload the export as one NDJSON body to `$import` and return the job's final status."""
+    ndjson = {"Content-Type": "application/fhir+ndjson"}
+    posted = client.post(f"/registries/{REGISTRY}/$import", content=_ndjson(export), headers=ndjson)
+    assert posted.status_code == 202, posted.text
+    return wait_done(client, posted.headers["Content-Location"])
+
+
 def _import_on_served_gateway(work: Path, body: bytes, workers: int) -> dict:
     """`fhir-gateway serve --config` as an OS process (its own TTP, receiver and keys under `work`)."""
     work.mkdir()
@@ -250,14 +262,8 @@ def test_an_import_is_cut_into_bundles_of_the_registrys_bulk_bundle_size(chain, 
     registries = c.runtime.config.registries
     registries[REGISTRY] = registries[REGISTRY].model_copy(update={"bulk_bundle_size": 8})
     write_export(tmp_path / "export", SynthSpec(patients=6, resources_per_patient=5))
-    auth = {"Authorization": f"Bearer {c.ehr_api_key}"}
-    with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
-        response = client.post(
-            f"/registries/{REGISTRY}/$import",
-            content=_ndjson(tmp_path / "export"),
-            headers={"Content-Type": "application/fhir+ndjson"},
-        )
-        summary = wait_done(client, response.headers["Content-Location"])["summary"]
+    with httpx.Client(base_url=c.gateway_url, timeout=30, headers=_auth(c)) as client:
+        summary = _upload_and_wait(client, tmp_path / "export")["summary"]
     wait_received(c.receiver_url, summary["bundles"])
     counts = [d["resourceCounts"] for d in httpx.get(f"{c.receiver_url}/deliveries").json()]
     # a patient's 5 resources with the shared ones they refer to fill a Bundle of 8: one patient per Bundle
@@ -364,16 +370,10 @@ def test_the_same_export_again_delivers_nothing_a_changed_one_is_a_new_job(chain
 def test_a_client_lists_its_jobs_and_the_metrics_count_them(chain, tmp_path: Path) -> None:  # noqa: ANN001
     c, _ = chain
     write_export(tmp_path / "export", SynthSpec(patients=2, resources_per_patient=3))
-    auth = {"Authorization": f"Bearer {c.ehr_api_key}"}
-    with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
-        posted = client.post(
-            f"/registries/{REGISTRY}/$import",
-            content=_ndjson(tmp_path / "export"),
-            headers={"Content-Type": "application/fhir+ndjson"},
-        )
-        wait_done(client, posted.headers["Content-Location"])
+    with httpx.Client(base_url=c.gateway_url, timeout=30, headers=_auth(c)) as client:
+        done = _upload_and_wait(client, tmp_path / "export")
         listing = client.get("/bulk").json()
-    assert [j["job"] for j in listing] == [posted.json()["job"]]
+    assert [j["job"] for j in listing] == [done["job"]]
     assert listing[0]["state"] == "completed" and "summary" not in listing[0]
     assert httpx.get(f"{c.gateway_url}/bulk").status_code == 401
     admin = {"Authorization": f"Bearer {c.admin_api_key}"}
