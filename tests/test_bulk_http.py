@@ -3,6 +3,7 @@ loopback (gateway.demo.embedded_chain), the outbox worker forwarding to the real
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -301,6 +302,9 @@ def test_a_manifest_import_cut_off_by_a_killed_gateway_resumes_where_it_stopped(
             time.sleep(0.02)
         gw.kill()  # mid-job: some groups stored, the rest not
         gw = chain.start_gateway(extra_env=env)
+        told = httpx.get(gw.url + location, headers=auth)  # a client polling across the restart learns why
+        assert told.status_code == 200 and told.json()["state"] == "failed"
+        assert "post the manifest again to resume" in told.json()["error"]
         resumed = httpx.post(f"{gw.url}/registries/{REGISTRY}/$import", content=manifest, headers=headers)
         assert resumed.status_code == 202 and resumed.headers["Content-Location"] == location
         with httpx.Client(base_url=gw.url, headers=auth, timeout=30) as client:
@@ -312,6 +316,10 @@ def test_a_manifest_import_cut_off_by_a_killed_gateway_resumes_where_it_stopped(
         assert not (folder / "index.db").exists()  # the offsets go; the state stays for the resume window
         again = httpx.post(f"{gw.url}/registries/{REGISTRY}/$import", content=manifest, headers=headers)
         assert again.json()["state"] == "completed"  # the same export again: nothing is delivered twice
+        gw.kill(signal.SIGTERM)
+        gw = chain.start_gateway(extra_env=env)
+        kept = httpx.get(gw.url + location, headers=auth).json()  # and after another restart, its summary
+        assert kept["state"] == "completed" and kept["summary"]["sent"] == summary["sent"]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             accepted = httpx.get(f"{chain.receiver_url}/_accepted").json()

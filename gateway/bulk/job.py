@@ -73,7 +73,7 @@ async def deliver_export(
     total_bytes = sum(f.path.stat().st_size for f in files)
     with contextlib.closing(_open_state(work_dir / "state.db")) as state:
         job_id, recorded = _job_identity(state, _fingerprint(files, options, chains.registry.registry))
-        finished = _finished_summary(state)
+        finished = finished_summary(state)
         if finished is not None:  # run again after it completed: nothing to index, nothing to send
             finished.groups_resumed = finished.groups_total
             finished.seconds = round(time.perf_counter() - started, 3)
@@ -106,8 +106,9 @@ async def deliver_export(
     return summary
 
 
-def _finished_summary(state: sqlite3.Connection) -> BulkSummary | None:
-    """The summary a completed job left in its state (counts, file names, fixed reasons: no patient data)."""
+def finished_summary(state: sqlite3.Connection) -> BulkSummary | None:
+    """The summary a completed job left in its state (counts, file names, fixed reasons: no patient data);
+    None while the job has not completed."""
     row = state.execute("SELECT value FROM job WHERE key = 'summary'").fetchone()
     return BulkSummary.from_dict(orjson.loads(row[0])) if row else None
 

@@ -12,11 +12,13 @@ stores. Job state is in memory (status) and in `<work_root>/<job>/state.db` (res
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -25,10 +27,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from gateway.bulk import BulkOptions, BulkSummary, run_bulk_async
 from gateway.bulk.chains import from_runtime
 from gateway.bulk.group import Chains
-from gateway.bulk.job import JobMismatch
+from gateway.bulk.job import JobMismatch, finished_summary
 from gateway.bulk.pool import ChainSpec, runtime_spec
 from gateway.bulk.sources import SourceError, parse_manifest
 from gateway.optout.base import Decision, PatientRef
@@ -91,6 +95,8 @@ class BulkJobs:
         self._threads: dict[str, threading.Thread] = {}
         self._locks: dict[str, int] = {}
         self._remove_expired()
+        for job in _manifest_jobs_on_disk(work_root):
+            self._remember(job)
 
     def _remove_expired(self) -> None:
         removed = remove_abandoned_jobs(self.work_root)
@@ -173,6 +179,7 @@ class BulkJobs:
             ) from None
         job = JobStatus(job_id, provider, registry, resumable=True)
         self._remember(job)
+        (folder / JOB_FILE).write_bytes(orjson.dumps({"provider": provider, "registry": registry}))
         target = folder / "manifest.json"
         target.write_bytes(manifest)
         return job, target
@@ -261,6 +268,40 @@ class BulkJobs:
             thread.join(timeout)
 
 
+def _manifest_jobs_on_disk(work_root: Path) -> list[JobStatus]:
+    """The statuses of manifest jobs an earlier gateway process left (within their resume window), so that a
+    client polling across a restart reads what became of its job instead of a 404: completed (the summary
+    kept in the job's state) or interrupted (post the same manifest again to resume)."""
+    found = []
+    for meta in sorted(work_root.glob(f"*/{JOB_FILE}")) if work_root.is_dir() else ():
+        folder = meta.parent
+        try:
+            os.close(_hold_lock(folder / OWNER_LOCK))
+        except BlockingIOError:
+            continue  # another live gateway process runs it: its status is there
+        try:
+            owner = orjson.loads(meta.read_bytes())
+            summary = _kept_summary(folder / "state.db")
+        except (OSError, orjson.JSONDecodeError, sqlite3.Error):
+            continue
+        job = JobStatus(folder.name, owner["provider"], owner["registry"], resumable=True)
+        job.started = job.finished = folder.stat().st_mtime
+        if summary is not None:
+            job.state, job.summary = "completed", summary
+        else:
+            job.state = "failed"
+            job.error = "interrupted: the gateway stopped during this job; post the manifest again to resume"
+        found.append(job)
+    return found
+
+
+def _kept_summary(state_db: Path) -> BulkSummary | None:
+    if not state_db.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(state_db)) as conn:
+        return finished_summary(conn)
+
+
 def _manifest_job_id(provider: str, registry: str, manifest: bytes, import_dir: Path) -> str:
     parts = [provider.encode(), registry.encode(), manifest]
     try:
@@ -274,6 +315,7 @@ def _manifest_job_id(provider: str, registry: str, manifest: bytes, import_dir: 
 
 # -- job folders: owned through a lock the kernel releases when the owning process dies ---------------------
 OWNER_LOCK = ".owner.lock"
+JOB_FILE = "job.json"  # a manifest job's provider and registry (who may see its status after a restart)
 UNLOCKED_GRACE_SECONDS = 60  # a folder between mkdir and its lock, in a gateway starting at this moment
 MANIFEST_RESUME_SECONDS = 7 * 24 * 3600  # how long an interrupted manifest job can be resumed
 
