@@ -104,8 +104,8 @@ def main() -> None:
     write_export(work / "export", SynthSpec(patients=args.patients, resources_per_patient=args.per_patient))
     body = b"".join(p.read_bytes() for p in sorted((work / "export").glob("*.ndjson")))
     print(f"export: {args.patients * args.per_patient:,} resources, {len(body) / 1e6:.1f} MB", flush=True)
-    for workers in (int(w) for w in args.workers.split(",")):
-        run_once(work / f"workers-{workers}", body, workers)
+    for run, workers in enumerate(int(w) for w in args.workers.split(",")):
+        run_once(work / f"run-{run}-workers-{workers}", body, workers)
 
 
 if __name__ == "__main__":

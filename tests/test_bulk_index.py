@@ -266,6 +266,8 @@ def test_a_bulk_run_killed_while_indexing_leaves_no_indexing_processes(tmp_path:
             tree = alive(descendants(cli.pid))
             time.sleep(0.02)
         assert len(tree) >= 3 and not list((tmp_path / "out").glob("*.json")), "the run should be indexing"
+        # batch work: the indexing process and its scanners run at the workers' niceness (+10)
+        assert sum(_niceness(pid) >= 10 for pid in tree) >= 2  # the indexing process and a scanner
         cli.send_signal(signal.SIGKILL)
         cli.wait(timeout=30)
         deadline = time.monotonic() + 30
@@ -284,3 +286,10 @@ def test_a_bulk_run_killed_while_indexing_leaves_no_indexing_processes(tmp_path:
     finally:
         if cli.poll() is None:
             cli.kill()
+
+
+def _niceness(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    except (OSError, IndexError, ValueError):
+        return 0

@@ -177,8 +177,10 @@ def build_index_file(
     max_line_bytes: int,
     progress: Callable[[int], None] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    nice: int = 0,
 ) -> IndexStats:
     """Build the index at `path` (any earlier one is replaced) with a fresh key, and return its stats.
+    `nice` is added to the indexing process's niceness (and so its scanners'): batch work, like the chain.
 
     An export bigger than one range is indexed in a separate process: merging, sorting and resolving a
     million rows grows the heap by tens of MB, which a long-lived process keeps (the allocator does not
@@ -193,7 +195,9 @@ def build_index_file(
             conn.close()
     ctx = multiprocessing.get_context("spawn")  # not fork: the caller has threads (see pool.py)
     messages = ctx.Queue()
-    child = ctx.Process(target=_index_main, args=(path, files, options, chunk_bytes, messages, os.getpid()))
+    child = ctx.Process(
+        target=_index_main, args=(path, files, options, chunk_bytes, messages, os.getpid(), nice)
+    )
     child.start()
     try:
         return _await_index(child, messages, progress)
@@ -211,8 +215,11 @@ def _index_main(
     chunk_bytes: int,
     messages: multiprocessing.Queue,
     parent: int,
+    nice: int,
 ) -> None:
     end_with_parent(parent)
+    if nice:
+        os.nice(nice)
     try:
         conn = open_index(path)
         try:

@@ -87,6 +87,7 @@ async def deliver_export(
             max_group_resources=options.max_group_resources,
             max_line_bytes=options.max_line_bytes,
             progress=(lambda done: progress("index", done, total_bytes)) if progress else None,
+            nice=options.worker_nice,
         )
         with contextlib.closing(ix.reopen_index(work_dir / "index.db")) as conn:
             known_types = chains.validator.resource_types | {"(unknown)"}
