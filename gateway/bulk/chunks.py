@@ -44,11 +44,23 @@ def split_transaction(bundle: dict[str, Any], *, max_entries: int, tag: str) -> 
     owned = _reaching_patients(entries, targets)
     parts = _pack(_components(owned, targets), max_entries)
     chunks = []
-    for number, members in enumerate(parts):
+    for members in parts:
         picked = sorted(members | _shared_closure(members, targets, owned))
-        chunk_tag = f"{tag}-{number}" if len(parts) > 1 else tag
+        chunk_tag = f"{tag}-{_carried(entries, members)}"
         chunks.append(_chunk(bundle, entries, dumped, picked, provenance, chunk_tag))
     return chunks
+
+
+def _carried(entries: list[dict], members: set[int]) -> str:
+    """What a Bundle is, for its identifier and the outbox's idempotency key: the patients it carries (their
+    de-identified fullUrls, stable per registry). A group redone after an interruption may cut its Bundles
+    otherwise (an objection registered in between, a patient the TTP could not answer for); a Bundle stored
+    by the first run then counts as already stored only if the redone one carries the same patients, so no
+    patient is skipped for having been in a different Bundle."""
+    patients = sorted(
+        entries[i]["fullUrl"] for i in members if entries[i]["resource"].get("resourceType") == "Patient"
+    )
+    return hashlib.sha256("\n".join(patients).encode()).hexdigest()[:16]
 
 
 def _is_provenance(entry: Any) -> bool:

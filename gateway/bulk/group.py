@@ -109,17 +109,11 @@ async def run_group(
     batch_ttp = BatchTTP(chains.provider.ttp)
     chains = replace(chains, provider=replace(chains.provider, ttp=batch_ttp))
     await prefetch_pseudonyms(items, chains)
-    slices = _sub_batches(items, patients_per_call)
-    numbered = len(slices) > 1
-    number = 0
-    for sub in slices:
-        bundles = await _process(sub, chains, result, recorded)
-        numbered = numbered or len(bundles) > 1
-        for bundle in bundles:
-            # cut into bytes right away: a group's de-identified dicts are never all alive at once
-            sub_tag = f"{tag}.{number}" if numbered else tag
-            result.chunks.extend(split_transaction(bundle, max_entries=bundle_size, tag=sub_tag))
-            number += 1
+    for sub in _sub_batches(items, patients_per_call):
+        for bundle in await _process(sub, chains, result, recorded):
+            # cut into bytes right away: a group's de-identified dicts are never all alive at once; each
+            # Bundle's tag ends in a digest of the patients it carries (see chunks._carried)
+            result.chunks.extend(split_transaction(bundle, max_entries=bundle_size, tag=tag))
     result.ttp_calls, result.ttp_misses = batch_ttp.calls, batch_ttp.misses
     return result
 
