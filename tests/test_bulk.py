@@ -551,3 +551,28 @@ def test_a_group_redone_with_other_bundles_loses_no_patient(tmp_path: Path) -> N
     assert summary.groups_resumed == 0
     patients = [r["id"] for r in resources(tmp_path / "out") if r["resourceType"] == "Patient"]
     assert len(set(patients)) == 12  # every patient reached the registry (some twice: an idempotent upsert)
+
+
+class _UnreachableRegister:
+    """Stands in for an objection register that cannot be reached (a store outage cannot be staged here)."""
+
+    async def check(self, patients):  # noqa: ANN001, ANN201
+        from gateway.optout.base import Decision, Reason
+
+        return {p.key: Decision("unknown", Reason.REGISTER_UNAVAILABLE) for p in patients}
+
+
+def test_an_unreachable_opt_out_source_stops_the_job_instead_of_dropping_patients(tmp_path: Path) -> None:
+    from gateway.optout.base import OptOutUnavailable
+
+    write_export(tmp_path / "export", SynthSpec(patients=6, resources_per_patient=3))
+    chains = offline_chains(REGISTRY, tmp_path / "w")
+    register_down = dataclasses.replace(chains.registry, optout=(_UnreachableRegister(),))
+    down = dataclasses.replace(chains, registry=register_down)
+    kwargs = {"registry": REGISTRY, "work_dir": tmp_path / "w", "options": BulkOptions(group_size=3)}
+    export, sink = [tmp_path / "export"], DirSink(tmp_path / "out")
+    with pytest.raises(OptOutUnavailable):
+        asyncio.run(run_bulk_async(export, chains=down, sink=sink, **kwargs))
+    assert not list((tmp_path / "out").glob("*.json"))  # nothing of the group was stored
+    summary = asyncio.run(run_bulk_async(export, chains=chains, sink=sink, **kwargs))
+    assert summary.patients_unknown_optout == 0 and summary.sent["Patient"] == 6  # resumed once it answers

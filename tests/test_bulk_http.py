@@ -432,3 +432,29 @@ def test_the_upload_limit_comes_from_the_environment(tmp_path: Path) -> None:
         response = httpx.post(url, content=body, headers=headers, timeout=30)
     assert len(body) > 5000 and response.status_code == 413
     assert not [p for p in (tmp_path / "bulk").iterdir()]
+
+
+def test_the_bulk_cli_with_the_ttp_down_says_how_to_resume_without_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    from gateway.serving import free_port
+
+    write_export(tmp_path / "export", SynthSpec(patients=4, resources_per_patient=3))
+    (tmp_path / "c").mkdir()
+    with process_chain(tmp_path / "c") as chain:
+        config = yaml.safe_load(chain.config_path.read_text())
+        config["ttp"]["url"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        config["ttp"]["timeout_seconds"] = 1
+        down = tmp_path / "ttp-down.yaml"
+        down.write_text(yaml.safe_dump(config))
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "bulk", str(tmp_path / "export"), "--registry", REGISTRY,
+             "--config", str(down), "--work-dir", str(tmp_path / "w"), "--no-wait"],
+            capture_output=True, text=True, timeout=300, env=chain.env, cwd=tmp_path,
+        )
+    assert out.returncode == 3, out.stderr[-2000:]
+    said = " ".join(out.stderr.split())  # the console wraps long lines
+    assert "run again with the same --work-dir to resume" in said and "Traceback" not in said

@@ -22,6 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gateway.bulk import BulkOptions, BulkSummary, JobMismatch, SourceError, run_bulk_async
+from gateway.optout.base import OptOutUnavailable
+from gateway.ttp.backend import TTPUnavailable
 
 
 def bulk(
@@ -74,6 +76,9 @@ def bulk(
     except (SourceError, JobMismatch, ValueError) as exc:
         console.print(f"[red]fhir-gateway bulk: {exc}[/red]")
         raise typer.Exit(2) from None
+    except (TTPUnavailable, OptOutUnavailable) as exc:  # fixed texts; what was stored stays stored
+        console.print(f"[red]fhir-gateway bulk: {exc}; run again with the same --work-dir to resume[/red]")
+        raise typer.Exit(3) from None
     if json_out:
         typer.echo(orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2).decode())
     else:

@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway.bulk.chunks import Chunk, split_transaction
 from gateway.bulk.index import Line
+from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
 from gateway.pipeline.validate import PatientEntry, SchemaValidator
@@ -151,6 +152,8 @@ async def _process(items: list[_Item], chains: Chains, result: GroupResult, reco
                 result.drop(f"rejected-{err.status}", items[i].line.rtype)
             items = [item for n, item in enumerate(items) if n not in bad]
             continue
+        if OUTAGE_REASONS & (processed.report.get("optOutReasons") or {}).keys():
+            raise OptOutUnavailable("an opt-out source could not be reached")
         result.add_report(processed.report)
         return [processed.bundle] if processed.bundle is not None else []
     return await _split(items, chains, result, recorded, None)

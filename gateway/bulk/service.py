@@ -35,7 +35,7 @@ from gateway.bulk.group import Chains
 from gateway.bulk.job import JobMismatch, finished_summary
 from gateway.bulk.pool import ChainSpec, runtime_spec
 from gateway.bulk.sources import SourceError, parse_manifest
-from gateway.optout.base import Decision, PatientRef
+from gateway.optout.base import Decision, OptOutUnavailable, PatientRef
 from gateway.outcome import FhirError
 from gateway.pseudonym.types import PrePseudonym
 from gateway.ttp.backend import TTPResult, TTPUnavailable
@@ -255,6 +255,8 @@ class BulkJobs:
             job.state, job.error = "failed", str(exc)
         except TTPUnavailable:
             job.state, job.error = "failed", f"the TTP could not be reached; {again}"
+        except OptOutUnavailable:
+            job.state, job.error = "failed", f"an opt-out source could not be reached; {again}"
         except Exception as exc:  # noqa: BLE001 - reported as a fixed text with the error class only
             log.exception("bulk job %s failed", job.id)
             job.state, job.error = "failed", f"internal error ({type(exc).__name__}); {again}"

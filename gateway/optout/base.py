@@ -41,6 +41,23 @@ class Reason:
     SOURCE_NO_ANSWER = "source-no-answer"  # a source left a patient out of its answer
 
 
+# A source could not be reached: the answer may be different a moment later. A live post drops such a patient
+# (fail closed, reported); a bulk job stops instead and is resumed, or the yearly delivery would lose them.
+OUTAGE_REASONS = frozenset(
+    {
+        Reason.REGISTER_UNAVAILABLE,
+        Reason.EHR_UNAVAILABLE,
+        Reason.SOURCE_FAILED,
+        "optout-source-error",  # gateway.process.decide_optout: the combined sources raised
+        "gics-unavailable",  # gateway.optout.gics.UNAVAILABLE
+    }
+)
+
+
+class OptOutUnavailable(Exception):
+    """An opt-out source could not answer for a bulk group; the message is a fixed text."""
+
+
 @dataclass(frozen=True)
 class PatientRef:
     key: str  # the Patient's fullUrl in the Bundle: the key of the answer
