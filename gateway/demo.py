@@ -214,6 +214,8 @@ def _show_registry_side(chain: DemoChain, console: Console) -> None:
 def _show_bulk_delivery(chain: DemoChain, registry: str, export: Path, console: Console) -> bool:
     """The yearly delivery: a synthetic Bulk Data export (generated here, one patient objecting) uploaded to
     `$import`, followed through its status resource until the job is done."""
+    from gateway.bulk.commands import summary_table
+    from gateway.bulk.summary import BulkSummary
     from gateway.bulk.synth import SynthSpec, write_export
 
     write_export(export, SynthSpec(patients=DEMO_BULK_PATIENTS, resources_per_patient=10, objecting={3}))
@@ -229,22 +231,13 @@ def _show_bulk_delivery(chain: DemoChain, registry: str, export: Path, console: 
         while (status := client.get(location)).status_code == 202:
             time.sleep(0.2)
     job = status.json()
-    summary = job.get("summary") or {}
-    title = f"4. The yearly delivery: {len(body) / 1e6:.1f} MB of NDJSON through $import ({location})"
-    table = Table(title=title)
-    for col in ("state", "patients", "opted out", "sent", "Bundles", "seconds"):
-        table.add_column(col)
-    sent = ", ".join(f"{k} {v}" for k, v in sorted((summary.get("sent") or {}).items()))
-    table.add_row(
-        job.get("state", "?"),
-        str(summary.get("patients", "")),
-        str(summary.get("patientsOptedOut", "")),
-        sent,
-        str(summary.get("bundles", "")),
-        str(summary.get("seconds", "")),
-    )
+    if job.get("state") != "completed":
+        console.print(f"[red]$import job {location}: {job.get('state')} ({job.get('error')})[/red]")
+        return False
+    table = summary_table(BulkSummary.from_dict(job["summary"]))  # as `fhir-gateway bulk` prints it
+    table.title = f"4. The yearly delivery: {len(body) / 1e6:.1f} MB of NDJSON through $import ({location})"
     console.print(table)
-    return job.get("state") == "completed"
+    return True
 
 
 def _first_patient(client: httpx.Client, deliveries: list[dict]) -> dict | None:

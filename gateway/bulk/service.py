@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -103,12 +104,9 @@ class BulkJobs:
         if removed:
             log.info("removed %d bulk job folders (stopped uploads, manifest jobs past resume)", removed)
 
-    def counts(self) -> dict[tuple[str, str], int]:
+    def counts(self) -> Counter[tuple[str, str]]:
         """Jobs by (registry, state), for the metrics."""
-        out: dict[tuple[str, str], int] = {}
-        for job in self.jobs.values():
-            out[job.registry, job.state] = out.get((job.registry, job.state), 0) + 1
-        return out
+        return Counter((job.registry, job.state) for job in self.jobs.values())
 
     def _remember(self, job: JobStatus) -> None:
         """Keep the status of every running job and of the last KEEP_FINISHED finished ones."""
@@ -118,14 +116,20 @@ class BulkJobs:
             del self.jobs[old.id]
 
     def new_job(self, provider: str, registry: str) -> JobStatus:
-        self._remove_expired()
         job = JobStatus(uuid.uuid4().hex, provider, registry)
-        folder = self.work_root / job.id
-        self.work_root.mkdir(parents=True, exist_ok=True)
-        folder.mkdir(mode=0o700)  # an upload is the hospital's data in clear: this service user only
-        self._locks[job.id] = _hold_lock(folder / OWNER_LOCK)
+        self._open_folder(job.id, exist_ok=False)
         self._remember(job)
         return job
+
+    def _open_folder(self, job_id: str, *, exist_ok: bool) -> Path:
+        """The job's folder, made (0700: an upload is the hospital's data in clear) and locked by this
+        process; BlockingIOError when another live process holds it. Expired folders go first."""
+        self._remove_expired()
+        folder = self.work_root / job_id
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=exist_ok)
+        self._locks[job_id] = _hold_lock(folder / OWNER_LOCK)
+        return folder
 
     def discard(self, job: JobStatus) -> None:
         """A job whose upload never arrived whole: no status, no folder."""
@@ -167,12 +171,8 @@ class BulkJobs:
         current = self.jobs.get(job_id)
         if current is not None and current.state != "failed":
             return current, None
-        self._remove_expired()
-        folder = self.work_root / job_id
-        self.work_root.mkdir(parents=True, exist_ok=True)
-        folder.mkdir(mode=0o700, exist_ok=True)
         try:
-            self._locks[job_id] = _hold_lock(folder / OWNER_LOCK)
+            folder = self._open_folder(job_id, exist_ok=True)
         except BlockingIOError:
             raise FhirError.single(
                 409, "conflict", "another gateway process is delivering this export; ask it for the status"
@@ -277,9 +277,7 @@ def _manifest_jobs_on_disk(work_root: Path) -> list[JobStatus]:
     found = []
     for meta in sorted(work_root.glob(f"*/{JOB_FILE}")) if work_root.is_dir() else ():
         folder = meta.parent
-        try:
-            os.close(_hold_lock(folder / OWNER_LOCK))
-        except BlockingIOError:
+        if _held_elsewhere(folder / OWNER_LOCK):
             continue  # another live gateway process runs it: its status is there
         try:
             owner = orjson.loads(meta.read_bytes())
@@ -333,6 +331,15 @@ def _hold_lock(path: Path) -> int:
     return fd
 
 
+def _held_elsewhere(lock: Path) -> bool:
+    """Whether a live process (this one through another descriptor, or another) holds the folder's lock."""
+    try:
+        os.close(_hold_lock(lock))
+    except BlockingIOError:
+        return True
+    return False
+
+
 def remove_abandoned_jobs(work_root: Path, resume_seconds: float = MANIFEST_RESUME_SECONDS) -> int:
     """Remove the folders of jobs whose gateway process is gone (killed, crashed, stopped mid-job). An
     upload there is the hospital's data in clear and goes at once; a manifest job's folder (offsets, keyed
@@ -346,11 +353,8 @@ def remove_abandoned_jobs(work_root: Path, resume_seconds: float = MANIFEST_RESU
             if age < UNLOCKED_GRACE_SECONDS:
                 continue
         else:
-            try:
-                fd = _hold_lock(lock)
-            except BlockingIOError:
+            if _held_elsewhere(lock):
                 continue  # a live job
-            os.close(fd)
             if (folder / "manifest.json").exists() and age < resume_seconds:
                 continue
         shutil.rmtree(folder, ignore_errors=True)

@@ -92,7 +92,7 @@ class BulkSummary:
     def from_dict(cls, data: dict[str, Any]) -> BulkSummary:
         """The inverse of `as_dict` (a finished job's summary, kept in its state)."""
         summary = cls(job=data["job"], registry=data["registry"])
-        for attr, key in _SCALARS:
+        for attr, key in _INPUT + _OUTCOME:
             setattr(summary, attr, data[key])
         summary.resources_in = Counter(data["resourcesIn"])
         summary.sent = Counter(data["sent"])
@@ -104,34 +104,18 @@ class BulkSummary:
         return {
             "job": self.job,
             "registry": self.registry,
-            "files": self.files,
-            "bytes": self.bytes,
-            "lines": self.lines,
-            "patients": self.patients,
+            **{key: getattr(self, attr) for attr, key in _INPUT},
             "resourcesIn": dict(sorted(self.resources_in.items())),
             "sent": dict(sorted(self.sent.items())),
             "dropped": {r: dict(sorted(c.items())) for r, c in sorted(self.dropped.items())},
             "invalidLines": [{"file": f, "line": n, "reason": r} for f, n, r in self.invalid_lines],
-            "patientsOptedOut": self.patients_opted_out,
-            "patientsUnknownOptOut": self.patients_unknown_optout,
-            "patientsNoPseudonym": self.patients_no_pseudonym,
-            "resourcesOptedOut": self.resources_opted_out,
-            "groupsTotal": self.groups_total,
-            "groupsDone": self.groups_done,
-            "groupsResumed": self.groups_resumed,
-            "bundles": self.bundles,
-            "bundlesAlreadyStored": self.bundles_already_stored,
-            "ttpBatches": self.ttp_batches,
-            "workerProcesses": self.worker_processes,
-            "seconds": self.seconds,
+            **{key: getattr(self, attr) for attr, key in _OUTCOME},
         }
 
 
-_SCALARS = [  # (attribute, key in as_dict) of the plain numbers
-    ("files", "files"),
-    ("bytes", "bytes"),
-    ("lines", "lines"),
-    ("patients", "patients"),
+# (attribute, key in as_dict) of the plain numbers: what came in, then what became of it
+_INPUT = [("files", "files"), ("bytes", "bytes"), ("lines", "lines"), ("patients", "patients")]
+_OUTCOME = [
     ("patients_opted_out", "patientsOptedOut"),
     ("patients_unknown_optout", "patientsUnknownOptOut"),
     ("patients_no_pseudonym", "patientsNoPseudonym"),

@@ -114,9 +114,7 @@ def create_app(runtime: Runtime, *, run_worker: bool = True) -> FastAPI:
     _admin_routes(app, runtime)
     from gateway.service.bulk_routes import install_bulk_routes  # it builds on this module's routes
 
-    install_bulk_routes(
-        app, runtime, work_root=runtime.settings.bulk_work_dir, import_dir=runtime.settings.bulk_import_dir
-    )
+    install_bulk_routes(app, runtime)  # folders from runtime.settings
     return app
 
 

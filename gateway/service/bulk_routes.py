@@ -2,7 +2,7 @@
 `GET /bulk/{job}` (status, progress, counts). Same authentication and registry authorisation as the Bundle
 endpoint; a job is visible only to callers of the provider that started it.
 
-    install_bulk_routes(app, runtime)   # work folder and import folder from the environment (see below)
+    install_bulk_routes(app, runtime)   # work folder and import folder from runtime.settings (see below)
 
 FHIR_GATEWAY_BULK_WORK_DIR (default `var/bulk`): per-job index and state. FHIR_GATEWAY_BULK_IMPORT_DIR (no
 default): the only folder a manifest may name files in; without it only uploads are accepted.
@@ -10,7 +10,6 @@ default): the only folder a manifest may name files in; without it only uploads 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import orjson
@@ -35,14 +34,11 @@ def install_bulk_routes(
     work_root: Path | None = None,  # noqa: ANN001
     import_dir: Path | None = None,
 ) -> BulkJobs:
-    work_root = work_root or Path(os.environ.get("FHIR_GATEWAY_BULK_WORK_DIR", "var/bulk"))
-    env_import = os.environ.get("FHIR_GATEWAY_BULK_IMPORT_DIR")
-    import_dir = import_dir or (Path(env_import) if env_import else None)
-    settings = runtime.settings
+    settings = runtime.settings  # FHIR_GATEWAY_BULK_* (gateway/config.py Settings)
     jobs = BulkJobs(
         runtime,
-        work_root=work_root,
-        import_dir=import_dir,
+        work_root=work_root or settings.bulk_work_dir,
+        import_dir=import_dir or settings.bulk_import_dir,
         options=BulkOptions(workers=settings.bulk_workers),
         max_upload_bytes=settings.bulk_max_upload_bytes,
     )
