@@ -23,7 +23,7 @@ from gateway.bulk.group import Chains
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
 from gateway.pipeline.validate import SchemaValidator
-from gateway.process import ProviderChain, RegistryChain, process_bundle
+from gateway.process import ProviderChain, RegistryChain, dropped_by_reason, process_bundle
 
 MAX_FILE_BYTES = 512 * 1024 * 1024
 
@@ -79,9 +79,7 @@ async def _one(
         _write(path, processed.bundle, out)
     deid = report.get("deidentification") or {}
     kept = deid.get("resourcesKept", 0)
-    dropped = ", ".join(f"{k}={v}" for k, v in _flat(deid.get("dropped")).items()) or "-"
-    if report.get("resourcesDroppedNoPseudonym"):
-        dropped += f" (no pseudonym: {report['resourcesDroppedNoPseudonym']})"
+    dropped = ", ".join(f"{k}={v}" for k, v in _flat(dropped_by_reason(report)).items()) or "-"
     types = ",".join(sorted(report.get("pseudonymTypes") or {})) or "-"
     return 0, [
         str(report.get("resourcesIn", 0)),

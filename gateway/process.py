@@ -72,6 +72,7 @@ class Processed:
     report: dict[str, Any] = field(default_factory=dict)
     patient_keys: list[str] = field(default_factory=list)  # opaque, pseudonymous ordering keys
     payload: bytes | None = None  # orjson.dumps(bundle), exactly the text the leak gate scanned
+    dropped_entries: dict[str, set[int]] = field(default_factory=dict)  # reason → input entry indices
 
 
 async def process_bundle(
@@ -95,7 +96,8 @@ async def process_bundle(
     index = validate_bundle(bundle, validator, require_patient=registry.require_patient)
     decisions = await decide_optout(bundle, index.patients, registry, provider)
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
-    dropped = entries_to_drop(index, decisions)
+    dropped_entries = _optout_drops(index, decisions)
+    dropped = dropped_entries["opted-out"] | dropped_entries["opt-out-unknown"]
     report: dict[str, Any] = {
         "patients": len(decisions),
         "patientsDroppedOptOut": sum(1 for d in decisions.values() if d.status == "objected"),
@@ -113,8 +115,9 @@ async def process_bundle(
             "entries_dropped": len(dropped),
         },
     )
+    report["resourcesDroppedByReason"] = _by_reason(bundle, dropped_entries)
     if decisions and not admitted:
-        return Processed(None, report)
+        return Processed(None, report, dropped_entries=dropped_entries)
     kept_input = _without_entries(bundle, dropped)
     pseudonyms = await pseudonymise_patients(
         admitted,
@@ -138,9 +141,11 @@ async def process_bundle(
         kept_input = _without_entries(bundle, dropped_no_pseudonym)
         report["patientsDroppedNoPseudonym"] = len(unlinkable)
         report["resourcesDroppedNoPseudonym"] = len(dropped_no_pseudonym - dropped)
+        dropped_entries["no-pseudonym"] = dropped_no_pseudonym - dropped
+        report["resourcesDroppedByReason"] = _by_reason(bundle, dropped_entries)
         if len(unlinkable) == len(admitted):
             report["pseudonymsSkipped"] = dict(pseudonyms.skipped)
-            return Processed(None, report)
+            return Processed(None, report, dropped_entries=dropped_entries)
     result = deidentify(
         kept_input,
         registry.plan,
@@ -164,7 +169,7 @@ async def process_bundle(
         "pseudonymsSkipped": dict(pseudonyms.skipped),
         "deidentification": result.report.as_dict(),
     }
-    return Processed(result.bundle, report, _patient_keys(result.bundle), payload)
+    return Processed(result.bundle, report, _patient_keys(result.bundle), payload, dropped_entries)
 
 
 def _patients(index: BundleIndex) -> dict[str, dict[str, Any]]:
@@ -189,6 +194,45 @@ async def decide_optout(
     except Exception:  # a source that cannot answer must not deliver anything: fail closed
         decisions = {}
     return {r.key: decisions.get(r.key) or Decision("unknown", "optout-source-error") for r in refs}
+
+
+def _optout_drops(index: BundleIndex, decisions: Mapping[str, Decision]) -> dict[str, set[int]]:
+    """The entries to drop for objections, and for the rest of the patients not allowed (unknown status);
+    an entry of an objecting patient and of an unknown one counts as opted out."""
+    dropped = entries_to_drop(index, decisions)
+    objected: set[int] = set()
+    if any(d.status == "objected" for d in decisions.values()):
+        only = {k: d if d.status == "objected" else Decision("allowed", "") for k, d in decisions.items()}
+        objected = entries_to_drop(index, only)
+    return {"opted-out": objected, "opt-out-unknown": dropped - objected}
+
+
+def _by_reason(bundle: dict[str, Any], entries: Mapping[str, set[int]]) -> dict[str, dict[str, int]]:
+    """reason → resource type → count for entries dropped before de-identification. The types are R4 type
+    names (the schema check admitted them), never values."""
+    items = bundle.get("entry") or []
+    counted = {
+        reason: Counter(_resource_type(items[i]) for i in sorted(indices))
+        for reason, indices in entries.items()
+    }
+    return {reason: dict(sorted(c.items())) for reason, c in counted.items() if c}
+
+
+def _resource_type(entry: Any) -> str:
+    resource = entry.get("resource") if isinstance(entry, dict) else None
+    return resource.get("resourceType", "(none)") if isinstance(resource, dict) else "(none)"
+
+
+def dropped_by_reason(report: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """Every drop of one bundle, reason → resource type → count: those before de-identification (opt-out,
+    no pseudonym) and those of the de-identification itself, so that per type, what came in equals what was
+    delivered plus what was dropped."""
+    deid = report.get("deidentification") or {}
+    merged: dict[str, Counter[str]] = {}
+    for part in (report.get("resourcesDroppedByReason") or {}, deid.get("dropped") or {}):
+        for reason, per_type in part.items():
+            merged.setdefault(reason, Counter()).update(per_type)
+    return {reason: dict(sorted(c.items())) for reason, c in sorted(merged.items())}
 
 
 def _without_entries(bundle: dict[str, Any], dropped: set[int]) -> dict[str, Any]:

@@ -28,7 +28,14 @@ from gateway.keys import GatewayKeys, load_keys
 from gateway.metrics import GatewayMetrics
 from gateway.optout import ConsentPolicy, EhrConsentSearch, OptOutSource, RegisterOptOut, objection_digest
 from gateway.pipeline.validate import SchemaValidator
-from gateway.process import REPORT_COUNTS, Processed, ProviderChain, RegistryChain, process_bundle
+from gateway.process import (
+    REPORT_COUNTS,
+    Processed,
+    ProviderChain,
+    RegistryChain,
+    dropped_by_reason,
+    process_bundle,
+)
 from gateway.pseudonym.mapping import InputMapping, load_input_mapping
 from gateway.pseudonym.source import SourceStage
 from gateway.service.auth import Authenticator, Caller
@@ -161,13 +168,13 @@ class Runtime:
             validator=self.validator,
             mapping=self.mapping,
         )
+        self._count_resources(processed)
         if processed.bundle is None:
             self.metrics.bundles.labels(outcome="nothing-to-deliver").inc()
             await asyncio.to_thread(
                 self.store.record_audit, _audit(caller, registry, "nothing-to-deliver", processed.report)
             )
             return Accepted(None, processed.report)
-        self._count_resources(processed)
         # a stable identifier lets the registry (and our receiver) recognise a re-sent delivery
         identifier = {"system": DELIVERY_SYSTEM, "value": key[:32]}
         processed.bundle["identifier"] = identifier
@@ -190,11 +197,11 @@ class Runtime:
         return Accepted(delivery_id, processed.report, created)
 
     def _count_resources(self, processed: Processed) -> None:
-        delivered: Counter[str] = Counter(e["resource"]["resourceType"] for e in processed.bundle["entry"])
+        entries = processed.bundle["entry"] if processed.bundle is not None else ()
+        delivered: Counter[str] = Counter(e["resource"]["resourceType"] for e in entries)
         for rtype, n in delivered.items():
             self.metrics.resources.labels(rtype, "delivered").inc(n)
-        dropped = (processed.report.get("deidentification") or {}).get("dropped") or {}
-        for reason, per_type in dropped.items():
+        for reason, per_type in dropped_by_reason(processed.report).items():
             for rtype, n in per_type.items():
                 self.metrics.resources.labels(rtype, f"dropped:{reason}").inc(n)
 
@@ -260,7 +267,7 @@ def _counts(report: dict[str, Any]) -> dict[str, Any]:
     deid = report.get("deidentification") or {}
     return {k: report[k] for k in REPORT_COUNTS if k in report} | {
         "resourcesDelivered": deid.get("resourcesKept"),
-        "dropped": deid.get("dropped"),
+        "dropped": dropped_by_reason(report) or None,
     }
 
 

@@ -105,6 +105,14 @@ def test_objecting_patient_is_dropped_with_all_their_resources(tmp_path: Path) -
     # the Patient, their clinical resources, the Consent itself (and shared ones only they referred to)
     assert summary.resources_opted_out >= 1 + 8 + 1
     assert summary.sent["Patient"] == 11
+    # per type, the objector's own resources are reported under their reason, and the counts add up
+    opted_out = summary.dropped["opted-out"]
+    assert opted_out["Patient"] == 1 and opted_out["Consent"] == 1
+    assert sum(opted_out[t] for t in ("Encounter", "Observation", "Condition", "Procedure")) == 8
+    for rtype in ("Patient", "Encounter", "Observation", "Condition", "Procedure", "Consent"):
+        dropped = sum(per_type.get(rtype, 0) for per_type in summary.dropped.values())
+        assert summary.resources_in[rtype] == summary.sent[rtype] + dropped, rtype
+    assert "Practitioner" not in opted_out and "Organization" not in opted_out  # shared: once per job
     sent = resources(tmp_path / "out")
     assert sum(r["resourceType"] == "Patient" for r in sent) == 11
     raw = b"".join(p.read_bytes() for p in (tmp_path / "out").glob("*.json"))

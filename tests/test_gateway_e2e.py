@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -146,6 +147,17 @@ def test_opted_out_patient_never_reaches_ttp_nor_registry(chain):
     assert response.status_code == 200, response.text
     params = {p["name"]: p for p in response.json()["parameter"]}
     assert params["patientsDroppedOptOut"]["valueInteger"] == 1
+    # the EHR sees what was dropped for the objection, per resource type (types and counts, no values)
+    objector_types = Counter(
+        e["resource"]["resourceType"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] != "Patient"
+        and "objector-1" in orjson.dumps(e["resource"]).decode()
+    )
+    dropped = {p["name"]: p["valueInteger"] for p in params["resourcesDropped"]["part"]}
+    assert dropped["opted-out:Patient"] == 1
+    for rtype, n in objector_types.items():
+        assert dropped[f"opted-out:{rtype}"] == n, rtype
 
     sent_to_ttp = b"".join(chain.ttp_recorder.bodies[before:])
     assert sent_to_ttp, "the other patient was pseudonymised, so the TTP was called"

@@ -184,6 +184,7 @@ def summary_table(summary: BulkSummary) -> Table:
         f"{summary.patients_unknown_optout}; groups {summary.groups_done}/{summary.groups_total} "
         f"({summary.groups_resumed} resumed); bundles {summary.bundles} new, "
         f"{summary.bundles_already_stored} already stored; invalid lines {len(summary.invalid_lines)}"
-        f" at {time.strftime('%H:%M:%S')}"
+        f" at {time.strftime('%H:%M:%S')}.\nsent counts Bundle entries: a shared resource (Practitioner,"
+        " Organization...) goes in every Bundle that refers to it, and each Bundle gets a Provenance."
     )
     return table

@@ -73,6 +73,14 @@ class GroupResult:
             for rtype, n in per_type.items():
                 self.drop(f"deid:{reason}", rtype, int(n))
 
+    def add_chain_drops(self, items: Sequence[_Item], dropped_entries: dict[str, set[int]]) -> None:
+        """Opt-out and no-pseudonym drops, of the patients' own lines only: a shared line goes with every
+        slice, and is reported once for the job (`shared-not-referenced` when no Bundle took it)."""
+        for reason, indices in dropped_entries.items():
+            for i in indices:
+                if items[i].owner is not None:
+                    self.drop(reason, items[i].line.rtype)
+
 
 @dataclass(frozen=True)
 class _Item:
@@ -155,6 +163,7 @@ async def _process(items: list[_Item], chains: Chains, result: GroupResult, reco
         if OUTAGE_REASONS & (processed.report.get("optOutReasons") or {}).keys():
             raise OptOutUnavailable("an opt-out source could not be reached")
         result.add_report(processed.report)
+        result.add_chain_drops(items, processed.dropped_entries)
         return [processed.bundle] if processed.bundle is not None else []
     return await _split(items, chains, result, recorded, None)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.process import REPORT_COUNTS
+from gateway.process import REPORT_COUNTS, dropped_by_reason
 
 
 def _counts(name: str, counts: dict[str, int]) -> dict[str, Any]:
@@ -31,8 +31,9 @@ def delivery_parameters(
     deid = report.get("deidentification") or {}
     if "resourcesKept" in deid:
         params.append({"name": "resourcesDelivered", "valueInteger": int(deid["resourcesKept"])})
-    if deid.get("dropped"):
-        params.append(_counts("resourcesDropped", _flatten(deid["dropped"])))
+    dropped = dropped_by_reason(report)
+    if dropped:
+        params.append(_counts("resourcesDropped", _flatten(dropped)))
     return {"resourceType": "Parameters", "parameter": params}
 
 
