@@ -154,6 +154,7 @@ async def process_bundle(
         provenance=ProvenanceInfo(
             gateway_version=__version__, recorded=recorded or _now(), ttp_name=provider.ttp_name
         ),
+        outside_references={ref for _, ref in index.external_references},
     )
     log.debug(
         "de-identified",

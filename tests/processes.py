@@ -110,6 +110,7 @@ def process_chain(
     registries: tuple[str, ...] = ("example-generic",),
     store_url: str | None = None,
     receiver_faults: bool = True,
+    profiles_dir: Path | None = None,
 ) -> Iterator[ProcessChain]:
     ttp_secret, ehr_secret, admin_secret = (os.urandom(24).hex() for _ in range(3))
     ttp_keys = init_ttp_keys(work_dir / "ttp-keys", list(registries))
@@ -140,6 +141,8 @@ def process_chain(
             "ttp": {"url": ttp_url, "api_key_env": "TEST_TTP_KEY"},
             "admin_api_key_sha256": hash_api_key(admin_secret),
         }
+        if profiles_dir is not None:
+            config["profiles_dir"] = str(profiles_dir)
         config_path = work_dir / "gateway.yaml"
         config_path.write_text(yaml.safe_dump(config))
         env = {

@@ -142,6 +142,72 @@ def test_reference_to_a_resource_outside_the_bundle_is_dropped_and_required_loss
     assert result.report.dropped["required-element-lost"] == {"Condition": 1}
 
 
+def _outside_plan(**references: str):  # noqa: ANN202 - a Plan
+    raw = read_yaml(PROFILES / "example-generic.yaml")
+    raw["references"] = {"unresolved": "drop", **references}
+    return compile_plan(profile_from_data(raw), load_rules())
+
+
+def test_references_outside_the_bundle_get_the_opaque_id_of_their_target_when_the_profile_asks() -> None:
+    plan = _outside_plan(outside_bundle="opaque-id")
+    earlier = bundle(
+        ("urn:uuid:p", patient()),
+        (
+            "urn:uuid:e",
+            {
+                "resourceType": "Encounter",
+                "id": "enc-7",
+                "status": "finished",
+                "class": {"code": "IMP"},
+                "subject": {"reference": "Patient/pat-123"},
+            },
+        ),
+    )
+    first = deidentify(
+        earlier, plan, id_key=KEY_A, pseudonyms=fake_pseudonyms(earlier), provenance=PROVENANCE
+    )
+    (encounter,) = resources(first.bundle, "Encounter")
+    refs = {
+        "encounter": {"reference": "Encounter/enc-7"},  # delivered earlier: the same opaque id
+        "basedOn": [{"reference": "CarePlan/cp-1/_history/3"}, {"reference": "Patient/elsewhere"}],
+        "device": {"reference": "http://other.example/fhir/Device/d1"},  # absolute: another server
+        "focus": [{"reference": "Flag/MRN-778899"}],  # Flag is not in this profile
+    }
+    o = obs("Patient/pat-123", **refs)
+    later = bundle(("urn:uuid:p", patient()), ("urn:uuid:o", o))
+    outside = [
+        "Encounter/enc-7",
+        "CarePlan/cp-1/_history/3",
+        "Patient/elsewhere",
+        "http://other.example/fhir/Device/d1",
+        "Flag/MRN-778899",
+    ]
+    second = deidentify(
+        later,
+        plan,
+        id_key=KEY_A,
+        pseudonyms=fake_pseudonyms(later),
+        provenance=PROVENANCE,
+        outside_references=outside,
+    )
+    (out,) = resources(second.bundle, "Observation")
+    assert out["encounter"] == {"reference": f"Encounter/{encounter['id']}"}
+    (care_plan,) = out["basedOn"]  # a Patient outside the Bundle is never rewritten
+    assert care_plan["reference"].startswith("CarePlan/") and "cp-1" not in care_plan["reference"]
+    assert "device" not in out and "focus" not in out
+    assert "MRN-778899" not in orjson.dumps(second.bundle).decode()
+    # by default (and for the same input), such references are dropped
+    default = deidentify(
+        later,
+        plan_for("example-generic"),
+        id_key=KEY_A,
+        pseudonyms=fake_pseudonyms(later),
+        provenance=PROVENANCE,
+        outside_references=outside,
+    )
+    assert "encounter" not in resources(default.bundle, "Observation")[0]
+
+
 def test_transaction_requests_become_put_with_the_opaque_id() -> None:
     b = bundle(("urn:uuid:p", patient()))
     b["entry"][0]["request"] = {

@@ -152,3 +152,60 @@ def test_a_synchronous_post_is_forwarded_at_once_not_at_the_next_outbox_poll(tmp
             )
             assert response.status_code == 200, (n, response.status_code, response.text[:300])
         assert httpx.get(f"{chain.receiver_url}/").json()["bundles"] == 3
+
+
+def test_a_later_bundle_refers_to_a_resource_of_an_earlier_delivery_when_the_profile_asks(tmp_path):
+    """`references.outside_bundle: opaque-id`: an Observation posted on its own keeps its link to the
+    Encounter that an earlier delivery carried, because both sides get the same opaque id."""
+    import shutil
+
+    import yaml
+
+    profiles = tmp_path / "profiles"
+    shutil.copytree(EXAMPLES.parent / "profiles", profiles)
+    generic = yaml.safe_load((profiles / "example-generic.yaml").read_text())
+    generic["references"] = {"unresolved": "drop", "outside_bundle": "opaque-id"}
+    (profiles / "example-generic.yaml").write_text(yaml.safe_dump(generic))
+    source = json.loads((EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_text())
+    patient_entry = source["entry"][0]
+    assert patient_entry["resource"]["resourceType"] == "Patient"
+    patient_ref = f"Patient/{patient_entry['resource']['id']}"
+    encounter = {
+        "resourceType": "Encounter",
+        "id": "enc-earlier-1",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
+        "subject": {"reference": patient_ref},
+    }
+    observation = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": patient_ref},
+        "encounter": {"reference": "Encounter/enc-earlier-1"},
+    }
+
+    def transaction(resource: dict) -> bytes:
+        entry = {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource, "request": {"method": "POST"}}
+        entry["request"]["url"] = resource["resourceType"]
+        return json.dumps(
+            {"resourceType": "Bundle", "type": "transaction", "entry": [patient_entry, entry]}
+        ).encode()
+
+    with process_chain(tmp_path, profiles_dir=profiles) as chain:
+        gw = chain.start_gateway()
+        headers = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {chain.ehr_api_key}"}
+        for body in (transaction(encounter), transaction(observation)):
+            response = httpx.post(
+                f"{gw.url}/registries/example-generic/Bundle", content=body, headers=headers
+            )
+            assert response.status_code == 200, response.text
+        received = [
+            e["resource"]
+            for receipt in httpx.get(f"{chain.receiver_url}/deliveries").json()
+            for e in httpx.get(f"{chain.receiver_url}/Bundle/{receipt['id']}").json()["entry"]
+        ]
+    (delivered_encounter,) = [r for r in received if r["resourceType"] == "Encounter"]
+    (delivered_observation,) = [r for r in received if r["resourceType"] == "Observation"]
+    assert delivered_observation["encounter"] == {"reference": f"Encounter/{delivered_encounter['id']}"}
+    assert "enc-earlier-1" not in json.dumps(received)

@@ -13,8 +13,9 @@ bundle become ``urn:uuid:<id>``, which resolves in transaction and collection bu
 from __future__ import annotations
 
 import hashlib
+import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -252,6 +253,12 @@ def compile_plan(profile: Profile, rules: Rules) -> Plan:
     )
 
 
+# `Type/id`, optionally with a version: a literal relative reference (FHIR id syntax)
+_RELATIVE_REFERENCE = re.compile(
+    r"([A-Z][A-Za-z]{1,63})/([A-Za-z0-9.\-]{1,64})(?:/_history/[A-Za-z0-9.\-]{1,64})?"
+)
+
+
 # ── ids and references ─────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -301,6 +308,9 @@ class _Resolver:
         # the identifier index is only needed for conditional references (rare): built on first use
         self.pending: list[tuple[str, dict[str, Any], str]] = []
         self.indexed = False
+        # references to resources outside the Bundle (`Type/id`) → `Type/<opaque id>`, when the profile says
+        # `references.outside_bundle: opaque-id`; empty otherwise
+        self.outside: dict[str, str] = {}
 
     def add(self, rtype: str, resource: dict[str, Any], keys: list[str], urn: str) -> None:
         for k in keys:
@@ -344,7 +354,7 @@ class _Resolver:
             parts = base.rsplit("/", 2)
             if len(parts) >= 2:
                 hit = self.by_key.get(f"{parts[-2]}/{parts[-1]}")
-        return hit
+        return hit if hit is not None else self.outside.get(ref)
 
     def _conditional(self, ref: str) -> str | None:
         # Only `Type?identifier=[system|]value` can be resolved; the raw identifier never leaves.
@@ -619,16 +629,37 @@ def deidentify(
     id_key: bytes,
     pseudonyms: Mapping[str, list[dict]],
     provenance: ProvenanceInfo,
+    outside_references: Iterable[str] = (),
 ) -> DeidResult:
     """De-identify one Bundle for the plan's registry; returns a transaction Bundle and a report.
 
     ``pseudonyms`` maps an original Patient fullUrl (and/or ``Patient/<id>``) to ready-made pseudonym
-    Identifiers; a Patient without any is not delivered (reason ``no-pseudonym``).
+    Identifiers; a Patient without any is not delivered (reason ``no-pseudonym``). ``outside_references``
+    are the references that the validation found to point outside the Bundle; they are dropped, unless the
+    profile asks for ``references.outside_bundle: opaque-id`` (see ``outside_targets``).
     """
     # The walk allocates a container per element and builds no reference cycles (perf-notes: the GC makes
     # large bundles 2x slower). Harmless if another thread races on the switch.
     with paused_gc():
-        return _deidentify(bundle, plan, id_key, pseudonyms, provenance)
+        return _deidentify(bundle, plan, id_key, pseudonyms, provenance, outside_references)
+
+
+def outside_targets(references: Iterable[str], plan: Plan, ids: _Ids) -> dict[str, str]:
+    """A relative reference `Type/id` to a resource that is not in the Bundle → `Type/<opaque id>`: the id
+    that resource got, or gets, when it is delivered itself (an earlier delivery, say), since opaque ids
+    are keyed on `Type/id` and stable per registry. Only for types the profile delivers, never Patient (a
+    Patient must be in the Bundle); any other form (absolute, `urn:`, conditional) is still dropped."""
+    if plan.profile.references.get("outside_bundle") != "opaque-id":
+        return {}
+    found: dict[str, str] = {}
+    for ref in references:
+        match = _RELATIVE_REFERENCE.fullmatch(ref)
+        if match is None:
+            continue
+        rtype, rid = match.group(1), match.group(2)
+        if rtype != "Patient" and rtype in plan.nodes:
+            found[ref] = f"{rtype}/{ids.uuid(rtype, f'{rtype}/{rid}')}"
+    return found
 
 
 def _deidentify(
@@ -637,6 +668,7 @@ def _deidentify(
     id_key: bytes,
     pseudonyms: Mapping[str, list[dict]],
     provenance: ProvenanceInfo,
+    outside_references: Iterable[str],
 ) -> DeidResult:
     report = DeidReport()
     raw_entries = bundle.get("entry") if isinstance(bundle, dict) else None
@@ -645,6 +677,7 @@ def _deidentify(
     if not plan.profile.person_level:
         report.refused = "aggregated-only"
     candidates, resolver = _select(entries, plan, ids, pseudonyms, report)
+    resolver.outside = outside_targets(outside_references, plan, ids)
     ctx = p.WalkContext(
         resolve=resolver,
         ref_map=resolver.by_key,

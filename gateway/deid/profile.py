@@ -40,7 +40,7 @@ FREE_TEXT = {
     "attachment": {"drop", "keep-metadata"},
 }
 PRACTITIONER = {"name": {"drop", "keep"}, "identifier": {"drop", "keep"}, "telecom": {"drop", "keep"}}
-REFERENCES = {"unresolved": {"drop"}}
+REFERENCES = {"unresolved": {"drop"}, "outside_bundle": {"drop", "opaque-id"}}
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "generalise": {"birthDate": "year", "postcode": "pc4", "dates": "keep", "date_shift_max_days": 180},
@@ -52,7 +52,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "concept_text": "drop",
     },
     "practitioner": {"name": "drop", "identifier": "drop", "telecom": "drop"},
-    "references": {"unresolved": "drop"},
+    "references": {"unresolved": "drop", "outside_bundle": "drop"},
 }
 TOP_KEYS = {
     "id",
