@@ -1,10 +1,13 @@
-"""Operator commands: the objection register and the outbox (deliveries, dead letters, requeue)."""
+"""Operator commands: the objection register, the outbox (deliveries, dead letters, requeue) and, for the
+privacy officer, the audit trail and the processing record (AVG article 30)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -13,6 +16,9 @@ from gateway.config import Settings, load_config
 
 objections_app = typer.Typer(no_args_is_help=True, help="The gateway's objection (opt-out) register.")
 deliveries_app = typer.Typer(no_args_is_help=True, help="Deliveries in the outbox, dead letters, requeue.")
+audit_app = typer.Typer(
+    no_args_is_help=True, help="For the privacy officer: the processing record and the audit trail."
+)
 console = Console()
 
 
@@ -95,3 +101,105 @@ def requeue(
         response = client.post(path)
     console.print(f"{response.status_code}: {response.text[:300]}")
     raise typer.Exit(0 if response.status_code == 200 else 1)
+
+
+_URL = typer.Option("http://127.0.0.1:8200", "--url", envvar="FHIR_GATEWAY_URL")
+_ADMIN_KEY = typer.Option(..., "--api-key", envvar="FHIR_GATEWAY_ADMIN_API_KEY", help="the admin key")
+_SINCE = typer.Option(None, "--since", help="2026, 2026-03, 2026-03-01 or an ISO date-time with zone")
+_UNTIL = typer.Option(None, "--until", help="exclusive, in the same forms")
+
+
+def _period(year: int | None, since: str | None, until: str | None) -> dict[str, str]:
+    if year is not None:
+        if since or until:
+            raise typer.BadParameter("give --year or --since/--until, not both")
+        return {"since": str(year), "until": str(year + 1)}
+    return {k: v for k, v in {"since": since, "until": until}.items() if v}
+
+
+def _get_json(client: httpx.Client, path: str, params: dict[str, Any]) -> Any:
+    response = client.get(path, params=params)
+    if response.status_code != 200:
+        console.print(f"[red]{response.status_code}: {response.text[:300]}[/red]")
+        raise typer.Exit(1)
+    return response.json()
+
+
+@audit_app.command("record")
+def processing_record(
+    registry: str = typer.Argument(..., help="the registry (recipient)"),
+    year: int = typer.Option(None, "--year", help="a calendar year (UTC), e.g. 2026"),
+    since: str = _SINCE,
+    until: str = _UNTIL,
+    as_json: bool = typer.Option(False, "--json", help="the record as JSON (for the processing register)"),
+    url: str = _URL,
+    api_key: str = _ADMIN_KEY,
+) -> None:
+    """The processing record for one registry over a period: purpose, legal basis, providers, bundles and
+    resources delivered, patients withheld (objection, unknown status, no pseudonym), pseudonym types."""
+    with _client(url, api_key) as client:
+        record = _get_json(client, f"/admin/processing-record/{registry}", _period(year, since, until))
+    if as_json:
+        print(orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+        return
+    console.print(_record_table(record))
+
+
+def _record_table(record: dict[str, Any]) -> Table:
+    period = record.get("reportingPeriod") or {}
+    seen = record.get("period") or {}
+    table = Table(title=f"Processing record: {record['registry']}", show_header=False)
+    table.add_column("item")
+    table.add_column("value")
+    rows = [
+        ("recipient", str(record.get("recipient"))),
+        ("purpose", str(record.get("purpose"))),
+        ("legal basis", str(record.get("legalBasis"))),
+        ("period asked", f"{period.get('since') or '(start)'} to {period.get('until') or '(now)'}"),
+        ("events seen", f"{seen.get('first') or '-'} to {seen.get('last') or '-'}"),
+        ("providers", ", ".join(record.get("providers") or []) or "-"),
+        ("pseudonym types", ", ".join(record.get("pseudonymTypes") or []) or "-"),
+        ("bundles delivered", str(record.get("bundlesDelivered", 0))),
+        ("events", _flat_counts(record.get("events") or {})),
+        ("delivered", _flat_counts(record.get("delivered") or {})),
+        ("withheld (nothing delivered)", _flat_counts(record.get("withheld") or {})),
+        ("outbox now", _flat_counts(record.get("outbox") or {})),
+    ]
+    for item, value in rows:
+        table.add_row(item, value)
+    return table
+
+
+def _flat_counts(counts: dict[str, Any], prefix: str = "") -> str:
+    parts = []
+    for key, value in sorted(counts.items()):
+        if isinstance(value, dict):
+            inner = _flat_counts(value, f"{prefix}{key}.")
+            if inner:
+                parts.append(inner)
+        elif value:
+            parts.append(f"{prefix}{key}={value}")
+    return ", ".join(parts)
+
+
+@audit_app.command("export")
+def export_audit(
+    out: Path = typer.Option(..., "--out", "-o", help="NDJSON file to write (one event a line)"),
+    registry: str = typer.Option(None, "--registry"),
+    provider: str = typer.Option(None, "--provider"),
+    since: str = _SINCE,
+    until: str = _UNTIL,
+    url: str = _URL,
+    api_key: str = _ADMIN_KEY,
+) -> None:
+    """Every audit event of a period, oldest first, paged through the admin API (counts, never values)."""
+    params: dict[str, Any] = {"registry": registry, "provider": provider, "since": since, "until": until}
+    params = {k: v for k, v in params.items() if v} | {"limit": 5000}
+    written = 0
+    with _client(url, api_key) as client, out.open("wb") as fh:
+        while page := _get_json(client, "/admin/audit", params):
+            for event in page:
+                fh.write(orjson.dumps(event) + b"\n")
+            written += len(page)
+            params["after"] = page[-1]["id"]
+    console.print(f"{written} audit events written to {out}")

@@ -37,7 +37,7 @@ err_console = Console(stderr=True)
 
 def _mount_subcommands() -> None:
     """Sub-apps owned by their packages (TTP, receiver, deliveries, objections)."""
-    from gateway.admin_cli import deliveries_app, objections_app
+    from gateway.admin_cli import audit_app, deliveries_app, objections_app
     from gateway.receiver.commands import app as receiver_app
     from gateway.ttp.commands import app as ttp_app
 
@@ -47,6 +47,7 @@ def _mount_subcommands() -> None:
     )
     app.add_typer(objections_app, name="objections")
     app.add_typer(deliveries_app, name="deliveries")
+    app.add_typer(audit_app, name="audit")
 
 
 @app.callback()

@@ -151,8 +151,7 @@ def test_opted_out_patient_never_reaches_ttp_nor_registry(chain):
     objector_types = Counter(
         e["resource"]["resourceType"]
         for e in bundle["entry"]
-        if e["resource"]["resourceType"] != "Patient"
-        and "objector-1" in orjson.dumps(e["resource"]).decode()
+        if e["resource"]["resourceType"] != "Patient" and "objector-1" in orjson.dumps(e["resource"]).decode()
     )
     dropped = {p["name"]: p["valueInteger"] for p in params["resourcesDropped"]["part"]}
     assert dropped["opted-out:Patient"] == 1
@@ -303,6 +302,46 @@ def test_admin_audit_and_processing_record_hold_counts_only(chain):
     for example in EXAMPLES.glob("*.json"):
         for _, value in identifying_values(json.loads(example.read_text())):
             assert value not in everything
+
+
+def test_the_privacy_officer_reads_the_record_of_a_year_and_exports_the_audit_trail(chain, tmp_path):
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+
+    _post(
+        chain, EXAMPLES / "02-nlps1-vector-patients-transaction.json", headers={"Idempotency-Key": "fg-year"}
+    )
+    runner = CliRunner()
+    auth = ["--url", chain.gateway_url, "--api-key", chain.admin_api_key]
+    this_year = time.gmtime().tm_year
+    shown = runner.invoke(app, ["audit", "record", REGISTRY, "--year", str(this_year), "--json", *auth])
+    assert shown.exit_code == 0, shown.output
+    record = json.loads(shown.output)
+    assert record["reportingPeriod"] == {"since": str(this_year), "until": str(this_year + 1)}
+    assert record["bundlesDelivered"] >= 1 and record["delivered"]["patients"] >= 1
+    assert record["legalBasis"] and record["recipient"]
+    empty = runner.invoke(app, ["audit", "record", REGISTRY, "--year", "2001", "--json", *auth])
+    assert json.loads(empty.output)["bundlesDelivered"] == 0 and json.loads(empty.output)["events"] == {}
+    table = runner.invoke(app, ["audit", "record", REGISTRY, *auth])
+    assert table.exit_code == 0 and "bundles delivered" in table.output
+    bad = runner.invoke(app, ["audit", "record", REGISTRY, "--since", "last tuesday", *auth])
+    assert bad.exit_code == 1 and "400" in bad.output and "last tuesday" not in bad.output.split("400", 1)[1]
+
+    out = tmp_path / "audit.ndjson"
+    exported = runner.invoke(app, ["audit", "export", "--out", str(out), "--registry", REGISTRY, *auth])
+    assert exported.exit_code == 0, exported.output
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    admin = {"Authorization": f"Bearer {chain.admin_api_key}"}
+    listed = httpx.get(
+        f"{chain.gateway_url}/admin/audit", params={"registry": REGISTRY, "limit": 10000}, headers=admin
+    )
+    assert [e["id"] for e in events] == [e["id"] for e in listed.json()]  # every page, in order, once
+    assert len(events) >= 2 and len({e["id"] for e in events}) == len(events)
+    text = out.read_text()
+    for example in EXAMPLES.glob("*.json"):
+        for _, value in identifying_values(json.loads(example.read_text())):
+            assert value not in text
 
 
 def test_metadata_health_and_metrics(chain):

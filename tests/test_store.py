@@ -231,6 +231,44 @@ def test_audit_trail_and_processing_record(store: Store, clock: FakeClock) -> No
     assert store.processing_record("other")["bundlesDelivered"] == 0
 
 
+def test_processing_record_of_a_period_counts_what_was_withheld(store: Store, clock: FakeClock) -> None:
+    def event(kind: str, outcome: str, counts: dict) -> None:
+        store.record_audit(
+            AuditInput(
+                actor="ehr-1", provider="ura:1", registry="dica", event=kind, outcome=outcome, counts=counts
+            )
+        )
+
+    event("received", "nothing-to-deliver", {"patients": 1, "patientsDroppedOptOut": 1, "resourcesIn": 4})
+    clock.now += 86400 * 400  # more than a year later
+    year_two = clock.now
+    event("received", "nothing-to-deliver", {"patients": 2, "patientsDroppedUnknownOptOut": 2})
+    event("rejected", "leak-scan", {"patients": 9})  # not a withholding: never counted as one
+    everything = store.processing_record("dica")
+    assert everything["withheld"] == {
+        "patients": 3,
+        "patientsDroppedOptOut": 1,
+        "patientsDroppedUnknownOptOut": 2,
+        "resourcesIn": 4,
+    }
+    later = store.processing_record("dica", since=year_two - 1)
+    assert later["withheld"] == {"patients": 2, "patientsDroppedUnknownOptOut": 2}
+    assert later["events"] == {"received": 1, "rejected": 1}
+    assert store.processing_record("dica", until=year_two - 1)["events"] == {"received": 1}
+
+
+def test_the_audit_trail_pages_on_by_id(store: Store) -> None:
+    for n in range(7):
+        store.record_audit(
+            AuditInput(actor=f"a{n}", provider="ura:1", registry="dica", event="x", outcome="y")
+        )
+    pages, after = [], None
+    while page := store.list_audit(registry="dica", limit=3, after_id=after):
+        pages.append([e.actor for e in page])
+        after = page[-1].id
+    assert pages == [["a0", "a1", "a2"], ["a3", "a4", "a5"], ["a6"]]
+
+
 def test_optout_register(store: Store) -> None:
     h = bytes.fromhex("ab" * 32)
     assert store.optout_add("ura:1", "dica", h)

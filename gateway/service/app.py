@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -386,21 +387,58 @@ def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
         return Response(orjson.dumps({"id": delivery_id, "status": "queued"}), media_type="application/json")
 
     @app.get("/admin/audit")
-    async def audit(request: Request, registry: str | None = None, limit: int = 100) -> Response:
+    async def audit(
+        request: Request,
+        registry: str | None = None,
+        provider: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        after: int | None = None,
+        limit: int = 100,
+    ) -> Response:
+        """Oldest first; page on with `after` = the id of the last event received."""
         require_admin(caller_of(runtime, request))
         rows = await asyncio.to_thread(
-            runtime.store.list_audit, registry=registry, limit=min(max(limit, 1), 10000)
+            runtime.store.list_audit,
+            registry=registry,
+            provider=provider,
+            since=period_bound(since, "since"),
+            until=period_bound(until, "until"),
+            after_id=after,
+            limit=min(max(limit, 1), 10000),
         )
         return Response(orjson.dumps(rows, default=_plain), media_type="application/json")
 
     @app.get("/admin/processing-record/{registry}")
-    async def processing_record(registry: str, request: Request) -> Response:
+    async def processing_record(
+        registry: str, request: Request, since: str | None = None, until: str | None = None
+    ) -> Response:
         require_admin(caller_of(runtime, request))
         if registry not in runtime.registries:
             raise FhirError.single(404, "not-found", "unknown registry", "registry")
-        record = await asyncio.to_thread(runtime.store.processing_record, registry)
+        start, end = period_bound(since, "since"), period_bound(until, "until")
+        record = await asyncio.to_thread(runtime.store.processing_record, registry, start, end)
         record |= runtime.processing_context(registry)
+        record["reportingPeriod"] = {"since": since, "until": until}
         return Response(orjson.dumps(record, default=_plain), media_type="application/json")
+
+
+def period_bound(value: str | None, name: str) -> float | None:
+    """A period bound as epoch seconds: `2026`, `2026-03`, `2026-03-01` (UTC midnight) or an ISO date-time
+    with a time zone. `until` is exclusive, so `since=2026&until=2027` is the year 2026."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        if len(text) in (4, 7):
+            text = f"{text}-01-01"[:10] if len(text) == 4 else f"{text}-01"
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or (moment.tzinfo is None and "T" in text):
+        text = "give a date (2026, 2026-03, 2026-03-01) or a date-time with a time zone"
+        raise FhirError.single(400, "value", text, name) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _plain(value: Any) -> Any:

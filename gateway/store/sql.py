@@ -417,10 +417,11 @@ class SqlStore:
         since: float | None = None,
         until: float | None = None,
         limit: int = 1000,
+        after_id: int | None = None,
     ) -> list[AuditEvent]:
-        """Oldest first."""
+        """Oldest first; `after_id` pages on (the id of the last event of the previous page)."""
         where, params = _filters(registry=registry, provider=provider, delivery_id=delivery_id)
-        for clause, value in (("at >= ?", since), ("at < ?", until)):
+        for clause, value in (("at >= ?", since), ("at < ?", until), ("id > ?", after_id)):
             if value is not None:
                 where += (" AND " if where else "WHERE ") + clause
                 params.append(value)
@@ -443,6 +444,7 @@ class SqlStore:
                 where += " AND " + clause
                 params.append(value)
         totals: dict[str, Any] = {}
+        withheld: dict[str, Any] = {}
         types: set[str] = set()
         with self._conn() as conn:
             # Aggregates in SQL; only the small counts JSON of delivered events is summed here, row by row.
@@ -465,11 +467,14 @@ class SqlStore:
             ).fetchall():
                 types.update(_types(joined))
             cur = self._q(
-                conn, f"SELECT counts_json FROM audit_events {where} AND event = 'delivered'", params
+                conn,
+                f"SELECT event, counts_json FROM audit_events {where}"
+                " AND (event = 'delivered' OR outcome = 'nothing-to-deliver')",
+                params,
             )
             while rows := cur.fetchmany(1000):
-                for (counts_json,) in rows:
-                    _add_counts(totals, orjson.loads(counts_json))
+                for event, counts_json in rows:
+                    _add_counts(totals if event == "delivered" else withheld, orjson.loads(counts_json))
         return {
             "registry": registry,
             "recipients": [registry],
@@ -480,6 +485,8 @@ class SqlStore:
             "events": {k: int(v) for k, v in outcomes.items()},
             "bundlesDelivered": int(outcomes.get("delivered", 0)),
             "delivered": totals,
+            # bundles of which nothing was delivered (every patient objected, status unknown, no pseudonym)
+            "withheld": withheld,
             "pseudonymTypes": sorted(types),
             "outbox": self.depth(registry),
         }
