@@ -92,6 +92,29 @@ def serve(
     )
 
 
+@app.command()
+def check(
+    config: Path = typer.Option(Path("gateway.yaml"), "--config", "-c", envvar="FHIR_GATEWAY_CONFIG"),
+) -> None:
+    """Go-live check without serving: configuration, profiles and keys, the store, the TTP of every
+    provider and the FHIR endpoint of every registry (GET /metadata with the configured credentials).
+    Exit 1 naming each part that fails; nothing is delivered."""
+    import asyncio
+
+    from gateway.bootstrap import startup_runtime
+    from gateway.golive import check_runtime
+
+    runtime, _ = startup_runtime(config, fail=_fail)  # configuration, profiles, keys: one line, exit 2
+    results = asyncio.run(check_runtime(runtime))
+    table = Table(title=f"fhir-gateway check ({config})")
+    for col in ("part", "result"):
+        table.add_column(col)
+    for part, problem in results:
+        table.add_row(part, f"[red]{problem}[/red]" if problem else "[green]ok[/green]")
+    console.print(table)
+    raise typer.Exit(1 if any(problem for _, problem in results) else 0)
+
+
 def _fail(message: str) -> None:
     err_console.print(f"[red]fhir-gateway: {message}[/red]")
     raise typer.Exit(2)

@@ -250,6 +250,24 @@ class RegistryClient:
             )
         return classify(resp, time.monotonic() - started)
 
+    async def probe(self) -> str | None:
+        """Ask the registry's FHIR server for its CapabilityStatement (GET [base]/metadata) with our
+        credentials, as a go-live check; None when it answers as a FHIR server, else what went wrong."""
+        try:
+            headers = await self.auth.headers(self._http)
+            resp = await self._http.get(self.base_url.rstrip("/") + "/metadata", headers=headers)
+        except TokenError as exc:
+            return f"token: {exc}"
+        except httpx.TransportError as exc:
+            return f"not reachable ({type(exc).__name__})"
+        if resp.status_code != 200:
+            return f"GET /metadata answered HTTP {resp.status_code}"
+        try:
+            kind = orjson.loads(resp.content).get("resourceType")
+        except (orjson.JSONDecodeError, AttributeError):
+            kind = None
+        return None if kind == "CapabilityStatement" else "GET /metadata is not a FHIR CapabilityStatement"
+
     async def _post(self, payload: bytes, request_id: str | None) -> httpx.Response:
         headers = {"Content-Type": FHIR_JSON, **await self.auth.headers(self._http)}
         if request_id:

@@ -209,3 +209,38 @@ def test_a_later_bundle_refers_to_a_resource_of_an_earlier_delivery_when_the_pro
     (delivered_observation,) = [r for r in received if r["resourceType"] == "Observation"]
     assert delivered_observation["encounter"] == {"reference": f"Encounter/{delivered_encounter['id']}"}
     assert "enc-earlier-1" not in json.dumps(received)
+
+
+def test_the_go_live_check_asks_every_party_and_names_the_one_that_fails(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from gateway.serving import free_port
+
+    def check(config: Path, env: dict) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "check", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env={**env, "COLUMNS": "200"},
+            cwd=tmp_path,
+            timeout=60,
+        )
+
+    with process_chain(tmp_path) as chain:
+        good = check(chain.config_path, chain.env)
+        assert good.returncode == 0, good.stdout + good.stderr
+        assert good.stdout.count("ok") >= 4  # configuration, store, TTP, registry
+        broken = yaml.safe_load(chain.config_path.read_text())
+        broken["registries"]["example-generic"]["endpoint"] = f"http://127.0.0.1:{free_port()}/fhir"
+        (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+        bad = check(tmp_path / "broken.yaml", chain.env)
+        assert bad.returncode == 1
+        line = next(x for x in bad.stdout.splitlines() if "registry example-generic" in x)
+        assert "not reachable" in line
+        wrong_key = check(chain.config_path, {**chain.env, "TEST_TTP_KEY": "not-the-key"})
+        assert wrong_key.returncode == 1  # the probe needs no key; the pseudonym of random bytes does
+        line = next(x for x in wrong_key.stdout.splitlines() if "a pseudonym in domain example-generic" in x)
+        assert "refused us" in line and "not-the-key" not in wrong_key.stdout

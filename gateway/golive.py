@@ -1,0 +1,66 @@
+"""The go-live check behind `fhir-gateway check`: every outside party the gateway needs, asked once.
+
+Each part answers None (fine) or a short fixed text; no patient data is involved and none is sent. The
+reference TTP (NLPS1, stateless) is asked for one pseudonym of 32 random bytes per registry, with the
+gateway's own credentials: that checks the API key, the sealing and that the TTP holds a key for the
+registry's domain. Stateful TTPs (gPAS, TRES) would store such a value, so they are only probed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from gateway.pseudonym.types import PrePseudonym
+from gateway.runtime import Runtime
+from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable
+
+
+async def check_runtime(runtime: Runtime) -> list[tuple[str, str | None]]:
+    """(part, problem or None) for the store, each provider's TTP and each registry's endpoint."""
+    results: list[tuple[str, str | None]] = [("configuration, profiles, keys", None)]
+    results.append(("store", await _store(runtime)))
+    stateless = runtime.config.ttp.kind == "nlps1"
+    for name, provider in runtime.providers.items():
+        problem = await _ttp(provider.ttp)
+        results.append((f"TTP for {name}", problem))
+        if stateless and problem is None:
+            for registry in runtime.registries:
+                version = provider.source.source_version
+                outcome = await _ttp_round_trip(provider.ttp, registry, version)
+                results.append((f"TTP for {name}: a pseudonym in domain {registry}", outcome))
+    for registry, client in runtime.forwarders.items():
+        results.append((f"registry {registry} ({client.base_url})", await client.probe()))
+    for client in runtime.forwarders.values():
+        await client.aclose()
+    return results
+
+
+async def _store(runtime: Runtime) -> str | None:
+    try:
+        await asyncio.to_thread(runtime.store.depth)
+    except Exception as exc:  # noqa: BLE001 - reported as one line
+        return f"not usable ({type(exc).__name__})"
+    return None
+
+
+async def _ttp(ttp: TTPBackend) -> str | None:
+    try:
+        await ttp.probe()
+    except TTPRejected as exc:
+        return f"refused us: {exc}"
+    except TTPUnavailable as exc:
+        return f"not reachable: {exc}"
+    return None
+
+
+async def _ttp_round_trip(ttp: TTPBackend, registry: str, version: int) -> str | None:
+    try:
+        (result,) = await ttp.pseudonymise(registry, [PrePseudonym("GG", version, os.urandom(32))])
+    except TTPRejected as exc:
+        return f"refused us: {exc}"
+    except TTPUnavailable as exc:
+        return f"not reachable: {exc}"
+    if result.error_code or not result.identifier_value:
+        return f"no pseudonym: {result.error_code or 'empty answer'}"
+    return None
