@@ -9,11 +9,9 @@ registry's domain. Stateful TTPs (gPAS, TRES) would store such a value, so they 
 from __future__ import annotations
 
 import asyncio
-import os
 
-from gateway.pseudonym.types import PrePseudonym
 from gateway.runtime import Runtime
-from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable
+from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable, round_trip
 
 
 async def check_runtime(runtime: Runtime) -> list[tuple[str, str | None]]:
@@ -56,11 +54,9 @@ async def _ttp(ttp: TTPBackend) -> str | None:
 
 async def _ttp_round_trip(ttp: TTPBackend, registry: str, version: int) -> str | None:
     try:
-        (result,) = await ttp.pseudonymise(registry, [PrePseudonym("GG", version, os.urandom(32))])
+        error = await round_trip(ttp, registry, version)
     except TTPRejected as exc:
         return f"refused us: {exc}"
     except TTPUnavailable as exc:
         return f"not reachable: {exc}"
-    if result.error_code or not result.identifier_value:
-        return f"no pseudonym: {result.error_code or 'empty answer'}"
-    return None
+    return f"no pseudonym: {error}" if error else None

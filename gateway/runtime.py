@@ -40,7 +40,7 @@ from gateway.pseudonym.mapping import InputMapping, load_input_mapping
 from gateway.pseudonym.source import SourceStage
 from gateway.service.auth import Authenticator, Caller
 from gateway.store import AuditInput, Store, open_store
-from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable
+from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable, round_trip
 from gateway.ttp.client import CachingTTP
 from gateway.ttp.timed import TimedTTP
 from gateway.worker import OutboxWorker
@@ -92,6 +92,10 @@ class Runtime:
         for name, provider in self.providers.items():
             try:
                 await provider.ttp.probe()
+                if self.config.ttp.kind == "nlps1" and self.registries:
+                    # the probe needs no key: a wrong API key shows only when a pseudonym is asked for
+                    first = next(iter(self.registries))
+                    await round_trip(provider.ttp, first, provider.source.source_version)
             except TTPRejected:
                 raise
             except TTPUnavailable:

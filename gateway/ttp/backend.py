@@ -10,6 +10,7 @@ Contract:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -43,3 +44,14 @@ class TTPBackend(Protocol):
     async def pseudonymise(self, registry: str, items: Sequence[PrePseudonym]) -> list[TTPResult]: ...
 
     async def probe(self) -> None: ...
+
+
+async def round_trip(ttp: TTPBackend, registry: str, source_version: int) -> str | None:
+    """One pseudonym of 32 random bytes (no patient data) in `registry`'s domain, with our credentials: a
+    check of the API key, the sealing and the domain key that the unauthenticated probe cannot give. Only
+    for stateless TTPs (NLPS1): a gPAS-like TTP would store the value. Raises TTPRejected/TTPUnavailable;
+    returns the TTP's error code when it answered without a pseudonym, else None."""
+    (result,) = await ttp.pseudonymise(registry, [PrePseudonym("GG", source_version, os.urandom(32))])
+    if result.error_code or not result.identifier_value:
+        return result.error_code or "empty answer"
+    return None
