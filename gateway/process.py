@@ -164,7 +164,8 @@ async def process_bundle(
             "resources_kept": result.report.resources_kept,
         },
     )
-    payload = _leak_gate(result.bundle, kept_input, registry.plan.practitioner_kept)
+    birth_dates = registry.plan.profile.generalise.get("birthDate") != "keep"
+    payload = _leak_gate(result.bundle, kept_input, registry.plan.practitioner_kept, birth_dates)
     report |= {
         "pseudonymTypes": dict(pseudonyms.types_added),
         "pseudonymsSkipped": dict(pseudonyms.skipped),
@@ -259,12 +260,13 @@ def _by_every_reference(
 
 
 def _leak_gate(
-    output: dict[str, Any], kept_input: dict[str, Any], practitioner_kept: tuple[str, ...]
+    output: dict[str, Any], kept_input: dict[str, Any], practitioner_kept: tuple[str, ...], birth_dates: bool
 ) -> bytes:
     """After rewriting, before anything leaves: a hit blocks the delivery, naming the path, not the value.
-    Returns the serialised output it scanned, so that what is stored is byte for byte what was checked."""
+    Returns the serialised output it scanned, so that what is stored is byte for byte what was checked.
+    ``birth_dates``: the profile generalises birth dates, so a full one must not appear."""
     payload = orjson.dumps(output)
-    sensitive = sensitive_values(kept_input, practitioner_kept=practitioner_kept)
+    sensitive = sensitive_values(kept_input, practitioner_kept=practitioner_kept, birth_dates=birth_dates)
     findings = scan(output, sensitive, serialized=payload)
     if findings:
         issues = [

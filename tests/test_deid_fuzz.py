@@ -182,6 +182,14 @@ pieces = st.sampled_from(
         "Jansens",
         "jan",
         "Peter",
+        "1112.22.333",  # a BSN written out, and the pieces of such notations and of phone numbers
+        "111 222 333",
+        "06-8822 8822",
+        "+31 6 ",
+        "88228822",
+        ".",
+        "(0)",
+        "1934-04-28",  # the nl-core patient's birth date
     ]
 )
 

@@ -168,3 +168,87 @@ def test_values_after_json_escapes_are_found(text: str) -> None:
     assert [f.kind for f in scan(out_with(valueString=text))] == ["bsn"]
     named = scan(out_with(valueString=text.replace("111222333", "Johanna")), sensitive_values(source()))
     assert [f.kind for f in named] == ["name"]
+
+
+# ── what a privacy probe got past the gate (2026-11-24), now found ──────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    "obs",
+    [
+        {"valueQuantity": {"value": 111222333.0}},  # a BSN sent as a decimal
+        {"code": {"coding": [{"system": "http://example.org/local", "display": "BSN 1112.22.333"}]}},
+        {"valueString": "bsn 111 222 333"},
+        {"valueString": "bsn: 111-222-333."},
+    ],
+)
+def test_a_bsn_as_a_decimal_or_written_with_separators_is_found(obs: dict[str, Any]) -> None:
+    assert "bsn" in {f.kind for f in scan(out_with(**obs))}
+    assert "bsn" in {f.kind for f in scan(out_with(**obs), sensitive_values(source()))}
+
+
+@pytest.mark.parametrize(
+    "text", ["1112.22.334", "111 222 3334", "2026-11-24 10.15.000", "1.112.22.333", "111.222.333.4"]
+)
+def test_numbers_that_only_look_like_a_written_bsn_are_not(text: str) -> None:
+    assert scan(out_with(valueString=text)) == []
+
+
+@pytest.mark.parametrize("text", ["06-8822 8822", "+31 6 88228822", "+31 (0)6 88 22 88 22", "0688.228.822"])
+def test_the_patients_phone_number_in_another_notation_is_found(text: str) -> None:
+    out = out_with(device={"display": "x"}, valueString=f"terugbellen op {text}")
+    assert "telecom" in {f.kind for f in scan(out, sensitive_values(source()))}
+
+
+def test_other_numbers_near_the_patients_phone_digits_are_not_taken_for_it() -> None:
+    out = out_with(valueString="lot 688228822-7, 2026-01-03", effectiveDateTime="2026-01-03T10:00:00+01:00")
+    assert scan(out, sensitive_values(source())) == []
+
+
+@pytest.mark.parametrize(
+    ("obs", "found"),
+    [
+        ({"valueDateTime": "1934-04-28"}, True),  # an Observation whose value is the birth date
+        ({"valueString": "geboren 1934-04-28"}, True),
+        ({"component": [{"valueQuantity": {"value": 1, "unit": "1934-04-28"}}]}, True),
+        ({"effectiveDateTime": "1934-04-28"}, False),  # an event on the day of birth (a newborn)
+        ({"issued": "1934-04-28T10:00:00Z", "effectivePeriod": {"start": "1934-04-28"}}, False),
+    ],
+)
+def test_the_full_birth_date_outside_event_dates_is_found_when_the_profile_generalises_it(
+    obs: dict[str, Any], found: bool
+) -> None:
+    kinds = {f.kind for f in scan(out_with(**obs), sensitive_values(source()))}
+    assert ("birth-date" in kinds) is found
+    assert "birth-date" not in {
+        f.kind for f in scan(out_with(**obs), sensitive_values(source(), birth_dates=False))
+    }
+
+
+HOME = {"line": ["Canarystraat 42"], "city": "Kanariestad", "postalCode": "9999 ZZ"}
+
+
+def _with_public(rtype: str, address: dict[str, Any]) -> dict[str, Any]:
+    bundle = source()
+    bundle["entry"][0]["resource"] = {**PATIENT, "address": [HOME]}
+    bundle["entry"].append({"resource": {"resourceType": rtype, "name": "x", "address": address}})
+    return bundle
+
+
+def _delivering(rtype: str, address: dict[str, Any]) -> dict[str, Any]:
+    out = out_with(valueString="x")
+    out["entry"].append({"resource": {"resourceType": rtype, "address": address}})
+    return out
+
+
+@pytest.mark.parametrize("rtype", ["Location", "Organization"])
+def test_the_patients_street_address_on_a_location_or_organization_is_still_a_leak(rtype: str) -> None:
+    """A home visit: the Encounter's Location is the patient's home; delivering its address is a leak."""
+    bundle = _with_public(rtype, dict(HOME))
+    assert "address" in {f.kind for f in scan(_delivering(rtype, dict(HOME)), sensitive_values(bundle))}
+
+
+def test_a_hospital_in_the_patients_postcode_is_not_a_leak() -> None:
+    hospital = {"line": ["Ziekenhuisplein 1"], "postalCode": HOME["postalCode"]}
+    bundle = _with_public("Organization", hospital)
+    assert scan(_delivering("Organization", hospital), sensitive_values(bundle)) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -466,3 +467,69 @@ def test_mrn_pseudonym_reverses_for_the_delivering_hospital_only(tmp_path):
         assert sorted(r.mrn for r in mine) == ["H-778899", "P0001234", "X42", "Z1"]
         theirs = asyncio.run(reveal(other))
         assert all(r.mrn is None and r.error for r in theirs)
+
+
+def test_what_a_privacy_probe_got_past_the_leak_gate_is_refused(chain):
+    """Found by a probe on 2026-11-24: a home visit's Location with the patient's address, a BSN sent as a
+    decimal or written with dots, the patient's birth date as an Observation value. Each is now a 422 that
+    names the path, and nothing reaches the registry."""
+    source = json.loads((EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_text())
+    patient_entry = source["entry"][0]
+    patient = patient_entry["resource"]
+    subject = {"reference": f"Patient/{patient['id']}"}
+    home = {k: patient["address"][0][k] for k in ("line", "city", "postalCode")}
+    observation = {"resourceType": "Observation", "status": "final", "subject": subject}
+    cases = {
+        "home-visit": [
+            {"resourceType": "Location", "id": "home-1", "name": "thuis", "address": home},
+            {
+                "resourceType": "Encounter",
+                "status": "finished",
+                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HH"},
+                "subject": subject,
+                "location": [{"location": {"reference": "Location/home-1"}}],
+            },
+        ],
+        "bsn-decimal": [
+            {
+                **observation,
+                "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                "valueQuantity": {"value": 999911120.0},
+            }
+        ],
+        "bsn-dotted": [
+            {
+                **observation,
+                "code": {
+                    "coding": [{"system": "http://example.org/x", "code": "a", "display": "BSN 9999.11.120"}]
+                },
+            }
+        ],
+        "birth-date": [
+            {
+                **observation,
+                "code": {"coding": [{"system": "http://loinc.org", "code": "21112-8"}]},
+                "valueDateTime": patient["birthDate"],
+            }
+        ],
+    }
+    before = len(_received(chain))
+    for name, resources in cases.items():
+        entries = [patient_entry] + [
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "resource": r,
+                "request": {"method": "POST", "url": r["resourceType"]},
+            }
+            for r in resources
+        ]
+        body = orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+        response = _post(chain, body, headers={"Idempotency-Key": f"probe-{name}"})
+        assert response.status_code == 422, (name, response.text)
+        issues = response.json()["issue"]
+        assert any(
+            i["code"] == "security" and i["expression"][0].startswith("Bundle.entry[") for i in issues
+        ), name
+        for value in ("999911120", "9999.11.120", patient["birthDate"], home["line"][0], home["postalCode"]):
+            assert value not in response.text, name
+    assert len(_received(chain)) == before

@@ -30,11 +30,27 @@ _LOWER_RUNS = bytes(
 )
 _ELEMENT_NAME = re.compile(r"_?[A-Za-z][A-Za-z0-9]{0,63}\Z")
 _NINE = re.compile(r"(?<![0-9A-Za-z])[0-9]{9}(?![0-9A-Za-z])")
+# A BSN as people write it: 1234.56.789, 123 456 789, 123-456-789 (one separator throughout). A lookahead,
+# so that overlapping candidates are all seen ("222 333 111" must not hide the "111 222 333" after it).
+_SPLIT_BSN = re.compile(
+    r"(?<![0-9A-Za-z.])(?=(\d{4}([. -])\d{2}\2\d{3}|\d{3}([. -])\d{3}\3\d{3})(?![0-9A-Za-z]|\.\d))"
+)
+_SPLIT_BSN_BYTES = re.compile(_SPLIT_BSN.pattern.encode())
+# A telephone number as people write it (06-1234 5678, +31 (0)6 12 34 56 78): digits and separators
+_PHONE_RUN = re.compile(r"\+?\d[\d .()/-]{6,}\d")
+_PHONE_SEPARATORS = b" .()/-+"
+_FULL_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# Date elements of events: the patient's birth date may be an event date there (a newborn's first
+# observation) when the profile keeps dates; anywhere else (a value, a note, an extension) it is a leak
+# when the profile generalises the birth date.
+_EVENT_DATE_KEYS = frozenset(
+    {"date", "start", "end", "issued", "authoredOn", "recorded", "created", "lastUpdated", "time", "when"}
+)
 PERSON_TYPES = {"Patient", "RelatedPerson", "Person"}
 PRACTITIONER_TYPES = {"Practitioner", "PractitionerRole"}
 # Identifiers of these resources name an organisation or a product, not a person (AGB, URA, GTIN...)
 PUBLIC_TYPES = {"Organization", "Location", "Medication", "Substance", "HealthcareService", "Endpoint"}
-MIN_LEN = {"name": 3, "telecom": 5, "address": 4, "identifier": 4, "patient-id": 8}
+MIN_LEN = {"name": 3, "telecom": 5, "address": 4, "identifier": 4, "patient-id": 8, "birth-date": 8}
 TERMINOLOGY_PREFIXES = (
     "http://snomed.info/",
     "http://loinc.org",
@@ -48,6 +64,25 @@ TERMINOLOGY_PREFIXES = (
     "http://www.nlm.nih.gov/research/umls/rxnorm",
 )
 PSEUDED_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+
+
+def phone_digits(value: str) -> str | None:
+    """The digits of a telephone number written with separators, Dutch international prefixes folded to
+    the national form (+31 6 / 0031 6 / +31 (0)6 → 06); None for anything that is not such a number."""
+    text = value.strip()
+    if not text or text.strip("0123456789 .()/-+"):
+        return None  # letters (an e-mail address, "tel:" URIs are rare in FHIR telecom values)
+    digits = "".join(c for c in text if c.isdigit())
+    if text.startswith(("+31", "0031")):
+        rest = digits[2:] if text.startswith("+") else digits[4:]
+        digits = "0" + rest[1:] if rest.startswith("0") else "0" + rest
+    return digits if 9 <= len(digits) <= 15 else None
+
+
+def _event_date_key(key: str) -> bool:
+    return key in _EVENT_DATE_KEYS or (
+        not key.startswith("value") and key.endswith(("Date", "DateTime", "Instant", "Period"))
+    )
 
 
 def bsn_valid(digits: str) -> bool:
@@ -71,10 +106,15 @@ class SensitiveSet:
     by_first: dict[str, list[tuple[tuple[str, ...], str]]] = field(default_factory=dict)
     patient_ids: set[str] = field(default_factory=set)
     patient_urls: set[str] = field(default_factory=set)
+    phones: set[str] = field(default_factory=set)  # telephone numbers as digits, however they are written
 
     def add(self, value: Any, kind: str) -> None:
         if type(value) is not str:
             return
+        if kind == "telecom":
+            digits = phone_digits(value)
+            if digits is not None:
+                self.phones.add(digits)
         tokens = tuple(_TOKEN.findall(value.casefold()))
         if not tokens:
             return
@@ -92,7 +132,8 @@ class SensitiveSet:
             self.add(joined, "postcode-joined")  # "1012 NX" is also written "1012NX"
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self.by_first.values()) + len(self.patient_ids) + len(self.patient_urls)
+        literals = len(self.patient_ids) + len(self.patient_urls) + len(self.phones)
+        return sum(len(v) for v in self.by_first.values()) + literals
 
 
 # ── collect from the input ─────────────────────────────────────────────────────────────────────────────────
@@ -214,11 +255,15 @@ def _contacts(res: dict[str, Any], out: SensitiveSet) -> None:
             _addresses(contact.get("address"), out)
 
 
-def sensitive_values(bundle: Any, *, practitioner_kept: Collection[str] = ()) -> SensitiveSet:
+def sensitive_values(
+    bundle: Any, *, practitioner_kept: Collection[str] = (), birth_dates: bool = True
+) -> SensitiveSet:
     """Identifying values of the input bundle (or single resource).
 
     ``practitioner_kept``: the parts of professionals' data the profile delivers (``name``, ``identifier``,
     ``telecom``; see ``Plan.practitioner_kept``); those are not collected, else every one would be reported.
+    ``birth_dates``: collect the patients' full birth dates (when the profile generalises them); they are
+    sought outside event-date elements only (``_event_date_key``).
     """
     out = SensitiveSet()
     entries = bundle.get("entry") if isinstance(bundle, dict) else None
@@ -240,6 +285,8 @@ def sensitive_values(bundle: Any, *, practitioner_kept: Collection[str] = ()) ->
         if rtype == "Patient" and isinstance(res.get("id"), str):
             out.patient_ids.add(res["id"])
             out.add(res["id"], "patient-id")
+        if birth_dates and rtype in PERSON_TYPES and _FULL_DATE.fullmatch(str(res.get("birthDate"))):
+            out.add(res["birthDate"], "birth-date")
         if rtype not in PUBLIC_TYPES and not practitioner:
             _resource_identifiers(res, out)
     _drop_public(bundle, out)
@@ -257,7 +304,10 @@ def _drop_public(bundle: Any, out: SensitiveSet) -> None:
         mine = out.by_first.get(first)
         if mine:
             public_seqs = {seq for seq, _ in entries}
-            out.by_first[first] = [e for e in mine if e[0] not in public_seqs]
+            # a person's street address stays sensitive even where a Location or Organization carries it:
+            # that Location is the patient's home (a home visit), not a public place
+            out.by_first[first] = [e for e in mine if e[0] not in public_seqs or e[1] == "address"]
+    out.phones -= public.phones
 
 
 # ── scan the output ────────────────────────────────────────────────────────────────────────────────────────
@@ -289,6 +339,9 @@ class _Scanner:
         literals = len(sensitive.patient_urls) + len(sensitive.patient_ids) if sensitive is not None else 0
         # many sensitive values (multi-patient bundles): a token lookup per string instead of the alternation
         self.many = sensitive is not None and len(sensitive.by_first) + literals > _PROBE_LIMIT
+        # set by the whole-document check when it saw a written-out BSN or a patient's phone number in some
+        # other notation; until then (or when the document cannot be serialised) every string is checked
+        self.split_bsn = self.phones = True
 
     @cached_property
     def quick(self) -> re.Pattern[str]:
@@ -324,9 +377,14 @@ class _Scanner:
         return frozenset(keys), tuple(plain), tuple(lit for lit, _ in literals)
 
     def needs_check(self, s: str) -> bool:
+        if (self.split_bsn and _SPLIT_BSN.search(s)) or (self.phones and _PHONE_RUN.search(s)):
+            return True
         if not self.many:
-            # IGNORECASE covers ASCII; other text is case-folded first, as the sensitive tokens were
-            return self.quick.search(s if s.isascii() else s.casefold()) is not None
+            # IGNORECASE covers ASCII; other text is case-folded first, as the sensitive tokens were (and a
+            # 9-digit run is sought before: folding "111222333ß" to "...ss" would glue a letter onto it)
+            if s.isascii():
+                return self.quick.search(s) is not None
+            return _NINE.search(s) is not None or self.quick.search(s.casefold()) is not None
         if _NINE.search(s) is not None:
             return True
         keys, plain, literals = self.lookup
@@ -343,9 +401,16 @@ class _Scanner:
                 if bsn_valid(m.group(0)):
                     self.findings.append(Finding(_path(parts), "bsn"))
                     break
+        if self.split_bsn and not _is_code(parent, key) and _split_bsn_in(s):
+            self.findings.append(Finding(_path(parts), "bsn"))
         sens = self.sens
         if sens is None:
             return
+        if self.phones and sens.phones:
+            for m in _PHONE_RUN.finditer(s):
+                if phone_digits(m.group(0)) in sens.phones:
+                    self.findings.append(Finding(_path(parts), "telecom"))
+                    return
         if key in ("reference", "id", "fullUrl", "url") and sens.patient_ids:
             tail = s.rsplit("/", 1)[-1]
             if tail in sens.patient_ids:
@@ -361,6 +426,8 @@ class _Scanner:
             if not cands:
                 continue
             for seq, kind in cands:
+                if kind == "birth-date" and _event_date_key(key):
+                    continue
                 if len(seq) == 1 or tuple(tokens[i : i + len(seq)]) == seq:
                     self.findings.append(Finding(_path(parts), kind.replace("-joined", "")))
                     return
@@ -383,7 +450,7 @@ class _Scanner:
                 tv = type(v)
                 if tv is str and not self.needs_check(v):
                     continue  # the common case, decided without building a path
-                if tv is str or tv is dict or tv is list or tv is int:
+                if tv is str or tv is dict or tv is list or tv is int or tv is float:
                     parts.append(self.part(k))
                     self.value(v, k, value, parts) if tv is not str else self.text(v, k, value, parts)
                     parts.pop()
@@ -394,6 +461,43 @@ class _Scanner:
                 parts.pop()
         elif t is int and 100_000_000 <= value <= 999_999_999 and bsn_valid(str(value)):
             self.findings.append(Finding(_path(parts), "bsn"))
+        elif t is float and 1e8 <= value < 1e9 and value.is_integer() and bsn_valid(str(int(value))):
+            self.findings.append(Finding(_path(parts), "bsn"))  # a BSN sent as a decimal: 999911120.0
+
+
+def _split_bsn_in(s: str) -> bool:
+    return any(bsn_valid(re.sub(r"\D", "", m.group(1))) for m in _SPLIT_BSN.finditer(s))
+
+
+def _suspicions(raw: bytes, marks: bytes, scanner: _Scanner) -> None:
+    """Whole-document pre-checks (C-level) that decide whether the walk must look for a BSN written with
+    separators, or for a patient's phone number in another notation (separators dropped, +31 folded).
+
+    ``marks`` is ``raw`` with digits as "0", ASCII letters as "a", all else " ", framed by spaces: a written
+    BSN the walk would report is one of the two shapes below there, and only those places are read exactly
+    (a regex over the whole document would cost more than the rest of the gate)."""
+    scanner.split_bsn = any(_split_bsn_at(raw, marks, shape) for shape in _SPLIT_SHAPES)
+    phones = scanner.sens.phones if scanner.sens is not None else ()
+    if phones:
+        glued = raw.translate(None, _PHONE_SEPARATORS)  # "+31 (0)6-1234 5678" -> "3106123 45678" -> ...
+        scanner.phones = any(p[1:].encode() in glued for p in phones)  # the number after its leading 0
+    else:
+        scanner.phones = False
+
+
+_SPLIT_SHAPES = (b" 0000 00 000 ", b" 000 000 000 ")
+
+
+def _split_bsn_at(raw: bytes, marks: bytes, shape: bytes) -> bool:
+    at = marks.find(shape)
+    while at >= 0:
+        # marks[i + 1] is raw[i]: the shape's leading space is raw[at - 1], its digits start at raw[at]
+        window = raw[max(0, at - 1) : at + len(shape) + 1]
+        found = _SPLIT_BSN_BYTES.finditer(window)
+        if any(bsn_valid(re.sub(rb"\D", b"", m.group(1)).decode()) for m in found):
+            return True
+        at = marks.find(shape, at + 1)
+    return False
 
 
 _PROBE_LIMIT = 24  # more sensitive first tokens + patient literals than this: tokenise the document once
@@ -508,6 +612,9 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner, serialized: bytes | None 
     # 9-digit runs are common (SNOMED codes); only one that passes the 11-proef needs a closer look. Digits
     # become "0", ASCII letters "a", all else " ": a " 000000000 " is then exactly a match of _NINE.
     marks = b" " + raw.translate(_DIGIT_MARKS) + b" "
+    _suspicions(raw, marks, scanner)
+    if scanner.split_bsn or scanner.phones:
+        return False
     at = marks.find(b" 000000000 ")
     while at >= 0:
         if bsn_valid(raw[at : at + 9].decode()) and not _coding_code_at(raw, at):
