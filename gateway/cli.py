@@ -208,12 +208,19 @@ def _mount_bulk() -> None:
 
 @app.command()
 def scan(
-    files: list[Path] = typer.Argument(..., help="FHIR JSON files to scan for direct identifiers"),
+    files: list[Path] = typer.Argument(..., help="FHIR JSON or NDJSON files to scan for direct identifiers"),
+    original: Path = typer.Option(
+        None, "--original", help="the input the files were made from: its identifying values are sought too"
+    ),
 ) -> None:
-    """Scan FHIR files for direct identifiers; exit 1 on a finding. Findings name paths, not values."""
+    """Scan FHIR files for direct identifiers; exit 1 on a finding. Findings name paths, not values.
+
+    Always: BSNs (also written with separators) and person resources that still carry a name, telecom,
+    photo, contact, street address or an identifier other than a pseudonym. With --original also every
+    name, address, phone number, identifier and birth date of that input, wherever it appears."""
     from gateway.deid.commands import scan as run
 
-    run(files)
+    run(files, original)
 
 
 @profiles_app.command("check")

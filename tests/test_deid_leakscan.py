@@ -12,10 +12,20 @@ from typer.testing import CliRunner
 from gateway.deid import scan, sensitive_values
 from gateway.deid.commands import app
 from gateway.deid.leakscan import bsn_valid
-from tests.test_deid_support import DUTCH, KEY_A, PROVENANCE, dutch_bundle, fake_pseudonyms, load, plan_for
+from tests.test_deid_support import (
+    CORPUS,
+    DUTCH,
+    KEY_A,
+    PROVENANCE,
+    dutch_bundle,
+    fake_pseudonyms,
+    load,
+    plan_for,
+)
 
 PATIENT = load(DUTCH / "nl-core-Patient-alt-1.json")
 CONTACT = load(DUTCH / "nl-core-ContactPerson-alt-1.json")
+CORPUS_SYNTHEA = CORPUS / "synthea" / "smart-generated-sample-data-r4"
 
 
 def source() -> dict[str, Any]:
@@ -252,3 +262,32 @@ def test_a_hospital_in_the_patients_postcode_is_not_a_leak() -> None:
     hospital = {"line": ["Ziekenhuisplein 1"], "postalCode": HOME["postalCode"]}
     bundle = _with_public("Organization", hospital)
     assert scan(_delivering("Organization", hospital), sensitive_values(bundle)) == []
+
+
+def test_fhir_gateway_scan_finds_a_raw_export_without_the_original_and_passes_our_output(
+    tmp_path: Path,
+) -> None:
+    """`fhir-gateway scan` (the top-level command) with no --original used to find BSNs only: a raw Synthea
+    bundle full of names, phone numbers and addresses came out 'clean'."""
+    from gateway.cli import app as gateway_app
+
+    raw = tmp_path / "export.json"  # the corpus file's own name holds the patient's name
+    raw.write_bytes((CORPUS_SYNTHEA / "Buster_Hoeger_ad2e3fc5-2b5d-4cb9-8d03-9ea0f4ac8423.json").read_bytes())
+    runner = CliRunner()
+    result = runner.invoke(gateway_app, ["scan", str(raw)])
+    assert result.exit_code == 1, result.output
+    kinds = {line.rsplit(": ", 1)[-1] for line in result.output.splitlines() if ": " in line}
+    assert {"name", "telecom", "address", "identifier"} <= kinds
+    assert "Hoeger" not in result.output
+    bundle = load(raw)
+    out = tmp_path / "out.json"
+    deid = __import__("gateway.deid", fromlist=["deidentify"]).deidentify(
+        bundle,
+        plan_for("example-generic"),
+        id_key=KEY_A,
+        pseudonyms=fake_pseudonyms(bundle),
+        provenance=PROVENANCE,
+    )
+    out.write_bytes(orjson.dumps(deid.bundle))
+    checked = runner.invoke(gateway_app, ["scan", "--original", str(raw), str(out)])
+    assert checked.exit_code == 0, checked.output

@@ -669,11 +669,51 @@ def _sequence_at(low: str, start: int, candidates: Any) -> bool:
 def scan(
     output: Any, sensitive: SensitiveSet | None = None, *, serialized: bytes | None = None
 ) -> list[Finding]:
-    """Findings (path, kind) in ``output``; empty when clean. Without ``sensitive`` only BSNs are sought.
-    ``serialized``: exactly ``orjson.dumps(output)`` if the caller has it already (saves one dump)."""
+    """Findings (path, kind) in ``output``; empty when clean. Without ``sensitive`` (no original to compare
+    with, e.g. at the registry) BSNs are sought, and the elements of a person that hold direct identifiers
+    (``person_elements``). ``serialized``: exactly ``orjson.dumps(output)`` if the caller has it already."""
+    root = output.get("resourceType", "Resource") if isinstance(output, dict) else "$"
+    root = str(root) if isinstance(root, str) and root.isalpha() else "Resource"
+    findings = person_elements(output, root)
     scanner = _Scanner(sensitive)
     if _clean_at_a_glance(output, scanner, serialized):
-        return []
-    root = output.get("resourceType", "Resource") if isinstance(output, dict) else "$"
-    scanner.value(output, "", {}, [str(root) if isinstance(root, str) and root.isalpha() else "Resource"])
-    return scanner.findings
+        return findings
+    scanner.value(output, "", {}, [root])
+    return findings + scanner.findings
+
+
+# Elements of a Patient, RelatedPerson or Person that hold direct identifiers: never in pseudonymised output
+_PERSON_ELEMENTS = {"name": "name", "telecom": "telecom", "photo": "photo", "contact": "contact"}
+
+
+def person_elements(doc: Any, root: str = "Bundle") -> list[Finding]:
+    """Direct identifiers by structure, with nothing to compare against: a person resource (also inside
+    ``contained``) with a name, telecom, photo, contact, an address with street lines or text, or an
+    identifier that is not one of our pseudonyms. Finds them in raw exports too (``fhir-gateway scan``)."""
+    found: list[Finding] = []
+    entries = doc.get("entry") if isinstance(doc, dict) else None
+    if isinstance(entries, list):
+        for i, entry in enumerate(entries):
+            res = entry.get("resource") if isinstance(entry, dict) else None
+            _person_resource(res, f"{root}.entry[{i}].resource", found)
+    else:
+        _person_resource(doc, root, found)
+    return found
+
+
+def _person_resource(res: Any, path: str, found: list[Finding]) -> None:
+    if not isinstance(res, dict):
+        return
+    for n, inner in enumerate(_list(res.get("contained"))):
+        _person_resource(inner, f"{path}.contained[{n}]", found)
+    if res.get("resourceType") not in PERSON_TYPES:
+        return
+    for key, kind in _PERSON_ELEMENTS.items():
+        if res.get(key):
+            found.append(Finding(f"{path}.{key}", kind))
+    for n, addr in enumerate(_list(res.get("address"))):
+        if isinstance(addr, dict) and (addr.get("line") or addr.get("text")):
+            found.append(Finding(f"{path}.address[{n}]", "address"))
+    for n, ident in enumerate(_list(res.get("identifier"))):
+        if isinstance(ident, dict) and ident.get("value") and not _is_pseudonym(ident):
+            found.append(Finding(f"{path}.identifier[{n}]", "identifier"))
