@@ -376,3 +376,24 @@ def test_many_dangling_references_are_cheap(validator: SchemaValidator) -> None:
     start = time.perf_counter()
     err = rejected(validator, body)
     assert len(err.issues) == MAX_ISSUES and time.perf_counter() - start < 2.0
+
+
+def test_one_dangling_reference_in_two_places_is_two_issues_with_two_paths(
+    validator: SchemaValidator,
+) -> None:
+    obs = observation(subject="Patient/elsewhere")
+    obs["performer"] = [{"reference": "Patient/elsewhere"}]
+    err = rejected(validator, bundle(patient(), obs))
+    paths = sorted(i.expression[0] for i in err.issues if i.code == "not-found")
+    assert paths == [
+        "Bundle.entry[1].resource.performer[0].reference",
+        "Bundle.entry[1].resource.subject.reference",
+    ]
+
+
+def test_two_versions_of_one_resource_are_refused_saying_so(validator: SchemaValidator) -> None:
+    first, second = observation(), observation()
+    first["meta"], second["meta"] = {"versionId": "1"}, {"versionId": "2"}
+    err = rejected(validator, bundle(patient(), first, second, urls=[url(1), url(2), url(2)]))
+    (issue,) = [i for i in err.issues if i.code == "duplicate"]
+    assert "another version" in issue.diagnostics and issue.expression == ("Bundle.entry[2].fullUrl",)

@@ -357,9 +357,19 @@ def _full_url_index(entries: list[dict], errors: list[Issue]) -> dict[str, int]:
             continue
         first = by_full_url.setdefault(full_url, i)
         if first != i:
-            text = f"duplicate fullUrl (the same as entry {first})"
+            if _version_id(entries[i]) != _version_id(entries[first]):
+                # allowed by R4 (bdl-7), but which version would the registry get? One per Bundle, please.
+                text = f"another version of the resource of entry {first}: send one version per Bundle"
+            else:
+                text = f"duplicate fullUrl (the same as entry {first})"
             errors.append(Issue("duplicate", text, (f"Bundle.entry[{i}].fullUrl",)))
     return by_full_url
+
+
+def _version_id(entry: dict) -> Any:
+    resource = entry.get("resource")
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    return meta.get("versionId") if isinstance(meta, dict) else None
 
 
 # Reference forms. Matching runs over orjson's compact output of each entry: inside a JSON string every quote
@@ -385,6 +395,7 @@ class _Resolver:
         self.entries = entries
         self.by_full_url = by_full_url
         self._warned: set[str] = set()
+        self._dangling_seen: dict[tuple[int, str], int] = {}  # (entry, reference) -> occurrences reported
         self._type_identifiers: dict[str, dict[tuple[str | None, str], set[int]]] = {}
         self.restful_urls = any(not url.startswith("urn:") for url in by_full_url)
         self.patient_identifiers = _identifier_index(patients)
@@ -541,7 +552,9 @@ class _Resolver:
 
     def _dangling(self, i: int, resource: dict, ref: str, text: str) -> None:
         if len(self.errors) < MAX_ISSUES:  # the rest would be cut anyway; locating each walks the resource
-            self.errors.append(Issue("not-found", text, (_reference_path(i, resource, ref),)))
+            nth = self._dangling_seen.get((i, ref), 0)
+            self._dangling_seen[(i, ref)] = nth + 1
+            self.errors.append(Issue("not-found", text, (_reference_path(i, resource, ref, nth),)))
 
     def _warn(self, i: int, resource: dict, ref: str, text: str) -> None:
         self.external.append((i, ref))
@@ -630,9 +643,13 @@ def _walk_references(node: Any, path: str, top: bool = False) -> Iterator[tuple[
             stack.extend((value, f"{where}[{j}]", False) for j, value in enumerate(item))
 
 
-def _reference_path(i: int, resource: dict, ref: str) -> str:
-    """Error path only: find where the offending reference sits inside the entry."""
+def _reference_path(i: int, resource: dict, ref: str, nth: int = 0) -> str:
+    """Error path only: where the `nth` occurrence of the offending reference sits inside the entry (the
+    same reference in `patient` and `asserter` is two issues with two paths)."""
+    seen = 0
     for path, found in _walk_references(resource, f"Bundle.entry[{i}].resource", top=True):
         if found.get("reference") == ref:
-            return f"{path}.reference"
+            if seen == nth:
+                return f"{path}.reference"
+            seen += 1
     return f"Bundle.entry[{i}].resource"
