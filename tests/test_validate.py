@@ -397,3 +397,14 @@ def test_two_versions_of_one_resource_are_refused_saying_so(validator: SchemaVal
     err = rejected(validator, bundle(patient(), first, second, urls=[url(1), url(2), url(2)]))
     (issue,) = [i for i in err.issues if i.code == "duplicate"]
     assert "another version" in issue.diagnostics and issue.expression == ("Bundle.entry[2].fullUrl",)
+
+
+def test_a_property_name_that_may_be_data_is_not_echoed(validator: SchemaValidator) -> None:
+    """A privacy probe put a surname and a BSN in property names; the errors repeated them."""
+    found = validator.validate_resource({**patient(), "zyxwortel": 1, "bsn999911120": 2, "contactPoint": 3})
+    rendered = json.dumps([i.as_fhir() for i in found])
+    assert "zyxwortel" not in rendered and "999911120" not in rendered
+    assert "Patient.contactPoint" in rendered  # a camelCase typo of an integrator is still named
+    with pytest.raises(FhirError) as err:
+        parse_json(b'{"resourceType":"Patient","zyxwortel":1,"zyxwortel":2}', max_bytes=1000)
+    assert "zyxwortel" not in json.dumps(err.value.outcome())
