@@ -38,6 +38,9 @@ def import_objections(
 
     settings = Settings(config=config)
     cfg = load_config(config)
+    if registry != "*" and registry not in cfg.registries:
+        console.print(f"[red]unknown registry {registry!r}: give one of the configuration's, or *[/red]")
+        raise typer.Exit(2)
     keys = load_keys(settings.key_dir, [p.id for p in cfg.providers])
     store = open_store(settings.store_url)
     bad: list[ObjectionCsvError] = []

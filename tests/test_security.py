@@ -206,6 +206,10 @@ def test_objections_are_per_provider(chain: Any) -> None:
     assert dropped(mine, "obj-mine-2") == 1
     assert objection_call(mine, "/objections/$withdraw") == 204
     assert dropped(mine, "obj-mine-3") == 0
+    # the register keeps the registry in clear: only a known one (or '*') is accepted, and not echoed
+    unknown = {"patientNumber": "P0001234", "registry": "Zyxwortel-999911120"}
+    response = httpx.post(f"{chain.gateway_url}/objections", json=unknown, headers=auth(mine), timeout=30)
+    assert response.status_code == 404 and "Zyxwortel" not in response.text
 
 
 # --- request ids and metrics ------------------------------------------------------------------------------

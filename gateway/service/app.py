@@ -335,14 +335,14 @@ def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.post("/objections", status_code=204, openapi_extra=OBJECTION_BODY)
     async def add_objection(request: Request) -> Response:
         caller = _provider_caller(runtime, request)
-        patient_number, registry = await _objection_body(request)
+        patient_number, registry = await _objection_body(request, runtime)
         await runtime.objections_add(caller, patient_number, registry)
         return Response(status_code=204)
 
     @app.post("/objections/$withdraw", status_code=204, openapi_extra=OBJECTION_BODY)
     async def withdraw_objection(request: Request) -> Response:
         caller = _provider_caller(runtime, request)
-        patient_number, registry = await _objection_body(request)
+        patient_number, registry = await _objection_body(request, runtime)
         await runtime.objections_withdraw(caller, patient_number, registry)
         return Response(status_code=204)
 
@@ -355,7 +355,7 @@ def _provider_caller(runtime: Runtime, request: Request) -> Caller:
     return caller
 
 
-async def _objection_body(request: Request) -> tuple[str, str]:
+async def _objection_body(request: Request, runtime: Runtime) -> tuple[str, str]:
     check_content_type(request)
     try:
         data = orjson.loads(await read_limited(request, 10_000))
@@ -368,6 +368,9 @@ async def _objection_body(request: Request) -> tuple[str, str]:
         raise FhirError.single(400, "required", "patientNumber is required", "patientNumber")
     if not isinstance(registry, str):
         raise FhirError.single(400, "value", "registry must be a string", "registry")
+    if registry != "*" and registry not in runtime.registries:
+        # only known registries: the register must not keep (in clear) whatever text a client sends here
+        raise FhirError.single(404, "not-found", "unknown registry ('*' means every registry)", "registry")
     return number.strip(), registry
 
 
