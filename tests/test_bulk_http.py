@@ -175,6 +175,16 @@ def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noq
         )
         status = wait_done(client, response.headers["Content-Location"])
         assert status["state"] == "failed" and "outside" in status["error"]
+        # a missing file is named by its place in the manifest, never by its name (it may carry anything)
+        missing = {"output": [{"type": "Patient", "url": "exp/Patient-MRN00042-999911120.ndjson"}]}
+        response = client.post(
+            f"/registries/{REGISTRY}/$import",
+            content=orjson.dumps(missing),
+            headers=auth | {"Content-Type": "application/json"},
+        )
+        status = wait_done(client, response.headers["Content-Location"])
+        assert status["state"] == "failed" and status["error"].endswith("output[0] names a missing file")
+        assert "MRN00042" not in client.get("/bulk").text
         # authentication and registry authorisation as on the Bundle endpoint
         anonymous = httpx.post(
             f"{c.gateway_url}/registries/{REGISTRY}/$import",

@@ -181,7 +181,9 @@ class BulkJobs:
         self._remember(job)
         (folder / JOB_FILE).write_bytes(orjson.dumps({"provider": provider, "registry": registry}))
         target = folder / "manifest.json"
-        target.write_bytes(manifest)
+        # kept for the resume window: it names the export's files, which only the gateway's user may read
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+            handle.write(manifest)
         return job, target
 
     def start(self, job: JobStatus, sources: list[Path], *, sender: str) -> None:

@@ -70,25 +70,27 @@ def parse_manifest(data: bytes, *, base: Path, allowed_root: Path | None) -> lis
     if not isinstance(outputs, list):
         raise SourceError("the manifest has no output list")
     files = []
-    for item in outputs:
+    for n, item in enumerate(outputs):
         if not isinstance(item, dict) or not isinstance(item.get("url"), str):
-            raise SourceError("a manifest output entry has no url")
-        target = _local(item["url"], base, allowed_root)
+            raise SourceError(f"manifest output[{n}] has no url")
+        target = _local(item["url"], base, allowed_root, n)
         rtype = item.get("type") if isinstance(item.get("type"), str) else _type_hint(target.name)
         files.append(SourceFile(target, rtype))
     return files
 
 
-def _local(url: str, base: Path, allowed_root: Path | None) -> Path:
+def _local(url: str, base: Path, allowed_root: Path | None, n: int) -> Path:
+    """The local file of manifest output[n]. Errors name the entry, not the file: an export's file names are
+    the hospital's choice and may carry anything (a patient number in a per-patient export)."""
     parsed = urlparse(url)
     if parsed.scheme not in ("", "file"):
-        raise SourceError("manifest urls must name local files (no remote download)")
+        raise SourceError(f"manifest output[{n}]: urls must name local files (no remote download)")
     raw = Path(unquote(parsed.path if parsed.scheme == "file" else url))
     target = (raw if raw.is_absolute() else (allowed_root or base) / raw).resolve()
     if allowed_root is not None and not target.is_relative_to(allowed_root.resolve()):
-        raise SourceError("manifest names a file outside the import folder")
+        raise SourceError(f"manifest output[{n}] names a file outside the import folder")
     if not target.is_file():
-        raise SourceError(f"manifest names a missing file: {target.name}")
+        raise SourceError(f"manifest output[{n}] names a missing file")
     return target
 
 
