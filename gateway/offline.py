@@ -36,6 +36,13 @@ def run_deidentify(
         rows = asyncio.run(_all(files, chains, out))
     for path, (_, summary) in zip(files, rows, strict=True):
         table.add_row(path.name, *summary)
+    if config is None:
+        # a served gateway also asks the registry's opt-out sources (the objection register needs each
+        # patient's number in the provider's mrn_system): what is delivered here may not be delivered there
+        table.caption = (
+            "opt-out: only Consents in the files were read (no objection register, no EHR search); "
+            "give --config for the hospital's sources and keys"
+        )
     (Console(stderr=True) if out is None else console).print(table)
     return max((code for code, _ in rows), default=0)
 

@@ -155,3 +155,8 @@ def test_deidentify_with_a_configuration_honours_the_objection_register(tmp_path
     patients = [e for e in delivered["entry"] if e["resource"]["resourceType"] == "Patient"]
     assert len(patients) == 3  # four vector persons, the one with patient number P0001234 objected
     assert "P0001234" not in json.dumps(delivered)
+    assert "only Consents in the files" not in result.output
+    bare = runner.invoke(
+        app, ["deidentify", str(example), "--registry", registry, "--out", str(tmp_path / "o2")]
+    )
+    assert bare.exit_code == 0 and "only Consents in the files" in " ".join(bare.output.split())
