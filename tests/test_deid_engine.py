@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.deid import compile_plan, deidentify, load_rules, scan
+from gateway.deid import compile_plan, deidentify, load_rules, scan, sensitive_values
 from gateway.deid.profile import profile_from_data, read_yaml
 from gateway.deid.rules import rules_from_data
 from tests.test_deid_support import KEY_A, PROFILES, PROVENANCE, fake_pseudonyms, plan_for, references
@@ -478,3 +478,27 @@ def test_profile_switches_keep_what_the_profile_asks_for() -> None:
     assert pr["name"] == [{"family": "Peters", "given": ["Jan"]}]
     assert "identifier" not in pr and "telecom" not in pr
     assert plan.practitioner_kept == ("name",)
+
+
+@pytest.mark.parametrize("marker", ["same-address", "PTRES"])
+def test_a_location_at_the_patients_home_gets_the_patients_address_generalisation(marker: str) -> None:
+    """Location.address is kept (a hospital's address), but a home visit's Location is the patient's home:
+    it is recognised by the patient's own address or by type PTRES and generalised like Patient.address."""
+    home = dict(patient()["address"][0])
+    loc: dict[str, Any] = {"resourceType": "Location", "name": "thuis", "address": home}
+    if marker == "PTRES":
+        loc["address"] = {**home, "line": ["Elders 3"]}
+        loc["type"] = [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "PTRES"}]}
+        ]
+    hospital = {
+        "resourceType": "Location",
+        "name": "Isala",
+        "address": {"line": ["Dokter van Heesweg 2"], "city": "Zwolle", "postalCode": "8025 AB"},
+    }
+    result = run(bundle(("urn:uuid:p", patient()), ("urn:uuid:l", loc), ("urn:uuid:h", hospital)))
+    at_home, clinic = resources(result.bundle, "Location")
+    assert at_home["address"].get("postalCode") == "8011" and "line" not in at_home["address"]
+    assert clinic["address"] == hospital["address"]  # a public place keeps its address
+    assert scan(result.bundle, sensitive_values(bundle(("urn:uuid:p", patient()), ("urn:uuid:l", loc)))) == []
+    assert result.report.elements_removed["Location.address.(patient-home)"] == 1

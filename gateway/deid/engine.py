@@ -513,6 +513,60 @@ def _prune(value: Any, dead: set[str]) -> Any:
     return value
 
 
+# ── a Location that is the patient's home (a home visit) ──────────────────────────────────────────────────
+# Location.address is kept as a public place's address; at the patient's own address it is theirs, and it
+# gets what the profile gives Patient.address (PC4, no street), or nothing when the profile delivers none.
+
+_PATIENT_RESIDENCE = "PTRES"  # v3-RoleCode: the patient's residence
+
+
+def _address_key(address: Any) -> tuple[str, str] | None:
+    if type(address) is not dict:
+        return None
+    postcode = address.get("postalCode")
+    lines = address.get("line")
+    line = lines[0] if type(lines) is list and lines and type(lines[0]) is str else ""
+    if type(postcode) is not str or not line:
+        return None
+    return "".join(postcode.split()).upper(), " ".join(line.casefold().split())
+
+
+def _patient_homes(entries: list[Any]) -> set[tuple[str, str]]:
+    homes: set[tuple[str, str]] = set()
+    for entry in entries:
+        res = entry.get("resource") if type(entry) is dict else None
+        if type(res) is dict and res.get("resourceType") == "Patient" and type(res.get("address")) is list:
+            homes.update(k for k in map(_address_key, res["address"]) if k is not None)
+    return homes
+
+
+def _at_home(location: dict[str, Any], homes: set[tuple[str, str]]) -> bool:
+    if _address_key(location.get("address")) in homes:
+        return True
+    types = location.get("type")
+    return type(types) is list and any(
+        type(t) is dict
+        and any(type(c) is dict and c.get("code") == _PATIENT_RESIDENCE for c in t.get("coding") or ())
+        for t in types
+    )
+
+
+def _generalise_home_address(
+    location: dict[str, Any], out: dict[str, Any], plan: Plan, ctx: p.WalkContext
+) -> None:
+    patient = plan.nodes.get("Patient")
+    field_ = patient[0].get("address") if patient else None
+    address = location.get("address")
+    general = None
+    if field_ and field_[0] == p.COMPLEX and type(address) is dict:
+        general = p.walk(address, field_[1], ctx)
+    if general:
+        out["address"] = general
+    else:
+        del out["address"]
+    ctx.count("Location.address.(patient-home)")
+
+
 def _walk_all(
     candidates: list[_Candidate], offsets: list[int], plan: Plan, ctx: p.WalkContext, report: DeidReport
 ) -> list[tuple[_Candidate, dict[str, Any]]]:
@@ -686,6 +740,11 @@ def _deidentify(
         modifier_ok=plan.modifier_ok,
     )
     kept = _walk_all(candidates, _offsets(candidates, resolver, plan, ids), plan, ctx, report)
+    homes = _patient_homes(entries) if any(c.rtype == "Location" for c, _ in kept) else set()
+    if homes:
+        for c, out in kept:
+            if c.rtype == "Location" and "address" in out and _at_home(c.resource, homes):
+                _generalise_home_address(c.resource, out, plan, ctx)
     out_entries = [
         {
             "fullUrl": "urn:uuid:" + c.new_id,
