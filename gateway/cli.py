@@ -212,6 +212,9 @@ def scan(
     original: Path = typer.Option(
         None, "--original", help="the input the files were made from: its identifying values are sought too"
     ),
+    registry: str = typer.Option(
+        None, "--registry", help="with --original: the profile the files were made for (the data it keeps)"
+    ),
 ) -> None:
     """Scan FHIR files for direct identifiers; exit 1 on a finding. Findings name paths, not values.
 
@@ -220,7 +223,7 @@ def scan(
     name, address, phone number, identifier and birth date of that input, wherever it appears."""
     from gateway.deid.commands import scan as run
 
-    run(files, original)
+    run(files, original, registry)
 
 
 @profiles_app.command("check")

@@ -164,8 +164,7 @@ async def process_bundle(
             "resources_kept": result.report.resources_kept,
         },
     )
-    birth_dates = registry.plan.profile.generalise.get("birthDate") != "keep"
-    payload = _leak_gate(result.bundle, kept_input, registry.plan.practitioner_kept, birth_dates)
+    payload = _leak_gate(result.bundle, kept_input, registry.plan.profile.leak_gate_options())
     report |= {
         "pseudonymTypes": dict(pseudonyms.types_added),
         "pseudonymsSkipped": dict(pseudonyms.skipped),
@@ -259,14 +258,12 @@ def _by_every_reference(
     return out
 
 
-def _leak_gate(
-    output: dict[str, Any], kept_input: dict[str, Any], practitioner_kept: tuple[str, ...], birth_dates: bool
-) -> bytes:
+def _leak_gate(output: dict[str, Any], kept_input: dict[str, Any], options: dict[str, Any]) -> bytes:
     """After rewriting, before anything leaves: a hit blocks the delivery, naming the path, not the value.
     Returns the serialised output it scanned, so that what is stored is byte for byte what was checked.
-    ``birth_dates``: the profile generalises birth dates, so a full one must not appear."""
+    ``options``: the profile's ``leak_gate_options()``."""
     payload = orjson.dumps(output)
-    sensitive = sensitive_values(kept_input, practitioner_kept=practitioner_kept, birth_dates=birth_dates)
+    sensitive = sensitive_values(kept_input, **options)
     findings = scan(output, sensitive, serialized=payload)
     if findings:
         issues = [

@@ -291,3 +291,17 @@ def test_fhir_gateway_scan_finds_a_raw_export_without_the_original_and_passes_ou
     out.write_bytes(orjson.dumps(deid.bundle))
     checked = runner.invoke(gateway_app, ["scan", "--original", str(raw), str(out)])
     assert checked.exit_code == 0, checked.output
+    # a profile that keeps professionals' identifiers: without --registry they would be reported
+    nl_core = tmp_path / "nl-core.json"
+    nl_core.write_bytes(orjson.dumps(dutch_bundle()))
+    deid = __import__("gateway.deid", fromlist=["deidentify"]).deidentify(
+        dutch_bundle(),
+        plan_for("example-generic"),
+        id_key=KEY_A,
+        pseudonyms=fake_pseudonyms(dutch_bundle()),
+        provenance=PROVENANCE,
+    )
+    out.write_bytes(orjson.dumps(deid.bundle))
+    args = ["scan", "--original", str(nl_core), str(out)]
+    assert runner.invoke(gateway_app, args).exit_code == 1
+    assert runner.invoke(gateway_app, [*args, "--registry", "example-generic"]).exit_code == 0

@@ -184,3 +184,18 @@ def test_commands_callable_as_functions_as_the_cli_does(capsys: pytest.CaptureFi
     with pytest.raises(typer.Exit) as exc:
         commands.scan([RULES])  # not JSON: unreadable
     assert exc.value.exit_code == 2
+
+
+def test_a_reference_to_a_type_the_profile_does_not_deliver_is_a_warning(tmp_path: Path) -> None:
+    from gateway.deid.profile import profile_warnings
+
+    raw = read_yaml(PROFILES / "example-generic.yaml")
+    assert profile_warnings(raw) == []  # the shipped profiles refer only to what they deliver
+    raw["resources"]["CarePlan"] = [*raw["resources"]["CarePlan"], "careTeam"]
+    raw["resources"]["Condition"] = [*raw["resources"]["Condition"], "evidence"]  # a BackboneElement: fine
+    assert profile_warnings(raw) == [
+        "resources.CarePlan.careTeam: refers to CareTeam, which is not delivered"
+    ]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["profiles-check", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 0 and "warning: resources.CarePlan.careTeam" in result.output

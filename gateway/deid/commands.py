@@ -15,7 +15,7 @@ import typer
 
 from gateway.deid.leakscan import SensitiveSet, sensitive_values
 from gateway.deid.leakscan import scan as scan_document
-from gateway.deid.profile import check_profile, read_yaml
+from gateway.deid.profile import check_profile, load_profile, profile_warnings, read_yaml
 from gateway.deid.rules import DEFAULT_RULES, check_rules
 
 DEFAULT_PROFILES = DEFAULT_RULES.parents[1] / "profiles"
@@ -40,12 +40,23 @@ def scan(
         Path | None,
         typer.Option("--original", help="The input bundle: its identifying values are sought too."),
     ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option("--registry", help="With --original: the profile the files were made for."),
+    ] = None,
 ) -> None:
     """Leak gate: exit 1 if a file still contains a BSN or an identifying value of the original."""
     sensitive: SensitiveSet | None = None
+    options = {}
+    if registry is not None:
+        try:
+            options = load_profile(DEFAULT_PROFILES / f"{registry}.yaml").leak_gate_options()
+        except (OSError, ValueError):
+            typer.echo(f"{registry}: no such profile in {DEFAULT_PROFILES}", err=True)
+            raise typer.Exit(2) from None
     if original is not None:
         try:
-            sensitive = sensitive_values(_load_json(original))
+            sensitive = sensitive_values(_load_json(original), **options)
         except (OSError, ValueError):
             typer.echo(f"{original}: unreadable", err=True)
             raise typer.Exit(2) from None
@@ -94,6 +105,8 @@ def profiles_check(
             problems.append(f"{path}: unreadable or not YAML")
             continue
         problems += [f"{path}: {p}" for p in check_profile(data)]
+        for warning in profile_warnings(data):
+            typer.echo(f"{path}: warning: {warning} (the reference is always dropped)")
         pid = data.get("id") if isinstance(data, dict) else None
         if isinstance(pid, str):
             if pid in seen:

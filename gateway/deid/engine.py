@@ -65,7 +65,7 @@ class Plan:
     @property
     def practitioner_kept(self) -> tuple[str, ...]:
         """Professionals' data the profile delivers (for ``leakscan.sensitive_values``)."""
-        return tuple(k for k, v in self.profile.practitioner.items() if v == "keep")
+        return self.profile.leak_gate_options()["practitioner_kept"]
 
 
 @dataclass

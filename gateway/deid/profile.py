@@ -104,6 +104,14 @@ class Profile:
         """False for aggregated-only profiles: the engine then delivers no person-level resource."""
         return self.allows != "aggregated-only"
 
+    def leak_gate_options(self) -> dict[str, Any]:
+        """What ``leakscan.sensitive_values`` must know of this profile: the professionals' data it delivers
+        (not leaks), and whether a full birth date is one (the profile generalises it)."""
+        return {
+            "practitioner_kept": tuple(k for k, v in self.practitioner.items() if v == "keep"),
+            "birth_dates": self.generalise.get("birthDate") != "keep",
+        }
+
     def switch(self, dotted: str) -> str | None:
         """A profile option by its dotted name, e.g. ``generalise.birthDate`` (rules refer to these)."""
         section, _, key = dotted.partition(".")
@@ -299,6 +307,38 @@ def check_profile(data: Any) -> list[str]:
     _check_enum_section(data, "references", REFERENCES, out)
     _check_resources(data, out)
     return out
+
+
+def profile_warnings(data: Any) -> list[str]:
+    """Things that are valid but probably not meant: an allowed element named after a resource type that
+    the profile does not deliver (`Encounter.episodeOfCare` without `EpisodeOfCare`) refers to nothing the
+    registry gets, so the engine always drops it. Found by name (the R4 JSON Schema types no references)."""
+    resources = data.get("resources") if isinstance(data, Mapping) else None
+    if not isinstance(resources, Mapping):
+        return []
+    known = r4().resources
+    out = []
+    for rtype, paths in resources.items():
+        for path in paths if isinstance(paths, list) else ():
+            name = str(path).rsplit(".", 1)[-1]
+            target = name[:1].upper() + name[1:]
+            if target not in known or target in resources or target in FORBIDDEN_TYPES:
+                continue
+            if _element_type(rtype, str(path)) == "Reference":
+                out.append(f"resources.{rtype}.{path}: refers to {target}, which is not delivered")
+    return out
+
+
+def _element_type(rtype: str, path: str) -> str | None:
+    """The datatype of a dotted element path (`CarePlan.activity.detail.goal` → Reference), if known."""
+    types = r4()
+    definition, found = rtype, None
+    for part in path.split("."):
+        element = types.elements.get(definition, {}).get(part)
+        if element is None:
+            return None
+        found = definition = element.type
+    return found
 
 
 def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
