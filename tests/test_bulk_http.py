@@ -158,31 +158,25 @@ def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noq
     }
     auth = {"Authorization": f"Bearer {c.ehr_api_key}"}
     with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
-        response = client.post(
-            f"/registries/{REGISTRY}/$import",
-            content=orjson.dumps(manifest),
-            headers=auth | {"Content-Type": "application/json"},
-        )
-        assert response.status_code == 202
-        status = wait_done(client, response.headers["Content-Location"])
+
+        def imported(manifest: dict) -> tuple[dict, str]:
+            response = client.post(
+                f"/registries/{REGISTRY}/$import",
+                content=orjson.dumps(manifest),
+                headers=auth | {"Content-Type": "application/json"},
+            )
+            assert response.status_code == 202
+            where = response.headers["Content-Location"]
+            return wait_done(client, where), where
+
+        status, location = imported(manifest)
         assert status["state"] == "completed" and status["summary"]["sent"]["Patient"] == 3
         # a manifest naming a file outside the import folder fails without reading it
-        outside = {"output": [{"type": "Patient", "url": "../../etc/passwd"}]}
-        response = client.post(
-            f"/registries/{REGISTRY}/$import",
-            content=orjson.dumps(outside),
-            headers=auth | {"Content-Type": "application/json"},
-        )
-        status = wait_done(client, response.headers["Content-Location"])
+        status, _ = imported({"output": [{"type": "Patient", "url": "../../etc/passwd"}]})
         assert status["state"] == "failed" and "outside" in status["error"]
         # a missing file is named by its place in the manifest, never by its name (it may carry anything)
-        missing = {"output": [{"type": "Patient", "url": "exp/Patient-MRN00042-999911120.ndjson"}]}
-        response = client.post(
-            f"/registries/{REGISTRY}/$import",
-            content=orjson.dumps(missing),
-            headers=auth | {"Content-Type": "application/json"},
-        )
-        status = wait_done(client, response.headers["Content-Location"])
+        named = "exp/Patient-MRN00042-999911120.ndjson"
+        status, _ = imported({"output": [{"type": "Patient", "url": named}]})
         assert status["state"] == "failed" and status["error"].endswith("output[0] names a missing file")
         assert "MRN00042" not in client.get("/bulk").text
         # authentication and registry authorisation as on the Bundle endpoint
@@ -207,7 +201,7 @@ def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noq
             == 415
         )
         assert client.get("/bulk/unknown", headers=auth).status_code == 404
-        assert httpx.get(c.gateway_url + response.headers["Content-Location"]).status_code == 401
+        assert httpx.get(c.gateway_url + location).status_code == 401
 
 
 def test_an_upload_refused_half_way_leaves_neither_folder_nor_job(chain, tmp_path: Path) -> None:  # noqa: ANN001

@@ -36,6 +36,19 @@ def _post(
     )
 
 
+def _transaction(patient_entry: dict, *resources: dict) -> bytes:
+    """A transaction Bundle: the given Patient entry, then each resource POSTed under a fresh urn:uuid."""
+    entries = [patient_entry] + [
+        {
+            "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+            "resource": r,
+            "request": {"method": "POST", "url": r["resourceType"]},
+        }
+        for r in resources
+    ]
+    return orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+
+
 def _received(chain) -> list[dict]:
     deliveries = httpx.get(f"{chain.receiver_url}/deliveries").json()
     return [httpx.get(f"{chain.receiver_url}/Bundle/{d['id']}").json() for d in deliveries]
@@ -515,15 +528,7 @@ def test_what_a_privacy_probe_got_past_the_leak_gate_is_refused(chain):
     }
     before = len(_received(chain))
     for name, resources in cases.items():
-        entries = [patient_entry] + [
-            {
-                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
-                "resource": r,
-                "request": {"method": "POST", "url": r["resourceType"]},
-            }
-            for r in resources
-        ]
-        body = orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+        body = _transaction(patient_entry, *resources)
         response = _post(chain, body, headers={"Idempotency-Key": f"probe-{name}"})
         assert response.status_code == 422, (name, response.text)
         issues = response.json()["issue"]
@@ -550,16 +555,9 @@ def test_a_home_visit_is_delivered_with_the_home_address_generalised(chain):
         "subject": {"reference": f"Patient/{patient['id']}"},
         "location": [{"location": {"reference": "Location/home-1"}}],
     }
-    entries = [patient_entry] + [
-        {
-            "fullUrl": f"urn:uuid:{uuid.uuid4()}",
-            "resource": r,
-            "request": {"method": "POST", "url": r["resourceType"]},
-        }
-        for r in (location, encounter)
-    ]
-    body = orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries})
-    response = _post(chain, body, headers={"Idempotency-Key": "home-visit"})
+    response = _post(
+        chain, _transaction(patient_entry, location, encounter), headers={"Idempotency-Key": "home-visit"}
+    )
     assert response.status_code == 200, response.text
     delivery = {p["name"]: p for p in response.json()["parameter"]}["delivery"]["valueString"]
     out = orjson.loads(chain.runtime.store.get(delivery, with_payload=True).payload)

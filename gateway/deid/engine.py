@@ -551,6 +551,16 @@ def _at_home(location: dict[str, Any], homes: set[tuple[str, str]]) -> bool:
     )
 
 
+def _generalise_homes(
+    kept: list[tuple[_Candidate, dict[str, Any]]], entries: list[Any], plan: Plan, ctx: p.WalkContext
+) -> None:
+    locations = [(c, out) for c, out in kept if c.rtype == "Location" and "address" in out]
+    homes = _patient_homes(entries) if locations else set()
+    for c, out in locations:
+        if _at_home(c.resource, homes):
+            _generalise_home_address(c.resource, out, plan, ctx)
+
+
 def _generalise_home_address(
     location: dict[str, Any], out: dict[str, Any], plan: Plan, ctx: p.WalkContext
 ) -> None:
@@ -740,11 +750,7 @@ def _deidentify(
         modifier_ok=plan.modifier_ok,
     )
     kept = _walk_all(candidates, _offsets(candidates, resolver, plan, ids), plan, ctx, report)
-    homes = _patient_homes(entries) if any(c.rtype == "Location" for c, _ in kept) else set()
-    if homes:
-        for c, out in kept:
-            if c.rtype == "Location" and "address" in out and _at_home(c.resource, homes):
-                _generalise_home_address(c.resource, out, plan, ctx)
+    _generalise_homes(kept, entries, plan, ctx)
     out_entries = [
         {
             "fullUrl": "urn:uuid:" + c.new_id,
