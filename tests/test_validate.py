@@ -408,3 +408,14 @@ def test_a_property_name_that_may_be_data_is_not_echoed(validator: SchemaValidat
     with pytest.raises(FhirError) as err:
         parse_json(b'{"resourceType":"Patient","zyxwortel":1,"zyxwortel":2}', max_bytes=1000)
     assert "zyxwortel" not in json.dumps(err.value.outcome())
+
+
+def test_a_patient_linked_to_a_record_outside_the_bundle_is_refused_saying_why(
+    validator: SchemaValidator,
+) -> None:
+    linked = patient()
+    linked["link"] = [{"other": {"reference": "Patient/merged-1"}, "type": "seealso"}]
+    err = rejected(validator, bundle(linked, observation()))
+    (issue,) = [i for i in err.issues if i.code == "not-found"]
+    assert issue.expression == ("Bundle.entry[0].resource.link[0].other.reference",)
+    assert "Patient.link" in issue.diagnostics

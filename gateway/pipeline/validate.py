@@ -554,7 +554,11 @@ class _Resolver:
         if len(self.errors) < MAX_ISSUES:  # the rest would be cut anyway; locating each walks the resource
             nth = self._dangling_seen.get((i, ref), 0)
             self._dangling_seen[(i, ref)] = nth + 1
-            self.errors.append(Issue("not-found", text, (_reference_path(i, resource, ref, nth),)))
+            where = _reference_path(i, resource, ref, nth)
+            if resource.get("resourceType") == "Patient" and ".resource.link[" in where:
+                # a merged or linked record of the same person: its objection would go unchecked
+                text = "Patient.link names a Patient record not in the Bundle: send it too, or no link"
+            self.errors.append(Issue("not-found", text, (where,)))
 
     def _warn(self, i: int, resource: dict, ref: str, text: str) -> None:
         self.external.append((i, ref))
