@@ -483,9 +483,8 @@ def test_mrn_pseudonym_reverses_for_the_delivering_hospital_only(tmp_path):
 
 
 def test_what_a_privacy_probe_got_past_the_leak_gate_is_refused(chain):
-    """Found by a probe on 2026-11-24: an Organization with the patient's home address, a BSN sent as a
-    decimal or written with dots, the patient's birth date as an Observation value. Each is now a 422 that
-    names the path, and nothing reaches the registry."""
+    """Found by a probe on 2026-11-24: a BSN sent as a decimal or written with dots, the patient's birth
+    date as an Observation value. Each is now a 422 that names the path, and nothing reaches the registry."""
     source = json.loads((EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_text())
     patient_entry = source["entry"][0]
     patient = patient_entry["resource"]
@@ -493,16 +492,6 @@ def test_what_a_privacy_probe_got_past_the_leak_gate_is_refused(chain):
     home = {k: patient["address"][0][k] for k in ("line", "city", "postalCode")}
     observation = {"resourceType": "Observation", "status": "final", "subject": subject}
     cases = {
-        "organization-at-home": [  # a Location at the patient's home is generalised; an Organization not
-            {"resourceType": "Organization", "id": "org-1", "name": "praktijk aan huis", "address": [home]},
-            {
-                "resourceType": "Encounter",
-                "status": "finished",
-                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HH"},
-                "subject": subject,
-                "serviceProvider": {"reference": "Organization/org-1"},
-            },
-        ],
         "bsn-decimal": [
             {
                 **observation,
@@ -541,27 +530,44 @@ def test_what_a_privacy_probe_got_past_the_leak_gate_is_refused(chain):
 
 
 def test_a_home_visit_is_delivered_with_the_home_address_generalised(chain):
-    """The probe's home-visit Location (the patient's own address) went to the registry in full; it now gets
-    what Patient.address gets (PC4, no street), and the delivery goes through."""
+    """Probes delivered a home visit's Location (the patient's own address, also with the street abbreviated
+    or left out) in full; an Organization at the home too. Each now gets what Patient.address gets (PC4, no
+    street), and the delivery goes through."""
     source = json.loads((EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_text())
     patient_entry = source["entry"][0]
     patient = patient_entry["resource"]
     home = {k: patient["address"][0][k] for k in ("line", "city", "postalCode")}
-    location = {"resourceType": "Location", "id": "home-1", "name": "thuis", "address": home}
+    street, number = home["line"][0].rsplit(" ", 1)
+    places = [
+        {"resourceType": "Location", "id": "home-1", "name": "thuis", "address": home},
+        {
+            "resourceType": "Location",
+            "id": "home-2",
+            "address": {**home, "line": [f"{street[:4]}str. {number}"]},
+        },
+        {"resourceType": "Location", "id": "home-3", "address": {"postalCode": home["postalCode"]}},
+        {"resourceType": "Organization", "id": "org-1", "name": "praktijk aan huis", "address": [home]},
+    ]
     encounter = {
         "resourceType": "Encounter",
         "status": "finished",
         "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HH"},
         "subject": {"reference": f"Patient/{patient['id']}"},
-        "location": [{"location": {"reference": "Location/home-1"}}],
+        "location": [{"location": {"reference": f"Location/home-{n}"}} for n in (1, 2, 3)],
+        "serviceProvider": {"reference": "Organization/org-1"},
     }
     response = _post(
-        chain, _transaction(patient_entry, location, encounter), headers={"Idempotency-Key": "home-visit"}
+        chain, _transaction(patient_entry, *places, encounter), headers={"Idempotency-Key": "home-visit"}
     )
     assert response.status_code == 200, response.text
     delivery = {p["name"]: p for p in response.json()["parameter"]}["delivery"]["valueString"]
     out = orjson.loads(chain.runtime.store.get(delivery, with_payload=True).payload)
-    (delivered,) = [e["resource"] for e in out["entry"] if e["resource"]["resourceType"] == "Location"]
-    assert delivered["address"]["postalCode"] == home["postalCode"][:4] and "line" not in delivered["address"]
+    delivered = [
+        e["resource"] for e in out["entry"] if e["resource"]["resourceType"] in ("Location", "Organization")
+    ]
+    assert len(delivered) == 4
+    for place in delivered:
+        address = place["address"][0] if isinstance(place["address"], list) else place["address"]
+        assert address["postalCode"] == home["postalCode"][:4] and "line" not in address
     text = orjson.dumps(out).decode()
-    assert home["line"][0] not in text and home["postalCode"] not in text
+    assert street not in text and home["postalCode"] not in text

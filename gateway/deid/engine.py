@@ -513,22 +513,24 @@ def _prune(value: Any, dead: set[str]) -> Any:
     return value
 
 
-# ── a Location that is the patient's home (a home visit) ──────────────────────────────────────────────────
-# Location.address is kept as a public place's address; at the patient's own address it is theirs, and it
-# gets what the profile gives Patient.address (PC4, no street), or nothing when the profile delivers none.
+# ── a Location or Organization at the patient's home (a home visit) ───────────────────────────────────────
+# Their addresses are kept as a public place's; at the patient's own address it is theirs, and it gets what
+# the profile gives Patient.address (PC4, no street), or nothing when the profile delivers none. A Dutch
+# address is its postcode and house number (how the BAG keys it), so "Canarystr. 42" is "Canarystraat 42".
 
 _PATIENT_RESIDENCE = "PTRES"  # v3-RoleCode: the patient's residence
+_HOUSE_NUMBER = re.compile(r"\d+")
+_AT_HOME_TYPES = ("Location", "Organization")
 
 
 def _address_key(address: Any) -> tuple[str, str] | None:
-    if type(address) is not dict:
+    """(postcode without spaces, house number or "") of an address with a postcode, else None."""
+    if type(address) is not dict or type(address.get("postalCode")) is not str:
         return None
-    postcode = address.get("postalCode")
     lines = address.get("line")
-    line = lines[0] if type(lines) is list and lines and type(lines[0]) is str else ""
-    if type(postcode) is not str or not line:
-        return None
-    return "".join(postcode.split()).upper(), " ".join(line.casefold().split())
+    text = " ".join(x for x in lines if type(x) is str) if type(lines) is list else ""
+    number = _HOUSE_NUMBER.search(text)
+    return "".join(address["postalCode"].split()).upper(), number.group(0) if number else ""
 
 
 def _patient_homes(entries: list[Any]) -> set[tuple[str, str]]:
@@ -540,10 +542,14 @@ def _patient_homes(entries: list[Any]) -> set[tuple[str, str]]:
     return homes
 
 
-def _at_home(location: dict[str, Any], homes: set[tuple[str, str]]) -> bool:
-    if _address_key(location.get("address")) in homes:
-        return True
-    types = location.get("type")
+def _at_home(resource: dict[str, Any], homes: set[tuple[str, str]]) -> bool:
+    """Its address has a patient's postcode and either that house number or none (no street given), or it
+    is typed as the patient's residence."""
+    addresses = resource.get("address")
+    for key in map(_address_key, addresses if type(addresses) is list else [addresses]):
+        if key is not None and any(key[0] == home[0] and key[1] in ("", home[1]) for home in homes):
+            return True
+    types = resource.get("type")
     return type(types) is list and any(
         type(t) is dict
         and any(type(c) is dict and c.get("code") == _PATIENT_RESIDENCE for c in t.get("coding") or ())
@@ -554,27 +560,28 @@ def _at_home(location: dict[str, Any], homes: set[tuple[str, str]]) -> bool:
 def _generalise_homes(
     kept: list[tuple[_Candidate, dict[str, Any]]], entries: list[Any], plan: Plan, ctx: p.WalkContext
 ) -> None:
-    locations = [(c, out) for c, out in kept if c.rtype == "Location" and "address" in out]
-    homes = _patient_homes(entries) if locations else set()
-    for c, out in locations:
+    places = [(c, out) for c, out in kept if c.rtype in _AT_HOME_TYPES and "address" in out]
+    homes = _patient_homes(entries) if places else set()
+    for c, out in places:
         if _at_home(c.resource, homes):
             _generalise_home_address(c.resource, out, plan, ctx)
 
 
 def _generalise_home_address(
-    location: dict[str, Any], out: dict[str, Any], plan: Plan, ctx: p.WalkContext
+    place: dict[str, Any], out: dict[str, Any], plan: Plan, ctx: p.WalkContext
 ) -> None:
     patient = plan.nodes.get("Patient")
     field_ = patient[0].get("address") if patient else None
-    address = location.get("address")
-    general = None
-    if field_ and field_[0] == p.COMPLEX and type(address) is dict:
-        general = p.walk(address, field_[1], ctx)
+    address = place.get("address")
+    items = address if type(address) is list else [address]
+    general = []
+    if field_ and field_[0] == p.COMPLEX:
+        general = [g for g in (p.walk(a, field_[1], ctx) for a in items if type(a) is dict) if g]
     if general:
-        out["address"] = general
+        out["address"] = general if type(address) is list else general[0]
     else:
         del out["address"]
-    ctx.count("Location.address.(patient-home)")
+    ctx.count(f"{place['resourceType']}.address.(patient-home)")
 
 
 def _walk_all(
