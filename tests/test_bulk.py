@@ -548,7 +548,11 @@ def test_a_group_redone_with_other_bundles_loses_no_patient(tmp_path: Path) -> N
     for name, (sink, per_call) in runs.items():
         options = BulkOptions(group_size=12, bundle_size=500, patients_per_call=per_call)
         run = run_bulk_async(
-            [tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", chains=chains, sink=sink,
+            [tmp_path / "export"],
+            registry=REGISTRY,
+            work_dir=tmp_path / "w",
+            chains=chains,
+            sink=sink,
             options=options,
         )
         if name == "first":
@@ -584,3 +588,18 @@ def test_an_unreachable_opt_out_source_stops_the_job_instead_of_dropping_patient
     assert not list((tmp_path / "out").glob("*.json"))  # nothing of the group was stored
     summary = asyncio.run(run_bulk_async(export, chains=chains, sink=sink, **kwargs))
     assert summary.patients_unknown_optout == 0 and summary.sent["Patient"] == 6  # resumed once it answers
+
+
+def test_invalid_lines_name_a_file_only_by_its_export_name(tmp_path: Path) -> None:
+    """A second probe: a manifest's own file name ('999911120.ndjson') came back in the job status."""
+    write_export(
+        tmp_path / "export", SynthSpec(patients=3, resources_per_patient=2, invalid_lines={"Encounter": [1]})
+    )
+    (tmp_path / "export" / "Patient-MRN00042-999911120.ndjson").write_bytes(b'{"resourceType": broken\n')
+    summary = run_bulk(
+        [tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out"
+    )
+    files = {name for name, _, _ in summary.invalid_lines}
+    assert "Encounter.ndjson" in files and len(files) == 2
+    assert not any("MRN00042" in name or "999911120" in name for name in files)
+    assert "999911120" not in orjson.dumps(summary.as_dict()).decode()

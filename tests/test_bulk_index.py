@@ -133,7 +133,8 @@ def test_the_index_from_worker_ranges_equals_the_sequential_one(
         invalid=9,
     )
     assert len(here["groups"]) > 3 and all(here["lines"])
-    assert here["invalid"] == [
+    name = here["files"]
+    assert [(name[f], line, reason) for f, line, reason in here["invalid"]] == [
         ("Encounter.ndjson", 1, "malformed-json"),
         ("Encounter.ndjson", at["enc-long"], "line-too-long"),
         ("Observation.ndjson", 3, "malformed-json"),

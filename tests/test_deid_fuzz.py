@@ -189,7 +189,11 @@ pieces = st.sampled_from(
         "88228822",
         ".",
         "(0)",
-        "1934-04-28",  # the nl-core patient's birth date
+        "1934-04-28",  # the nl-core patient's birth date, and other notations of it
+        "28-04-1934",
+        "april",
+        "bsn",  # glued to a BSN
+        "abc",
     ]
 )
 

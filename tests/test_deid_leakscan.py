@@ -190,6 +190,8 @@ def test_values_after_json_escapes_are_found(text: str) -> None:
         {"code": {"coding": [{"system": "http://example.org/local", "display": "BSN 1112.22.333"}]}},
         {"valueString": "bsn 111 222 333"},
         {"valueString": "bsn: 111-222-333."},
+        {"valueString": "bsn111222333"},  # glued to a word (a second probe)
+        {"code": {"coding": [{"system": "http://example.org/local", "code": "NL111222333"}]}},
     ],
 )
 def test_a_bsn_as_a_decimal_or_written_with_separators_is_found(obs: dict[str, Any]) -> None:
@@ -198,7 +200,16 @@ def test_a_bsn_as_a_decimal_or_written_with_separators_is_found(obs: dict[str, A
 
 
 @pytest.mark.parametrize(
-    "text", ["1112.22.334", "111 222 3334", "2026-11-24 10.15.000", "1.112.22.333", "111.222.333.4"]
+    "text",
+    [
+        "1112.22.334",
+        "111 222 3334",
+        "2026-11-24 10.15.000",
+        "1.112.22.333",
+        "111.222.333.4",
+        "urn:uuid:6363bb1c-0fb1-8194-91f5-abc111222333",  # hex letters before the digits: an opaque id
+        "bsn111222333x",
+    ],
 )
 def test_numbers_that_only_look_like_a_written_bsn_are_not(text: str) -> None:
     assert scan(out_with(valueString=text)) == []
@@ -305,3 +316,55 @@ def test_fhir_gateway_scan_finds_a_raw_export_without_the_original_and_passes_ou
     args = ["scan", "--original", str(nl_core), str(out)]
     assert runner.invoke(gateway_app, args).exit_code == 1
     assert runner.invoke(gateway_app, [*args, "--registry", "example-generic"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "geb. 28-04-1934",
+        "geb 28-4-1934",
+        "28.04.1934",
+        "28/04/1934",
+        "April 28, 1934",
+        "geb. 28 april 1934",
+        "28 apr 1934",
+        "19340428",
+    ],
+)
+def test_the_birth_date_as_people_write_it_is_found(text: str) -> None:
+    """A second probe: only 1934-04-28 itself was found; Dutch records write 28-04-1934."""
+    assert "birth-date" in {f.kind for f in scan(out_with(valueString=text), sensitive_values(source()))}
+
+
+def test_inside_the_patient_the_birth_date_is_a_leak_in_any_element() -> None:
+    """A nationality 'since birth' (an extension's period.start) carried the full date past the gate."""
+    patient = {
+        "resourceType": "Patient",
+        "birthDate": "1934-04",
+        "extension": [
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/patient-nationality",
+                "extension": [{"url": "period", "valuePeriod": {"start": "1934-04-28"}}],
+            }
+        ],
+    }
+    out = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": patient}]}
+    assert "birth-date" in {f.kind for f in scan(out, sensitive_values(source()))}
+    assert scan(out_with(effectivePeriod={"start": "1934-04-28"}), sensitive_values(source())) == []
+
+
+@pytest.mark.parametrize("text", ["PeterJansen", "vanPutten", "PeterJanJansen"])
+def test_a_name_run_together_is_found(text: str) -> None:
+    """A second probe got names and patient numbers through by leaving out the spaces."""
+    assert "name" in {f.kind for f in scan(out_with(valueString=text), sensitive_values(source()))}
+
+
+def test_a_patient_number_run_together_is_found() -> None:
+    bundle = source()
+    bundle["entry"][0]["resource"] = {
+        **PATIENT,
+        "identifier": [{"system": "urn:x", "value": "MRN-CANARY-77"}],
+    }
+    assert "identifier" in {
+        f.kind for f in scan(out_with(valueString="MRNCANARY77"), sensitive_values(bundle))
+    }

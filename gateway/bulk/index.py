@@ -821,12 +821,10 @@ def shared_unsent(conn: sqlite3.Connection) -> Iterable[tuple[str, int]]:
                            GROUP BY rtype""").fetchall()
 
 
-def invalid_lines(conn: sqlite3.Connection, limit: int) -> list[tuple[str, int, str]]:
-    return conn.execute(
-        """SELECT f.name, i.line, i.reason FROM invalid i JOIN files f ON f.id = i.file
-                           ORDER BY i.file, i.line LIMIT ?""",
-        (limit,),
-    ).fetchall()
+def invalid_lines(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, str]]:
+    """(file number, line number, reason) of the lines that could not be read."""
+    query = "SELECT file, line, reason FROM invalid ORDER BY file, line LIMIT ?"
+    return conn.execute(query, (limit,)).fetchall()
 
 
 def file_names(conn: sqlite3.Connection) -> dict[int, str]:

@@ -3,6 +3,7 @@ resource type names appear only when they are R4 type names, files by their base
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class BulkSummary:
             stats.lines,
             stats.patients,
         )
-        self._file_names = ix.file_names(conn)
+        self._file_names = {n: shown_file_name(name, n) for n, name in ix.file_names(conn).items()}
         for rtype, n in conn.execute("SELECT rtype, COUNT(*) FROM resources GROUP BY rtype"):
             self.resources_in[self._label(rtype)] += n
         for reason, rtype, n in ix.not_delivered(conn):
@@ -57,7 +58,8 @@ class BulkSummary:
         if invalid:
             self._drop("invalid-line", "(unknown)", invalid)
         self.invalid_lines = [
-            (name, line, reason) for name, line, reason in ix.invalid_lines(conn, max_listed)
+            (self._file_names.get(file_no, f"file {file_no}"), line, reason)
+            for file_no, line, reason in ix.invalid_lines(conn, max_listed)
         ]
 
     def absorb_group(self, counts: dict[str, Any], *, resumed: bool) -> None:
@@ -111,6 +113,15 @@ class BulkSummary:
             "invalidLines": [{"file": f, "line": n, "reason": r} for f, n, r in self.invalid_lines],
             **{key: getattr(self, attr) for attr, key in _OUTCOME},
         }
+
+
+# A Bulk Data export names its files after resource types (Patient.ndjson, Observation.000.ndjson); any
+# other name is the hospital's choice and may carry anything (a patient number), so it is shown by number.
+_EXPORT_FILE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}(?:[.\-_]\d{1,9})*\.ndjson|upload\.ndjson")
+
+
+def shown_file_name(name: str, number: int) -> str:
+    return name if _EXPORT_FILE_NAME.fullmatch(name) else f"file {number}"
 
 
 # (attribute, key in as_dict) of the plain numbers: what came in, then what became of it

@@ -36,6 +36,10 @@ _SPLIT_BSN = re.compile(
     r"(?<![0-9A-Za-z.])(?=(\d{4}([. -])\d{2}\2\d{3}|\d{3}([. -])\d{3}\3\d{3})(?![0-9A-Za-z]|\.\d))"
 )
 _SPLIT_BSN_BYTES = re.compile(_SPLIT_BSN.pattern.encode())
+# ... or glued to a word: "bsn999911120", "NL999911120" (a prefix of hex letters only is an opaque id's part)
+_GLUED_BSN = re.compile(r"(?<![0-9A-Za-z])([A-Za-z]{1,8})([0-9]{9})(?![0-9A-Za-z])")
+_GLUED_BSN_BYTES = re.compile(_GLUED_BSN.pattern.encode())
+_HEX_LETTERS = frozenset("abcdefABCDEF")
 # A telephone number as people write it (06-1234 5678, +31 (0)6 12 34 56 78): digits and separators
 _PHONE_RUN = re.compile(r"\+?\d[\d .()/-]{6,}\d")
 _PHONE_SEPARATORS = b" .()/-+"
@@ -50,7 +54,7 @@ PERSON_TYPES = {"Patient", "RelatedPerson", "Person"}
 PRACTITIONER_TYPES = {"Practitioner", "PractitionerRole"}
 # Identifiers of these resources name an organisation or a product, not a person (AGB, URA, GTIN...)
 PUBLIC_TYPES = {"Organization", "Location", "Medication", "Substance", "HealthcareService", "Endpoint"}
-MIN_LEN = {"name": 3, "telecom": 5, "address": 4, "identifier": 4, "patient-id": 8, "birth-date": 8}
+MIN_LEN = {"name": 3, "telecom": 5, "address": 4, "identifier": 4, "patient-id": 8, "birth-date": 6}
 TERMINOLOGY_PREFIXES = (
     "http://snomed.info/",
     "http://loinc.org",
@@ -77,6 +81,29 @@ def phone_digits(value: str) -> str | None:
         rest = digits[2:] if text.startswith("+") else digits[4:]
         digits = "0" + rest[1:] if rest.startswith("0") else "0" + rest
     return digits if 9 <= len(digits) <= 15 else None
+
+
+_MONTHS_NL = (
+    "januari", "februari", "maart", "april", "mei", "juni", "juli", "augustus", "september", "oktober",
+    "november", "december",
+)  # fmt: skip
+_MONTHS_EN = (
+    "january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+    "november", "december",
+)  # fmt: skip
+
+
+def birth_date_forms(iso: str) -> list[str]:
+    """The ways a date is written by people: 1961-07-14, 14-07-1961 (also with . or /), 14-7-1961,
+    7/14/1961, 19610714, 14071961, 14 juli 1961, 14 jul 1961, July 14, 1961, 14 Jul 1961. Separators do
+    not matter (values are compared as token sequences), so each form stands for all its punctuations."""
+    y, m, d = iso.split("-")
+    mi, di = int(m), int(d)
+    forms = [f"{y}-{m}-{d}", f"{d}-{m}-{y}", f"{di}-{mi}-{y}", f"{mi}-{di}-{y}", f"{y}{m}{d}", f"{d}{m}{y}"]
+    if 1 <= mi <= 12:
+        for month in {_MONTHS_NL[mi - 1], _MONTHS_EN[mi - 1], _MONTHS_NL[mi - 1][:3], _MONTHS_EN[mi - 1][:3]}:
+            forms += [f"{di} {month} {y}", f"{month} {di} {y}"]
+    return forms
 
 
 def _event_date_key(key: str) -> bool:
@@ -130,6 +157,8 @@ class SensitiveSet:
             bucket.append(entry)
         if kind == "postcode" and len(tokens) == 2:
             self.add(joined, "postcode-joined")  # "1012 NX" is also written "1012NX"
+        elif kind in ("identifier", "name") and len(tokens) > 1 and len(joined) >= 8:
+            self.add(joined, kind)  # "MRN-CANARY-77" is also written "MRNCANARY77", "van Putten" "vanPutten"
 
     def __len__(self) -> int:
         literals = len(self.patient_ids) + len(self.patient_urls) + len(self.phones)
@@ -178,9 +207,12 @@ def _names(names: Any, out: SensitiveSet) -> None:
         if not isinstance(name, dict):
             continue
         out.add(name.get("text"), "name")
-        out.add(name.get("family"), "name")
+        family = name.get("family")
+        out.add(family, "name")
         for given in _list(name.get("given")):
             out.add(given, "name")
+            if type(given) is str and type(family) is str:
+                out.add(f"{given} {family}", "name")  # and so also glued: "JohannaPutten"
         for value in _ext_strings(name.get("_family")):
             out.add(value, "name")
 
@@ -286,7 +318,8 @@ def sensitive_values(
             out.patient_ids.add(res["id"])
             out.add(res["id"], "patient-id")
         if birth_dates and rtype in PERSON_TYPES and _FULL_DATE.fullmatch(str(res.get("birthDate"))):
-            out.add(res["birthDate"], "birth-date")
+            for form in birth_date_forms(res["birthDate"]):
+                out.add(form, "birth-date")
         if rtype not in PUBLIC_TYPES and not practitioner:
             _resource_identifiers(res, out)
     _drop_public(bundle, out)
@@ -342,6 +375,7 @@ class _Scanner:
         # set by the whole-document check when it saw a written-out BSN or a patient's phone number in some
         # other notation; until then (or when the document cannot be serialised) every string is checked
         self.split_bsn = self.phones = True
+        self.in_patient = False  # inside a Patient no date is an event: a full birth date there is a leak
 
     @cached_property
     def quick(self) -> re.Pattern[str]:
@@ -377,7 +411,9 @@ class _Scanner:
         return frozenset(keys), tuple(plain), tuple(lit for lit, _ in literals)
 
     def needs_check(self, s: str) -> bool:
-        if (self.split_bsn and _SPLIT_BSN.search(s)) or (self.phones and _PHONE_RUN.search(s)):
+        if self.split_bsn and (_SPLIT_BSN.search(s) or _GLUED_BSN.search(s)):
+            return True
+        if self.phones and _PHONE_RUN.search(s):
             return True
         if not self.many:
             # IGNORECASE covers ASCII; other text is case-folded first, as the sensitive tokens were (and a
@@ -401,7 +437,8 @@ class _Scanner:
                 if bsn_valid(m.group(0)):
                     self.findings.append(Finding(_path(parts), "bsn"))
                     break
-        if self.split_bsn and not _is_code(parent, key) and _split_bsn_in(s):
+        exempt = _is_code(parent, key) or (key == "value" and _is_pseudonym(parent))
+        if self.split_bsn and not exempt and _written_bsn_in(s):
             self.findings.append(Finding(_path(parts), "bsn"))
         sens = self.sens
         if sens is None:
@@ -426,7 +463,7 @@ class _Scanner:
             if not cands:
                 continue
             for seq, kind in cands:
-                if kind == "birth-date" and _event_date_key(key):
+                if kind == "birth-date" and not self.in_patient and _event_date_key(key):
                     continue
                 if len(seq) == 1 or tuple(tokens[i : i + len(seq)]) == seq:
                     self.findings.append(Finding(_path(parts), kind.replace("-joined", "")))
@@ -446,6 +483,8 @@ class _Scanner:
             if self.needs_check(value):
                 self.text(value, key, parent, parts)
         elif t is dict:
+            outer = self.in_patient
+            self.in_patient = outer or value.get("resourceType") == "Patient"
             for k, v in value.items():
                 tv = type(v)
                 if tv is str and not self.needs_check(v):
@@ -454,6 +493,7 @@ class _Scanner:
                     parts.append(self.part(k))
                     self.value(v, k, value, parts) if tv is not str else self.text(v, k, value, parts)
                     parts.pop()
+            self.in_patient = outer
         elif t is list:
             for i, v in enumerate(value):
                 parts.append(f"[{i}]")
@@ -465,8 +505,11 @@ class _Scanner:
             self.findings.append(Finding(_path(parts), "bsn"))  # a BSN sent as a decimal: 999911120.0
 
 
-def _split_bsn_in(s: str) -> bool:
-    return any(bsn_valid(re.sub(r"\D", "", m.group(1))) for m in _SPLIT_BSN.finditer(s))
+def _written_bsn_in(s: str) -> bool:
+    """A BSN with separators (1234.56.789) or glued to a word (bsn999911120)."""
+    return any(bsn_valid(re.sub(r"\D", "", m.group(1))) for m in _SPLIT_BSN.finditer(s)) or any(
+        not _HEX_LETTERS.issuperset(m.group(1)) and bsn_valid(m.group(2)) for m in _GLUED_BSN.finditer(s)
+    )
 
 
 def _suspicions(raw: bytes, marks: bytes, scanner: _Scanner) -> None:
@@ -476,7 +519,9 @@ def _suspicions(raw: bytes, marks: bytes, scanner: _Scanner) -> None:
     ``marks`` is ``raw`` with digits as "0", ASCII letters as "a", all else " ", framed by spaces: a written
     BSN the walk would report is one of the two shapes below there, and only those places are read exactly
     (a regex over the whole document would cost more than the rest of the gate)."""
-    scanner.split_bsn = any(_split_bsn_at(raw, marks, shape) for shape in _SPLIT_SHAPES)
+    scanner.split_bsn = any(_split_bsn_at(raw, marks, shape) for shape in _SPLIT_SHAPES) or _glued_bsn_at(
+        raw, marks
+    )
     phones = scanner.sens.phones if scanner.sens is not None else ()
     if phones:
         glued = raw.translate(None, _PHONE_SEPARATORS)  # "+31 (0)6-1234 5678" -> "3106123 45678" -> ...
@@ -497,6 +542,17 @@ def _split_bsn_at(raw: bytes, marks: bytes, shape: bytes) -> bool:
         if any(bsn_valid(re.sub(rb"\D", b"", m.group(1)).decode()) for m in found):
             return True
         at = marks.find(shape, at + 1)
+    return False
+
+
+def _glued_bsn_at(raw: bytes, marks: bytes) -> bool:
+    at = marks.find(b"a000000000 ")
+    while at >= 0:
+        # marks[at] is the letter before the digits, raw[at - 1]; the word may start up to 8 letters earlier
+        for m in _GLUED_BSN_BYTES.finditer(raw[max(0, at - 10) : at + 10]):
+            if not _HEX_LETTERS.issuperset(m.group(1).decode()) and bsn_valid(m.group(2).decode()):
+                return True
+        at = marks.find(b"a000000000 ", at + 1)
     return False
 
 
