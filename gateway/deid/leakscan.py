@@ -93,17 +93,40 @@ _MONTHS_EN = (
 )  # fmt: skip
 
 
-def birth_date_forms(iso: str) -> list[str]:
-    """The ways a date is written by people: 1961-07-14, 14-07-1961 (also with . or /), 14-7-1961,
-    7/14/1961, 19610714, 14071961, 14 juli 1961, 14 jul 1961, July 14, 1961, 14 Jul 1961. Separators do
-    not matter (values are compared as token sequences), so each form stands for all its punctuations."""
+_MONTH_NUMBER = {
+    name: n + 1
+    for months in (_MONTHS_NL, _MONTHS_EN)
+    for n, month in enumerate(months)
+    for name in (month, month[:3])
+} | {"mrt": 3, "okt": 10}
+_DAY = re.compile(r"(\d{1,2})(?:t\d.*)?")  # a day, also as the start of a date-time token ("14t10")
+
+
+def compact_dates(iso: str) -> tuple[str, str]:
+    """19610714 and 14071961: a date written without separators is one token."""
     y, m, d = iso.split("-")
-    mi, di = int(m), int(d)
-    forms = [f"{y}-{m}-{d}", f"{d}-{m}-{y}", f"{di}-{mi}-{y}", f"{mi}-{di}-{y}", f"{y}{m}{d}", f"{d}{m}{y}"]
-    if 1 <= mi <= 12:
-        for month in {_MONTHS_NL[mi - 1], _MONTHS_EN[mi - 1], _MONTHS_NL[mi - 1][:3], _MONTHS_EN[mi - 1][:3]}:
-            forms += [f"{di} {month} {y}", f"{month} {di} {y}"]
-    return forms
+    return f"{y}{m}{d}", f"{d}{m}{y}"
+
+
+def _number(token: str | None, pattern: re.Pattern[str] = _DAY) -> int | None:
+    match = pattern.fullmatch(token) if token is not None else None
+    return int(match.group(1)) if match else None
+
+
+def date_around(tokens: list[str], i: int, dates: Collection[tuple[int, int]]) -> bool:
+    """Is the year ``tokens[i]`` part of one of ``dates`` ((month, day) of that year) as people write it:
+    1961-07-14, 14-07-1961 (any separators), 14-7-1961, 7/14/1961, 14 juli 1961, July 14, 1961?"""
+
+    def month(token: str | None) -> int | None:
+        return _MONTH_NUMBER.get(token) if token in _MONTH_NUMBER else _number(token)
+
+    after = tokens[i + 1 : i + 3] + [None, None]
+    before = [None, None] + tokens[max(0, i - 2) : i]
+    return (
+        (month(after[0]), _number(after[1])) in dates  # year first
+        or (month(before[-1]), _number(before[-2])) in dates  # day, month, year
+        or (month(before[-2]), _number(before[-1])) in dates  # month, day, year
+    )
 
 
 def _event_date_key(key: str) -> bool:
@@ -134,6 +157,14 @@ class SensitiveSet:
     patient_ids: set[str] = field(default_factory=set)
     patient_urls: set[str] = field(default_factory=set)
     phones: set[str] = field(default_factory=set)  # telephone numbers as digits, however they are written
+    # full birth dates by year: the year is the anchor of every notation, and rare in a document
+    birth_dates: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
+
+    def add_birth_date(self, iso: str) -> None:
+        y, m, d = iso.split("-")
+        self.birth_dates.setdefault(y, set()).add((int(m), int(d)))
+        for compact in compact_dates(iso):
+            self.add(compact, "birth-date")
 
     def add(self, value: Any, kind: str) -> None:
         if type(value) is not str:
@@ -161,7 +192,7 @@ class SensitiveSet:
             self.add(joined, kind)  # "MRN-CANARY-77" is also written "MRNCANARY77", "van Putten" "vanPutten"
 
     def __len__(self) -> int:
-        literals = len(self.patient_ids) + len(self.patient_urls) + len(self.phones)
+        literals = len(self.patient_ids) + len(self.patient_urls) + len(self.phones) + len(self.birth_dates)
         return sum(len(v) for v in self.by_first.values()) + literals
 
 
@@ -318,8 +349,7 @@ def sensitive_values(
             out.patient_ids.add(res["id"])
             out.add(res["id"], "patient-id")
         if birth_dates and rtype in PERSON_TYPES and _FULL_DATE.fullmatch(str(res.get("birthDate"))):
-            for form in birth_date_forms(res["birthDate"]):
-                out.add(form, "birth-date")
+            out.add_birth_date(res["birthDate"])
         if rtype not in PUBLIC_TYPES and not practitioner:
             _resource_identifiers(res, out)
     _drop_public(bundle, out)
@@ -385,7 +415,7 @@ class _Scanner:
         others: list[str] = []
         sensitive = self.sens
         if sensitive is not None:
-            firsts = sorted(sensitive.by_first, key=len, reverse=True)
+            firsts = sorted(set(sensitive.by_first) | set(sensitive.birth_dates), key=len, reverse=True)
             if firsts:
                 others.append(r"(?<![^\W_])(?:" + "|".join(map(re.escape, firsts)) + r")(?![^\W_])")
             others += [re.escape(u) for u in sensitive.patient_urls | sensitive.patient_ids]
@@ -399,7 +429,7 @@ class _Scanner:
         exact check reports)."""
         sens = self.sens
         assert sens is not None
-        keys = set(sens.by_first)
+        keys = set(sens.by_first) | set(sens.birth_dates)
         plain: list[str] = []
         literals = [(u, True) for u in sens.patient_urls] + [(i, False) for i in sens.patient_ids]
         for lit, substring in literals:
@@ -457,6 +487,11 @@ class _Scanner:
                 self.findings.append(Finding(_path(parts), "patient-fullUrl"))
                 break
         tokens = _TOKEN.findall(s.casefold())
+        if sens.birth_dates and (self.in_patient or not _event_date_key(key)):
+            dates = sens.birth_dates
+            if any(tok in dates and date_around(tokens, i, dates[tok]) for i, tok in enumerate(tokens)):
+                self.findings.append(Finding(_path(parts), "birth-date"))
+                return
         by_first = sens.by_first
         for i, tok in enumerate(tokens):
             cands = by_first.get(tok)
@@ -696,6 +731,8 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner, serialized: bytes | None 
         low = raw.decode().casefold()
     if literals and _literal_found(escaped, literals, tokens if ascii_doc else None):
         return False
+    if sens.birth_dates and _birth_date_seen(low, sens.birth_dates, tokens):
+        return False
     firsts = by_first if tokens is None else tokens.intersection(by_first)
     for first in firsts:
         candidates = by_first[first]
@@ -712,6 +749,25 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner, serialized: bytes | None 
             if (start == 0 or not low[start - 1].isalnum()) and _sequence_at(low, start, candidates):
                 return False
     return True
+
+
+def _birth_date_seen(low: str, by_year: Mapping[str, Collection[tuple[int, int]]], tokens: Any) -> bool:
+    """Is a birth date written anywhere, in any notation? Each one is anchored on its year (one substring
+    search; a year occurs a few times at most), whose neighbouring tokens are then compared."""
+    for year, dates in by_year.items():
+        if (tokens is not None and year not in tokens) or year not in low:
+            continue
+        at = low.find(year)
+        while at >= 0:  # str.find, not a regex with a look-behind: that would try every position
+            end = at + len(year)
+            whole = (at == 0 or not low[at - 1].isalnum()) and (end == len(low) or not low[end].isalnum())
+            if whole:
+                before = _TOKEN.findall(low[max(0, at - 40) : at])[-2:]
+                after = _TOKEN.findall(low[end : end + 24])[:2]
+                if date_around([*before, year, *after], len(before), dates):
+                    return True
+            at = low.find(year, end)
+    return False
 
 
 def _sequence_at(low: str, start: int, candidates: Any) -> bool:
