@@ -502,3 +502,11 @@ def test_a_location_at_the_patients_home_gets_the_patients_address_generalisatio
     assert clinic["address"] == hospital["address"]  # a public place keeps its address
     assert scan(result.bundle, sensitive_values(bundle(("urn:uuid:p", patient()), ("urn:uuid:l", loc)))) == []
     assert result.report.elements_removed["Location.address.(patient-home)"] == 1
+
+
+def test_reference_type_is_kept_only_as_a_resource_type_name() -> None:
+    o = obs("Patient/pat-123")
+    o["subject"] = {"reference": "Patient/pat-123", "type": "Patient"}
+    o["basedOn"] = [{"reference": "Patient/pat-123", "type": "http://example.org/Kuipers"}]
+    (out,) = resources(run(bundle(("urn:uuid:p", patient()), ("urn:uuid:o", o))).bundle, "Observation")
+    assert out["subject"]["type"] == "Patient" and "type" not in out["basedOn"][0]

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
 
+from gateway.deid.r4 import r4
+
 KEEP, COMPLEX, REMOVE, CALL = 0, 1, 2, 3
 _PRIMITIVE = (str, int, float, bool)
 _PRIMITIVE_SET = frozenset(_PRIMITIVE)
@@ -308,7 +310,7 @@ def _reference(value: Any, ctx: WalkContext) -> dict[str, Any] | None:
         return {"reference": new}  # the commonest shape
     out: dict[str, Any] = {"reference": new}
     rtype = value.get("type")
-    if type(rtype) is str:
+    if type(rtype) is str and rtype in r4().resources:  # a resource type name, not any text a uri can hold
         out["type"] = rtype
     if "display" in value:
         display = value["display"]
