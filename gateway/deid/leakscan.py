@@ -460,49 +460,53 @@ class _Scanner:
         return not keys.isdisjoint(_TOKEN.findall(s.casefold())) or any(lit in s for lit in literals)
 
     def text(self, s: str, key: str, parent: Mapping[str, Any], parts: list[str]) -> None:
-        if _NINE.search(s) is not None and not (
-            _is_code(parent, key) or (key == "value" and _is_pseudonym(parent))
-        ):
-            for m in _NINE.finditer(s):
-                if bsn_valid(m.group(0)):
-                    self.findings.append(Finding(_path(parts), "bsn"))
-                    break
-        exempt = _is_code(parent, key) or (key == "value" and _is_pseudonym(parent))
-        if self.split_bsn and not exempt and _written_bsn_in(s):
-            self.findings.append(Finding(_path(parts), "bsn"))
+        """Every check of one string; at most one finding of the sensitive values per string."""
+        kind = self._bsn(s, key, parent)
+        if kind is not None:
+            self.findings.append(Finding(_path(parts), kind))
         sens = self.sens
         if sens is None:
             return
-        if self.phones and sens.phones:
-            for m in _PHONE_RUN.finditer(s):
-                if phone_digits(m.group(0)) in sens.phones:
-                    self.findings.append(Finding(_path(parts), "telecom"))
-                    return
-        if key in ("reference", "id", "fullUrl", "url") and sens.patient_ids:
-            tail = s.rsplit("/", 1)[-1]
-            if tail in sens.patient_ids:
-                self.findings.append(Finding(_path(parts), "patient-id"))
-        for url in sens.patient_urls:
-            if url in s:
-                self.findings.append(Finding(_path(parts), "patient-fullUrl"))
-                break
+        self.findings += [Finding(_path(parts), k) for k in self._literals(s, key, sens)]
+        kind = self._value_of_the_input(s, key, sens)
+        if kind is not None:
+            self.findings.append(Finding(_path(parts), kind))
+
+    def _bsn(self, s: str, key: str, parent: Mapping[str, Any]) -> str | None:
+        if _is_code(parent, key) or (key == "value" and _is_pseudonym(parent)):
+            return None  # a terminology code, our own pseudonym: 9-digit runs are not BSNs there
+        if _NINE.search(s) is not None and any(bsn_valid(m.group(0)) for m in _NINE.finditer(s)):
+            return "bsn"
+        return "bsn" if self.split_bsn and _written_bsn_in(s) else None
+
+    def _literals(self, s: str, key: str, sens: SensitiveSet) -> list[str]:
+        found = []
+        if key in ("reference", "id", "fullUrl", "url") and s.rsplit("/", 1)[-1] in sens.patient_ids:
+            found.append("patient-id")
+        if any(url in s for url in sens.patient_urls):
+            found.append("patient-fullUrl")
+        return found
+
+    def _value_of_the_input(self, s: str, key: str, sens: SensitiveSet) -> str | None:
+        """A phone number in any notation, a birth date in any notation, or a whole token sequence."""
+        if self.phones and sens.phones and any(
+            phone_digits(m.group(0)) in sens.phones for m in _PHONE_RUN.finditer(s)
+        ):
+            return "telecom"
         tokens = _TOKEN.findall(s.casefold())
-        if sens.birth_dates and (self.in_patient or not _event_date_key(key)):
-            dates = sens.birth_dates
-            if any(tok in dates and date_around(tokens, i, dates[tok]) for i, tok in enumerate(tokens)):
-                self.findings.append(Finding(_path(parts), "birth-date"))
-                return
+        dates_count = self.in_patient or not _event_date_key(key)
+        dates = sens.birth_dates
+        anchored = (i for i, t in enumerate(tokens) if t in dates)
+        if dates_count and any(date_around(tokens, i, dates[tokens[i]]) for i in anchored):
+            return "birth-date"
         by_first = sens.by_first
         for i, tok in enumerate(tokens):
-            cands = by_first.get(tok)
-            if not cands:
-                continue
-            for seq, kind in cands:
-                if kind == "birth-date" and not self.in_patient and _event_date_key(key):
+            for seq, kind in by_first.get(tok, ()):
+                if kind == "birth-date" and not dates_count:
                     continue
                 if len(seq) == 1 or tuple(tokens[i : i + len(seq)]) == seq:
-                    self.findings.append(Finding(_path(parts), kind.replace("-joined", "")))
-                    return
+                    return kind.replace("-joined", "")
+        return None
 
     def part(self, key: Any) -> str:
         part = self.part_of.get(key)
