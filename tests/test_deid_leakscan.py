@@ -368,3 +368,34 @@ def test_a_patient_number_run_together_is_found() -> None:
     assert "identifier" in {
         f.kind for f in scan(out_with(valueString="MRNCANARY77"), sensitive_values(bundle))
     }
+
+
+def test_a_pseudonym_or_opaque_id_that_happens_to_hold_a_name_is_not_a_finding() -> None:
+    """A bulk run of 10,000 patients refused one: a random token of a TTP pseudonym ('v1.x-Jan-y') equalled
+    a given name. Pseudonyms and our opaque ids are ciphertext and keyed hashes, not input values."""
+    pseudonym = {
+        "type": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "PSEUDED"}
+            ]
+        },
+        "system": "urn:nlps1:example-generic:GG",
+        "value": "v1.q83Jx-Peter-AbC9_Zz",
+    }
+    out = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:0beadbee-1234-8abc-9def-00000000abbe",
+                "resource": {
+                    "resourceType": "Patient",
+                    "id": "0beadbee-1234-8abc-9def-00000000abbe",
+                    "identifier": [pseudonym],
+                },
+            },
+        ],
+    }
+    assert scan(out, sensitive_values(source())) == []
+    out["entry"][0]["resource"]["identifier"][0]["type"]["coding"][0]["code"] = "MR"  # not ours: a leak
+    assert "name" in {f.kind for f in scan(out, sensitive_values(source()))}
