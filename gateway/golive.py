@@ -9,28 +9,35 @@ registry's domain. Stateful TTPs (gPAS, TRES) would store such a value, so they 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from gateway.runtime import Runtime
-from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable, round_trip
+from gateway.ttp.backend import TTPRejected, TTPUnavailable, round_trip
 
 
 async def check_runtime(runtime: Runtime) -> list[tuple[str, str | None]]:
     """(part, problem or None) for the store, each provider's TTP and each registry's endpoint."""
     results: list[tuple[str, str | None]] = [("configuration, profiles, keys", None)]
     results.append(("store", await _store(runtime)))
-    stateless = runtime.config.ttp.kind == "nlps1"
+    try:
+        results += await _ttps(runtime)
+        for registry, client in runtime.forwarders.items():
+            results.append((f"registry {registry} ({client.base_url})", await client.probe()))
+    finally:
+        await runtime.close_clients()
+    return results
+
+
+async def _ttps(runtime: Runtime) -> list[tuple[str, str | None]]:
+    results: list[tuple[str, str | None]] = []
     for name, provider in runtime.providers.items():
-        problem = await _ttp(provider.ttp)
+        problem = await _ttp_problem(provider.ttp.probe())
         results.append((f"TTP for {name}", problem))
-        if stateless and problem is None:
-            for registry in runtime.registries:
-                version = provider.source.source_version
-                outcome = await _ttp_round_trip(provider.ttp, registry, version)
-                results.append((f"TTP for {name}: a pseudonym in domain {registry}", outcome))
-    for registry, client in runtime.forwarders.items():
-        results.append((f"registry {registry} ({client.base_url})", await client.probe()))
-    for client in runtime.forwarders.values():
-        await client.aclose()
+        if not runtime.ttp_is_stateless or problem is not None:
+            continue
+        for registry in runtime.registries:
+            asked = round_trip(provider.ttp, registry, provider.source.source_version)
+            results.append((f"TTP for {name}: a pseudonym in domain {registry}", await _ttp_problem(asked)))
     return results
 
 
@@ -42,19 +49,10 @@ async def _store(runtime: Runtime) -> str | None:
     return None
 
 
-async def _ttp(ttp: TTPBackend) -> str | None:
+async def _ttp_problem(call: Awaitable[str | None]) -> str | None:
+    """A TTP call's problem as one line: refused, unreachable, or the error code of an answer."""
     try:
-        await ttp.probe()
-    except TTPRejected as exc:
-        return f"refused us: {exc}"
-    except TTPUnavailable as exc:
-        return f"not reachable: {exc}"
-    return None
-
-
-async def _ttp_round_trip(ttp: TTPBackend, registry: str, version: int) -> str | None:
-    try:
-        error = await round_trip(ttp, registry, version)
+        error = await call
     except TTPRejected as exc:
         return f"refused us: {exc}"
     except TTPUnavailable as exc:

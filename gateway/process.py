@@ -140,9 +140,9 @@ async def process_bundle(
         dropped_no_pseudonym = entries_to_drop(index, {**decisions, **no_link})
         kept_input = _without_entries(bundle, dropped_no_pseudonym)
         report["patientsDroppedNoPseudonym"] = len(unlinkable)
-        report["resourcesDroppedNoPseudonym"] = len(dropped_no_pseudonym - dropped)
-        dropped_entries["no-pseudonym"] = dropped_no_pseudonym - dropped
-        report["resourcesDroppedByReason"] = _by_reason(bundle, dropped_entries)
+        no_link_entries = dropped_entries["no-pseudonym"] = dropped_no_pseudonym - dropped
+        report["resourcesDroppedNoPseudonym"] = len(no_link_entries)
+        report["resourcesDroppedByReason"] |= _by_reason(bundle, {"no-pseudonym": no_link_entries})
         if len(unlinkable) == len(admitted):
             report["pseudonymsSkipped"] = dict(pseudonyms.skipped)
             return Processed(None, report, dropped_entries=dropped_entries)

@@ -92,7 +92,7 @@ class Runtime:
         for name, provider in self.providers.items():
             try:
                 await provider.ttp.probe()
-                if self.config.ttp.kind == "nlps1" and self.registries:
+                if self.ttp_is_stateless and self.registries:
                     # the probe needs no key: a wrong API key shows only when a pseudonym is asked for
                     first = next(iter(self.registries))
                     await round_trip(provider.ttp, first, provider.source.source_version)
@@ -120,13 +120,23 @@ class Runtime:
         if self._worker_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker_task
+        log.info("gateway stopped: in-flight deliveries finished")
+        await self.close_clients()
+
+    async def close_clients(self) -> None:
+        """The registry and TTP connections (also after `fhir-gateway check`, which never starts)."""
         for client in self.forwarders.values():
             await client.aclose()
-        log.info("gateway stopped: in-flight deliveries finished")
         for provider in self.providers.values():
             aclose = getattr(provider.ttp, "aclose", None)  # an in-process TTP holds no connections
             if aclose is not None:
                 await aclose()
+
+    @property
+    def ttp_is_stateless(self) -> bool:
+        """The reference TTP (NLPS1) keeps nothing per value, so asking it for a pseudonym of random bytes
+        checks our credentials without leaving a trace; gPAS or TRES would store the value."""
+        return self.config.ttp.kind == "nlps1"
 
     async def readiness(self) -> list[str]:
         problems = []

@@ -433,9 +433,7 @@ def period_bound(value: str | None, name: str) -> float | None:
         return None
     text = value.strip()
     try:
-        if len(text) in (4, 7):
-            text = f"{text}-01-01"[:10] if len(text) == 4 else f"{text}-01"
-        moment = datetime.fromisoformat(text)
+        moment = datetime.fromisoformat({4: f"{text}-01-01", 7: f"{text}-01"}.get(len(text), text))
     except ValueError:
         moment = None
     if moment is None or (moment.tzinfo is None and "T" in text):

@@ -420,11 +420,10 @@ class SqlStore:
         after_id: int | None = None,
     ) -> list[AuditEvent]:
         """Oldest first; `after_id` pages on (the id of the last event of the previous page)."""
-        where, params = _filters(registry=registry, provider=provider, delivery_id=delivery_id)
-        for clause, value in (("at >= ?", since), ("at < ?", until), ("id > ?", after_id)):
-            if value is not None:
-                where += (" AND " if where else "WHERE ") + clause
-                params.append(value)
+        where, params = _filters(
+            registry=registry, provider=provider, delivery_id=delivery_id, since=since, until=until,
+            after=after_id,
+        )  # fmt: skip
         with self._conn() as conn:
             rows = self._q(
                 conn, f"SELECT {_AUDIT} FROM audit_events {where} ORDER BY id LIMIT ?", (*params, limit)
@@ -438,11 +437,7 @@ class SqlStore:
 
         Built from the audit trail (counts and pseudonym types only) and the outbox depth.
         """
-        where, params = _filters(registry=registry)
-        for clause, value in (("at >= ?", since), ("at < ?", until)):
-            if value is not None:
-                where += " AND " + clause
-                params.append(value)
+        where, params = _filters(registry=registry, since=since, until=until)
         totals: dict[str, Any] = {}
         withheld: dict[str, Any] = {}
         types: set[str] = set()
@@ -567,10 +562,15 @@ def _audit_input(event: AuditInput | Mapping[str, Any]) -> AuditInput:
     )
 
 
+# Filters that are not `column = ?`: a period of the audit trail (`until` exclusive) and paging by id
+_BOUNDS = {"since": "at >= ?", "until": "at < ?", "after": "id > ?"}
+
+
 def _filters(**values: Any) -> tuple[str, list[Any]]:
-    clauses = [f"{name} = ?" for name, value in values.items() if value is not None]
-    params = [value for value in values.values() if value is not None]
-    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+    """A WHERE clause of the given values (None: no filter), `column = ?` unless a bound of `_BOUNDS`."""
+    given = {name: value for name, value in values.items() if value is not None}
+    clauses = [_BOUNDS.get(name, f"{name} = ?") for name in given]
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", list(given.values())
 
 
 def _bounded(text: str | None) -> str | None:
