@@ -142,6 +142,59 @@ def test_reference_to_a_resource_outside_the_bundle_is_dropped_and_required_loss
     assert result.report.dropped["required-element-lost"] == {"Condition": 1}
 
 
+# ── what leaves is valid R4: an element that loses a required part goes whole ─────────────────────────────
+
+def test_a_backbone_that_loses_a_required_element_is_left_out_and_counted() -> None:
+    """Free text is dropped, so a component coded only as text has no `code` (1..1) left: it goes."""
+    diastolic = {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]}
+    components = [
+        {"code": {"text": "systolisch"}, "valueQuantity": {"value": 120}},
+        {"code": diastolic, "valueQuantity": {"value": 80}},
+    ]
+    result = run(bundle(("urn:uuid:p", patient()), ("urn:uuid:o", obs("urn:uuid:p", component=components))))
+    [delivered] = resources(result.bundle, "Observation")
+    assert [c["valueQuantity"]["value"] for c in delivered["component"]] == [80]
+    assert result.report.elements_removed["Observation.component.(required-element-lost)"] == 1
+
+
+def test_a_required_choice_element_lost_drops_the_resource() -> None:
+    """`MedicationStatement.medication[x]` (1..1) as free text only: the JSON Schema's `required` cannot
+    name a choice element, the engine knows it from `R4Types.required_choices`."""
+    statement = {
+        "resourceType": "MedicationStatement",
+        "status": "active",
+        "medicationCodeableConcept": {"text": "Ventolin"},
+        "subject": {"reference": "urn:uuid:p"},
+    }
+    snomed = {"coding": [{"system": "http://snomed.info/sct", "code": "1"}]}
+    coded = statement | {"medicationCodeableConcept": snomed}
+    result = run(bundle(("urn:uuid:p", patient()), ("urn:uuid:m1", statement), ("urn:uuid:m2", coded)))
+    delivered = resources(result.bundle, "MedicationStatement")
+    assert [r["medicationCodeableConcept"] for r in delivered] == [snomed]
+    assert result.report.dropped["required-element-lost"] == {"MedicationStatement": 1}
+
+
+def test_pruning_a_reference_to_a_dropped_resource_keeps_its_parent_valid() -> None:
+    """A Condition dropped during the walk (its subject is outside the Bundle) takes `Encounter.diagnosis`
+    (whose `condition` is 1..1) with it, not just the reference; the Encounter needs nothing more."""
+    condition = {
+        "resourceType": "Condition",
+        "subject": {"reference": "Patient/elsewhere"},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+    }
+    encounter = {
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
+        "subject": {"reference": "urn:uuid:p"},
+        "diagnosis": [{"condition": {"reference": "urn:uuid:c"}, "rank": 1}],
+    }
+    result = run(bundle(("urn:uuid:p", patient()), ("urn:uuid:c", condition), ("urn:uuid:e", encounter)))
+    [delivered] = resources(result.bundle, "Encounter")
+    assert "diagnosis" not in delivered and delivered["status"] == "finished"
+    assert result.report.dropped["required-element-lost"] == {"Condition": 1}
+
+
 def _outside_plan(**references: str):  # noqa: ANN202 - a Plan
     raw = read_yaml(PROFILES / "example-generic.yaml")
     raw["references"] = {"unresolved": "drop", **references}

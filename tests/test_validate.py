@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -150,13 +149,40 @@ def test_validators_compiled_once_and_lazily(validator: SchemaValidator) -> None
     assert fresh._compiled["Patient"] is first and list(fresh._compiled) == ["Patient"]
 
 
-def test_validation_is_fast(validator: SchemaValidator) -> None:
-    """Guard against a regression to oneOf over all resource types (seconds per bundle)."""
-    body = bundle(patient(), *[observation() for _ in range(2000)])
-    validate_bundle(body, validator)
-    start = time.perf_counter()
-    validate_bundle(body, validator)
-    assert time.perf_counter() - start < 0.5
+def test_nested_resources_are_not_a_one_of_over_every_type() -> None:
+    """Guard against a regression to the official `ResourceList` (a oneOf over 146 types: seconds per
+    bundle, and errors from 146 failed branches): a Bundle compiles only the types it holds."""
+    fresh = SchemaValidator.from_file(SCHEMA)
+    assert "oneOf" not in fresh._definitions["ResourceList"]
+    validate_bundle(bundle(patient(), observation(), observation()), fresh)
+    assert set(fresh._compiled) == {"Bundle", "Patient", "Observation"}
+
+
+def test_a_required_choice_element_is_required(validator: SchemaValidator) -> None:
+    """The official schema cannot require `medication[x]`; our tightened definitions do, in any variant,
+    also as a primitive's extensions only (`_valueBoolean`), and nested in backbones."""
+    subject = {"reference": "Patient/p1"}
+    statement = {"resourceType": "MedicationStatement", "status": "active", "subject": subject}
+    assert issues_of(validator, statement) == [("required", "MedicationStatement.medication[x]")]
+    referenced = statement | {"medicationReference": {"reference": "Medication/m"}}
+    assert validator.validate_resource(referenced) == []
+    assert validator.validate_resource(statement | {"medicationCodeableConcept": {"text": "x"}}) == []
+    found = validator.validate_resource({"resourceType": "MedicationAdministration", "status": "completed"})
+    assert {i.diagnostics for i in found} >= {
+        "missing required element 'medication[x]'",
+        "missing required element 'effective[x]'",
+    }
+    task = {"resourceType": "Task", "status": "ready", "intent": "order", "input": [{"type": {"text": "t"}}]}
+    assert issues_of(validator, task, "Bundle.entry[3].resource") == [
+        ("required", "Bundle.entry[3].resource.input[0].value[x]")
+    ]
+    absent = {
+        "extension": [
+            {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "masked"}
+        ]
+    }
+    task["input"][0]["_valueBoolean"] = absent
+    assert validator.validate_resource(task) == []
 
 
 # --- bundle rules ----------------------------------------------------------------------------------
@@ -371,11 +397,10 @@ def test_synthea_conditional_references_resolve_once(validator: SchemaValidator)
     assert len(index.issues) == len({ref for _, ref in index.external_references})
 
 
-def test_many_dangling_references_are_cheap(validator: SchemaValidator) -> None:
+def test_many_dangling_references_are_capped(validator: SchemaValidator) -> None:
     body = bundle(patient(), *[observation(subject="Patient/elsewhere") for _ in range(5000)])
-    start = time.perf_counter()
     err = rejected(validator, body)
-    assert len(err.issues) == MAX_ISSUES and time.perf_counter() - start < 2.0
+    assert len(err.issues) == MAX_ISSUES
 
 
 def test_one_dangling_reference_in_two_places_is_two_issues_with_two_paths(

@@ -1,8 +1,15 @@
 """Regenerate ``r4types.json`` from the official FHIR R4 JSON Schema.
 
 Run: ``python -m gateway.deid._gen_r4types /path/to/fhir.schema.json``. The output is a compact type table
-(element name -> datatype, array flag; required elements) so the engine and the profile validator know each
-element's datatype without loading the 2.7 MB schema or interpreting FHIRPath at run time.
+(element name -> datatype, array flag; required elements; required choice elements) so the engine, the
+validator and the profile validator know each element's datatype without loading the 2.7 MB schema or
+interpreting FHIRPath at run time.
+
+The JSON Schema cannot say that a choice element is required (``MedicationStatement.medication[x]``, 1..1):
+its ``required`` lists plain elements only. Those come from the fhir.resources R4B models
+(``one_of_many_required``), matched to the schema's definitions by walking both from each resource and
+datatype, since the models name backbones differently (``CarePlan_Detail`` is ``CarePlanActivityDetail``).
+The variant names are the R4 schema's own (R4B added ``valueCodeableReference`` to a few).
 """
 
 from __future__ import annotations
@@ -70,8 +77,67 @@ def build(schema: dict[str, Any]) -> dict[str, Any]:
             t, arr = _prop_type(pname, pspec)
             table[pname] = [t, 1 if arr else 0]
         types[name] = {"p": table, "r": [r for r in spec.get("required", []) if r != "resourceType"]}
+    for name, stems in required_choices(schema["definitions"]).items():
+        types[name]["c"] = stems
     resources = sorted(r["$ref"].rsplit("/", 1)[-1] for r in schema["definitions"]["ResourceList"]["oneOf"])
     return {"fhirVersion": "4.0.1", "primitives": primitives, "resources": resources, "types": types}
+
+
+def required_choices(definitions: dict[str, Any]) -> dict[str, list[str]]:
+    """Definition -> stems of its required choice elements (``["medication"]``), from the R4B models."""
+    from fhir.resources.R4B import get_fhir_model_class  # a generator-time dependency only
+
+    pending: list[tuple[str, Any]] = []
+    for name, spec in definitions.items():
+        if "properties" in spec and "_" not in name:
+            try:
+                pending.append((name, get_fhir_model_class(name)))
+            except (KeyError, ValueError, AttributeError):
+                continue  # an R4 type that R4B no longer has
+    out: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    while pending:
+        name, model = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        props = definitions[name]["properties"]
+        stems = sorted(
+            {
+                extra["one_of_many"]
+                for field in model.model_fields.values()
+                if (extra := field.json_schema_extra or {}).get("one_of_many_required")
+            }
+        )
+        stems = [s for s in stems if any(_is_variant(p, s) for p in props)]
+        if stems:
+            out[name] = stems
+        pending.extend(_backbones(definitions, props, model))
+    return dict(sorted(out.items()))
+
+
+def _is_variant(prop: str, stem: str) -> bool:
+    return prop.startswith(stem) and prop[len(stem) : len(stem) + 1].isupper()
+
+
+def _backbones(definitions: dict[str, Any], props: dict[str, Any], model: Any) -> list[tuple[str, Any]]:
+    """(schema definition, model class) of each backbone element of one definition."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    found = []
+    for pname, pspec in props.items():
+        ref = (pspec.get("items") or pspec).get("$ref", "")
+        target = ref.rsplit("/", 1)[-1]
+        field = model.model_fields.get(pname)
+        if "_" not in target or target not in definitions or field is None:
+            continue
+        m = re.search(r"(\w+)Type\b", str(field.annotation))
+        if m:
+            try:
+                found.append((target, get_fhir_model_class(m.group(1))))
+            except (KeyError, ValueError, AttributeError):
+                continue
+    return found
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ class ProvenanceInfo:
 class Plan:
     profile: Profile
     nodes: Mapping[str, p.Node]  # resource type -> compiled node
-    required: Mapping[str, tuple[str, ...]]
+    required: Mapping[str, tuple[tuple[str, ...], ...]]  # resource type -> `R4Types.must_have`
     extension_nodes: Mapping[str, p.Node]  # allowed extension url -> node
     modifier_ok: frozenset[str]
     keep_display: bool
@@ -125,7 +125,7 @@ class _Compiler:
         if tree is None and definition in self.cache:
             return self.cache[definition]
         fields: dict[str, tuple] = {}
-        node: p.Node = (fields, label, set())
+        node: p.Node = (fields, label, set(), self.types.must_have(definition))
         if tree is None:
             self.cache[definition] = node  # before filling: datatypes are recursive (Extension, Identifier)
         props = self.types.elements[definition]
@@ -201,7 +201,7 @@ class _Compiler:
         if key in self.cache:
             return self.cache[key]
         fields: dict[str, tuple] = {}
-        node: p.Node = (fields, "Address", set())
+        node: p.Node = (fields, "Address", set(), self.types.must_have("Address"))
         self.cache[key] = node
         for name, et in self.types.elements["Address"].items():
             path = f"Address.{name}"
@@ -224,11 +224,12 @@ class _Compiler:
 
     def resource_node(self, rtype: str, paths: tuple[str, ...]) -> p.Node:
         tree = expand_tree(self.types, rtype, _path_tree(list(paths)))
-        fields, label, _ = self.node(rtype, tree, rtype)
+        fields, label, _, _ = self.node(rtype, tree, rtype)
         fields = dict(fields)
         for name in _STRUCTURAL_RESOURCE:
             fields[name] = (p.REMOVE, None, None, None, None)  # rebuilt by the engine, not counted
-        return p.finish((fields, label, set()))
+        # a resource's required elements are checked by the engine, which drops the resource with a reason
+        return p.finish((fields, label, set(), ()))
 
 
 def compile_plan(profile: Profile, rules: Rules) -> Plan:
@@ -240,7 +241,7 @@ def compile_plan(profile: Profile, rules: Rules) -> Plan:
     return Plan(
         profile=profile,
         nodes=MappingProxyType(nodes),
-        required=MappingProxyType({rtype: types.required.get(rtype, ()) for rtype in nodes}),
+        required=MappingProxyType({rtype: types.must_have(rtype) for rtype in nodes}),
         # allowed modifier extensions are walked like kept extensions once the resource is accepted
         extension_nodes=MappingProxyType(
             {u: ext_node for u, m in rules.extensions.items() if m == "keep"}
@@ -497,20 +498,26 @@ def _patient_meta(res: dict[str, Any], out: dict[str, Any]) -> None:
     out["meta"] = _meta(res.get("meta"), True)
 
 
-def _prune(value: Any, dead: set[str]) -> Any:
-    """Remove references into ``dead`` (resources dropped during the walk); rare, so a plain recursion."""
-    if type(value) is dict:
-        if value.get("reference") in dead:
-            return None
-        out = {}
-        for k, v in value.items():
-            r = _prune(v, dead)
-            if r is not None and r != [] and r != {}:
-                out[k] = r
-        return out
+def _prune(value: Any, dead: set[str], definition: str, types: R4Types) -> Any:
+    """Remove references into ``dead`` (resources dropped during the walk); rare, so a plain recursion.
+    Typed like the walk: an element that loses something R4 requires of it goes too (an
+    ``Encounter.diagnosis`` whose ``condition`` was dropped); the resource's own check is the caller's."""
     if type(value) is list:
-        return [r for r in (_prune(v, dead) for v in value) if r is not None]
-    return value
+        return [r for r in (_prune(v, dead, definition, types) for v in value) if r is not None]
+    if type(value) is not dict or definition not in types.elements:
+        return value
+    if value.get("reference") in dead:
+        return None
+    elements = types.elements[definition]
+    out = {}
+    for k, v in value.items():
+        et = elements.get(k)
+        r = _prune(v, dead, et.type, types) if et is not None else v
+        if r is not None and r != [] and r != {}:
+            out[k] = r
+    if definition not in types.resources and not p.complete(out, types.must_have(definition)):
+        return None
+    return out
 
 
 # ── a Location or Organization at the patient's home (a home visit) ───────────────────────────────────────
@@ -590,6 +597,7 @@ def _walk_all(
     kept: list[tuple[_Candidate, dict[str, Any]]] = []
     dead: set[str] = set()
     required = plan.required
+    types = r4()
     nodes = plan.nodes
     walk = p.walk
     for c, off in zip(candidates, offsets, strict=True):
@@ -612,20 +620,19 @@ def _walk_all(
             report.drop(exc.reason, c.rtype)
             dead.add("urn:uuid:" + c.new_id)
             continue
-        for r in required[c.rtype]:
-            if r not in out:
-                # e.g. Condition.subject pointed at a patient that is not delivered: the rest is meaningless
-                report.drop("required-element-lost", c.rtype)
-                dead.add("urn:uuid:" + c.new_id)
-                break
-        else:
+        if p.complete(out, required[c.rtype]):
             kept.append((c, out))
+        else:
+            # e.g. Condition.subject pointed at a patient that is not delivered, or the only medication
+            # was free text: the rest is meaningless, and not valid R4
+            report.drop("required-element-lost", c.rtype)
+            dead.add("urn:uuid:" + c.new_id)
     while True:
         if not dead:
             return kept
         # drops during the walk (rare): remove references to them, which may cascade
-        kept = [(c, _prune(out, dead)) for c, out in kept]
-        lost = [(c, out) for c, out in kept if any(r not in out for r in required[c.rtype])]
+        kept = [(c, _prune(out, dead, c.rtype, types)) for c, out in kept]
+        lost = [(c, out) for c, out in kept if not p.complete(out, required[c.rtype])]
         if not lost:
             return kept
         for c, _ in lost:

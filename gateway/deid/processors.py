@@ -1,9 +1,12 @@
 """One processor per de-identification method, and the type-directed walk that calls them.
 
-A compiled *node* is ``(fields, label, plain)``: ``fields`` maps an element name to a *field*
+A compiled *node* is ``(fields, label, plain, must)``: ``fields`` maps an element name to a *field*
 ``(op, sub_node, processor, arg, label)``. The walk builds a new dict from the input dict, looking each key up
-once: elements absent from ``fields`` are not allowed (counted, never copied). Nothing here interprets
-FHIRPath and nothing deep-copies the input; primitives are shared (immutable), containers are rebuilt.
+once: elements absent from ``fields`` are not allowed (counted, never copied). ``must`` lists what FHIR R4
+requires of the element (``Observation.component`` needs its ``code``): an element that loses one of those
+is left out whole, so that what leaves is valid R4 (its parent may then be incomplete in turn). Nothing
+here interprets FHIRPath and nothing deep-copies the input; primitives are shared (immutable), containers
+are rebuilt.
 
 Processors take ``(value, field, ctx)`` and return the output value or ``None`` (= leave the element out).
 They must never raise on malformed input (wrong JSON types are dropped), except ``DropResource`` which
@@ -24,9 +27,10 @@ _PRIMITIVE = (str, int, float, bool)
 _PRIMITIVE_SET = frozenset(_PRIMITIVE)
 _NL_POSTCODE = re.compile(r"^\s*([1-9][0-9]{3})\s?[A-Za-z]{2}\s*$")
 
-# (fields, label, plain): ``plain`` = the names whose field is KEEP (a JSON primitive), filled once by the
-# compiler after the fields (nodes are created before they are filled because datatypes are recursive)
-Node = tuple[dict[str, tuple], str, set[str]]
+# (fields, label, plain, must): ``plain`` = the names whose field is KEEP (a JSON primitive), filled once by
+# the compiler after the fields (nodes are created before they are filled because datatypes are recursive);
+# ``must`` = per required element the names that satisfy it (every variant of a required choice element)
+Node = tuple[dict[str, tuple], str, set[str], tuple[tuple[str, ...], ...]]
 
 
 def finish(node: Node) -> Node:
@@ -90,11 +94,13 @@ class WalkContext:
 def walk(
     src: dict[str, Any], node: Node, ctx: WalkContext, out: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Build the output dict of ``src`` (into ``out`` if given). The hot loop of the engine: kept flat."""
-    fields, label, plain = node
+    """Build the output dict of ``src`` (into ``out`` if given). The hot loop of the engine: kept flat.
+    Returns ``{}`` when the element lost something FHIR requires of it (the caller leaves it out)."""
+    fields, label, plain, must = node
     if out is None:
         if src.keys() <= plain:
-            # fast path (Coding, Quantity, Period...): every key is a kept primitive; copy if the values are
+            # fast path (Coding, Quantity, Period...): every key is a kept primitive; copy if the values are.
+            # The copy holds what the input held, and validation has checked the input's required elements
             for value in src.values():
                 t = type(value)
                 if t is not str and t not in _PRIMITIVE_SET:
@@ -159,7 +165,22 @@ def walk(
             continue
         if r is not None:
             out[key] = r
+    if must and out and not complete(out, must):
+        lbl = label + ".(required-element-lost)"
+        removed[lbl] = removed.get(lbl, 0) + 1
+        return {}
     return out
+
+
+def complete(out: dict[str, Any], must: tuple[tuple[str, ...], ...]) -> bool:
+    """Whether ``out`` holds, for every required element, one of the names that satisfy it."""
+    for names in must:
+        for name in names:
+            if name in out:
+                break
+        else:
+            return False
+    return True
 
 
 def keep_primitive(value: Any, f: tuple, ctx: WalkContext) -> Any:

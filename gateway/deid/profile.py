@@ -260,9 +260,13 @@ def _check_required(
 ) -> None:
     # Only where the profile restricts a definition: a kept-whole element keeps its required parts anyway.
     listed = {real for name in tree for real in types.expand(definition, name)}
-    for req in types.required.get(definition, ()):
-        if req not in listed:
-            out.append(f"resources.{label}: drops '{req}', which FHIR R4 requires (min 1) for {definition}")
+    dropped = [req for req in types.required.get(definition, ()) if req not in listed] + [
+        f"{stem}[x]"
+        for stem in types.required_choices.get(definition, ())
+        if not listed.intersection(types.variants(definition, stem))
+    ]
+    for req in dropped:
+        out.append(f"resources.{label}: drops '{req}', which FHIR R4 requires (min 1) for {definition}")
 
 
 def _check_resources(data: Mapping[str, Any], out: list[str]) -> None:

@@ -15,6 +15,9 @@ result is *stricter or equal*, never looser:
   which JSON Schema ignores for numbers.
 - Complex types and resources get `type: object`: the official schema omits it, so `"class": "IMP"` or an
   array where a Coding belongs would pass (`properties`/`additionalProperties` only constrain objects).
+- Required choice elements (`MedicationStatement.medication[x]`, `Observation.component.value[x]` is not one)
+  get an `allOf` of `anyOf`s over their variants: the official schema's `required` cannot name them, so a
+  MedicationStatement without any medication passed. The list is `R4Types.required_choices`.
 
 Error texts are built here from the error kind and the schema path, never from jsonschema-rs's message
 (which quotes the instance value).
@@ -34,6 +37,7 @@ from urllib.parse import parse_qsl
 import jsonschema_rs
 import orjson
 
+from gateway.deid.r4 import r4
 from gateway.outcome import FhirError, Issue
 from gateway.pipeline.parse import safe_name
 
@@ -118,15 +122,32 @@ class SchemaValidator:
 def _tightened(definitions: dict[str, Any]) -> dict[str, Any]:
     """Copies of the definitions with what the official schema leaves out (never looser):
     complex types and resources must be JSON objects (the schema has `properties` but no `type`, so a string
-    or an array where a Coding belongs would pass), and FHIR integers must be 32-bit JSON integers."""
+    or an array where a Coding belongs would pass), FHIR integers must be 32-bit JSON integers, and a
+    required choice element must be there in one of its variants."""
+    types = r4()
     result = {}
     for name, definition in definitions.items():
         definition = dict(definition)
         if "properties" in definition and "type" not in definition:
             definition["type"] = "object"
             definition["properties"] = {k: _integer(v) for k, v in definition["properties"].items()}
+        stems = types.required_choices.get(name)
+        if stems:
+            assert "allOf" not in definition  # the official R4 schema has none; ours would replace it
+            definition["allOf"] = [
+                {"anyOf": [{"required": [v]} for v in types.choice_names(name, stem)]} for stem in stems
+            ]
         result[name] = _integer(definition)
     return result
+
+
+def _missing_choice(schema_path: list[str | int]) -> str | None:
+    """`medication[x]` for an error of our required-choice `anyOf` (`.../<Type>/allOf/<n>/anyOf`)."""
+    if len(schema_path) < 4 or schema_path[-1] != "anyOf" or schema_path[-3] != "allOf":
+        return None
+    stems = r4().required_choices.get(str(schema_path[-4]), ())
+    n = schema_path[-2]
+    return f"{stems[n]}[x]" if isinstance(n, int) and n < len(stems) else None
 
 
 def _integer(schema: Any) -> Any:
@@ -200,6 +221,10 @@ def _issues_of(error: Any, prefix: str) -> list[Issue]:
         text = f"missing required element '{name}'" if name else "missing required element"
         return [Issue("required", text, (f"{where}.{name}" if name else where,))]
     ftype = _schema_type(error.schema_path)
+    if kind_name == "AnyOf":
+        choice = _missing_choice(list(error.schema_path))
+        if choice:
+            return [Issue("required", f"missing required element '{choice}'", (f"{where}.{choice}",))]
     if kind_name == "Type":
         expected = " or ".join(sorted(str(t) for t in kind.types))
         return [Issue("structure", f"wrong JSON type, expected {expected}", (where,))]
