@@ -185,11 +185,15 @@ def deidentify(
         envvar="FHIR_GATEWAY_CONFIG",
         help="gateway config; without it an embedded TTP with fresh keys is used",
     ),
+    strict: bool = typer.Option(
+        False, "--strict", help="also check every input and output resource with its fhir.resources R4B model"
+    ),
 ) -> None:
     """The offline path: validate, opt-out, pseudonymise and de-identify files; print a summary per file."""
     from gateway.offline import run_deidentify
 
-    raise typer.Exit(run_deidentify(bundles, registry=registry, out=out, config=config, console=console))
+    code = run_deidentify(bundles, registry=registry, out=out, config=config, console=console, strict=strict)
+    raise typer.Exit(code)
 
 
 @app.command()

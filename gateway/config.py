@@ -79,6 +79,11 @@ class RegistryConfig(_Strict):
     identifier_system: str = Field(
         "urn:nlps1:{registry}:{type}", description="Patient.identifier.system of each pseudonym"
     )
+    strict: bool = Field(
+        False,
+        description="also check every posted and every delivered resource with its fhir.resources R4B model "
+        "(about ten times slower; gateway/pipeline/strict.py)",
+    )
 
 
 class TTPConfig(_Strict):

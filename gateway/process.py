@@ -21,6 +21,7 @@ from gateway.deid.leakscan import scan, sensitive_values
 from gateway.optout import BundleConsentOptOut, CombinedOptOut, ConsentPolicy, Decision, OptOutSource
 from gateway.optout.apply import entries_to_drop, patient_key, patient_refs
 from gateway.outcome import FhirError, Issue
+from gateway.pipeline.strict import bundle_model_issues
 from gateway.pipeline.validate import BundleIndex, PatientEntry, SchemaValidator, validate_bundle
 from gateway.pseudonym.mapping import InputMapping
 from gateway.pseudonym.source import SourceStage
@@ -55,6 +56,7 @@ class RegistryChain:
     consent_policy: ConsentPolicy | None = None  # which Consents concern this registry (default: purposes)
     identifier_system: str = "urn:nlps1:{registry}:{type}"
     require_patient: bool = True
+    strict: bool = False  # also check every posted and delivered resource with its R4B model (strict.py)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ async def process_bundle(
             "registry",
         )
     index = validate_bundle(bundle, validator, require_patient=registry.require_patient)
+    if registry.strict and (issues := bundle_model_issues(bundle)):
+        raise FhirError(400, issues)
     decisions = await decide_optout(bundle, index.patients, registry, provider)
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
     dropped_entries = _optout_drops(index, decisions)
@@ -165,6 +169,8 @@ async def process_bundle(
         },
     )
     payload = _leak_gate(result.bundle, kept_input, registry.plan.profile.leak_gate_options())
+    if registry.strict:
+        _strict_output_gate(result.bundle)
     report |= {
         "pseudonymTypes": dict(pseudonyms.types_added),
         "pseudonymsSkipped": dict(pseudonyms.skipped),
@@ -272,6 +278,15 @@ def _leak_gate(output: dict[str, Any], kept_input: dict[str, Any], options: dict
         ]
         raise FhirError(422, issues)
     return payload
+
+
+def _strict_output_gate(output: dict[str, Any]) -> None:
+    """Strict mode, after the leak gate: the engine makes valid R4 by construction, so a finding here is a
+    gateway defect, and nothing is delivered. The paths are in the de-identified Bundle."""
+    issues = bundle_model_issues(output)
+    if issues:
+        text = "de-identified Bundle: {}; nothing delivered"
+        raise FhirError(422, [Issue(i.code, text.format(i.diagnostics), i.expression) for i in issues])
 
 
 def _now() -> str:

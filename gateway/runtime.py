@@ -371,6 +371,7 @@ def _registry_chain(
         consent_policy=_consent_policy(reg),
         id_key=keys.id_key(name),
         identifier_system=reg.identifier_system,
+        strict=reg.strict,
     )
 
 

@@ -63,6 +63,23 @@ def test_template_placeholders_exit_2_with_operation_outcome(tmp_path):
     assert "${DATE" not in result.stdout
 
 
+def test_strict_checks_the_input_with_the_r4b_models_and_names_the_path(tmp_path):
+    """`2026-02-30` passes the R4 schema's dateTime pattern; the models know February."""
+    example = Path(__file__).parent.parent / "examples" / "01-nictiz-nl-core-transaction.json"
+    bundle = json.loads(example.read_text())
+    at = next(i for i, e in enumerate(bundle["entry"]) if e["resource"]["resourceType"] == "Observation")
+    bundle["entry"][at]["resource"]["effectiveDateTime"] = "2026-02-30"
+    path = tmp_path / "impossible-date.json"
+    path.write_text(json.dumps(bundle))
+    args = ["deidentify", str(path), "--registry", "example-generic", "--out", str(tmp_path / "out")]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, [*args[:-2], "--strict"])
+    assert result.exit_code == 2
+    outcome = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert [i["expression"] for i in outcome["issue"]] == [[f"Bundle.entry[{at}].resource.effectiveDateTime"]]
+    assert "2026-02-30" not in result.stdout
+
+
 def test_selftest_passes_on_the_shared_vectors_and_fails_on_an_altered_copy(tmp_path):
     vectors = Path(__file__).parent / "vectors" / "pseudonym-vectors.json"
     assert runner.invoke(app, ["selftest", "--vectors", str(vectors)]).exit_code == 0

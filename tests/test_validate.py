@@ -158,6 +158,23 @@ def test_nested_resources_are_not_a_one_of_over_every_type() -> None:
     assert set(fresh._compiled) == {"Bundle", "Patient", "Observation"}
 
 
+def test_a_choice_element_in_two_types_is_refused(validator: SchemaValidator) -> None:
+    """`value[x]` is one element: `valueString` and `valueBoolean` together are not R4 (the official schema
+    admits them). Elements that only share a prefix (`reasonCode`, `reasonReference`) are not a choice."""
+    two = {"resourceType": "Observation", "status": "final", "code": {"text": "a"}}
+    two |= {"valueString": "Geertruida", "valueBoolean": True}
+    assert sorted(issues_of(validator, two)) == [
+        ("structure", "Observation.valueBoolean"),
+        ("structure", "Observation.valueString"),
+    ]
+    reasons = encounter()
+    reasons |= {"reasonCode": [{"text": "a"}], "reasonReference": [{"reference": "Condition/c"}]}
+    assert validator.validate_resource(reasons) == []
+    with_extension = {"resourceType": "Observation", "status": "final", "code": {"text": "a"}}
+    with_extension |= {"valueBoolean": True, "_valueBoolean": {"id": "b"}}
+    assert validator.validate_resource(with_extension) == []
+
+
 def test_a_required_choice_element_is_required(validator: SchemaValidator) -> None:
     """The official schema cannot require `medication[x]`; our tightened definitions do, in any variant,
     also as a primitive's extensions only (`_valueBoolean`), and nested in backbones."""

@@ -77,14 +77,17 @@ def build(schema: dict[str, Any]) -> dict[str, Any]:
             t, arr = _prop_type(pname, pspec)
             table[pname] = [t, 1 if arr else 0]
         types[name] = {"p": table, "r": [r for r in spec.get("required", []) if r != "resourceType"]}
-    for name, stems in required_choices(schema["definitions"]).items():
-        types[name]["c"] = stems
+    for name, (stems, required) in choice_elements(schema["definitions"]).items():
+        types[name]["x"] = stems
+        if required:
+            types[name]["c"] = required
     resources = sorted(r["$ref"].rsplit("/", 1)[-1] for r in schema["definitions"]["ResourceList"]["oneOf"])
     return {"fhirVersion": "4.0.1", "primitives": primitives, "resources": resources, "types": types}
 
 
-def required_choices(definitions: dict[str, Any]) -> dict[str, list[str]]:
-    """Definition -> stems of its required choice elements (``["medication"]``), from the R4B models."""
+def choice_elements(definitions: dict[str, Any]) -> dict[str, tuple[dict[str, list[str]], list[str]]]:
+    """Definition -> (choice stem -> its R4 variants, the stems that are required), from the R4B models:
+    ``{"medication": ["medicationCodeableConcept", "medicationReference"]}, ["medication"]``."""
     from fhir.resources.R4B import get_fhir_model_class  # a generator-time dependency only
 
     pending: list[tuple[str, Any]] = []
@@ -94,7 +97,7 @@ def required_choices(definitions: dict[str, Any]) -> dict[str, list[str]]:
                 pending.append((name, get_fhir_model_class(name)))
             except (KeyError, ValueError, AttributeError):
                 continue  # an R4 type that R4B no longer has
-    out: dict[str, list[str]] = {}
+    out: dict[str, tuple[dict[str, list[str]], list[str]]] = {}
     seen: set[str] = set()
     while pending:
         name, model = pending.pop()
@@ -102,16 +105,15 @@ def required_choices(definitions: dict[str, Any]) -> dict[str, list[str]]:
             continue
         seen.add(name)
         props = definitions[name]["properties"]
-        stems = sorted(
-            {
-                extra["one_of_many"]
-                for field in model.model_fields.values()
-                if (extra := field.json_schema_extra or {}).get("one_of_many_required")
-            }
-        )
-        stems = [s for s in stems if any(_is_variant(p, s) for p in props)]
+        extras = [field.json_schema_extra or {} for field in model.model_fields.values()]
+        stems = {
+            stem: sorted(p for p in props if _is_variant(p, stem))
+            for stem in {e["one_of_many"] for e in extras if e.get("one_of_many")}
+        }
+        stems = {stem: variants for stem, variants in sorted(stems.items()) if variants}
+        required = sorted({e["one_of_many"] for e in extras if e.get("one_of_many_required")} & set(stems))
         if stems:
-            out[name] = stems
+            out[name] = (stems, required)
         pending.extend(_backbones(definitions, props, model))
     return dict(sorted(out.items()))
 

@@ -15,9 +15,10 @@ result is *stricter or equal*, never looser:
   which JSON Schema ignores for numbers.
 - Complex types and resources get `type: object`: the official schema omits it, so `"class": "IMP"` or an
   array where a Coding belongs would pass (`properties`/`additionalProperties` only constrain objects).
-- Required choice elements (`MedicationStatement.medication[x]`, `Observation.component.value[x]` is not one)
-  get an `allOf` of `anyOf`s over their variants: the official schema's `required` cannot name them, so a
-  MedicationStatement without any medication passed. The list is `R4Types.required_choices`.
+- Choice elements: one variant at most (`dependencies`: `valueString` forbids every other `value...`), and
+  a required one (`MedicationStatement.medication[x]`) in an `allOf` of `anyOf`s over its variants. The
+  official schema cannot say either, so an Observation with both `valueString` and `valueBoolean`, or a
+  MedicationStatement without any medication, passed. The lists are `R4Types.choices`/`required_choices`.
 
 Error texts are built here from the error kind and the schema path, never from jsonschema-rs's message
 (which quotes the instance value).
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -131,6 +132,10 @@ def _tightened(definitions: dict[str, Any]) -> dict[str, Any]:
         if "properties" in definition and "type" not in definition:
             definition["type"] = "object"
             definition["properties"] = {k: _integer(v) for k, v in definition["properties"].items()}
+        choices = types.choices.get(name)
+        if choices:
+            assert "dependencies" not in definition  # the official R4 schema has none; ours would replace it
+            definition["dependencies"] = _one_variant_each(choices)
         stems = types.required_choices.get(name)
         if stems:
             assert "allOf" not in definition  # the official R4 schema has none; ours would replace it
@@ -139,6 +144,15 @@ def _tightened(definitions: dict[str, Any]) -> dict[str, Any]:
             ]
         result[name] = _integer(definition)
     return result
+
+
+def _one_variant_each(choices: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    """`valueString` present forbids every other variant of `value[x]` (a `false` schema per name)."""
+    return {
+        variant: {"properties": {other: False for other in variants if other != variant}}
+        for variants in choices.values()
+        for variant in variants
+    }
 
 
 def _missing_choice(schema_path: list[str | int]) -> str | None:
@@ -225,6 +239,8 @@ def _issues_of(error: Any, prefix: str) -> list[Issue]:
         choice = _missing_choice(list(error.schema_path))
         if choice:
             return [Issue("required", f"missing required element '{choice}'", (f"{where}.{choice}",))]
+    if kind_name == "FalseSchema" and "dependencies" in error.schema_path:
+        return [Issue("structure", "a choice element given in more than one type", (where,))]
     if kind_name == "Type":
         expected = " or ".join(sorted(str(t) for t in kind.types))
         return [Issue("structure", f"wrong JSON type, expected {expected}", (where,))]

@@ -1,0 +1,80 @@
+"""Strict mode: the fhir.resources R4B models on every posted and delivered resource (pipeline/strict.py).
+
+The models only validate; the texts are ours, built from pydantic's error kind and location, never from its
+message (which quotes the input)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gateway.bulk.chains import offline_chains
+from gateway.outcome import FhirError
+from gateway.pipeline.strict import bundle_model_issues, model_issues
+from gateway.process import process_bundle
+from tests.badinput.generate import bundle, observation, patient
+
+SECRET_DATE = "2020-02-30"  # an impossible date: the R4 schema's pattern admits it, the models do not
+
+
+def _observation(**extra: object) -> dict:
+    return {"resourceType": "Observation", "status": "final", "code": {"text": "a"}, **extra}
+
+
+def test_issues_name_the_path_and_the_kind_never_the_value() -> None:
+    issues = model_issues(
+        _observation(effectiveDateTime=SECRET_DATE, zyxwortel=1, component=[{"valueQuantity": {"value": 1}}]),
+        "Bundle.entry[2].resource",
+    )
+    assert sorted((i.code, i.expression[0]) for i in issues) == [
+        ("required", "Bundle.entry[2].resource.component[0].code"),
+        ("structure", "Bundle.entry[2].resource.?"),  # a property that may be data is not echoed
+        ("value", "Bundle.entry[2].resource.effectiveDateTime"),
+    ]
+    text = json.dumps([i.as_fhir() for i in issues])
+    assert SECRET_DATE not in text and "zyxwortel" not in text
+
+
+def test_a_choice_given_twice_is_an_invariant_of_the_resource() -> None:
+    [issue] = model_issues(_observation(valueString="a", valueBoolean=True), "Observation")
+    assert issue.code == "invariant" and issue.expression == ("Observation",)
+
+
+def test_a_valid_bundle_has_no_model_issues() -> None:
+    assert bundle_model_issues(bundle(patient(), observation(), observation())) == []
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - Chains
+    return offline_chains("example-generic", Path(tmp_path_factory.mktemp("strict-keys")))
+
+
+def _process(chains, body: dict, *, strict: bool):  # noqa: ANN001, ANN202
+    registry = replace(chains.registry, strict=strict)
+    run = process_bundle(
+        body, registry=registry, provider=chains.provider, validator=chains.validator, mapping=chains.mapping
+    )
+    return asyncio.run(run)
+
+
+def test_strict_refuses_input_the_schema_admits_and_the_models_do_not(chains) -> None:  # noqa: ANN001
+    obs = observation()
+    obs["effectiveDateTime"] = SECRET_DATE
+    body = bundle(patient(), obs)
+    assert _process(chains, body, strict=False).bundle is not None  # the R4 schema's pattern admits it
+    with pytest.raises(FhirError) as info:
+        _process(chains, body, strict=True)
+    assert info.value.status == 400
+    assert [i.expression for i in info.value.issues] == [("Bundle.entry[1].resource.effectiveDateTime",)]
+    assert SECRET_DATE not in json.dumps(info.value.outcome())
+
+
+def test_strict_delivers_what_it_checked(chains) -> None:  # noqa: ANN001
+    body = bundle(patient(), observation(), observation())
+    processed = _process(chains, body, strict=True)
+    assert processed.bundle is not None and bundle_model_issues(processed.bundle) == []
+    assert len(processed.bundle["entry"]) == 4  # Patient, two Observations, Provenance
