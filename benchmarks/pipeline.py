@@ -3,7 +3,8 @@ serialise, beside the orjson floor and the fhir.resources R4B round trip, measur
 
 Bundles as in /work/shared/perf-notes.md (benchmarks/validate.py: one Patient + N clinical resources that
 reference it through urn:uuid fullUrls). The TTP is the embedded reference TTP behind a warm CachingTTP, so
-the figures are the gateway's own CPU cost. Median of several runs; the GC is frozen after start-up as in the
+the figures are the gateway's own CPU cost. The last row per size is the chain in strict mode (the
+fhir.resources R4B models on every posted and delivered resource; sizes up to --fhir-resources-max). Median of several runs; the GC is frozen after start-up as in the
 service and paused around each bundle as the bulk path does.
 
     .venv/bin/python benchmarks/pipeline.py [--sizes 10,100,1000,10000] [--profile 1000] [--no-fhir-resources]
@@ -28,6 +29,7 @@ import io
 import pstats
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 
 import orjson
 
@@ -85,7 +87,7 @@ def main() -> None:
         "--fhir-resources-max",
         type=int,
         default=1000,
-        help="above this size the fhir.resources figure is extrapolated from this size",
+        help="above this size the fhir.resources figure is extrapolated, and strict mode is not measured",
     )
     args = parser.parse_args()
     loop = asyncio.new_event_loop()
@@ -133,6 +135,10 @@ def main() -> None:
             ]
             if fhir_bundle is not None:
                 stages.append(_fhir_stage(fhir_bundle, body, n, args.fhir_resources_max, fhir_rate, budget))
+            if n <= args.fhir_resources_max:
+                strict = replace(chains, registry=replace(chains.registry, strict=True))
+                seconds = median_seconds(chain_fn(strict, body, loop), budget=budget, min_runs=2)
+                stages.append(("whole chain, strict (R4B models in and out)", seconds))
             for name, seconds in stages:
                 mb_s = len(body) / seconds / 1e6
                 print(

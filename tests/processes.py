@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -111,7 +112,10 @@ def process_chain(
     store_url: str | None = None,
     receiver_faults: bool = True,
     profiles_dir: Path | None = None,
+    registry_options: dict[str, Any] | None = None,
 ) -> Iterator[ProcessChain]:
+    """TTP and receiver in threads of this process; gateways as their own OS processes (`start_gateway`).
+    `registry_options` go into every registry's configuration (e.g. `{"strict": True}`)."""
     ttp_secret, ehr_secret, admin_secret = (os.urandom(24).hex() for _ in range(3))
     ttp_keys = init_ttp_keys(work_dir / "ttp-keys", list(registries))
     ttp_auth = TTPAuth.from_entries(
@@ -136,7 +140,8 @@ def process_chain(
                 }
             ],
             "registries": {
-                r: {"profile": r, "endpoint": receiver_url, "timeout_seconds": 10} for r in registries
+                r: {"profile": r, "endpoint": receiver_url, "timeout_seconds": 10, **(registry_options or {})}
+                for r in registries
             },
             "ttp": {"url": ttp_url, "api_key_env": "TEST_TTP_KEY"},
             "admin_api_key_sha256": hash_api_key(admin_secret),

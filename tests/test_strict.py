@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.bulk.chains import offline_chains
@@ -17,6 +19,8 @@ from gateway.outcome import FhirError
 from gateway.pipeline.strict import bundle_model_issues, model_issues
 from gateway.process import process_bundle
 from tests.badinput.generate import bundle, observation, patient
+from tests.processes import process_chain
+from tests.soak.common import variant
 
 SECRET_DATE = "2020-02-30"  # an impossible date: the R4 schema's pattern admits it, the models do not
 
@@ -78,3 +82,26 @@ def test_strict_delivers_what_it_checked(chains) -> None:  # noqa: ANN001
     processed = _process(chains, body, strict=True)
     assert processed.bundle is not None and bundle_model_issues(processed.bundle) == []
     assert len(processed.bundle["entry"]) == 4  # Patient, two Observations, Provenance
+
+
+def test_a_served_registry_with_strict_true_refuses_what_only_the_models_see(tmp_path: Path) -> None:
+    """`registries.<id>.strict: true` in gateway.yaml, the gateway as its own process: the impossible date
+    is answered 400 naming its path, nothing reaches the registry; a valid Bundle is delivered."""
+    with process_chain(tmp_path, registry_options={"strict": True}) as chain:
+        gw = chain.start_gateway()
+        headers = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {chain.ehr_api_key}"}
+        url = f"{gw.url}/registries/example-generic/Bundle"
+        impossible = json.loads(variant(1, 1, run="strict"))
+        impossible["entry"][3]["resource"]["effectiveDateTime"] = SECRET_DATE
+        refused = httpx.post(url, content=json.dumps(impossible), headers=headers, timeout=60)
+        assert refused.status_code == 400, refused.text
+        expressions = [i["expression"] for i in refused.json()["issue"]]
+        assert expressions == [["Bundle.entry[3].resource.effectiveDateTime"]]
+        assert SECRET_DATE not in refused.text and SECRET_DATE not in gw.logs()
+        assert httpx.get(f"{chain.receiver_url}/deliveries").json() == []
+        accepted = httpx.post(url, content=variant(2, 1, run="strict"), headers=headers, timeout=60)
+        assert accepted.status_code == 200, accepted.text
+        deadline = time.monotonic() + 30
+        while not httpx.get(f"{chain.receiver_url}/deliveries").json():
+            assert time.monotonic() < deadline, "the valid Bundle never reached the registry"
+            time.sleep(0.05)
