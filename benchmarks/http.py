@@ -9,13 +9,16 @@ reference TTP and the registry receiver (leak scan and SQLite write for every fo
 - `same-process`: uvicorn threads of this process via gateway.demo.embedded_chain; all three share one GIL,
   so the TTP's and the receiver's CPU is taken from the gateway.
 
+`--worker separate`: the gateway process serves the API only (`serve --no-worker`) and a `fhir-gateway worker`
+process forwards, as scale-out runs it; the worker's CPU is printed apart.
+
 The load comes from another process (a minimal keep-alive HTTP/1.1 client on asyncio streams, so the client
 costs little CPU). Requests use `Prefer: respond-async` (202 once stored in the outbox) and a fresh
 Bundle.identifier each. Each scenario is bounded by a request count and a duration. At the end the outbox
 depth is printed: the worker must have forwarded everything (0 queued, 0 dead).
 
     .venv/bin/python benchmarks/http.py [--small 2000] [--large 60] [--concurrency 8] [--max-seconds 60]
-        [--peers other-process|same-process]
+        [--peers other-process|same-process] [--worker in-process|separate]
 """
 
 # ruff: noqa: E402 - imports follow the sys.path guard below (benchmarks/http.py shadows `http`)
@@ -189,12 +192,14 @@ def echo_app() -> FastAPI:
 
 
 @contextmanager
-def gateway_chain(work: Path, peers: str) -> Iterator[tuple[str, str, dict]]:
-    """The gateway with its TTP and receiver; yields (gateway URL, EHR API key, peers' usage, set at exit)."""
+def gateway_chain(work: Path, peers: str, worker: str) -> Iterator[tuple[str, str, dict]]:
+    """The gateway with its TTP and receiver; yields (gateway URL, EHR API key, peers' and the separate
+    worker's usage, set at exit)."""
     from gateway.demo import embedded_chain
 
     usage: dict = {}
     if peers == "same-process":
+        assert worker == "in-process", "--worker separate needs --peers other-process"
         with embedded_chain(work, [REGISTRY]) as chain:
             yield chain.gateway_url, chain.ehr_api_key, usage
         return
@@ -210,7 +215,7 @@ def gateway_chain(work: Path, peers: str) -> Iterator[tuple[str, str, dict]]:
     )
     try:
         urls = json.loads(server.stdout.readline())
-        with _gateway_alone(work, urls) as (url, key):
+        with _gateway_alone(work, urls, worker, usage) as (url, key):
             yield url, key, usage
     finally:
         server.stdin.close()
@@ -219,9 +224,10 @@ def gateway_chain(work: Path, peers: str) -> Iterator[tuple[str, str, dict]]:
 
 
 @contextmanager
-def _gateway_alone(work: Path, urls: dict) -> Iterator[tuple[str, str]]:
+def _gateway_alone(work: Path, urls: dict, worker: str, usage: dict) -> Iterator[tuple[str, str]]:
     """The gateway as embedded_chain configures it (objection register + bundle consent, MRN system), against
-    the TTP and receiver at `urls`, served by one uvicorn worker in a thread of this process."""
+    the TTP and receiver at `urls`, served by one uvicorn worker in a thread of this process; with
+    `worker="separate"` its outbox worker is a `fhir-gateway worker` process (its CPU goes into `usage`)."""
     from gateway.config import (
         ClientConfig,
         GatewayConfig,
@@ -259,10 +265,38 @@ def _gateway_alone(work: Path, urls: dict) -> Iterator[tuple[str, str]]:
     runtime = build_runtime(
         config, settings, ttps={PROVIDER: (HttpTTPClient(urls["ttp"], urls["secret"]), urls["ttp"])}
     )
-    app = create_app(runtime, run_worker=True)
+    app = create_app(runtime, run_worker=worker == "in-process")
     freeze_start_up_objects()  # as `fhir-gateway serve` does
-    with serve_in_thread(app) as url:
+    with serve_in_thread(app) as url, _worker_process(work, config, settings, urls, worker, usage):
         yield url, ehr_key
+
+
+@contextmanager
+def _worker_process(work: Path, config, settings, urls: dict, worker: str, usage: dict) -> Iterator[None]:  # noqa: ANN001
+    if worker == "in-process":
+        yield
+        return
+    import signal
+
+    import yaml
+
+    path = work / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True)))
+    env = os.environ | {
+        "FHIR_GATEWAY_STORE_URL": settings.store_url,
+        "FHIR_GATEWAY_KEY_DIR": str(settings.key_dir),
+        "FHIR_GATEWAY_WORKER_POLL_SECONDS": str(settings.worker_poll_seconds),
+        "FHIR_GATEWAY_TTP_API_KEY": urls["secret"],
+        "FHIR_GATEWAY_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "--config", str(path)], env=env)
+    try:
+        yield
+    finally:
+        stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        usage["worker_cpu"] = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
 
 
 def main() -> None:
@@ -278,6 +312,12 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=60, help="requests with 1,000-entry bundles")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--worker",
+        choices=["in-process", "separate"],
+        default="in-process",
+        help="the outbox worker inside the gateway process (default) or a `fhir-gateway worker` process",
+    )
     parser.add_argument(
         "--peers",
         choices=["same-process", "other-process"],
@@ -307,7 +347,10 @@ def main() -> None:
             "other-process": "TTP + receiver in a second process; this process runs only the gateway",
             "same-process": "TTP + receiver + gateway in threads of this process (one GIL)",
         }[args.peers]
-        print(f"peers: {args.peers} ({where}); gateway: one uvicorn worker; load: a separate process")
+        print(
+            f"peers: {args.peers} ({where}); gateway: one uvicorn worker, outbox worker {args.worker}; "
+            "load: a separate process"
+        )
         print(
             f"{'scenario':<34} {'requests':>8} {'req/s':>8} {'MB/s':>7} {'p50 ms':>8} {'p99 ms':>8}  statuses"
         )
@@ -324,7 +367,7 @@ def main() -> None:
                 )
                 _row(f"echo (bare FastAPI) {name}", r, folders[n])
         cpu_before = _cpu_seconds()
-        with gateway_chain(work / "chain", args.peers) as (gateway_url, ehr_key, peers_usage):
+        with gateway_chain(work / "chain", args.peers, args.worker) as (gateway_url, ehr_key, peers_usage):
             headers = [
                 "Content-Type: application/fhir+json",
                 "Prefer: respond-async",
@@ -350,9 +393,12 @@ def main() -> None:
             print(f"outbox at the end (after waiting up to 120 s for the worker): {depth}")
         own = _cpu_seconds() - cpu_before
         if args.peers == "other-process":
+            separate = ""
+            if "worker_cpu" in peers_usage:
+                separate = f"; the outbox worker process {peers_usage['worker_cpu']:.1f}"
             print(
                 f"CPU seconds from gateway start to drained outbox: this process (gateway) {own:.1f}; "
-                f"TTP + receiver process (its whole life) {peers_usage.get('cpu', 0.0):.1f}"
+                f"TTP + receiver process (its whole life) {peers_usage.get('cpu', 0.0):.1f}{separate}"
             )
         else:
             print(

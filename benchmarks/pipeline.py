@@ -4,8 +4,9 @@ serialise, beside the orjson floor and the fhir.resources R4B round trip, measur
 Bundles as in /work/shared/perf-notes.md (benchmarks/validate.py: one Patient + N clinical resources that
 reference it through urn:uuid fullUrls). The TTP is the embedded reference TTP behind a warm CachingTTP, so
 the figures are the gateway's own CPU cost. The last row per size is the chain in strict mode (the
-fhir.resources R4B models on every posted and delivered resource; sizes up to --fhir-resources-max). Median of several runs; the GC is frozen after start-up as in the
-service and paused around each bundle as the bulk path does.
+fhir.resources R4B models on every posted and delivered resource; sizes up to --fhir-resources-max).
+Median of several runs; the GC is frozen after start-up as in the service and paused around each bundle as
+the bulk path does.
 
     .venv/bin/python benchmarks/pipeline.py [--sizes 10,100,1000,10000] [--profile 1000] [--no-fhir-resources]
 """

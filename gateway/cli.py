@@ -67,6 +67,12 @@ def serve(
     config: Path = typer.Option(Path("gateway.yaml"), "--config", "-c", envvar="FHIR_GATEWAY_CONFIG"),
     host: str = typer.Option(None, envvar="FHIR_GATEWAY_HOST"),
     port: int = typer.Option(None, envvar="FHIR_GATEWAY_PORT"),
+    worker: bool = typer.Option(
+        None,
+        "--worker/--no-worker",
+        help="run the outbox worker in this process (default: FHIR_GATEWAY_RUN_WORKER, true); with "
+        "--no-worker, `fhir-gateway worker` processes forward",
+    ),
 ) -> None:
     """Run the gateway service (ingest, admin API and the outbox worker) under uvicorn."""
     import uvicorn
@@ -78,7 +84,7 @@ def serve(
 
     runtime, settings = startup_runtime(config, fail=_fail)
     configure(settings.log_level)
-    app = create_app(runtime)
+    app = create_app(runtime, run_worker=settings.run_worker if worker is None else worker)
     freeze_start_up_objects()
     uvicorn.run(
         app,
@@ -90,6 +96,28 @@ def serve(
         # longer than common client pools keep idle connections, so the server never closes one under them
         timeout_keep_alive=75,
     )
+
+
+@app.command("worker")
+def worker_command(
+    config: Path = typer.Option(Path("gateway.yaml"), "--config", "-c", envvar="FHIR_GATEWAY_CONFIG"),
+    metrics_port: int = typer.Option(
+        None, "--metrics-port", help="serve this worker's Prometheus metrics on 127.0.0.1:<port>"
+    ),
+) -> None:
+    """Only the outbox worker: forward what API processes (`serve --no-worker`) committed to the store.
+    Run as many as you like against one store; SIGTERM finishes the deliveries in flight."""
+    import asyncio
+
+    from gateway.bootstrap import startup_runtime
+    from gateway.memory import freeze_start_up_objects
+    from gateway.service.logs import configure
+    from gateway.worker_process import run_worker_process
+
+    runtime, settings = startup_runtime(config, fail=_fail)
+    configure(settings.log_level)
+    freeze_start_up_objects()
+    asyncio.run(run_worker_process(runtime, metrics_port))
 
 
 @app.command()

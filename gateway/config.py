@@ -143,6 +143,8 @@ class Settings(BaseSettings):
     # Bundles one gateway process works on at once; a post beyond that is answered 429 + Retry-After at once
     # instead of queueing (latency stays bounded under overload; the EHR retries). 0: no limit.
     max_inflight_bundles: int = 64
+    # False: this process serves the API only, and `fhir-gateway worker` processes forward (scale-out)
+    run_worker: bool = True
     worker_concurrency: int = 4
     worker_poll_seconds: float = 0.2
     # How long a claimed delivery stays leased to this worker (renewed while sending). After a crash, its

@@ -86,10 +86,11 @@ class Runtime:
         self.authenticator = Authenticator(self.config)
 
     # -- life cycle -------------------------------------------------------------------------------------
-    async def start(self, *, run_worker: bool = True) -> None:
+    async def start(self, *, run_worker: bool = True, intake: bool = True) -> None:
         """A TTP that refuses us (wrong key, wrong URL) stops the start; one that is merely down does not:
-        the outbox still drains to the registries (no TTP needed) and intake answers 503 until it is back."""
-        for name, provider in self.providers.items():
+        the outbox still drains to the registries (no TTP needed) and intake answers 503 until it is back.
+        `intake=False` (a worker-only process) never asks the TTP anything."""
+        for name, provider in self.providers.items() if intake else ():
             try:
                 await provider.ttp.probe()
                 if self.ttp_is_stateless and self.registries:
