@@ -77,28 +77,39 @@ def _model_problems(resource: dict[str, Any]) -> list[str]:
     return []
 
 
-def _delivered(name: str, profile: str) -> list[dict[str, Any]]:
+def _output(name: str, profile: str) -> dict[str, Any]:
     source = INPUTS[name]
     bundle = as_bundle(load(source)) if isinstance(source, Path) else source()
-    out = deidentify(
+    return deidentify(
         bundle, plan_for(profile), id_key=KEY_A, pseudonyms=fake_pseudonyms(bundle), provenance=PROVENANCE
     ).bundle
-    return [entry["resource"] for entry in out["entry"]]
 
 
 @pytest.mark.parametrize("profile", PROFILE_IDS)
 @pytest.mark.parametrize("name", sorted(INPUTS))
-def test_every_delivered_resource_is_valid_r4(name: str, profile: str, validator: SchemaValidator) -> None:
-    problems = []
-    for i, resource in enumerate(_delivered(name, profile)):
-        issues = validator.validate_resource(resource, f"entry[{i}].resource")
-        problems += [f"{issue.expression} {issue.diagnostics}" for issue in issues]
-        problems += [f"entry[{i}] {resource['resourceType']}.{p}" for p in _model_problems(resource)]
+def test_the_delivered_bundle_and_every_resource_in_it_are_valid_r4(
+    name: str, profile: str, validator: SchemaValidator
+) -> None:
+    """The Bundle as a whole (its type, meta.security label, transaction requests), then each resource."""
+    out = _output(name, profile)
+    problems = [f"{i.expression} {i.diagnostics}" for i in validator.validate_resource(out, "Bundle")]
+    for i, entry in enumerate(out["entry"]):
+        problems += [
+            f"entry[{i}] {entry['resource']['resourceType']}.{p}" for p in _model_problems(entry["resource"])
+        ]
+    problems += [
+        f"Bundle.{p}"
+        for p in _model_problems(
+            {**out, "entry": [{k: v for k, v in e.items() if k != "resource"} for e in out["entry"]]}
+        )
+    ]
     assert problems == []
 
 
 def test_the_check_covers_many_resource_types_per_person_level_profile() -> None:
     """Not vacuous: the person-level profiles deliver a real share of the corpus, of many types."""
     for profile in ("example-generic", "example-cancer-registry"):
-        delivered = [r["resourceType"] for name in INPUTS for r in _delivered(name, profile)]
+        delivered = [
+            e["resource"]["resourceType"] for name in INPUTS for e in _output(name, profile)["entry"]
+        ]
         assert len(delivered) > 300 and len(set(delivered)) >= 5, (profile, len(delivered), set(delivered))

@@ -15,10 +15,12 @@ result is *stricter or equal*, never looser:
   which JSON Schema ignores for numbers.
 - Complex types and resources get `type: object`: the official schema omits it, so `"class": "IMP"` or an
   array where a Coding belongs would pass (`properties`/`additionalProperties` only constrain objects).
-- Choice elements: one variant at most (`dependencies`: `valueString` forbids every other `value...`), and
-  a required one (`MedicationStatement.medication[x]`) in an `allOf` of `anyOf`s over its variants. The
-  official schema cannot say either, so an Observation with both `valueString` and `valueBoolean`, or a
-  MedicationStatement without any medication, passed. The lists are `R4Types.choices`/`required_choices`.
+- Choice elements: one variant at most, and exactly one where the element is required
+  (`MedicationStatement.medication[x]`): per choice element a `oneOf` over "this variant is present" (a
+  primitive also as its `_x` extensions), plus "none is present" when it is optional; all in one `allOf`.
+  The official schema cannot say either, so an Observation with both `valueString` and `valueBoolean`, or
+  a MedicationStatement without any medication, passed. The lists are `R4Types.choices`/`required_choices`.
+  A `oneOf` is linear in the variants: forbidding pairs (`dependencies`) cost 12 MB more per process.
 
 Error texts are built here from the error kind and the schema path, never from jsonschema-rs's message
 (which quotes the instance value).
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -38,7 +40,7 @@ from urllib.parse import parse_qsl
 import jsonschema_rs
 import orjson
 
-from gateway.deid.r4 import r4
+from gateway.deid.r4 import R4Types, r4
 from gateway.outcome import FhirError, Issue
 from gateway.pipeline.parse import safe_name
 
@@ -132,36 +134,42 @@ def _tightened(definitions: dict[str, Any]) -> dict[str, Any]:
         if "properties" in definition and "type" not in definition:
             definition["type"] = "object"
             definition["properties"] = {k: _integer(v) for k, v in definition["properties"].items()}
-        choices = types.choices.get(name)
-        if choices:
-            assert "dependencies" not in definition  # the official R4 schema has none; ours would replace it
-            definition["dependencies"] = _one_variant_each(choices)
-        stems = types.required_choices.get(name)
-        if stems:
+        if name in types.choices:
             assert "allOf" not in definition  # the official R4 schema has none; ours would replace it
-            definition["allOf"] = [
-                {"anyOf": [{"required": [v]} for v in types.choice_names(name, stem)]} for stem in stems
-            ]
+            definition["allOf"] = _choice_rules(types, name)
         result[name] = _integer(definition)
     return result
 
 
-def _one_variant_each(choices: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
-    """`valueString` present forbids every other variant of `value[x]` (a `false` schema per name)."""
-    return {
-        variant: {"properties": {other: False for other in variants if other != variant}}
-        for variants in choices.values()
-        for variant in variants
-    }
+def _choice_rules(types: R4Types, definition: str) -> list[dict[str, Any]]:
+    """One `oneOf` per choice element, in `types.choices` order (`_choice_error` maps an error back)."""
+    props = types.elements[definition]
+    required = types.required_choices.get(definition, ())
+    rules = []
+    for stem, variants in types.choices[definition].items():
+        present = [
+            {"anyOf": [{"required": [v]}, {"required": [f"_{v}"]}]} if f"_{v}" in props else {"required": [v]}
+            for v in variants
+        ]
+        if stem not in required:  # or none of them: one enum over the names, smaller than a `not anyOf`
+            names = [n for v in variants for n in (v, f"_{v}") if n in props]
+            present.append({"propertyNames": {"not": {"enum": names}}})
+        rules.append({"oneOf": present})
+    return rules
 
 
-def _missing_choice(schema_path: list[str | int]) -> str | None:
-    """`medication[x]` for an error of our required-choice `anyOf` (`.../<Type>/allOf/<n>/anyOf`)."""
-    if len(schema_path) < 4 or schema_path[-1] != "anyOf" or schema_path[-3] != "allOf":
+def _choice_error(kind_name: str, schema_path: list[str | int], where: str) -> Issue | None:
+    """The Issue for an error of our choice rules (`.../<Type>/allOf/<n>/oneOf`), else None."""
+    if len(schema_path) < 4 or schema_path[-1] != "oneOf" or schema_path[-3] != "allOf":
         return None
-    stems = r4().required_choices.get(str(schema_path[-4]), ())
+    stems = list(r4().choices.get(str(schema_path[-4]), ()))
     n = schema_path[-2]
-    return f"{stems[n]}[x]" if isinstance(n, int) and n < len(stems) else None
+    if not isinstance(n, int) or n >= len(stems):
+        return None
+    choice = f"{stems[n]}[x]"
+    if kind_name == "OneOfMultipleValid":
+        return Issue("structure", f"'{choice}' given in more than one type", (f"{where}.{choice}",))
+    return Issue("required", f"missing required element '{choice}'", (f"{where}.{choice}",))
 
 
 def _integer(schema: Any) -> Any:
@@ -235,12 +243,10 @@ def _issues_of(error: Any, prefix: str) -> list[Issue]:
         text = f"missing required element '{name}'" if name else "missing required element"
         return [Issue("required", text, (f"{where}.{name}" if name else where,))]
     ftype = _schema_type(error.schema_path)
-    if kind_name == "AnyOf":
-        choice = _missing_choice(list(error.schema_path))
+    if kind_name.startswith("OneOf"):
+        choice = _choice_error(kind_name, list(error.schema_path), where)
         if choice:
-            return [Issue("required", f"missing required element '{choice}'", (f"{where}.{choice}",))]
-    if kind_name == "FalseSchema" and "dependencies" in error.schema_path:
-        return [Issue("structure", "a choice element given in more than one type", (where,))]
+            return [choice]
     if kind_name == "Type":
         expected = " or ".join(sorted(str(t) for t in kind.types))
         return [Issue("structure", f"wrong JSON type, expected {expected}", (where,))]
