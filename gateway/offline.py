@@ -11,7 +11,6 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,7 +18,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from gateway.bulk.chains import from_runtime, offline_chains
+from gateway.bulk.chains import from_runtime, offline_chains, strict_chains
 from gateway.bulk.group import Chains
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
@@ -41,7 +40,7 @@ def run_deidentify(
     table = _summary_table()
     with _chains(registry, config) as chains:
         if strict:  # on top of what the configuration says: testing an interface before go-live
-            chains = replace(chains, registry=replace(chains.registry, strict=True))
+            chains = strict_chains(chains)
         rows = asyncio.run(_all(files, chains, out))
     for path, (_, summary) in zip(files, rows, strict=True):
         table.add_row(path.name, *summary)

@@ -603,3 +603,37 @@ def test_invalid_lines_name_a_file_only_by_its_export_name(tmp_path: Path) -> No
     assert "Encounter.ndjson" in files and len(files) == 2
     assert not any("MRN00042" in name or "999911120" in name for name in files)
     assert "999911120" not in orjson.dumps(summary.as_dict()).decode()
+
+
+def test_cli_strict_rejects_the_lines_only_the_r4b_models_refuse(tmp_path: Path) -> None:
+    """`bulk --strict`: an impossible date (the R4 schema's pattern admits it) drops that line as rejected,
+    names it by file and line, exits 1; the rest is delivered. Without --strict everything goes."""
+    import typer
+    from typer.testing import CliRunner
+
+    from gateway.bulk.commands import bulk
+
+    write_export(tmp_path / "export", SynthSpec(patients=3, resources_per_patient=4))
+    observations = tmp_path / "export" / "Observation.ndjson"
+    lines = observations.read_bytes().splitlines()
+    first = orjson.loads(lines[0])
+    first["effectiveDateTime"] = "2026-02-30"
+    observations.write_bytes(b"\n".join([orjson.dumps(first), *lines[1:]]) + b"\n")
+    app = typer.Typer()
+    app.command()(bulk)
+
+    def run(*extra: str, work: str):  # noqa: ANN202 - a click Result
+        args = [str(tmp_path / "export"), "--registry", REGISTRY, "--to-dir", str(tmp_path / f"out-{work}")]
+        args += ["--work-dir", str(tmp_path / work), "--json", "--workers", "0", *extra]
+        return CliRunner().invoke(app, args)
+
+    plain = run(work="plain")
+    assert plain.exit_code == 0, plain.output
+    strict = run("--strict", work="strict")
+    assert strict.exit_code == 1, strict.output
+    summary = orjson.loads(strict.stdout[strict.stdout.index("{") :])
+    assert summary["dropped"]["rejected-400"] == {"Observation": 1}
+    assert "2026-02-30" not in strict.output
+    assert summary["sent"]["Observation"] == orjson.loads(plain.stdout[plain.stdout.index("{") :])["sent"][
+        "Observation"
+    ] - 1

@@ -7,6 +7,7 @@ are test keys: the pseudonyms are valid only for Bundles made with this work dir
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from gateway.bulk.group import Chains
@@ -26,6 +27,12 @@ from gateway.ttp.keystore import KeyStore
 from gateway.ttp.keystore import init_keys as init_ttp_keys
 
 OFFLINE_PROVIDER = "ura:00000000"
+
+
+def strict_chains(chains: Chains) -> Chains:
+    """The same chain in strict mode (the R4B models on every posted and delivered resource), whatever the
+    configuration says: for testing an interface or an export before go-live."""
+    return replace(chains, registry=replace(chains.registry, strict=True))
 
 
 def from_runtime(runtime: Runtime, registry: str, provider: str) -> Chains:

@@ -56,6 +56,9 @@ def bulk(
     ),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="with --config: wait until the outbox is empty"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    strict: bool = typer.Option(
+        False, "--strict", help="also check every input and output resource with its fhir.resources R4B model"
+    ),
 ) -> None:
     """Deliver a FHIR Bulk Data export: per patient, opt-out filtered, pseudonymised, de-identified."""
     console = Console(stderr=True)
@@ -71,7 +74,19 @@ def bulk(
     registry_sized = bundle_size is None and config is not None  # the registry's bulk_bundle_size
     try:
         summary = asyncio.run(
-            _run(paths, registry, config, to_dir, work_dir, provider, options, registry_sized, wait, console)
+            _run(
+                paths,
+                registry,
+                config,
+                to_dir,
+                work_dir,
+                provider,
+                options,
+                registry_sized,
+                wait,
+                console,
+                strict,
+            )
         )
     except (SourceError, JobMismatch, ValueError) as exc:
         console.print(f"[red]fhir-gateway bulk: {exc}[/red]")
@@ -83,7 +98,8 @@ def bulk(
         typer.echo(orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2).decode())
     else:
         Console().print(summary_table(summary))
-    raise typer.Exit(1 if summary.invalid_lines or summary.dropped.get("rejected-422") else 0)
+    rejected = any(reason.startswith("rejected") for reason in summary.dropped)
+    raise typer.Exit(1 if summary.invalid_lines or rejected else 0)
 
 
 async def _run(
@@ -97,6 +113,7 @@ async def _run(
     registry_bundle_size: bool,
     wait: bool,
     console: Console,
+    strict: bool = False,
 ) -> BulkSummary:
     with _progress(console) as bar:
         tasks = {
@@ -109,7 +126,13 @@ async def _run(
 
         if config is None:
             return await run_bulk_async(
-                paths, registry=registry, work_dir=work_dir, to_dir=to_dir, options=options, progress=progress
+                paths,
+                registry=registry,
+                work_dir=work_dir,
+                to_dir=to_dir,
+                options=options,
+                progress=progress,
+                strict=strict,
             )
         runtime = _runtime(config)
         if registry_bundle_size and registry in runtime.config.registries:
@@ -125,6 +148,7 @@ async def _run(
                 sender="bulk-cli",
                 options=options,
                 progress=progress,
+                strict=strict,
             )
             if wait:
                 drain = bar.add_task("forward (outbox)", total=None)

@@ -33,17 +33,20 @@ class ChainSpec:
     config: Any = None  # GatewayConfig (pydantic, picklable)
     settings: Any = None  # Settings
     provider: str | None = None
+    strict: bool = False  # strict mode on top of the configuration (`bulk --strict`)
 
 
 def build_chains(spec: ChainSpec) -> Chains:
-    from gateway.bulk.chains import from_runtime, offline_chains
+    from gateway.bulk.chains import from_runtime, offline_chains, strict_chains
 
     if spec.offline_root is not None:
-        return offline_chains(spec.registry, spec.offline_root)
-    from gateway.bootstrap import runtime_from_config
+        chains = offline_chains(spec.registry, spec.offline_root)
+    else:
+        from gateway.bootstrap import runtime_from_config
 
-    runtime = runtime_from_config(spec.config, spec.settings)
-    return from_runtime(runtime, spec.registry, spec.provider or spec.config.providers[0].id)
+        runtime = runtime_from_config(spec.config, spec.settings)
+        chains = from_runtime(runtime, spec.registry, spec.provider or spec.config.providers[0].id)
+    return strict_chains(chains) if spec.strict else chains
 
 
 def runtime_spec(runtime: Any, registry: str, provider: str) -> ChainSpec | None:

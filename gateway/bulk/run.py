@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
-from gateway.bulk.chains import from_runtime, offline_chains
+from gateway.bulk.chains import from_runtime, offline_chains, strict_chains
 from gateway.bulk.group import Chains
 from gateway.bulk.job import BulkOptions, Progress, deliver_export
 from gateway.bulk.pool import ChainSpec, runtime_spec
@@ -29,12 +30,14 @@ async def run_bulk_async(
     progress: Progress | None = None,
     allowed_root: Path | None = None,
     spec: ChainSpec | None = None,
+    strict: bool = False,
 ) -> BulkSummary:
     """One of: `runtime` (its chains, its outbox), `to_dir` (offline chain, files), or `chains` + `sink`.
 
     `options.workers` > 0 runs groups in worker processes when they can rebuild the chain (offline, or a
     runtime built from its configuration whose TTP key is in the environment); otherwise in this process.
-    With explicit `chains`, workers are used only with a `spec` that rebuilds that same chain."""
+    With explicit `chains`, workers are used only with a `spec` that rebuilds that same chain. `strict`: the
+    chain in strict mode whatever the configuration says (`bulk --strict`)."""
     files = resolve_sources(sources, allowed_root=allowed_root)
     if runtime is not None:
         provider = provider or next(iter(runtime.providers))
@@ -45,6 +48,9 @@ async def run_bulk_async(
     elif chains is None:
         chains = offline_chains(registry, work_dir)
         spec = ChainSpec(registry, offline_root=work_dir)
+    if strict:
+        chains = strict_chains(chains)
+        spec = replace(spec, strict=True) if spec is not None else None
     if sink is None:
         if to_dir is None:
             raise ValueError("run_bulk needs a runtime, a sink or to_dir")
