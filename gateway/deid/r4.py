@@ -63,11 +63,7 @@ class R4Types:
 
     def variants(self, definition: str, stem: str) -> tuple[str, ...]:
         """Every R4 variant of a choice element (``medicationCodeableConcept``, ``medicationReference``)."""
-        known = self.choices.get(definition, {}).get(stem)
-        if known is not None:
-            return known
-        props = self.elements.get(definition, {})
-        return tuple(p for p in props if p.startswith(stem) and p[len(stem) : len(stem) + 1].isupper())
+        return self.choices.get(definition, {}).get(stem, ())
 
     def must_have(self, definition: str) -> tuple[tuple[str, ...], ...]:
         """What a valid instance of ``definition`` must hold: per required element, the names that satisfy

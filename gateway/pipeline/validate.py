@@ -125,8 +125,8 @@ class SchemaValidator:
 def _tightened(definitions: dict[str, Any]) -> dict[str, Any]:
     """Copies of the definitions with what the official schema leaves out (never looser):
     complex types and resources must be JSON objects (the schema has `properties` but no `type`, so a string
-    or an array where a Coding belongs would pass), FHIR integers must be 32-bit JSON integers, and a
-    required choice element must be there in one of its variants."""
+    or an array where a Coding belongs would pass), FHIR integers must be 32-bit JSON integers, and a choice
+    element comes in one variant at most (exactly one where it is required)."""
     types = r4()
     result = {}
     for name, definition in definitions.items():
@@ -135,7 +135,8 @@ def _tightened(definitions: dict[str, Any]) -> dict[str, Any]:
             definition["type"] = "object"
             definition["properties"] = {k: _integer(v) for k, v in definition["properties"].items()}
         if name in types.choices:
-            assert "allOf" not in definition  # the official R4 schema has none; ours would replace it
+            if "allOf" in definition:  # the official R4 schema has none; ours would replace it
+                raise ValueError(f"schema definition {name} has an allOf already")
             definition["allOf"] = _choice_rules(types, name)
         result[name] = _integer(definition)
     return result
