@@ -82,7 +82,7 @@ class RegistryConfig(_Strict):
     strict: bool = Field(
         False,
         description="also check every posted and every delivered resource with its fhir.resources R4B model "
-        "(about ten times slower; gateway/pipeline/strict.py)",
+        "(six to seven times the chain's cost; gateway/pipeline/strict.py)",
     )
 
 
