@@ -194,6 +194,10 @@ pieces = st.sampled_from(
         "april",
         "bsn",  # glued to a BSN
         "abc",
+        "Pomp",  # names and postcodes run into other words: "PompJohanna", "Johannastraat", "pc1012NX"
+        "straat",
+        "PETER",
+        "İ",  # lower-cases to two characters
     ]
 )
 

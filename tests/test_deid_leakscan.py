@@ -399,3 +399,36 @@ def test_a_pseudonym_or_opaque_id_that_happens_to_hold_a_name_is_not_a_finding()
     assert scan(out, sensitive_values(source())) == []
     out["entry"][0]["resource"]["identifier"][0]["type"]["coding"][0]["code"] = "MR"  # not ours: a leak
     assert "name" in {f.kind for f in scan(out, sensitive_values(source()))}
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("PompJansen", "name"),  # run on at a change of case: the probe's "PompZyxwortel"
+        ("dm2Johanna", "name"),
+        ("JohannaPomp", "name"),
+        ("pc1012NX", "postcode"),  # a postcode run into anything
+        ("1012nxb", "postcode"),
+    ],
+)
+def test_a_name_or_postcode_run_into_another_word_is_found(text: str, kind: str) -> None:
+    sensitive = sensitive_values(source())
+    found = scan(out_with(valueString=text), sensitive)
+    assert [f.kind for f in found] == [kind]
+    assert found[0].path.endswith(".valueString")
+
+
+@pytest.mark.parametrize("text", ["Johannastraat", "Jansens", "JANSENPOMP", "Petersburg"])
+def test_a_word_that_only_contains_a_name_is_not_a_finding(text: str) -> None:
+    """A street named after someone, another surname, capitals throughout: no change of case marks a name."""
+    assert scan(out_with(valueString=text), sensitive_values(source())) == []
+
+
+def test_a_name_that_is_a_word_of_fhir_is_not_sought_inside_words() -> None:
+    """A patient named "Value" must not make every `valueQuantity`-like text a leak; "Value" alone still is."""
+    bundle = source()
+    bundle["entry"][0]["resource"] = {**PATIENT, "name": [{"family": "Value", "given": ["Quantity"]}]}
+    sensitive = sensitive_values(bundle)
+    assert {value for value, _ in sensitive.glued}.isdisjoint({"value", "quantity"})
+    assert scan(out_with(valueString="SampledValueQuantity"), sensitive) == []
+    assert [f.kind for f in scan(out_with(valueString="Value"), sensitive)] == ["name"]

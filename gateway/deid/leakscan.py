@@ -6,7 +6,10 @@ looks for them, and for any 9-digit number passing the BSN 11-proef, in every st
 
 Findings name the FHIR path and the kind, never the value. Matching is on whole tokens (letters/digits runs,
 case-folded), so "Jan" does not match "January", and short values are ignored (below a threshold per kind)
-because "M", "NL" or "1" would match everywhere; BSNs and postcodes are always checked.
+because "M", "NL" or "1" would match everywhere; BSNs and postcodes are always checked. Two exceptions look
+inside words (`glued`): a name of five letters or more run into another word at a change of case
+("PompJansen", "dm2Jansen", "JansenPomp"; "Jansenstraat" is a word of its own), unless it is a word of FHIR
+itself ("Value"); and a Dutch postcode run into anything ("pc1012NX").
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -72,6 +76,18 @@ TERMINOLOGY_PREFIXES = (
     "http://www.nlm.nih.gov/research/umls/rxnorm",
 )
 PSEUDED_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+_GLUED_NAME_MIN = 5  # shorter names glued into words are everywhere ("Ann" in "PlanAnnual")
+_NL_POSTCODE_JOINED = re.compile(r"[1-9][0-9]{3}[a-z]{2}")
+_CAMEL_PART = re.compile(r"[A-Z]?[a-z]+")
+_ELEMENT_NAMES_FILE = Path(__file__).resolve().parent.parent / "data" / "fhir-element-names.txt"
+
+
+@cache
+def _fhir_words() -> frozenset[str]:
+    """The words FHIR's element names are made of ("valueCodeableConcept": value, codeable, concept): a
+    patient named "Value" glued into one of them is structure, not a leak."""
+    names = _ELEMENT_NAMES_FILE.read_text(encoding="utf-8").split()
+    return frozenset(part.lower() for name in names for part in _CAMEL_PART.findall(name))
 
 
 def phone_digits(value: str) -> str | None:
@@ -163,6 +179,7 @@ class SensitiveSet:
     phones: set[str] = field(default_factory=set)  # telephone numbers as digits, however they are written
     # full birth dates by year: the year is the anchor of every notation, and rare in a document
     birth_dates: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
+    glued: set[tuple[str, str]] = field(default_factory=set)  # (case-folded value, kind) sought inside words
 
     def add_birth_date(self, iso: str) -> None:
         y, m, d = iso.split("-")
@@ -190,10 +207,20 @@ class SensitiveSet:
         bucket = self.by_first.setdefault(tokens[0], [])
         if entry not in bucket:
             bucket.append(entry)
+        self._add_glued(tokens, joined, kind)
         if kind == "postcode" and len(tokens) == 2:
             self.add(joined, "postcode-joined")  # "1012 NX" is also written "1012NX"
         elif kind in ("identifier", "name") and len(tokens) > 1 and len(joined) >= 8:
             self.add(joined, kind)  # "MRN-CANARY-77" is also written "MRNCANARY77", "van Putten" "vanPutten"
+
+    def _add_glued(self, tokens: tuple[str, ...], joined: str, kind: str) -> None:
+        if kind == "name":
+            words = _fhir_words()
+            for t in tokens:
+                if len(t) >= _GLUED_NAME_MIN and t.isalpha() and t not in words:
+                    self.glued.add((t, "name"))
+        elif kind in ("postcode", "postcode-joined") and _NL_POSTCODE_JOINED.fullmatch(joined):
+            self.glued.add((joined, "postcode"))
 
     def __len__(self) -> int:
         literals = len(self.patient_ids) + len(self.patient_urls) + len(self.phones) + len(self.birth_dates)
@@ -409,6 +436,8 @@ class _Scanner:
         # set by the whole-document check when it saw a written-out BSN or a patient's phone number in some
         # other notation; until then (or when the document cannot be serialised) every string is checked
         self.split_bsn = self.phones = True
+        # likewise for a name or postcode run into another word: only when the document check saw one
+        self.glued = sensitive is not None and bool(sensitive.glued)
         self.in_patient = False  # inside a Patient no date is an event: a full birth date there is a leak
 
     @cached_property
@@ -449,6 +478,8 @@ class _Scanner:
             return True
         if self.phones and _PHONE_RUN.search(s):
             return True
+        if self.glued and _glued_kind(s, self.sens.glued) is not None:  # type: ignore[union-attr]
+            return True
         if not self.many:
             # IGNORECASE covers ASCII; other text is case-folded first, as the sensitive tokens were (and a
             # 9-digit run is sought before: folding "111222333ß" to "...ss" would glue a letter onto it)
@@ -476,6 +507,8 @@ class _Scanner:
             # ciphertext of the TTP, a keyed hash of ours: a random token in it can equal a short name ("jan")
             return
         kind = self._value_of_the_input(s, key, sens)
+        if kind is None and self.glued:
+            kind = _glued_kind(s, sens.glued)
         if kind is not None:
             self.findings.append(Finding(_path(parts), kind))
 
@@ -549,6 +582,38 @@ class _Scanner:
             self.findings.append(Finding(_path(parts), "bsn"))
         elif t is float and 1e8 <= value < 1e9 and value.is_integer() and bsn_valid(str(int(value))):
             self.findings.append(Finding(_path(parts), "bsn"))  # a BSN sent as a decimal: 999911120.0
+
+
+def _glued_kind(
+    text: str, candidates: Collection[tuple[str, str]], lowered: str | None = None
+) -> str | None:
+    """The kind of a sensitive value run into another word somewhere in ``text`` (see the module docstring),
+    or None. One lower-cased copy (``lowered``, if the caller has it: ASCII only, where it is the casefold)
+    and a C-level search per value; the same function decides for the whole document and for one string, so
+    the document check and the walk agree."""
+    if not candidates:
+        return None
+    lowered = lowered if lowered is not None else text.lower()
+    if len(lowered) != len(text):  # a few letters grow when lower-cased ("İ"): keep them, keep positions
+        lowered = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+    for value, kind in candidates:
+        at = lowered.find(value)
+        while at >= 0:
+            if _glued_at(text, at, at + len(value), kind):
+                return kind
+            at = lowered.find(value, at + 1)
+    return None
+
+
+def _glued_at(text: str, start: int, end: int, kind: str) -> bool:
+    before = text[start - 1] if start else " "
+    after = text[end] if end < len(text) else " "
+    if kind == "postcode":
+        return before.isalnum() or after.isalnum()  # a whole token is the ordinary check's
+    first, last = text[start], text[end - 1]
+    run_on = first.isupper() and (before.islower() or before.isdigit())  # "PompJansen", "dm2Jansen"
+    run_into = not before.isalnum() and last.islower() and after.isupper()  # "JansenPomp"
+    return run_on or run_into
 
 
 def _written_bsn_in(s: str) -> bool:
@@ -735,14 +800,19 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner, serialized: bytes | None 
         # window of _sequence_at may join unrelated pieces, which only errs towards the walk. (With few
         # values to seek, probing the whole document is cheaper than this.)
         raw = b" ".join(dict.fromkeys(raw.split(b'"')))
-        low = raw.decode().casefold()
+        text = raw.decode()
+        low = text.casefold()
         # ASCII: [^\W_] is [A-Za-z0-9] and casefold() is lower(): a C-level translate + split tokenises
         tokens = set(raw.translate(_LOWER_RUNS).decode().split() if ascii_doc else _TOKEN.findall(low))
     else:
-        low = raw.decode().casefold()
+        text = raw.decode()
+        low = text.casefold()
     if literals and _literal_found(escaped, literals, tokens if ascii_doc else None):
         return False
     if sens.birth_dates and _birth_date_seen(low, sens.birth_dates, tokens):
+        return False
+    scanner.glued = _glued_kind(text, sens.glued, low if ascii_doc else None) is not None
+    if scanner.glued:
         return False
     firsts = by_first if tokens is None else tokens.intersection(by_first)
     for first in firsts:
