@@ -394,6 +394,20 @@ def test_cancer_registry_shifts_dates_consistently_per_patient() -> None:
     assert 1 <= abs(shift.days) <= 30
 
 
+@pytest.mark.parametrize("placeholder", ["0001-01-02", "0001-01-01T00:00:00Z", "9999-12-30T23:59:59+14:00"])
+def test_a_date_the_shift_would_take_past_year_1_or_9999_is_dropped_not_a_crash(placeholder: str) -> None:
+    """EHRs write such dates for "unknown" and "open"; a fresh-eyes test got a 500 and a bulk job that
+    crashed on every resume. Whatever the patient's offset, one of the two ends overflows."""
+    early, late = obs("Patient/pat-123", effectiveDateTime=placeholder), obs("Patient/pat-123")
+    late["effectivePeriod"] = {"start": "2024-01-01", "end": placeholder}
+    b = bundle(("urn:uuid:p", patient()), ("urn:uuid:o1", early), ("urn:uuid:o2", late))
+    out = run(b, profile="example-cancer-registry").bundle
+    delivered = resources(out, "Observation")
+    assert len(delivered) == 2
+    shifted = [o.get("effectiveDateTime") or o.get("effectivePeriod", {}).get("end") for o in delivered]
+    assert all(s is None or s[:4] in ("0001", "0002", "9999") for s in shifted)
+
+
 def test_foreign_postcode_is_not_delivered() -> None:
     p = patient(address=[{"postalCode": "01915", "country": "US"}])
     (pat,) = resources(run(bundle(("urn:uuid:p", p))).bundle, "Patient")

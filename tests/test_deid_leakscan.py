@@ -425,7 +425,7 @@ def test_a_word_that_only_contains_a_name_is_not_a_finding(text: str) -> None:
 
 
 def test_a_name_that_is_a_word_of_fhir_is_not_sought_inside_words() -> None:
-    """A patient named "Value" must not make every `valueQuantity`-like text a leak; "Value" alone still is."""
+    """A patient named "Value" must not make every `valueQuantity`-like text a leak; "Value" alone is one."""
     bundle = source()
     bundle["entry"][0]["resource"] = {**PATIENT, "name": [{"family": "Value", "given": ["Quantity"]}]}
     sensitive = sensitive_values(bundle)

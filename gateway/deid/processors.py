@@ -274,8 +274,10 @@ def _shift(value: Any, days: int) -> str | None:
         return value if value[:4].isdigit() else None
     try:
         shifted = date(int(value[0:4]), int(value[5:7]), int(value[8:10])) + timedelta(days=days)
-    except ValueError:
-        return None  # not a date (e.g. a test-engine placeholder): cannot be shifted, so not delivered
+    except (ValueError, OverflowError):
+        # not a date (a test-engine placeholder), or one the shift takes past year 1 or 9999 (EHRs write
+        # 0001-01-01 and 9999-12-31 for "unknown" and "open"): cannot be shifted, so not delivered
+        return None
     if value[4] != "-" or value[7] != "-":
         return None
     return shifted.isoformat() + value[10:]
