@@ -637,3 +637,40 @@ def test_cli_strict_rejects_the_lines_only_the_r4b_models_refuse(tmp_path: Path)
     assert summary["sent"]["Observation"] == orjson.loads(plain.stdout[plain.stdout.index("{") :])["sent"][
         "Observation"
     ] - 1
+
+
+def test_each_rejected_line_gets_the_code_of_its_own_issue(tmp_path: Path) -> None:
+    """Two lines refused in one group for different reasons: each is named with its own issue type (a
+    fresh-eyes test saw every line of the group labelled with the first line's)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from gateway.bulk.commands import bulk
+
+    write_export(tmp_path / "export", SynthSpec(patients=3, resources_per_patient=4))
+    observations = tmp_path / "export" / "Observation.ndjson"
+    first, *rest = observations.read_bytes().splitlines()
+    dated = orjson.loads(first)
+    dated["effectiveDateTime"] = "2026-02-30"  # the models parse it: a value issue
+    observations.write_bytes(b"\n".join([orjson.dumps(dated), *rest]) + b"\n")
+    reason = {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
+    absent = {"extension": [reason]}
+    immunization = {
+        "resourceType": "Immunization",
+        "id": "imm-1",
+        "status": "completed",
+        "vaccineCode": {"coding": [{"system": "http://snomed.info/sct", "code": "871908002"}]},
+        "patient": {"reference": "Patient/pat0000001"},
+        "_occurrenceDateTime": absent,  # valid R4; the R4B models want a value: an invariant issue
+    }
+    (tmp_path / "export" / "Immunization.ndjson").write_bytes(orjson.dumps(immunization) + b"\n")
+    app = typer.Typer()
+    app.command()(bulk)
+    args = [str(tmp_path / "export"), "--registry", REGISTRY, "--to-dir", str(tmp_path / "out")]
+    args += ["--work-dir", str(tmp_path / "w"), "--json", "--workers", "0", "--strict"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    summary = orjson.loads(result.stdout[result.stdout.index("{") :])
+    reasons = {(line["file"], line["reason"]) for line in summary["invalidLines"]}
+    expected = {("Observation.ndjson", "rejected-value"), ("Immunization.ndjson", "rejected-invariant")}
+    assert reasons == expected

@@ -148,14 +148,7 @@ async def _process(items: list[_Item], chains: Chains, result: GroupResult, reco
             if not bad:
                 return await _split(items, chains, result, recorded, err)
             for i in sorted(bad):
-                code = next(
-                    (
-                        iss.code
-                        for iss in err.issues
-                        if _ENTRY.match(iss.expression[0] if iss.expression else "")
-                    ),
-                    "invalid",
-                )
+                code = _issue_code_of_entry(err, i)
                 result.rejected_lines.append((items[i].line.file, items[i].line.line, f"rejected-{code}"))
                 result.drop(f"rejected-{err.status}", items[i].line.rtype)
             items = [item for n, item in enumerate(items) if n not in bad]
@@ -251,6 +244,15 @@ async def prefetch_pseudonyms(items: list[_Item], chains: Chains) -> None:
         extraction = extract_inputs(patient, registry.types, chains.mapping, provider.mrn_system)
         pres.extend(provider.source.pre_pseudonyms(extraction, registry.registry))
     await provider.ttp.fetch(registry.registry, pres)
+
+
+def _issue_code_of_entry(err: FhirError, index: int) -> str:
+    """The issue type of the first error about entry ``index`` (each rejected line gets its own)."""
+    for issue in err.issues:
+        match = _ENTRY.match(issue.expression[0]) if issue.expression else None
+        if match is not None and int(match.group(1)) == index:
+            return issue.code
+    return "invalid"
 
 
 def _entries_named(err: FhirError, count: int) -> set[int]:
