@@ -24,6 +24,7 @@ from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
 from gateway.pipeline.validate import SchemaValidator
 from gateway.process import ProviderChain, RegistryChain, dropped_by_reason, process_bundle
+from gateway.ttp.backend import TTPRejected, TTPUnavailable
 
 MAX_FILE_BYTES = 512 * 1024 * 1024
 
@@ -89,6 +90,10 @@ async def _one(
         return 2, ["-", "-", "-", f"rejected ({err.status}: {err.issues[0].code})", "-", "-"]
     except OSError as exc:
         return 2, ["-", "-", "-", f"unreadable ({exc.strerror})", "-", "-"]
+    except TTPRejected as exc:  # a configuration problem (key, domain): our own text, one line, no traceback
+        return 3, ["-", "-", "-", f"TTP refused ({exc.status}: {exc.diagnostics})", "-", "-"]
+    except TTPUnavailable:
+        return 3, ["-", "-", "-", "TTP not reachable", "-", "-"]
     report = processed.report
     if processed.bundle is not None:
         _write(path, processed.bundle, out)

@@ -93,10 +93,11 @@ class Runtime:
         for name, provider in self.providers.items() if intake else ():
             try:
                 await provider.ttp.probe()
-                if self.ttp_is_stateless and self.registries:
-                    # the probe needs no key: a wrong API key shows only when a pseudonym is asked for
-                    first = next(iter(self.registries))
-                    await round_trip(provider.ttp, first, provider.source.source_version)
+                if self.ttp_is_stateless:
+                    # the probe needs no key: a wrong API key, or a registry the TTP has no domain for, shows
+                    # only when a pseudonym is asked for (as `fhir-gateway check` does, per registry)
+                    for registry in self.registries:
+                        await _pseudonym_in_domain(provider, name, registry)
             except TTPRejected:
                 raise
             except TTPUnavailable:
@@ -268,6 +269,15 @@ class Runtime:
             "pseudonymTypes": list(profile.pseudonym_types),
             "recipient": profile.name,
         }
+
+
+async def _pseudonym_in_domain(provider: ProviderChain, name: str, registry: str) -> None:
+    """One pseudonym of random bytes in the registry's domain; a refusal names the provider and registry."""
+    try:
+        await round_trip(provider.ttp, registry, provider.source.source_version)
+    except TTPRejected as exc:
+        where = f"{exc.diagnostics} (provider {name}, registry {registry})"
+        raise TTPRejected(exc.status, where) from None
 
 
 def _bundle_identifier(bundle: dict[str, Any]) -> str | None:

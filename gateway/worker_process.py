@@ -25,7 +25,10 @@ async def run_worker_process(runtime: Runtime, metrics_port: int | None = None) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if metrics_port is not None:
-        _serve_metrics(runtime, metrics_port)
+        try:
+            _serve_metrics(runtime, metrics_port)
+        except OSError as exc:  # the port is taken: one line for the operator, not a traceback
+            raise SystemExit(f"fhir-gateway worker: metrics port {metrics_port}: {exc.strerror}") from None
     await runtime.start(run_worker=True, intake=False)
     log.info("outbox worker started", extra={"registries": len(runtime.registries)})
     try:

@@ -244,3 +244,44 @@ def test_the_go_live_check_asks_every_party_and_names_the_one_that_fails(tmp_pat
         assert wrong_key.returncode == 1  # the probe needs no key; the pseudonym of random bytes does
         line = next(x for x in wrong_key.stdout.splitlines() if "a pseudonym in domain example-generic" in x)
         assert "refused us" in line and "not-the-key" not in wrong_key.stdout
+
+
+def test_a_registry_the_ttp_has_no_domain_for_stops_the_start_naming_it(tmp_path):
+    """It used to start, answer 503 'transient' for that registry forever and log no reason. Now start-up
+    asks a pseudonym of random bytes in every registry's domain (as `fhir-gateway check` does)."""
+    import subprocess
+    import sys
+
+    import pytest
+    import yaml
+
+    with process_chain(tmp_path) as chain:
+        config = yaml.safe_load(chain.config_path.read_text())
+        no_domain = {**config["registries"]["example-generic"], "profile": "example-cancer-registry"}
+        config["registries"]["example-cancer-registry"] = no_domain
+        chain.config_path.write_text(yaml.safe_dump(config))
+        with pytest.raises(RuntimeError) as refused:
+            chain.start_gateway()
+        assert "exited with 3" in str(refused.value)
+        log = chain.gateways[-1].logs() if chain.gateways else str(refused.value)
+        assert "unknown target domain (provider ura:00000000, registry example-cancer-registry)" in log
+        offline = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "deidentify",
+                str(EXAMPLES / "01-nictiz-nl-core-transaction.json"),
+                "--registry",
+                "example-cancer-registry",
+                "--config",
+                str(chain.config_path),
+            ],
+            capture_output=True,
+            text=True,
+            env={**chain.env, "COLUMNS": "200"},
+            cwd=tmp_path,
+            timeout=120,
+        )
+        assert offline.returncode == 3, offline.stdout + offline.stderr
+        assert "Traceback" not in offline.stderr and "TTP refused (404" in offline.stderr
