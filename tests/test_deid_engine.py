@@ -353,6 +353,28 @@ def test_choice_wildcard_leaves_out_free_text_variants() -> None:
     assert "onsetString" not in out and out["abatementDateTime"] == "2024-01-02"
 
 
+def test_choice_wildcard_leaves_out_free_text_variants_of_a_stem_with_capitals() -> None:
+    """`doseNumber[x]`: the type table took `doseNumberString` for a code (the stem has a capital), so the
+    profile's wildcard delivered the free text (a fresh-eyes test: "given at home by neighbour")."""
+    immunization = {
+        "resourceType": "Immunization",
+        "status": "completed",
+        "vaccineCode": {"coding": [{"system": "http://snomed.info/sct", "code": "871908002"}]},
+        "patient": {"reference": "Patient/pat-123"},
+        "occurrenceDateTime": "2024-01-02",
+        "protocolApplied": [
+            {"doseNumberString": "gegeven thuis door de buurvrouw", "seriesDosesPositiveInt": 2},
+            {"doseNumberPositiveInt": 2, "seriesDosesString": "twee, zegt Kuipers"},
+        ],
+    }
+    b = bundle(("urn:uuid:p", patient()), ("urn:uuid:i", immunization))
+    result = run(b)
+    (out,) = resources(result.bundle, "Immunization")
+    # the first loses doseNumber[x], which R4 requires of a protocolApplied: it goes whole
+    assert out["protocolApplied"] == [{"doseNumberPositiveInt": 2}]
+    assert result.report.elements_removed["Immunization.protocolApplied.(required-element-lost)"] == 1
+
+
 def test_free_text_is_removed() -> None:
     o = obs(
         "Patient/pat-123",

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).with_name("r4types.json")
-_CHOICE_SUFFIX = re.compile(r"[a-z]([A-Z][A-Za-z0-9]*)$")
 _PRIMS = {
     "base64Binary",
     "boolean",
@@ -54,11 +53,13 @@ def _prop_type(name: str, spec: dict[str, Any]) -> tuple[str, bool]:
         return ref.rsplit("/", 1)[-1], False
     # choice-type primitives (valueDateTime, deceasedBoolean...) are inlined without $ref: the suffix of
     # the element name names the primitive type; enums (bound codes) carry no $ref either and are codes
-    m = _CHOICE_SUFFIX.search(name)
-    if m:
-        t = m.group(1)[0].lower() + m.group(1)[1:]
-        if t in _PRIMS:
-            return t, False
+    # the longest suffix from a capital that names a primitive: doseNumberString is a string (the stem has
+    # capitals too), valueDateTime a dateTime (not a time)
+    for i, ch in enumerate(name):
+        if ch.isupper() and i > 0:
+            t = ch.lower() + name[i + 1 :]
+            if t in _PRIMS:
+                return t, False
     return "code", False
 
 
