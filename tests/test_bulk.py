@@ -605,72 +605,66 @@ def test_invalid_lines_name_a_file_only_by_its_export_name(tmp_path: Path) -> No
     assert "999911120" not in orjson.dumps(summary.as_dict()).decode()
 
 
-def test_cli_strict_rejects_the_lines_only_the_r4b_models_refuse(tmp_path: Path) -> None:
-    """`bulk --strict`: an impossible date (the R4 schema's pattern admits it) drops that line as rejected,
-    names it by file and line, exits 1; the rest is delivered. Without --strict everything goes."""
+_REASON = {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
+_ABSENT = {"extension": [_REASON]}
+# valid R4 (a required choice element as a primitive's extensions only); the R4B models want a value
+IMMUNIZATION_WITHOUT_DATE = {
+    "resourceType": "Immunization",
+    "id": "imm-1",
+    "status": "completed",
+    "vaccineCode": {"coding": [{"system": "http://snomed.info/sct", "code": "871908002"}]},
+    "patient": {"reference": "Patient/pat0000001"},
+    "_occurrenceDateTime": _ABSENT,
+}
+
+
+def _bulk_cli(tmp_path: Path, work: str, *extra: str):  # noqa: ANN202 - a click Result
     import typer
     from typer.testing import CliRunner
 
     from gateway.bulk.commands import bulk
 
-    write_export(tmp_path / "export", SynthSpec(patients=3, resources_per_patient=4))
-    observations = tmp_path / "export" / "Observation.ndjson"
-    lines = observations.read_bytes().splitlines()
-    first = orjson.loads(lines[0])
-    first["effectiveDateTime"] = "2026-02-30"
-    observations.write_bytes(b"\n".join([orjson.dumps(first), *lines[1:]]) + b"\n")
     app = typer.Typer()
     app.command()(bulk)
+    args = [str(tmp_path / "export"), "--registry", REGISTRY, "--to-dir", str(tmp_path / f"out-{work}")]
+    args += ["--work-dir", str(tmp_path / work), "--json", "--workers", "0", *extra]
+    return CliRunner().invoke(app, args)
 
-    def run(*extra: str, work: str):  # noqa: ANN202 - a click Result
-        args = [str(tmp_path / "export"), "--registry", REGISTRY, "--to-dir", str(tmp_path / f"out-{work}")]
-        args += ["--work-dir", str(tmp_path / work), "--json", "--workers", "0", *extra]
-        return CliRunner().invoke(app, args)
 
-    plain = run(work="plain")
+def _summary(result) -> dict:  # noqa: ANN001
+    return orjson.loads(result.stdout[result.stdout.index("{") :])
+
+
+def test_cli_strict_rejects_the_lines_only_the_r4b_models_refuse(tmp_path: Path) -> None:
+    """`bulk --strict`: a line the R4B models refuse is dropped as rejected, named by file and line, and the
+    command exits 1; the rest is delivered. Without --strict that line goes too."""
+    write_export(tmp_path / "export", SynthSpec(patients=3, resources_per_patient=4))
+    line = orjson.dumps(IMMUNIZATION_WITHOUT_DATE) + b"\n"
+    (tmp_path / "export" / "Immunization.ndjson").write_bytes(line)
+    plain = _bulk_cli(tmp_path, "plain")
     assert plain.exit_code == 0, plain.output
-    strict = run("--strict", work="strict")
+    assert _summary(plain)["sent"]["Immunization"] == 1
+    strict = _bulk_cli(tmp_path, "strict", "--strict")
     assert strict.exit_code == 1, strict.output
-    summary = orjson.loads(strict.stdout[strict.stdout.index("{") :])
-    assert summary["dropped"]["rejected-400"] == {"Observation": 1}
-    assert "2026-02-30" not in strict.output
-    assert summary["sent"]["Observation"] == orjson.loads(plain.stdout[plain.stdout.index("{") :])["sent"][
-        "Observation"
-    ] - 1
+    summary = _summary(strict)
+    assert summary["dropped"]["rejected-400"] == {"Immunization": 1}
+    assert "Immunization" not in summary["sent"]
+    line_named = {"file": "Immunization.ndjson", "line": 1, "reason": "rejected-invariant"}
+    assert summary["invalidLines"] == [line_named]
 
 
 def test_each_rejected_line_gets_the_code_of_its_own_issue(tmp_path: Path) -> None:
-    """Two lines refused in one group for different reasons: each is named with its own issue type (a
+    """Two lines refused in one Bundle for different reasons: each is named with its own issue type (a
     fresh-eyes test saw every line of the group labelled with the first line's)."""
-    import typer
-    from typer.testing import CliRunner
-
-    from gateway.bulk.commands import bulk
-
     write_export(tmp_path / "export", SynthSpec(patients=3, resources_per_patient=4))
     observations = tmp_path / "export" / "Observation.ndjson"
-    first, *rest = observations.read_bytes().splitlines()
+    first, second, *rest = observations.read_bytes().splitlines()
     dated = orjson.loads(first)
-    dated["effectiveDateTime"] = "2026-02-30"  # the models parse it: a value issue
-    observations.write_bytes(b"\n".join([orjson.dumps(dated), *rest]) + b"\n")
-    reason = {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
-    absent = {"extension": [reason]}
-    immunization = {
-        "resourceType": "Immunization",
-        "id": "imm-1",
-        "status": "completed",
-        "vaccineCode": {"coding": [{"system": "http://snomed.info/sct", "code": "871908002"}]},
-        "patient": {"reference": "Patient/pat0000001"},
-        "_occurrenceDateTime": absent,  # valid R4; the R4B models want a value: an invariant issue
-    }
-    (tmp_path / "export" / "Immunization.ndjson").write_bytes(orjson.dumps(immunization) + b"\n")
-    app = typer.Typer()
-    app.command()(bulk)
-    args = [str(tmp_path / "export"), "--registry", REGISTRY, "--to-dir", str(tmp_path / "out")]
-    args += ["--work-dir", str(tmp_path / "w"), "--json", "--workers", "0", "--strict"]
-    result = CliRunner().invoke(app, args)
+    dated["effectiveDateTime"] = "2026-02-30"  # not a calendar date: a value issue
+    statusless = orjson.loads(second)
+    del statusless["status"]  # a required element missing: a required issue
+    observations.write_bytes(b"\n".join([orjson.dumps(dated), orjson.dumps(statusless), *rest]) + b"\n")
+    result = _bulk_cli(tmp_path, "w")
     assert result.exit_code == 1, result.output
-    summary = orjson.loads(result.stdout[result.stdout.index("{") :])
-    reasons = {(line["file"], line["reason"]) for line in summary["invalidLines"]}
-    expected = {("Observation.ndjson", "rejected-value"), ("Immunization.ndjson", "rejected-invariant")}
-    assert reasons == expected
+    reasons = {(line["line"], line["reason"]) for line in _summary(result)["invalidLines"]}
+    assert reasons == {(1, "rejected-value"), (2, "rejected-required")}

@@ -64,20 +64,26 @@ def test_template_placeholders_exit_2_with_operation_outcome(tmp_path):
 
 
 def test_strict_checks_the_input_with_the_r4b_models_and_names_the_path(tmp_path):
-    """`2026-02-30` passes the R4 schema's dateTime pattern; the models know February."""
+    """An Immunization whose occurrence is only a data-absent-reason extension: valid R4, which the R4B
+    models refuse; `--strict` refuses it naming the entry, without it the file is delivered."""
+    from tests.test_strict import immunization_without_date
+
     example = Path(__file__).parent.parent / "examples" / "01-nictiz-nl-core-transaction.json"
     bundle = json.loads(example.read_text())
-    at = next(i for i, e in enumerate(bundle["entry"]) if e["resource"]["resourceType"] == "Observation")
-    bundle["entry"][at]["resource"]["effectiveDateTime"] = "2026-02-30"
-    path = tmp_path / "impossible-date.json"
+    patient_url = next(e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    entry = {"fullUrl": "urn:uuid:5d9e3f0c-1b2a-4c8d-9e7f-0a1b2c3d4e5f"}
+    entry["resource"] = immunization_without_date(patient_url)
+    entry["request"] = {"method": "POST", "url": "Immunization"}
+    bundle["entry"].append(entry)
+    path = tmp_path / "immunization.json"
     path.write_text(json.dumps(bundle))
     args = ["deidentify", str(path), "--registry", "example-generic", "--out", str(tmp_path / "out")]
     assert runner.invoke(app, args).exit_code == 0
     result = runner.invoke(app, [*args[:-2], "--strict"])
     assert result.exit_code == 2
     outcome = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
-    assert [i["expression"] for i in outcome["issue"]] == [[f"Bundle.entry[{at}].resource.effectiveDateTime"]]
-    assert "2026-02-30" not in result.stdout
+    last = len(bundle["entry"]) - 1
+    assert [i["expression"] for i in outcome["issue"]] == [[f"Bundle.entry[{last}].resource"]]
 
 
 def test_selftest_passes_on_the_shared_vectors_and_fails_on_an_altered_copy(tmp_path):

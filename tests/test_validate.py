@@ -463,3 +463,28 @@ def test_a_patient_linked_to_a_record_outside_the_bundle_is_refused_saying_why(
     (issue,) = [i for i in err.issues if i.code == "not-found"]
     assert issue.expression == ("Bundle.entry[0].resource.link[0].other.reference",)
     assert "Patient.link" in issue.diagnostics
+
+
+@pytest.mark.parametrize(
+    ("resource", "expression"),
+    [
+        ({"resourceType": "Patient", "birthDate": "1961-02-29"}, "Patient.birthDate"),
+        (observation(effectiveDateTime="2026-04-31T10:00:00+02:00"), "Observation.effectiveDateTime"),
+        (observation(issued="2026-02-30T10:00:00Z"), "Observation.issued"),
+        (observation(effectivePeriod={"start": "2026-06-31"}), "Observation.effectivePeriod.start"),
+    ],
+)
+def test_dates_must_be_calendar_dates(validator: SchemaValidator, resource: dict, expression: str) -> None:
+    """"Dates SHALL be valid dates": the official pattern admits 30 February; leap days pass."""
+    resource.pop("effectiveDateTime", None) if "effectivePeriod" in resource else None
+    assert issues_of(validator, resource) == [("value", expression)]
+    assert validator.validate_resource({"resourceType": "Patient", "birthDate": "1960-02-29"}) == []
+
+
+def test_a_required_primitive_is_required_as_a_value_or_its_extensions(validator: SchemaValidator) -> None:
+    """Observation.status (1..1) is not in the official schema's `required`; `_status` alone is FHIR."""
+    statusless = observation()
+    del statusless["status"]
+    assert issues_of(validator, statusless) == [("required", "Observation.status")]
+    absent = {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
+    assert validator.validate_resource(statusless | {"_status": {"extension": [absent]}}) == []

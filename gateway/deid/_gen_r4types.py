@@ -78,17 +78,24 @@ def build(schema: dict[str, Any]) -> dict[str, Any]:
             t, arr = _prop_type(pname, pspec)
             table[pname] = [t, 1 if arr else 0]
         types[name] = {"p": table, "r": [r for r in spec.get("required", []) if r != "resourceType"]}
-    for name, (stems, required) in choice_elements(schema["definitions"]).items():
-        types[name]["x"] = stems
+    for name, (stems, required, required_primitives) in model_facts(schema["definitions"]).items():
+        if stems:
+            types[name]["x"] = stems
         if required:
             types[name]["c"] = required
+        if required_primitives:
+            types[name]["rp"] = [p for p in required_primitives if p not in types[name]["r"]]
     resources = sorted(r["$ref"].rsplit("/", 1)[-1] for r in schema["definitions"]["ResourceList"]["oneOf"])
     return {"fhirVersion": "4.0.1", "primitives": primitives, "resources": resources, "types": types}
 
 
-def choice_elements(definitions: dict[str, Any]) -> dict[str, tuple[dict[str, list[str]], list[str]]]:
-    """Definition -> (choice stem -> its R4 variants, the stems that are required), from the R4B models:
-    ``{"medication": ["medicationCodeableConcept", "medicationReference"]}, ["medication"]``."""
+def model_facts(
+    definitions: dict[str, Any],
+) -> dict[str, tuple[dict[str, list[str]], list[str], list[str]]]:
+    """Definition -> (choice stem -> its R4 variants, the stems that are required, the required primitive
+    elements), from the R4B models: ``{"medication": ["medicationCodeableConcept", "medicationReference"]},
+    ["medication"], ["status"]``. The schema's ``required`` leaves out required primitives such as
+    ``Observation.status`` (1..1), which FHIR lets stand as ``_status`` (extensions only) too."""
     from fhir.resources.R4B import get_fhir_model_class  # a generator-time dependency only
 
     pending: list[tuple[str, Any]] = []
@@ -98,7 +105,7 @@ def choice_elements(definitions: dict[str, Any]) -> dict[str, tuple[dict[str, li
                 pending.append((name, get_fhir_model_class(name)))
             except (KeyError, ValueError, AttributeError):
                 continue  # an R4 type that R4B no longer has
-    out: dict[str, tuple[dict[str, list[str]], list[str]]] = {}
+    out: dict[str, tuple[dict[str, list[str]], list[str], list[str]]] = {}
     seen: set[str] = set()
     while pending:
         name, model = pending.pop()
@@ -113,8 +120,14 @@ def choice_elements(definitions: dict[str, Any]) -> dict[str, tuple[dict[str, li
         }
         stems = {stem: variants for stem, variants in sorted(stems.items()) if variants}
         required = sorted({e["one_of_many"] for e in extras if e.get("one_of_many_required")} & set(stems))
-        if stems:
-            out[name] = (stems, required)
+        primitives = sorted(
+            alias
+            for field_name, field in model.model_fields.items()
+            if (field.json_schema_extra or {}).get("element_required")
+            and (alias := field.alias or field_name) in props
+        )
+        if stems or primitives:
+            out[name] = (stems, required, primitives)
         pending.extend(_backbones(definitions, props, model))
     return dict(sorted(out.items()))
 

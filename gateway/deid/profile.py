@@ -260,7 +260,8 @@ def _check_required(
 ) -> None:
     # Only where the profile restricts a definition: a kept-whole element keeps its required parts anyway.
     listed = {real for name in tree for real in types.expand(definition, name)}
-    dropped = [req for req in types.required.get(definition, ()) if req not in listed] + [
+    plain = (*types.required.get(definition, ()), *types.required_primitives.get(definition, ()))
+    dropped = [req for req in plain if req not in listed] + [
         f"{stem}[x]"
         for stem in types.required_choices.get(definition, ())
         if not listed.intersection(types.variants(definition, stem))

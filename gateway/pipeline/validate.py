@@ -15,6 +15,11 @@ result is *stricter or equal*, never looser:
   which JSON Schema ignores for numbers.
 - Complex types and resources get `type: object`: the official schema omits it, so `"class": "IMP"` or an
   array where a Coding belongs would pass (`properties`/`additionalProperties` only constrain objects).
+- `date`, `dateTime` and `instant` (also inlined, e.g. `effectiveDateTime`) must be calendar dates ("Dates
+  SHALL be valid dates", says the spec; its pattern admits `2026-02-30`): a `format` whose check looks at
+  the day only when it is past the 28th.
+- Required primitives (`Observation.status`, 1..1): the official `required` leaves them out; each gets an
+  `anyOf` of the value or its `_x` extensions (FHIR allows `_status` alone).
 - Choice elements: one variant at most, and exactly one where the element is required
   (`MedicationStatement.medication[x]`): per choice element a `oneOf` over "this variant is present" (a
   primitive also as its `_x` extensions), plus "none is present" when it is optional; all in one `allOf`.
@@ -28,6 +33,7 @@ Error texts are built here from the error kind and the schema path, never from j
 
 from __future__ import annotations
 
+import calendar
 import re
 from collections import deque
 from collections.abc import Iterator
@@ -91,7 +97,9 @@ class SchemaValidator:
         compiled = self._compiled.get(rtype)
         if compiled is None:
             schema = {"$ref": f"#/definitions/{rtype}", "definitions": self._definitions}
-            compiled = self._compiled[rtype] = jsonschema_rs.Draft6Validator(schema)
+            compiled = self._compiled[rtype] = jsonschema_rs.Draft6Validator(
+                schema, formats={_CALENDAR: _calendar_date}, validate_formats=True
+            )
         return compiled
 
     def validate_resource(self, resource: Any, path_prefix: str | None = None) -> list[Issue]:
@@ -128,22 +136,66 @@ def _tightened(definitions: dict[str, Any]) -> dict[str, Any]:
     or an array where a Coding belongs would pass), FHIR integers must be 32-bit JSON integers, and a choice
     element comes in one variant at most (exactly one where it is required)."""
     types = r4()
+    dates = {definitions[t]["pattern"] for t in _DATE_TYPES if "pattern" in definitions.get(t, {})}
     result = {}
     for name, definition in definitions.items():
-        definition = dict(definition)
+        definition = _calendar(dict(definition), dates)
         if "properties" in definition and "type" not in definition:
             definition["type"] = "object"
-            definition["properties"] = {k: _integer(v) for k, v in definition["properties"].items()}
-        if name in types.choices:
+            definition["properties"] = {
+                k: _calendar(_integer(v), dates) for k, v in definition["properties"].items()
+            }
+        rules = _element_rules(types, name)
+        if rules:
             if "allOf" in definition:  # the official R4 schema has none; ours would replace it
                 raise ValueError(f"schema definition {name} has an allOf already")
-            definition["allOf"] = _choice_rules(types, name)
+            definition["allOf"] = rules
         result[name] = _integer(definition)
     return result
 
 
+_CALENDAR = "fhir-calendar-date"
+
+
+def _calendar(schema: Any, date_patterns: set[str]) -> Any:
+    """A date, dateTime or instant (by the official pattern) must also be a real calendar date."""
+    if isinstance(schema, dict) and schema.get("pattern") in date_patterns:
+        return {**schema, "format": _CALENDAR}
+    return schema
+
+
+def _calendar_date(value: str) -> bool:
+    """The official pattern has checked the shape, a month of 01-12 and a day of 01-31: only a day past the
+    28th can be impossible (2026-02-30, 2025-04-31). Partial dates have no day."""
+    if value[8:10] <= "28":
+        return True
+    try:  # the pattern is checked too, and reports a wrong shape ("${DATE}", "23-07-1961") by itself
+        year, month, day = int(value[0:4]), int(value[5:7]), int(value[8:10])
+        return day <= calendar.monthrange(year, month)[1]
+    except ValueError:  # calendar.IllegalMonthError is one
+        return True
+
+
+def _element_rules(types: R4Types, definition: str) -> list[dict[str, Any]]:
+    """What the official schema leaves out, in `_rule_names` order (`_rule_error` maps an error back): one
+    `oneOf` per choice element, then one `anyOf` per required primitive (`status`, or `_status` only)."""
+    rules = _choice_rules(types, definition) if definition in types.choices else []
+    props = types.elements.get(definition, {})
+    for name in types.required_primitives.get(definition, ()):
+        forms = [name, f"_{name}"] if f"_{name}" in props else [name]
+        rules.append({"anyOf": [{"required": [form]} for form in forms]})
+    return rules
+
+
+def _rule_names(definition: str) -> list[str]:
+    """The element each of `_element_rules`' rules is about: `medication[x]`, ..., `status`, ..."""
+    types = r4()
+    stems = [f"{stem}[x]" for stem in types.choices.get(definition, ())]
+    return stems + list(types.required_primitives.get(definition, ()))
+
+
 def _choice_rules(types: R4Types, definition: str) -> list[dict[str, Any]]:
-    """One `oneOf` per choice element, in `types.choices` order (`_choice_error` maps an error back)."""
+    """One `oneOf` per choice element, in `types.choices` order."""
     props = types.elements[definition]
     required = types.required_choices.get(definition, ())
     rules = []
@@ -159,18 +211,18 @@ def _choice_rules(types: R4Types, definition: str) -> list[dict[str, Any]]:
     return rules
 
 
-def _choice_error(kind_name: str, schema_path: list[str | int], where: str) -> Issue | None:
-    """The Issue for an error of our choice rules (`.../<Type>/allOf/<n>/oneOf`), else None."""
-    if len(schema_path) < 4 or schema_path[-1] != "oneOf" or schema_path[-3] != "allOf":
+def _rule_error(kind_name: str, schema_path: list[str | int], where: str) -> Issue | None:
+    """The Issue for an error of our element rules (`.../<Type>/allOf/<n>/oneOf|anyOf`), else None."""
+    if len(schema_path) < 4 or schema_path[-1] not in ("oneOf", "anyOf") or schema_path[-3] != "allOf":
         return None
-    stems = list(r4().choices.get(str(schema_path[-4]), ()))
+    names = _rule_names(str(schema_path[-4]))
     n = schema_path[-2]
-    if not isinstance(n, int) or n >= len(stems):
+    if not isinstance(n, int) or n >= len(names):
         return None
-    choice = f"{stems[n]}[x]"
+    element = names[n]
     if kind_name == "OneOfMultipleValid":
-        return Issue("structure", f"'{choice}' given in more than one type", (f"{where}.{choice}",))
-    return Issue("required", f"missing required element '{choice}'", (f"{where}.{choice}",))
+        return Issue("structure", f"'{element}' given in more than one type", (f"{where}.{element}",))
+    return Issue("required", f"missing required element '{element}'", (f"{where}.{element}",))
 
 
 def _integer(schema: Any) -> Any:
@@ -244,13 +296,15 @@ def _issues_of(error: Any, prefix: str) -> list[Issue]:
         text = f"missing required element '{name}'" if name else "missing required element"
         return [Issue("required", text, (f"{where}.{name}" if name else where,))]
     ftype = _schema_type(error.schema_path)
-    if kind_name.startswith("OneOf"):
-        choice = _choice_error(kind_name, list(error.schema_path), where)
-        if choice:
-            return [choice]
+    if kind_name.startswith("OneOf") or kind_name == "AnyOf":
+        rule = _rule_error(kind_name, list(error.schema_path), where)
+        if rule:
+            return [rule]
     if kind_name == "Type":
         expected = " or ".join(sorted(str(t) for t in kind.types))
         return [Issue("structure", f"wrong JSON type, expected {expected}", (where,))]
+    if kind_name == "Format":
+        return [Issue("value", "not a real calendar date (e.g. 30 February)", (where,))]
     if kind_name == "Pattern":
         return [Issue("value", _pattern_text(ftype), (where,))]
     if kind_name == "Enum":
