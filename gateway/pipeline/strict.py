@@ -1,11 +1,12 @@
 """Strict mode: every resource, posted and delivered, also through its fhir.resources R4B model.
 
 Off by default (`strict: true` per registry, `deidentify --strict`, `bulk --strict`). The R4 JSON Schema check
-(tightened, gateway/pipeline/validate.py) runs on every input anyway; the models are a second opinion written
-independently of it, and they parse what the schema only pattern-matches: `2026-02-30` passes the schema's
-dateTime pattern, not the models. They cost six to seven times the whole chain (benchmarks/pipeline.py
-prints the row), and they are R4B, not R4: a resource that uses an element R4B renamed is refused. So this
-is a mode for a registry that asks for it, or for testing a new EHR interface, not the hot path.
+(tightened, gateway/pipeline/validate.py: calendar dates, required primitives and choice elements included)
+runs on every input anyway; the models are a second opinion written independently of it. They cost six to
+seven times the whole chain (benchmarks/pipeline.py prints the row), and they are R4B and stricter than R4
+in places: a resource that uses an element R4B renamed is refused, and so is a required element given only
+as a primitive's extensions (`_occurrenceDateTime` with a data-absent-reason), which R4 allows. So this is
+a mode for a registry that asks for it, or for testing a new EHR interface, not the hot path.
 
 The models only validate; nothing is re-serialised through them: what leaves is still the engine's dict.
 Issues name the path of the failing element and the kind of error, never a value (pydantic's messages
