@@ -18,10 +18,11 @@ import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache, cached_property
-from pathlib import Path
 from typing import Any
 
 import orjson
+
+from gateway.pipeline.parse import fhir_element_names
 
 _TOKEN = re.compile(r"[^\W_]+")
 _JSON_ESCAPE = re.compile(rb'\\(?:[nrtbf/"\\]|u[0-9a-fA-F]{4})')
@@ -79,14 +80,13 @@ PSEUDED_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 _GLUED_NAME_MIN = 5  # shorter names glued into words are everywhere ("Ann" in "PlanAnnual")
 _NL_POSTCODE_JOINED = re.compile(r"[1-9][0-9]{3}[a-z]{2}")
 _CAMEL_PART = re.compile(r"[A-Z]?[a-z]+")
-_ELEMENT_NAMES_FILE = Path(__file__).resolve().parent.parent / "data" / "fhir-element-names.txt"
 
 
 @cache
 def _fhir_words() -> frozenset[str]:
     """The words FHIR's element names are made of ("valueCodeableConcept": value, codeable, concept): a
     patient named "Value" glued into one of them is structure, not a leak."""
-    names = _ELEMENT_NAMES_FILE.read_text(encoding="utf-8").split()
+    names = fhir_element_names()
     return frozenset(part.lower() for name in names for part in _CAMEL_PART.findall(name))
 
 
