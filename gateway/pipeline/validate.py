@@ -133,8 +133,9 @@ class SchemaValidator:
 def _tightened(definitions: dict[str, Any]) -> dict[str, Any]:
     """Copies of the definitions with what the official schema leaves out (never looser):
     complex types and resources must be JSON objects (the schema has `properties` but no `type`, so a string
-    or an array where a Coding belongs would pass), FHIR integers must be 32-bit JSON integers, and a choice
-    element comes in one variant at most (exactly one where it is required)."""
+    or an array where a Coding belongs would pass), FHIR integers must be 32-bit JSON integers, dates are
+    calendar dates, required primitives are there, and a choice element comes in one variant at most
+    (exactly one where it is required)."""
     types = r4()
     dates = {definitions[t]["pattern"] for t in _DATE_TYPES if "pattern" in definitions.get(t, {})}
     result = {}
