@@ -599,3 +599,39 @@ def test_reference_type_is_kept_only_as_a_resource_type_name() -> None:
     o["basedOn"] = [{"reference": "Patient/pat-123", "type": "http://example.org/Kuipers"}]
     (out,) = resources(run(bundle(("urn:uuid:p", patient()), ("urn:uuid:o", o))).bundle, "Observation")
     assert out["subject"]["type"] == "Patient" and "type" not in out["basedOn"][0]
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [("2024-01-31", "2024-01"), ("2024-12-30", "2024"), ("2024-01", "2024-01-01"), ("2023", "2024-01-02")],
+)
+def test_a_period_at_mixed_precision_keeps_its_start_before_its_end_when_dates_are_shifted(
+    start: str, end: str
+) -> None:
+    """per-1: a partial start moves with its first day, a partial end with its last (a fresh-eyes test saw
+    2024-01-31 .. 2024-01 become 2024-02-04 .. 2024-01)."""
+    from datetime import date
+
+    procedure = {
+        "resourceType": "Procedure",
+        "status": "completed",
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "80146002"}]},
+        "subject": {"reference": "urn:uuid:p"},
+        "performedPeriod": {"start": start, "end": end},
+    }
+    b = bundle(("urn:uuid:p", patient()), ("urn:uuid:x", procedure))
+    (out,) = resources(run(b, profile="example-cancer-registry").bundle, "Procedure")
+    shifted = out["performedPeriod"]
+    assert len(shifted["start"]) == len(start) and len(shifted["end"]) == len(end)  # precision kept
+
+    def first(d: str) -> date:
+        return date.fromisoformat((d + "-01-01")[:10] if len(d) == 4 else (d + "-01")[:10])
+
+    def last(d: str) -> date:
+        if len(d) == 10:
+            return date.fromisoformat(d)
+        y, m = int(d[:4]), int(d[5:7]) if len(d) == 7 else 12
+        return date(y + (m == 12), m % 12 + 1, 1) - (date(2000, 1, 2) - date(2000, 1, 1))
+
+    assert first(shifted["start"]) <= last(shifted["end"])
+    assert shifted != {"start": start, "end": end}  # the full dates moved

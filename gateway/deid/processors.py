@@ -15,6 +15,7 @@ tells the engine to drop the whole resource.
 
 from __future__ import annotations
 
+import calendar
 import re
 from collections.abc import Callable
 from datetime import date, timedelta
@@ -266,12 +267,16 @@ def modifier_extensions(value: Any, f: tuple, ctx: WalkContext) -> Any:
 # ── generalise ───────────────────────────────────────────────────────────────────────────────────────────
 
 
-def _shift(value: Any, days: int) -> str | None:
+def _shift(value: Any, days: int, partial_from: str | None = None) -> str | None:
+    """A full date moves by ``days``. A partial date (year, year-month) stays, except as a Period's start or
+    end (``partial_from``: its "first" or "last" day), which moves with its day at that end, so that start <=
+    end holds after the shift too (per-1: 2024-01-31 .. 2024-01 must not become 2024-02-04 .. 2024-01)."""
     if type(value) is not str:
         return None
     if len(value) < 10:
-        # year or year-month only: shifting needs a day; a partial date is already coarse
-        return value if value[:4].isdigit() else None
+        if not value[:4].isdigit():
+            return None
+        return _shift_partial(value, days, partial_from) if partial_from else value
     try:
         shifted = date(int(value[0:4]), int(value[5:7]), int(value[8:10])) + timedelta(days=days)
     except (ValueError, OverflowError):
@@ -283,13 +288,29 @@ def _shift(value: Any, days: int) -> str | None:
     return shifted.isoformat() + value[10:]
 
 
+def _shift_partial(value: str, days: int, partial_from: str) -> str | None:
+    try:
+        year = int(value[0:4])
+        month = int(value[5:7]) if len(value) == 7 and value[4] == "-" else None
+        if month is None and len(value) != 4:
+            return None
+        first = date(year, month or 1, 1)
+        last = date(year, month or 12, calendar.monthrange(year, month or 12)[1])
+        moved = (first if partial_from == "first" else last) + timedelta(days=days)
+    except (ValueError, OverflowError):
+        return None
+    return f"{moved.year:04d}" if month is None else f"{moved.year:04d}-{moved.month:02d}"
+
+
 def generalise_date(value: Any, f: tuple, ctx: WalkContext) -> Any:
     """generalise kind=date with to=shift: every full date moves by the patient's offset (same for all)."""
     days = ctx.date_offset
+    label = f[4] or ""
+    partial_from = "first" if label.endswith(".start") else "last" if label.endswith(".end") else None
     if type(value) is list:
-        out = [_shift(v, days) for v in value]
+        out = [_shift(v, days, partial_from) for v in value]
         return out if any(v is not None for v in out) else None
-    return _shift(value, days)
+    return _shift(value, days, partial_from)
 
 
 def generalise_birthdate(value: Any, f: tuple, ctx: WalkContext) -> Any:
