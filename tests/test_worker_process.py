@@ -76,7 +76,7 @@ def test_an_api_without_worker_stores_and_worker_processes_forward_each_bundle_o
         api = chain.start_gateway(extra_env={"FHIR_GATEWAY_RUN_WORKER": "false"})
         first = _post_async(api.url, chain.ehr_api_key, variant(0, 0, run="scale"))
         assert first.status_code == 202, first.text
-        time.sleep(1.0)  # five poll intervals of a worker, had there been one
+        time.sleep(1.0)  # twenty poll intervals of a worker (0.05 s here), had there been one
         assert _receipts(chain) == []  # committed to the outbox, not forwarded: no worker in the API
         auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
         status_url = f"{api.url}/deliveries/{delivery_id_of(first)}"
