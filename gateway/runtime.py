@@ -27,6 +27,7 @@ from gateway.forward import RegistryClient, auth_from_config
 from gateway.keys import GatewayKeys, load_keys
 from gateway.metrics import GatewayMetrics
 from gateway.optout import ConsentPolicy, EhrConsentSearch, OptOutSource, RegisterOptOut, objection_digest
+from gateway.outcome import FhirError
 from gateway.pipeline.validate import SchemaValidator
 from gateway.process import (
     REPORT_COUNTS,
@@ -167,14 +168,18 @@ class Runtime:
 
         Idempotency: the `Idempotency-Key` header, else `Bundle.identifier`, else the body's digest; each
         stored only as a keyed hash (with sender's provider and registry), so a re-post is one delivery.
+        The EHR's own Idempotency-Key with another body is refused (422), not answered with the earlier
+        delivery: that body would never be delivered, and the EHR would not know.
         """
         provider = caller.provider or ""
         key = self._idempotency(
             provider, registry, idempotency_key or _bundle_identifier(bundle) or body_digest
         )
+        request = self._idempotency(provider, registry, f"body:{body_digest}") if idempotency_key else None
         # cheap look-up first: a re-post costs no TTP round trip
         existing = await asyncio.to_thread(self.store.find_by_idempotency, provider, registry, key)
         if existing is not None:
+            await self._same_request(provider, registry, key, request)
             self.metrics.bundles.labels(outcome="duplicate").inc()
             return Accepted(existing.id, {"duplicate": True}, created=False)
         processed = await process_bundle(
@@ -201,16 +206,32 @@ class Runtime:
             client=caller.client_id,
             registry=registry,
             idempotency_key=key,
+            request_digest=request,
             payload=payload,
             patient_order_key=processed.patient_keys[0] if processed.patient_keys else None,
             counts=_counts(processed.report),
             pseudonym_types=sorted(processed.report.get("pseudonymTypes") or {}),
             audit=_audit(caller, registry, "accepted", processed.report),
         )
+        if not created:  # the same key, posted at the same time by another request
+            await self._same_request(provider, registry, key, request)
         self.metrics.bundles.labels(outcome="accepted" if created else "duplicate").inc()
         if created and self._worker is not None:
             self._worker.wake()
         return Accepted(delivery_id, processed.report, created)
+
+    async def _same_request(self, provider: str, registry: str, key: str, request: str | None) -> None:
+        if request is None:
+            return
+        stored = await asyncio.to_thread(self.store.request_digest, provider, registry, key)
+        if stored is not None and not hmac.compare_digest(stored, request):
+            self.metrics.bundles.labels(outcome="idempotency-conflict").inc()
+            raise FhirError.single(
+                422,
+                "business-rule",
+                "this Idempotency-Key was used for another Bundle; send a new Bundle with a new key",
+                "Idempotency-Key",
+            )
 
     def _count_resources(self, processed: Processed) -> None:
         entries = processed.bundle["entry"] if processed.bundle is not None else ()

@@ -187,6 +187,23 @@ def test_opted_out_patient_never_reaches_ttp_nor_registry(chain):
     assert "Consent" not in types_out
 
 
+def test_an_idempotency_key_used_again_for_another_bundle_is_refused(chain):
+    """The same key with another body used to answer with the earlier delivery: the new Bundle was never
+    delivered and the EHR was not told (a fresh-eyes finding). The first body again is still a re-post."""
+    example = EXAMPLES / "02-nlps1-vector-patients-transaction.json"
+    first = _post(chain, example, headers={"Idempotency-Key": "reused-key"})
+    assert first.status_code == 200, first.text
+    other = orjson.loads(example.read_bytes())
+    other["entry"][3]["resource"]["effectiveDateTime"] = "2025-06-01T10:00:00+02:00"
+    refused = _post(chain, orjson.dumps(other), headers={"Idempotency-Key": "reused-key"})
+    assert refused.status_code == 422, refused.text
+    issue = refused.json()["issue"][0]
+    assert issue["code"] == "business-rule" and "Idempotency-Key" in issue["diagnostics"]
+    again = _post(chain, example, headers={"Idempotency-Key": "reused-key"})
+    ids = [{p["name"]: p for p in r.json()["parameter"]}["delivery"]["valueString"] for r in (first, again)]
+    assert again.status_code == 200 and ids[0] == ids[1]
+
+
 def test_same_bundle_twice_is_one_delivery(chain):
     example = EXAMPLES / "02-nlps1-vector-patients-transaction.json"
     first = _post(chain, example, headers={"Idempotency-Key": "same-twice"})

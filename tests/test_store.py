@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import sqlite3
 import threading
 from collections import Counter
@@ -510,7 +511,16 @@ def test_an_older_schema_is_migrated_in_place(store_url: str, monkeypatch: pytes
     monkeypatch.setattr(sql, "LATEST", 1)
     old = open_store(store_url)
     assert old.schema_version() == 1
-    d = put(old, "k", patient="p")
+    d = "0" * 32
+    with old._tx() as conn:  # a row as the version-1 code wrote it (today's code writes newer columns)
+        old._q(
+            conn,
+            """INSERT INTO deliveries (id, provider, registry, sender, idempotency_key, status, attempts,
+                   next_attempt_at, patient_order_key, created_at, updated_at, counts_json, pseudonym_types,
+                   payload_sha256, payload_size, payload)
+               VALUES (?, 'ura:1', 'dica', 'ehr', 'k', 'queued', 0, 0, 'p', 0, 0, '{}', '', ?, 2, ?)""",
+            (d, hashlib.sha256(b"{}").hexdigest(), b"{}"),
+        )
     old.close()
     monkeypatch.undo()
     new = open_store(store_url)

@@ -74,6 +74,14 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "WHERE status IN ('queued', 'delivering')",
         ),
     ),
+    (
+        3,
+        (
+            # A keyed hash of the posted body when the EHR named its own Idempotency-Key: the same key with
+            # another body is refused instead of answered with the earlier delivery.
+            "ALTER TABLE deliveries ADD COLUMN request_digest TEXT",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

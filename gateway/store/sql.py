@@ -111,6 +111,7 @@ class SqlStore:
         sender: str | None = None,
         client: str | None = None,
         idempotency_key: str | None = None,
+        request_digest: str | None = None,
         patient_order_key: str | None = None,
         counts: dict[str, Any] | None = None,
         pseudonym_types: Iterable[str] | None = None,
@@ -139,10 +140,10 @@ class SqlStore:
         with self._tx() as conn:
             row = self._q(
                 conn,
-                """INSERT INTO deliveries (id, provider, registry, sender, idempotency_key, status, attempts,
-                       next_attempt_at, patient_order_key, created_at, updated_at, counts_json,
-                       pseudonym_types, payload_sha256, payload_size, payload)
-                   VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """INSERT INTO deliveries (id, provider, registry, sender, idempotency_key, request_digest,
+                       status, attempts, next_attempt_at, patient_order_key, created_at, updated_at,
+                       counts_json, pseudonym_types, payload_sha256, payload_size, payload)
+                   VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (provider, registry, idempotency_key) DO NOTHING RETURNING id""",
                 (
                     delivery_id,
@@ -150,6 +151,7 @@ class SqlStore:
                     registry,
                     who,
                     key,
+                    request_digest,
                     now,
                     patient_order_key,
                     now,
@@ -174,6 +176,17 @@ class SqlStore:
                     event = replace(event, delivery_id=delivery_id)
                 self._audit(conn, event, now)
             return delivery_id, True
+
+    def request_digest(self, provider: str, registry: str, idempotency_key: str) -> str | None:
+        """The keyed hash of the body first posted under an EHR's own Idempotency-Key (None without one)."""
+        with self._conn() as conn:
+            row = self._q(
+                conn,
+                "SELECT request_digest FROM deliveries "
+                "WHERE provider = ? AND registry = ? AND idempotency_key = ?",
+                (provider, registry, idempotency_key),
+            ).fetchone()
+        return None if row is None else row[0]
 
     def find_by_idempotency(self, provider: str, registry: str, idempotency_key: str) -> Delivery | None:
         with self._conn() as conn:
