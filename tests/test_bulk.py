@@ -35,6 +35,7 @@ from gateway.receiver import create_receiver_app
 from gateway.store import open_store
 from gateway.worker import OutboxWorker
 from tests.servers import serve
+from tests.test_strict import immunization_without_date
 
 CORPUS = Path("/work/shared/corpus/ndjson")
 REGISTRY = "example-generic"
@@ -605,17 +606,8 @@ def test_invalid_lines_name_a_file_only_by_its_export_name(tmp_path: Path) -> No
     assert "999911120" not in orjson.dumps(summary.as_dict()).decode()
 
 
-_REASON = {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
-_ABSENT = {"extension": [_REASON]}
 # valid R4 (a required choice element as a primitive's extensions only); the R4B models want a value
-IMMUNIZATION_WITHOUT_DATE = {
-    "resourceType": "Immunization",
-    "id": "imm-1",
-    "status": "completed",
-    "vaccineCode": {"coding": [{"system": "http://snomed.info/sct", "code": "871908002"}]},
-    "patient": {"reference": "Patient/pat0000001"},
-    "_occurrenceDateTime": _ABSENT,
-}
+IMMUNIZATION_WITHOUT_DATE = {"id": "imm-1", **immunization_without_date("Patient/pat0000001")}
 
 
 def _bulk_cli(tmp_path: Path, work: str, *extra: str):  # noqa: ANN202 - a click Result

@@ -188,7 +188,9 @@ class _Compiler:
         to = self.param(rule)
         if rule.kind == "date":
             if to == "shift":
-                return (p.CALL, None, p.generalise_date, None, path)
+                # a Period's partial start or end moves with its first or last day (start <= end stays)
+                partial = "first" if path.endswith(".start") else "last" if path.endswith(".end") else None
+                return (p.CALL, None, p.generalise_date, partial, path)
             return (p.KEEP, None, None, None, path)
         if rule.kind == "birthDate":
             if to == "drop":

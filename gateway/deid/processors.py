@@ -303,10 +303,10 @@ def _shift_partial(value: str, days: int, partial_from: str) -> str | None:
 
 
 def generalise_date(value: Any, f: tuple, ctx: WalkContext) -> Any:
-    """generalise kind=date with to=shift: every full date moves by the patient's offset (same for all)."""
+    """generalise kind=date with to=shift: every full date moves by the patient's offset (same for all).
+    ``arg``: for a Period's start or end, the day ("first", "last") its partial date moves with."""
     days = ctx.date_offset
-    label = f[4] or ""
-    partial_from = "first" if label.endswith(".start") else "last" if label.endswith(".end") else None
+    partial_from = f[3]
     if type(value) is list:
         out = [_shift(v, days, partial_from) for v in value]
         return out if any(v is not None for v in out) else None

@@ -72,20 +72,18 @@ class R4Types:
         """What a valid instance of ``definition`` must hold: per required element, the names that satisfy
         it (one name, or every variant of a required choice element)."""
         plain = tuple((name,) for name in self.required.get(definition, ()))
-        props = self.elements.get(definition, {})
-        primitives = tuple(
-            (name, f"_{name}") if f"_{name}" in props else (name,)
-            for name in self.required_primitives.get(definition, ())
-        )
+        primitives = tuple(self.forms(definition, n) for n in self.required_primitives.get(definition, ()))
         stems = self.required_choices.get(definition, ())
         return plain + primitives + tuple(self.choice_names(definition, stem) for stem in stems)
 
+    def forms(self, definition: str, name: str) -> tuple[str, ...]:
+        """The names an element can be present under: itself, and ``_name`` for a primitive, which may be
+        there only as its extensions (``_status`` with a data-absent-reason), as FHIR allows."""
+        return (name, f"_{name}") if f"_{name}" in self.elements.get(definition, {}) else (name,)
+
     def choice_names(self, definition: str, stem: str) -> tuple[str, ...]:
-        """The variants of a choice element and their ``_x`` forms: a primitive may be there only as its
-        extensions (``_valueBoolean`` with a data-absent-reason), which FHIR allows."""
-        props = self.elements.get(definition, {})
-        names = self.variants(definition, stem)
-        return names + tuple(f"_{n}" for n in names if f"_{n}" in props)
+        """Every name a choice element can be present under: each variant and its ``_x`` form."""
+        return tuple(n for v in self.variants(definition, stem) for n in self.forms(definition, v))
 
 
 @functools.cache

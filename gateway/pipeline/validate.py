@@ -181,11 +181,15 @@ def _element_rules(types: R4Types, definition: str) -> list[dict[str, Any]]:
     """What the official schema leaves out, in `_rule_names` order (`_rule_error` maps an error back): one
     `oneOf` per choice element, then one `anyOf` per required primitive (`status`, or `_status` only)."""
     rules = _choice_rules(types, definition) if definition in types.choices else []
-    props = types.elements.get(definition, {})
     for name in types.required_primitives.get(definition, ()):
-        forms = [name, f"_{name}"] if f"_{name}" in props else [name]
-        rules.append({"anyOf": [{"required": [form]} for form in forms]})
+        rules.append(_present(types, definition, name))
     return rules
+
+
+def _present(types: R4Types, definition: str, name: str) -> dict[str, Any]:
+    """The element is there, as its value or (a primitive) as its `_x` extensions."""
+    forms = types.forms(definition, name)
+    return {"required": [name]} if len(forms) == 1 else {"anyOf": [{"required": [f]} for f in forms]}
 
 
 def _rule_names(definition: str) -> list[str]:
@@ -197,16 +201,12 @@ def _rule_names(definition: str) -> list[str]:
 
 def _choice_rules(types: R4Types, definition: str) -> list[dict[str, Any]]:
     """One `oneOf` per choice element, in `types.choices` order."""
-    props = types.elements[definition]
     required = types.required_choices.get(definition, ())
     rules = []
     for stem, variants in types.choices[definition].items():
-        present = [
-            {"anyOf": [{"required": [v]}, {"required": [f"_{v}"]}]} if f"_{v}" in props else {"required": [v]}
-            for v in variants
-        ]
+        present = [_present(types, definition, v) for v in variants]
         if stem not in required:  # or none of them: one enum over the names, smaller than a `not anyOf`
-            names = [n for v in variants for n in (v, f"_{v}") if n in props]
+            names = list(types.choice_names(definition, stem))
             present.append({"propertyNames": {"not": {"enum": names}}})
         rules.append({"oneOf": present})
     return rules
