@@ -288,3 +288,21 @@ def test_many_patients_use_the_token_lookup_not_the_alternation() -> None:
     assert scanner.needs_check("see urn:uuid:00000000-0000-4000-8000-000000000005 here")
     assert scanner.needs_check("Patient/pat00005") and scanner.needs_check("ref p-8")
     assert not scanner.needs_check("nothing to see") and "quick" not in vars(scanner)
+
+
+@pytest.mark.parametrize("patients", [1, 12], ids=["probes", "tokens"])
+def test_a_walked_document_is_searched_only_for_the_glued_values_it_holds(patients: int) -> None:
+    """A birth date at an event date sends the document to the walk (the glance does not know keys), which
+    finds nothing there. The walk then looks in each string only for the glued values the document holds:
+    none here, one below (this used to be every patient's names and postcodes, in every string)."""
+    sensitive = sensitive_values(_input(patients))
+    sensitive.add_birth_date("1934-04-28")
+    birth = {"resourceType": "Encounter", "period": {"start": "1934-04-28"}}
+    scanner = _Scanner(sensitive)
+    assert sensitive.glued and not _clean_at_a_glance(birth, scanner)
+    assert scanner.glued == () and scan(birth, sensitive) == []
+    glued = {**birth, "note": [{"text": "seen by dr PompJohanna"}]}
+    scanner = _Scanner(sensitive)
+    assert not _clean_at_a_glance(glued, scanner)
+    assert scanner.glued == (("johanna", "name"),)
+    assert [f.kind for f in scan(glued, sensitive)] == ["name"]

@@ -436,8 +436,11 @@ class _Scanner:
         # set by the whole-document check when it saw a written-out BSN or a patient's phone number in some
         # other notation; until then (or when the document cannot be serialised) every string is checked
         self.split_bsn = self.phones = True
-        # likewise for a name or postcode run into another word: only when the document check saw one
-        self.glued = sensitive is not None and bool(sensitive.glued)
+        # likewise for a name or postcode run into another word: only the values the document check saw
+        # glued somewhere (``glued_in_document``); until it has looked, every one
+        self.glued: Collection[tuple[str, str]] = sensitive.glued if sensitive is not None else ()
+        self.glued_decided = False
+        self.decided: dict[str, bool] = {}  # needs_check's answers, set once the document check is done
         self.in_patient = False  # inside a Patient no date is an event: a full birth date there is a leak
 
     @cached_property
@@ -474,11 +477,19 @@ class _Scanner:
         return frozenset(keys), tuple(plain), tuple(lit for lit, _ in literals)
 
     def needs_check(self, s: str) -> bool:
+        """Whether ``s`` needs the exact checks; it does not depend on where ``s`` is, so each distinct
+        string is decided once per document (codes, systems and references repeat in every resource)."""
+        needs = self.decided.get(s)
+        if needs is None:
+            needs = self.decided[s] = self._needs_check(s)
+        return needs
+
+    def _needs_check(self, s: str) -> bool:
         if self.split_bsn and (_SPLIT_BSN.search(s) or _GLUED_BSN.search(s)):
             return True
         if self.phones and _PHONE_RUN.search(s):
             return True
-        if self.glued and _glued_kind(s, self.sens.glued) is not None:  # type: ignore[union-attr]
+        if self.glued and _glued_kind(s, self.glued) is not None:
             return True
         if not self.many:
             # IGNORECASE covers ASCII; other text is case-folded first, as the sensitive tokens were (and a
@@ -508,7 +519,7 @@ class _Scanner:
             return
         kind = self._value_of_the_input(s, key, sens)
         if kind is None and self.glued:
-            kind = _glued_kind(s, sens.glued)
+            kind = _glued_kind(s, self.glued)
         if kind is not None:
             self.findings.append(Finding(_path(parts), kind))
 
@@ -603,6 +614,25 @@ def _glued_kind(
                 return kind
             at = lowered.find(value, at + 1)
     return None
+
+
+def _glued_values(
+    text: str, candidates: Collection[tuple[str, str]], lowered: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """The candidates run into another word somewhere in ``text``: for the whole document, the only ones
+    the walk has to look for in each string (a string of the document is a piece of its text, between
+    delimiters that are not letters or digits, so a value glued in a string is glued in the document)."""
+    if not candidates:
+        return ()
+    lowered = lowered if lowered is not None else text.lower()
+    return tuple(c for c in candidates if c[0] in lowered and _glued_kind(text, (c,), lowered) is not None)
+
+
+def glued_in_document(raw: bytes, candidates: Collection[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """``_glued_values`` of a serialised document, its JSON escapes read as the separators they are."""
+    if b"\\" in raw:
+        raw = _JSON_ESCAPE.sub(b" ", raw)
+    return _glued_values(raw.decode(), candidates)
 
 
 def _glued_at(text: str, start: int, end: int, kind: str) -> bool:
@@ -807,12 +837,14 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner, serialized: bytes | None 
     else:
         text = raw.decode()
         low = text.casefold()
+    # decided first: when another check sends the document to the walk, it looks only for these
+    scanner.glued = _glued_values(text, sens.glued, low if ascii_doc else None)
+    scanner.glued_decided = True
+    if scanner.glued:
+        return False
     if literals and _literal_found(escaped, literals, tokens if ascii_doc else None):
         return False
     if sens.birth_dates and _birth_date_seen(low, sens.birth_dates, tokens):
-        return False
-    scanner.glued = _glued_kind(text, sens.glued, low if ascii_doc else None) is not None
-    if scanner.glued:
         return False
     firsts = by_first if tokens is None else tokens.intersection(by_first)
     for first in firsts:
@@ -871,8 +903,20 @@ def scan(
     scanner = _Scanner(sensitive)
     if _clean_at_a_glance(output, scanner, serialized):
         return findings
+    if scanner.glued and not scanner.glued_decided:  # the document check stopped before it looked
+        scanner.glued = _glued_for_walk(output, scanner.glued, serialized)
     scanner.value(output, "", {}, [root])
     return findings + scanner.findings
+
+
+def _glued_for_walk(
+    output: Any, candidates: Collection[tuple[str, str]], serialized: bytes | None
+) -> Collection[tuple[str, str]]:
+    try:
+        raw = serialized if serialized is not None else orjson.dumps(output)
+    except (TypeError, orjson.JSONEncodeError):
+        return candidates  # not plain JSON: every string is checked for every value
+    return glued_in_document(raw, candidates)
 
 
 # Elements of a Patient, RelatedPerson or Person that hold direct identifiers: never in pseudonymised output
