@@ -269,10 +269,67 @@ def test_the_patients_street_address_on_a_location_or_organization_is_still_a_le
     assert "address" in {f.kind for f in scan(_delivering(rtype, dict(HOME)), sensitive_values(bundle))}
 
 
-def test_a_hospital_in_the_patients_postcode_is_not_a_leak() -> None:
-    hospital = {"line": ["Ziekenhuisplein 1"], "postalCode": HOME["postalCode"]}
+def test_a_hospital_in_the_patients_area_is_not_a_leak() -> None:
+    hospital = {"line": ["Ziekenhuisplein 1"], "postalCode": "9999 AB", "city": HOME["city"]}
     bundle = _with_public("Organization", hospital)
     assert scan(_delivering("Organization", hospital), sensitive_values(bundle)) == []
+
+
+@pytest.mark.parametrize(
+    "place",
+    [
+        {"line": ["Ziekenhuisplein 1"], "postalCode": "9999-zz"},  # the full postcode: at the patient's home
+        {"line": ["Canarystr. 42"], "city": "kanariestad"},  # no postcode: the house number in that city
+        {"use": "home", "line": ["Elders 7"], "postalCode": "1234 AB"},  # someone's home, a person's data
+    ],
+    ids=["postcode", "number-in-city", "use-home"],
+)
+def test_a_place_at_a_patients_home_publishes_nothing(place: dict[str, Any]) -> None:
+    """Found by a fresh-eyes probe: a home visit's Location written differently from the Patient's address
+    ("Tweede Jan Steenstraat 15" for "2e Jan Steenstraat 15", "1015-CJ") counted as a public place, and its
+    postcode and phone came off the watch list. Such a place is now the patient's home, for the engine
+    (generalised as Patient.address) and the gate (nothing of it is public)."""
+    bundle = _with_public("Location", {**place, "telecom": [{"system": "phone", "value": "0612345678"}]})
+    bundle["entry"][0]["resource"]["telecom"] = [{"system": "phone", "value": "06-12345678"}]
+    out = _delivering("Location", {"postalCode": HOME["postalCode"]})
+    out["entry"][-1]["resource"]["telecom"] = [{"system": "phone", "value": "0612345678"}]
+    assert {f.kind for f in scan(out, sensitive_values(bundle))} == {"postcode", "telecom"}
+
+
+def test_an_organizations_contact_person_is_not_public() -> None:
+    """An Organization's contact is a person: their name and phone (here the patient's own) stay sensitive."""
+    bundle = _with_public("Organization", {"line": ["Ziekenhuisplein 1"], "postalCode": "1000 AA"})
+    org = bundle["entry"][-1]["resource"]
+    phone = {"system": "phone", "value": "0612345678"}
+    org["contact"] = [{"name": {"family": "Berkhout"}, "telecom": [phone]}]
+    bundle["entry"][0]["resource"]["telecom"] = [{"system": "phone", "value": "0612345678"}]
+    out = out_with(valueString="x")
+    out["entry"].append({"resource": {"resourceType": "Location", "name": "Kamer tel 0612345678"}})
+    assert "telecom" in {f.kind for f in scan(out, sensitive_values(bundle))}
+
+
+@pytest.mark.parametrize(
+    ("family", "written"),
+    [
+        ("van der Berkhout", "Woning fam. Berkhout"),
+        ("de Boer-Smit", "mevr. Smit"),
+        ("Jansen-van Dijk", "Dijk"),
+    ],
+)
+def test_a_surname_is_sought_without_its_voorvoegsels_and_per_part(family: str, written: str) -> None:
+    bundle = source()
+    bundle["entry"][0]["resource"] = {**PATIENT, "name": [{"family": family, "given": ["Hendrikus"]}]}
+    assert "name" in {f.kind for f in scan(out_with(valueString=written), sensitive_values(bundle))}
+
+
+def test_a_birth_date_inside_a_value_period_is_a_value_not_an_event() -> None:
+    """valuePeriod.start is not when something happened (LOINC 21112-8 "Birth date" as a Period)."""
+    birth = PATIENT.get("birthDate")
+    assert birth
+    sensitive = sensitive_values(source())
+    kinds = {f.kind for f in scan(out_with(valuePeriod={"start": birth, "end": birth}), sensitive)}
+    assert "birth-date" in kinds
+    assert scan(out_with(effectivePeriod={"start": birth}, valueString="x"), sensitive) == []
 
 
 def test_fhir_gateway_scan_finds_a_raw_export_without_the_original_and_passes_our_output(

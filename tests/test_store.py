@@ -9,6 +9,7 @@ import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -561,3 +562,16 @@ def test_a_requeued_older_delivery_waits_for_a_newer_one_in_flight(store: Store,
     assert [d.id for d in store.claim_batch("w2", 5, 30)] == [p1]
     assert store.mark_delivered(p1, "w2")
     assert [d.id for d in store.claim_batch("w2", 5, 30)] == [p2]
+
+
+def test_a_new_sqlite_store_and_receiver_database_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """They hold pseudonymised payloads, still personal data (a fresh-eyes probe found them at 0644)."""
+    from gateway.receiver.db import ReceiverDB
+
+    store = open_store(f"sqlite:///{tmp_path / 'var' / 'gateway.db'}")
+    store.close()
+    ReceiverDB(tmp_path / "registry")
+    for db in (tmp_path / "var" / "gateway.db", tmp_path / "registry" / "receiver.sqlite"):
+        assert db.stat().st_mode & 0o777 == 0o600, db
+    for wal in (tmp_path / "var").glob("gateway.db-*"):
+        assert wal.stat().st_mode & 0o077 == 0, wal

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from gateway.deid import processors as p
+from gateway.deid.homes import at_home, patient_homes
 from gateway.deid.profile import Profile, _path_tree, expand_tree
 from gateway.deid.r4 import R4Types, r4
 from gateway.deid.rules import Rule, Rules
@@ -522,57 +523,20 @@ def _prune(value: Any, dead: set[str], definition: str, types: R4Types) -> Any:
     return out
 
 
-# ── a Location or Organization at the patient's home (a home visit) ───────────────────────────────────────
+# ── a Location or Organization at the patient's home (a home visit; gateway/deid/homes.py) ─────────────────
 # Their addresses are kept as a public place's; at the patient's own address it is theirs, and it gets what
-# the profile gives Patient.address (PC4, no street), or nothing when the profile delivers none. A Dutch
-# address is its postcode and house number (how the BAG keys it), so "Canarystr. 42" is "Canarystraat 42".
+# the profile gives Patient.address (PC4, no street), or nothing when the profile delivers none.
 
-_PATIENT_RESIDENCE = "PTRES"  # v3-RoleCode: the patient's residence
-_HOUSE_NUMBER = re.compile(r"\d+")
 _AT_HOME_TYPES = ("Location", "Organization")
-
-
-def _address_key(address: Any) -> tuple[str, str] | None:
-    """(postcode without spaces, house number or "") of an address with a postcode, else None."""
-    if type(address) is not dict or type(address.get("postalCode")) is not str:
-        return None
-    lines = address.get("line")
-    text = " ".join(x for x in lines if type(x) is str) if type(lines) is list else ""
-    number = _HOUSE_NUMBER.search(text)
-    return "".join(address["postalCode"].split()).upper(), number.group(0) if number else ""
-
-
-def _patient_homes(entries: list[Any]) -> set[tuple[str, str]]:
-    homes: set[tuple[str, str]] = set()
-    for entry in entries:
-        res = entry.get("resource") if type(entry) is dict else None
-        if type(res) is dict and res.get("resourceType") == "Patient" and type(res.get("address")) is list:
-            homes.update(k for k in map(_address_key, res["address"]) if k is not None)
-    return homes
-
-
-def _at_home(resource: dict[str, Any], homes: set[tuple[str, str]]) -> bool:
-    """Its address has a patient's postcode and either that house number or none (no street given), or it
-    is typed as the patient's residence."""
-    addresses = resource.get("address")
-    for key in map(_address_key, addresses if type(addresses) is list else [addresses]):
-        if key is not None and any(key[0] == home[0] and key[1] in ("", home[1]) for home in homes):
-            return True
-    types = resource.get("type")
-    return type(types) is list and any(
-        type(t) is dict
-        and any(type(c) is dict and c.get("code") == _PATIENT_RESIDENCE for c in t.get("coding") or ())
-        for t in types
-    )
 
 
 def _generalise_homes(
     kept: list[tuple[_Candidate, dict[str, Any]]], entries: list[Any], plan: Plan, ctx: p.WalkContext
 ) -> None:
     places = [(c, out) for c, out in kept if c.rtype in _AT_HOME_TYPES and "address" in out]
-    homes = _patient_homes(entries) if places else set()
+    homes = patient_homes(e.get("resource") for e in entries if type(e) is dict) if places else []
     for c, out in places:
-        if _at_home(c.resource, homes):
+        if at_home(c.resource, homes):
             _generalise_home_address(c.resource, out, plan, ctx)
 
 

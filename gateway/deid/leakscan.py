@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from gateway.deid.homes import at_home, patient_homes
 from gateway.pipeline.parse import fhir_element_names
 
 _TOKEN = re.compile(r"[^\W_]+")
@@ -264,6 +265,28 @@ def _ext_strings(element: Any) -> Iterator[str]:
                 yield ext["valueString"]
 
 
+# voorvoegsels (and those of other languages common in Dutch names), as they lead a family name
+_SURNAME_PREFIXES = frozenset(
+    {"van", "de", "der", "den", "het", "t", "te", "ten", "ter", "in", "op", "onder", "aan", "bij", "uit"}
+    | {"over", "voor", "vd", "v", "d", "l", "la", "le", "les", "lo", "los", "von", "vom", "zu", "zum", "zur"}
+    | {"da", "del", "della", "dello", "di", "do", "dos", "du", "des", "el", "al"}
+)
+
+
+def surname_cores(family: str) -> list[str]:
+    """The parts of a family name people also write alone: each part of a double name ("de Boer-Smit":
+    "de Boer", "Smit") and each without its voorvoegsels ("van der Berkhout": "Berkhout"). A plain R4 name
+    has no nl-core own-name part saying which that is."""
+    cores: list[str] = []
+    parts = [part.strip() for part in family.split("-")]
+    for part in parts if len(parts) > 1 else [family]:
+        words = part.split()
+        while len(words) > 1 and words[0].casefold().strip("'’.") in _SURNAME_PREFIXES:
+            words.pop(0)
+        cores += [c for c in {part, " ".join(words)} if c and c != family]
+    return cores
+
+
 def _names(names: Any, out: SensitiveSet) -> None:
     for name in names if isinstance(names, list) else [names]:
         if not isinstance(name, dict):
@@ -271,6 +294,8 @@ def _names(names: Any, out: SensitiveSet) -> None:
         out.add(name.get("text"), "name")
         family = name.get("family")
         out.add(family, "name")
+        for core in surname_cores(family) if type(family) is str else ():
+            out.add(core, "name")
         for given in _list(name.get("given")):
             out.add(given, "name")
             if type(given) is str and type(family) is str:
@@ -391,9 +416,12 @@ def _drop_public(bundle: Any, out: SensitiveSet) -> None:
     """A value the input publishes as an organisation's or location's own data (a hospital in the patient's
     postcode area, a GP practice phone number) is not personal: delivering that Organization is no leak."""
     public = SensitiveSet()
+    homes = patient_homes(_resources(bundle))
     for res in _resources(bundle):
-        if res.get("resourceType") in PUBLIC_TYPES:
-            _person(res, public)
+        # a place at a patient's home publishes nothing; an Organization's contact is a person, not the place
+        if res.get("resourceType") in PUBLIC_TYPES and not at_home(res, homes):
+            _telecoms(res.get("telecom"), public)
+            _addresses(res.get("address"), public)
     for first, entries in public.by_first.items():
         mine = out.by_first.get(first)
         if mine:
@@ -441,6 +469,7 @@ class _Scanner:
         self.glued: Collection[tuple[str, str]] = sensitive.glued if sensitive is not None else ()
         self.glued_decided = False
         self.decided: dict[str, bool] = {}  # needs_check's answers, set once the document check is done
+        self.in_value = False  # inside a value[x] (valuePeriod), where no date is an event either
         self.in_patient = False  # inside a Patient no date is an event: a full birth date there is a leak
 
     @cached_property
@@ -545,7 +574,7 @@ class _Scanner:
         ):
             return "telecom"
         tokens = _TOKEN.findall(s.casefold())
-        dates_count = self.in_patient or not _event_date_key(key)
+        dates_count = self.in_patient or self.in_value or not _event_date_key(key)
         dates = sens.birth_dates
         anchored = (i for i, t in enumerate(tokens) if t in dates)
         if dates_count and any(date_around(tokens, i, dates[tokens[i]]) for i in anchored):
@@ -573,8 +602,10 @@ class _Scanner:
             if self.needs_check(value):
                 self.text(value, key, parent, parts)
         elif t is dict:
-            outer = self.in_patient
+            outer, outer_value = self.in_patient, self.in_value
             self.in_patient = outer or value.get("resourceType") == "Patient"
+            # a Period or a date inside a value[x] is a value, not when something happened: valuePeriod.start
+            self.in_value = outer_value or (type(key) is str and key.startswith("value"))
             for k, v in value.items():
                 tv = type(v)
                 if tv is str and not self.needs_check(v):
@@ -583,7 +614,7 @@ class _Scanner:
                     parts.append(self.part(k))
                     self.value(v, k, value, parts) if tv is not str else self.text(v, k, value, parts)
                     parts.pop()
-            self.in_patient = outer
+            self.in_patient, self.in_value = outer, outer_value
         elif t is list:
             for i, v in enumerate(value):
                 parts.append(f"[{i}]")

@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from gateway.store.dialects import create_private
+
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS receipts (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -55,6 +57,7 @@ def db_path(data: str | Path, *, create: bool = False) -> Path:
 class ReceiverDB:
     def __init__(self, data: str | Path) -> None:
         self.path = db_path(data, create=True)
+        create_private(self.path)
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")  # a registry must not lose what it acknowledged

@@ -7,6 +7,7 @@ SQL elsewhere is written once with `?` placeholders; the PostgreSQL dialect rewr
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -186,6 +187,7 @@ def sqlite_dialect(url: str, on_connect: Callable[[Any], None] | None) -> tuple[
         raise ValueError("sqlite synchronous must be full, normal or extra")
     pool_size = int(query.get("pool_size", "8"))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    create_private(path)
 
     def connect() -> sqlite3.Connection:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000)
@@ -238,3 +240,14 @@ def postgres_dialect(url: str, on_connect: Callable[[Any], None] | None) -> tupl
         integrity=(psycopg.IntegrityError,),
     )
     return dialect, pool_size
+
+
+def create_private(path: str | Path) -> None:
+    """Create a database file readable by its owner only (SQLite gives its -wal and -shm files the same
+    mode): it holds pseudonymised payloads, which are still personal data. An existing file is left as it
+    is; in-memory and URI databases are not files."""
+    name = str(path)
+    if name.startswith((":", "file:")):
+        return
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
