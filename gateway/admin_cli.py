@@ -34,22 +34,41 @@ def import_objections(
     """Import a provider's objection list. Only keyed hashes of the patient numbers are stored."""
     from gateway.keys import load_keys
     from gateway.optout import ObjectionCsvError, objection_digest, read_objection_csv
-    from gateway.store import open_store
+    from gateway.store import AuditInput, open_store
 
     settings = Settings(config=config)
     cfg = load_config(config)
     if registry != "*" and registry not in cfg.registries:
         console.print(f"[red]unknown registry {registry!r}: give one of the configuration's, or *[/red]")
         raise typer.Exit(2)
+    if provider not in {p.id for p in cfg.providers}:
+        console.print(f"[red]unknown provider {provider!r}: give one of the configuration's providers[/red]")
+        raise typer.Exit(2)
     keys = load_keys(settings.key_dir, [p.id for p in cfg.providers])
     store = open_store(settings.store_url)
     bad: list[ObjectionCsvError] = []
     added = total = 0
-    for number in read_objection_csv(csv_file, on_error=bad.append):
-        total += 1
-        added += bool(
-            store.optout_add(provider, registry, objection_digest(keys.objection_key(), provider, number))
-        )
+    try:
+        for number in read_objection_csv(csv_file, on_error=bad.append):
+            total += 1
+            added += bool(
+                store.optout_add(provider, registry, objection_digest(keys.objection_key(), provider, number))
+            )
+    except ObjectionCsvError as err:  # the file as a whole (no header, empty): nothing was read
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    finally:
+        if total:
+            store.record_audit(
+                AuditInput(
+                    actor="cli:objections-import",
+                    provider=provider,
+                    registry=registry,
+                    event="objection-registered",
+                    outcome="imported",
+                    counts={"read": total, "new": added, "refused": len(bad)},
+                )
+            )
     for err in bad[:20]:
         console.print(f"[yellow]{err}[/yellow]")  # line number and problem, never the row
     console.print(f"{total} objections read, {added} new, {len(bad)} rows refused")

@@ -260,12 +260,12 @@ def scan(
 
 @profiles_app.command("check")
 def profiles_check(
-    directory: Path = typer.Argument(None, help="profiles folder (default: the shipped one)"),
+    paths: list[Path] = typer.Argument(None, help="profile files or folders (default: the shipped folder)"),
 ) -> None:
-    """Validate every delivery profile; exit 1 on a problem."""
+    """Validate every delivery profile and the rules file; exit 1 listing every problem."""
     from gateway.deid.commands import profiles_check as run
 
-    run(directory)
+    run(paths or None)
 
 
 @app.command("mrn-reveal")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +121,19 @@ class GatewayConfig(_Strict):
             raise ValueError("provider ids must be unique")
         return value
 
+    @model_validator(mode="after")
+    def _clients_name_what_is_configured(self) -> GatewayConfig:
+        """A client of an unknown provider failed every post with a 500; a misspelled registry showed only
+        at the first post (403). Both are configuration mistakes, said at start-up and by `check`."""
+        providers = {p.id for p in self.providers}
+        for n, client in enumerate(self.clients):
+            if client.provider not in providers:
+                raise ValueError(f"clients[{n}] ({client.id}): {client.provider!r} is not in providers")
+            unknown = sorted(set(client.registries) - set(self.registries))
+            if unknown:
+                raise ValueError(f"clients[{n}] ({client.id}): registries {unknown} are not in registries")
+        return self
+
     def provider(self, provider_id: str) -> ProviderConfig:
         for p in self.providers:
             if p.id == provider_id:
@@ -163,12 +176,28 @@ def load_config(path: Path) -> GatewayConfig:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ValueError(f"configuration file {path} cannot be read: {exc.strerror}") from None
-    except yaml.YAMLError:
-        raise ValueError(f"configuration file {path} is not valid YAML") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"configuration file {path} is not valid YAML{yaml_position(exc)}") from None
     try:
         return GatewayConfig.model_validate(data)
-    except Exception as exc:  # pydantic's message names fields, not secrets
-        raise ValueError(f"configuration file {path} is invalid: {exc}") from None
+    except ValidationError as exc:
+        raise ValueError(f"configuration file {path} is invalid: {validation_summary(exc)}") from None
+
+
+def yaml_position(exc: yaml.YAMLError) -> str:
+    """" (line L, column C)" where the parser stopped, when it says."""
+    mark = getattr(exc, "problem_mark", None)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """pydantic's errors as one line: where and what, never the input value or a documentation URL."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(x) for x in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
 
 
 def secret_from_env(name: str | None) -> str | None:

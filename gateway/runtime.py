@@ -274,13 +274,27 @@ class Runtime:
             recorded.set()
 
     # -- objection register -----------------------------------------------------------------------------
-    async def objections_add(self, caller: Caller, patient_number: str, registry: str) -> None:
+    # Every change is in the audit trail (who, when, which registry; never the patient), so the privacy
+    # officer can say who registered or withdrew an objection.
+    async def objections_add(self, caller: Caller, patient_number: str, registry: str) -> bool:
+        """Register an objection; True if it was new."""
         digest = objection_digest(self.keys.objection_key(), caller.provider or "", patient_number)
-        await asyncio.to_thread(self.store.optout_add, caller.provider or "", registry, digest)
+        new = await asyncio.to_thread(self.store.optout_add, caller.provider or "", registry, digest)
+        outcome = "new" if new else "already-registered"
+        await asyncio.to_thread(
+            self.store.record_audit, objection_audit(caller, registry, "registered", outcome)
+        )
+        return new
 
-    async def objections_withdraw(self, caller: Caller, patient_number: str, registry: str) -> None:
+    async def objections_withdraw(self, caller: Caller, patient_number: str, registry: str) -> bool:
+        """Withdraw an objection; False if none was registered for this number and registry."""
         digest = objection_digest(self.keys.objection_key(), caller.provider or "", patient_number)
-        await asyncio.to_thread(self.store.optout_withdraw, caller.provider or "", registry, digest)
+        gone = await asyncio.to_thread(self.store.optout_withdraw, caller.provider or "", registry, digest)
+        outcome = "withdrawn" if gone else "not-registered"
+        await asyncio.to_thread(
+            self.store.record_audit, objection_audit(caller, registry, "withdrawn", outcome)
+        )
+        return gone
 
     def processing_context(self, registry: str) -> dict[str, Any]:
         profile = self.profiles[self.config.registries[registry].profile]
@@ -315,6 +329,16 @@ def _counts(report: dict[str, Any]) -> dict[str, Any]:
         "resourcesDelivered": deid.get("resourcesKept"),
         "dropped": dropped_by_reason(report) or None,
     }
+
+
+def objection_audit(caller: Caller, registry: str, change: str, outcome: str) -> AuditInput:
+    return AuditInput(
+        actor=caller.client_id,
+        provider=caller.provider or "",
+        registry=registry,
+        event=f"objection-{change}",
+        outcome=outcome,
+    )
 
 
 def _audit(caller: Caller, registry: str, outcome: str, report: dict[str, Any]) -> AuditInput:

@@ -103,6 +103,17 @@ def test_profiles_check_accepts_the_shipped_profiles():
     assert result.exit_code == 0, result.output
 
 
+def test_profiles_check_takes_several_files_and_names_where_the_yaml_breaks(tmp_path):
+    """profiles/README promised several paths, the command took one; bad YAML ended in a traceback."""
+    bad = tmp_path / "heart.yaml"
+    bad.write_text("name: [unclosed\n")
+    shipped = Path(__file__).resolve().parent.parent / "profiles" / "example-generic.yaml"
+    result = runner.invoke(app, ["profiles", "check", str(bad), str(shipped)])
+    assert result.exit_code == 1, result.output
+    assert f"{bad}: not valid YAML (line 2, column 1)" in result.output and "Traceback" not in result.output
+    assert runner.invoke(app, ["profiles", "check", str(shipped)]).exit_code == 0
+
+
 def test_objections_import_stores_keyed_hashes_only(tmp_path, monkeypatch):
     from gateway.keys import init_keys, load_keys
     from gateway.optout import objection_digest
@@ -137,6 +148,56 @@ def test_objections_import_stores_keyed_hashes_only(tmp_path, monkeypatch):
     digest = objection_digest(keys.objection_key(), provider, "P0001234")
     assert store.optout_lookup(provider, "example-generic", [digest])
     assert b"P0001234" not in (tmp_path / "gateway.db").read_bytes()
+    (event,) = [e for e in store.list_audit() if e.event == "objection-registered"]
+    assert (event.actor, event.outcome, event.provider, event.registry) == (
+        "cli:objections-import", "imported", provider, "*"
+    )
+    assert event.counts == {"read": 2, "new": 2, "refused": 1}
+    # found by a fresh-eyes operator: any provider id was accepted, and a file without the column (or a
+    # header at all) ended in a traceback
+    unknown = runner.invoke(
+        app, ["objections", "import", str(csv_file), "--provider", "ura:99999999", "--config", str(config)]
+    )
+    assert unknown.exit_code == 2 and "unknown provider" in unknown.output
+    headless = tmp_path / "headless.csv"
+    headless.write_text("nummer\nP0001234\n")
+    result = runner.invoke(
+        app, ["objections", "import", str(headless), "--provider", provider, "--config", str(config)]
+    )
+    assert result.exit_code == 2 and "header has no patient_number column" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["clients"][0].update(provider="ura:0000000X"), "'ura:0000000X' is not in providers"),
+        (lambda c: c["clients"][0]["registries"].append("heart-registy"), "['heart-registy'] are not in"),
+        (lambda c: c.update(providrs=c.pop("providers")), "providers: Field required; providrs: Extra"),
+    ],
+    ids=["client-provider", "client-registry", "misspelled-key"],
+)
+def test_configuration_mistakes_are_one_line_naming_the_place(tmp_path, change, message):
+    """A client of an unknown provider passed `check` and then failed every post with a 500; a misspelled
+    registry showed only at the first post (403)."""
+    from gateway.config import load_config
+
+    config = {
+        "providers": [{"id": "ura:00000000"}],
+        "clients": [{"id": "ehr", "provider": "ura:00000000", "registries": ["example-generic"]}],
+        "registries": {"example-generic": {"profile": "example-generic", "endpoint": "http://127.0.0.1:9"}},
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    load_config(path)
+    change(config)
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="is invalid") as raised:
+        load_config(path)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert "pydantic.dev" not in str(raised.value)
+    path.write_text("providers: [unclosed\n")
+    with pytest.raises(ValueError, match=r"not valid YAML \(line 2, column 1\)"):
+        load_config(path)
 
 
 def test_deidentify_with_a_configuration_honours_the_objection_register(tmp_path, monkeypatch):

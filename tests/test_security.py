@@ -202,10 +202,32 @@ def test_objections_are_per_provider(chain: Any) -> None:
     assert objection_call(mine, "/objections") == 204
     assert dropped(mine, "obj-mine-1") == 1
     assert dropped(theirs, "obj-theirs-1") == 0  # another hospital's patient number space
-    assert objection_call(theirs, "/objections/$withdraw") == 204  # cannot withdraw the other's objection
+    assert objection_call(theirs, "/objections/$withdraw") == 404  # cannot withdraw the other's objection
     assert dropped(mine, "obj-mine-2") == 1
+    # an objection for every registry is withdrawn as such, not per registry: said, not silently 204
+    assert objection_call(mine, "/objections") == 204
+    everywhere = {"patientNumber": "P0001234", "registry": "*"}
+    steps = [("/objections", 204), ("/objections/$withdraw", 204), ("/objections/$withdraw", 404)]
+    for path, status in steps:
+        response = httpx.post(f"{chain.gateway_url}{path}", json=everywhere, headers=auth(mine), timeout=30)
+        assert response.status_code == status, (path, response.text)
     assert objection_call(mine, "/objections/$withdraw") == 204
     assert dropped(mine, "obj-mine-3") == 0
+    # every change is in the audit trail, with the client and the registry, never the patient number
+    audit = httpx.get(f"{chain.gateway_url}/admin/audit", params={"limit": 10000},
+                      headers=auth(chain.admin_api_key), timeout=30)
+    changes = [(e["event"], e["outcome"], e["registry"]) for e in audit.json()
+               if e["event"].startswith("objection-")]
+    assert changes[-7:] == [
+        ("objection-registered", "new", REGISTRY),
+        ("objection-withdrawn", "not-registered", REGISTRY),
+        ("objection-registered", "already-registered", REGISTRY),
+        ("objection-registered", "new", "*"),
+        ("objection-withdrawn", "withdrawn", "*"),
+        ("objection-withdrawn", "not-registered", "*"),
+        ("objection-withdrawn", "withdrawn", REGISTRY),
+    ], changes
+    assert "P0001234" not in audit.text
     # the register keeps the registry in clear: only a known one (or '*') is accepted, and not echoed
     unknown = {"patientNumber": "P0001234", "registry": "Zyxwortel-999911120"}
     response = httpx.post(f"{chain.gateway_url}/objections", json=unknown, headers=auth(mine), timeout=30)

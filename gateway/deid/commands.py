@@ -12,7 +12,9 @@ from typing import Annotated
 
 import orjson
 import typer
+import yaml
 
+from gateway.config import yaml_position
 from gateway.deid.leakscan import SensitiveSet, sensitive_values
 from gateway.deid.leakscan import scan as scan_document
 from gateway.deid.profile import check_profile, load_profile, profile_warnings, read_yaml
@@ -102,7 +104,10 @@ def profiles_check(
         try:
             data = read_yaml(path)
         except (OSError, ValueError):
-            problems.append(f"{path}: unreadable or not YAML")
+            problems.append(f"{path}: unreadable")
+            continue
+        except yaml.YAMLError as exc:
+            problems.append(f"{path}: not valid YAML{yaml_position(exc)}")
             continue
         problems += [f"{path}: {p}" for p in check_profile(data)]
         for warning in profile_warnings(data):
@@ -115,7 +120,9 @@ def profiles_check(
     try:
         problems += [f"{rules}: {p}" for p in check_rules(read_yaml(rules))]
     except (OSError, ValueError):
-        problems.append(f"{rules}: unreadable or not YAML")
+        problems.append(f"{rules}: unreadable")
+    except yaml.YAMLError as exc:
+        problems.append(f"{rules}: not valid YAML{yaml_position(exc)}")
     for line in problems:
         typer.echo(line)
     if problems:

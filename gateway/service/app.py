@@ -343,7 +343,10 @@ def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
     async def withdraw_objection(request: Request) -> Response:
         caller = _provider_caller(runtime, request)
         patient_number, registry = await _objection_body(request, runtime)
-        await runtime.objections_withdraw(caller, patient_number, registry)
+        if not await runtime.objections_withdraw(caller, patient_number, registry):
+            # an objection for '*' is withdrawn as '*': said, so the EHR does not think the patient is back in
+            text = "no objection is registered for this patient number and registry ('*' is its own entry)"
+            raise FhirError.single(404, "not-found", text, "registry")
         return Response(status_code=204)
 
 
