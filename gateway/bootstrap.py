@@ -10,6 +10,8 @@ from gateway.config import GatewayConfig, ProviderConfig, Settings, TTPConfig, l
 from gateway.runtime import Runtime, build_runtime
 from gateway.ttp.backend import TTPBackend
 
+EMBEDDED_TTP = "embedded-reference-ttp"
+
 
 def ttp_backend(ttp: TTPConfig, provider: ProviderConfig, embedded_key_dir: Path) -> tuple[TTPBackend, str]:
     """The configured TTP for one provider: the reference TTP over HTTP, an adapter, or the embedded one."""
@@ -19,12 +21,23 @@ def ttp_backend(ttp: TTPConfig, provider: ProviderConfig, embedded_key_dir: Path
         return ttp_from_config(ttp.kind, ttp.options, provider=provider.id, secret=secret_from_env), ttp.kind
     if ttp.url == "embedded":
         from gateway.ttp.embedded import EmbeddedTTP
-        from gateway.ttp.keystore import KeyStore
+        from gateway.ttp.keystore import KeyStore, KeyStoreError
 
-        return EmbeddedTTP(KeyStore.load(embedded_key_dir), provider=provider.id), "embedded-reference-ttp"
+        try:
+            keys = KeyStore.load(embedded_key_dir)
+        except KeyStoreError:
+            # not "run ttp keys init": a hospital must not make the TTP's keys; it names its TTP instead
+            raise ValueError(
+                f"ttp.url is 'embedded' (the default): the in-process reference TTP, for the demo and tests "
+                f"only, has no keys in {embedded_key_dir}; a hospital's gateway sets ttp.url to its TTP"
+            ) from None
+        return EmbeddedTTP(keys, provider=provider.id), EMBEDDED_TTP
     from gateway.ttp.client import HttpTTPClient
 
-    api_key = secret_from_env(provider.ttp_api_key_env or ttp.api_key_env) or ""
+    env = provider.ttp_api_key_env or ttp.api_key_env
+    api_key = secret_from_env(env)
+    if not api_key:  # said here, not later as "TTP not reachable"
+        raise ValueError(f"the TTP API key environment variable {env} is not set (provider {provider.id})")
     client = HttpTTPClient(
         ttp.url,
         api_key,

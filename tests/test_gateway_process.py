@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import uuid
 from pathlib import Path
@@ -244,6 +245,23 @@ def test_the_go_live_check_asks_every_party_and_names_the_one_that_fails(tmp_pat
         assert wrong_key.returncode == 1  # the probe needs no key; the pseudonym of random bytes does
         line = next(x for x in wrong_key.stdout.splitlines() if "a pseudonym in domain example-generic" in x)
         assert "refused us" in line and "not-the-key" not in wrong_key.stdout
+        # found by a fresh-eyes operator: an unset key was reported as "TTP not reachable"
+        no_key = check(chain.config_path, {k: v for k, v in chain.env.items() if k != "TEST_TTP_KEY"})
+        assert no_key.returncode == 2 and "environment variable TEST_TTP_KEY is not set" in no_key.stderr
+        # ... and a configuration without a ttp section passed with the in-process TTP, keys and all
+        embedded = yaml.safe_load(chain.config_path.read_text())
+        embedded.pop("ttp", None)
+        (tmp_path / "embedded.yaml").write_text(yaml.safe_dump(embedded))
+        warned = check(tmp_path / "embedded.yaml", chain.env)
+        assert warned.returncode == 1
+        line = next(x for x in warned.stdout.splitlines() if "TTP for ura:00000000" in x)
+        assert "for the demo and tests only" in line
+        keys = Path(chain.env["FHIR_GATEWAY_KEY_DIR"])
+        shutil.copytree(keys, tmp_path / "elsewhere" / keys.name)  # no TTP keys beside them
+        elsewhere = {**chain.env, "FHIR_GATEWAY_KEY_DIR": str(tmp_path / "elsewhere" / keys.name)}
+        refused = check(tmp_path / "embedded.yaml", elsewhere)
+        assert refused.returncode == 2 and "for the demo and tests only" in refused.stderr
+        assert "ttp keys init" not in refused.stderr  # a hospital must not make the TTP's keys itself
 
 
 def test_a_registry_the_ttp_has_no_domain_for_stops_the_start_naming_it(tmp_path):
@@ -265,6 +283,7 @@ def test_a_registry_the_ttp_has_no_domain_for_stops_the_start_naming_it(tmp_path
         assert "exited with 3" in str(refused.value)
         log = chain.gateways[-1].logs() if chain.gateways else str(refused.value)
         assert "unknown target domain (provider ura:00000000, registry example-cancer-registry)" in log
+        assert "Traceback" not in log  # one line, as every other start-up failure
         offline = subprocess.run(
             [
                 sys.executable,

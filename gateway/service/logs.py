@@ -15,7 +15,18 @@ import orjson
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# color_message: uvicorn's copy of msg with terminal colour codes
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+def _one_line(message: str) -> str:
+    """A traceback handed over as a message (uvicorn's 'startup failed' passes the ASGI app's) becomes its
+    last line, the exception: one line for the operator, as every other start-up failure."""
+    if message.startswith(_TRACEBACK):
+        lines = [line for line in message.splitlines() if line.strip()]
+        return lines[-1].strip() if lines else message
+    return message
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,7 +36,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _one_line(record.getMessage()),
             "request_id": request_id.get(),
         }
         line |= {k: v for k, v in vars(record).items() if k not in _STANDARD}
