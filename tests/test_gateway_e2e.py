@@ -328,6 +328,10 @@ def test_admin_audit_and_processing_record_hold_counts_only(chain):
     audit = httpx.get(f"{chain.gateway_url}/admin/audit?registry={REGISTRY}", headers=admin)
     assert audit.status_code == 200 and audit.json()
     record = httpx.get(f"{chain.gateway_url}/admin/processing-record/{REGISTRY}", headers=admin).json()
+    backwards = {"since": "2026-03-01", "until": "2026"}  # an empty record used to come back
+    for path in (f"/admin/processing-record/{REGISTRY}", "/admin/audit"):
+        wrong = httpx.get(f"{chain.gateway_url}{path}", params=backwards, headers=admin)
+        assert wrong.status_code == 400 and "until must be after since" in wrong.text, wrong.text
     assert record["registry"] == REGISTRY and record["purpose"]
     everything = audit.text + json.dumps(record)
     for example in EXAMPLES.glob("*.json"):

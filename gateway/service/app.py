@@ -404,12 +404,13 @@ def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
     ) -> Response:
         """Oldest first; page on with `after` = the id of the last event received."""
         require_admin(caller_of(runtime, request))
+        start, end = period(since, until)
         rows = await asyncio.to_thread(
             runtime.store.list_audit,
             registry=registry,
             provider=provider,
-            since=period_bound(since, "since"),
-            until=period_bound(until, "until"),
+            since=start,
+            until=end,
             after_id=after,
             limit=min(max(limit, 1), 10000),
         )
@@ -422,11 +423,19 @@ def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
         require_admin(caller_of(runtime, request))
         if registry not in runtime.registries:
             raise FhirError.single(404, "not-found", "unknown registry", "registry")
-        start, end = period_bound(since, "since"), period_bound(until, "until")
+        start, end = period(since, until)
         record = await asyncio.to_thread(runtime.store.processing_record, registry, start, end)
         record |= runtime.processing_context(registry)
         record["reportingPeriod"] = {"since": since, "until": until}
         return Response(orjson.dumps(record, default=_plain), media_type="application/json")
+
+
+def period(since: str | None, until: str | None) -> tuple[float | None, float | None]:
+    """Both bounds; an `until` at or before `since` is a mistake (it used to answer an empty record)."""
+    start, end = period_bound(since, "since"), period_bound(until, "until")
+    if start is not None and end is not None and end <= start:
+        raise FhirError.single(400, "value", "until must be after since (until is exclusive)", "until")
+    return start, end
 
 
 def period_bound(value: str | None, name: str) -> float | None:

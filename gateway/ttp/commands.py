@@ -119,7 +119,7 @@ def keys_list(key_dir: KeyDir = None) -> None:
 
 @keys_app.command("rotate")
 def keys_rotate(registry: str, key_dir: KeyDir = None) -> None:
-    """Add version n+1 for a registry domain and make it current (restart a running TTP, or use $rotate)."""
+    """Add version n+1 for a registry domain and make it current (a running TTP re-reads the keyring)."""
     store = _load(key_dir)
     try:
         console.print(f"{registry}: now at v{store.rotate(registry)}")
