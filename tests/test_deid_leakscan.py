@@ -192,6 +192,9 @@ def test_values_after_json_escapes_are_found(text: str) -> None:
         {"valueString": "bsn: 111-222-333."},
         {"valueString": "bsn111222333"},  # glued to a word (a second probe)
         {"code": {"coding": [{"system": "http://example.org/local", "code": "NL111222333"}]}},
+        {"valueString": "bsn 111/222/333"},  # and, from a third probe, slashes, underscores, pairs
+        {"valueString": "111_222_333"},
+        {"valueString": "11 12 22 333"},
     ],
 )
 def test_a_bsn_as_a_decimal_or_written_with_separators_is_found(obs: dict[str, Any]) -> None:

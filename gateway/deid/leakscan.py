@@ -36,10 +36,12 @@ _LOWER_RUNS = bytes(
 )
 _ELEMENT_NAME = re.compile(r"_?[A-Za-z][A-Za-z0-9]{0,63}\Z")
 _NINE = re.compile(r"(?<![0-9A-Za-z])[0-9]{9}(?![0-9A-Za-z])")
-# A BSN as people write it: 1234.56.789, 123 456 789, 123-456-789 (one separator throughout). A lookahead,
-# so that overlapping candidates are all seen ("222 333 111" must not hide the "111 222 333" after it).
+# A BSN as people write it: 1234.56.789, 123 456 789, 123-456-789, 999/911/120, 99 99 11 120 (one separator
+# throughout). A lookahead, so that overlapping candidates are all seen ("222 333 111" must not hide the
+# "111 222 333" after it).
 _SPLIT_BSN = re.compile(
-    r"(?<![0-9A-Za-z.])(?=(\d{4}([. -])\d{2}\2\d{3}|\d{3}([. -])\d{3}\3\d{3})(?![0-9A-Za-z]|\.\d))"
+    r"(?<![0-9A-Za-z.])(?=(\d{4}([. /_-])\d{2}\2\d{3}|\d{3}([. /_-])\d{3}\3\d{3}"
+    r"|\d{2}([. /_-])\d{2}\4\d{2}\4\d{3})(?![0-9A-Za-z]|\.\d))"
 )
 _SPLIT_BSN_BYTES = re.compile(_SPLIT_BSN.pattern.encode())
 # ... or glued to a word: "bsn999911120", "NL999911120" (a prefix of hex letters only is an opaque id's part)
@@ -702,7 +704,7 @@ def _suspicions(raw: bytes, marks: bytes, scanner: _Scanner) -> None:
         scanner.phones = False
 
 
-_SPLIT_SHAPES = (b" 0000 00 000 ", b" 000 000 000 ")
+_SPLIT_SHAPES = (b" 0000 00 000 ", b" 000 000 000 ", b" 00 00 00 000 ")
 
 
 def _split_bsn_at(raw: bytes, marks: bytes, shape: bytes) -> bool:
