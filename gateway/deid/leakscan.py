@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from gateway.deid.fold import fold, fold_document
 from gateway.deid.homes import at_home, patient_homes
 from gateway.pipeline.parse import fhir_element_names
 
@@ -193,6 +194,7 @@ class SensitiveSet:
     def add(self, value: Any, kind: str) -> None:
         if type(value) is not str:
             return
+        value = fold(value)  # as the output is compared (gateway/deid/fold.py)
         if kind == "telecom":
             digits = phone_digits(value)
             if digits is not None:
@@ -395,7 +397,7 @@ def sensitive_values(
             and res.get("resourceType") == "Patient"
             and isinstance(entry.get("fullUrl"), str)
         ):
-            out.patient_urls.add(entry["fullUrl"])
+            out.patient_urls.add(fold(entry["fullUrl"]))
     for res in _resources(bundle):
         rtype = res.get("resourceType")
         practitioner = rtype in PRACTITIONER_TYPES
@@ -404,7 +406,7 @@ def sensitive_values(
         elif practitioner:
             _practitioner(res, practitioner_kept, out)
         if rtype == "Patient" and isinstance(res.get("id"), str):
-            out.patient_ids.add(res["id"])
+            out.patient_ids.add(fold(res["id"]))
             out.add(res["id"], "patient-id")
         if birth_dates and rtype in PERSON_TYPES and _FULL_DATE.fullmatch(str(res.get("birthDate"))):
             out.add_birth_date(res["birthDate"])
@@ -933,6 +935,7 @@ def scan(
     root = output.get("resourceType", "Resource") if isinstance(output, dict) else "$"
     root = str(root) if isinstance(root, str) and root.isalpha() else "Resource"
     findings = person_elements(output, root)
+    output, serialized = folded(output, serialized)
     scanner = _Scanner(sensitive)
     if _clean_at_a_glance(output, scanner, serialized):
         return findings
@@ -940,6 +943,16 @@ def scan(
         scanner.glued = _glued_for_walk(output, scanner.glued, serialized)
     scanner.value(output, "", {}, [root])
     return findings + scanner.findings
+
+
+def folded(output: Any, serialized: bytes | None) -> tuple[Any, bytes | None]:
+    """The output as the gate compares it, with every string folded (``fold``), and its serialisation."""
+    try:
+        raw = serialized if serialized is not None else orjson.dumps(output)
+    except (TypeError, orjson.JSONEncodeError):
+        return output, None  # not plain JSON: walked as it is
+    again = fold_document(raw)
+    return again if again is not None else (output, raw)
 
 
 def _glued_for_walk(
