@@ -275,6 +275,36 @@ def test_dangling_patient_references(validator: SchemaValidator, subject: str) -
     assert err.status == 422 and has(err, "not-found", "Bundle.entry[1].resource.subject.reference")
 
 
+@pytest.mark.parametrize(
+    ("subject", "text"),
+    [
+        ({"reference": "patient/pat-1"}, "unrecognised format"),
+        ({"reference": "Patient/ pat-1"}, "unrecognised format"),
+        ({"reference": "Patient/pat-1?x=1"}, "unrecognised format"),
+        ({"reference": "Patient/pat-1#x"}, "unrecognised format"),
+        ({"reference": "Patient/" + "x" * 100}, "unrecognised format"),
+        ({"reference": "#p1"}, "contained resource that is not there"),
+        ({"display": "P. Jansen"}, "without a reference"),
+        ({"identifier": {"system": "http://ehr.example.nl/mrn", "value": "elsewhere"}}, "not in the Bundle"),
+    ],
+    ids=["lowercase", "space", "query", "fragment", "long", "contained", "display", "logical"],
+)
+def test_a_subject_that_cannot_be_followed_is_refused(
+    validator: SchemaValidator, subject: dict, text: str
+) -> None:
+    """A fresh-eyes probe: an objecting patient's Observation with `subject.reference` "patient/objector-1"
+    (or with a space, a query, a fragment, display only) was not linked to the patient, so opt-out could
+    not drop it; it was delivered with its subject removed. Whose data a resource is must be followable."""
+    obs = observation()
+    obs["subject"] = subject
+    err = rejected(validator, bundle(patient(), obs))
+    assert err.status == 422 and has(err, "not-found", "Bundle.entry[1].resource.subject")
+    assert text in json.dumps(err.outcome())
+    # other elements keep the old rule: a reference to elsewhere is a warning, the reference is not delivered
+    fine = observation(performer=[{"reference": "practitioner/p1"}])
+    assert validate_bundle(bundle(patient(), fine), validator).references == [set(), {0}]
+
+
 def test_dangling_logical_reference(validator: SchemaValidator) -> None:
     obs = observation()
     obs["subject"] = {"identifier": {"system": BSN, "value": "123456782"}}

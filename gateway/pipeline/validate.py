@@ -487,6 +487,7 @@ _RESTFUL_TAIL = re.compile(
     r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
 )
 _CONDITIONAL = re.compile(r"([A-Z][A-Za-z]+)\?(.*)", re.DOTALL)
+_SUBJECT_PATH = re.compile(r"\.resource\.(?:subject|patient)(?:\[\d+\])?$")
 
 
 class _Resolver:
@@ -541,7 +542,27 @@ class _Resolver:
                     targets.add(hit)
         if _LOGICAL_HINT in dumped:
             targets |= self._logical_references(i, resource)
+        if "subject" in resource or "patient" in resource:
+            self._check_subject(i, resource)
         return targets
+
+    def _check_subject(self, i: int, resource: dict) -> None:
+        """The element that says whose data a resource is (`subject`, `patient`) must name its target in a
+        way that can be followed: else it could be an objecting patient's, and opt-out could not drop it.
+        A reference in an unrecognised format ("patient/p1", "Patient/p1?x", "Patient/ p1"), to a contained
+        resource that is not there, or none at all (display only) is refused; one that resolves, a Patient
+        that is not in the Bundle (refused already) or another type of resource elsewhere (a Group) is not
+        this check's."""
+        for key in ("subject", "patient"):
+            value = resource.get(key)
+            for n, ref in enumerate(value if isinstance(value, list) else [value]):
+                if not isinstance(ref, dict):
+                    continue
+                text = _unfollowable(ref, resource)
+                if text is not None and len(self.errors) < MAX_ISSUES:
+                    nth = f"[{n}]" if isinstance(value, list) else ""
+                    where = f"Bundle.entry[{i}].resource.{key}{nth}"
+                    self.errors.append(Issue("not-found", text, (where,)))
 
     def _nested_patient(self, i: int, resource: dict) -> None:
         """A Patient other than the entry's own resource appears in it (counted in the compact JSON)."""
@@ -648,7 +669,8 @@ class _Resolver:
                 else set()
             )
             targets |= hits
-            if not hits and (ref.get("type") == "Patient" or system in BSN_SYSTEMS):
+            whose = _SUBJECT_PATH.search(path) is not None  # says whose data it is: must be followed
+            if not hits and (ref.get("type") == "Patient" or system in BSN_SYSTEMS or whose):
                 text = "logical reference (by identifier) to a Patient that is not in the Bundle"
                 self.errors.append(Issue("not-found", text, (path,)))
         return targets
@@ -672,6 +694,26 @@ class _Resolver:
         self._warned.add(ref)
         where = _reference_path(i, resource, ref)
         self.warnings.append(Issue("business-rule", text, (where,), severity="warning"))
+
+
+def _unfollowable(ref: dict, resource: dict) -> str | None:
+    """Why this subject/patient reference cannot be followed to whose data it is, or None."""
+    target = ref.get("reference")
+    if target is None:
+        if isinstance(ref.get("identifier"), dict):
+            return None  # a logical reference: resolved (or refused) by identifier
+        return "a subject or patient without a reference: whose data this is cannot be known"
+    if not isinstance(target, str):
+        return None  # the schema reports it
+    if target.startswith("#"):
+        ids = {c.get("id") for c in resource.get("contained") or () if isinstance(c, dict)}
+        return None if target[1:] in ids else "reference to a contained resource that is not there"
+    recognised = (
+        target.startswith("urn:")
+        or _RESTFUL_TAIL.search(target) is not None
+        or (_CONDITIONAL.fullmatch(target) is not None and not _ABSOLUTE.match(target))
+    )
+    return None if recognised else "subject or patient reference in an unrecognised format"
 
 
 def _restful_base(full_url: Any) -> str | None:
