@@ -24,6 +24,7 @@ from gateway.deid.engine import compile_plan
 from gateway.deid.profile import Profile, load_profiles
 from gateway.deid.rules import load_rules
 from gateway.forward import RegistryClient, auth_from_config
+from gateway.idempotency import content_digest
 from gateway.keys import GatewayKeys, load_keys
 from gateway.metrics import GatewayMetrics
 from gateway.optout import ConsentPolicy, EhrConsentSearch, OptOutSource, RegisterOptOut, objection_digest
@@ -162,20 +163,20 @@ class Runtime:
         caller: Caller,
         registry: str,
         idempotency_key: str | None,
-        body_digest: str,
     ) -> Accepted:
         """Run the chain and commit the pseudonymised result to the outbox; only then is it accepted.
 
-        Idempotency: the `Idempotency-Key` header, else `Bundle.identifier`, else the body's digest; each
-        stored only as a keyed hash (with sender's provider and registry), so a re-post is one delivery.
-        The EHR's own Idempotency-Key with another body is refused (422), not answered with the earlier
-        delivery: that body would never be delivered, and the EHR would not know.
+        Idempotency: the `Idempotency-Key` header, else `Bundle.identifier`, else the content's digest
+        (gateway/idempotency.py: a Bundle serialised again, re-stamped or with new urn:uuids is the same);
+        each stored only as a keyed hash (with sender's provider and registry), so a re-post is one
+        delivery. A key or Bundle.identifier used again for other content is refused (422), not answered
+        with the earlier delivery: that content would never be delivered, and the EHR would not know.
         """
         provider = caller.provider or ""
-        key = self._idempotency(
-            provider, registry, idempotency_key or _bundle_identifier(bundle) or body_digest
-        )
-        request = self._idempotency(provider, registry, f"body:{body_digest}") if idempotency_key else None
+        digest = content_digest(bundle)
+        named = idempotency_key or _bundle_identifier(bundle)
+        key = self._idempotency(provider, registry, named or digest)
+        request = self._idempotency(provider, registry, f"content:{digest}") if named else None
         # cheap look-up first: a re-post costs no TTP round trip
         existing = await asyncio.to_thread(self.store.find_by_idempotency, provider, registry, key)
         if existing is not None:
@@ -229,7 +230,8 @@ class Runtime:
             raise FhirError.single(
                 422,
                 "business-rule",
-                "this Idempotency-Key was used for another Bundle; send a new Bundle with a new key",
+                "this Idempotency-Key (or Bundle.identifier) was used for a Bundle with other content; "
+                "send changed content with a new key and a new Bundle.identifier",
                 "Idempotency-Key",
             )
 

@@ -204,6 +204,37 @@ def test_an_idempotency_key_used_again_for_another_bundle_is_refused(chain):
     assert again.status_code == 200 and ids[0] == ids[1]
 
 
+def test_a_bundle_identifier_used_again_for_other_content_is_refused_and_a_regenerated_bundle_is_not(chain):
+    """A fresh-eyes finding: a changed Bundle under the same Bundle.identifier was answered 2xx with the
+    earlier delivery and never delivered. A regenerated one (serialised again, re-stamped, new urn:uuids)
+    is still a re-post, and so is a re-serialised body under the same Idempotency-Key."""
+    import re
+    import uuid
+
+    example = EXAMPLES / "02-nlps1-vector-patients-transaction.json"
+    original = orjson.loads(example.read_bytes())
+    original["identifier"] = {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"}
+    first = _post(chain, orjson.dumps(original))
+    assert first.status_code == 200, first.text
+    text = orjson.dumps(original, option=orjson.OPT_INDENT_2).decode()
+    for urn in set(re.findall(r"urn:uuid:[0-9a-f-]{36}", text)) - {original["identifier"]["value"]}:
+        text = text.replace(urn, f"urn:uuid:{uuid.uuid4()}")  # the EHR mints new fullUrls for a retry
+    regenerated = orjson.loads(text)
+    regenerated["timestamp"] = "2026-11-24T12:00:00+01:00"
+    regenerated["entry"][0]["resource"]["meta"] = {"lastUpdated": "2026-11-24T12:00:00+01:00"}
+    again = _post(chain, orjson.dumps(regenerated, option=orjson.OPT_INDENT_2))
+    ids = [{p["name"]: p for p in r.json()["parameter"]}["delivery"]["valueString"] for r in (first, again)]
+    assert again.status_code == 200 and ids[0] == ids[1], again.text
+    changed = orjson.loads(orjson.dumps(original))
+    changed["entry"][3]["resource"]["effectiveDateTime"] = "2025-06-01T10:00:00+02:00"
+    refused = _post(chain, orjson.dumps(changed))
+    assert refused.status_code == 422 and "Bundle.identifier" in refused.text, refused.text
+    keyed = _post(chain, example, headers={"Idempotency-Key": "reserialised"})
+    pretty = orjson.dumps(orjson.loads(example.read_bytes()), option=orjson.OPT_INDENT_2)
+    same = _post(chain, pretty, headers={"Idempotency-Key": "reserialised"})
+    assert keyed.status_code == 200 and same.status_code == 200, same.text
+
+
 def test_same_bundle_twice_is_one_delivery(chain):
     example = EXAMPLES / "02-nlps1-vector-patients-transaction.json"
     first = _post(chain, example, headers={"Idempotency-Key": "same-twice"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -251,7 +250,6 @@ async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Requ
             caller=caller,
             registry=registry,
             idempotency_key=idempotency,
-            body_digest=hashlib.sha256(body).hexdigest(),
         )
     except (TTPUnavailable, StoreUnavailable) as exc:
         key = StoreUnavailable if isinstance(exc, StoreUnavailable) else TTPUnavailable  # and subclasses

@@ -1,0 +1,44 @@
+"""What makes two posted Bundles the same request, for idempotency.
+
+A retry is often not the same bytes: the EHR serialises again (other whitespace), stamps a new
+`Bundle.timestamp` or `meta.lastUpdated`, or mints new `urn:uuid` fullUrls for the same entries. None of that
+changes what is delivered. A changed resource does: a Bundle that keeps its `Bundle.identifier` (or the
+`Idempotency-Key`) but changes a birth date is another request, and must not be answered with the earlier
+delivery (it would be lost without the EHR knowing).
+
+So the content digest covers, per entry in order, its `request` and its resource without `meta`, with each
+`urn:uuid` fullUrl of the Bundle replaced by its entry's position wherever it occurs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import orjson
+
+_URN_UUID = re.compile(rb"urn:uuid:[0-9A-Fa-f-]{36}")
+
+
+def content_digest(bundle: dict[str, Any]) -> str:
+    """SHA-256 (hex) of what the Bundle asks to deliver (see the module docstring)."""
+    entries = bundle.get("entry")
+    entries = entries if isinstance(entries, list) else []
+    positions: dict[bytes, bytes] = {}
+    content: list[Any] = []
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            content.append(entry)
+            continue
+        full_url = entry.get("fullUrl")
+        if isinstance(full_url, str) and full_url.startswith("urn:uuid:"):
+            positions.setdefault(full_url.encode(), b"entry:%d" % n)
+        resource = entry.get("resource")
+        if isinstance(resource, dict) and "meta" in resource:
+            resource = {k: v for k, v in resource.items() if k != "meta"}
+        content.append([entry.get("request"), resource])
+    text = orjson.dumps(content)
+    if positions:
+        text = _URN_UUID.sub(lambda m: positions.get(m.group(), m.group()), text)
+    return hashlib.sha256(text).hexdigest()
