@@ -136,6 +136,19 @@ def test_redelivery_upserts_and_is_counted(receiver: str) -> None:
     assert len(httpx.get(f"{receiver}/deliveries").json()) == 2
 
 
+def test_a_delivery_sent_again_is_answered_and_not_applied_again(receiver: str) -> None:
+    """The gateway sends a delivery again when a crash lost the registry's answer (a fresh-eyes probe saw it
+    applied twice). The same bytes under the same identifier: counted, answered as the first time, and
+    stored once."""
+    body = orjson.dumps(make_bundle(1, value=80.1))
+    first, again = post(receiver, body), post(receiver, body)
+    assert first.status_code == again.status_code == 200 and again.json() == first.json()
+    obs = httpx.get(f"{receiver}/Observation/p1-obs-1").json()
+    assert obs["meta"]["versionId"] == "1"
+    assert httpx.get(f"{receiver}/_accepted").json() == {"urn:test:delivery|d-1": 2}
+    assert len(httpx.get(f"{receiver}/deliveries").json()) == 1
+
+
 def test_leak_scan_finding_rejects_the_whole_bundle(receiver: str) -> None:
     leaky = make_bundle(
         2, identifiers=[{"system": "http://fhir.nl/fhir/NamingSystem/bsn", "value": "111222333"}]

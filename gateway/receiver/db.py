@@ -71,6 +71,9 @@ class ReceiverDB:
         self._lock = threading.RLock()
         for statement in SCHEMA:
             self._conn.execute(statement)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(accepted)")}
+        if "response" not in columns:  # an earlier version's database: its deliveries are not answered again
+            self._conn.execute("ALTER TABLE accepted ADD COLUMN response BLOB")
 
     def close(self) -> None:
         with self._lock:

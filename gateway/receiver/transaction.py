@@ -7,6 +7,7 @@ entry and field, never a value.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
 import time
@@ -108,8 +109,21 @@ def identifier_key(bundle: dict[str, Any]) -> str | None:
 
 
 def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dict[str, Any]:
-    """Store every entry and the receipt in one SQLite transaction; return the transaction-response."""
+    """Store every entry and the receipt in one SQLite transaction; return the transaction-response.
+
+    The same Bundle (identifier and bytes) applied before is a delivery sent again (the gateway lost the
+    answer in a crash, or a lease ran out): it is counted (`/_accepted`) and answered with the first
+    response, and not applied again, so the registry holds each delivery once (an idempotent consumer).
+    Other content under a known identifier is applied (upserts)."""
     entries = check_bundle(bundle)
+    key = identifier_key(bundle)
+    digest = hashlib.sha256(raw).digest()
+    if key is not None:
+        with db.write() as conn:
+            row = conn.execute("SELECT response FROM accepted WHERE identifier = ?", (key,)).fetchone()
+            if row is not None and row[0] is not None and row[0][:32] == digest:
+                conn.execute("UPDATE accepted SET count = count + 1 WHERE identifier = ?", (key,))
+                return orjson.loads(row[0][32:])
     plan, refs = _plan(entries)
     encoded_refs = {_json_text(url): _json_text(target) for url, target in refs.items()}
     now = time.time()
@@ -142,25 +156,21 @@ def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dic
             rows,
         )
         counts = Counter(rtype for _method, rtype, _rid, _resource in plan)
-        key = identifier_key(bundle)
         bundle_id = bundle.get("id") if isinstance(bundle.get("id"), str) else None
         conn.execute(
             "INSERT INTO receipts (receipt_id, bundle_id, identifier, received_at, entry_count, "
             "resource_counts, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (receipt_id, bundle_id, key, now, len(plan), orjson.dumps(dict(sorted(counts.items()))), raw),
         )
+        response = {"resourceType": "Bundle", "id": receipt_id, "type": f"{bundle['type']}-response"}
+        response["entry"] = responses
         if key is not None:
             conn.execute(
-                "INSERT INTO accepted (identifier, count) VALUES (?, 1) "
-                "ON CONFLICT (identifier) DO UPDATE SET count = count + 1",
-                (key,),
+                "INSERT INTO accepted (identifier, count, response) VALUES (?, 1, ?) "
+                "ON CONFLICT (identifier) DO UPDATE SET count = count + 1, response = excluded.response",
+                (key, digest + orjson.dumps(response)),  # the body's digest, then the response
             )
-    return {
-        "resourceType": "Bundle",
-        "id": receipt_id,
-        "type": f"{bundle['type']}-response",
-        "entry": responses,
-    }
+    return response
 
 
 def _current_versions(conn: sqlite3.Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
