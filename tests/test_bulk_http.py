@@ -171,14 +171,24 @@ def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noq
 
         status, location = imported(manifest)
         assert status["state"] == "completed" and status["summary"]["sent"]["Patient"] == 3
-        # a manifest naming a file outside the import folder fails without reading it
-        status, _ = imported({"output": [{"type": "Patient", "url": "../../etc/passwd"}]})
-        assert status["state"] == "failed" and "outside" in status["error"]
+        # a manifest that cannot be read or names files it may not is refused at once (400), no job
+        # (a fresh-eyes probe: these were 202 and a failed job)
+        def refused(body: bytes) -> str:
+            json_type = auth | {"Content-Type": "application/json"}
+            response = client.post(f"/registries/{REGISTRY}/$import", content=body, headers=json_type)
+            assert response.status_code == 400 and response.json()["resourceType"] == "OperationOutcome"
+            return response.json()["issue"][0]["diagnostics"]
+
+        jobs_before = len(client.get("/bulk").json())
+        assert "outside the import folder" in refused(b'{"output":[{"url":"../../etc/passwd"}]}')
+        assert "no remote download" in refused(b'{"output":[{"url":"http://example.org/Patient.ndjson"}]}')
+        assert "not readable JSON" in refused(b'{"output":[')
+        assert "no output list" in refused(b"{}")
         # a missing file is named by its place in the manifest, never by its name (it may carry anything)
         named = "exp/Patient-MRN00042-999911120.ndjson"
-        status, _ = imported({"output": [{"type": "Patient", "url": named}]})
-        assert status["state"] == "failed" and status["error"].endswith("output[0] names a missing file")
-        assert "MRN00042" not in client.get("/bulk").text
+        text = refused(orjson.dumps({"output": [{"type": "Patient", "url": named}]}))
+        assert text.endswith("output[0] names a missing file") and "MRN00042" not in text
+        assert len(client.get("/bulk").json()) == jobs_before
         # authentication and registry authorisation as on the Bundle endpoint
         anonymous = httpx.post(
             f"{c.gateway_url}/registries/{REGISTRY}/$import",

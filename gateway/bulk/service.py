@@ -35,7 +35,7 @@ from gateway.bulk.chains import from_runtime
 from gateway.bulk.group import Chains
 from gateway.bulk.job import JobMismatch, finished_summary
 from gateway.bulk.pool import ChainSpec, runtime_spec
-from gateway.bulk.sources import SourceError, parse_manifest
+from gateway.bulk.sources import SourceError, SourceFile, parse_manifest
 from gateway.optout.base import Decision, OptOutUnavailable, PatientRef
 from gateway.outcome import FhirError
 from gateway.pseudonym.types import PrePseudonym
@@ -167,7 +167,11 @@ class BulkJobs:
                 "manifest imports are not enabled on this gateway "
                 "(no import folder configured); upload NDJSON instead",
             )
-        job_id = _manifest_job_id(provider, registry, manifest, self.import_dir)
+        try:  # a manifest that cannot be read, or names files it may not, is the request's fault: 400 now
+            sources = parse_manifest(manifest, base=self.import_dir, allowed_root=self.import_dir)
+        except SourceError as exc:
+            raise FhirError.single(400, "invalid", str(exc)) from None
+        job_id = _manifest_job_id(provider, registry, manifest, sources)
         current = self.jobs.get(job_id)
         if current is not None and current.state != "failed":
             return current, None
@@ -304,14 +308,14 @@ def _kept_summary(state_db: Path) -> BulkSummary | None:
         return finished_summary(conn)
 
 
-def _manifest_job_id(provider: str, registry: str, manifest: bytes, import_dir: Path) -> str:
+def _manifest_job_id(provider: str, registry: str, manifest: bytes, sources: list[SourceFile]) -> str:
     parts = [provider.encode(), registry.encode(), manifest]
     try:
-        for source in parse_manifest(manifest, base=import_dir, allowed_root=import_dir):
+        for source in sources:
             st = source.path.stat()
             parts.append(f"{source.path}|{st.st_size}|{st.st_mtime_ns}".encode())
-    except (SourceError, OSError):
-        pass  # the job fails with the reason when it runs
+    except OSError:
+        pass  # gone since it was parsed: the job fails with the reason when it runs
     return hashlib.sha256(b"\n".join(parts)).hexdigest()[:32]
 
 
