@@ -7,6 +7,7 @@ Every setting, its environment variable and its default is listed in README.md (
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +41,18 @@ class ClientConfig(_Strict):
     api_key_sha256: str | None = None
     mtls_subject: str | None = Field(None, description="client certificate subject passed by a trusted proxy")
     registries: list[str] = Field(default_factory=list)
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _a_hash(cls, value: str | None) -> str | None:
+        return _sha256_hex(value)
+
+
+def _sha256_hex(value: str | None) -> str | None:
+    """A key's hash as `fhir-gateway clients new-key` prints it: 64 hex digits, not a placeholder."""
+    if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError("must be the SHA-256 (64 hex digits) that `fhir-gateway clients new-key` prints")
+    return value.lower() if value is not None else None
 
 
 class RegistryAuth(_Strict):
@@ -112,6 +125,11 @@ class GatewayConfig(_Strict):
     admin_api_key_sha256: str | None = None
     trusted_proxies: list[str] = Field(default_factory=list)
     profiles_dir: str = str(REPO_ROOT / "profiles")
+
+    @field_validator("admin_api_key_sha256")
+    @classmethod
+    def _a_hash(cls, value: str | None) -> str | None:
+        return _sha256_hex(value)
 
     @field_validator("providers")
     @classmethod

@@ -173,8 +173,12 @@ def test_objections_import_stores_keyed_hashes_only(tmp_path, monkeypatch):
         (lambda c: c["clients"][0].update(provider="ura:0000000X"), "'ura:0000000X' is not in providers"),
         (lambda c: c["clients"][0]["registries"].append("heart-registy"), "['heart-registy'] are not in"),
         (lambda c: c.update(providrs=c.pop("providers")), "providers: Field required; providrs: Extra"),
+        (  # gateway.example.yaml unedited used to pass `check`
+            lambda c: c.update(admin_api_key_sha256="<sha256 of the admin API key>"),
+            "admin_api_key_sha256: must be the SHA-256 (64 hex digits)",
+        ),
     ],
-    ids=["client-provider", "client-registry", "misspelled-key"],
+    ids=["client-provider", "client-registry", "misspelled-key", "placeholder-hash"],
 )
 def test_configuration_mistakes_are_one_line_naming_the_place(tmp_path, change, message):
     """A client of an unknown provider passed `check` and then failed every post with a 500; a misspelled
