@@ -660,3 +660,38 @@ def test_each_rejected_line_gets_the_code_of_its_own_issue(tmp_path: Path) -> No
     assert result.exit_code == 1, result.output
     reasons = {(line["line"], line["reason"]) for line in _summary(result)["invalidLines"]}
     assert reasons == {(1, "rejected-value"), (2, "rejected-required")}
+
+
+def test_bulk_wait_follows_only_the_bundles_of_its_own_run(tmp_path: Path) -> None:
+    """`bulk --config` waited for the registry's whole outbox, so one live delivery in a long backoff kept
+    it running after its own export had arrived (a fresh-eyes finding). It follows its own deliveries."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from gateway.bulk.commands import _drain
+    from gateway.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    ids = [
+        store.enqueue(provider="p", registry="r", payload=b"{}", sender="t", idempotency_key=f"k{n}")[0]
+        for n in range(4)
+    ]
+    mine, live = ids[:3], ids[3]  # the live one stays queued, as if in a backoff
+    seen: list[int] = []
+
+    async def deliver_mine() -> None:
+        for delivery in store.claim_batch("test", 10, 60):
+            if delivery.id == mine[1]:
+                store.mark_dead(delivery.id, "test", "rejected")
+            elif delivery.id != live:
+                store.mark_delivered(delivery.id, "test")
+
+    async def run() -> None:
+        waiting = asyncio.create_task(_drain(SimpleNamespace(store=store), mine, seen.append, poll=0.01))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and seen[-1] == 0
+        await deliver_mine()
+        await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(run())
+    assert seen[-1] == 3 and store.get(live).status != "delivered"

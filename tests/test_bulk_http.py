@@ -472,3 +472,22 @@ def test_the_bulk_cli_with_the_ttp_down_says_how_to_resume_without_a_traceback(t
     assert out.returncode == 3, out.stderr[-2000:]
     said = " ".join(out.stderr.split())  # the console wraps long lines
     assert "run again with the same --work-dir to resume" in said and "Traceback" not in said
+
+
+def test_the_bulk_cli_with_a_configuration_waits_until_its_bundles_arrive(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    write_export(tmp_path / "export", SynthSpec(patients=6, resources_per_patient=3))
+    (tmp_path / "c").mkdir()
+    with process_chain(tmp_path / "c") as chain:
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "bulk", str(tmp_path / "export"), "--registry", REGISTRY,
+             "--config", str(chain.config_path), "--work-dir", str(tmp_path / "w"), "--bundle-size", "8",
+             "--workers", "0", "--json"],
+            capture_output=True, text=True, timeout=300, env=chain.env, cwd=tmp_path,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        stored = orjson.loads(out.stdout)["bundles"]
+        # when the command returns, every Bundle it stored is at the registry (it waited for them)
+        assert stored >= 2 and len(httpx.get(f"{chain.receiver_url}/_accepted").json()) == stored

@@ -1,9 +1,9 @@
 """`fhir-gateway bulk DIR-or-FILES --registry ID`: deliver a Bulk Data export, with a progress bar.
 
 With `--config` the configured gateway runs the job: Bundles go into its outbox and its worker forwards them
-(the command waits until this registry's outbox is empty, unless `--no-wait`). With `--to-dir` the offline
-chain (embedded reference TTP, test keys under the work dir) writes the de-identified transaction Bundles as
-files instead: for trying a profile on an export without a registry.
+(the command waits until the Bundles this run stored are delivered or dead, unless `--no-wait`). With
+`--to-dir` the offline chain (embedded reference TTP, test keys under the work dir) writes the de-identified
+transaction Bundles as files instead: for trying a profile on an export without a registry.
 Re-running with the same `--work-dir` resumes an interrupted job; finished groups are not sent again.
 """
 
@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gateway.bulk import BulkOptions, BulkSummary, JobMismatch, SourceError, run_bulk_async
+from gateway.bulk.sinks import StoreSink
 from gateway.optout.base import OptOutUnavailable
 from gateway.ttp.backend import TTPUnavailable
 
@@ -54,7 +55,9 @@ def bulk(
     workers: int = typer.Option(
         min(2, os.cpu_count() or 1), "--workers", min=0, help="worker processes for the chain (0: in-process)"
     ),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="with --config: wait until the outbox is empty"),
+    wait: bool = typer.Option(
+        True, "--wait/--no-wait", help="with --config: wait until this run's Bundles are delivered (or dead)"
+    ),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     strict: bool = typer.Option(
         False, "--strict", help="also check every input and output resource with its fhir.resources R4B model"
@@ -139,20 +142,26 @@ async def _run(
             options = replace(options, bundle_size=runtime.config.registries[registry].bulk_bundle_size)
         await runtime.start(run_worker=True)
         try:
+            sink = StoreSink(
+                runtime.store,
+                provider=provider or next(iter(runtime.providers)),
+                registry=registry,
+                sender="bulk-cli",
+            )
             summary = await run_bulk_async(
                 paths,
                 registry=registry,
                 work_dir=work_dir,
                 runtime=runtime,
                 provider=provider,
-                sender="bulk-cli",
+                sink=sink,
                 options=options,
                 progress=progress,
                 strict=strict,
             )
             if wait:
-                drain = bar.add_task("forward (outbox)", total=None)
-                await _drain(runtime, registry, lambda left: bar.update(drain, completed=left))
+                drain = bar.add_task("forward (this export's bundles)", total=len(sink.delivery_ids))
+                await _drain(runtime, sink.delivery_ids, lambda done: bar.update(drain, completed=done))
             return summary
         finally:
             await runtime.stop()
@@ -168,12 +177,19 @@ def _runtime(config: Path):  # noqa: ANN202 - a Runtime; imported lazily (heavy 
     return runtime
 
 
-async def _drain(runtime, registry: str, show, poll: float = 0.5) -> None:  # noqa: ANN001
+async def _drain(runtime, delivery_ids: list[str], show, poll: float = 0.5) -> None:  # noqa: ANN001
+    """Until each of this export's deliveries is delivered or dead; other deliveries of the registry (live
+    traffic, one in a long backoff) are not waited for. The outbox forwards roughly in the order stored, so
+    each poll reads on from the first one still pending."""
+    done = 0
     while True:
-        depth = await asyncio.to_thread(runtime.store.depth, registry)
-        left = depth.get("queued", 0) + depth.get("delivering", 0)
-        show(left)
-        if left == 0:
+        while done < len(delivery_ids):
+            delivery = await asyncio.to_thread(runtime.store.get, delivery_ids[done])
+            if delivery is not None and delivery.status not in ("delivered", "dead"):
+                break
+            done += 1
+        show(done)
+        if done == len(delivery_ids):
             return
         await asyncio.sleep(poll)
 

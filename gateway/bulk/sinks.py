@@ -24,9 +24,10 @@ class StoreSink:
 
     def __init__(self, store: Store, *, provider: str, registry: str, sender: str) -> None:
         self.store, self.provider, self.registry, self.sender = store, provider, registry, sender
+        self.delivery_ids: list[str] = []  # in the order stored: what `bulk --wait` waits for
 
     def put(self, key: str, payload: bytes, *, order_key: str | None, counts: dict[str, Any]) -> bool:
-        _, created = self.store.enqueue(
+        delivery_id, created = self.store.enqueue(
             provider=self.provider,
             registry=self.registry,
             payload=payload,
@@ -44,6 +45,7 @@ class StoreSink:
                 counts=counts,
             ),
         )
+        self.delivery_ids.append(delivery_id)
         return created
 
 
