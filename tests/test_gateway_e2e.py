@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections import Counter
@@ -359,6 +360,9 @@ def test_admin_audit_and_processing_record_hold_counts_only(chain):
     audit = httpx.get(f"{chain.gateway_url}/admin/audit?registry={REGISTRY}", headers=admin)
     assert audit.status_code == 200 and audit.json()
     record = httpx.get(f"{chain.gateway_url}/admin/processing-record/{REGISTRY}", headers=admin).json()
+    times = [e["at"] for e in audit.json()] + [d["createdAt"] for d in httpx.get(
+        f"{chain.gateway_url}/admin/deliveries", headers=admin).json()]
+    assert times and all(re.fullmatch(r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", t) for t in times)
     backwards = {"since": "2026-03-01", "until": "2026"}  # an empty record used to come back
     for path in (f"/admin/processing-record/{REGISTRY}", "/admin/audit"):
         wrong = httpx.get(f"{chain.gateway_url}{path}", params=backwards, headers=admin)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -283,8 +284,8 @@ def _delivery_view(d: Any) -> dict[str, Any]:
         "registry": d.registry,
         "status": d.status,
         "attempts": d.attempts,
-        "createdAt": d.created_at,
-        "updatedAt": d.updated_at,
+        "createdAt": iso_time(d.created_at),
+        "updatedAt": iso_time(d.updated_at),
         "registryStatus": d.registry_status,
         "lastError": d.last_error,
     }
@@ -412,7 +413,8 @@ def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
             after_id=after,
             limit=min(max(limit, 1), 10000),
         )
-        return Response(orjson.dumps(rows, default=_plain), media_type="application/json")
+        events = [{**dataclasses.asdict(e), "at": iso_time(e.at)} for e in rows]
+        return Response(orjson.dumps(events, default=_plain), media_type="application/json")
 
     @app.get("/admin/processing-record/{registry}")
     async def processing_record(
@@ -456,3 +458,10 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "__dict__"):
         return vars(value)
     return str(value)
+
+
+def iso_time(epoch: float | None) -> str | None:
+    """A stored time as an ISO 8601 instant in UTC (milliseconds), as FHIR writes them."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
