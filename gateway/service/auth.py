@@ -89,5 +89,7 @@ def require_admin(caller: Caller) -> None:
 def require_registry(caller: Caller, registry: str, known: set[str] | dict) -> None:
     if registry not in known:
         raise FhirError.single(404, "not-found", "unknown registry", "registry")
-    if caller.admin or registry not in caller.registries:
+    if caller.admin:  # deliveries belong to a provider: only an EHR client's key says which
+        raise FhirError.single(403, "forbidden", "the admin key cannot deliver; use an EHR client's key")
+    if registry not in caller.registries:
         raise FhirError.single(403, "forbidden", "this client may not deliver to this registry", "registry")
