@@ -558,6 +558,9 @@ class _Resolver:
             for n, ref in enumerate(value if isinstance(value, list) else [value]):
                 if not isinstance(ref, dict):
                     continue
+                target = ref.get("reference")
+                if type(target) is str and (target in self.by_full_url or target in self.relative_hits):
+                    continue  # the common case: it resolved to an entry
                 text = _unfollowable(ref, resource)
                 if text is not None and len(self.errors) < MAX_ISSUES:
                     nth = f"[{n}]" if isinstance(value, list) else ""
