@@ -48,12 +48,14 @@ def import_objections(
     store = open_store(settings.store_url)
     bad: list[ObjectionCsvError] = []
     added = total = 0
+    outcome = "stopped"  # until the whole file is read: a store failure half-way is audited as such
     try:
         for number in read_objection_csv(csv_file, on_error=bad.append):
             total += 1
             added += bool(
                 store.optout_add(provider, registry, objection_digest(keys.objection_key(), provider, number))
             )
+        outcome = "imported"
     except ObjectionCsvError as err:  # the file as a whole (no header, empty): nothing was read
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
@@ -65,7 +67,7 @@ def import_objections(
                     provider=provider,
                     registry=registry,
                     event="objection-registered",
-                    outcome="imported",
+                    outcome=outcome,
                     counts={"read": total, "new": added, "refused": len(bad)},
                 )
             )

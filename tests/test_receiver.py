@@ -361,3 +361,22 @@ def test_cli_serve_with_the_real_leak_scanner(tmp_path: Path) -> None:
         proc.wait(timeout=10)
     listing = CliRunner().invoke(receiver_cli, ["list", "--data-dir", str(tmp_path / "d")])
     assert "Bundles received (1 in total)" in listing.output
+
+
+def test_copies_of_a_delivery_sent_at_once_are_applied_once(tmp_path: Path) -> None:
+    """The check for an applied delivery and the apply are one transaction: two copies arriving together
+    (a lease that ran out while the first was in flight) used to be both applied (a review finding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.receiver.transaction import apply_transaction
+
+    db = ReceiverDB(tmp_path)
+    bundle = make_bundle(1, value=80.1)
+    raw = orjson.dumps(bundle)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: apply_transaction(db, orjson.loads(raw), raw), range(8)))
+    assert all(a == answers[0] for a in answers)
+    assert db.read("SELECT COUNT(*) FROM receipts") == [(1,)]
+    assert db.read("SELECT version FROM resources WHERE id = 'p1-obs-1'") == [(1,)]
+    assert db.accepted_counts() == {"urn:test:delivery|d-1": 8}
+

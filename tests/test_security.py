@@ -148,7 +148,7 @@ def test_admin_scope_is_separate(chain: Any) -> None:
     # and the admin credential cannot deliver data as if it were an EHR
     response = httpx.post(f"{chain.gateway_url}/registries/{REGISTRY}/Bundle", content=BUNDLE.read_bytes(),
                           headers={**FHIR, **auth(chain.admin_api_key)}, timeout=60)
-    assert response.status_code == 403 and "the admin key cannot deliver" in response.text  # not "this client"
+    assert response.status_code == 403 and "the admin key cannot deliver" in response.text
 
 
 # --- providers are isolated -------------------------------------------------------------------------------

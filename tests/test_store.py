@@ -231,6 +231,15 @@ def test_audit_trail_and_processing_record(store: Store, clock: FakeClock) -> No
     assert record["providers"] == ["ura:1"] and record["recipients"] == ["dica"]
     assert record["outbox"]["delivered"] == 2 and record["period"]["first"].endswith("Z")
     assert store.processing_record("other")["bundlesDelivered"] == 0
+    # a provider that only registered an objection delivered nothing to this recipient (a review finding)
+    store.record_audit(
+        AuditInput(
+            actor="ehr-b", provider="ura:2", registry="dica", event="objection-registered", outcome="new"
+        )
+    )
+    again = store.processing_record("dica")
+    assert again["providers"] == ["ura:1"] and "objection-registered" not in again["events"]
+    assert [e.event for e in store.list_audit(registry="dica")][-1] == "objection-registered"  # still audited
 
 
 def test_processing_record_of_a_period_counts_what_was_withheld(store: Store, clock: FakeClock) -> None:

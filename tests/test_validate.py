@@ -283,11 +283,13 @@ def test_dangling_patient_references(validator: SchemaValidator, subject: str) -
         ({"reference": "Patient/pat-1?x=1"}, "unrecognised format"),
         ({"reference": "Patient/pat-1#x"}, "unrecognised format"),
         ({"reference": "Patient/" + "x" * 100}, "unrecognised format"),
+        ({"reference": "PATIENT/pat-1"}, "unknown type"),  # the shape, but no resource type (a review)
+        ({"reference": "Foo/pat-1"}, "unknown type"),
         ({"reference": "#p1"}, "contained resource that is not there"),
         ({"display": "P. Jansen"}, "without a reference"),
         ({"identifier": {"system": "http://ehr.example.nl/mrn", "value": "elsewhere"}}, "not in the Bundle"),
     ],
-    ids=["lowercase", "space", "query", "fragment", "long", "contained", "display", "logical"],
+    ids=["lowercase", "space", "query", "fragment", "long", "upper", "foo", "contained", "display", "id"],
 )
 def test_a_subject_that_cannot_be_followed_is_refused(
     validator: SchemaValidator, subject: dict, text: str

@@ -82,11 +82,16 @@ def parse_manifest(data: bytes, *, base: Path, allowed_root: Path | None) -> lis
 def _local(url: str, base: Path, allowed_root: Path | None, n: int) -> Path:
     """The local file of manifest output[n]. Errors name the entry, not the file: an export's file names are
     the hospital's choice and may carry anything (a patient number in a per-patient export)."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("", "file"):
-        raise SourceError(f"manifest output[{n}]: urls must name local files (no remote download)")
-    raw = Path(unquote(parsed.path if parsed.scheme == "file" else url))
-    target = (raw if raw.is_absolute() else (allowed_root or base) / raw).resolve()
+    try:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("", "file"):
+            raise SourceError(f"manifest output[{n}]: urls must name local files (no remote download)")
+        raw = Path(unquote(parsed.path if parsed.scheme == "file" else url))
+        target = (raw if raw.is_absolute() else (allowed_root or base) / raw).resolve()
+    except SourceError:
+        raise
+    except ValueError:  # "http://[::1", an embedded NUL: not a url of a file
+        raise SourceError(f"manifest output[{n}] has a url that names no file") from None
     if allowed_root is not None and not target.is_relative_to(allowed_root.resolve()):
         raise SourceError(f"manifest output[{n}] names a file outside the import folder")
     if not target.is_file():

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 _PATIENT_RESIDENCE = "PTRES"
 _HOUSE_NUMBER_URL = "http://hl7.org/fhir/StructureDefinition/iso21090-ADXP-houseNumber"
 # the first run of digits that is not an ordinal of the street name: "2e Jan Steenstraat 15" is number 15
-_HOUSE_NUMBER = re.compile(r"(?<![^\W_])(\d+)(?!(?:e|de|ste)(?![^\W_]))")
+_HOUSE_NUMBER = re.compile(r"(?<![^\W_])(\d+)(?!\d|(?:e|de|ste)(?![^\W_]))")
 _NOT_ALNUM = re.compile(r"[\W_]+")
 
 

@@ -711,12 +711,15 @@ def _unfollowable(ref: dict, resource: dict) -> str | None:
     if target.startswith("#"):
         ids = {c.get("id") for c in resource.get("contained") or () if isinstance(c, dict)}
         return None if target[1:] in ids else "reference to a contained resource that is not there"
-    recognised = (
-        target.startswith("urn:")
-        or _RESTFUL_TAIL.search(target) is not None
-        or (_CONDITIONAL.fullmatch(target) is not None and not _ABSOLUTE.match(target))
-    )
-    return None if recognised else "subject or patient reference in an unrecognised format"
+    if target.startswith("urn:"):
+        return None
+    tail = _RESTFUL_TAIL.search(target)
+    conditional = _CONDITIONAL.fullmatch(target) if tail is None and not _ABSOLUTE.match(target) else None
+    named = tail or conditional
+    if named is None:
+        return "subject or patient reference in an unrecognised format"
+    # "PATIENT/p1" or "Foo/p1" has the shape but names no resource type: followed nowhere, refused too
+    return None if named.group(1) in r4().resources else "subject or patient reference to an unknown type"
 
 
 def _restful_base(full_url: Any) -> str | None:

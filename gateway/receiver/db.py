@@ -73,7 +73,8 @@ class ReceiverDB:
             self._conn.execute(statement)
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(accepted)")}
         if "response" not in columns:  # an earlier version's database: its deliveries are not answered again
-            self._conn.execute("ALTER TABLE accepted ADD COLUMN response BLOB")
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it just now
+                self._conn.execute("ALTER TABLE accepted ADD COLUMN response BLOB")
 
     def close(self) -> None:
         with self._lock:

@@ -118,12 +118,6 @@ def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dic
     entries = check_bundle(bundle)
     key = identifier_key(bundle)
     digest = hashlib.sha256(raw).digest()
-    if key is not None:
-        with db.write() as conn:
-            row = conn.execute("SELECT response FROM accepted WHERE identifier = ?", (key,)).fetchone()
-            if row is not None and row[0] is not None and row[0][:32] == digest:
-                conn.execute("UPDATE accepted SET count = count + 1 WHERE identifier = ?", (key,))
-                return orjson.loads(row[0][32:])
     plan, refs = _plan(entries)
     encoded_refs = {_json_text(url): _json_text(target) for url, target in refs.items()}
     now = time.time()
@@ -131,7 +125,12 @@ def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dic
     responses: list[dict[str, Any]] = []
     rows: list[tuple[str, str, int, str, bytes]] = []
     receipt_id = uuid.uuid4().hex
-    with db.write() as conn:
+    with db.write() as conn:  # BEGIN IMMEDIATE: two copies sent at once are applied one after the other
+        if key is not None:
+            row = conn.execute("SELECT response FROM accepted WHERE identifier = ?", (key,)).fetchone()
+            if row is not None and row[0] is not None and row[0][:32] == digest:
+                conn.execute("UPDATE accepted SET count = count + 1 WHERE identifier = ?", (key,))
+                return orjson.loads(row[0][32:])
         versions = _current_versions(conn, [(rtype, rid) for _method, rtype, rid, _resource in plan])
         for _method, rtype, rid, resource in plan:
             version = versions.get((rtype, rid), 0) + 1

@@ -451,6 +451,9 @@ class SqlStore:
         Built from the audit trail (counts and pseudonym types only) and the outbox depth.
         """
         where, params = _filters(registry=registry, since=since, until=until)
+        # the register of objections is the hospital's own processing, not data delivered to this recipient
+        where = (f"{where} AND " if where else "WHERE ") + "event NOT LIKE ?"
+        params = [*params, "objection-%"]
         totals: dict[str, Any] = {}
         withheld: dict[str, Any] = {}
         types: set[str] = set()
