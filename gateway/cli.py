@@ -275,9 +275,14 @@ def mrn_reveal(
     config: Path = typer.Option(Path("gateway.yaml"), "--config", "-c", envvar="FHIR_GATEWAY_CONFIG"),
 ) -> None:
     """At the hospital: turn MRN pseudonyms fed back by a registry into the hospital's own patient numbers."""
+    from gateway.keys import KeyFileError
     from gateway.mrn import reveal_command
 
-    raise typer.Exit(reveal_command(values, registry, config))
+    try:
+        code = reveal_command(values, registry, config)
+    except (ValueError, KeyFileError) as exc:  # configuration, keys, TTP credential: one line
+        _fail(str(exc))
+    raise typer.Exit(code)
 
 
 @keys_app.command("init")

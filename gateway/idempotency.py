@@ -6,8 +6,10 @@ changes what is delivered. A changed resource does: a Bundle that keeps its `Bun
 `Idempotency-Key`) but changes a birth date is another request, and must not be answered with the earlier
 delivery (it would be lost without the EHR knowing).
 
-So the content digest covers, per entry in order, its `request` and its resource without `meta`, with each
-`urn:uuid` fullUrl of the Bundle replaced by its entry's position wherever it occurs.
+So the content digest covers `Bundle.type` and, per entry in order, its `request` and its resource with
+`meta.lastUpdated` and `meta.versionId` left out, with each `urn:uuid` fullUrl of the Bundle replaced by its
+entry's position wherever it occurs (written with a NUL byte, which JSON text never holds, so no string of the
+Bundle can imitate it).
 """
 
 from __future__ import annotations
@@ -26,19 +28,25 @@ def content_digest(bundle: dict[str, Any]) -> str:
     entries = bundle.get("entry")
     entries = entries if isinstance(entries, list) else []
     positions: dict[bytes, bytes] = {}
-    content: list[Any] = []
+    content: list[Any] = [bundle.get("type")]
     for n, entry in enumerate(entries):
         if not isinstance(entry, dict):
             content.append(entry)
             continue
         full_url = entry.get("fullUrl")
         if isinstance(full_url, str) and full_url.startswith("urn:uuid:"):
-            positions.setdefault(full_url.encode(), b"entry:%d" % n)
-        resource = entry.get("resource")
-        if isinstance(resource, dict) and "meta" in resource:
-            resource = {k: v for k, v in resource.items() if k != "meta"}
-        content.append([entry.get("request"), resource])
+            positions.setdefault(full_url.encode(), b"\0%d" % n)
+        content.append([entry.get("request"), _without_stamps(entry.get("resource"))])
     text = orjson.dumps(content)
     if positions:
         text = _URN_UUID.sub(lambda m: positions.get(m.group(), m.group()), text)
     return hashlib.sha256(text).hexdigest()
+
+
+def _without_stamps(resource: Any) -> Any:
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    if not isinstance(meta, dict) or not ({"lastUpdated", "versionId"} & meta.keys()):
+        return resource
+    kept = {k: v for k, v in meta.items() if k not in ("lastUpdated", "versionId")}
+    without = {k: v for k, v in resource.items() if k != "meta"}
+    return {**without, "meta": kept} if kept else without

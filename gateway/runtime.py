@@ -163,6 +163,7 @@ class Runtime:
         caller: Caller,
         registry: str,
         idempotency_key: str | None,
+        body_digest: str | None = None,
     ) -> Accepted:
         """Run the chain and commit the pseudonymised result to the outbox; only then is it accepted.
 
@@ -177,10 +178,14 @@ class Runtime:
         named = idempotency_key or _bundle_identifier(bundle)
         key = self._idempotency(provider, registry, named or digest)
         request = self._idempotency(provider, registry, f"content:{digest}") if named else None
+        # a delivery stored before content digests holds the body's digest (until its key expires)
+        earlier = None
+        if named and body_digest:
+            earlier = self._idempotency(provider, registry, f"body:{body_digest}")
         # cheap look-up first: a re-post costs no TTP round trip
         existing = await asyncio.to_thread(self.store.find_by_idempotency, provider, registry, key)
         if existing is not None:
-            await self._same_request(provider, registry, key, request)
+            await self._same_request(provider, registry, key, request, earlier)
             self.metrics.bundles.labels(outcome="duplicate").inc()
             return Accepted(existing.id, {"duplicate": True}, created=False)
         processed = await process_bundle(
@@ -215,17 +220,20 @@ class Runtime:
             audit=_audit(caller, registry, "accepted", processed.report),
         )
         if not created:  # the same key, posted at the same time by another request
-            await self._same_request(provider, registry, key, request)
+            await self._same_request(provider, registry, key, request, earlier)
         self.metrics.bundles.labels(outcome="accepted" if created else "duplicate").inc()
         if created and self._worker is not None:
             self._worker.wake()
         return Accepted(delivery_id, processed.report, created)
 
-    async def _same_request(self, provider: str, registry: str, key: str, request: str | None) -> None:
+    async def _same_request(
+        self, provider: str, registry: str, key: str, request: str | None, earlier: str | None = None
+    ) -> None:
         if request is None:
             return
         stored = await asyncio.to_thread(self.store.request_digest, provider, registry, key)
-        if stored is not None and not hmac.compare_digest(stored, request):
+        same = stored is None or any(hmac.compare_digest(stored, d) for d in (request, earlier) if d)
+        if not same:
             self.metrics.bundles.labels(outcome="idempotency-conflict").inc()
             raise FhirError.single(
                 422,

@@ -527,3 +527,7 @@ def test_folding_keeps_json_structure_and_ascii_untouched() -> None:
     folded, raw = fold_document(orjson.dumps(doc))
     assert folded["note"][0]["text"] == "a b c 9" and orjson.loads(raw) == folded
     assert fold_document(b'{"a":"ascii"}') is None
+    # keys that fold alike would hide one another (a review found a BSN gone this way): not passed
+    note = {"text": "bsn 999911120", "\uff54\uff45\uff58\uff54": "ok"}
+    twin = {"resourceType": "Observation", "note": [note]}
+    assert [f.kind for f in scan(twin)] == ["folded-keys"]

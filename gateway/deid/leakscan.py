@@ -935,7 +935,11 @@ def scan(
     root = output.get("resourceType", "Resource") if isinstance(output, dict) else "$"
     root = str(root) if isinstance(root, str) and root.isalpha() else "Resource"
     findings = person_elements(output, root)
-    output, serialized = folded(output, serialized)
+    output, serialized, merged = folded(output, serialized)
+    if merged:
+        # two keys that fold alike ("text" and "ｔｅｘｔ"): the folded document lost one; the schema refuses
+        # such keys at the gateway, so only a hand-made document gets here, and it is not passed
+        findings.append(Finding(root, "folded-keys"))
     scanner = _Scanner(sensitive)
     if _clean_at_a_glance(output, scanner, serialized):
         return findings
@@ -945,14 +949,18 @@ def scan(
     return findings + scanner.findings
 
 
-def folded(output: Any, serialized: bytes | None) -> tuple[Any, bytes | None]:
-    """The output as the gate compares it, with every string folded (``fold``), and its serialisation."""
+def folded(output: Any, serialized: bytes | None) -> tuple[Any, bytes | None, bool]:
+    """The output as the gate compares it, with every string folded (``fold``), its serialisation, and
+    whether folding made two keys of an object one (then one of them is gone)."""
     try:
         raw = serialized if serialized is not None else orjson.dumps(output)
     except (TypeError, orjson.JSONEncodeError):
-        return output, None  # not plain JSON: walked as it is
+        return output, None, False  # not plain JSON: walked as it is
     again = fold_document(raw)
-    return again if again is not None else (output, raw)
+    if again is None:
+        return output, raw, False
+    # '":' ends a key in orjson's text (a quote inside a string is escaped), so fewer of them: keys merged
+    return again[0], again[1], again[1].count(b'":') != raw.count(b'":')
 
 
 def _glued_for_walk(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -251,6 +252,7 @@ async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Requ
             caller=caller,
             registry=registry,
             idempotency_key=idempotency,
+            body_digest=hashlib.sha256(body).hexdigest(),
         )
     except (TTPUnavailable, StoreUnavailable) as exc:
         key = StoreUnavailable if isinstance(exc, StoreUnavailable) else TTPUnavailable  # and subclasses
