@@ -6,7 +6,8 @@ that name. ASCII text is never changed (and costs one check).
 Each non-ASCII character is folded once per process (``_Folding.__missing__``):
 - invisible format characters (Unicode category Cf: soft hyphen, zero-width space, joiners) are removed;
 - decimal digits of any script become ASCII digits;
-- Cyrillic and Greek letters that look like Latin ones become those;
+- Cyrillic, Greek and Armenian letters that look like Latin ones (and the dotless ı) become those;
+- dashes and the minus sign become "-", middle dots ".", typographic apostrophes "'";
 - otherwise the compatibility decomposition (NFKD) without its combining marks: "é" is "e", "９" is "9", a
   no-break space is a space; a lone combining mark is removed.
 What folds to a JSON delimiter ('"', '\\') or a control character becomes a space instead, so a folded JSON
@@ -25,11 +26,14 @@ _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 # letters of other scripts that look like Latin ones ("Bеrkhout" with a Cyrillic е reads as the name)
 _LOOKALIKES = dict(
     zip(
-        "аеорсухіјѕԁӏАВЕКМНОРСТХУІЈЅ" "αονιΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
-        "aeopcyxijsdlABEKMHOPCTXYIJS" "aoviABEZHIKMNOPTYX",
+        "аеорсухіјѕԁӏһԛԝӀҺАВЕКМНОРСТХУІЈЅ" "αονιρκχτυϲΑΒΕΖΗΙΚΜΝΟΡΤΥΧ" "օսոհı",
+        "aeopcyxijsdlhqwlhABEKMHOPCTXYIJS" "aovipkxtucABEZHIKMNOPTYX" "ounhi",
         strict=True,
     )
 )
+# separators that read as ASCII ones: dashes and the minus sign, middle dots, typographic apostrophes
+_PUNCTUATION = {"\u2212": "-", "\u00b7": ".", "\u2027": ".", "\u2022": ".", "\u2018": "'", "\u2019": "'"}
+_PUNCTUATION |= {"\u02bc": "'", "\u2032": "'"}
 
 
 class _Folding(dict[int, str]):
@@ -44,6 +48,10 @@ class _Folding(dict[int, str]):
             folded = str(unicodedata.digit(char))
         elif char in _LOOKALIKES:
             folded = _LOOKALIKES[char]
+        elif char in _PUNCTUATION:
+            folded = _PUNCTUATION[char]
+        elif category == "Pd":
+            folded = "-"
         else:
             folded = "".join(c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c))
         if any(c in '"\\' or c < " " for c in folded):

@@ -37,12 +37,13 @@ _LOWER_RUNS = bytes(
 )
 _ELEMENT_NAME = re.compile(r"_?[A-Za-z][A-Za-z0-9]{0,63}\Z")
 _NINE = re.compile(r"(?<![0-9A-Za-z])[0-9]{9}(?![0-9A-Za-z])")
-# A BSN as people write it: 1234.56.789, 123 456 789, 123-456-789, 999/911/120, 99 99 11 120 (one separator
-# throughout). A lookahead, so that overlapping candidates are all seen ("222 333 111" must not hide the
-# "111 222 333" after it).
+# A BSN as people write it: 1234.56.789, 123 456 789, 123-456-789, 999/911/120, 99 99 11 120, 999,911,120
+# (any of these separators, mixed too). A lookahead, so that overlapping candidates are all seen
+# ("222 333 111" must not hide the "111 222 333" after it).
+_BSN_SEP = r"[. /_,:'-]"
 _SPLIT_BSN = re.compile(
-    r"(?<![0-9A-Za-z.])(?=(\d{4}([. /_-])\d{2}\2\d{3}|\d{3}([. /_-])\d{3}\3\d{3}"
-    r"|\d{2}([. /_-])\d{2}\4\d{2}\4\d{3})(?![0-9A-Za-z]|\.\d))"
+    rf"(?<![0-9A-Za-z.])(?=(\d{{4}}{_BSN_SEP}\d{{2}}{_BSN_SEP}\d{{3}}|\d{{3}}{_BSN_SEP}\d{{3}}{_BSN_SEP}\d{{3}}"
+    rf"|\d{{2}}{_BSN_SEP}\d{{2}}{_BSN_SEP}\d{{2}}{_BSN_SEP}\d{{3}})(?![0-9A-Za-z]|\.\d))"
 )
 _SPLIT_BSN_BYTES = re.compile(_SPLIT_BSN.pattern.encode())
 # ... or glued to a word: "bsn999911120", "NL999911120" (a prefix of hex letters only is an opaque id's part)
@@ -66,8 +67,16 @@ _EVENT_DATE_KEYS = frozenset(
 PERSON_TYPES = {"Patient", "RelatedPerson", "Person"}
 PRACTITIONER_TYPES = {"Practitioner", "PractitionerRole"}
 # Identifiers of these resources name an organisation or a product, not a person (AGB, URA, GTIN...)
+# Numbering systems of organisations and professionals, whose 9-digit numbers pass the 11-proef as a BSN does
+NOT_BSN_SYSTEMS = frozenset(
+    "http://fhir.nl/fhir/NamingSystem/" + name
+    for name in ("rsin", "kvk", "ura", "agb-z", "uzi-nr-pers", "uzi-nr-sys", "big")
+)
 PUBLIC_TYPES = {"Organization", "Location", "Medication", "Substance", "HealthcareService", "Endpoint"}
 MIN_LEN = {"name": 3, "telecom": 5, "address": 4, "identifier": 4, "patient-id": 8, "birth-date": 6}
+# a part of a name people may write alone (a surname without voorvoegsels, a word of a name's text): a name
+# when found, but a word a public place also has in its name, city or street is that place's
+NAME_PART = "name-part"
 TERMINOLOGY_PREFIXES = (
     "http://snomed.info/",
     "http://loinc.org",
@@ -122,8 +131,12 @@ _MONTH_NUMBER = {
     for months in (_MONTHS_NL, _MONTHS_EN)
     for n, month in enumerate(months)
     for name in (month, month[:3])
-} | {"mrt": 3, "okt": 10}
-_DAY = re.compile(r"(\d{1,2})(?:t\d.*)?")  # a day, also as the start of a date-time token ("14t10")
+} | {"mrt": 3, "okt": 10, "sept": 9} | {
+    roman: n + 1  # 14.VII.1961
+    for n, roman in enumerate(["i", "ii", "iii", "iv", "v", "vi", "vii", "viii", "ix", "x", "xi", "xii"])
+}
+# a day, also as an ordinal ("14th", "14e") or the start of a date-time token ("14t10")
+_DAY = re.compile(r"(\d{1,2})(?:st|nd|rd|th|e|de|ste|t\d.*)?")
 
 
 def compact_dates(iso: str) -> tuple[str, str]:
@@ -208,6 +221,8 @@ class SensitiveSet:
         minimum = MIN_LEN.get(kind, 4) + (1 if kind == "identifier" and digits_only else 0)
         if not always and len(joined) < minimum:
             return  # too short to tell from ordinary text
+        if kind == "identifier" and digits_only and joined.startswith("0") and len(joined.lstrip("0")) >= 6:
+            self.add(joined.lstrip("0"), kind)  # 012345611 is also written 12345611 (as a number, surely)
         entry = (tokens, kind)
         bucket = self.by_first.setdefault(tokens[0], [])
         if entry not in bucket:
@@ -279,29 +294,46 @@ _SURNAME_PREFIXES = frozenset(
 
 def surname_cores(family: str) -> list[str]:
     """The parts of a family name people also write alone: each part of a double name ("de Boer-Smit":
-    "de Boer", "Smit") and each without its voorvoegsels ("van der Berkhout": "Berkhout"). A plain R4 name
-    has no nl-core own-name part saying which that is."""
+    "de Boer", "Smit"; any dash) and each without its voorvoegsels ("van der Berkhout": "Berkhout",
+    "d'Ancona": "Ancona"). A plain R4 name has no nl-core own-name part saying which that is."""
     cores: list[str] = []
+    family = fold(family)
     parts = [part.strip() for part in family.split("-")]
     for part in parts if len(parts) > 1 else [family]:
         words = part.split()
-        while len(words) > 1 and words[0].casefold().strip("'’.") in _SURNAME_PREFIXES:
+        while len(words) > 1 and words[0].casefold().strip("'.") in _SURNAME_PREFIXES:
             words.pop(0)
+        head, apostrophe, rest = words[0].partition("'") if words else ("", "", "")
+        if apostrophe and rest and head.casefold() in _SURNAME_PREFIXES:  # d'Ancona, l'Ecluse
+            words[0] = rest
         cores += [c for c in {part, " ".join(words)} if c and c != family]
     return cores
+
+
+def _words(text: str) -> list[str]:
+    """The words of a name written in one string ("Hendrik Smulders", given "Hendrikus Johannes"): each may
+    be written alone. Voorvoegsels and initials are not names by themselves."""
+    words = [w.strip(".,'") for w in fold(text).split()]
+    kept = [w for w in words if len(w) > 2 and w.casefold() not in _SURNAME_PREFIXES]
+    return kept if len(words) > 1 else []
 
 
 def _names(names: Any, out: SensitiveSet) -> None:
     for name in names if isinstance(names, list) else [names]:
         if not isinstance(name, dict):
             continue
-        out.add(name.get("text"), "name")
+        text = name.get("text")
+        out.add(text, "name")
+        for word in _words(text) if type(text) is str else ():
+            out.add(word, NAME_PART)
         family = name.get("family")
         out.add(family, "name")
         for core in surname_cores(family) if type(family) is str else ():
-            out.add(core, "name")
+            out.add(core, NAME_PART)
         for given in _list(name.get("given")):
             out.add(given, "name")
+            for word in _words(given) if type(given) is str else ():
+                out.add(word, NAME_PART)
             if type(given) is str and type(family) is str:
                 out.add(f"{given} {family}", "name")  # and so also glued: "JohannaPutten"
         for value in _ext_strings(name.get("_family")):
@@ -420,12 +452,14 @@ def _drop_public(bundle: Any, out: SensitiveSet) -> None:
     """A value the input publishes as an organisation's or location's own data (a hospital in the patient's
     postcode area, a GP practice phone number) is not personal: delivering that Organization is no leak."""
     public = SensitiveSet()
+    words: set[str] = set()  # every word of the places' names, cities and streets
     homes = patient_homes(_resources(bundle))
     for res in _resources(bundle):
         # a place at a patient's home publishes nothing; an Organization's contact is a person, not the place
         if res.get("resourceType") in PUBLIC_TYPES and not at_home(res, homes):
             _telecoms(res.get("telecom"), public)
             _addresses(res.get("address"), public)
+            words.update(_place_words(res))
     for first, entries in public.by_first.items():
         mine = out.by_first.get(first)
         if mine:
@@ -433,7 +467,22 @@ def _drop_public(bundle: Any, out: SensitiveSet) -> None:
             # a person's street address stays sensitive even where a Location or Organization carries it:
             # that Location is the patient's home (a home visit), not a public place
             out.by_first[first] = [e for e in mine if e[0] not in public_seqs or e[1] == "address"]
+    # a part of a person's name or a street name alone that is also a word of a place's name, city or street
+    # ("van Delft" and a hospital in Delft, the street a hospital is on): the place's own, delivered with it;
+    # the whole name and the whole address line stay sensitive
+    for word in words.intersection(out.by_first):
+        out.by_first[word] = [
+            e for e in out.by_first[word] if not (len(e[0]) == 1 and e[1] in (NAME_PART, "address"))
+        ]
     out.phones -= public.phones
+
+
+def _place_words(res: dict[str, Any]) -> set[str]:
+    texts = [res.get("name"), *_list(res.get("alias"))]
+    for address in _list(res.get("address")):
+        if isinstance(address, dict):
+            texts += [address.get("city"), address.get("district"), *_list(address.get("line"))]
+    return {w for t in texts if isinstance(t, str) for w in _TOKEN.findall(fold(t).casefold())}
 
 
 # ── scan the output ────────────────────────────────────────────────────────────────────────────────────────
@@ -547,18 +596,22 @@ class _Scanner:
         if sens is None:
             return
         self.findings += [Finding(_path(parts), k) for k in self._literals(s, key, sens)]
-        if (key == "value" and _is_pseudonym(parent)) or _OPAQUE_ID.fullmatch(s):
+        if (key == "value" and self.in_patient and _is_pseudonym(parent)) or _OPAQUE_ID.fullmatch(s):
             # ciphertext of the TTP, a keyed hash of ours: a random token in it can equal a short name ("jan")
             return
-        kind = self._value_of_the_input(s, key, sens)
-        if kind is None and self.glued:
+        # a terminology's own display ("Iris structure", "Post-operative ...") is the term, not about a person
+        term = key == "display" and str(parent.get("system")).startswith(TERMINOLOGY_PREFIXES)
+        kind = self._value_of_the_input(s, key, sens, names=not term)
+        if kind is None and self.glued and not term:
             kind = _glued_kind(s, self.glued)
         if kind is not None:
             self.findings.append(Finding(_path(parts), kind))
 
     def _bsn(self, s: str, key: str, parent: Mapping[str, Any]) -> str | None:
-        if _is_code(parent, key) or (key == "value" and _is_pseudonym(parent)):
+        if _is_code(parent, key) or (key == "value" and self.in_patient and _is_pseudonym(parent)):
             return None  # a terminology code, our own pseudonym: 9-digit runs are not BSNs there
+        if key == "value" and parent.get("system") in NOT_BSN_SYSTEMS:
+            return None  # an organisation's or professional's number (RSIN, URA, UZI) passes the 11-proef too
         if _NINE.search(s) is not None and any(bsn_valid(m.group(0)) for m in _NINE.finditer(s)):
             return "bsn"
         return "bsn" if self.split_bsn and _written_bsn_in(s) else None
@@ -571,8 +624,9 @@ class _Scanner:
             found.append("patient-fullUrl")
         return found
 
-    def _value_of_the_input(self, s: str, key: str, sens: SensitiveSet) -> str | None:
-        """A phone number in any notation, a birth date in any notation, or a whole token sequence."""
+    def _value_of_the_input(self, s: str, key: str, sens: SensitiveSet, *, names: bool = True) -> str | None:
+        """A phone number in any notation, a birth date in any notation, or a whole token sequence (of a
+        name only when ``names``)."""
         if self.phones and sens.phones and any(
             phone_digits(m.group(0)) in sens.phones for m in _PHONE_RUN.finditer(s)
         ):
@@ -586,10 +640,10 @@ class _Scanner:
         by_first = sens.by_first
         for i, tok in enumerate(tokens):
             for seq, kind in by_first.get(tok, ()):
-                if kind == "birth-date" and not dates_count:
+                if (kind == "birth-date" and not dates_count) or (not names and kind in ("name", NAME_PART)):
                     continue
                 if len(seq) == 1 or tuple(tokens[i : i + len(seq)]) == seq:
-                    return kind.replace("-joined", "")
+                    return "name" if kind == NAME_PART else kind.replace("-joined", "")
         return None
 
     def part(self, key: Any) -> str:
@@ -626,6 +680,10 @@ class _Scanner:
                 parts.pop()
         elif t is int and 100_000_000 <= value <= 999_999_999 and bsn_valid(str(value)):
             self.findings.append(Finding(_path(parts), "bsn"))
+        elif t is int and self.sens is not None and any(
+            len(seq) == 1 and kind == "identifier" for seq, kind in self.sens.by_first.get(str(value), ())
+        ):
+            self.findings.append(Finding(_path(parts), "identifier"))  # the input has it as an identifier
         elif t is float and 1e8 <= value < 1e9 and value.is_integer() and bsn_valid(str(int(value))):
             self.findings.append(Finding(_path(parts), "bsn"))  # a BSN sent as a decimal: 999911120.0
 
