@@ -284,8 +284,12 @@ def test_a_hospital_in_the_patients_area_is_not_a_leak() -> None:
         {"line": ["Ziekenhuisplein 1"], "postalCode": "9999-zz"},  # the full postcode: at the patient's home
         {"line": ["Canarystr. 42"], "city": "kanariestad"},  # no postcode: the house number in that city
         {"use": "home", "line": ["Elders 7"], "postalCode": "1234 AB"},  # someone's home, a person's data
+        {"line": ["Canarystr. 42"], "postalCode": "9999"},  # the number, with four digits of the postcode
+        {"line": ["Canarystr. 42"], "postalCode": "9999 ZY"},  # ... with a mistyped postcode
+        {"line": ["Canarystr. 42"], "city": "Kanariest."},  # ... with a street that begins alike
+        {"text": "Canarystraat 42, elders"},  # an address as text only
     ],
-    ids=["postcode", "number-in-city", "use-home"],
+    ids=["postcode", "number-in-city", "use-home", "pc4", "typo", "street", "text"],
 )
 def test_a_place_at_a_patients_home_publishes_nothing(place: dict[str, Any]) -> None:
     """Found by a fresh-eyes probe: a home visit's Location written differently from the Patient's address
@@ -531,3 +535,84 @@ def test_folding_keeps_json_structure_and_ascii_untouched() -> None:
     note = {"text": "bsn 999911120", "\uff54\uff45\uff58\uff54": "ok"}
     twin = {"resourceType": "Observation", "note": [note]}
     assert [f.kind for f in scan(twin)] == ["folded-keys"]
+
+
+# ── a second privacy probe (2026-11-24): what got past the gate, and what it wrongly stopped ───────────────
+
+SNOMED = "http://snomed.info/sct"
+
+
+def _patient_bundle(**changes: Any) -> dict[str, Any]:
+    bundle = source()
+    bundle["entry"][0]["resource"] = {**PATIENT, **changes}
+    return bundle
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "tel 06\u20138822\u20138822",  # en dashes
+        "tel 06\u22128822 8822",  # a minus sign
+        "BSN 111,222,333",
+        "BSN 111:222:333",
+        "BSN 1112.22 333",  # mixed separators
+        "geboren 28th April 1934",
+        "geboren 28e april 1934",
+        "geboren 28.IV.1934",
+    ],
+)
+def test_values_written_with_other_separators_ordinals_or_roman_months_are_found(written: str) -> None:
+    assert scan(out_with(valueString=written), sensitive_values(source()))
+
+
+def test_a_digit_identifier_is_found_without_its_leading_zeros_also_as_a_number() -> None:
+    mrn = {"system": "http://ehr.example.nl/mrn", "value": "0012345678"}
+    sensitive = sensitive_values(_patient_bundle(identifier=[mrn]))
+    assert {f.kind for f in scan(out_with(valueString="nr 12345678"), sensitive)} == {"identifier"}
+    assert {f.kind for f in scan(out_with(valueInteger=12345678), sensitive)} == {"identifier"}
+
+
+@pytest.mark.parametrize(
+    ("name", "written"),
+    [
+        ({"family": "d'Ancona"}, "dhr. Ancona"),
+        ({"family": "Jansen\u2013Bakker"}, "mevr. Bakker"),
+        ({"text": "Hendrikus Smulders"}, "dhr. Smulders"),
+        ({"family": "Smulders", "given": ["Hendrikus Johannes"]}, "Johannes"),
+    ],
+)
+def test_parts_of_names_people_write_alone_are_found(name: dict[str, Any], written: str) -> None:
+    sensitive = sensitive_values(_patient_bundle(name=[name]))
+    assert "name" in {f.kind for f in scan(out_with(valueString=written), sensitive)}
+
+
+def test_an_identifier_labelled_pseudonymised_outside_a_patient_is_checked() -> None:
+    from gateway.deid.leakscan import PSEUDED_SYSTEM
+
+    pseudonym_type = {"coding": [{"system": PSEUDED_SYSTEM, "code": "PSEUDED"}]}
+    org = {"resourceType": "Organization", "identifier": [{"type": pseudonym_type, "value": "111222333 x"}]}
+    out = out_with(valueString="x")
+    out["entry"].append({"resource": org})
+    assert "bsn" in {f.kind for f in scan(out, sensitive_values(source()))}
+
+
+def test_what_the_second_probe_found_wrongly_blocked_is_delivered() -> None:
+    # a name part that is a word of a delivered place's name or city
+    bundle = _patient_bundle(name=[{"family": "van Delft", "given": ["Iris"]}])
+    hospital = {"resourceType": "Organization", "name": "Reinier de Graaf", "address": [{"city": "Delft"}]}
+    bundle["entry"].append({"resource": hospital})
+    out = out_with(valueString="x")
+    out["entry"].append({"resource": hospital})
+    # a terminology's display is its term
+    iris = {"system": SNOMED, "code": "1", "display": "Iris structure"}
+    out["entry"][0]["resource"]["bodySite"] = {"coding": [iris]}
+    # an organisation's RSIN passes the 11-proef
+    out["entry"].append(
+        {"resource": {"resourceType": "Organization", "identifier": [
+            {"system": "http://fhir.nl/fhir/NamingSystem/rsin", "value": "815376005"}]}}
+    )
+    assert scan(out, sensitive_values(bundle)) == []
+    # the whole name, and the same words in free text, are still found
+    sensitive = sensitive_values(bundle)
+    assert {f.kind for f in scan(out_with(valueString="mevr. van Delft"), sensitive)} == {"name"}
+    assert {f.kind for f in scan(out_with(valueString="Iris"), sensitive)} == {"name"}

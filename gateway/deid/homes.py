@@ -7,8 +7,10 @@ A Dutch address is its postcode and house number (how the BAG keys it), so "Cana
 home address. So a place is at a patient's home when any of its addresses:
 - is typed ``use: home`` (whoever's home it is, it is a person's);
 - has a patient's full postcode (separators ignored: "1015-CJ" is "1015 CJ");
-- has no postcode, but a patient's house number in that patient's city;
-or when the place itself is typed as the patient's residence (v3-RoleCode PTRES).
+- has a patient's house number and, of that patient's address, the same four postcode digits (a mistyped
+  or shortened postcode), the same city, or a street that begins alike ("Keizersgr." for "Keizersgracht");
+or when the place itself is typed as the patient's residence (v3-RoleCode PTRES). An address given only as
+``text`` is read for its number and street too.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ _HOUSE_NUMBER_URL = "http://hl7.org/fhir/StructureDefinition/iso21090-ADXP-house
 # the first run of digits that is not an ordinal of the street name: "2e Jan Steenstraat 15" is number 15
 _HOUSE_NUMBER = re.compile(r"(?<![^\W_])(\d+)(?!\d|(?:e|de|ste)(?![^\W_]))")
 _NOT_ALNUM = re.compile(r"[\W_]+")
+_WORD = re.compile(r"[^\W\d_]+")
 
 
 class Home(NamedTuple):
     postcode: str  # upper case, letters and digits only; "" when the address has none
     number: str  # the house number, "" when none is written
     city: str  # case-folded, "" when none
+    streets: frozenset[str]  # the words of the street (case-folded, four letters or more)
 
 
 def home_of(address: Any) -> Home | None:
@@ -36,14 +40,22 @@ def home_of(address: Any) -> Home | None:
         return None
     postcode = address.get("postalCode")
     postcode = _NOT_ALNUM.sub("", postcode).upper() if type(postcode) is str else ""
-    number = _house_number(address)
+    lines = _lines(address)
+    number = _house_number(address, lines)
     if not postcode and not number:
         return None
     city = address.get("city")
-    return Home(postcode, number, " ".join(city.casefold().split()) if type(city) is str else "")
+    streets = frozenset(w for w in _WORD.findall(lines.casefold()) if len(w) >= 4)
+    return Home(postcode, number, " ".join(city.casefold().split()) if type(city) is str else "", streets)
 
 
-def _house_number(address: dict[str, Any]) -> str:
+def _lines(address: dict[str, Any]) -> str:
+    lines = address.get("line")
+    text = " ".join(x for x in lines if type(x) is str) if type(lines) is list else ""
+    return text or (address["text"] if type(address.get("text")) is str else "")
+
+
+def _house_number(address: dict[str, Any], lines: str) -> str:
     """The nl-core houseNumber part of a line if there is one, else the first number in the lines."""
     parts = address.get("_line")
     for part in parts if type(parts) is list else ():
@@ -55,9 +67,7 @@ def _house_number(address: dict[str, Any]) -> str:
                 digits = _HOUSE_NUMBER.search(value)
                 if digits:
                     return digits.group(1)
-    lines = address.get("line")
-    text = " ".join(x for x in lines if type(x) is str) if type(lines) is list else ""
-    number = _HOUSE_NUMBER.search(text)
+    number = _HOUSE_NUMBER.search(lines)
     return number.group(1) if number else ""
 
 
@@ -78,14 +88,24 @@ def at_home(resource: dict[str, Any], homes: Iterable[Home]) -> bool:
         return True
     homes = list(homes)
     for key in filter(None, map(home_of, addresses)):
-        for home in homes:
-            if key.postcode and key.postcode == home.postcode:
-                return True
-            if not key.postcode and key.number and key.number == home.number and key.city == home.city != "":
-                return True
+        if any(_same_home(key, home) for home in homes):
+            return True
     types = resource.get("type")
     return type(types) is list and any(
         type(t) is dict
         and any(type(c) is dict and c.get("code") == _PATIENT_RESIDENCE for c in t.get("coding") or ())
         for t in types
     )
+
+
+def _same_home(key: Home, home: Home) -> bool:
+    if key.postcode and key.postcode == home.postcode:
+        return True
+    if not key.number or key.number != home.number:
+        return False
+    return (
+        (key.postcode[:4] != "" and key.postcode[:4] == home.postcode[:4])
+        or (key.city != "" and key.city == home.city)
+        or any(h.startswith(k) or k.startswith(h) for k in key.streets for h in home.streets)
+    )
+
