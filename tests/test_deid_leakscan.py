@@ -568,6 +568,16 @@ def test_values_written_with_other_separators_ordinals_or_roman_months_are_found
     assert scan(out_with(valueString=written), sensitive_values(source()))
 
 
+@pytest.mark.parametrize(
+    ("mrn", "written"),
+    [("7654321", "nr 765-4321"), ("7654321", "nr 7.654.321"), ("MRN-CANARY-4711", "ref CANARY/4711")],
+)
+def test_an_identifier_grouped_otherwise_or_without_its_prefix_is_found(mrn: str, written: str) -> None:
+    identifier = {"system": "http://ehr.example.nl/mrn", "value": mrn}
+    sensitive = sensitive_values(_patient_bundle(identifier=[identifier]))
+    assert {f.kind for f in scan(out_with(valueString=written), sensitive)} == {"identifier"}
+
+
 def test_a_digit_identifier_is_found_without_its_leading_zeros_also_as_a_number() -> None:
     mrn = {"system": "http://ehr.example.nl/mrn", "value": "0012345678"}
     sensitive = sensitive_values(_patient_bundle(identifier=[mrn]))

@@ -53,6 +53,7 @@ _HEX_LETTERS = frozenset("abcdefABCDEF")
 # A telephone number as people write it (06-1234 5678, +31 (0)6 12 34 56 78): digits and separators
 _PHONE_RUN = re.compile(r"\+?\d[\d .()/-]{6,}\d")
 _PHONE_SEPARATORS = b" .()/-+"
+_NOT_DIGIT = re.compile(r"\D")
 # Our own opaque ids as they appear in the output: an id, a urn:uuid fullUrl or reference, Type/<id>
 _OPAQUE_ID = re.compile(
     r"(?:urn:uuid:|[A-Z][A-Za-z]{1,63}/)?[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
@@ -194,6 +195,7 @@ class SensitiveSet:
     patient_ids: set[str] = field(default_factory=set)
     patient_urls: set[str] = field(default_factory=set)
     phones: set[str] = field(default_factory=set)  # telephone numbers as digits, however they are written
+    digit_ids: set[str] = field(default_factory=set)  # identifiers of 6+ digits, however they are grouped
     # full birth dates by year: the year is the anchor of every notation, and rare in a document
     birth_dates: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
     glued: set[tuple[str, str]] = field(default_factory=set)  # (case-folded value, kind) sought inside words
@@ -240,6 +242,10 @@ class SensitiveSet:
             return  # too short to tell from ordinary text
         if kind == "identifier" and digits_only and joined.startswith("0") and len(joined.lstrip("0")) >= 6:
             self.add(joined.lstrip("0"), kind)  # 012345611 is also written 12345611 (as a number, surely)
+        if kind == "identifier" and digits_only and len(joined) >= 6:
+            self.digit_ids.add(joined)  # 7654321 is also written 765-4321 or 7.654.321
+        if kind == "identifier" and len(tokens) > 2 and tokens[0].isalpha():
+            self.add(" ".join(tokens[1:]), kind)  # "MRN-CANARY-4711" is also written without its "MRN"
         entry = (tokens, kind)
         bucket = self.by_first.setdefault(tokens[0], [])
         if entry not in bucket:
@@ -651,6 +657,10 @@ class _Scanner:
             phone_digits(m.group(0)) in sens.phones for m in _PHONE_RUN.finditer(s)
         ):
             return "telecom"
+        if self.phones and sens.digit_ids and any(
+            _NOT_DIGIT.sub("", m.group(0)) in sens.digit_ids for m in _PHONE_RUN.finditer(s)
+        ):
+            return "identifier"
         tokens = _TOKEN.findall(s.casefold())
         dates_count = self.in_patient or self.in_value or not _event_date_key(key)
         dates = sens.birth_dates
@@ -779,9 +789,12 @@ def _suspicions(raw: bytes, marks: bytes, scanner: _Scanner) -> None:
         raw, marks
     )
     phones = scanner.sens.phones if scanner.sens is not None else ()
-    if phones:
+    digit_ids = scanner.sens.digit_ids if scanner.sens is not None else ()
+    if phones or digit_ids:
         glued = raw.translate(None, _PHONE_SEPARATORS)  # "+31 (0)6-1234 5678" -> "3106123 45678" -> ...
-        scanner.phones = any(p[1:].encode() in glued for p in phones)  # the number after its leading 0
+        scanner.phones = any(p[1:].encode() in glued for p in phones) or any(  # after a phone's leading 0
+            d.encode() in glued for d in digit_ids
+        )
     else:
         scanner.phones = False
 
