@@ -76,7 +76,7 @@ NOT_BSN_SYSTEMS = frozenset(
 PUBLIC_TYPES = {"Organization", "Location", "Medication", "Substance", "HealthcareService", "Endpoint"}
 MIN_LEN = {"name": 3, "telecom": 5, "address": 4, "identifier": 4, "patient-id": 8, "birth-date": 6}
 # a part of a name people may write alone (a surname without voorvoegsels, a word of a name's text): a name
-# when found, but a word a public place also has in its name, city or street is that place's
+# when found, but a word a public place also has in its city or street is that place's
 NAME_PART = "name-part"
 TERMINOLOGY_PREFIXES = (
     "http://snomed.info/",
@@ -475,7 +475,7 @@ def _drop_public(bundle: Any, out: SensitiveSet) -> None:
     """A value the input publishes as an organisation's or location's own data (a hospital in the patient's
     postcode area, a GP practice phone number) is not personal: delivering that Organization is no leak."""
     public = SensitiveSet()
-    words: set[str] = set()  # every word of the places' names, cities and streets
+    words: set[str] = set()  # every word of the places' cities and streets
     homes = patient_homes(_resources(bundle))
     for res in _resources(bundle):
         # a place at a patient's home publishes nothing; an Organization's contact is a person, not the place
@@ -490,9 +490,9 @@ def _drop_public(bundle: Any, out: SensitiveSet) -> None:
             # a person's street address stays sensitive even where a Location or Organization carries it:
             # that Location is the patient's home (a home visit), not a public place
             out.by_first[first] = [e for e in mine if e[0] not in public_seqs or e[1] == "address"]
-    # a part of a person's name or a street name alone that is also a word of a place's name, city or street
-    # ("van Delft" and a hospital in Delft, the street a hospital is on): the place's own, delivered with it;
-    # the whole name and the whole address line stay sensitive
+    # a part of a person's name or a street name alone that is also a word of a place's city or street ("van
+    # Delft" and a hospital in Delft, "UMC Utrecht" in Utrecht, the street a hospital is on): the place's
+    # own, delivered with it; the whole name and the whole address line stay sensitive
     for word in words.intersection(out.by_first):
         out.by_first[word] = [
             e for e in out.by_first[word] if not (len(e[0]) == 1 and e[1] in (NAME_PART, "address"))
@@ -501,7 +501,9 @@ def _drop_public(bundle: Any, out: SensitiveSet) -> None:
 
 
 def _place_words(res: dict[str, Any]) -> set[str]:
-    texts = [res.get("name"), *_list(res.get("alias"))]
+    """The words of a place's city, district and street: geography, not a place's name (a home visit's
+    Location may be named after the family: "Woning fam. Berkhout")."""
+    texts: list[Any] = []
     for address in _list(res.get("address")):
         if isinstance(address, dict):
             texts += [address.get("city"), address.get("district"), *_list(address.get("line"))]
