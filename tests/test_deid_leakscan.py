@@ -559,9 +559,7 @@ def _patient_bundle(**changes: Any) -> dict[str, Any]:
         "geboren 28th April 1934",
         "geboren 28e april 1934",
         "geboren 28.IV.1934",
-        "geb. 28/04/34",  # a two-digit year, day first
-        "geb. 28 apr. '34",
-        "geb. 280434",
+        "geb. 280434",  # a two-digit year, as one token (28/04/34 is not sought: see docs/deid.md)
     ],
 )
 def test_values_written_with_other_separators_ordinals_or_roman_months_are_found(written: str) -> None:

@@ -199,29 +199,12 @@ class SensitiveSet:
     # full birth dates by year: the year is the anchor of every notation, and rare in a document
     birth_dates: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
     glued: set[tuple[str, str]] = field(default_factory=set)  # (case-folded value, kind) sought inside words
-    short_dates: set[tuple[int, int, str]] = field(default_factory=set)  # (day, month, two-digit year)
 
     def add_birth_date(self, iso: str) -> None:
         y, m, d = iso.split("-")
         self.birth_dates.setdefault(y, set()).add((int(m), int(d)))
         for compact in (*compact_dates(iso), f"{d}{m}{y[2:]}"):  # also 140761
             self.add(compact, "birth-date")
-        self.short_dates.add((int(d), int(m), y[2:]))
-        self.__dict__.pop("short_date", None)  # built again with this date
-
-    @cached_property
-    def short_date(self) -> re.Pattern[str] | None:
-        """A birth date with a two-digit year, day first as the Dutch write it ("14/07/61", "14-7-'61",
-        "14e juli '61"), in case-folded text; None without birth dates. Its separators are never '"', so in
-        a serialised document it matches within one string only, exactly where it matches that string."""
-        if not self.short_dates:
-            return None
-        names = {n: [k for k, v in _MONTH_NUMBER.items() if v == n] for n in range(1, 13)}
-        alternatives = [
-            rf"0?{d}(?:st|nd|rd|th|e|de|ste)?[\s./-]+(?:0?{m}|{'|'.join(names.get(m, []))})\.?[\s./-]+'?{yy}"
-            for d, m, yy in sorted(self.short_dates)
-        ]
-        return re.compile(rf"(?<![0-9])(?:{'|'.join(alternatives)})(?![0-9])")
 
     def add(self, value: Any, kind: str) -> None:
         if type(value) is not str:
@@ -594,9 +577,6 @@ class _Scanner:
     def _needs_check(self, s: str) -> bool:
         if self.split_bsn and (_SPLIT_BSN.search(s) or _GLUED_BSN.search(s)):
             return True
-        short_date = self.sens.short_date if self.sens is not None else None
-        if short_date is not None and short_date.search(s.casefold()):
-            return True
         if self.phones and _PHONE_RUN.search(s):
             return True
         if self.glued and _glued_kind(s, self.glued) is not None:
@@ -668,8 +648,6 @@ class _Scanner:
         dates = sens.birth_dates
         anchored = (i for i, t in enumerate(tokens) if t in dates)
         if dates_count and any(date_around(tokens, i, dates[tokens[i]]) for i in anchored):
-            return "birth-date"
-        if dates_count and sens.short_date is not None and sens.short_date.search(s.casefold()):
             return "birth-date"
         by_first = sens.by_first
         for i, tok in enumerate(tokens):
@@ -975,8 +953,6 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner, serialized: bytes | None 
     if literals and _literal_found(escaped, literals, tokens if ascii_doc else None):
         return False
     if sens.birth_dates and _birth_date_seen(low, sens.birth_dates, tokens):
-        return False
-    if sens.short_date is not None and sens.short_date.search(low):
         return False
     firsts = by_first if tokens is None else tokens.intersection(by_first)
     for first in firsts:

@@ -487,6 +487,7 @@ _RESTFUL_TAIL = re.compile(
     r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
 )
 _CONDITIONAL = re.compile(r"([A-Z][A-Za-z]+)\?(.*)", re.DOTALL)
+_UNSEEN: Any = object()
 _SUBJECT_PATH = re.compile(r"\.resource\.(?:subject|patient)(?:\[\d+\])?$")
 
 
@@ -510,6 +511,7 @@ class _Resolver:
         # every line): answered from here next time. Only filled when no entry has a RESTful fullUrl, because
         # then a relative reference means the same in every entry.
         self.relative_hits: dict[str, set[int]] = {}
+        self._followable: dict[str, str | None] = {}  # `_unfollowable` of each subject reference seen
 
     @cached_property
     def by_type_id(self) -> dict[str, list[int]]:
@@ -561,7 +563,12 @@ class _Resolver:
                 target = ref.get("reference")
                 if type(target) is str and (target in self.by_full_url or target in self.relative_hits):
                     continue  # the common case: it resolved to an entry
-                text = _unfollowable(ref, resource)
+                if type(target) is str and not target.startswith("#"):  # the same few patients, over and over
+                    text = self._followable.get(target, _UNSEEN)
+                    if text is _UNSEEN:
+                        text = self._followable[target] = _unfollowable(ref, resource)
+                else:
+                    text = _unfollowable(ref, resource)
                 if text is not None and len(self.errors) < MAX_ISSUES:
                     nth = f"[{n}]" if isinstance(value, list) else ""
                     where = f"Bundle.entry[{i}].resource.{key}{nth}"
