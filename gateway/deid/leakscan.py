@@ -67,12 +67,12 @@ _EVENT_DATE_KEYS = frozenset(
 )
 PERSON_TYPES = {"Patient", "RelatedPerson", "Person"}
 PRACTITIONER_TYPES = {"Practitioner", "PractitionerRole"}
-# Identifiers of these resources name an organisation or a product, not a person (AGB, URA, GTIN...)
 # Numbering systems of organisations and professionals, whose 9-digit numbers pass the 11-proef as a BSN does
 NOT_BSN_SYSTEMS = frozenset(
     "http://fhir.nl/fhir/NamingSystem/" + name
     for name in ("rsin", "kvk", "ura", "agb-z", "uzi-nr-pers", "uzi-nr-sys", "big")
 )
+# Identifiers of these resources name an organisation or a product, not a person (AGB, URA, GTIN...)
 PUBLIC_TYPES = {"Organization", "Location", "Medication", "Substance", "HealthcareService", "Endpoint"}
 MIN_LEN = {"name": 3, "telecom": 5, "address": 4, "identifier": 4, "patient-id": 8, "birth-date": 6}
 # a part of a name people may write alone (a surname without voorvoegsels, a word of a name's text): a name
@@ -529,7 +529,7 @@ class _Scanner:
         # glued somewhere (``glued_in_document``); until it has looked, every one
         self.glued: Collection[tuple[str, str]] = sensitive.glued if sensitive is not None else ()
         self.glued_decided = False
-        self.decided: dict[str, bool] = {}  # needs_check's answers, set once the document check is done
+        self.decided: dict[str, bool] = {}  # needs_check's answer per distinct string of the document
         self.in_value = False  # inside a value[x] (valuePeriod), where no date is an event either
         self.in_patient = False  # inside a Patient no date is an event: a full birth date there is a leak
 
