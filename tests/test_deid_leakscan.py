@@ -559,11 +559,19 @@ def _patient_bundle(**changes: Any) -> dict[str, Any]:
         "geboren 28th April 1934",
         "geboren 28e april 1934",
         "geboren 28.IV.1934",
-        "geb. 280434",  # a two-digit year, as one token (28/04/34 is not sought: see docs/deid.md)
+        "geb. 280434",  # a two-digit year, as one token
+        "geb. 28/04/34",  # ... and day first with separators
+        "geb. 28-4-'34",
+        "geb. 28 apr. 34",
     ],
 )
 def test_values_written_with_other_separators_ordinals_or_roman_months_are_found(written: str) -> None:
     assert scan(out_with(valueString=written), sensitive_values(source()))
+
+
+@pytest.mark.parametrize("written", ["lab 28 04 341", "datum 28/04/2034", "128-04-34", "nr 28-04-35"])
+def test_numbers_near_a_two_digit_year_birth_date_are_not_it(written: str) -> None:
+    assert scan(out_with(valueString=written), sensitive_values(source())) == []
 
 
 @pytest.mark.parametrize(

@@ -140,6 +140,30 @@ _MONTH_NUMBER = {
 _DAY = re.compile(r"(\d{1,2})(?:st|nd|rd|th|e|de|ste|t\d.*)?")
 
 
+_DATE_SEP = r"[-./' ]+"
+
+
+@cache
+def _short_date_patterns(day: int, month: int, yy: str) -> frozenset[re.Pattern[str]]:
+    """Day-first forms of a date with a two-digit year (14-7-61, 14/07/'61, 14 juli 61, 14e jul. 61), one
+    pattern per way of writing the day, each starting with it: a literal start lets the regex engine skip
+    ahead, where anchoring on the two-digit year would stop at every "01" of a date. What precedes the day
+    is checked by ``_short_date_in``."""
+    forms = {str(month), f"{month:02d}"} | {n for n, m in _MONTH_NUMBER.items() if m == month}
+    months = "|".join(sorted(forms, key=len, reverse=True))
+    tail = rf"(?:st|nd|rd|th|e|de|ste)?{_DATE_SEP}(?:{months})\.?{_DATE_SEP}{yy}(?![0-9])"
+    return frozenset(re.compile(re.escape(d) + tail) for d in {str(day), f"{day:02d}"})
+
+
+def _short_date_in(low: str, patterns: Collection[re.Pattern[str]]) -> bool:
+    """Does a two-digit-year birth date stand in ``low`` (case-folded), not glued to a digit before it?"""
+    for pattern in patterns:
+        for match in pattern.finditer(low):
+            if match.start() == 0 or not low[match.start() - 1].isdigit():
+                return True
+    return False
+
+
 def compact_dates(iso: str) -> tuple[str, str]:
     """19610714 and 14071961: a date written without separators is one token."""
     y, m, d = iso.split("-")
@@ -199,12 +223,27 @@ class SensitiveSet:
     # full birth dates by year: the year is the anchor of every notation, and rare in a document
     birth_dates: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
     glued: set[tuple[str, str]] = field(default_factory=set)  # (case-folded value, kind) sought inside words
+    # a birth date with a two-digit year, day first ("14-07-61"): its patterns for case-folded text, by
+    # (day, two-digit year), the tokens a document must have for them to match
+    short_dates: dict[tuple[int, str], frozenset[re.Pattern[str]]] = field(default_factory=dict)
+
+    def short_date_patterns(self, tokens: Collection[str] | None = None) -> list[re.Pattern[str]]:
+        """Those patterns; with the document's ``tokens``, only those whose day and year it has."""
+        return [
+            pattern
+            for (day, yy), patterns in self.short_dates.items()
+            if tokens is None or (yy in tokens and (str(day) in tokens or f"{day:02d}" in tokens))
+            for pattern in patterns
+        ]
 
     def add_birth_date(self, iso: str) -> None:
         y, m, d = iso.split("-")
         self.birth_dates.setdefault(y, set()).add((int(m), int(d)))
         for compact in (*compact_dates(iso), f"{d}{m}{y[2:]}"):  # also 140761
             self.add(compact, "birth-date")
+        self.short_dates[(int(d), y[2:])] = self.short_dates.get((int(d), y[2:]), frozenset()) | (
+            _short_date_patterns(int(d), int(m), y[2:])
+        )
 
     def add(self, value: Any, kind: str) -> None:
         if type(value) is not str:
@@ -581,6 +620,9 @@ class _Scanner:
             return True
         if self.glued and _glued_kind(s, self.glued) is not None:
             return True
+        short_dates = self.sens.short_dates if self.sens is not None else None
+        if short_dates and _short_date_in(s.casefold(), self.sens.short_date_patterns()):  # type: ignore[union-attr]
+            return True
         if not self.many:
             # IGNORECASE covers ASCII; other text is case-folded first, as the sensitive tokens were (and a
             # 9-digit run is sought before: folding "111222333ß" to "...ss" would glue a letter onto it)
@@ -648,6 +690,8 @@ class _Scanner:
         dates = sens.birth_dates
         anchored = (i for i, t in enumerate(tokens) if t in dates)
         if dates_count and any(date_around(tokens, i, dates[tokens[i]]) for i in anchored):
+            return "birth-date"
+        if dates_count and sens.short_dates and _short_date_in(s.casefold(), sens.short_date_patterns()):
             return "birth-date"
         by_first = sens.by_first
         for i, tok in enumerate(tokens):
@@ -953,6 +997,8 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner, serialized: bytes | None 
     if literals and _literal_found(escaped, literals, tokens if ascii_doc else None):
         return False
     if sens.birth_dates and _birth_date_seen(low, sens.birth_dates, tokens):
+        return False
+    if sens.short_dates and _short_date_in(low, sens.short_date_patterns(tokens)):
         return False
     firsts = by_first if tokens is None else tokens.intersection(by_first)
     for first in firsts:
