@@ -640,3 +640,11 @@ def test_what_the_second_probe_found_wrongly_blocked_is_delivered() -> None:
     bundle["entry"].append({"resource": home})
     out["entry"].append({"resource": home})
     assert {f.kind for f in scan(out, sensitive_values(bundle))} == {"name"}
+
+
+def test_a_name_with_sharp_s_run_into_another_word_is_found() -> None:
+    """A review: the name was sought case-folded ("grossmann") in lower-cased text ("großmann")."""
+    sensitive = sensitive_values(_patient_bundle(name=[{"family": "Großmann"}]))
+    assert {f.kind for f in scan(out_with(valueString="PompGroßmann"), sensitive)} == {"name"}
+    assert {f.kind for f in scan(out_with(valueString="PompGrossmann"), sensitive)} == {"name"}
+

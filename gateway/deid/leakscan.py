@@ -273,6 +273,10 @@ class SensitiveSet:
         if entry not in bucket:
             bucket.append(entry)
         self._add_glued(tokens, joined, kind)
+        if kind == "name" and value.lower() != value.casefold():
+            # run-in names are sought in lower-cased text, where "ß" stays "ß" (case-folded it is "ss")
+            lowered = tuple(_TOKEN.findall(value.lower()))
+            self._add_glued(lowered, "".join(lowered), kind)
         if kind == "postcode" and len(tokens) == 2:
             self.add(joined, "postcode-joined")  # "1012 NX" is also written "1012NX"
         elif kind in ("identifier", "name") and len(tokens) > 1 and len(joined) >= 8:
