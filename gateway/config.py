@@ -9,13 +9,31 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sha256_hex(value: str) -> str:
+    """A key's hash as `fhir-gateway clients new-key` prints it: 64 hex digits, not a placeholder."""
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError("must be the SHA-256 (64 hex digits) that `fhir-gateway clients new-key` prints")
+    return value.lower()
+
+
+KeyHash = Annotated[str, AfterValidator(_sha256_hex)]
 
 
 class _Strict(BaseModel):
@@ -38,21 +56,10 @@ class ClientConfig(_Strict):
 
     id: str
     provider: str
-    api_key_sha256: str | None = None
+    api_key_sha256: KeyHash | None = None
     mtls_subject: str | None = Field(None, description="client certificate subject passed by a trusted proxy")
     registries: list[str] = Field(default_factory=list)
 
-    @field_validator("api_key_sha256")
-    @classmethod
-    def _a_hash(cls, value: str | None) -> str | None:
-        return _sha256_hex(value)
-
-
-def _sha256_hex(value: str | None) -> str | None:
-    """A key's hash as `fhir-gateway clients new-key` prints it: 64 hex digits, not a placeholder."""
-    if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-        raise ValueError("must be the SHA-256 (64 hex digits) that `fhir-gateway clients new-key` prints")
-    return value.lower() if value is not None else None
 
 
 class RegistryAuth(_Strict):
@@ -122,14 +129,9 @@ class GatewayConfig(_Strict):
     clients: list[ClientConfig] = Field(default_factory=list)
     registries: dict[str, RegistryConfig]
     ttp: TTPConfig = TTPConfig()
-    admin_api_key_sha256: str | None = None
+    admin_api_key_sha256: KeyHash | None = None
     trusted_proxies: list[str] = Field(default_factory=list)
     profiles_dir: str = str(REPO_ROOT / "profiles")
-
-    @field_validator("admin_api_key_sha256")
-    @classmethod
-    def _a_hash(cls, value: str | None) -> str | None:
-        return _sha256_hex(value)
 
     @field_validator("providers")
     @classmethod

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import orjson
 import typer
@@ -127,16 +129,13 @@ async def _run(
         def progress(phase: str, done: int, total: int) -> None:
             bar.update(tasks[phase], completed=done, total=total)
 
-        if config is None:
-            return await run_bulk_async(
-                paths,
-                registry=registry,
-                work_dir=work_dir,
-                to_dir=to_dir,
-                options=options,
-                progress=progress,
-                strict=strict,
+        def run(**where: Any) -> Awaitable[BulkSummary]:  # the job's own arguments, and where it goes
+            return run_bulk_async(
+                paths, registry=registry, work_dir=work_dir, progress=progress, strict=strict, **where
             )
+
+        if config is None:
+            return await run(to_dir=to_dir, options=options)
         runtime = _runtime(config)
         if registry_bundle_size and registry in runtime.config.registries:
             options = replace(options, bundle_size=runtime.config.registries[registry].bulk_bundle_size)
@@ -148,17 +147,7 @@ async def _run(
                 registry=registry,
                 sender="bulk-cli",
             )
-            summary = await run_bulk_async(
-                paths,
-                registry=registry,
-                work_dir=work_dir,
-                runtime=runtime,
-                provider=provider,
-                sink=sink,
-                options=options,
-                progress=progress,
-                strict=strict,
-            )
+            summary = await run(runtime=runtime, provider=provider, sink=sink, options=options)
             if wait:
                 drain = bar.add_task("forward (this export's bundles)", total=len(sink.delivery_ids))
                 await _drain(runtime, sink.delivery_ids, lambda done: bar.update(drain, completed=done))

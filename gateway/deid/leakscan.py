@@ -227,14 +227,21 @@ class SensitiveSet:
     # (day, two-digit year), the tokens a document must have for them to match
     short_dates: dict[tuple[int, str], frozenset[re.Pattern[str]]] = field(default_factory=dict)
 
-    def short_date_patterns(self, tokens: Collection[str] | None = None) -> list[re.Pattern[str]]:
+    def short_date_patterns(self, tokens: Collection[str] | None = None) -> Collection[re.Pattern[str]]:
         """Those patterns; with the document's ``tokens``, only those whose day and year it has."""
+        if tokens is None:
+            return self._all_short_date_patterns
         return [
             pattern
             for (day, yy), patterns in self.short_dates.items()
-            if tokens is None or (yy in tokens and (str(day) in tokens or f"{day:02d}" in tokens))
+            if yy in tokens and (str(day) in tokens or f"{day:02d}" in tokens)
             for pattern in patterns
         ]
+
+    @cached_property
+    def _all_short_date_patterns(self) -> frozenset[re.Pattern[str]]:
+        # the walk asks per string; built once the set is complete (add_birth_date drops it)
+        return frozenset().union(*self.short_dates.values())
 
     def add_birth_date(self, iso: str) -> None:
         y, m, d = iso.split("-")
@@ -244,6 +251,7 @@ class SensitiveSet:
         self.short_dates[(int(d), y[2:])] = self.short_dates.get((int(d), y[2:]), frozenset()) | (
             _short_date_patterns(int(d), int(m), y[2:])
         )
+        self.__dict__.pop("_all_short_date_patterns", None)
 
     def add(self, value: Any, kind: str) -> None:
         if type(value) is not str:
@@ -1066,8 +1074,9 @@ def scan(
     scanner = _Scanner(sensitive)
     if _clean_at_a_glance(output, scanner, serialized):
         return findings
-    if scanner.glued and not scanner.glued_decided:  # the document check stopped before it looked
-        scanner.glued = _glued_for_walk(output, scanner.glued, serialized)
+    if scanner.glued and not scanner.glued_decided and serialized is not None:
+        # the document check stopped before it looked (not plain JSON: every glued value is sought)
+        scanner.glued = glued_in_document(serialized, scanner.glued)
     scanner.value(output, "", {}, [root])
     return findings + scanner.findings
 
@@ -1084,16 +1093,6 @@ def folded(output: Any, serialized: bytes | None) -> tuple[Any, bytes | None, bo
         return output, raw, False
     # '":' ends a key in orjson's text (a quote inside a string is escaped), so fewer of them: keys merged
     return again[0], again[1], again[1].count(b'":') != raw.count(b'":')
-
-
-def _glued_for_walk(
-    output: Any, candidates: Collection[tuple[str, str]], serialized: bytes | None
-) -> Collection[tuple[str, str]]:
-    try:
-        raw = serialized if serialized is not None else orjson.dumps(output)
-    except (TypeError, orjson.JSONEncodeError):
-        return candidates  # not plain JSON: every string is checked for every value
-    return glued_in_document(raw, candidates)
 
 
 # Elements of a Patient, RelatedPerson or Person that hold direct identifiers: never in pseudonymised output

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import orjson
 
 from gateway.store.dialects import create_private
+from gateway.store.model import iso_instant
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS receipts (
@@ -72,9 +72,11 @@ class ReceiverDB:
         for statement in SCHEMA:
             self._conn.execute(statement)
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(accepted)")}
-        if "response" not in columns:  # an earlier version's database: its deliveries are not answered again
-            with contextlib.suppress(sqlite3.OperationalError):  # another process added it just now
-                self._conn.execute("ALTER TABLE accepted ADD COLUMN response BLOB")
+        # an earlier version's database: its deliveries are not answered again (see apply_transaction)
+        for column in ("body_sha256", "response"):
+            if column not in columns:
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it just now
+                    self._conn.execute(f"ALTER TABLE accepted ADD COLUMN {column} BLOB")
 
     def close(self) -> None:
         with self._lock:
@@ -109,7 +111,7 @@ class ReceiverDB:
                 "id": r[0],
                 "bundleId": r[1],
                 "identifier": r[2],
-                "receivedAt": _iso(r[3]),
+                "receivedAt": iso_instant(r[3]),
                 "entryCount": r[4],
                 "resourceCounts": orjson.loads(r[5]),
                 "acceptedCount": r[6],
@@ -139,7 +141,3 @@ class ReceiverDB:
         if rtype is None:
             return int(self.read("SELECT COUNT(*) FROM resources")[0][0])
         return int(self.read("SELECT COUNT(*) FROM resources WHERE type = ?", (rtype,))[0][0])
-
-
-def _iso(at: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z"

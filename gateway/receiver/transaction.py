@@ -127,10 +127,12 @@ def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dic
     receipt_id = uuid.uuid4().hex
     with db.write() as conn:  # BEGIN IMMEDIATE: two copies sent at once are applied one after the other
         if key is not None:
-            row = conn.execute("SELECT response FROM accepted WHERE identifier = ?", (key,)).fetchone()
-            if row is not None and row[0] is not None and row[0][:32] == digest:
+            row = conn.execute(
+                "SELECT body_sha256, response FROM accepted WHERE identifier = ?", (key,)
+            ).fetchone()
+            if row is not None and row[0] == digest and row[1] is not None:
                 conn.execute("UPDATE accepted SET count = count + 1 WHERE identifier = ?", (key,))
-                return orjson.loads(row[0][32:])
+                return orjson.loads(row[1])
         versions = _current_versions(conn, [(rtype, rid) for _method, rtype, rid, _resource in plan])
         for _method, rtype, rid, resource in plan:
             version = versions.get((rtype, rid), 0) + 1
@@ -165,9 +167,10 @@ def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dic
         response["entry"] = responses
         if key is not None:
             conn.execute(
-                "INSERT INTO accepted (identifier, count, response) VALUES (?, 1, ?) "
-                "ON CONFLICT (identifier) DO UPDATE SET count = count + 1, response = excluded.response",
-                (key, digest + orjson.dumps(response)),  # the body's digest, then the response
+                "INSERT INTO accepted (identifier, count, body_sha256, response) VALUES (?, 1, ?, ?) "
+                "ON CONFLICT (identifier) DO UPDATE SET count = count + 1, "
+                "body_sha256 = excluded.body_sha256, response = excluded.response",
+                (key, digest, orjson.dumps(response)),
             )
     return response
 

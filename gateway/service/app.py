@@ -29,6 +29,7 @@ from gateway.service.logs import request_id
 from gateway.service.responses import fhir_response
 from gateway.service.summary import delivery_parameters
 from gateway.store import StoreUnavailable
+from gateway.store.model import iso_instant
 from gateway.ttp.backend import TTPUnavailable
 
 log = logging.getLogger("gateway.service")
@@ -286,8 +287,8 @@ def _delivery_view(d: Any) -> dict[str, Any]:
         "registry": d.registry,
         "status": d.status,
         "attempts": d.attempts,
-        "createdAt": iso_time(d.created_at),
-        "updatedAt": iso_time(d.updated_at),
+        "createdAt": iso_instant(d.created_at),
+        "updatedAt": iso_instant(d.updated_at),
         "registryStatus": d.registry_status,
         "lastError": d.last_error,
     }
@@ -415,7 +416,7 @@ def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
             after_id=after,
             limit=min(max(limit, 1), 10000),
         )
-        events = [{**dataclasses.asdict(e), "at": iso_time(e.at)} for e in rows]
+        events = [{**dataclasses.asdict(e), "at": iso_instant(e.at)} for e in rows]
         return Response(orjson.dumps(events, default=_plain), media_type="application/json")
 
     @app.get("/admin/processing-record/{registry}")
@@ -460,10 +461,3 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "__dict__"):
         return vars(value)
     return str(value)
-
-
-def iso_time(epoch: float | None) -> str | None:
-    """A stored time as an ISO 8601 instant in UTC (milliseconds), as FHIR writes them."""
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

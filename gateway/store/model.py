@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 DeliveryStatus = Literal["queued", "delivering", "delivered", "dead"]
 STATUSES: tuple[DeliveryStatus, ...] = ("queued", "delivering", "delivered", "dead")
+
+
+def iso_instant(epoch: float) -> str:
+    """A stored time (epoch seconds) as an ISO 8601 instant in UTC with milliseconds, as FHIR writes them."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
 class StoreUnavailable(Exception):
