@@ -3,6 +3,7 @@ loopback (gateway.demo.embedded_chain), the outbox worker forwarding to the real
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -308,6 +309,8 @@ def test_a_manifest_import_cut_off_by_a_killed_gateway_resumes_where_it_stopped(
         location = first.headers["Content-Location"]
         again = httpx.post(f"{gw.url}/registries/{REGISTRY}/$import", content=manifest, headers=headers)
         assert again.headers["Content-Location"] == location  # the same export while it runs: the same job
+        started = httpx.get(gw.url + location, headers=auth).json()["startedAt"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", started), started
         deadline = time.monotonic() + 120
         while True:
             status = httpx.get(gw.url + location, headers=auth).json()
@@ -320,6 +323,7 @@ def test_a_manifest_import_cut_off_by_a_killed_gateway_resumes_where_it_stopped(
         told = httpx.get(gw.url + location, headers=auth)  # a client polling across the restart learns why
         assert told.status_code == 200 and told.json()["state"] == "failed"
         assert "post the manifest again to resume" in told.json()["error"]
+        assert told.json()["startedAt"] == started  # when it was posted, not when the restart found it
         resumed = httpx.post(f"{gw.url}/registries/{REGISTRY}/$import", content=manifest, headers=headers)
         assert resumed.status_code == 202 and resumed.headers["Content-Location"] == location
         with httpx.Client(base_url=gw.url, headers=auth, timeout=30) as client:

@@ -39,6 +39,7 @@ from gateway.bulk.sources import SourceError, SourceFile, parse_manifest
 from gateway.optout.base import Decision, OptOutUnavailable, PatientRef
 from gateway.outcome import FhirError
 from gateway.pseudonym.types import PrePseudonym
+from gateway.store.model import iso_instant
 from gateway.ttp.backend import TTPResult, TTPUnavailable
 
 log = logging.getLogger("gateway.bulk")
@@ -69,8 +70,8 @@ class JobStatus:
             "registry": self.registry,
             "state": self.state,
             "progress": {"done": self.phase_done, "total": self.phase_total},
-            "startedAt": self.started,
-            "finishedAt": self.finished,
+            "startedAt": iso_instant(self.started),
+            "finishedAt": None if self.finished is None else iso_instant(self.finished),
         }
         if self.summary is not None:
             out["summary"] = self.summary.as_dict()
@@ -183,7 +184,8 @@ class BulkJobs:
             ) from None
         job = JobStatus(job_id, provider, registry, resumable=True)
         self._remember(job)
-        (folder / JOB_FILE).write_bytes(orjson.dumps({"provider": provider, "registry": registry}))
+        owner = {"provider": provider, "registry": registry, "startedAt": job.started}
+        (folder / JOB_FILE).write_bytes(orjson.dumps(owner))
         target = folder / "manifest.json"
         # kept for the resume window: it names the export's files, which only the gateway's user may read
         with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
@@ -291,7 +293,10 @@ def _manifest_jobs_on_disk(work_root: Path) -> list[JobStatus]:
         except (OSError, orjson.JSONDecodeError, sqlite3.Error):
             continue
         job = JobStatus(folder.name, owner["provider"], owner["registry"], resumable=True)
-        job.started = job.finished = folder.stat().st_mtime
+        # when it was posted (kept in its folder since this was added) and when its state was last written
+        last_write = (folder / "state.db").stat().st_mtime if (folder / "state.db").exists() else None
+        job.started = owner.get("startedAt") or folder.stat().st_mtime
+        job.finished = last_write or job.started
         if summary is not None:
             job.state, job.summary = "completed", summary
         else:
