@@ -7,6 +7,7 @@ service, the offline `deidentify` command, bulk delivery and the benchmarks all 
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,8 +86,11 @@ async def process_bundle(
     validator: SchemaValidator,
     mapping: InputMapping,
     recorded: str | None = None,
+    other_people: Sequence[dict[str, Any]] = (),
 ) -> Processed:
-    """`recorded` (a FHIR instant) goes into the Provenance; by default the current time."""
+    """`recorded` (a FHIR instant) goes into the Provenance; by default the current time. `other_people`:
+    Patients of whom nothing is delivered here but whose values must not leak into it either (bulk: the
+    patients of another slice whose home a shared place is); never offered to the TTP."""
     if not registry.plan.profile.person_level:
         # checked before anything else: no patient of this bundle may reach the TTP for such a registry
         raise FhirError.single(
@@ -123,6 +127,7 @@ async def process_bundle(
     if decisions and not admitted:
         return Processed(None, report, dropped_entries=dropped_entries)
     kept_input = _without_entries(bundle, dropped)
+    kept_positions = _positions(bundle, dropped)
     pseudonyms = await pseudonymise_patients(
         admitted,
         registry=registry.registry,
@@ -143,6 +148,7 @@ async def process_bundle(
         no_link = {patient_key(p): Decision("unknown", "no-pseudonym") for p in unlinkable}
         dropped_no_pseudonym = entries_to_drop(index, {**decisions, **no_link})
         kept_input = _without_entries(bundle, dropped_no_pseudonym)
+        kept_positions = _positions(bundle, dropped_no_pseudonym)
         report["patientsDroppedNoPseudonym"] = len(unlinkable)
         no_link_entries = dropped_entries["no-pseudonym"] = dropped_no_pseudonym - dropped
         report["resourcesDroppedNoPseudonym"] = len(no_link_entries)
@@ -159,6 +165,8 @@ async def process_bundle(
             gateway_version=__version__, recorded=recorded or _now(), ttp_name=provider.ttp_name
         ),
         outside_references={ref for _, ref in index.external_references},
+        # an objecting patient's home is still theirs: a place there that another patient's resources name
+        other_people=[*(p.resource for p in index.patients if patient_key(p) not in admitted), *other_people],
     )
     log.debug(
         "de-identified",
@@ -168,9 +176,13 @@ async def process_bundle(
             "resources_kept": result.report.resources_kept,
         },
     )
-    payload = _leak_gate(result.bundle, kept_input, registry.plan.profile.leak_gate_options())
+    # the values of every person of the input are sought, the dropped ones' too: nothing of an objecting
+    # patient may reach the registry through another patient's resources
+    sought = _with_people(bundle, other_people)
+    input_paths = _InputPaths(result.sources, kept_positions)
+    payload = _leak_gate(result.bundle, sought, registry.plan.profile.leak_gate_options(), input_paths)
     if registry.strict:
-        _strict_output_gate(result.bundle)
+        _strict_output_gate(result.bundle, input_paths)
     report |= {
         "pseudonymTypes": dict(pseudonyms.types_added),
         "pseudonymsSkipped": dict(pseudonyms.skipped),
@@ -264,29 +276,78 @@ def _by_every_reference(
     return out
 
 
-def _leak_gate(output: dict[str, Any], kept_input: dict[str, Any], options: dict[str, Any]) -> bytes:
+def _positions(bundle: dict[str, Any], dropped: set[int]) -> list[int] | None:
+    """The input position of each entry left after dropping `dropped` (None: nothing dropped)."""
+    if not dropped:
+        return None
+    return [i for i in range(len(bundle.get("entry") or [])) if i not in dropped]
+
+
+def _with_people(bundle: dict[str, Any], people: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    if not people:
+        return bundle
+    return {**bundle, "entry": [*(bundle.get("entry") or []), *({"resource": p} for p in people)]}
+
+
+_OUTPUT_ENTRY = re.compile(r"^Bundle\.entry\[(\d+)\]")
+
+
+@dataclass(frozen=True)
+class _InputPaths:
+    """Names a finding in the de-identified Bundle by the entry of the input it came from: that is the entry
+    the sender wrote (and the one bulk delivery drops), not its place in the output, which differs."""
+
+    sources: list[int | None]  # output entry -> entry of the de-identified input (None: the Provenance)
+    positions: list[int] | None  # entry of the de-identified input -> entry of the posted Bundle
+
+    def __call__(self, path: str) -> str:
+        match = _OUTPUT_ENTRY.match(path)
+        if match is None:
+            return path
+        n = int(match.group(1))
+        source = self.sources[n] if n < len(self.sources) else None
+        if source is None:
+            return "Bundle"  # the gateway's own Provenance: about the whole delivery, not a sender's entry
+        position = self.positions[source] if self.positions is not None else source
+        return f"Bundle.entry[{position}]{path[match.end():]}"
+
+
+def _leak_gate(
+    output: dict[str, Any], sought: dict[str, Any], options: dict[str, Any], input_path: _InputPaths
+) -> bytes:
     """After rewriting, before anything leaves: a hit blocks the delivery, naming the path, not the value.
     Returns the serialised output it scanned, so that what is stored is byte for byte what was checked.
-    ``options``: the profile's ``leak_gate_options()``."""
+    ``sought``: the input whose people's values are looked for; ``options``: the profile's
+    ``leak_gate_options()``."""
     payload = orjson.dumps(output)
-    sensitive = sensitive_values(kept_input, **options)
+    sensitive = sensitive_values(sought, **options)
     findings = scan(output, sensitive, serialized=payload)
     if findings:
         issues = [
-            Issue("security", f"direct identifier ({f.kind}) left after de-identification", (f.path,))
+            Issue(
+                "security",
+                f"direct identifier ({f.kind}) left after de-identification",
+                (input_path(f.path),),
+            )
             for f in findings[:50]
         ]
         raise FhirError(422, issues)
     return payload
 
 
-def _strict_output_gate(output: dict[str, Any]) -> None:
+def _strict_output_gate(output: dict[str, Any], input_path: _InputPaths) -> None:
     """Strict mode, after the leak gate: the engine makes valid R4 by construction, so a finding here is a
-    gateway defect, and nothing is delivered. The paths are in the de-identified Bundle."""
+    gateway defect, and nothing is delivered. The paths name the input entry the finding came from."""
     issues = bundle_model_issues(output)
     if issues:
         text = "de-identified Bundle: {}; nothing delivered"
-        raise FhirError(422, [Issue(i.code, text.format(i.diagnostics), i.expression) for i in issues])
+        raise FhirError(
+            422,
+            [
+                Issue(i.code, text.format(i.diagnostics), tuple(input_path(e) for e in i.expression))
+                for i in issues
+            ],
+        )
 
 
 def _now() -> str:

@@ -597,13 +597,17 @@ def test_invalid_lines_name_a_file_only_by_its_export_name(tmp_path: Path) -> No
         tmp_path / "export", SynthSpec(patients=3, resources_per_patient=2, invalid_lines={"Encounter": [1]})
     )
     (tmp_path / "export" / "Patient-MRN00042-999911120.ndjson").write_bytes(b'{"resourceType": broken\n')
+    # a third: a surname and a BSN in the shape of an export's numbered file, and a birth date after a type
+    (tmp_path / "export" / "Vanderwoude_123456782.ndjson").write_bytes(b'{"resourceType": broken\n')
+    (tmp_path / "export" / "Observation_19610714.ndjson").write_bytes(b'{"resourceType": broken\n')
     summary = run_bulk(
         [tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out"
     )
     files = {name for name, _, _ in summary.invalid_lines}
-    assert "Encounter.ndjson" in files and len(files) == 2
-    assert not any("MRN00042" in name or "999911120" in name for name in files)
-    assert "999911120" not in orjson.dumps(summary.as_dict()).decode()
+    assert "Encounter.ndjson" in files and len(files) == 4
+    shown = orjson.dumps(summary.as_dict()).decode()
+    for value in ("MRN00042", "999911120", "Vanderwoude", "123456782", "19610714"):
+        assert value not in shown
 
 
 # valid R4 (a required choice element as a primitive's extensions only); the R4B models want a value

@@ -2,10 +2,10 @@
 patients), cut the result into transaction Bundles.
 
 A chain error is narrowed down instead of failing the group: an error that names entries
-(`Bundle.entry[i]...`: schema errors, a reference to a Patient that is not there) drops those entries
-(reported
-by file and line number, never by value) and the group is run again; an error that names no entry splits the
-group in halves, down to a single patient, whose resources are then reported as rejected.
+(`Bundle.entry[i]...`: schema errors, a reference to a Patient that is not there, a leak-gate finding) drops
+those entries (reported by file and line number, never by value) and the group is run again; an error that
+names no entry splits the group in halves, down to a single patient, whose resources are then reported as
+rejected. A dropped Consent takes its patient with it: without it the patient's objection is unknown.
 TTPUnavailable and store errors are not caught: the job stops and can be resumed (fail closed).
 """
 
@@ -106,20 +106,28 @@ async def run_group(
     10-patient one (see benchmarks/README.md); slicing keeps the big TTP batch and loses nothing else."""
     result = GroupResult(known_types=chains.validator.resource_types)
     items: list[_Item] = []
+    # Patients whose home a shared place of this group is (index.home_places), of any group: their home
+    # and their values count in every slice that carries the place; they are never delivered from here
+    others: list[dict] = []
     for line in lines:
         try:
             resource = parse_json(read(line), max_bytes=max_line_bytes)
         except FhirError as err:
+            if line.bystander:
+                continue  # reported with its own group
             result.rejected_lines.append((line.file, line.line, f"invalid-{err.issues[0].code}"))
             result.drop("invalid-line", line.rtype)
             continue
-        items.append(_Item(line, line.owner, resource))
+        if line.bystander:
+            others.append(resource)
+        else:
+            items.append(_Item(line, line.owner, resource))
     result.patients = sum(1 for i in items if i.resource.get("resourceType") == "Patient")
     batch_ttp = BatchTTP(chains.provider.ttp)
     chains = replace(chains, provider=replace(chains.provider, ttp=batch_ttp))
     await prefetch_pseudonyms(items, chains)
     for sub in _sub_batches(items, patients_per_call):
-        for bundle in await _process(sub, chains, result, recorded):
+        for bundle in await _process(sub, chains, result, recorded, others):
             # cut into bytes right away: a group's de-identified dicts are never all alive at once; each
             # Bundle's tag ends in a digest of the patients it carries (see chunks._carried)
             result.chunks.extend(split_transaction(bundle, max_entries=bundle_size, tag=tag))
@@ -127,8 +135,11 @@ async def run_group(
     return result
 
 
-async def _process(items: list[_Item], chains: Chains, result: GroupResult, recorded: str) -> list[dict]:
-    """De-identified bundles for `items` (one normally; several when the group had to be split)."""
+async def _process(
+    items: list[_Item], chains: Chains, result: GroupResult, recorded: str, others: list[dict]
+) -> list[dict]:
+    """De-identified bundles for `items` (one normally; several when the group had to be split).
+    `others`: Patients not delivered here whose values must not leak into it (the chain's `other_people`)."""
     for _ in range(MAX_RETRIES):
         if not any(i.resource.get("resourceType") == "Patient" for i in items):
             for item in items:
@@ -142,27 +153,48 @@ async def _process(items: list[_Item], chains: Chains, result: GroupResult, reco
                 validator=chains.validator,
                 mapping=chains.mapping,
                 recorded=recorded,
+                other_people=others,
             )
         except FhirError as err:
             bad = _entries_named(err, len(items))
             if not bad:
-                return await _split(items, chains, result, recorded, err)
+                return await _split(items, chains, result, recorded, err, others)
             for i in sorted(bad):
                 code = _issue_code_of_entry(err, i)
                 result.rejected_lines.append((items[i].line.file, items[i].line.line, f"rejected-{code}"))
                 result.drop(f"rejected-{err.status}", items[i].line.rtype)
-            items = [item for n, item in enumerate(items) if n not in bad]
+            withheld = _consent_owners(items, bad) if chains.registry.bundle_consent else set()
+            for n, item in enumerate(items):
+                if n not in bad and item.owner in withheld:
+                    result.drop("opt-out-unknown", item.line.rtype)
+            result.patients_unknown_optout += len(withheld)
+            items = [item for n, item in enumerate(items) if n not in bad and item.owner not in withheld]
             continue
         if OUTAGE_REASONS & (processed.report.get("optOutReasons") or {}).keys():
             raise OptOutUnavailable("an opt-out source could not be reached")
         result.add_report(processed.report)
         result.add_chain_drops(items, processed.dropped_entries)
         return [processed.bundle] if processed.bundle is not None else []
-    return await _split(items, chains, result, recorded, None)
+    return await _split(items, chains, result, recorded, None, others)
+
+
+def _consent_owners(items: list[_Item], bad: set[int]) -> set[int]:
+    """The patients of the Consents among the dropped entries: with a Consent gone, whether the patient
+    objects is unknown, and unknown fails closed (none of their data goes)."""
+    return {
+        items[i].owner
+        for i in bad
+        if items[i].owner is not None and items[i].resource.get("resourceType") == "Consent"
+    }
 
 
 async def _split(
-    items: list[_Item], chains: Chains, result: GroupResult, recorded: str, err: FhirError | None
+    items: list[_Item],
+    chains: Chains,
+    result: GroupResult,
+    recorded: str,
+    err: FhirError | None,
+    others: list[dict],
 ) -> list[dict]:
     owners = sorted({i.owner for i in items if i.owner is not None})
     if len(owners) <= 1:
@@ -173,7 +205,9 @@ async def _split(
     half = set(owners[: len(owners) // 2])
     first = [i for i in items if i.owner in half or i.owner is None]
     second = [i for i in items if (i.owner is not None and i.owner not in half) or i.owner is None]
-    return await _process(first, chains, result, recorded) + await _process(second, chains, result, recorded)
+    return await _process(first, chains, result, recorded, others) + await _process(
+        second, chains, result, recorded, others
+    )
 
 
 def _sub_batches(items: list[_Item], patients: int) -> list[list[_Item]]:

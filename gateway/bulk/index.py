@@ -21,10 +21,14 @@ Ownership (which patient a resource travels with):
   *orphan* (reported, not delivered); if it names two different Patients it is reported, not delivered (it
   cannot be put in one patient's group without leaving a dangling patient reference);
 - a resource without patient references that references an owned resource (an Observation pointing only at
-  an Encounter) inherits the owner, up to `INHERIT_ROUNDS` hops;
+  an Encounter) inherits the owner, however many hops away; a resource that reaches two patients this way
+  (directly or through what it references) is reported, not delivered, like one that names two;
 - everything else (Organization, Practitioner, Location, Medication, ...) is *shared*: it is sent along with
   every group that references it (the de-identified id is a keyed hash of `Type/id`, so the copies are the
-  same resource at the registry: an idempotent upsert), and never on its own.
+  same resource at the registry: an idempotent upsert), and never on its own. A shared Location or
+  Organization at a patient's home (`gateway/deid/homes.py`) is recorded in `home_of`: every group that
+  carries it also reads that patient (a *bystander*), so that its address is generalised, and their values
+  sought by the leak gate, in every copy, whichever group the patient is in.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ SCHEMA = (
 CREATE TABLE files (id INTEGER PRIMARY KEY, name TEXT NOT NULL, size INTEGER NOT NULL);
 CREATE TABLE groups (id INTEGER PRIMARY KEY, first INTEGER NOT NULL, last INTEGER NOT NULL,
                      patients INTEGER NOT NULL, resources INTEGER NOT NULL);
+CREATE TABLE home_of (place INTEGER NOT NULL, patient INTEGER NOT NULL);
 """
 )
 # Built after the bulk inserts: building an index once is much cheaper than maintaining it row by row.
@@ -306,6 +311,7 @@ def build_index(
     conn.executescript(INDEXES)
     _resolve_owners(conn)
     conn.executescript(OWNER_INDEX)
+    _find_home_places(conn, files)
     stats.patients = conn.execute("SELECT COUNT(*) FROM resources WHERE is_patient = 1").fetchone()[0]
     _cut_groups(conn, group_size, max_group_resources)
     return stats
@@ -583,7 +589,7 @@ def _scan_line(
         out.invalid.append((number, line_no, "no-resource-type"))
         return False
     rid = resource.get("id")
-    self_key = keyer.fresh(f"{rtype}/{rid}") if isinstance(rid, str) and _ID.fullmatch(rid) else None
+    self_key = keyer.fresh(_self_text(rtype, rid)) if isinstance(rid, str) and _ID.fullmatch(rid) else None
     owner = None
     if rtype == "Patient":
         aliases = list(_patient_aliases(resource, rid, keyer))
@@ -592,6 +598,9 @@ def _scan_line(
             out.pkeys.extend(zip(aliases, itertools.repeat(row)))
     out.resources.append((row, number, offset, len(body), line_no, rtype, self_key, owner is not None, owner))
     refs = _REFERENCE.findall(body)
+    logical = _logical_subject_keys(resource, keyer)
+    if logical:
+        out.prefs.extend((row, key, 1) for key in logical)
     if refs:
         prefs: set[tuple[int, int]] = set()
         edges: set[int] = set()
@@ -609,10 +618,35 @@ def _scan_line(
     return True
 
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _self_text(rtype: str, rid: str) -> str:
+    """What a resource's key is made of: `urn:uuid:<id>` for a UUID id (so that `urn:uuid:` references and
+    `Type/<uuid>` ones find it alike: Synthea writes the former, servers the latter), else `Type/id`."""
+    return f"urn:uuid:{rid.lower()}" if _UUID.fullmatch(rid) else f"{rtype}/{rid}"
+
+
+def _logical_subject_keys(resource: dict, keyer: Keyer) -> list[int]:
+    """Patient keys of a `subject` or `patient` given only by identifier (a Consent's `patient` often is):
+    the resource is that patient's like one with a literal reference, so it travels (and, a Consent, is
+    applied) with them."""
+    keys = []
+    for name in ("subject", "patient"):
+        value = resource.get(name)
+        for ref in value if isinstance(value, list) else (value,):
+            ident = ref.get("identifier") if isinstance(ref, dict) and "reference" not in ref else None
+            if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+                system, value = ident.get("system"), ident["value"]
+                text = f"ident|{system}|{value}" if isinstance(system, str) else f"ident-any|{value}"
+                keys.append(keyer(text))
+    return keys
+
+
 def _patient_aliases(resource: dict, rid: object, keyer: Keyer) -> Iterator[int]:
     if isinstance(rid, str) and rid:
         yield keyer.fresh(f"Patient/{rid}")
-        yield keyer.fresh(f"urn:uuid:{rid}")
+        yield keyer.fresh(f"urn:uuid:{rid.lower()}")
     idents = resource.get("identifier")
     for ident in idents if isinstance(idents, list) else ():
         if isinstance(ident, dict) and isinstance(ident.get("value"), str):
@@ -635,8 +669,9 @@ def _classify_into(ref: str, keyer: Keyer, prefs: list[tuple[int, int]], edges: 
         return
     if ref.startswith("urn:uuid:"):
         # Could be a Patient (resolved against Patient ids) or anything else: record both ways.
-        prefs.append((keyer(ref), 0))
-        edges.append(keyer(ref))
+        key = keyer(ref.lower())
+        prefs.append((key, 0))
+        edges.append(key)
         return
     if ref.startswith("Patient?"):
         for name, token in parse_qsl(ref[8:], keep_blank_values=True):
@@ -651,7 +686,7 @@ def _classify_into(ref: str, keyer: Keyer, prefs: list[tuple[int, int]], edges: 
     if rtype == "Patient":
         prefs.append((keyer(f"Patient/{rid}"), 1))
     else:
-        edges.append(keyer(f"{rtype}/{rid}"))
+        edges.append(keyer(_self_text(rtype, rid)))
 
 
 class _Writer:
@@ -708,18 +743,118 @@ def _resolve_owners(conn: sqlite3.Connection) -> None:
                        FROM prefs p LEFT JOIN pkeys k ON k.key = p.key GROUP BY p.res) m
                  WHERE m.res = resources.id AND resources.state = 'pending'
                  AND (m.first IS NOT NULL OR m.strict = 1)""")
-    for _ in range(INHERIT_ROUNDS):
-        # Only the edges of resources still pending (most resources are owned by now).
-        changed = c.execute("""UPDATE resources SET owner = t.owner, state = 'ok'
-                 FROM (SELECT e.res AS res, MIN(r2.owner) AS owner
-                       FROM resources r1 JOIN edges e ON e.res = r1.id
-                       JOIN resources r2 ON r2.self_key = e.key AND r2.owner IS NOT NULL AND r2.state = 'ok'
-                       WHERE r1.state = 'pending' GROUP BY e.res) t
-                 WHERE t.res = resources.id AND resources.state = 'pending'""").rowcount
-        if not changed:
-            break
+    _follow_references(c)
     c.execute("UPDATE resources SET state = 'shared' WHERE state = 'pending'")
     c.execute("COMMIT")
+
+
+# Per resource, what the resources it references are tied to: the lowest and highest patient owning one, and
+# whether one is tied to several patients or to one absent from the export.
+_TIES = """CREATE TEMP TABLE ties AS
+    SELECT e.res AS res, MIN(t.owner) AS lo, MAX(t.owner) AS hi,
+           MAX(t.state = 'several-patients') AS several, MAX(t.state = 'patient-absent') AS absent
+    FROM edges e JOIN resources t ON t.self_key = e.key AND t.id != e.res
+         AND t.state IN ('ok', 'several-patients', 'patient-absent')
+    WHERE {where} GROUP BY e.res"""
+_SEVERAL = """(ties.several OR (ties.lo IS NOT NULL AND (ties.lo != ties.hi
+               OR (resources.owner IS NOT NULL AND ties.lo != resources.owner))))"""
+_TIE = f"""UPDATE resources SET
+    state = CASE WHEN {_SEVERAL} THEN 'several-patients'
+                 WHEN resources.state = 'pending' AND ties.lo IS NOT NULL THEN 'ok'
+                 WHEN resources.state = 'pending' AND ties.absent THEN 'patient-absent'
+                 ELSE resources.state END,
+    owner = CASE WHEN {_SEVERAL} THEN NULL
+                 WHEN resources.state = 'pending' AND ties.lo IS NOT NULL THEN ties.lo
+                 ELSE resources.owner END
+    FROM ties WHERE ties.res = resources.id AND resources.is_patient = 0
+    AND resources.state IN ('ok', 'pending')
+    AND ({_SEVERAL} OR (resources.state = 'pending' AND (ties.lo IS NOT NULL OR ties.absent)))
+    RETURNING resources.self_key"""
+
+
+def _follow_references(c: sqlite3.Connection) -> None:
+    """A resource is tied to every patient it reaches through its references, however many hops (posted
+    Bundles drop the same way: `resources_of_patient`): one that reaches none of its own inherits the owner
+    of what it references (an Observation pointing only at an Encounter); one that reaches two patients is
+    'several-patients' and not delivered, so an objecting patient's data cannot travel with another
+    patient's group (a Condition of A whose evidence is B's Observation); one that reaches only a patient
+    absent from the export is an orphan too. Rounds until nothing changes; after the first, only the
+    resources that reference one changed in the round before are looked at again."""
+    where = "1"
+    while True:
+        c.execute("DROP TABLE IF EXISTS temp.ties")
+        c.execute(_TIES.format(where=where))
+        changed = [(key,) for (key,) in c.execute(_TIE).fetchall() if key is not None]
+        c.execute("DROP TABLE IF EXISTS temp.changed")
+        c.execute("CREATE TEMP TABLE changed (key INTEGER PRIMARY KEY)")
+        c.executemany("INSERT OR IGNORE INTO temp.changed (key) VALUES (?)", changed)
+        if not changed:
+            break
+        where = "e.res IN (SELECT e2.res FROM edges e2 WHERE e2.key IN (SELECT key FROM temp.changed))"
+    c.execute("DROP TABLE IF EXISTS temp.ties")
+    c.execute("DROP TABLE IF EXISTS temp.changed")
+
+
+_PLACE_TYPES = ("Location", "Organization")
+
+
+def _find_home_places(conn: sqlite3.Connection, files: list[SourceFile]) -> None:
+    """`home_of` rows: a shared Location or Organization whose address is a patient's home (`same_home`).
+    The places are few; every Patient is read once (by offset) only when one of them has an address."""
+    from gateway.deid.homes import home_of, patient_homes, same_home  # the scanning workers never need it
+
+    marks = ",".join("?" * len(_PLACE_TYPES))
+    rows = conn.execute(
+        f"SELECT id, file, off, len FROM resources WHERE state = 'shared' AND rtype IN ({marks})",
+        _PLACE_TYPES,
+    ).fetchall()
+    if not rows:
+        return
+    with _line_reader(files) as read:
+        by_postcode: dict[str, list] = collections.defaultdict(list)
+        by_number: dict[str, list] = collections.defaultdict(list)
+        for place, *where in rows:
+            addresses = _address_list(read(*where))
+            for key in filter(None, map(home_of, addresses)):
+                if key.postcode:
+                    by_postcode[key.postcode].append((key, place))
+                if key.number:
+                    by_number[key.number].append((key, place))
+        if not by_postcode and not by_number:
+            return
+        found: set[tuple[int, int]] = set()
+        query = "SELECT id, file, off, len FROM resources WHERE is_patient = 1 AND state = 'ok'"
+        for patient, *where in conn.execute(query):
+            for home in patient_homes([_parsed(read(*where))]):
+                for key, place in by_postcode.get(home.postcode, []) + by_number.get(home.number, []):
+                    if same_home(key, home):
+                        found.add((place, patient))
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO home_of (place, patient) VALUES (?, ?)", sorted(found))
+    conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def _line_reader(files: list[SourceFile]) -> Iterator[Callable[[int, int, int], bytes]]:
+    fds = [os.open(source.path, os.O_RDONLY) for source in files]
+    try:
+        yield lambda file, off, length: os.pread(fds[file], length, off)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _parsed(line: bytes) -> dict:
+    try:
+        resource = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return {}
+    return resource if isinstance(resource, dict) else {}
+
+
+def _address_list(line: bytes) -> list:
+    address = _parsed(line).get("address")
+    return address if isinstance(address, list) else [address]
 
 
 def _cut_groups(conn: sqlite3.Connection, group_size: int, max_group_resources: int) -> None:
@@ -757,6 +892,9 @@ class Line:
     line: int
     rtype: str
     owner: int | None  # the patient's row id; None for a shared resource
+    # a Patient of another group whose home a shared place of this group is: read for the leak gate and the
+    # home check only, never delivered with this group nor offered to the TTP
+    bystander: bool = False
 
 
 def group_count(conn: sqlite3.Connection) -> int:
@@ -780,7 +918,23 @@ def group_lines(conn: sqlite3.Connection, group: int) -> list[Line]:
             break
         frontier = list(found)
     rows = owned + [shared[k] for k in sorted(shared)]
-    return [Line(*row) for row in rows]
+    places = [k for k, row in shared.items() if row[5] in _PLACE_TYPES]
+    return [Line(*row) for row in rows] + _bystanders(conn, places)
+
+
+def _bystanders(conn: sqlite3.Connection, places: list[int]) -> list[Line]:
+    """The Patients whose home one of `places` is (see `home_of`), to be read beside the group."""
+    found: dict[int, tuple] = {}
+    for start in range(0, len(places), 900):  # SQLite's bound-parameter limit
+        chunk = places[start : start + 900]
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(
+            f"""SELECT r.id, r.file, r.off, r.len, r.line, r.rtype, r.owner FROM home_of h
+                JOIN resources r ON r.id = h.patient WHERE h.place IN ({marks})""",
+            chunk,
+        ):
+            found[row[0]] = row
+    return [Line(*found[k], bystander=True) for k in sorted(found)]
 
 
 def _shared_targets(conn: sqlite3.Connection, sources: list[int], seen: dict[int, tuple]) -> set[int]:
@@ -825,6 +979,19 @@ def invalid_lines(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, 
     """(file number, line number, reason) of the lines that could not be read."""
     query = "SELECT file, line, reason FROM invalid ORDER BY file, line LIMIT ?"
     return conn.execute(query, (limit,)).fetchall()
+
+
+def unattributed_consents(conn: sqlite3.Connection, consent_files: Iterable[int]) -> list[tuple[int, int]]:
+    """(file, line) of the Consents no single patient of the export can be tied to (no followable patient
+    reference, or two), and of the unreadable lines of files that hold Consents: whose objection such a line
+    is cannot be known, so no patient can be delivered as not objecting."""
+    found = conn.execute("""SELECT file, line FROM resources WHERE rtype = 'Consent'
+                            AND state IN ('shared', 'several-patients')""").fetchall()
+    numbers = sorted(set(consent_files))
+    if numbers:
+        marks = ",".join("?" * len(numbers))
+        found += conn.execute(f"SELECT file, line FROM invalid WHERE file IN ({marks})", numbers).fetchall()
+    return sorted(found)
 
 
 def file_names(conn: sqlite3.Connection) -> dict[int, str]:

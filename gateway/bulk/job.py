@@ -28,7 +28,8 @@ from gateway.bulk import index as ix
 from gateway.bulk.group import Chains, GroupResult, line_reader, run_group
 from gateway.bulk.pool import ChainSpec, PoolRunner
 from gateway.bulk.sinks import Sink
-from gateway.bulk.summary import BulkSummary
+from gateway.bulk.sources import SourceError
+from gateway.bulk.summary import BulkSummary, shown_file_name
 from gateway.memory import paused_gc, return_large_buffers_to_the_os
 
 Progress = Callable[[str, int, int], None]  # (phase "index"|"deliver", done, total)
@@ -90,6 +91,8 @@ async def deliver_export(
             nice=options.worker_nice,
         )
         with contextlib.closing(ix.reopen_index(work_dir / "index.db")) as conn:
+            if chains.registry.bundle_consent:
+                _refuse_unattributed_consents(conn, files)
             known_types = chains.validator.resource_types | {"(unknown)"}
             summary.absorb_index(stats, conn, MAX_INVALID_LISTED, known_types)
             runner, close = _runner(files, chains, spec, options)
@@ -105,6 +108,23 @@ async def deliver_export(
     # Finished: the index (offsets into the export, keys under a key that is gone) has no further use.
     (work_dir / "index.db").unlink(missing_ok=True)
     return summary
+
+
+def _refuse_unattributed_consents(conn: sqlite3.Connection, files: list[ix.SourceFile]) -> None:
+    """Fail closed before anything is sent: a Consent that cannot be tied to one patient may be anyone's
+    objection (a posted Bundle with one is refused whole, or withholds every patient)."""
+    consent_files = [n for n, source in enumerate(files) if source.type_hint == "Consent"]
+    lines = ix.unattributed_consents(conn, consent_files)
+    if lines:
+        names = ix.file_names(conn)
+        file, line = lines[0]
+        where = f"{shown_file_name(names.get(file, ''), file)} line {line}"
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise SourceError(
+            f"{where}{more}: a Consent that names no single patient of the export in a way that can be "
+            "followed; whose objection it is cannot be known, so nothing was delivered (correct or remove "
+            "it, then run again)"
+        )
 
 
 def finished_summary(state: sqlite3.Connection) -> BulkSummary | None:

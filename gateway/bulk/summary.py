@@ -116,12 +116,19 @@ class BulkSummary:
 
 
 # A Bulk Data export names its files after resource types (Patient.ndjson, Observation.000.ndjson); any
-# other name is the hospital's choice and may carry anything (a patient number), so it is shown by number.
-_EXPORT_FILE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}(?:[.\-_]\d{1,9})*\.ndjson|upload\.ndjson")
+# other name is the hospital's choice and may carry anything (a surname, a BSN), so it is shown by number.
+# The numbers of a part are short: nine digits could be a BSN, six or eight a birth date.
+_EXPORT_FILE_NAME = re.compile(r"([A-Z][A-Za-z]{1,63})(?:[.\-_]\d{1,5})*\.ndjson")
 
 
 def shown_file_name(name: str, number: int) -> str:
-    return name if _EXPORT_FILE_NAME.fullmatch(name) else f"file {number}"
+    """The export's own name for a file named after a resource type (maybe numbered), else its number."""
+    from gateway.deid.r4 import r4  # the job's process only; the scanning workers never show a name
+
+    match = _EXPORT_FILE_NAME.fullmatch(name)
+    if name == "upload.ndjson" or (match is not None and match.group(1) in r4().resources):
+        return name
+    return f"file {number}"
 
 
 # (attribute, key in as_dict) of the plain numbers: what came in, then what became of it

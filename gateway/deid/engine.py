@@ -13,6 +13,7 @@ bundle become ``urn:uuid:<id>``, which resolves in transaction and collection bu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -99,6 +100,9 @@ class DeidReport:
 class DeidResult:
     bundle: dict[str, Any]
     report: DeidReport
+    # the input entry each output entry came from (None: the Provenance the gateway adds), so that a finding
+    # in the output can be named by the entry the sender wrote
+    sources: list[int | None] = field(default_factory=list)
 
 
 # ── compile ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -300,6 +304,7 @@ class _Candidate:
     resource: dict[str, Any]
     new_id: str
     pseudonyms: list[dict[str, Any]]
+    index: int  # of its entry in the input
 
 
 class _Resolver:
@@ -451,7 +456,7 @@ def _select(
             for k in keys:
                 by_key[k] = urn
             pending.append((rtype, res, urn))
-            candidates.append(_Candidate(rtype, res, new_id, pseud))
+            candidates.append(_Candidate(rtype, res, new_id, pseud, index))
     return candidates, resolver
 
 
@@ -531,10 +536,15 @@ _AT_HOME_TYPES = ("Location", "Organization")
 
 
 def _generalise_homes(
-    kept: list[tuple[_Candidate, dict[str, Any]]], entries: list[Any], plan: Plan, ctx: p.WalkContext
+    kept: list[tuple[_Candidate, dict[str, Any]]],
+    entries: list[Any],
+    plan: Plan,
+    ctx: p.WalkContext,
+    other_people: Iterable[dict[str, Any]] = (),
 ) -> None:
     places = [(c, out) for c, out in kept if c.rtype in _AT_HOME_TYPES and "address" in out]
-    homes = patient_homes(e.get("resource") for e in entries if type(e) is dict) if places else []
+    people = itertools.chain((e.get("resource") for e in entries if type(e) is dict), other_people)
+    homes = patient_homes(people) if places else []
     for c, out in places:
         if at_home(c.resource, homes):
             _generalise_home_address(c.resource, out, plan, ctx)
@@ -674,18 +684,21 @@ def deidentify(
     pseudonyms: Mapping[str, list[dict]],
     provenance: ProvenanceInfo,
     outside_references: Iterable[str] = (),
+    other_people: Iterable[dict[str, Any]] = (),
 ) -> DeidResult:
     """De-identify one Bundle for the plan's registry; returns a transaction Bundle and a report.
 
     ``pseudonyms`` maps an original Patient fullUrl (and/or ``Patient/<id>``) to ready-made pseudonym
     Identifiers; a Patient without any is not delivered (reason ``no-pseudonym``). ``outside_references``
     are the references that the validation found to point outside the Bundle; they are dropped, unless the
-    profile asks for ``references.outside_bundle: opaque-id`` (see ``outside_targets``).
+    profile asks for ``references.outside_bundle: opaque-id`` (see ``outside_targets``). ``other_people``:
+    Patients not delivered in this Bundle (an objecting one, another patient's in a bulk group) whose home
+    addresses still make a place their home (see ``_generalise_homes``).
     """
     # The walk allocates a container per element and builds no reference cycles (perf-notes: the GC makes
     # large bundles 2x slower). Harmless if another thread races on the switch.
     with paused_gc():
-        return _deidentify(bundle, plan, id_key, pseudonyms, provenance, outside_references)
+        return _deidentify(bundle, plan, id_key, pseudonyms, provenance, outside_references, other_people)
 
 
 def outside_targets(references: Iterable[str], plan: Plan, ids: _Ids) -> dict[str, str]:
@@ -713,6 +726,7 @@ def _deidentify(
     pseudonyms: Mapping[str, list[dict]],
     provenance: ProvenanceInfo,
     outside_references: Iterable[str],
+    other_people: Iterable[dict[str, Any]] = (),
 ) -> DeidResult:
     report = DeidReport()
     raw_entries = bundle.get("entry") if isinstance(bundle, dict) else None
@@ -730,7 +744,7 @@ def _deidentify(
         modifier_ok=plan.modifier_ok,
     )
     kept = _walk_all(candidates, _offsets(candidates, resolver, plan, ids), plan, ctx, report)
-    _generalise_homes(kept, entries, plan, ctx)
+    _generalise_homes(kept, entries, plan, ctx, other_people)
     out_entries = [
         {
             "fullUrl": "urn:uuid:" + c.new_id,
@@ -742,8 +756,10 @@ def _deidentify(
     report.resources_kept = len(out_entries)
     report.elements_removed = ctx.removed
     report.references_dropped = ctx.references_dropped
+    sources: list[int | None] = [c.index for c, _ in kept]
     if out_entries:
         out_entries.append(_provenance(out_entries, plan, ids, provenance))
+        sources.append(None)
     bundle_id = ids.uuid("Bundle", *(e["fullUrl"] for e in out_entries[-1:]))
     return DeidResult(
         bundle={
@@ -754,4 +770,5 @@ def _deidentify(
             "entry": out_entries,
         },
         report=report,
+        sources=sources,
     )

@@ -88,7 +88,7 @@ def at_home(resource: dict[str, Any], homes: Iterable[Home]) -> bool:
         return True
     homes = list(homes)
     for key in filter(None, map(home_of, addresses)):
-        if any(_same_home(key, home) for home in homes):
+        if any(same_home(key, home) for home in homes):
             return True
     types = resource.get("type")
     return type(types) is list and any(
@@ -98,7 +98,7 @@ def at_home(resource: dict[str, Any], homes: Iterable[Home]) -> bool:
     )
 
 
-def _same_home(key: Home, home: Home) -> bool:
+def same_home(key: Home, home: Home) -> bool:
     if key.postcode and key.postcode == home.postcode:
         return True
     if not key.number or key.number != home.number:

@@ -1,0 +1,326 @@
+"""A bulk delivery keeps the promises of a posted Bundle across its groups and slices: an objecting patient's
+data never travels with another patient's, a place at a patient's home is generalised in every Bundle that
+carries it, a leak costs the line it is in and nothing else. Each case is a probe of a fresh-eyes privacy test
+that got through before its fix; the posted-Bundle cases at the end came from the same probe."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.bulk import BulkOptions, SourceError, run_bulk
+from gateway.bulk.chains import offline_chains
+from gateway.outcome import FhirError
+from gateway.process import process_bundle
+
+REGISTRY = "example-generic"
+MRN = "http://ehr.example.org/mrn"
+LOINC = "http://loinc.org"
+
+
+def patient(pid: str, family: str, given: str, street: str, postcode: str, city: str) -> dict:
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [{"system": MRN, "value": f"MRN-{pid.upper()}"}],
+        "name": [{"family": family, "given": [given]}],
+        "gender": "female",
+        "birthDate": "1955-03-14",
+        "address": [{"line": [street], "city": city, "postalCode": postcode}],
+    }
+
+
+def objection(cid: str, who: dict) -> dict:
+    """A denying research Consent (as gateway/bulk/synth.py writes them) naming its patient by `who`."""
+    return {
+        "resourceType": "Consent",
+        "id": cid,
+        "status": "active",
+        "scope": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]
+        },
+        "category": [{"coding": [{"system": LOINC, "code": "59284-0"}]}],
+        "patient": who,
+        "provision": {"type": "deny"},
+    }
+
+
+def observation(oid: str, value: float, **links: Any) -> dict:
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "8867-4"}]},
+        "valueQuantity": {"value": value, "unit": "/min"},
+        **links,
+    }
+
+
+def encounter(eid: str, pid: str, location: str | None = None) -> dict:
+    out = {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HH"},
+        "subject": {"reference": f"Patient/{pid}"},
+    }
+    if location:
+        out["location"] = [{"location": {"reference": f"Location/{location}"}}]
+    return out
+
+
+def ref(target: str) -> dict:
+    return {"reference": target}
+
+
+ALICE = patient("pa", "Aalders", "Anna", "Beukenlaan 3", "1234 AB", "Zwolle")
+CAROL = patient("pc", "Claessens", "Carla", "Lindelaan 8", "3811 AB", "Amersfoort")
+
+
+def others(n: int) -> list[dict]:
+    """Patients between the ones a test is about, so that those land in different groups and slices."""
+    return [
+        patient(f"px{i:02d}", "Pietersen", "Piet", f"Dorpsstraat {i}", "9999 ZZ", "Assen") for i in range(n)
+    ]
+
+
+def deliver(tmp_path: Path, resources: list[dict], **options: Any) -> tuple[Any, list[dict]]:
+    export = tmp_path / "export"
+    export.mkdir()
+    by_type: dict[str, list[bytes]] = defaultdict(list)
+    for resource in resources:
+        by_type[resource["resourceType"]].append(orjson.dumps(resource))
+    for rtype, lines in by_type.items():
+        (export / f"{rtype}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+    summary = run_bulk(
+        [export],
+        registry=REGISTRY,
+        work_dir=tmp_path / "work",
+        to_dir=tmp_path / "out",
+        options=BulkOptions(workers=0, **options),
+    )
+    return summary, list(_delivered(tmp_path / "out"))
+
+
+def _delivered(folder: Path) -> Iterator[dict]:
+    for path in sorted(folder.glob("*.json")):
+        for entry in orjson.loads(path.read_bytes())["entry"]:
+            yield entry["resource"]
+
+
+def values(resources: list[dict], rtype: str) -> list[float]:
+    return sorted(r["valueQuantity"]["value"] for r in resources if r["resourceType"] == rtype)
+
+
+def test_a_resource_that_reaches_an_objecting_patient_is_not_delivered_from_another_group(
+    tmp_path: Path,
+) -> None:
+    """Carol objects and is in another group (and slice) than Alice. Each of these reaches Carol through a
+    reference, and went out with Alice's group, her references cut off."""
+    resources = [
+        ALICE,
+        *others(12),
+        CAROL,
+        objection("cc", ref("Patient/pc")),
+        encounter("ec", "pc"),
+        observation("oa", 1.0, subject=ref("Patient/pa")),
+        observation("oc", 2.0, subject=ref("Patient/pc")),
+        # Alice's, but its evidence is Carol's Observation
+        observation("mix-evidence", 3.0, subject=ref("Patient/pa"), derivedFrom=[ref("Observation/oc")]),
+        # no subject: Carol's Encounter and Alice's Observation
+        observation("mix-members", 4.0, encounter=ref("Encounter/ec"), hasMember=[ref("Observation/oa")]),
+        # four hops from Carol's Encounter, then one of Alice's derived from the last
+        observation("hop1", 5.0, encounter=ref("Encounter/ec")),
+        *(observation(f"hop{i}", 5.0 + i, hasMember=[ref(f"Observation/hop{i - 1}")]) for i in range(2, 5)),
+        observation("from-hops", 10.0, subject=ref("Patient/pa"), derivedFrom=[ref("Observation/hop4")]),
+    ]
+    summary, delivered = deliver(tmp_path, resources, group_size=5)
+    assert values(delivered, "Observation") == [1.0]  # Alice's own Observation only
+    assert summary.patients_opted_out == 1
+    several = summary.dropped["several-patients"]["Observation"]
+    assert several == 3  # mix-evidence, mix-members, from-hops: tied to both patients, reported
+    assert summary.dropped["opted-out"]["Observation"] == 5  # oc and the four hops: Carol's
+
+
+def test_a_shared_place_at_a_patients_home_is_generalised_in_every_bundle(tmp_path: Path) -> None:
+    """A Location at Carol's home, used by Carol's and by Alice's Encounter in another group, went to the
+    registry with the full address in Alice's Bundle (the copies upsert one resource there)."""
+    home = {"resourceType": "Location", "id": "home-c", "name": "Thuislocatie"}
+    home["address"] = {"line": ["Lindelaan 8"], "city": "Amersfoort", "postalCode": "3811 AB"}
+    clinic = {"resourceType": "Location", "id": "clinic", "name": "Polikliniek"}
+    clinic["address"] = {"line": ["Ziekenhuisweg 1"], "city": "Utrecht", "postalCode": "3584 CX"}
+    resources = [
+        CAROL,
+        *others(12),
+        ALICE,
+        encounter("ec", "pc", location="home-c"),
+        encounter("ea", "pa", location="home-c"),
+        encounter("ea2", "pa", location="clinic"),
+        home,
+        clinic,
+    ]
+    summary, delivered = deliver(tmp_path, resources, group_size=5)
+    assert summary.groups_total == 3
+    places = [r for r in delivered if r["resourceType"] == "Location"]
+    at_home = [p["address"] for p in places if p["name"] == "Thuislocatie"]
+    assert len(at_home) == 2 and all(a == {"postalCode": "3811"} for a in at_home)  # one copy per group
+    assert [p["address"]["city"] for p in places if p["name"] == "Polikliniek"] == ["Utrecht"]  # public
+
+
+def test_a_leak_costs_the_line_it_is_in_not_another_patients_consent(tmp_path: Path) -> None:
+    """The leak gate named the entry by its place in the de-identified Bundle, which bulk read as a place in
+    its input: it dropped Carol's Consent instead, and delivered Carol."""
+    resources = [
+        ALICE,
+        CAROL,
+        objection("cc", ref("Patient/pc")),
+        observation("oa", 1.0, subject=ref("Patient/pa")),
+        observation("oa-named", 2.0, subject=ref("Patient/pa")),
+        observation("oc", 3.0, subject=ref("Patient/pc")),
+    ]
+    resources[4]["valueQuantity"]["unit"] = "Anna Aalders"
+    summary, delivered = deliver(tmp_path, resources)
+    assert values(delivered, "Observation") == [1.0]
+    assert [r["resourceType"] for r in delivered].count("Patient") == 1
+    assert summary.patients_opted_out == 1
+    rejected = [(file, reason) for file, _, reason in summary.invalid_lines]
+    assert rejected == [("Observation.ndjson", "rejected-security")]
+
+
+def test_a_consent_line_that_is_rejected_withholds_its_patient(tmp_path: Path) -> None:
+    """Dropping an invalid Consent and delivering the rest made its patient deliverable (failed open)."""
+    broken = objection("cc", ref("Patient/pc")) | {"dateTime": "2024-13-01"}
+    summary, delivered = deliver(
+        tmp_path, [ALICE, CAROL, broken, observation("oc", 3.0, subject=ref("Patient/pc"))]
+    )
+    assert values(delivered, "Observation") == []
+    assert sum(r["resourceType"] == "Patient" for r in delivered) == 1  # Alice only
+    assert summary.patients_unknown_optout == 1
+    assert summary.dropped["opt-out-unknown"] == {"Patient": 1, "Observation": 1}
+
+
+def test_a_consent_naming_its_patient_by_identifier_is_applied(tmp_path: Path) -> None:
+    """Pass 1 only followed `reference`s: the Consent stayed unattached and Carol was delivered."""
+    by_mrn = {"identifier": {"system": MRN, "value": "MRN-PC"}}
+    summary, delivered = deliver(
+        tmp_path, [ALICE, CAROL, objection("cc", by_mrn), observation("oc", 3.0, subject=ref("Patient/pc"))]
+    )
+    assert sum(r["resourceType"] == "Patient" for r in delivered) == 1
+    assert values(delivered, "Observation") == []
+    assert summary.patients_opted_out == 1
+
+
+@pytest.mark.parametrize(
+    "who",
+    [{"reference": "patient/pc"}, {"display": "Carla Claessens"}, {"identifier": {"system": MRN}}],
+)
+def test_a_consent_that_names_no_patient_that_can_be_followed_stops_the_job(
+    tmp_path: Path, who: dict
+) -> None:
+    """Whose objection it is cannot be known: nothing is delivered (a posted Bundle with it is refused)."""
+    with pytest.raises(SourceError) as raised:
+        deliver(tmp_path, [ALICE, CAROL, objection("cc", who)])
+    assert "Consent.ndjson line 1" in str(raised.value) and "Claessens" not in str(raised.value)
+    assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_unreadable_lines_in_the_consent_file_stop_the_job(tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "Patient.ndjson").write_bytes(orjson.dumps(ALICE) + b"\n")
+    (export / "Consent.ndjson").write_bytes(b'{"resourceType": "Consent", broken\n')
+    with pytest.raises(SourceError, match="Consent.ndjson line 1"):
+        run_bulk([export], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
+
+
+def test_shared_resources_referenced_by_urn_uuid_travel_with_their_group(tmp_path: Path) -> None:
+    """Synthea's bundles, cut into NDJSON, point at Practitioners by `urn:uuid:`: pass 1 keyed those by
+    `Type/id` only, so they never joined a group and nearly every line came back rejected."""
+    practitioner_id = "0000016d-3a85-4cca-0000-000000000b2a"
+    practitioner = {"resourceType": "Practitioner", "id": practitioner_id, "gender": "male"}
+    enc = encounter("ea", "pa") | {"participant": [{"individual": ref(f"urn:uuid:{practitioner_id}")}]}
+    summary, delivered = deliver(tmp_path, [ALICE, enc, practitioner])
+    assert summary.sent == {"Patient": 1, "Encounter": 1, "Practitioner": 1, "Provenance": 1}
+    assert summary.invalid_lines == []
+    assert sum(r["resourceType"] == "Practitioner" for r in delivered) == 1
+
+
+def _process(bundle: dict, tmp_path: Path) -> Any:
+    chains = offline_chains(REGISTRY, tmp_path)
+    return asyncio.run(
+        process_bundle(
+            bundle,
+            registry=chains.registry,
+            provider=chains.provider,
+            validator=chains.validator,
+            mapping=chains.mapping,
+            recorded="2026-01-01T00:00:00Z",
+        )
+    )
+
+
+def _posted(*resources: dict) -> dict:
+    """A transaction Bundle of copies of `resources`, their `Type/id` references turned into fullUrls."""
+    copies = orjson.loads(orjson.dumps(resources))
+    urls = {
+        f"{r['resourceType']}/{r['id']}": f"urn:uuid:00000000-0000-4000-8000-{n:012d}"
+        for n, r in enumerate(copies)
+    }
+    entries = [{"fullUrl": urls[f"{r['resourceType']}/{r['id']}"], "resource": r} for r in copies]
+    for entry in entries:
+        for node in _references(entry["resource"]):
+            node["reference"] = urls[node["reference"]]
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _references(node: Any) -> Iterator[dict]:
+    if isinstance(node, dict):
+        if isinstance(node.get("reference"), str) and "/" in node["reference"]:
+            yield node
+        for value in node.values():
+            yield from _references(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _references(value)
+
+
+def test_a_posted_leak_is_named_by_the_entry_the_sender_wrote(tmp_path: Path) -> None:
+    named = observation("oa-named", 2.0, subject=ref("Patient/pa"))
+    named["valueQuantity"]["unit"] = "Anna Aalders"
+    bundle = _posted(
+        objection("cc", ref("Patient/pc")),
+        CAROL,
+        ALICE,
+        observation("oa", 1.0, subject=ref("Patient/pa")),
+        named,
+    )
+    with pytest.raises(FhirError) as raised:
+        _process(bundle, tmp_path)
+    assert raised.value.status == 422
+    # entry 4 of the posted Bundle (in the de-identified one, without Carol's three, it was entry 2)
+    assert [i.expression for i in raised.value.issues] == [("Bundle.entry[4].resource.valueQuantity.unit",)]
+
+
+def test_an_objecting_patients_name_in_another_patients_resource_is_found(tmp_path: Path) -> None:
+    """The gate sought only the delivered patients' values: Carol objected, so hers went unsought."""
+    told = observation("oa", 1.0, subject=ref("Patient/pa"))
+    told["valueQuantity"]["unit"] = "Carla Claessens"
+    with pytest.raises(FhirError) as raised:
+        _process(_posted(objection("cc", ref("Patient/pc")), CAROL, ALICE, told), tmp_path)
+    assert [i.code for i in raised.value.issues] == ["security"]
+    assert raised.value.issues[0].expression == ("Bundle.entry[3].resource.valueQuantity.unit",)
+
+
+def test_a_place_at_an_objecting_patients_home_is_generalised(tmp_path: Path) -> None:
+    home = {"resourceType": "Location", "id": "home-c", "name": "Thuislocatie"}
+    home["address"] = {"line": ["Lindelaan 8"], "city": "Amersfoort", "postalCode": "3811 AB"}
+    bundle = _posted(objection("cc", ref("Patient/pc")), CAROL, ALICE, encounter("ea", "pa", "home-c"), home)
+    processed = _process(bundle, tmp_path)
+    places = [e["resource"] for e in processed.bundle["entry"] if e["resource"]["resourceType"] == "Location"]
+    assert [p["address"] for p in places] == [{"postalCode": "3811"}]
