@@ -104,10 +104,11 @@ def test_objecting_patient_is_dropped_with_all_their_resources(tmp_path: Path) -
     )
     assert summary.patients_opted_out == 1
     # the Patient, their clinical resources, the Consent itself (and shared ones only they referred to)
-    assert summary.resources_opted_out >= 1 + 8 + 1
     assert summary.sent["Patient"] == 11
     # per type, the objector's own resources are reported under their reason, and the counts add up
     opted_out = summary.dropped["opted-out"]
+    # the total is the sum of those (it counted the shared Practitioners only the objector referred to too)
+    assert summary.resources_opted_out == sum(opted_out.values()) == 1 + 8 + 1
     assert opted_out["Patient"] == 1 and opted_out["Consent"] == 1
     assert sum(opted_out[t] for t in ("Encounter", "Observation", "Condition", "Procedure")) == 8
     for rtype in ("Patient", "Encounter", "Observation", "Condition", "Procedure", "Consent"):

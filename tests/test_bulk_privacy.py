@@ -324,3 +324,39 @@ def test_a_place_at_an_objecting_patients_home_is_generalised(tmp_path: Path) ->
     processed = _process(bundle, tmp_path)
     places = [e["resource"] for e in processed.bundle["entry"] if e["resource"]["resourceType"] == "Location"]
     assert [p["address"] for p in places] == [{"postalCode": "3811"}]
+
+
+def test_an_allowed_patients_resource_listed_by_a_dropped_one_is_kept(tmp_path: Path) -> None:
+    """A report listing Alice's and Carol's results goes with Carol's objection; Alice's Observation, which
+    only that report referred to, went with it (dropped as if it were there for Carol)."""
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": "both",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "24323-8"}]},
+        "result": [ref("Observation/oa"), ref("Observation/oc")],
+    }
+    bundle = _posted(
+        objection("cc", ref("Patient/pc")),
+        CAROL,
+        ALICE,
+        observation("oa", 1.0, subject=ref("Patient/pa")),
+        observation("oc", 2.0, subject=ref("Patient/pc")),
+        report,
+    )
+    processed = _process(bundle, tmp_path)
+    kept = [e["resource"] for e in processed.bundle["entry"]]
+    assert values(kept, "Observation") == [1.0]
+    assert "DiagnosticReport" not in {r["resourceType"] for r in kept}
+
+
+def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(tmp_path: Path) -> None:
+    """The first Patient of a file saved with a BOM was reported malformed, and their resources orphans."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "Patient.ndjson").write_bytes(b"\xef\xbb\xbf" + orjson.dumps(ALICE) + b"\r\n")
+    (export / "Observation.ndjson").write_bytes(
+        orjson.dumps(observation("oa", 1.0, subject=ref("Patient/pa")))
+    )
+    summary = run_bulk([export], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
+    assert summary.invalid_lines == [] and summary.sent["Patient"] == 1 and summary.sent["Observation"] == 1

@@ -31,6 +31,7 @@ from gateway.pseudonym.types import PrePseudonym
 from gateway.ttp.backend import TTPBackend, TTPResult
 
 MAX_RETRIES = 4
+_OPT_OUT_REASONS = ("opted-out", "opt-out-unknown")
 _ENTRY = re.compile(r"^Bundle\.entry\[(\d+)\]")
 _UUID_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
@@ -67,7 +68,6 @@ class GroupResult:
         self.patients_opted_out += int(report.get("patientsDroppedOptOut") or 0)
         self.patients_unknown_optout += int(report.get("patientsDroppedUnknownOptOut") or 0)
         self.patients_no_pseudonym += int(report.get("patientsDroppedNoPseudonym") or 0)
-        self.resources_opted_out += int(report.get("resourcesDroppedOptOut") or 0)
         deid = report.get("deidentification") or {}
         for reason, per_type in (deid.get("dropped") or {}).items():
             for rtype, n in per_type.items():
@@ -75,11 +75,13 @@ class GroupResult:
 
     def add_chain_drops(self, items: Sequence[_Item], dropped_entries: dict[str, set[int]]) -> None:
         """Opt-out and no-pseudonym drops, of the patients' own lines only: a shared line goes with every
-        slice, and is reported once for the job (`shared-not-referenced` when no Bundle took it)."""
+        slice, and is reported once for the job (`shared-not-referenced` when no Bundle took it). So
+        `resources_opted_out` is the sum of the `opted-out` and `opt-out-unknown` drops."""
         for reason, indices in dropped_entries.items():
             for i in indices:
                 if items[i].owner is not None:
                     self.drop(reason, items[i].line.rtype)
+                    self.resources_opted_out += reason in _OPT_OUT_REASONS
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ async def _process(
             for n, item in enumerate(items):
                 if n not in bad and item.owner in withheld:
                     result.drop("opt-out-unknown", item.line.rtype)
+                    result.resources_opted_out += 1
             result.patients_unknown_optout += len(withheld)
             items = [item for n, item in enumerate(items) if n not in bad and item.owner not in withheld]
             continue

@@ -72,6 +72,7 @@ MAX_FILE_BYTES = 1 << _OFFSET_BITS
 _REFERENCE = re.compile(rb'"reference"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 _TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_BOM = b"\xef\xbb\xbf"
 
 # What scanning writes (the index itself, or one range's file in a worker).
 SCAN_SCHEMA = """
@@ -524,11 +525,12 @@ def _scan_range(
                 pending += 1
             else:
                 body = raw.rstrip(b"\r\n")
+                # a byte order mark before the first line (Windows tools write one) is not part of the JSON
+                skip = len(_BOM) if offset == 0 and body.startswith(_BOM) else 0
                 if body.strip():
                     resources += 1
-                    valid = _scan_line(
-                        body, id_base | offset, number, offset, line_no, keyer, max_line_bytes, out
-                    )
+                    row, body = id_base | offset, body[skip:]
+                    valid = _scan_line(body, row, number, offset + skip, line_no, keyer, max_line_bytes, out)
                     invalid += not valid
                     pending += 1
             offset += length

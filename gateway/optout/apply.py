@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from gateway.optout.base import Decision, PatientRef
 from gateway.pipeline.validate import BundleIndex, PatientEntry, resources_of_patient
@@ -45,19 +45,39 @@ def entries_to_drop(index: BundleIndex, decisions: Mapping[str, Decision]) -> se
       transitively), so an entry that belongs to an allowed and a dropped Patient is dropped;
     - then every entry that only dropped entries refer to (e.g. the Binary holding a dropped
       DocumentReference's document, a Medication of a dropped MedicationRequest): it was in the Bundle for
-      them and may carry their data. Patients are never dropped this way (they have their own decision), and
+      them and may carry their data. Patients are never dropped this way (they have their own decision), nor
+      are an allowed patient's own resources (their Observation that only a dropped report listed), and
       entries that nothing refers to are kept.
     """
     drop: set[int] = set()
+    allowed: list[PatientEntry] = []
     for patient in index.patients:
         decision = decisions.get(patient_key(patient))
         if decision is None or decision.status != "allowed":
             drop |= resources_of_patient(index, patient)
-    return drop | orphaned_by(index, drop)
+        else:
+            allowed.append(patient)
+    if not drop:
+        return drop
+    return drop | orphaned_by(index, drop, keep=_resources_of_patients(index, allowed))
 
 
-def orphaned_by(index: BundleIndex, dropped: set[int]) -> set[int]:
-    """Entries (not Patients) all of whose referrers are in `dropped` or themselves orphaned, transitively."""
+def _resources_of_patients(index: BundleIndex, patients: Sequence[PatientEntry]) -> set[int]:
+    """`resources_of_patient` of several patients at once (one walk)."""
+    reverse = index.referenced_by
+    seen = {p.index for p in patients}
+    queue = list(seen)
+    while queue:
+        for source in reverse[queue.pop()]:
+            if source not in seen:
+                seen.add(source)
+                queue.append(source)
+    return seen
+
+
+def orphaned_by(index: BundleIndex, dropped: set[int], keep: Collection[int] = frozenset()) -> set[int]:
+    """Entries (not Patients, not in `keep`) all of whose referrers are in `dropped` or themselves orphaned,
+    transitively."""
     patients = {p.index for p in index.patients}
     reverse = index.referenced_by
     gone = set(dropped)
@@ -65,7 +85,7 @@ def orphaned_by(index: BundleIndex, dropped: set[int]) -> set[int]:
     queue = [t for i in dropped for t in index.references[i]]
     while queue:
         candidate = queue.pop()
-        if candidate in gone or candidate in patients:
+        if candidate in gone or candidate in patients or candidate in keep:
             continue
         if reverse[candidate] and reverse[candidate] <= gone:
             gone.add(candidate)
