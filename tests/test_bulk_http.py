@@ -496,3 +496,39 @@ def test_the_bulk_cli_with_a_configuration_waits_until_its_bundles_arrive(tmp_pa
         stored = orjson.loads(out.stdout)["bundles"]
         # when the command returns, every Bundle it stored is at the registry (it waited for them)
         assert stored >= 2 and len(httpx.get(f"{chain.receiver_url}/_accepted").json()) == stored
+
+
+def test_the_bulk_cli_run_again_waits_for_what_an_earlier_run_left_in_the_outbox(tmp_path: Path) -> None:
+    """A run cut off while forwarding, then run again: the job is complete, so nothing is stored anew, and
+    the second run returned at once (exit 0) with Bundles still queued and nothing saying so."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from gateway.serving import free_port
+
+    write_export(tmp_path / "export", SynthSpec(patients=6, resources_per_patient=3))
+    (tmp_path / "c").mkdir()
+    with process_chain(tmp_path / "c") as chain:
+        config = yaml.safe_load(chain.config_path.read_text())
+        config["registries"][REGISTRY]["endpoint"] = f"http://127.0.0.1:{free_port()}"  # nobody listens
+        unreachable = tmp_path / "unreachable.yaml"
+        unreachable.write_text(yaml.safe_dump(config))
+
+        def bulk(config_path: Path, *extra: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "gateway.cli", "bulk", str(tmp_path / "export"),
+                 "--registry", REGISTRY, "--config", str(config_path), "--work-dir", str(tmp_path / "w"),
+                 "--bundle-size", "8", "--workers", "0", "--json", *extra],
+                capture_output=True, text=True, timeout=300, env=chain.env, cwd=tmp_path,
+            )  # fmt: skip
+
+        first = bulk(unreachable, "--no-wait")
+        assert first.returncode == 0, first.stderr[-2000:]
+        stored = orjson.loads(first.stdout)["bundles"]
+        assert stored >= 2 and len(httpx.get(f"{chain.receiver_url}/_accepted").json()) == 0
+        again = bulk(chain.config_path)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert orjson.loads(again.stdout)["bundles"] == stored  # the stored summary: nothing new
+        assert len(httpx.get(f"{chain.receiver_url}/_accepted").json()) == stored  # and it waited for them

@@ -584,3 +584,18 @@ def test_a_new_sqlite_store_and_receiver_database_are_readable_by_their_owner_on
         assert db.stat().st_mode & 0o777 == 0o600, db
     for wal in (tmp_path / "var").glob("gateway.db-*"):
         assert wal.stat().st_mode & 0o077 == 0, wal
+
+
+def test_ids_by_key_prefix_finds_one_bulk_jobs_deliveries(store: Store) -> None:
+    """`bulk --wait` run again follows what an earlier run of the same job left; LIKE's own characters in
+    a key are matched as themselves."""
+    made = {}
+    for key in ("bulk|job_1|0-a", "bulk|job_1|1-b", "bulk|jobX1|0-a", "bulk|job_10|0-a", "other"):
+        made[key], _ = store.enqueue(
+            provider="ura:1", registry="dica", sender="ehr", payload=key.encode(), idempotency_key=key
+        )
+    store.enqueue(
+        provider="ura:2", registry="dica", sender="ehr", payload=b"x", idempotency_key="bulk|job_1|2"
+    )
+    found = store.ids_by_key_prefix("ura:1", "dica", "bulk|job_1|")
+    assert sorted(found) == sorted([made["bulk|job_1|0-a"], made["bulk|job_1|1-b"]])

@@ -149,8 +149,13 @@ async def _run(
             )
             summary = await run(runtime=runtime, provider=provider, sink=sink, options=options)
             if wait:
-                drain = bar.add_task("forward (this export's bundles)", total=len(sink.delivery_ids))
-                await _drain(runtime, sink.delivery_ids, lambda done: bar.update(drain, completed=done))
+                # also those a run cut off left in the outbox: a run again after it has nothing to put
+                earlier = await asyncio.to_thread(
+                    runtime.store.ids_by_key_prefix, sink.provider, registry, f"bulk|{summary.job}|"
+                )
+                ids = list(dict.fromkeys([*earlier, *sink.delivery_ids]))
+                drain = bar.add_task("forward (this export's bundles)", total=len(ids))
+                await _drain(runtime, ids, lambda done: bar.update(drain, completed=done))
             return summary
         finally:
             await runtime.stop()

@@ -197,6 +197,19 @@ class SqlStore:
             ).fetchone()
         return None if row is None else _delivery(row)
 
+    def ids_by_key_prefix(self, provider: str, registry: str, prefix: str) -> list[str]:
+        """The deliveries whose idempotency key starts with `prefix` (a bulk job's: `bulk|<job>|`), oldest
+        first: what a bulk job run again after an interruption still has in the outbox."""
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._conn() as conn:
+            rows = self._q(
+                conn,
+                "SELECT id FROM deliveries WHERE provider = ? AND registry = ? AND idempotency_key LIKE ? "
+                "ESCAPE '\\' ORDER BY created_at, id",
+                (provider, registry, pattern),
+            ).fetchall()
+        return [row[0] for row in rows]
+
     def claim_batch(
         self, owner: str, limit: int, lease_seconds: float, registries: Iterable[str] | None = None
     ) -> list[Delivery]:
