@@ -700,3 +700,13 @@ def test_bulk_wait_follows_only_the_bundles_of_its_own_run(tmp_path: Path) -> No
 
     asyncio.run(run())
     assert seen[-1] == 3 and store.get(live).status != "delivered"
+
+
+def test_cli_to_dir_runs_offline_with_a_configuration_exported(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """With FHIR_GATEWAY_CONFIG exported (as README's hospital set-up does for `serve`), `--to-dir` failed:
+    'give exactly one of --config or --to-dir'."""
+    monkeypatch.setenv("FHIR_GATEWAY_CONFIG", str(tmp_path / "gateway.yaml"))
+    write_export(tmp_path / "export", SynthSpec(patients=2, resources_per_patient=2))
+    result = _bulk_cli(tmp_path, "w")
+    assert result.exit_code == 0, result.output
+    assert _summary(result)["sent"]["Patient"] == 2

@@ -185,6 +185,7 @@ def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noq
         assert "no remote download" in refused(b'{"output":[{"url":"http://example.org/Patient.ndjson"}]}')
         assert "not readable JSON" in refused(b'{"output":[')
         assert "no output list" in refused(b"{}")
+        assert "names no file" in refused(b'{"output":[]}')  # was a 202 and a failed job (a later probe)
         assert "names no file" in refused(b'{"output":[{"url":"http://[::1"}]}')  # was a 500 (a review)
         # a missing file is named by its place in the manifest, never by its name (it may carry anything)
         named = "exp/Patient-MRN00042-999911120.ndjson"

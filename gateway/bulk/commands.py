@@ -36,8 +36,8 @@ def bulk(
         None,
         "--config",
         "-c",
-        envvar="FHIR_GATEWAY_CONFIG",
-        help="gateway configuration: deliver through its outbox and worker",
+        help="gateway configuration: deliver through its outbox and worker (default without --to-dir: "
+        "FHIR_GATEWAY_CONFIG)",
     ),
     to_dir: Path = typer.Option(None, "--to-dir", help="offline: write the transaction Bundles here"),
     work_dir: Path = typer.Option(
@@ -67,6 +67,10 @@ def bulk(
 ) -> None:
     """Deliver a FHIR Bulk Data export: per patient, opt-out filtered, pseudonymised, de-identified."""
     console = Console(stderr=True)
+    if config is None and to_dir is None and os.environ.get("FHIR_GATEWAY_CONFIG"):
+        # the hospital's configuration, exported for `serve`, is the default only when no --to-dir asks
+        # for an offline run
+        config = Path(os.environ["FHIR_GATEWAY_CONFIG"])
     if (config is None) == (to_dir is None):
         console.print("[red]fhir-gateway bulk: give exactly one of --config or --to-dir[/red]")
         raise typer.Exit(2)

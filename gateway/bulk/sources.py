@@ -69,6 +69,8 @@ def parse_manifest(data: bytes, *, base: Path, allowed_root: Path | None) -> lis
     outputs = manifest.get("output") if isinstance(manifest, dict) else None
     if not isinstance(outputs, list):
         raise SourceError("the manifest has no output list")
+    if not outputs:
+        raise SourceError("the manifest's output list names no file: nothing to deliver")
     files = []
     for n, item in enumerate(outputs):
         if not isinstance(item, dict) or not isinstance(item.get("url"), str):
