@@ -100,6 +100,22 @@ def test_ndjson_upload_is_delivered_to_the_registry(chain, tmp_path: Path) -> No
     assert sum((d.get("resourceCounts") or {}).get("Patient", 0) for d in received) == 5
 
 
+def test_the_same_upload_sent_again_is_not_delivered_twice(chain, tmp_path: Path) -> None:  # noqa: ANN001
+    """An upload cut off by a restart cannot resume (its folder, the hospital's data in clear, goes): the
+    hospital sends it again. That was a new job, which delivered every patient a second time."""
+    c, _ = chain
+    write_export(tmp_path / "export", SynthSpec(patients=4, resources_per_patient=3))
+    with httpx.Client(base_url=c.gateway_url, timeout=30, headers=_auth(c)) as client:
+        first = _upload_and_wait(client, tmp_path / "export")["summary"]
+        wait_received(c.receiver_url, first["bundles"])
+        again = _upload_and_wait(client, tmp_path / "export")["summary"]
+    assert first["bundles"] >= 1 and again["bundles"] == 0
+    assert again["bundlesAlreadyStored"] == first["bundles"] and again["sent"] == first["sent"]
+    time.sleep(0.5)  # anything stored by the second job would be on its way by now
+    counts = httpx.get(f"{c.receiver_url}/_accepted").json()
+    assert len(counts) == first["bundles"] and set(counts.values()) == {1}
+
+
 def _ndjson(folder: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(folder.glob("*.ndjson")))
 

@@ -54,6 +54,9 @@ class BulkOptions:
     workers: int = 0  # 0: in this process; n: n worker processes (needs a ChainSpec)
     patients_per_call: int = 10  # patients per process_bundle slice (the TTP batch stays the whole group)
     worker_nice: int = 10  # niceness added to worker processes: live deliveries and forwarding go first
+    # the job's identity (in its Bundles' outbox keys) when the caller derives it from the export itself: a
+    # new work dir over the same export then stores nothing twice; by default a new one per work dir
+    job_id: str | None = None
 
 
 async def deliver_export(
@@ -73,7 +76,8 @@ async def deliver_export(
     started = time.perf_counter()
     total_bytes = sum(f.path.stat().st_size for f in files)
     with contextlib.closing(_open_state(work_dir / "state.db")) as state:
-        job_id, recorded = _job_identity(state, _fingerprint(files, options, chains.registry.registry))
+        fingerprint = _fingerprint(files, options, chains.registry.registry)
+        job_id, recorded = _job_identity(state, fingerprint, options.job_id)
         finished = finished_summary(state)
         if finished is not None:  # run again after it completed: nothing to index, nothing to send
             finished.groups_resumed = finished.groups_total
@@ -299,7 +303,7 @@ def _open_state(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _job_identity(state: sqlite3.Connection, fingerprint: str) -> tuple[str, str]:
+def _job_identity(state: sqlite3.Connection, fingerprint: str, job_id: str | None) -> tuple[str, str]:
     meta = dict(state.execute("SELECT key, value FROM job").fetchall())
     if meta:
         if meta["fingerprint"] != fingerprint:
@@ -308,7 +312,7 @@ def _job_identity(state: sqlite3.Connection, fingerprint: str) -> tuple[str, str
                 "use a new work dir"
             )
         return meta["job"], meta["recorded"]
-    job = uuid.uuid4().hex
+    job = job_id or uuid.uuid4().hex
     recorded = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     state.executemany(
         "INSERT INTO job (key, value) VALUES (?, ?)",

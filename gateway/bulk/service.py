@@ -59,6 +59,7 @@ class JobStatus:
     summary: BulkSummary | None = None
     error: str | None = None
     resumable: bool = False  # a manifest job: its folder (offsets, keyed hashes, state) outlives a failure
+    upload_sha256: str | None = None  # an upload's content, so that the same export sent again is one job
 
     @property
     def running(self) -> bool:
@@ -148,12 +149,15 @@ class BulkJobs:
         """Stream an NDJSON upload to the job's folder (never whole in memory)."""
         target = self.work_root / job.id / "upload.ndjson"
         size = 0
+        digest = hashlib.sha256()
         with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > self.max_upload_bytes:
                     raise FhirError.single(413, "too-costly", "upload larger than the bulk limit")
                 handle.write(chunk)
+                digest.update(chunk)
+        job.upload_sha256 = digest.hexdigest()
         return target
 
     def manifest_job(self, provider: str, registry: str, manifest: bytes) -> tuple[JobStatus, Path | None]:
@@ -199,6 +203,11 @@ class BulkJobs:
         spec = runtime_spec(self.runtime, job.registry, job.provider) if self.options.workers else None
         bundle_size = self.runtime.config.registries[job.registry].bulk_bundle_size
         options = replace(self.options, bundle_size=bundle_size)
+        if job.upload_sha256 is not None:
+            # An upload's folder goes when its job ends, so an upload cut off by a restart cannot resume; sent
+            # again, the same bytes make the same bulk job, whose Bundles the outbox already holds are not
+            # stored (nor delivered) twice.
+            options = replace(options, job_id=_upload_job_id(job, options))
         thread = threading.Thread(
             target=self._run,
             args=(job, sources, chains, spec, options, sender),
@@ -304,6 +313,12 @@ def _manifest_jobs_on_disk(work_root: Path) -> list[JobStatus]:
             job.error = "interrupted: the gateway stopped during this job; post the manifest again to resume"
         found.append(job)
     return found
+
+
+def _upload_job_id(job: JobStatus, options: BulkOptions) -> str:
+    parts = (job.provider, job.registry, job.upload_sha256, options.group_size, options.max_group_resources)
+    text = "|".join(map(str, (*parts, options.bundle_size)))
+    return "u" + hashlib.sha256(text.encode()).hexdigest()[:31]
 
 
 def _kept_summary(state_db: Path) -> BulkSummary | None:
