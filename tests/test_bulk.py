@@ -710,3 +710,44 @@ def test_cli_to_dir_runs_offline_with_a_configuration_exported(tmp_path: Path, m
     result = _bulk_cli(tmp_path, "w")
     assert result.exit_code == 0, result.output
     assert _summary(result)["sent"]["Patient"] == 2
+
+
+def test_absolute_references_to_resources_of_the_export_resolve(tmp_path: Path) -> None:
+    """A server that writes absolute references (`https://ehr.example.org/fhir/Patient/pb`): pass 1 grouped
+    them with their patient, but the chain found no entry with that URL and rejected the lines."""
+    base = "https://ehr.example.org/fhir/"
+    export = tmp_path / "export"
+    export.mkdir()
+    patient = {"resourceType": "Patient", "id": "pb", "gender": "female", "birthDate": "1950-01-01"}
+    obs = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+    }
+    encounter = {
+        "resourceType": "Encounter",
+        "id": "eb",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"{base}Patient/pb"},
+    }
+    lines = [
+        obs | {"id": "o1", "subject": {"reference": f"{base}Patient/pb"}},
+        obs
+        | {
+            "id": "o2",
+            "subject": {"reference": "Patient/pb"},
+            "encounter": {"reference": f"{base}Encounter/eb"},
+        },
+        obs | {"id": "o3", "subject": {"reference": f"{base}Patient/pb/_history/2"}},
+    ]
+    (export / "Patient.ndjson").write_bytes(orjson.dumps(patient))
+    (export / "Encounter.ndjson").write_bytes(orjson.dumps(encounter))
+    (export / "Observation.ndjson").write_bytes(b"\n".join(map(orjson.dumps, lines)))
+    summary = run_bulk([export], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
+    assert summary.invalid_lines == [] and summary.dropped == {}
+    assert summary.sent["Observation"] == 3 and summary.sent["Encounter"] == 1
+    (bundle,) = bundles(tmp_path / "out")
+    patient_url = next(e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    subjects = [e["resource"]["subject"]["reference"] for e in bundle["entry"] if "subject" in e["resource"]]
+    assert subjects == [patient_url] * 4  # the Encounter and the three Observations: all point at the Patient

@@ -33,6 +33,11 @@ from gateway.ttp.backend import TTPBackend, TTPResult
 MAX_RETRIES = 4
 _OPT_OUT_REASONS = ("opted-out", "opt-out-unknown")
 _ENTRY = re.compile(r"^Bundle\.entry\[(\d+)\]")
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# An absolute reference in a line's text: the base, the type and the id it ends in
+_ABSOLUTE_REFERENCE = re.compile(
+    rb'"reference"\s*:\s*"(https?://[^"\\]+?/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^"\\]*)?"'
+)
 _UUID_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -111,9 +116,13 @@ async def run_group(
     # Patients whose home a shared place of this group is (index.home_places), of any group: their home
     # and their values count in every slice that carries the place; they are never delivered from here
     others: list[dict] = []
+    absolute: list[bytes] = []  # lines with an absolute reference (rare): they name the server's base
     for line in lines:
+        raw = read(line)
+        if b"http" in raw and not line.bystander and _ABSOLUTE_REFERENCE.search(raw):
+            absolute.append(raw)
         try:
-            resource = parse_json(read(line), max_bytes=max_line_bytes)
+            resource = parse_json(raw, max_bytes=max_line_bytes)
         except FhirError as err:
             if line.bystander:
                 continue  # reported with its own group
@@ -127,9 +136,10 @@ async def run_group(
     result.patients = sum(1 for i in items if i.resource.get("resourceType") == "Patient")
     batch_ttp = BatchTTP(chains.provider.ttp)
     chains = replace(chains, provider=replace(chains.provider, ttp=batch_ttp))
-    await prefetch_pseudonyms(items, chains)
+    context = _Context(recorded, others, _server_base(absolute, items))
+    await prefetch_pseudonyms(items, chains, context.base)
     for sub in _sub_batches(items, patients_per_call):
-        for bundle in await _process(sub, chains, result, recorded, others):
+        for bundle in await _process(sub, chains, result, context):
             # cut into bytes right away: a group's de-identified dicts are never all alive at once; each
             # Bundle's tag ends in a digest of the patients it carries (see chunks._carried)
             result.chunks.extend(split_transaction(bundle, max_entries=bundle_size, tag=tag))
@@ -137,11 +147,17 @@ async def run_group(
     return result
 
 
-async def _process(
-    items: list[_Item], chains: Chains, result: GroupResult, recorded: str, others: list[dict]
-) -> list[dict]:
-    """De-identified bundles for `items` (one normally; several when the group had to be split).
-    `others`: Patients not delivered here whose values must not leak into it (the chain's `other_people`)."""
+@dataclass(frozen=True)
+class _Context:
+    """What every slice of a group is run with."""
+
+    recorded: str  # the Provenance's time: the job's, so that a redone group makes the same Bundles
+    others: list[dict]  # Patients not delivered here whose values must not leak into it (`other_people`)
+    base: str | None  # the server base the export's absolute references use (see `_server_base`)
+
+
+async def _process(items: list[_Item], chains: Chains, result: GroupResult, context: _Context) -> list[dict]:
+    """De-identified bundles for `items` (one normally; several when the group had to be split)."""
     for _ in range(MAX_RETRIES):
         if not any(i.resource.get("resourceType") == "Patient" for i in items):
             for item in items:
@@ -149,18 +165,18 @@ async def _process(
             return []
         try:
             processed = await process_bundle(
-                _collection(items),
+                _collection(items, context.base),
                 registry=chains.registry,
                 provider=chains.provider,
                 validator=chains.validator,
                 mapping=chains.mapping,
-                recorded=recorded,
-                other_people=others,
+                recorded=context.recorded,
+                other_people=context.others,
             )
         except FhirError as err:
             bad = _entries_named(err, len(items))
             if not bad:
-                return await _split(items, chains, result, recorded, err, others)
+                return await _split(items, chains, result, context, err)
             for i in sorted(bad):
                 code = _issue_code_of_entry(err, i)
                 result.rejected_lines.append((items[i].line.file, items[i].line.line, f"rejected-{code}"))
@@ -178,7 +194,7 @@ async def _process(
         result.add_report(processed.report)
         result.add_chain_drops(items, processed.dropped_entries)
         return [processed.bundle] if processed.bundle is not None else []
-    return await _split(items, chains, result, recorded, None, others)
+    return await _split(items, chains, result, context, None)
 
 
 def _consent_owners(items: list[_Item], bad: set[int]) -> set[int]:
@@ -192,12 +208,7 @@ def _consent_owners(items: list[_Item], bad: set[int]) -> set[int]:
 
 
 async def _split(
-    items: list[_Item],
-    chains: Chains,
-    result: GroupResult,
-    recorded: str,
-    err: FhirError | None,
-    others: list[dict],
+    items: list[_Item], chains: Chains, result: GroupResult, context: _Context, err: FhirError | None
 ) -> list[dict]:
     owners = sorted({i.owner for i in items if i.owner is not None})
     if len(owners) <= 1:
@@ -208,9 +219,7 @@ async def _split(
     half = set(owners[: len(owners) // 2])
     first = [i for i in items if i.owner in half or i.owner is None]
     second = [i for i in items if (i.owner is not None and i.owner not in half) or i.owner is None]
-    return await _process(first, chains, result, recorded, others) + await _process(
-        second, chains, result, recorded, others
-    )
+    return await _process(first, chains, result, context) + await _process(second, chains, result, context)
 
 
 def _sub_batches(items: list[_Item], patients: int) -> list[list[_Item]]:
@@ -255,7 +264,7 @@ class BatchTTP:
         await self.backend.probe()
 
 
-async def prefetch_pseudonyms(items: list[_Item], chains: Chains) -> None:
+async def prefetch_pseudonyms(items: list[_Item], chains: Chains, base: str | None = None) -> None:
     """ONE TTP batch for every patient of the group that the opt-out sources admit.
 
     The same sources as process_bundle (the registry's, plus the Consents of this group when the registry
@@ -263,7 +272,7 @@ async def prefetch_pseudonyms(items: list[_Item], chains: Chains) -> None:
     offered to the TTP. Any doubt (a source fails) means no prefetch: process_bundle then decides and calls
     the TTP itself per slice, exactly as without prefetching."""
     registry, provider = chains.registry, chains.provider
-    collection = _collection(items)
+    collection = _collection(items, base)
     entries = collection["entry"]
     patients = [
         PatientEntry(n, e.get("fullUrl"), e["resource"])
@@ -306,12 +315,32 @@ def _entries_named(err: FhirError, count: int) -> set[int]:
     return found
 
 
-def _collection(items: list[_Item]) -> dict[str, Any]:
+def _server_base(lines: list[bytes], items: list[_Item]) -> str | None:
+    """The base URL of the export's server when the group's absolute references name one for resources of
+    the group (`https://ehr.example.org/fhir/Patient/p1` for its Patient p1): the entries then get their
+    RESTful fullUrls under it, which those references (and the relative ones) resolve against. None when
+    there are none, or several bases (such references stay unresolved, and their lines are rejected)."""
+    if not lines:
+        return None
+    here = {(i.resource.get("resourceType"), i.resource.get("id")) for i in items}
+    bases = {
+        m.group(1).decode(errors="replace")
+        for raw in lines
+        for m in _ABSOLUTE_REFERENCE.finditer(raw)
+        if (m.group(2).decode(), m.group(3).decode()) in here
+    }
+    return bases.pop() if len(bases) == 1 else None
+
+
+def _collection(items: list[_Item], base: str | None = None) -> dict[str, Any]:
     entries = []
     for item in items:
         rid = item.resource.get("id")
+        rtype = item.resource.get("resourceType")
+        if base is not None and isinstance(rid, str) and isinstance(rtype, str) and _ID.fullmatch(rid):
+            entries.append({"fullUrl": f"{base}{rtype}/{rid}", "resource": item.resource})
         # NDJSON has no fullUrl; a UUID id is what `urn:uuid:` references in an export point at.
-        if isinstance(rid, str) and _UUID_ID.fullmatch(rid):
+        elif isinstance(rid, str) and _UUID_ID.fullmatch(rid):
             entries.append({"fullUrl": f"urn:uuid:{rid}", "resource": item.resource})
         else:
             entries.append({"resource": item.resource})
