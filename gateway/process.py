@@ -76,6 +76,7 @@ class Processed:
     patient_keys: list[str] = field(default_factory=list)  # opaque, pseudonymous ordering keys
     payload: bytes | None = None  # orjson.dumps(bundle), exactly the text the leak gate scanned
     dropped_entries: dict[str, set[int]] = field(default_factory=dict)  # reason → input entry indices
+    sources: list[int | None] = field(default_factory=list)  # output entry → input entry (None: Provenance)
 
 
 async def process_bundle(
@@ -188,7 +189,8 @@ async def process_bundle(
         "pseudonymsSkipped": dict(pseudonyms.skipped),
         "deidentification": result.report.as_dict(),
     }
-    return Processed(result.bundle, report, _patient_keys(result.bundle), payload, dropped_entries)
+    sources = [input_paths.position(s) for s in result.sources]
+    return Processed(result.bundle, report, _patient_keys(result.bundle), payload, dropped_entries, sources)
 
 
 def _patients(index: BundleIndex) -> dict[str, dict[str, Any]]:
@@ -300,15 +302,20 @@ class _InputPaths:
     sources: list[int | None]  # output entry -> entry of the de-identified input (None: the Provenance)
     positions: list[int] | None  # entry of the de-identified input -> entry of the posted Bundle
 
+    def position(self, source: int | None) -> int | None:
+        """The posted entry of an entry of the de-identified input."""
+        if source is None or self.positions is None:
+            return source
+        return self.positions[source]
+
     def __call__(self, path: str) -> str:
         match = _OUTPUT_ENTRY.match(path)
         if match is None:
             return path
         n = int(match.group(1))
-        source = self.sources[n] if n < len(self.sources) else None
-        if source is None:
+        position = self.position(self.sources[n] if n < len(self.sources) else None)
+        if position is None:
             return "Bundle"  # the gateway's own Provenance: about the whole delivery, not a sender's entry
-        position = self.positions[source] if self.positions is not None else source
         return f"Bundle.entry[{position}]{path[match.end():]}"
 
 

@@ -92,7 +92,7 @@ def _snapshot(conn: sqlite3.Connection) -> dict:
         ).fetchall(),
     }
     for group in range(0, groups, 2):
-        ix.mark_sent(conn, lines[group])
+        ix.mark_sent(conn, [line.id for line in lines[group] if line.owner is None])
     snap["shared_unsent"] = sorted(ix.shared_unsent(conn))
     return snap
 

@@ -360,3 +360,21 @@ def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(tmp_path: Pat
     )
     summary = run_bulk([export], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
     assert summary.invalid_lines == [] and summary.sent["Patient"] == 1 and summary.sent["Observation"] == 1
+
+
+def test_a_shared_resource_only_an_objector_referred_to_is_reported_not_sent(tmp_path: Path) -> None:
+    """Counted as sent when its group was read (it was not: the chain dropped it with the objector's data),
+    it was neither sent nor dropped in the summary."""
+    practitioners = [{"resourceType": "Practitioner", "id": p, "gender": "male"} for p in ("pr-a", "pr-c")]
+    resources = [
+        ALICE,
+        CAROL,
+        objection("cc", ref("Patient/pc")),
+        encounter("ea", "pa") | {"participant": [{"individual": ref("Practitioner/pr-a")}]},
+        encounter("ec", "pc") | {"participant": [{"individual": ref("Practitioner/pr-c")}]},
+        *practitioners,
+    ]
+    summary, delivered = deliver(tmp_path, resources)
+    assert summary.sent["Practitioner"] == 1
+    assert summary.dropped["shared-not-referenced"] == {"Practitioner": 1}
+    assert [r["gender"] for r in delivered if r["resourceType"] == "Practitioner"] == ["male"]

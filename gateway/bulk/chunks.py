@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -31,6 +31,7 @@ class Chunk:
     payload: bytes
     counts: Counter[str]  # resource type → entries in this Bundle (Provenance included)
     order_key: str | None  # the first Patient's new `Patient/<id>`: keeps one patient's bundles in order
+    picked: list[int] = field(default_factory=list)  # the entries of the split Bundle it carries
 
 
 def split_transaction(bundle: dict[str, Any], *, max_entries: int, tag: str) -> list[Chunk]:
@@ -159,7 +160,7 @@ def _chunk(
         ),
         None,
     )
-    return Chunk(tag, payload, counts, order_key)
+    return Chunk(tag, payload, counts, order_key, picked)
 
 
 def _provenance_for(provenance: dict, full_urls: list[str], tag: str) -> dict[str, Any]:

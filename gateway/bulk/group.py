@@ -64,6 +64,7 @@ class GroupResult:
     known_types: frozenset[str] = frozenset()
     ttp_calls: int = 0
     ttp_misses: int = 0
+    shared_sent: set[int] = field(default_factory=set)  # line ids of the shared resources some Bundle carries
 
     def drop(self, reason: str, rtype: str, n: int = 1) -> None:
         label = rtype if rtype in self.known_types else "(unknown)"  # a type name from input only if R4
@@ -139,10 +140,14 @@ async def run_group(
     context = _Context(recorded, others, _server_base(absolute, items))
     await prefetch_pseudonyms(items, chains, context.base)
     for sub in _sub_batches(items, patients_per_call):
-        for bundle in await _process(sub, chains, result, context):
+        for bundle, carried in await _process(sub, chains, result, context):
             # cut into bytes right away: a group's de-identified dicts are never all alive at once; each
             # Bundle's tag ends in a digest of the patients it carries (see chunks._carried)
-            result.chunks.extend(split_transaction(bundle, max_entries=bundle_size, tag=tag))
+            chunks = split_transaction(bundle, max_entries=bundle_size, tag=tag)
+            result.chunks.extend(chunks)
+            for chunk in chunks:
+                shared = (carried[i] for i in chunk.picked)
+                result.shared_sent.update(item.line.id for item in shared if item and item.owner is None)
     result.ttp_calls, result.ttp_misses = batch_ttp.calls, batch_ttp.misses
     return result
 
@@ -156,8 +161,11 @@ class _Context:
     base: str | None  # the server base the export's absolute references use (see `_server_base`)
 
 
-async def _process(items: list[_Item], chains: Chains, result: GroupResult, context: _Context) -> list[dict]:
-    """De-identified bundles for `items` (one normally; several when the group had to be split)."""
+async def _process(
+    items: list[_Item], chains: Chains, result: GroupResult, context: _Context
+) -> list[tuple[dict, list[_Item | None]]]:
+    """De-identified bundles for `items` (one normally; several when the group had to be split), each with
+    the item each of its entries came from (None: the Provenance)."""
     for _ in range(MAX_RETRIES):
         if not any(i.resource.get("resourceType") == "Patient" for i in items):
             for item in items:
@@ -193,7 +201,9 @@ async def _process(items: list[_Item], chains: Chains, result: GroupResult, cont
             raise OptOutUnavailable("an opt-out source could not be reached")
         result.add_report(processed.report)
         result.add_chain_drops(items, processed.dropped_entries)
-        return [processed.bundle] if processed.bundle is not None else []
+        if processed.bundle is None:
+            return []
+        return [(processed.bundle, [None if s is None else items[s] for s in processed.sources])]
     return await _split(items, chains, result, context, None)
 
 
@@ -209,7 +219,7 @@ def _consent_owners(items: list[_Item], bad: set[int]) -> set[int]:
 
 async def _split(
     items: list[_Item], chains: Chains, result: GroupResult, context: _Context, err: FhirError | None
-) -> list[dict]:
+) -> list[tuple[dict, list[_Item | None]]]:
     owners = sorted({i.owner for i in items if i.owner is not None})
     if len(owners) <= 1:
         reason = f"rejected-{err.status}-{err.issues[0].code}" if err else "rejected"

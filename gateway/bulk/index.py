@@ -962,11 +962,10 @@ def not_delivered(conn: sqlite3.Connection) -> Iterable[tuple[str, str, int]]:
                            WHERE state NOT IN ('ok', 'shared') GROUP BY state, rtype""").fetchall()
 
 
-def mark_sent(conn: sqlite3.Connection, lines: list[Line]) -> None:
+def mark_sent(conn: sqlite3.Connection, ids: Iterable[int]) -> None:
     """Remember which shared resources went out with some group (for the summary's accounting)."""
-    ids = [(line.id,) for line in lines if line.owner is None]
     conn.execute("BEGIN")
-    conn.executemany("UPDATE resources SET sent = 1 WHERE id = ?", ids)
+    conn.executemany("UPDATE resources SET sent = 1 WHERE id = ?", [(i,) for i in ids])
     conn.execute("COMMIT")
 
 

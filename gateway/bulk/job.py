@@ -186,13 +186,16 @@ async def _deliver_groups(
     try:
         for group in range(total):
             lines = await asyncio.to_thread(ix.group_lines, conn, group)
-            await asyncio.to_thread(ix.mark_sent, conn, lines)
             if group in done:
-                summary.absorb_group(orjson.loads(done[group]), resumed=True)
+                counts = orjson.loads(done[group])
+                # a state from before the shared lines sent were kept: every shared line of the group
+                sent = counts.get("sharedSent", [line.id for line in lines if line.owner is None])
+                await asyncio.to_thread(ix.mark_sent, conn, sent)
+                summary.absorb_group(counts, resumed=True)
                 _tick(progress, summary, total)
                 continue
             if options.stop_after_groups is not None and started >= options.stop_after_groups:
-                await _finish(pending, state, sink, summary, progress, total, wait_all=True)
+                await _finish(pending, conn, state, sink, summary, progress, total, wait_all=True)
                 raise StopAfter(f"stopped after {started} groups")
             task = asyncio.ensure_future(
                 runner.run(
@@ -206,8 +209,8 @@ async def _deliver_groups(
             pending[task] = group
             started += 1
             if len(pending) >= runner.parallelism:
-                await _finish(pending, state, sink, summary, progress, total, wait_all=False)
-        await _finish(pending, state, sink, summary, progress, total, wait_all=True)
+                await _finish(pending, conn, state, sink, summary, progress, total, wait_all=False)
+        await _finish(pending, conn, state, sink, summary, progress, total, wait_all=True)
     finally:
         for task in pending:
             task.cancel()
@@ -215,6 +218,7 @@ async def _deliver_groups(
 
 async def _finish(
     pending: dict[asyncio.Task, int],
+    conn: sqlite3.Connection,
     state: sqlite3.Connection,
     sink: Sink,
     summary: BulkSummary,
@@ -227,7 +231,9 @@ async def _finish(
         finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         for task in finished:
             group = pending.pop(task)
-            counts = await _store(task.result(), sink, summary.job, group)
+            result = task.result()
+            counts = await _store(result, sink, summary.job, group)
+            await asyncio.to_thread(ix.mark_sent, conn, result.shared_sent)
             state.execute(
                 "INSERT INTO groups_done (id, counts, at) VALUES (?, ?, ?)",
                 (group, orjson.dumps(counts), time.time()),
@@ -265,6 +271,7 @@ def _group_counts(result: GroupResult, sent: Counter[str], created: int, duplica
         "ttpBatches": result.ttp_calls,
         "dropped": {reason: dict(c) for reason, c in result.dropped.items()},
         "rejectedLines": [list(x) for x in result.rejected_lines[:MAX_INVALID_LISTED]],
+        "sharedSent": sorted(result.shared_sent),  # resumed, the group marks these again in the new index
     }
 
 
