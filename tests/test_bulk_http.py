@@ -356,6 +356,7 @@ def test_a_manifest_import_cut_off_by_a_killed_gateway_resumes_where_it_stopped(
         gw = chain.start_gateway(extra_env=env)
         kept = httpx.get(gw.url + location, headers=auth).json()  # and after another restart, its summary
         assert kept["state"] == "completed" and kept["summary"]["sent"] == summary["sent"]
+        assert kept["progress"] == {"done": 8, "total": 8}  # was 0/0 after a restart
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             accepted = httpx.get(f"{chain.receiver_url}/_accepted").json()

@@ -308,6 +308,7 @@ def _manifest_jobs_on_disk(work_root: Path) -> list[JobStatus]:
         job.finished = last_write or job.started
         if summary is not None:
             job.state, job.summary = "completed", summary
+            job.phase_done = job.phase_total = summary.groups_total
         else:
             job.state = "failed"
             job.error = "interrupted: the gateway stopped during this job; post the manifest again to resume"
