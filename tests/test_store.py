@@ -230,6 +230,7 @@ def test_audit_trail_and_processing_record(store: Store, clock: FakeClock) -> No
     assert record["pseudonymTypes"] == ["MRN", "SNGGV"]
     assert record["providers"] == ["ura:1"] and record["recipients"] == ["dica"]
     assert record["outbox"]["delivered"] == 2 and record["period"]["first"].endswith("Z")
+    assert record["outboxAt"].endswith("Z")  # the outbox is a snapshot, said to be one
     assert store.processing_record("other")["bundlesDelivered"] == 0
     # a provider that only registered an objection delivered nothing to this recipient (a review finding)
     store.record_audit(

@@ -512,7 +512,9 @@ class SqlStore:
             # bundles of which nothing was delivered (every patient objected, status unknown, no pseudonym)
             "withheld": withheld,
             "pseudonymTypes": sorted(types),
+            # the outbox as it is now, whatever the period: what is still on its way to this recipient
             "outbox": self.depth(registry),
+            "outboxAt": _iso(self._clock()),
         }
 
     # -- opt-out register -----------------------------------------------------------------------------
