@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.bulk.chunks import Chunk, split_transaction
-from gateway.bulk.index import Line
+from gateway.bulk.index import RESOURCE_ID, UUID_ID, Line
 from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
@@ -33,12 +33,10 @@ from gateway.ttp.backend import TTPBackend, TTPResult
 MAX_RETRIES = 4
 _OPT_OUT_REASONS = ("opted-out", "opt-out-unknown")
 _ENTRY = re.compile(r"^Bundle\.entry\[(\d+)\]")
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # An absolute reference in a line's text: the base, the type and the id it ends in
 _ABSOLUTE_REFERENCE = re.compile(
     rb'"reference"\s*:\s*"(https?://[^"\\]+?/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^"\\]*)?"'
 )
-_UUID_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 @dataclass(frozen=True)
@@ -347,10 +345,11 @@ def _collection(items: list[_Item], base: str | None = None) -> dict[str, Any]:
     for item in items:
         rid = item.resource.get("id")
         rtype = item.resource.get("resourceType")
-        if base is not None and isinstance(rid, str) and isinstance(rtype, str) and _ID.fullmatch(rid):
+        valid_id = isinstance(rid, str) and RESOURCE_ID.fullmatch(rid) is not None
+        if base is not None and valid_id and isinstance(rtype, str):
             entries.append({"fullUrl": f"{base}{rtype}/{rid}", "resource": item.resource})
         # NDJSON has no fullUrl; a UUID id is what `urn:uuid:` references in an export point at.
-        elif isinstance(rid, str) and _UUID_ID.fullmatch(rid):
+        elif isinstance(rid, str) and UUID_ID.fullmatch(rid):
             entries.append({"fullUrl": f"urn:uuid:{rid}", "resource": item.resource})
         else:
             entries.append({"resource": item.resource})

@@ -71,7 +71,7 @@ MAX_FILE_BYTES = 1 << _OFFSET_BITS
 # `"reference"` followed by `:` is a property name; whitespace around the colon is allowed (pretty exporters).
 _REFERENCE = re.compile(rb'"reference"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 _TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+RESOURCE_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR id
 _BOM = b"\xef\xbb\xbf"
 
 # What scanning writes (the index itself, or one range's file in a worker).
@@ -591,7 +591,8 @@ def _scan_line(
         out.invalid.append((number, line_no, "no-resource-type"))
         return False
     rid = resource.get("id")
-    self_key = keyer.fresh(_self_text(rtype, rid)) if isinstance(rid, str) and _ID.fullmatch(rid) else None
+    valid_id = isinstance(rid, str) and RESOURCE_ID.fullmatch(rid) is not None
+    self_key = keyer.fresh(_self_text(rtype, rid)) if valid_id else None
     owner = None
     if rtype == "Patient":
         aliases = list(_patient_aliases(resource, rid, keyer))
@@ -620,13 +621,13 @@ def _scan_line(
     return True
 
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+UUID_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def _self_text(rtype: str, rid: str) -> str:
     """What a resource's key is made of: `urn:uuid:<id>` for a UUID id (so that `urn:uuid:` references and
     `Type/<uuid>` ones find it alike: Synthea writes the former, servers the latter), else `Type/id`."""
-    return f"urn:uuid:{rid.lower()}" if _UUID.fullmatch(rid) else f"{rtype}/{rid}"
+    return f"urn:uuid:{rid.lower()}" if UUID_ID.fullmatch(rid) else f"{rtype}/{rid}"
 
 
 def _logical_subject_keys(resource: dict, keyer: Keyer) -> list[int]:
