@@ -218,7 +218,14 @@ def test_a_consent_naming_its_patient_by_identifier_is_applied(tmp_path: Path) -
 
 @pytest.mark.parametrize(
     "who",
-    [{"reference": "patient/pc"}, {"display": "Carla Claessens"}, {"identifier": {"system": MRN}}],
+    [
+        {"reference": "patient/pc"},
+        {"display": "Carla Claessens"},
+        {"identifier": {"system": MRN}},
+        # matching no Patient of the export: a near miss (a second probe: the objector was delivered)
+        {"identifier": {"system": "urn:oid:2.16.840.1.113883.2.4.6.3", "value": "MRN-PC"}},
+        {"reference": "Patient/PC"},
+    ],
 )
 def test_a_consent_that_names_no_patient_that_can_be_followed_stops_the_job(
     tmp_path: Path, who: dict
@@ -228,6 +235,7 @@ def test_a_consent_that_names_no_patient_that_can_be_followed_stops_the_job(
         deliver(tmp_path, [ALICE, CAROL, objection("cc", who)])
     assert "Consent.ndjson line 1" in str(raised.value) and "Claessens" not in str(raised.value)
     assert not list((tmp_path / "out").glob("*.json"))
+    assert not (tmp_path / "work" / "index.db").exists()  # it names the export's files
 
 
 def test_unreadable_lines_in_the_consent_file_stop_the_job(tmp_path: Path) -> None:
@@ -378,3 +386,62 @@ def test_a_shared_resource_only_an_objector_referred_to_is_reported_not_sent(tmp
     assert summary.sent["Practitioner"] == 1
     assert summary.dropped["shared-not-referenced"] == {"Practitioner": 1}
     assert [r["gender"] for r in delivered if r["resourceType"] == "Practitioner"] == ["male"]
+
+
+def test_a_consent_names_its_patient_by_consent_patient_only(tmp_path: Path) -> None:
+    """A parent who is a patient too signs as performer: it named two patients, which stopped the job."""
+    signed = objection("cc", ref("Patient/pc")) | {"performer": [ref("Patient/pa")]}
+    summary, delivered = deliver(
+        tmp_path, [ALICE, CAROL, signed, observation("oc", 3.0, subject=ref("Patient/pc"))]
+    )
+    assert summary.patients_opted_out == 1
+    assert [r["resourceType"] for r in delivered].count("Patient") == 1 and values(
+        delivered, "Observation"
+    ) == []
+
+
+def test_a_consent_naming_its_patient_by_an_identifier_value_alone_is_applied(tmp_path: Path) -> None:
+    by_value = {"identifier": {"value": "MRN-PC"}}
+    summary, delivered = deliver(
+        tmp_path, [ALICE, CAROL, objection("cc", by_value), observation("oc", 3.0, subject=ref("Patient/pc"))]
+    )
+    assert summary.patients_opted_out == 1 and values(delivered, "Observation") == []
+
+
+def test_a_consent_line_the_chain_cannot_read_withholds_its_patient(tmp_path: Path) -> None:
+    """A line pass 1 reads (orjson takes the last of two equal keys) but the chain refuses: it was dropped
+    as an invalid line, and its patient delivered as if they had not objected."""
+    twice = orjson.dumps(objection("cc", ref("Patient/pc")))[:-1] + b',"status":"active"}'
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "Patient.ndjson").write_bytes(orjson.dumps(ALICE) + b"\n" + orjson.dumps(CAROL))
+    (export / "Consent.ndjson").write_bytes(twice)
+    (export / "Observation.ndjson").write_bytes(
+        orjson.dumps(observation("oc", 3.0, subject=ref("Patient/pc")))
+    )
+    summary = run_bulk([export], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
+    assert summary.patients_unknown_optout == 1
+    assert summary.sent["Patient"] == 1 and "Observation" not in summary.sent
+
+
+@pytest.mark.parametrize("name", ["export.ndjson", "consent.ndjson", "Consent_2025.ndjson"])
+def test_an_unreadable_line_that_may_be_a_consent_stops_the_job(tmp_path: Path, name: str) -> None:
+    """Only a file named exactly after Consent counted; an upload is one file of every type."""
+    export = tmp_path / "export"
+    export.mkdir()
+    line = orjson.dumps(objection("cc", ref("Patient/pc")))[:60]  # cut off
+    (export / name).write_bytes(orjson.dumps(ALICE) + b"\n" + orjson.dumps(CAROL) + b"\n" + line + b"\n")
+    with pytest.raises(SourceError, match="line 3"):
+        run_bulk([export], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
+
+
+def test_a_urn_uuid_reference_to_a_resource_left_out_of_the_export_is_dropped(tmp_path: Path) -> None:
+    """A Synthea export without its Practitioners (a `_type` filter): every line naming one by urn:uuid was
+    rejected, a Patient with it as general practitioner with all their data."""
+    gp = {"generalPractitioner": [ref("urn:uuid:0000016d-3a85-4cca-0000-000000000b2a")]}
+    enc = encounter("ea", "pa") | {
+        "participant": [{"individual": ref("urn:uuid:0000016d-3a85-4cca-0000-0000000000ff")}]
+    }
+    summary, delivered = deliver(tmp_path, [ALICE | gp, enc])
+    assert summary.invalid_lines == [] and summary.sent["Patient"] == 1 and summary.sent["Encounter"] == 1
+    assert not any("participant" in r or "generalPractitioner" in r for r in delivered)

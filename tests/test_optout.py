@@ -292,6 +292,10 @@ def test_patient_matching_forms() -> None:
         "identifier": {"system": "http://fhir.nl/fhir/NamingSystem/bsn", "value": "999911120"}
     }
     assert bundle_decisions(logical)["urn:uuid:pat-1"].status == "objected"
+    # the value without its system (a fresh-eyes probe: it matched nobody, and the objector was delivered)
+    logical["patient"] = {"identifier": {"value": "999911120"}}
+    decisions = bundle_decisions(logical)
+    assert (decisions["urn:uuid:pat-1"].status, decisions["urn:uuid:pat-2"].status) == ("objected", "allowed")
 
 
 def test_consent_without_patient_blocks_everyone_only_if_it_could_deny() -> None:

@@ -116,6 +116,7 @@ async def run_group(
     # and their values count in every slice that carries the place; they are never delivered from here
     others: list[dict] = []
     absolute: list[bytes] = []  # lines with an absolute reference (rare): they name the server's base
+    unreadable_consents: set[int] = set()  # patients of a Consent line that cannot be read
     for line in lines:
         raw = read(line)
         if b"http" in raw and not line.bystander and _ABSOLUTE_REFERENCE.search(raw):
@@ -127,12 +128,16 @@ async def run_group(
                 continue  # reported with its own group
             result.rejected_lines.append((line.file, line.line, f"invalid-{err.issues[0].code}"))
             result.drop("invalid-line", line.rtype)
+            if line.rtype == "Consent" and line.owner is not None:
+                unreadable_consents.add(line.owner)
             continue
         if line.bystander:
             others.append(resource)
         else:
             items.append(_Item(line, line.owner, resource))
     result.patients = sum(1 for i in items if i.resource.get("resourceType") == "Patient")
+    if unreadable_consents and chains.registry.bundle_consent:
+        items = _withhold(items, unreadable_consents, result)
     batch_ttp = BatchTTP(chains.provider.ttp)
     chains = replace(chains, provider=replace(chains.provider, ttp=batch_ttp))
     context = _Context(recorded, others, _server_base(absolute, items))
@@ -188,12 +193,7 @@ async def _process(
                 result.rejected_lines.append((items[i].line.file, items[i].line.line, f"rejected-{code}"))
                 result.drop(f"rejected-{err.status}", items[i].line.rtype)
             withheld = _consent_owners(items, bad) if chains.registry.bundle_consent else set()
-            for n, item in enumerate(items):
-                if n not in bad and item.owner in withheld:
-                    result.drop("opt-out-unknown", item.line.rtype)
-                    result.resources_opted_out += 1
-            result.patients_unknown_optout += len(withheld)
-            items = [item for n, item in enumerate(items) if n not in bad and item.owner not in withheld]
+            items = _withhold([item for n, item in enumerate(items) if n not in bad], withheld, result)
             continue
         if OUTAGE_REASONS & (processed.report.get("optOutReasons") or {}).keys():
             raise OptOutUnavailable("an opt-out source could not be reached")
@@ -203,6 +203,22 @@ async def _process(
             return []
         return [(processed.bundle, [None if s is None else items[s] for s in processed.sources])]
     return await _split(items, chains, result, context, None)
+
+
+def _withhold(items: list[_Item], patients: set[int], result: GroupResult) -> list[_Item]:
+    """`items` without those of `patients`, whose opt-out status is unknown (a Consent of theirs could not be
+    read or was rejected): none of their data goes, and they are counted as such."""
+    if not patients:
+        return items
+    kept = []
+    for item in items:
+        if item.owner in patients:
+            result.drop("opt-out-unknown", item.line.rtype)
+            result.resources_opted_out += 1
+        else:
+            kept.append(item)
+    result.patients_unknown_optout += len(patients)
+    return kept
 
 
 def _consent_owners(items: list[_Item], bad: set[int]) -> set[int]:

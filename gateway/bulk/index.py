@@ -83,7 +83,8 @@ CREATE TABLE resources (
 CREATE TABLE pkeys (key INTEGER NOT NULL, patient INTEGER NOT NULL);
 CREATE TABLE prefs (res INTEGER NOT NULL, key INTEGER NOT NULL, strict INTEGER NOT NULL);
 CREATE TABLE edges (res INTEGER NOT NULL, key INTEGER NOT NULL);
-CREATE TABLE invalid (file INTEGER NOT NULL, line INTEGER NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE invalid (file INTEGER NOT NULL, line INTEGER NOT NULL, reason TEXT NOT NULL,
+                      consent INTEGER NOT NULL DEFAULT 0);
 """
 _SCAN_TABLES = ("resources", "pkeys", "prefs", "edges", "invalid")
 SCHEMA = (
@@ -519,7 +520,7 @@ def _scan_range(
         for lines, raw, length in _raw_lines(handle, max_line_bytes):
             line_no = lines_before + lines
             if raw is None:  # longer than max_line_bytes: never held in memory whole
-                out.invalid.append((number, line_no, "line-too-long"))
+                out.invalid.append((number, line_no, "line-too-long", 0))
                 resources += 1
                 invalid += 1
                 pending += 1
@@ -579,16 +580,16 @@ def _scan_line(
     """One non-blank line into `out`'s batch: a row in `resources` with its keys and references, or (False)
     a row in `invalid` with the reason."""
     if len(body) > max_line_bytes:
-        out.invalid.append((number, line_no, "line-too-long"))
+        out.invalid.append((number, line_no, "line-too-long", 0))
         return False
     try:
         resource = orjson.loads(body)
     except orjson.JSONDecodeError:
-        out.invalid.append((number, line_no, "malformed-json"))
+        out.invalid.append((number, line_no, "malformed-json", _may_be_consent(body)))
         return False
     rtype = resource.get("resourceType") if isinstance(resource, dict) else None
     if not isinstance(rtype, str) or not rtype.isalpha():
-        out.invalid.append((number, line_no, "no-resource-type"))
+        out.invalid.append((number, line_no, "no-resource-type", _may_be_consent(body)))
         return False
     rid = resource.get("id")
     valid_id = isinstance(rid, str) and RESOURCE_ID.fullmatch(rid) is not None
@@ -600,6 +601,10 @@ def _scan_line(
             owner = row
             out.pkeys.extend(zip(aliases, itertools.repeat(row)))
     out.resources.append((row, number, offset, len(body), line_no, rtype, self_key, owner is not None, owner))
+    if rtype == "Consent":
+        # whose objection it is is Consent.patient, whoever else it names (a parent signing as performer)
+        patient = resource.get("patient")
+        body = orjson.dumps({"patient": patient}) if isinstance(patient, dict) else b""
     refs = _REFERENCE.findall(body)
     logical = _logical_subject_keys(resource, keyer)
     if logical:
@@ -619,6 +624,12 @@ def _scan_line(
         if edges:
             out.edges.extend(zip(itertools.repeat(row), edges))
     return True
+
+
+def _may_be_consent(line: bytes) -> int:
+    """An unreadable line that mentions consent could be an objection: 1, so that the job stops (the
+    word in any case, or escaped past its first letter)."""
+    return int(b"onsent" in line or b"ONSENT" in line)
 
 
 UUID_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -711,7 +722,7 @@ class _Writer:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             self.resources,
         )
-        c.executemany("INSERT INTO invalid (file, line, reason) VALUES (?, ?, ?)", self.invalid)
+        c.executemany("INSERT INTO invalid (file, line, reason, consent) VALUES (?, ?, ?, ?)", self.invalid)
         c.executemany("INSERT INTO pkeys (key, patient) VALUES (?, ?)", self.pkeys)
         c.executemany("INSERT INTO prefs (res, key, strict) VALUES (?, ?, ?)", self.prefs)
         c.executemany("INSERT INTO edges (res, key) VALUES (?, ?)", self.edges)
@@ -985,15 +996,18 @@ def invalid_lines(conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, 
 
 def unattributed_consents(conn: sqlite3.Connection, consent_files: Iterable[int]) -> list[tuple[int, int]]:
     """(file, line) of the Consents no single patient of the export can be tied to (no followable patient
-    reference, or two), and of the unreadable lines of files that hold Consents: whose objection such a line
-    is cannot be known, so no patient can be delivered as not objecting."""
+    reference, two, or one that matches no Patient of the export: a near miss, a BSN written otherwise, may
+    be a patient who is there), and of the unreadable lines that hold a Consent or may (one of a Consent
+    file, or one that mentions consent): whose objection such a line is cannot be known, so no patient can
+    be delivered as not objecting."""
     found = conn.execute("""SELECT file, line FROM resources WHERE rtype = 'Consent'
-                            AND state IN ('shared', 'several-patients')""").fetchall()
+                            AND state IN ('shared', 'several-patients', 'patient-absent')""").fetchall()
+    found += conn.execute("SELECT file, line FROM invalid WHERE consent = 1").fetchall()
     numbers = sorted(set(consent_files))
     if numbers:
         marks = ",".join("?" * len(numbers))
         found += conn.execute(f"SELECT file, line FROM invalid WHERE file IN ({marks})", numbers).fetchall()
-    return sorted(found)
+    return sorted(set(found))
 
 
 def file_names(conn: sqlite3.Connection) -> dict[int, str]:

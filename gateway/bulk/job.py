@@ -96,7 +96,11 @@ async def deliver_export(
         )
         with contextlib.closing(ix.reopen_index(work_dir / "index.db")) as conn:
             if chains.registry.bundle_consent:
-                _refuse_unattributed_consents(conn, files)
+                try:
+                    _refuse_unattributed_consents(conn, files)
+                except SourceError:
+                    (work_dir / "index.db").unlink(missing_ok=True)  # it names the export's files
+                    raise
             known_types = chains.validator.resource_types | {"(unknown)"}
             summary.absorb_index(stats, conn, MAX_INVALID_LISTED, known_types)
             runner, close = _runner(files, chains, spec, options)

@@ -273,7 +273,10 @@ def consent_patient_matches(consent: dict, patient: PatientRef) -> bool | None:
         return _reference_matches(reference, patient)
     ident = subject.get("identifier")
     if isinstance(ident, dict):
-        return (ident.get("system"), ident.get("value")) in _patient_identifiers(patient.resource)
+        idents = _patient_identifiers(patient.resource)
+        if ident.get("system") is None:  # a value without its system names whoever has that value
+            return any(v == ident.get("value") for _, v in idents)
+        return (ident.get("system"), ident.get("value")) in idents
     return None
 
 

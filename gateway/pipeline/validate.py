@@ -435,7 +435,7 @@ def validate_bundle(
         errors.append(
             Issue("business-rule", "a registry delivery needs a Patient in the Bundle", ("Bundle.entry",))
         )
-    resolver = _Resolver(entries, by_full_url, patients)
+    resolver = _Resolver(entries, by_full_url, patients, loose_urns=bundle_type == "collection")
     references = [resolver.entry_references(i, e) for i, e in enumerate(entries)]
     errors.extend(resolver.errors)
     if errors:
@@ -495,10 +495,18 @@ class _Resolver:
     """Resolves reference strings to entry indices (liberally: the result drives what an opt-out drops)."""
 
     def __init__(
-        self, entries: list[dict], by_full_url: dict[str, int], patients: list[PatientEntry]
+        self,
+        entries: list[dict],
+        by_full_url: dict[str, int],
+        patients: list[PatientEntry],
+        *,
+        loose_urns: bool = False,
     ) -> None:
         self.entries = entries
         self.by_full_url = by_full_url
+        # A transaction or batch must carry what its urn: references name (FHIR); a collection (a Bulk Data
+        # export's patient group) may point at a resource the export left out, like a `Type/id` may
+        self.loose_urns = loose_urns
         self._warned: set[str] = set()
         self._dangling_seen: dict[tuple[int, str], int] = {}  # (entry, reference) -> occurrences reported
         self._type_identifiers: dict[str, dict[tuple[str | None, str], set[int]]] = {}
@@ -592,7 +600,10 @@ class _Resolver:
         if hit is not None:
             return {hit}
         if ref.startswith("urn:"):
-            self._dangling(i, resource, ref, "reference to a urn: fullUrl that is not in the Bundle")
+            if self.loose_urns and not _names_whose(resource, ref):
+                self._warn(i, resource, ref, "reference to a resource that is not in the Bundle")
+            else:
+                self._dangling(i, resource, ref, "reference to a urn: fullUrl that is not in the Bundle")
             return set()
         conditional = _CONDITIONAL.fullmatch(ref)
         if conditional and not _ABSOLUTE.match(ref):
@@ -704,6 +715,21 @@ class _Resolver:
         self._warned.add(ref)
         where = _reference_path(i, resource, ref)
         self.warnings.append(Issue("business-rule", text, (where,), severity="warning"))
+
+
+def _names_whose(resource: dict, ref: str) -> bool:
+    """Is `ref` what says whose data the resource is (its subject or patient), or a Patient's link to
+    another record of the same person? Such a reference must resolve: an unresolved one could hide an
+    objecting patient."""
+    keys = ("subject", "patient", *(("link",) if resource.get("resourceType") == "Patient" else ()))
+    for key in keys:
+        value = resource.get(key)
+        for item in value if isinstance(value, list) else (value,):
+            if isinstance(item, dict) and key == "link":
+                item = item.get("other")
+            if isinstance(item, dict) and item.get("reference") == ref:
+                return True
+    return False
 
 
 def _unfollowable(ref: dict, resource: dict) -> str | None:
