@@ -214,7 +214,51 @@ async def decide_optout(
         decisions = await CombinedOptOut(sources).check(refs) if refs else {}
     except Exception:  # a source that cannot answer must not deliver anything: fail closed
         decisions = {}
-    return {r.key: decisions.get(r.key) or Decision("unknown", "optout-source-error") for r in refs}
+    decided = {r.key: decisions.get(r.key) or Decision("unknown", "optout-source-error") for r in refs}
+    return _same_person_alike(patients, decided)
+
+
+def _same_person_alike(
+    patients: Sequence[PatientEntry], decisions: dict[str, Decision]
+) -> dict[str, Decision]:
+    """Two records of one person (an EHR duplicate: the same identifier, system and value) get the same
+    pseudonyms, so the registry links them: an objection on one holds for both (objected before unknown)."""
+    out = decisions
+    for keys in _records_of_one_person(patients):
+        worst = max((decisions[k] for k in keys), key=lambda d: _RANK[d.status])
+        out = {**out, **{k: worst for k in keys if _RANK[worst.status] > _RANK[out[k].status]}}
+    return out
+
+
+_RANK = {"allowed": 0, "unknown": 1, "objected": 2}
+
+
+def _records_of_one_person(patients: Sequence[PatientEntry]) -> list[list[str]]:
+    """The patient keys that share an identifier (system and value, spaces ignored), in groups of two or
+    more; none in the common case."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent[key] != key:
+            key = parent[key]
+        return key
+
+    first_with: dict[tuple[str, str], str] = {}
+    for patient in patients:
+        key = patient_key(patient)
+        parent.setdefault(key, key)
+        found = patient.resource.get("identifier")
+        for ident in found if isinstance(found, list) else ():
+            system = ident.get("system") if isinstance(ident, dict) else None
+            value = ident.get("value") if isinstance(ident, dict) else None
+            if isinstance(system, str) and isinstance(value, str) and value.strip():
+                a, b = root(first_with.setdefault((system, "".join(value.split())), key)), root(key)
+                if a != b:
+                    parent[b] = a
+    groups: dict[str, list[str]] = {}
+    for key in parent:
+        groups.setdefault(root(key), []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
 
 
 def _optout_drops(index: BundleIndex, decisions: Mapping[str, Decision]) -> dict[str, set[int]]:

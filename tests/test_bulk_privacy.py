@@ -445,3 +445,39 @@ def test_a_urn_uuid_reference_to_a_resource_left_out_of_the_export_is_dropped(tm
     summary, delivered = deliver(tmp_path, [ALICE | gp, enc])
     assert summary.invalid_lines == [] and summary.sent["Patient"] == 1 and summary.sent["Encounter"] == 1
     assert not any("participant" in r or "generalPractitioner" in r for r in delivered)
+
+
+def test_an_objection_on_one_record_of_a_person_holds_for_their_duplicate(tmp_path: Path) -> None:
+    """Two records with the same identifier get the same pseudonyms: the registry would link the second
+    record's data to the person who objected on the first."""
+    duplicate = CAROL | {"id": "pc-dup"}
+    bundle = _posted(
+        objection("cc", ref("Patient/pc")),
+        CAROL,
+        duplicate,
+        ALICE,
+        observation("oc", 2.0, subject=ref("Patient/pc-dup")),
+        observation("oa", 1.0, subject=ref("Patient/pa")),
+    )
+    processed = _process(bundle, tmp_path)
+    kept = [e["resource"] for e in processed.bundle["entry"]]
+    assert values(kept, "Observation") == [1.0] and [r["resourceType"] for r in kept].count("Patient") == 1
+    assert processed.report["patientsDroppedOptOut"] == 2
+
+
+def test_an_objection_on_one_record_holds_for_a_duplicate_in_another_group(tmp_path: Path) -> None:
+    """Bulk: the duplicate, in another group, went out with the objecting person's pseudonyms."""
+    duplicate = CAROL | {"id": "pc-dup"}
+    resources = [
+        CAROL,
+        *others(12),
+        duplicate,
+        ALICE,
+        objection("cc", ref("Patient/pc")),
+        observation("oc", 2.0, subject=ref("Patient/pc-dup")),
+        observation("oa", 1.0, subject=ref("Patient/pa")),
+    ]
+    summary, delivered = deliver(tmp_path, resources, group_size=5)
+    assert values(delivered, "Observation") == [1.0]
+    assert [r["resourceType"] for r in delivered].count("Patient") == 13  # Alice and the twelve others
+    assert summary.patients_opted_out == 2 and summary.dropped["opted-out"]["Patient"] == 2

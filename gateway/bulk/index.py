@@ -81,12 +81,13 @@ CREATE TABLE resources (
     line INTEGER NOT NULL, rtype TEXT NOT NULL, self_key INTEGER, is_patient INTEGER NOT NULL DEFAULT 0,
     owner INTEGER, state TEXT NOT NULL DEFAULT 'pending', sent INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE pkeys (key INTEGER NOT NULL, patient INTEGER NOT NULL);
+CREATE TABLE persons (key INTEGER NOT NULL, patient INTEGER NOT NULL);
 CREATE TABLE prefs (res INTEGER NOT NULL, key INTEGER NOT NULL, strict INTEGER NOT NULL);
 CREATE TABLE edges (res INTEGER NOT NULL, key INTEGER NOT NULL);
 CREATE TABLE invalid (file INTEGER NOT NULL, line INTEGER NOT NULL, reason TEXT NOT NULL,
                       consent INTEGER NOT NULL DEFAULT 0);
 """
-_SCAN_TABLES = ("resources", "pkeys", "prefs", "edges", "invalid")
+_SCAN_TABLES = ("resources", "pkeys", "persons", "prefs", "edges", "invalid")
 SCHEMA = (
     SCAN_SCHEMA
     + """
@@ -99,6 +100,7 @@ CREATE TABLE home_of (place INTEGER NOT NULL, patient INTEGER NOT NULL);
 # Built after the bulk inserts: building an index once is much cheaper than maintaining it row by row.
 INDEXES = """
 CREATE INDEX pkeys_key ON pkeys (key);
+CREATE INDEX persons_key ON persons (key);
 CREATE INDEX prefs_res ON prefs (res);
 CREATE INDEX edges_res ON edges (res);
 CREATE INDEX resources_self ON resources (self_key);
@@ -600,6 +602,7 @@ def _scan_line(
         if aliases:  # a Patient without id and identifiers cannot be referenced: not a patient here
             owner = row
             out.pkeys.extend(zip(aliases, itertools.repeat(row)))
+            out.persons.extend((key, row) for key in _person_keys(resource, keyer))
     out.resources.append((row, number, offset, len(body), line_no, rtype, self_key, owner is not None, owner))
     if rtype == "Consent":
         # whose objection it is is Consent.patient, whoever else it names (a parent signing as performer)
@@ -657,6 +660,17 @@ def _logical_subject_keys(resource: dict, keyer: Keyer) -> list[int]:
     return keys
 
 
+def _person_keys(resource: dict, keyer: Keyer) -> Iterator[int]:
+    """A Patient's identifiers with their system (spaces ignored): two records that share one are one person
+    (an EHR duplicate), whom the TTP gives the same pseudonyms."""
+    idents = resource.get("identifier")
+    for ident in idents if isinstance(idents, list) else ():
+        system = ident.get("system") if isinstance(ident, dict) else None
+        value = ident.get("value") if isinstance(ident, dict) else None
+        if isinstance(system, str) and isinstance(value, str) and value.strip():
+            yield keyer.fresh(f"person|{system}|{''.join(value.split())}")
+
+
 def _patient_aliases(resource: dict, rid: object, keyer: Keyer) -> Iterator[int]:
     if isinstance(rid, str) and rid:
         yield keyer.fresh(f"Patient/{rid}")
@@ -711,6 +725,7 @@ class _Writer:
         self.resources: list[tuple] = []
         self.invalid: list[tuple[int, int, str]] = []
         self.pkeys: list[tuple[int, int]] = []
+        self.persons: list[tuple[int, int]] = []
         self.prefs: list[tuple[int, int, int]] = []
         self.edges: list[tuple[int, int]] = []
 
@@ -724,10 +739,12 @@ class _Writer:
         )
         c.executemany("INSERT INTO invalid (file, line, reason, consent) VALUES (?, ?, ?, ?)", self.invalid)
         c.executemany("INSERT INTO pkeys (key, patient) VALUES (?, ?)", self.pkeys)
+        c.executemany("INSERT INTO persons (key, patient) VALUES (?, ?)", self.persons)
         c.executemany("INSERT INTO prefs (res, key, strict) VALUES (?, ?, ?)", self.prefs)
         c.executemany("INSERT INTO edges (res, key) VALUES (?, ?)", self.edges)
         c.execute("COMMIT")
         self.resources, self.invalid, self.pkeys, self.prefs, self.edges = [], [], [], [], []
+        self.persons = []
 
 
 # -- owners and groups ------------------------------------------------------------------------------------
@@ -746,6 +763,7 @@ def _resolve_owners(conn: sqlite3.Connection) -> None:
         "DELETE FROM pkeys WHERE patient IN (SELECT id FROM resources WHERE state = 'duplicate-patient')"
     )
     c.execute("UPDATE resources SET state = 'ok' WHERE is_patient = 1")
+    _merge_records_of_one_person(c)
     # `strict` references name a Patient for sure (Patient/x, Patient?identifier=); `urn:uuid:` ones only
     # count when they match a Patient, so an unmatched urn:uuid does not make a resource an orphan. Per
     # resource: no Patient matched (first IS NULL), exactly one (first = last) or several (first < last).
@@ -784,6 +802,29 @@ _TIE = f"""UPDATE resources SET
     AND resources.state IN ('ok', 'pending')
     AND ({_SEVERAL} OR (resources.state = 'pending' AND (ties.lo IS NOT NULL OR ties.absent)))
     RETURNING resources.self_key"""
+
+
+def _merge_records_of_one_person(c: sqlite3.Connection) -> None:
+    """A later Patient that shares an identifier (system and value) with an earlier one is the same person
+    (an EHR duplicate, the same pseudonyms): it and what refers to it travel as the earliest record's, in one
+    slice, where the chain applies an objection on either record to both."""
+    c.execute("DROP TABLE IF EXISTS temp.same_person")
+    c.execute("""CREATE TEMP TABLE same_person AS
+                 SELECT b.patient AS later, MIN(a.patient) AS first FROM persons a
+                 JOIN persons b ON a.key = b.key AND a.patient < b.patient
+                 JOIN resources ra ON ra.id = a.patient AND ra.is_patient = 1
+                 JOIN resources rb ON rb.id = b.patient AND rb.is_patient = 1
+                 GROUP BY b.patient""")
+    while c.execute("""UPDATE temp.same_person SET first = (SELECT s.first FROM temp.same_person s
+                                                            WHERE s.later = same_person.first)
+                       WHERE first IN (SELECT later FROM temp.same_person)""").rowcount:
+        pass  # a chain of records (A and B share a BSN, B and C an MRN): all to the earliest
+    c.execute("""UPDATE pkeys SET patient = (SELECT first FROM temp.same_person WHERE later = pkeys.patient)
+                 WHERE patient IN (SELECT later FROM temp.same_person)""")
+    c.execute("""UPDATE resources SET is_patient = 0, state = 'ok',
+                 owner = (SELECT first FROM temp.same_person WHERE later = resources.id)
+                 WHERE id IN (SELECT later FROM temp.same_person)""")
+    c.execute("DROP TABLE temp.same_person")
 
 
 def _follow_references(c: sqlite3.Connection) -> None:
@@ -837,7 +878,7 @@ def _find_home_places(conn: sqlite3.Connection, files: list[SourceFile]) -> None
         if not by_postcode and not by_number:
             return
         found: set[tuple[int, int]] = set()
-        query = "SELECT id, file, off, len FROM resources WHERE is_patient = 1 AND state = 'ok'"
+        query = "SELECT id, file, off, len FROM resources WHERE rtype = 'Patient' AND state = 'ok'"
         for patient, *where in conn.execute(query):
             for home in patient_homes([_parsed(read(*where))]):
                 for key, place in by_postcode.get(home.postcode, []) + by_number.get(home.number, []):
