@@ -231,6 +231,7 @@ def _same_person_alike(
 
 
 _RANK = {"allowed": 0, "unknown": 1, "objected": 2}
+_PATIENT_TAIL = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]*)?$")
 
 
 def _records_of_one_person(patients: Sequence[PatientEntry]) -> list[list[str]]:
@@ -243,18 +244,35 @@ def _records_of_one_person(patients: Sequence[PatientEntry]) -> list[list[str]]:
             key = parent[key]
         return key
 
+    def join(a: str, b: str) -> None:
+        a, b = root(a), root(b)
+        if a != b:
+            parent[b] = a
+
     first_with: dict[tuple[str, str], str] = {}
+    named: dict[str, str] = {}  # fullUrl and Patient/id -> key, for Patient.link
     for patient in patients:
         key = patient_key(patient)
         parent.setdefault(key, key)
+        named[key] = key
+        if isinstance(patient.resource.get("id"), str):
+            named[f"Patient/{patient.resource['id']}"] = key
         found = patient.resource.get("identifier")
         for ident in found if isinstance(found, list) else ():
             system = ident.get("system") if isinstance(ident, dict) else None
             value = ident.get("value") if isinstance(ident, dict) else None
             if isinstance(system, str) and isinstance(value, str) and value.strip():
-                a, b = root(first_with.setdefault((system, "".join(value.split())), key)), root(key)
-                if a != b:
-                    parent[b] = a
+                join(first_with.setdefault((system, "".join(value.split())), key), key)
+    for patient in patients:  # a link to another record of the Bundle: merged records of one person
+        links = patient.resource.get("link")
+        for link in links if isinstance(links, list) else ():
+            other = link.get("other") if isinstance(link, dict) else None
+            target = other.get("reference") if isinstance(other, dict) else None
+            if isinstance(target, str):
+                tail = _PATIENT_TAIL.search(target)
+                found_key = named.get(target) or (named.get(f"Patient/{tail.group(1)}") if tail else None)
+                if found_key is not None:
+                    join(found_key, patient_key(patient))
     groups: dict[str, list[str]] = {}
     for key in parent:
         groups.setdefault(root(key), []).append(key)

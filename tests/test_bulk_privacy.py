@@ -481,3 +481,42 @@ def test_an_objection_on_one_record_holds_for_a_duplicate_in_another_group(tmp_p
     assert values(delivered, "Observation") == [1.0]
     assert [r["resourceType"] for r in delivered].count("Patient") == 13  # Alice and the twelve others
     assert summary.patients_opted_out == 2 and summary.dropped["opted-out"]["Patient"] == 2
+
+
+def _linked_records() -> tuple[dict, dict]:
+    """Carol's record linking to her older one, which has another number (merged records)."""
+    old = CAROL | {"id": "pc-old", "identifier": [{"system": MRN, "value": "MRN-OLD-7"}]}
+    current = CAROL | {"link": [{"other": ref("Patient/pc-old"), "type": "replaces"}]}
+    return current, old
+
+
+def test_an_objection_holds_for_the_record_a_patient_links_to(tmp_path: Path) -> None:
+    current, old = _linked_records()
+    bundle = _posted(
+        objection("cc", ref("Patient/pc")),
+        current,
+        old,
+        ALICE,
+        observation("oc", 2.0, subject=ref("Patient/pc-old")),
+        observation("oa", 1.0, subject=ref("Patient/pa")),
+    )
+    processed = _process(bundle, tmp_path)
+    kept = [e["resource"] for e in processed.bundle["entry"]]
+    assert values(kept, "Observation") == [1.0] and processed.report["patientsDroppedOptOut"] == 2
+
+
+def test_linked_records_in_different_groups_travel_together(tmp_path: Path) -> None:
+    """Apart, both were rejected (a link to a Patient not in the Bundle); the objection must hold for both."""
+    current, old = _linked_records()
+    resources = [
+        old,
+        *others(12),
+        current,
+        ALICE,
+        objection("cc", ref("Patient/pc")),
+        observation("oc", 2.0, subject=ref("Patient/pc-old")),
+        observation("oa", 1.0, subject=ref("Patient/pa")),
+    ]
+    summary, delivered = deliver(tmp_path, resources, group_size=5)
+    assert values(delivered, "Observation") == [1.0] and summary.invalid_lines == []
+    assert summary.dropped["opted-out"]["Patient"] == 2

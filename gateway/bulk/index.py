@@ -661,14 +661,24 @@ def _logical_subject_keys(resource: dict, keyer: Keyer) -> list[int]:
 
 
 def _person_keys(resource: dict, keyer: Keyer) -> Iterator[int]:
-    """A Patient's identifiers with their system (spaces ignored): two records that share one are one person
-    (an EHR duplicate), whom the TTP gives the same pseudonyms."""
+    """What makes two Patient records one person: an identifier with its system (spaces ignored; an EHR
+    duplicate, which the TTP gives the same pseudonyms), or a `link` from one to the other (merged)."""
     idents = resource.get("identifier")
     for ident in idents if isinstance(idents, list) else ():
         system = ident.get("system") if isinstance(ident, dict) else None
         value = ident.get("value") if isinstance(ident, dict) else None
         if isinstance(system, str) and isinstance(value, str) and value.strip():
             yield keyer.fresh(f"person|{system}|{''.join(value.split())}")
+    rid = resource.get("id")
+    if isinstance(rid, str):
+        yield keyer.fresh(f"person-record|{rid}")
+    links = resource.get("link")
+    for link in links if isinstance(links, list) else ():
+        other = link.get("other") if isinstance(link, dict) else None
+        target = other.get("reference") if isinstance(other, dict) else None
+        tail = _TAIL.search(target) if isinstance(target, str) else None
+        if tail is not None and tail.group(1) == "Patient":
+            yield keyer.fresh(f"person-record|{tail.group(2)}")
 
 
 def _patient_aliases(resource: dict, rid: object, keyer: Keyer) -> Iterator[int]:
