@@ -215,10 +215,10 @@ async def decide_optout(
     except Exception:  # a source that cannot answer must not deliver anything: fail closed
         decisions = {}
     decided = {r.key: decisions.get(r.key) or Decision("unknown", "optout-source-error") for r in refs}
-    return _same_person_alike(patients, decided)
+    return same_person_alike(patients, decided)
 
 
-def _same_person_alike(
+def same_person_alike(
     patients: Sequence[PatientEntry], decisions: dict[str, Decision]
 ) -> dict[str, Decision]:
     """Two records of one person (an EHR duplicate: the same identifier, system and value) get the same

@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.optout import BundleConsentOptOut, ConsentPolicy, PatientRef
+from gateway.optout import BundleConsentOptOut, ConsentPolicy, PatientRef, patient_key
 from gateway.outcome import FhirError, Issue
 from gateway.pipeline.parse import parse_json
 from gateway.pipeline.validate import BundleIndex, SchemaValidator, validate_bundle
+from gateway.process import same_person_alike
 from tests.badinput import generate
 
 HERE = Path(__file__).resolve().parent / "badinput"
@@ -63,11 +64,12 @@ def run(case: dict[str, Any], validator: SchemaValidator) -> Outcome:
     except FhirError as err:
         return Outcome("validate", err.status, err.issues)
     patients = [
-        PatientRef(p.full_url or f"#{p.index}", p.resource, None, DEFAULTS["provider"], DEFAULTS["registry"])
+        PatientRef(patient_key(p), p.resource, None, DEFAULTS["provider"], DEFAULTS["registry"])
         for p in index.patients
     ]
     source = BundleConsentOptOut.from_bundle(resource, policy=policy_from(DEFAULTS))
-    decisions = asyncio.run(source.check(patients))
+    # as the chain decides: records of one person alike
+    decisions = same_person_alike(index.patients, asyncio.run(source.check(patients)))
     return Outcome("accepted", 200, index.issues, index, {k: d.status for k, d in decisions.items()})
 
 

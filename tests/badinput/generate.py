@@ -1688,7 +1688,8 @@ def optout_cases() -> list[Case]:
     for name, consents, decision in shapes:
         body = dumps(bundle(patient(), observation(), *consents))
         cases.append(Case(f"consent-{name}", "optout", 200, body=body, optout=decision, secrets=SECRETS))
-    two = bundle(patient(), patient(id="pat-2"), consent({"type": "deny"}, patient_ref=url(2)))
+    other = patient(id="pat-2", identifier=[{"system": MRN_SYSTEM, "value": "MRN-7734422"}])
+    two = bundle(patient(), other, consent({"type": "deny"}, patient_ref=url(2)))
     cases.append(
         Case(
             "consent-two-patients-one-objects",
@@ -1697,6 +1698,18 @@ def optout_cases() -> list[Case]:
             body=dumps(two),
             secrets=SECRETS,
             optout={url(1): "allowed", url(2): "objected"},
+        )
+    )
+    # two records with the same BSN are one person (the same pseudonyms): the objection holds for both
+    same = bundle(patient(), patient(id="pat-2"), consent({"type": "deny"}, patient_ref=url(2)))
+    cases.append(
+        Case(
+            "consent-two-records-of-one-person",
+            "optout",
+            200,
+            body=dumps(same),
+            secrets=SECRETS,
+            optout={url(1): "objected", url(2): "objected"},
         )
     )
     cases.append(Case("consent-no-consent", "optout", 200, body=VALID, optout="allowed", secrets=SECRETS))
