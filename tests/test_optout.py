@@ -35,9 +35,10 @@ from gateway.optout import (
     combine,
     evaluate_consent,
     objection_digest,
+    patient_refs,
     read_objection_csv,
 )
-from gateway.pipeline.validate import SchemaValidator
+from gateway.pipeline.validate import PatientEntry, SchemaValidator
 from tests.servers import free_port, serve
 
 SCHEMA = Path("/work/shared/fhir-r4/fhir.schema.json")
@@ -356,6 +357,17 @@ def test_register_source() -> None:
         "urn:uuid:e": ("unknown", Reason.NO_PATIENT_NUMBER),
     }
     assert all("MRN" not in repr(d) for d in store.objections)  # digests only
+    # an objection under a second number in the provider's system holds (a probe: only the first was asked)
+    renumbered = {
+        "identifier": [{"system": "urn:mrn", "value": "MRN-NEW"}, {"system": "urn:mrn", "value": "MRN-1"}]
+    }
+    refs = patient_refs(
+        [PatientEntry(0, "urn:uuid:r", renumbered)],
+        provider=PROVIDER,
+        registry=REGISTRY,
+        mrn_system="urn:mrn",
+    )
+    assert run(source.check(refs))["urn:uuid:r"].status == "objected"
     store.withdraw(PROVIDER, REGISTRY, objection_digest(KEY, PROVIDER, "MRN-1"))
     assert run(source.check(patients[:1]))["urn:uuid:a"].status == "allowed"
 

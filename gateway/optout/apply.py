@@ -22,20 +22,25 @@ def patient_refs(
 ) -> list[PatientRef]:
     """One PatientRef per Patient (of a BundleIndex, or given); `mrn` is its identifier with `mrn_system`."""
     patients = index.patients if isinstance(index, BundleIndex) else index
-    return [
-        PatientRef(patient_key(p), p.resource, _mrn(p.resource, mrn_system), provider, registry)
-        for p in patients
-    ]
+    refs = []
+    for p in patients:
+        numbers = _mrns(p.resource, mrn_system)
+        first = numbers[0] if numbers else None
+        refs.append(PatientRef(patient_key(p), p.resource, first, provider, registry, tuple(numbers[1:])))
+    return refs
 
 
-def _mrn(resource: dict, system: str | None) -> str | None:
+def _mrns(resource: dict, system: str | None) -> list[str]:
+    """The patient's numbers in the provider's system, in order, each once."""
     if system is None:
-        return None
+        return []
+    found: list[str] = []
     for identifier in resource.get("identifier") or ():
         value = identifier.get("value") if isinstance(identifier, dict) else None
-        if identifier.get("system") == system and isinstance(value, str) and value.strip():
-            return value.strip()
-    return None
+        number = value.strip() if identifier.get("system") == system and isinstance(value, str) else ""
+        if number and number not in found:
+            found.append(number)
+    return found
 
 
 def entries_to_drop(index: BundleIndex, decisions: Mapping[str, Decision]) -> set[int]:

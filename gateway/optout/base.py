@@ -65,6 +65,9 @@ class PatientRef:
     mrn: str | None  # the provider's own patient number, when the profile knows its system
     provider: str
     registry: str
+    # further numbers in that system (an old one kept after a renumbering or a merge): an objection
+    # registered under any of them holds
+    other_mrns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -80,16 +80,18 @@ class RegisterOptOut:
         if not patient.mrn or not patient.mrn.strip():
             # Without the patient number the register cannot be asked: fail closed.
             return Decision("unknown", Reason.NO_PATIENT_NUMBER)
-        try:
-            digest = objection_digest(self._hash_key, patient.provider, patient.mrn)
-            found = await self._lookup(patient.provider, patient.registry, digest)
-        except Exception as exc:  # any store failure means "cannot answer"
-            log.warning("objection register lookup failed (%s)", type(exc).__name__)
-            return Decision("unknown", Reason.REGISTER_UNAVAILABLE)
-        if found is None:
-            return Decision("unknown", Reason.REGISTER_UNAVAILABLE)
-        if found:
+        answers = []
+        for number in (patient.mrn, *patient.other_mrns):  # an objection under any of their numbers holds
+            try:
+                digest = objection_digest(self._hash_key, patient.provider, number)
+                answers.append(await self._lookup(patient.provider, patient.registry, digest))
+            except Exception as exc:  # any store failure means "cannot answer"
+                log.warning("objection register lookup failed (%s)", type(exc).__name__)
+                answers.append(None)
+        if any(answers):
             return Decision("objected", Reason.REGISTER_OBJECTION)
+        if None in answers:
+            return Decision("unknown", Reason.REGISTER_UNAVAILABLE)
         return Decision("allowed", Reason.REGISTER_NO_OBJECTION)
 
 
