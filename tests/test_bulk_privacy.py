@@ -520,3 +520,86 @@ def test_linked_records_in_different_groups_travel_together(tmp_path: Path) -> N
     summary, delivered = deliver(tmp_path, resources, group_size=5)
     assert values(delivered, "Observation") == [1.0] and summary.invalid_lines == []
     assert summary.dropped["opted-out"]["Patient"] == 2
+
+
+def _carol_record(pid: str, *identifiers: tuple[str, str], **more: Any) -> dict:
+    return CAROL | {"id": pid, "identifier": [{"system": s, "value": v} for s, v in identifiers], **more}
+
+
+BSN = "http://fhir.nl/fhir/NamingSystem/bsn"
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        # A shares an MRN with C, B a BSN with C, and C comes last (a third probe: A went out)
+        [
+            _carol_record("pc", (MRN, "M-A")),
+            _carol_record("pc-b", (MRN, "M-B"), (BSN, "999911120")),
+            _carol_record("pc-c", (MRN, "M-A"), (BSN, "999911120")),
+        ],
+        # C links to A and B, which share nothing
+        [
+            _carol_record("pc", (MRN, "M-A")),
+            _carol_record("pc-b", (MRN, "M-B")),
+            _carol_record(
+                "pc-c",
+                (MRN, "M-C"),
+                link=[
+                    {"other": ref("Patient/pc"), "type": "replaces"},
+                    {"other": ref("Patient/pc-b"), "type": "replaces"},
+                ],
+            ),
+        ],
+        # B links to A by A's number alone, without its system
+        [
+            _carol_record("pc", (MRN, "M-A")),
+            _carol_record(
+                "pc-b", (MRN, "M-B"), link=[{"other": {"identifier": {"value": "M-A"}}, "type": "replaces"}]
+            ),
+            _carol_record(
+                "pc-c", (MRN, "M-C"), link=[{"other": ref("Patient?identifier=M-B"), "type": "seealso"}]
+            ),
+        ],
+    ],
+    ids=["chain-of-numbers", "links-to-both", "links-by-identifier"],
+)
+def test_every_record_of_an_objecting_person_is_withheld_whatever_the_groups(
+    tmp_path: Path, records: list[dict]
+) -> None:
+    first, second, third = records
+    resources = [
+        first,
+        *others(6),
+        second,
+        ALICE,
+        third,
+        objection("cc", ref(f"Patient/{second['id']}")),
+        *(observation(f"o-{r['id']}", 2.0, subject=ref(f"Patient/{r['id']}")) for r in records),
+        observation("oa", 1.0, subject=ref("Patient/pa")),
+    ]
+    summary, delivered = deliver(tmp_path, resources, group_size=1)
+    assert values(delivered, "Observation") == [1.0]
+    assert summary.dropped["opted-out"]["Patient"] == 3 and summary.invalid_lines == []
+
+
+def test_a_placeholder_number_does_not_make_patients_one_person(tmp_path: Path) -> None:
+    """BSN 000000000 (or 'onbekend') on several patients merged them all: one objection withheld everyone."""
+    placeholders = [(BSN, "000000000"), (MRN, "onbekend")]
+    alice = ALICE | {
+        "identifier": [*ALICE["identifier"], *({"system": s, "value": v} for s, v in placeholders)]
+    }
+    carol = CAROL | {
+        "identifier": [*CAROL["identifier"], *({"system": s, "value": v} for s, v in placeholders)]
+    }
+    resources = [
+        alice,
+        carol,
+        objection("cc", ref("Patient/pc")),
+        observation("oa", 1.0, subject=ref("Patient/pa")),
+        observation("oc", 2.0, subject=ref("Patient/pc")),
+    ]
+    summary, delivered = deliver(tmp_path, resources)
+    assert values(delivered, "Observation") == [1.0] and summary.patients_opted_out == 1
+    processed = _process(_posted(*resources), tmp_path / "posted")
+    assert values([e["resource"] for e in processed.bundle["entry"]], "Observation") == [1.0]

@@ -55,6 +55,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from gateway.children import end_with_parent
+from gateway.identity import is_placeholder
 
 INHERIT_ROUNDS = 3
 BATCH_ROWS = 20_000
@@ -81,7 +82,8 @@ CREATE TABLE resources (
     line INTEGER NOT NULL, rtype TEXT NOT NULL, self_key INTEGER, is_patient INTEGER NOT NULL DEFAULT 0,
     owner INTEGER, state TEXT NOT NULL DEFAULT 'pending', sent INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE pkeys (key INTEGER NOT NULL, patient INTEGER NOT NULL);
-CREATE TABLE persons (key INTEGER NOT NULL, patient INTEGER NOT NULL);
+CREATE TABLE persons (key INTEGER NOT NULL, patient INTEGER NOT NULL, link INTEGER NOT NULL,
+                      loose INTEGER NOT NULL);
 CREATE TABLE prefs (res INTEGER NOT NULL, key INTEGER NOT NULL, strict INTEGER NOT NULL);
 CREATE TABLE edges (res INTEGER NOT NULL, key INTEGER NOT NULL);
 CREATE TABLE invalid (file INTEGER NOT NULL, line INTEGER NOT NULL, reason TEXT NOT NULL,
@@ -602,7 +604,7 @@ def _scan_line(
         if aliases:  # a Patient without id and identifiers cannot be referenced: not a patient here
             owner = row
             out.pkeys.extend(zip(aliases, itertools.repeat(row)))
-            out.persons.extend((key, row) for key in _person_keys(resource, keyer))
+            out.persons.extend((key, row, link, loose) for key, link, loose in _person_keys(resource, keyer))
     out.resources.append((row, number, offset, len(body), line_no, rtype, self_key, owner is not None, owner))
     if rtype == "Consent":
         # whose objection it is is Consent.patient, whoever else it names (a parent signing as performer)
@@ -660,25 +662,50 @@ def _logical_subject_keys(resource: dict, keyer: Keyer) -> list[int]:
     return keys
 
 
-def _person_keys(resource: dict, keyer: Keyer) -> Iterator[int]:
-    """What makes two Patient records one person: an identifier with its system (spaces ignored; an EHR
-    duplicate, which the TTP gives the same pseudonyms), or a `link` from one to the other (merged)."""
+def _person_keys(resource: dict, keyer: Keyer) -> Iterator[tuple[int, int, int]]:
+    """(key, from a link, loose) of what makes two Patient records one person: an identifier with its
+    system (spaces ignored; an EHR duplicate, which the TTP gives the same pseudonyms), or a `link` from one
+    to the other (merged records) by reference or identifier. A value without its system is loose: it
+    joins two records only through a link that names it so."""
     idents = resource.get("identifier")
     for ident in idents if isinstance(idents, list) else ():
-        system = ident.get("system") if isinstance(ident, dict) else None
-        value = ident.get("value") if isinstance(ident, dict) else None
-        if isinstance(system, str) and isinstance(value, str) and value.strip():
-            yield keyer.fresh(f"person|{system}|{''.join(value.split())}")
+        yield from _identifier_keys(ident, keyer, link=0)
     rid = resource.get("id")
     if isinstance(rid, str):
-        yield keyer.fresh(f"person-record|{rid}")
+        yield keyer.fresh(f"person-record|{rid.lower()}"), 0, 0
     links = resource.get("link")
     for link in links if isinstance(links, list) else ():
         other = link.get("other") if isinstance(link, dict) else None
-        target = other.get("reference") if isinstance(other, dict) else None
-        tail = _TAIL.search(target) if isinstance(target, str) else None
-        if tail is not None and tail.group(1) == "Patient":
-            yield keyer.fresh(f"person-record|{tail.group(2)}")
+        if isinstance(other, dict):
+            yield from _link_keys(other, keyer)
+
+
+def _identifier_keys(ident: object, keyer: Keyer, *, link: int) -> Iterator[tuple[int, int, int]]:
+    system = ident.get("system") if isinstance(ident, dict) else None
+    value = ident.get("value") if isinstance(ident, dict) else None
+    if not isinstance(value, str) or is_placeholder(value):
+        return
+    value = "".join(value.split())
+    if isinstance(system, str) and system:
+        yield keyer.fresh(f"person|{system}|{value}"), link, 0
+    if not link or not isinstance(system, str) or not system:
+        yield keyer.fresh(f"person-value|{value}"), link, 1
+
+
+def _link_keys(other: dict, keyer: Keyer) -> Iterator[tuple[int, int, int]]:
+    target = other.get("reference")
+    if isinstance(target, str):
+        if target.startswith("urn:uuid:"):
+            yield keyer.fresh(f"person-record|{target[9:].lower()}"), 1, 0
+        elif target.startswith("Patient?"):
+            for name, token in parse_qsl(target[8:], keep_blank_values=True):
+                if name == "identifier":
+                    system, _, value = token.rpartition("|")
+                    yield from _identifier_keys({"system": system, "value": value}, keyer, link=1)
+        elif (tail := _TAIL.search(target)) is not None and tail.group(1) == "Patient":
+            yield keyer.fresh(f"person-record|{tail.group(2).lower()}"), 1, 0
+    elif isinstance(other.get("identifier"), dict):
+        yield from _identifier_keys(other["identifier"], keyer, link=1)
 
 
 def _patient_aliases(resource: dict, rid: object, keyer: Keyer) -> Iterator[int]:
@@ -735,7 +762,7 @@ class _Writer:
         self.resources: list[tuple] = []
         self.invalid: list[tuple[int, int, str]] = []
         self.pkeys: list[tuple[int, int]] = []
-        self.persons: list[tuple[int, int]] = []
+        self.persons: list[tuple[int, int, int, int]] = []
         self.prefs: list[tuple[int, int, int]] = []
         self.edges: list[tuple[int, int]] = []
 
@@ -749,7 +776,7 @@ class _Writer:
         )
         c.executemany("INSERT INTO invalid (file, line, reason, consent) VALUES (?, ?, ?, ?)", self.invalid)
         c.executemany("INSERT INTO pkeys (key, patient) VALUES (?, ?)", self.pkeys)
-        c.executemany("INSERT INTO persons (key, patient) VALUES (?, ?)", self.persons)
+        c.executemany("INSERT INTO persons (key, patient, link, loose) VALUES (?, ?, ?, ?)", self.persons)
         c.executemany("INSERT INTO prefs (res, key, strict) VALUES (?, ?, ?)", self.prefs)
         c.executemany("INSERT INTO edges (res, key) VALUES (?, ?)", self.edges)
         c.execute("COMMIT")
@@ -815,26 +842,33 @@ _TIE = f"""UPDATE resources SET
 
 
 def _merge_records_of_one_person(c: sqlite3.Connection) -> None:
-    """A later Patient that shares an identifier (system and value) with an earlier one is the same person
-    (an EHR duplicate, the same pseudonyms): it and what refers to it travel as the earliest record's, in one
-    slice, where the chain applies an objection on either record to both."""
-    c.execute("DROP TABLE IF EXISTS temp.same_person")
-    c.execute("""CREATE TEMP TABLE same_person AS
-                 SELECT b.patient AS later, MIN(a.patient) AS first FROM persons a
-                 JOIN persons b ON a.key = b.key AND a.patient < b.patient
+    """Patient records of one person (`_person_keys`: a shared identifier, a link) travel as the earliest
+    record's, it and what refers to them, in one slice, where the chain applies an objection on any of them
+    to all. Records join transitively (A and B share a BSN, B and C an MRN, or C links A and B)."""
+    c.execute("DROP TABLE IF EXISTS temp.pairs")
+    c.execute("""CREATE TEMP TABLE pairs AS
+                 SELECT DISTINCT a.patient AS x, b.patient AS y FROM persons a
+                 JOIN persons b ON a.key = b.key AND a.patient != b.patient
+                      AND (a.loose = 0 OR a.link = 1 OR b.link = 1)
                  JOIN resources ra ON ra.id = a.patient AND ra.is_patient = 1
-                 JOIN resources rb ON rb.id = b.patient AND rb.is_patient = 1
-                 GROUP BY b.patient""")
-    while c.execute("""UPDATE temp.same_person SET first = (SELECT s.first FROM temp.same_person s
-                                                            WHERE s.later = same_person.first)
-                       WHERE first IN (SELECT later FROM temp.same_person)""").rowcount:
-        pass  # a chain of records (A and B share a BSN, B and C an MRN): all to the earliest
-    c.execute("""UPDATE pkeys SET patient = (SELECT first FROM temp.same_person WHERE later = pkeys.patient)
-                 WHERE patient IN (SELECT later FROM temp.same_person)""")
+                 JOIN resources rb ON rb.id = b.patient AND rb.is_patient = 1""")
+    c.execute("DROP TABLE IF EXISTS temp.label")
+    c.execute("""CREATE TEMP TABLE label AS SELECT x AS patient, MIN(MIN(y), x) AS first
+                 FROM temp.pairs GROUP BY x""")
+    # the lowest record of each connected set, passed along the pairs until nothing changes
+    while c.execute("""UPDATE temp.label SET first = m.first FROM (
+                           SELECT p.x AS patient, MIN(l.first) AS first FROM temp.pairs p
+                           JOIN temp.label l ON l.patient = p.y GROUP BY p.x) m
+                       WHERE m.patient = label.patient AND m.first < label.first""").rowcount:
+        pass
+    c.execute("DELETE FROM temp.label WHERE first = patient")
+    c.execute("""UPDATE pkeys SET patient = (SELECT first FROM temp.label WHERE patient = pkeys.patient)
+                 WHERE patient IN (SELECT patient FROM temp.label)""")
     c.execute("""UPDATE resources SET is_patient = 0, state = 'ok',
-                 owner = (SELECT first FROM temp.same_person WHERE later = resources.id)
-                 WHERE id IN (SELECT later FROM temp.same_person)""")
-    c.execute("DROP TABLE temp.same_person")
+                 owner = (SELECT first FROM temp.label WHERE patient = resources.id)
+                 WHERE id IN (SELECT patient FROM temp.label)""")
+    c.execute("DROP TABLE temp.pairs")
+    c.execute("DROP TABLE temp.label")
 
 
 def _follow_references(c: sqlite3.Connection) -> None:
