@@ -147,7 +147,7 @@ def test_the_index_from_worker_ranges_equals_the_sequential_one(
     ]
     assert here["not_delivered"] == [
         ("duplicate-patient", "Patient", 1),
-        ("patient-absent", "Observation", 5),
+        ("patient-absent", "Observation", 6),
         ("several-patients", "Observation", 1),
     ]
     obs, enc = (
@@ -158,9 +158,10 @@ def test_the_index_from_worker_ranges_equals_the_sequential_one(
     # the Observation that points only at an Encounter travels with that Encounter's patient
     assert rows[(obs, at["via"])][7] == rows[(enc, at["enc-x"])][7] == rows[(obs, at["after-long"])][7]
     assert rows[(obs, at["via"])][7] is not None
-    # an unmatched urn:uuid is no orphan (shared); a matched one owns; a strict unmatched one is an orphan
+    # a subject by a urn:uuid that matches no Patient is an orphan, like a strict one (it was shared, went
+    # with whatever group referred to it, and was rejected there); a matched one owns
     assert [rows[(obs, at[k])][8] for k in ("urn-nobody", "urn-match", "absent")] == [
-        "shared",
+        "patient-absent",
         "ok",
         "patient-absent",
     ]

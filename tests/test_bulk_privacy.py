@@ -603,3 +603,34 @@ def test_a_placeholder_number_does_not_make_patients_one_person(tmp_path: Path) 
     assert values(delivered, "Observation") == [1.0] and summary.patients_opted_out == 1
     processed = _process(_posted(*resources), tmp_path / "posted")
     assert values([e["resource"] for e in processed.bundle["entry"]], "Observation") == [1.0]
+
+
+def test_a_reference_by_identifier_to_an_objector_ties_the_resource_to_them(tmp_path: Path) -> None:
+    """Only subject and patient were read by identifier: an Observation of Alice whose focus is Carol by
+    her number went out with Alice's data. A professional named by identifier ties nothing."""
+    about_carol = observation(
+        "oa-carol", 2.0, subject=ref("Patient/pa"), focus=[{"identifier": {"system": MRN, "value": "MRN-PC"}}]
+    )
+    by_big = observation(
+        "oa",
+        1.0,
+        subject=ref("Patient/pa"),
+        performer=[
+            {"identifier": {"system": "http://fhir.nl/fhir/NamingSystem/big", "value": "12345678901"}}
+        ],
+    )
+    summary, delivered = deliver(
+        tmp_path, [ALICE, CAROL, objection("cc", ref("Patient/pc")), about_carol, by_big]
+    )
+    assert values(delivered, "Observation") == [1.0]
+    assert summary.dropped["several-patients"] == {"Observation": 1}
+
+
+def test_a_resource_of_a_patient_absent_by_urn_uuid_is_an_orphan_counted_once(tmp_path: Path) -> None:
+    """Its subject a urn:uuid of no Patient of the export: it was shared, went with the group that referred
+    to it, was rejected there and counted again as not referenced."""
+    orphan = observation("orphan", 2.0, subject=ref("urn:uuid:00000000-0000-4000-8000-0000000000aa"))
+    mine = observation("oa", 1.0, subject=ref("Patient/pa"), derivedFrom=[ref("Observation/orphan")])
+    summary, delivered = deliver(tmp_path, [ALICE, orphan, mine])
+    assert values(delivered, "Observation") == [1.0] and summary.invalid_lines == []
+    assert summary.dropped == {"patient-absent": {"Observation": 1}}

@@ -318,7 +318,9 @@ def build_index(
     _resolve_owners(conn)
     conn.executescript(OWNER_INDEX)
     _find_home_places(conn, files)
-    stats.patients = conn.execute("SELECT COUNT(*) FROM resources WHERE is_patient = 1").fetchone()[0]
+    # records, as the chain counts them (two records of one person travel as one, and count as two)
+    query = "SELECT COUNT(*) FROM resources WHERE rtype = 'Patient' AND state = 'ok'"
+    stats.patients = conn.execute(query).fetchone()[0]
     _cut_groups(conn, group_size, max_group_resources)
     return stats
 
@@ -614,6 +616,11 @@ def _scan_line(
     logical = _logical_subject_keys(resource, keyer)
     if logical:
         out.prefs.extend((row, key, 1) for key in logical)
+    if rtype != "Consent" and (b'"identifier":{' in body or b'"identifier": {' in body):  # by identifier
+        out.prefs.extend((row, key, 0) for key in _logical_keys(resource, keyer))
+    whose = _whose_urns(resource)
+    if whose:  # a urn:uuid subject that matches no Patient of the export makes an orphan, like Patient/x
+        out.prefs.extend((row, keyer(ref.lower()), 1) for ref in whose)
     if refs:
         prefs: set[tuple[int, int]] = set()
         edges: set[int] = set()
@@ -706,6 +713,35 @@ def _link_keys(other: dict, keyer: Keyer) -> Iterator[tuple[int, int, int]]:
             yield keyer.fresh(f"person-record|{tail.group(2).lower()}"), 1, 0
     elif isinstance(other.get("identifier"), dict):
         yield from _identifier_keys(other["identifier"], keyer, link=1)
+
+
+def _logical_keys(node: object, keyer: Keyer, top: bool = True) -> Iterator[int]:
+    """Patient keys of every reference by identifier in the resource (`focus`, `performer`, ...), other than
+    its subject or patient (`_logical_subject_keys`): they tie the resource to a patient only when they
+    match one, since most name a professional or an organisation."""
+    if isinstance(node, dict):
+        ident = node.get("identifier")
+        if not top and isinstance(ident, dict) and "reference" not in node:
+            system, value = ident.get("system"), ident.get("value")
+            if isinstance(value, str):
+                yield keyer(f"ident|{system}|{value}" if isinstance(system, str) else f"ident-any|{value}")
+        for name, value in node.items():
+            if not (top and name in ("subject", "patient")):
+                yield from _logical_keys(value, keyer, top=False)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _logical_keys(item, keyer, top=False)
+
+
+def _whose_urns(resource: dict) -> list[str]:
+    found = []
+    for name in ("subject", "patient"):
+        value = resource.get(name)
+        for ref in value if isinstance(value, list) else (value,):
+            target = ref.get("reference") if isinstance(ref, dict) else None
+            if isinstance(target, str) and target.startswith("urn:uuid:"):
+                found.append(target)
+    return found
 
 
 def _patient_aliases(resource: dict, rid: object, keyer: Keyer) -> Iterator[int]:
