@@ -92,7 +92,7 @@ def others(n: int) -> list[dict]:
 
 def deliver(tmp_path: Path, resources: list[dict], **options: Any) -> tuple[Any, list[dict]]:
     export = tmp_path / "export"
-    export.mkdir()
+    export.mkdir(parents=True)
     by_type: dict[str, list[bytes]] = defaultdict(list)
     for resource in resources:
         by_type[resource["resourceType"]].append(orjson.dumps(resource))
@@ -634,3 +634,24 @@ def test_a_resource_of_a_patient_absent_by_urn_uuid_is_an_orphan_counted_once(tm
     summary, delivered = deliver(tmp_path, [ALICE, orphan, mine])
     assert values(delivered, "Observation") == [1.0] and summary.invalid_lines == []
     assert summary.dropped == {"patient-absent": {"Observation": 1}}
+
+
+@pytest.mark.parametrize(
+    "other",
+    [{"identifier": {"system": MRN, "value": "MRN-GONE"}}, {"display": "het oude dossier"}],
+    ids=["by-identifier", "display-only"],
+)
+def test_a_link_to_a_record_that_is_not_there_is_refused(tmp_path: Path, other: dict) -> None:
+    """A fourth probe: a link by identifier (or display) to a record outside the Bundle was accepted, and
+    the patient delivered although that record's number was under objection."""
+    linked = ALICE | {"link": [{"other": other, "type": "replaces"}]}
+    bundle = _posted(linked, observation("oa", 1.0, subject=ref("Patient/pa")))
+    with pytest.raises(FhirError) as raised:
+        _process(bundle, tmp_path)
+    assert raised.value.status == 422 and raised.value.issues[0].expression[0].startswith(
+        "Bundle.entry[0].resource.link[0]"
+    )
+    summary, delivered = deliver(
+        tmp_path / "bulk", [linked, observation("oa", 1.0, subject=ref("Patient/pa"))]
+    )
+    assert delivered == [] and summary.sent == {}

@@ -554,7 +554,21 @@ class _Resolver:
             targets |= self._logical_references(i, resource)
         if "subject" in resource or "patient" in resource:
             self._check_subject(i, resource)
+        if "link" in resource and resource.get("resourceType") == "Patient":
+            self._check_links(i, resource)
         return targets
+
+    def _check_links(self, i: int, patient: dict) -> None:
+        """A Patient.link names another record of the same person: one named by display only cannot be
+        followed, and that record's objection could not be checked."""
+        links = patient.get("link")
+        for n, link in enumerate(links if isinstance(links, list) else ()):
+            other = link.get("other") if isinstance(link, dict) else None
+            if not isinstance(other, dict):
+                continue  # the schema requires it
+            if "reference" not in other and not isinstance(other.get("identifier"), dict):
+                text = "Patient.link names no record that can be followed (display only): send a reference"
+                self.errors.append(Issue("not-found", text, (f"Bundle.entry[{i}].resource.link[{n}].other",)))
 
     def _check_subject(self, i: int, resource: dict) -> None:
         """The element that says whose data a resource is (`subject`, `patient`) must name its target in a
@@ -690,7 +704,9 @@ class _Resolver:
                 else set()
             )
             targets |= hits
-            whose = _SUBJECT_PATH.search(path) is not None  # says whose data it is: must be followed
+            # says whose data it is, or links another record of the patient: must be followed
+            linked = resource.get("resourceType") == "Patient" and ".resource.link[" in path
+            whose = _SUBJECT_PATH.search(path) is not None or (linked and ref.get("type") != "RelatedPerson")
             if not hits and (ref.get("type") == "Patient" or system in BSN_SYSTEMS or whose):
                 text = "logical reference (by identifier) to a Patient that is not in the Bundle"
                 self.errors.append(Issue("not-found", text, (path,)))
