@@ -22,7 +22,7 @@ from gateway.deid.engine import Plan, ProvenanceInfo, deidentify
 from gateway.deid.leakscan import scan, sensitive_values
 from gateway.identity import is_placeholder
 from gateway.optout import BundleConsentOptOut, CombinedOptOut, ConsentPolicy, Decision, OptOutSource
-from gateway.optout.apply import entries_to_drop, patient_key, patient_refs
+from gateway.optout.apply import entries_to_drop, not_linked, patient_key, patient_refs
 from gateway.outcome import FhirError, Issue
 from gateway.pipeline.strict import bundle_model_issues
 from gateway.pipeline.validate import BundleIndex, PatientEntry, SchemaValidator, validate_bundle
@@ -109,6 +109,9 @@ async def process_bundle(
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
     dropped_entries = _optout_drops(index, decisions)
     dropped = dropped_entries["opted-out"] | dropped_entries["opt-out-unknown"]
+    unlinked = not_linked(index, admitted, dropped)
+    if unlinked:
+        dropped_entries["not-linked-to-a-patient"] = unlinked
     report: dict[str, Any] = {
         "patients": len(decisions),
         "patientsDroppedOptOut": sum(1 for d in decisions.values() if d.status == "objected"),
@@ -129,8 +132,8 @@ async def process_bundle(
     report["resourcesDroppedByReason"] = _by_reason(bundle, dropped_entries)
     if decisions and not admitted:
         return Processed(None, report, dropped_entries=dropped_entries)
-    kept_input = _without_entries(bundle, dropped)
-    kept_positions = _positions(bundle, dropped)
+    kept_input = _without_entries(bundle, dropped | unlinked)
+    kept_positions = _positions(bundle, dropped | unlinked)
     pseudonyms = await pseudonymise_patients(
         admitted,
         registry=registry.registry,
@@ -150,8 +153,8 @@ async def process_bundle(
         # a patient without any pseudonym cannot be linked by the registry: deliver none of their data
         no_link = {patient_key(p): Decision("unknown", "no-pseudonym") for p in unlinkable}
         dropped_no_pseudonym = entries_to_drop(index, {**decisions, **no_link})
-        kept_input = _without_entries(bundle, dropped_no_pseudonym)
-        kept_positions = _positions(bundle, dropped_no_pseudonym)
+        kept_input = _without_entries(bundle, dropped_no_pseudonym | unlinked)
+        kept_positions = _positions(bundle, dropped_no_pseudonym | unlinked)
         report["patientsDroppedNoPseudonym"] = len(unlinkable)
         no_link_entries = dropped_entries["no-pseudonym"] = dropped_no_pseudonym - dropped
         report["resourcesDroppedNoPseudonym"] = len(no_link_entries)

@@ -655,3 +655,30 @@ def test_a_link_to_a_record_that_is_not_there_is_refused(tmp_path: Path, other: 
         tmp_path / "bulk", [linked, observation("oa", 1.0, subject=ref("Patient/pa"))]
     )
     assert delivered == [] and summary.sent == {}
+
+
+def test_a_posted_resource_that_leads_to_no_patient_is_not_delivered(tmp_path: Path) -> None:
+    """A fourth probe: Observations without a subject (one pointing at an Encounter without one, one whose
+    only reference was to a resource not in the Bundle) were delivered: whose data they are, and so whether
+    their patient objects, cannot be known. Bulk drops them as not referenced; posted, they went out."""
+    lone_encounter = encounter("e-none", "pa")
+    del lone_encounter["subject"]
+    loose = [
+        observation("o-bare", 5.0),
+        observation("o-via", 6.0, encounter=ref("Encounter/e-none")),
+        observation("o-dangling", 7.0, focus=[ref("urn:uuid:00000000-0000-4000-8000-0000000000bb")]),
+    ]
+    practitioner = {"resourceType": "Practitioner", "id": "pr", "gender": "female"}
+    mine = observation("oa", 1.0, subject=ref("Patient/pa"), performer=[ref("Practitioner/pr")])
+    bundle = _posted(
+        objection("cc", ref("Patient/pc")), CAROL, ALICE, mine, practitioner, lone_encounter, *loose
+    )
+    bundle["type"] = "collection"
+    processed = _process(bundle, tmp_path)
+    kept = [e["resource"] for e in processed.bundle["entry"]]
+    assert values(kept, "Observation") == [1.0]
+    assert {r["resourceType"] for r in kept} == {"Patient", "Observation", "Practitioner", "Provenance"}
+    assert processed.report["resourcesDroppedByReason"]["not-linked-to-a-patient"] == {
+        "Encounter": 1,
+        "Observation": 3,
+    }

@@ -80,6 +80,23 @@ def _resources_of_patients(index: BundleIndex, patients: Sequence[PatientEntry])
     return seen
 
 
+def not_linked(index: BundleIndex, allowed: Collection[str], dropped: set[int]) -> set[int]:
+    """Entries of a Bundle with patients that lead to no allowed patient (by their references, however
+    many hops) and that nothing leading to one refers to: whose data they are cannot be known (an
+    Observation without a subject could be an objecting patient's), so they are not delivered. Shared
+    resources (a Practitioner, an Organization) stay when a delivered resource refers to them."""
+    if not index.patients:
+        return set()
+    reach = _resources_of_patients(index, [p for p in index.patients if patient_key(p) in allowed])
+    stack = list(reach)
+    while stack:
+        for target in index.references[stack.pop()]:
+            if target not in reach:
+                reach.add(target)
+                stack.append(target)
+    return set(range(len(index.references))) - reach - dropped
+
+
 def orphaned_by(index: BundleIndex, dropped: set[int], keep: Collection[int] = frozenset()) -> set[int]:
     """Entries (not Patients, not in `keep`) all of whose referrers are in `dropped` or themselves orphaned,
     transitively."""
