@@ -17,3 +17,12 @@ def is_placeholder(value: str) -> bool:
     unrelated patients, so it joins no two records into one person."""
     compact = "".join(value.split()).lower()
     return not compact or len(set(compact)) == 1 or compact in _PLACEHOLDER_WORDS
+
+
+# One number under two names: the BSN by its FHIR NamingSystem URI and by its OID
+_SAME_SYSTEM = {"urn:oid:2.16.840.1.113883.2.4.6.3": "http://fhir.nl/fhir/NamingSystem/bsn"}
+
+
+def canonical_system(system: str) -> str:
+    """The system under one name, so that a BSN written with its OID is the same number."""
+    return _SAME_SYSTEM.get(system, system)

@@ -20,7 +20,7 @@ import orjson
 from gateway import __version__
 from gateway.deid.engine import Plan, ProvenanceInfo, deidentify
 from gateway.deid.leakscan import scan, sensitive_values
-from gateway.identity import is_placeholder
+from gateway.identity import canonical_system, is_placeholder
 from gateway.optout import BundleConsentOptOut, CombinedOptOut, ConsentPolicy, Decision, OptOutSource
 from gateway.optout.apply import entries_to_drop, not_linked, patient_key, patient_refs
 from gateway.outcome import FhirError, Issue
@@ -244,7 +244,7 @@ def _system_value(ident: object) -> tuple[str | None, str]:
     system = ident.get("system") if isinstance(ident, dict) else None
     value = ident.get("value") if isinstance(ident, dict) else None
     value = "".join(value.split()) if isinstance(value, str) and not is_placeholder(value) else ""
-    return (system if isinstance(system, str) and system else None), value
+    return (canonical_system(system) if isinstance(system, str) and system else None), value
 
 
 def _link_names(other: dict) -> list[object]:

@@ -682,3 +682,24 @@ def test_a_posted_resource_that_leads_to_no_patient_is_not_delivered(tmp_path: P
         "Encounter": 1,
         "Observation": 3,
     }
+
+
+def test_a_bsn_written_with_its_oid_is_the_same_person(tmp_path: Path) -> None:
+    """A fourth probe: the duplicate whose BSN was under the OID went out with the objector's pseudonyms."""
+    numbered = CAROL | {"identifier": [{"system": BSN, "value": "999911120"}]}
+    by_oid = CAROL | {
+        "id": "pc-oid",
+        "identifier": [{"system": "urn:oid:2.16.840.1.113883.2.4.6.3", "value": "999911120"}],
+    }
+    resources = [
+        objection("cc", ref("Patient/pc")),
+        numbered,
+        by_oid,
+        ALICE,
+        observation("oc", 2.0, subject=ref("Patient/pc-oid")),
+        observation("oa", 1.0, subject=ref("Patient/pa")),
+    ]
+    processed = _process(_posted(*resources), tmp_path)
+    assert values([e["resource"] for e in processed.bundle["entry"]], "Observation") == [1.0]
+    summary, delivered = deliver(tmp_path / "bulk", [*resources[1:], resources[0]], group_size=1)
+    assert values(delivered, "Observation") == [1.0]

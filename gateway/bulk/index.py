@@ -55,7 +55,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from gateway.children import end_with_parent
-from gateway.identity import is_placeholder
+from gateway.identity import canonical_system, is_placeholder
 
 INHERIT_ROUNDS = 3
 BATCH_ROWS = 20_000
@@ -694,7 +694,7 @@ def _identifier_keys(ident: object, keyer: Keyer, *, link: int) -> Iterator[tupl
         return
     value = "".join(value.split())
     if isinstance(system, str) and system:
-        yield keyer.fresh(f"person|{system}|{value}"), link, 0
+        yield keyer.fresh(f"person|{canonical_system(system)}|{value}"), link, 0
     if not link or not isinstance(system, str) or not system:
         yield keyer.fresh(f"person-value|{value}"), link, 1
 
