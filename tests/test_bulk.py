@@ -751,3 +751,31 @@ def test_absolute_references_to_resources_of_the_export_resolve(tmp_path: Path) 
     patient_url = next(e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
     subjects = [e["resource"]["subject"]["reference"] for e in bundle["entry"] if "subject" in e["resource"]]
     assert subjects == [patient_url] * 4  # the Encounter and the three Observations: all point at the Patient
+
+
+def test_the_processing_record_counts_what_a_yearly_delivery_withheld(tmp_path: Path, receiver: str) -> None:
+    """A fourth probe: the bulk jobs' objecting patients appeared nowhere in the processing record, and its
+    counts mixed bulk-only keys (a summed group number) with the posted deliveries'."""
+    write_export(tmp_path / "export", SynthSpec(patients=6, resources_per_patient=4, objecting={1, 4}))
+    store = open_store(f"sqlite:///{tmp_path / 'gw.db'}")
+    chains = offline_chains(REGISTRY, tmp_path / "w")
+    sink = StoreSink(store, provider="ura:00000000", registry=REGISTRY, sender="test")
+
+    async def go() -> None:
+        options = BulkOptions(group_size=3)
+        await run_bulk_async(
+            [tmp_path / "export"],
+            registry=REGISTRY,
+            work_dir=tmp_path / "w",
+            chains=chains,
+            sink=sink,
+            options=options,
+        )
+        await _forward(store, receiver)
+
+    asyncio.run(go())
+    record = store.processing_record(REGISTRY)
+    assert record["withheld"]["patientsDroppedOptOut"] == 2
+    assert record["withheld"]["dropped"]["opted-out"]["Patient"] == 2
+    assert record["delivered"]["resourcesDelivered"] > 0 and "group" not in record["delivered"]
+    assert record["events"]["withheld"] == 2  # one per group that kept something back

@@ -252,14 +252,35 @@ async def _store(result: GroupResult, sink: Sink, job: str, group: int) -> dict[
     created = duplicates = 0
     sent: Counter[str] = Counter()
     for chunk in result.chunks:
-        counts = {"bulkJob": job, "group": group, "resources": dict(chunk.counts)}
+        delivered = sum(n for rtype, n in chunk.counts.items() if rtype != "Provenance")
+        # as a posted delivery's counts (resourcesDelivered), plus where it comes from and its types
+        counts = {"bulkJob": job, "group": str(group), "resourcesDelivered": delivered}
+        counts["resources"] = dict(chunk.counts)
         new = await asyncio.to_thread(
             sink.put, chunk.tag, chunk.payload, order_key=chunk.order_key, counts=counts
         )
         created += new
         duplicates += not new
         sent.update(chunk.counts)
+    withheld = _withheld_counts(result)
+    if withheld:
+        await asyncio.to_thread(sink.withheld, {"bulkJob": job, "group": str(group), **withheld})
     return _group_counts(result, sent, created, duplicates)
+
+
+def _withheld_counts(result: GroupResult) -> dict[str, Any]:
+    """What a group kept back, in a posted delivery's terms (patients, resources dropped per reason and
+    type): for the processing record. Empty when it kept nothing back."""
+    counts = {
+        "patientsDroppedOptOut": result.patients_opted_out,
+        "patientsDroppedUnknownOptOut": result.patients_unknown_optout,
+        "patientsDroppedNoPseudonym": result.patients_no_pseudonym,
+        "resourcesDroppedOptOut": result.resources_opted_out,
+    }
+    dropped = {reason: dict(c) for reason, c in result.dropped.items() if c}
+    if not any(counts.values()) and not dropped:
+        return {}
+    return {"patients": result.patients, **counts, "dropped": dropped}
 
 
 def _group_counts(result: GroupResult, sent: Counter[str], created: int, duplicates: int) -> dict[str, Any]:

@@ -18,6 +18,10 @@ class Sink(Protocol):
         """Store one Bundle; False when this key was stored before (nothing new)."""
         ...
 
+    def withheld(self, counts: dict[str, Any]) -> None:
+        """Record what a patient group withheld (opt-out, no pseudonym, dropped per reason): counts only."""
+        ...
+
 
 class StoreSink:
     """The outbox: the worker forwards each row to the registry, retries, and audits."""
@@ -48,6 +52,11 @@ class StoreSink:
         self.delivery_ids.append(delivery_id)
         return created
 
+    def withheld(self, counts: dict[str, Any]) -> None:
+        # the processing record's `withheld` for the yearly delivery, as posted Bundles' nothing-to-deliver
+        event = AuditInput(self.sender, self.provider, self.registry, "withheld", "bulk", counts=counts)
+        self.store.record_audit(event)
+
 
 class DirSink:
     """`--to-dir`: one `<key>.json` per Bundle, written atomically (temp file + rename)."""
@@ -65,3 +74,6 @@ class DirSink:
         temp.write_bytes(payload)
         os.replace(temp, target)
         return True
+
+    def withheld(self, counts: dict[str, Any]) -> None:
+        pass  # offline: the summary says it

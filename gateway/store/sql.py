@@ -493,7 +493,7 @@ class SqlStore:
             cur = self._q(
                 conn,
                 f"SELECT event, counts_json FROM audit_events {where}"
-                " AND (event = 'delivered' OR outcome = 'nothing-to-deliver')",
+                " AND (event = 'delivered' OR outcome = 'nothing-to-deliver' OR event = 'withheld')",
                 params,
             )
             while rows := cur.fetchmany(1000):
@@ -509,7 +509,8 @@ class SqlStore:
             "events": {k: int(v) for k, v in outcomes.items()},
             "bundlesDelivered": int(outcomes.get("delivered", 0)),
             "delivered": totals,
-            # bundles of which nothing was delivered (every patient objected, status unknown, no pseudonym)
+            # bundles of which nothing was delivered (every patient objected, status unknown, no pseudonym),
+            # and what bulk patient groups kept back
             "withheld": withheld,
             "pseudonymTypes": sorted(types),
             # the outbox as it is now, whatever the period: what is still on its way to this recipient
