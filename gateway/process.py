@@ -120,6 +120,8 @@ async def process_bundle(
         "resourcesIn": len(bundle.get("entry") or []),
         "resourcesDroppedOptOut": len(dropped),
     }
+    if index.issues:  # what was accepted with a warning (a reference dropped): paths and fixed texts only
+        report["warnings"] = [issue.as_fhir() for issue in index.issues]
     log.debug(
         "opt-out decided",
         extra={

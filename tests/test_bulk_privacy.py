@@ -703,3 +703,18 @@ def test_a_bsn_written_with_its_oid_is_the_same_person(tmp_path: Path) -> None:
     assert values([e["resource"] for e in processed.bundle["entry"]], "Observation") == [1.0]
     summary, delivered = deliver(tmp_path / "bulk", [*resources[1:], resources[0]], group_size=1)
     assert values(delivered, "Observation") == [1.0]
+
+
+def test_the_ehr_is_told_where_a_reference_was_dropped(tmp_path: Path) -> None:
+    """A fourth probe: the warning for a reference that was dropped reached nobody."""
+    from gateway.service.summary import delivery_parameters
+
+    mine = observation("oa", 1.0, subject=ref("Patient/pa"))
+    bundle = _posted(ALICE, mine)
+    bundle["entry"][1]["resource"]["focus"] = [ref("Device/not-sent")]
+    processed = _process(bundle, tmp_path)
+    sent = delivery_parameters("d1", "queued", processed.report)
+    (warnings,) = [p["resource"] for p in sent["parameter"] if p["name"] == "warnings"]
+    assert warnings["issue"][0]["severity"] == "warning"
+    assert warnings["issue"][0]["expression"] == ["Bundle.entry[1].resource.focus[0].reference"]
+    assert "not-sent" not in orjson.dumps(sent).decode()  # where, never what

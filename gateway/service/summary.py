@@ -34,6 +34,9 @@ def delivery_parameters(
     dropped = dropped_by_reason(report)
     if dropped:
         params.append(_counts("resourcesDropped", _flatten(dropped)))
+    if report.get("warnings"):  # e.g. a reference to a resource not in the Bundle, dropped: where, never what
+        outcome = {"resourceType": "OperationOutcome", "issue": report["warnings"]}
+        params.append({"name": "warnings", "resource": outcome})
     return {"resourceType": "Parameters", "parameter": params}
 
 
