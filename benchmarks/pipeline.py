@@ -38,7 +38,6 @@ from gateway.bulk.chains import offline_chains
 from gateway.bulk.group import Chains
 from gateway.pipeline.parse import parse_json
 from gateway.pipeline.validate import validate_bundle
-from gateway.process import process_bundle
 
 
 def _sibling(name: str):  # noqa: ANN202 - a module
@@ -58,14 +57,7 @@ GOAL = 0.25  # the chain should reach a quarter of the orjson floor
 def chain_fn(chains: Chains, body: bytes, loop: asyncio.AbstractEventLoop) -> Callable[[], bytes]:
     async def once() -> bytes:
         bundle = parse_json(body, max_bytes=1 << 30)
-        processed = await process_bundle(
-            bundle,
-            registry=chains.registry,
-            provider=chains.provider,
-            validator=chains.validator,
-            mapping=chains.mapping,
-            recorded="2026-01-01T00:00:00.000Z",
-        )
+        processed = await chains.process(bundle, recorded="2026-01-01T00:00:00.000Z")
         assert processed.bundle is not None
         return orjson.dumps(processed.bundle)
 

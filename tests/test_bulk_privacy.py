@@ -17,7 +17,6 @@ import pytest
 from gateway.bulk import BulkOptions, SourceError, run_bulk
 from gateway.bulk.chains import offline_chains
 from gateway.outcome import FhirError
-from gateway.process import process_bundle
 
 REGISTRY = "example-generic"
 MRN = "http://ehr.example.org/mrn"
@@ -261,16 +260,7 @@ def test_shared_resources_referenced_by_urn_uuid_travel_with_their_group(tmp_pat
 
 def _process(bundle: dict, tmp_path: Path) -> Any:
     chains = offline_chains(REGISTRY, tmp_path)
-    return asyncio.run(
-        process_bundle(
-            bundle,
-            registry=chains.registry,
-            provider=chains.provider,
-            validator=chains.validator,
-            mapping=chains.mapping,
-            recorded="2026-01-01T00:00:00Z",
-        )
-    )
+    return asyncio.run(chains.process(bundle, recorded="2026-01-01T00:00:00Z"))
 
 
 def _posted(*resources: dict) -> dict:
@@ -447,40 +437,9 @@ def test_a_urn_uuid_reference_to_a_resource_left_out_of_the_export_is_dropped(tm
     assert not any("participant" in r or "generalPractitioner" in r for r in delivered)
 
 
-def test_an_objection_on_one_record_of_a_person_holds_for_their_duplicate(tmp_path: Path) -> None:
-    """Two records with the same identifier get the same pseudonyms: the registry would link the second
-    record's data to the person who objected on the first."""
-    duplicate = CAROL | {"id": "pc-dup"}
-    bundle = _posted(
-        objection("cc", ref("Patient/pc")),
-        CAROL,
-        duplicate,
-        ALICE,
-        observation("oc", 2.0, subject=ref("Patient/pc-dup")),
-        observation("oa", 1.0, subject=ref("Patient/pa")),
-    )
-    processed = _process(bundle, tmp_path)
-    kept = [e["resource"] for e in processed.bundle["entry"]]
-    assert values(kept, "Observation") == [1.0] and [r["resourceType"] for r in kept].count("Patient") == 1
-    assert processed.report["patientsDroppedOptOut"] == 2
-
-
-def test_an_objection_on_one_record_holds_for_a_duplicate_in_another_group(tmp_path: Path) -> None:
-    """Bulk: the duplicate, in another group, went out with the objecting person's pseudonyms."""
-    duplicate = CAROL | {"id": "pc-dup"}
-    resources = [
-        CAROL,
-        *others(12),
-        duplicate,
-        ALICE,
-        objection("cc", ref("Patient/pc")),
-        observation("oc", 2.0, subject=ref("Patient/pc-dup")),
-        observation("oa", 1.0, subject=ref("Patient/pa")),
-    ]
-    summary, delivered = deliver(tmp_path, resources, group_size=5)
-    assert values(delivered, "Observation") == [1.0]
-    assert [r["resourceType"] for r in delivered].count("Patient") == 13  # Alice and the twelve others
-    assert summary.patients_opted_out == 2 and summary.dropped["opted-out"]["Patient"] == 2
+def _duplicate_records() -> tuple[dict, dict]:
+    """Carol's record and a duplicate with the same numbers (the TTP gives both the same pseudonyms)."""
+    return CAROL, CAROL | {"id": "pc-dup"}
 
 
 def _linked_records() -> tuple[dict, dict]:
@@ -490,36 +449,47 @@ def _linked_records() -> tuple[dict, dict]:
     return current, old
 
 
-def test_an_objection_holds_for_the_record_a_patient_links_to(tmp_path: Path) -> None:
-    current, old = _linked_records()
+RECORD_PAIRS = pytest.mark.parametrize(
+    "records", [_duplicate_records, _linked_records], ids=["duplicate", "linked"]
+)
+
+
+@RECORD_PAIRS
+def test_an_objection_on_one_record_of_a_person_holds_for_the_other(tmp_path: Path, records: Any) -> None:
+    """The registry would link the other record's data to the person who objected on the first."""
+    first, other = records()
     bundle = _posted(
         objection("cc", ref("Patient/pc")),
-        current,
-        old,
+        first,
+        other,
         ALICE,
-        observation("oc", 2.0, subject=ref("Patient/pc-old")),
+        observation("oc", 2.0, subject=ref(f"Patient/{other['id']}")),
         observation("oa", 1.0, subject=ref("Patient/pa")),
     )
     processed = _process(bundle, tmp_path)
     kept = [e["resource"] for e in processed.bundle["entry"]]
-    assert values(kept, "Observation") == [1.0] and processed.report["patientsDroppedOptOut"] == 2
+    assert values(kept, "Observation") == [1.0] and [r["resourceType"] for r in kept].count("Patient") == 1
+    assert processed.report["patientsDroppedOptOut"] == 2
 
 
-def test_linked_records_in_different_groups_travel_together(tmp_path: Path) -> None:
-    """Apart, both were rejected (a link to a Patient not in the Bundle); the objection must hold for both."""
-    current, old = _linked_records()
+@RECORD_PAIRS
+def test_the_records_of_one_person_in_different_groups_travel_together(tmp_path: Path, records: Any) -> None:
+    """Bulk: the other record, in another group, went out with the objecting person's pseudonyms (linked
+    records apart were both rejected: a link to a Patient not in the Bundle)."""
+    first, other = records()
     resources = [
-        old,
+        other,
         *others(12),
-        current,
+        first,
         ALICE,
         objection("cc", ref("Patient/pc")),
-        observation("oc", 2.0, subject=ref("Patient/pc-old")),
+        observation("oc", 2.0, subject=ref(f"Patient/{other['id']}")),
         observation("oa", 1.0, subject=ref("Patient/pa")),
     ]
     summary, delivered = deliver(tmp_path, resources, group_size=5)
     assert values(delivered, "Observation") == [1.0] and summary.invalid_lines == []
-    assert summary.dropped["opted-out"]["Patient"] == 2
+    assert [r["resourceType"] for r in delivered].count("Patient") == 13  # Alice and the twelve others
+    assert summary.patients_opted_out == 2 and summary.dropped["opted-out"]["Patient"] == 2
 
 
 def _carol_record(pid: str, *identifiers: tuple[str, str], **more: Any) -> dict:

@@ -9,7 +9,6 @@ import orjson
 import pytest
 
 from gateway.bulk.chains import offline_chains
-from gateway.process import process_bundle
 from gateway.runtime import _with_last_member
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -19,16 +18,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_payload_is_the_serialised_bundle(name: str, tmp_path: Path) -> None:
     chains = offline_chains("example-generic", tmp_path)
     bundle = orjson.loads((EXAMPLES / name).read_bytes())
-    processed = asyncio.run(
-        process_bundle(
-            bundle,
-            registry=chains.registry,
-            provider=chains.provider,
-            validator=chains.validator,
-            mapping=chains.mapping,
-            recorded="2026-01-01T00:00:00Z",
-        )
-    )
+    processed = asyncio.run(chains.process(bundle, recorded="2026-01-01T00:00:00Z"))
     if processed.bundle is None:
         assert processed.payload is None  # nothing to deliver (e.g. every patient objected)
         return

@@ -24,7 +24,14 @@ from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
 from gateway.pipeline.validate import PatientEntry, SchemaValidator
-from gateway.process import ProviderChain, RegistryChain, decide_optout, patient_key, process_bundle
+from gateway.process import (
+    Processed,
+    ProviderChain,
+    RegistryChain,
+    decide_optout,
+    patient_key,
+    process_bundle,
+)
 from gateway.pseudonym.extract import extract_inputs
 from gateway.pseudonym.mapping import InputMapping
 from gateway.pseudonym.types import PrePseudonym
@@ -47,6 +54,20 @@ class Chains:
     provider: ProviderChain
     validator: SchemaValidator
     mapping: InputMapping
+
+    async def process(
+        self, bundle: dict[str, Any], *, recorded: str | None = None, other_people: Sequence[dict] = ()
+    ) -> Processed:
+        """`process_bundle` with these chains."""
+        return await process_bundle(
+            bundle,
+            registry=self.registry,
+            provider=self.provider,
+            validator=self.validator,
+            mapping=self.mapping,
+            recorded=recorded,
+            other_people=other_people,
+        )
 
 
 @dataclass
@@ -175,14 +196,8 @@ async def _process(
                 result.drop("no-patient-left", item.line.rtype)
             return []
         try:
-            processed = await process_bundle(
-                _collection(items, context.base),
-                registry=chains.registry,
-                provider=chains.provider,
-                validator=chains.validator,
-                mapping=chains.mapping,
-                recorded=context.recorded,
-                other_people=context.others,
+            processed = await chains.process(
+                _collection(items, context.base), recorded=context.recorded, other_people=context.others
             )
         except FhirError as err:
             bad = _entries_named(err, len(items))

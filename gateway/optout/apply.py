@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 from gateway.optout.base import Decision, PatientRef
-from gateway.pipeline.validate import BundleIndex, PatientEntry, resources_of_patient
+from gateway.pipeline.validate import BundleIndex, PatientEntry, resources_of_patient, resources_of_patients
 
 
 def patient_key(patient: PatientEntry) -> str:
@@ -64,20 +64,7 @@ def entries_to_drop(index: BundleIndex, decisions: Mapping[str, Decision]) -> se
             allowed.append(patient)
     if not drop:
         return drop
-    return drop | orphaned_by(index, drop, keep=_resources_of_patients(index, allowed))
-
-
-def _resources_of_patients(index: BundleIndex, patients: Sequence[PatientEntry]) -> set[int]:
-    """`resources_of_patient` of several patients at once (one walk)."""
-    reverse = index.referenced_by
-    seen = {p.index for p in patients}
-    queue = list(seen)
-    while queue:
-        for source in reverse[queue.pop()]:
-            if source not in seen:
-                seen.add(source)
-                queue.append(source)
-    return seen
+    return drop | orphaned_by(index, drop, keep=resources_of_patients(index, [p.index for p in allowed]))
 
 
 def not_linked(index: BundleIndex, allowed: Collection[str], dropped: set[int]) -> set[int]:
@@ -87,7 +74,7 @@ def not_linked(index: BundleIndex, allowed: Collection[str], dropped: set[int]) 
     resources (a Practitioner, an Organization) stay when a delivered resource refers to them."""
     if not index.patients:
         return set()
-    reach = _resources_of_patients(index, [p for p in index.patients if patient_key(p) in allowed])
+    reach = resources_of_patients(index, [p.index for p in index.patients if patient_key(p) in allowed])
     stack = list(reach)
     while stack:
         for target in index.references[stack.pop()]:
