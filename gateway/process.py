@@ -13,16 +13,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl
 
 import orjson
 
 from gateway import __version__
 from gateway.deid.engine import Plan, ProvenanceInfo, deidentify
 from gateway.deid.leakscan import scan, sensitive_values
-from gateway.identity import canonical_system, is_placeholder
 from gateway.optout import BundleConsentOptOut, CombinedOptOut, ConsentPolicy, Decision, OptOutSource
 from gateway.optout.apply import entries_to_drop, not_linked, patient_key, patient_refs
+from gateway.optout.persons import same_person_alike
 from gateway.outcome import FhirError, Issue
 from gateway.pipeline.strict import bundle_model_issues
 from gateway.pipeline.validate import BundleIndex, PatientEntry, SchemaValidator, validate_bundle
@@ -223,89 +222,6 @@ async def decide_optout(
         decisions = {}
     decided = {r.key: decisions.get(r.key) or Decision("unknown", "optout-source-error") for r in refs}
     return same_person_alike(patients, decided)
-
-
-def same_person_alike(
-    patients: Sequence[PatientEntry], decisions: dict[str, Decision]
-) -> dict[str, Decision]:
-    """Two records of one person (an EHR duplicate: the same identifier, system and value) get the same
-    pseudonyms, so the registry links them: an objection on one holds for both (objected before unknown)."""
-    out = decisions
-    for keys in _records_of_one_person(patients):
-        worst = max((decisions[k] for k in keys), key=lambda d: _RANK[d.status])
-        out = {**out, **{k: worst for k in keys if _RANK[worst.status] > _RANK[out[k].status]}}
-    return out
-
-
-_RANK = {"allowed": 0, "unknown": 1, "objected": 2}
-_PATIENT_TAIL = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]*)?$")
-
-
-def _system_value(ident: object) -> tuple[str | None, str]:
-    """An identifier's system (None without one) and value (spaces removed; "" without one)."""
-    system = ident.get("system") if isinstance(ident, dict) else None
-    value = ident.get("value") if isinstance(ident, dict) else None
-    value = "".join(value.split()) if isinstance(value, str) and not is_placeholder(value) else ""
-    return (canonical_system(system) if isinstance(system, str) and system else None), value
-
-
-def _link_names(other: dict) -> list[object]:
-    """What a Patient.link's `other` may name a record of the Bundle by (see `_records_of_one_person`)."""
-    target = other.get("reference")
-    if isinstance(target, str):
-        if target.startswith("Patient?"):
-            query = parse_qsl(target[8:], keep_blank_values=True)
-            tokens = [v.rpartition("|") for k, v in query if k == "identifier"]
-            pairs = [_system_value({"system": system, "value": value}) for system, _, value in tokens]
-            return [(system, value) if system else value for system, value in pairs if value]
-        tail = _PATIENT_TAIL.search(target)
-        return [target, *([f"Patient/{tail.group(1)}"] if tail else [])]
-    system, value = _system_value(other.get("identifier"))
-    return [((system, value) if system else value)] if value else []
-
-
-def _records_of_one_person(patients: Sequence[PatientEntry]) -> list[list[str]]:
-    """The patient keys that share an identifier (system and value, spaces ignored), in groups of two or
-    more; none in the common case."""
-    parent: dict[str, str] = {}
-
-    def root(key: str) -> str:
-        while parent[key] != key:
-            key = parent[key]
-        return key
-
-    def join(a: str, b: str) -> None:
-        a, b = root(a), root(b)
-        if a != b:
-            parent[b] = a
-
-    named: dict[object, list[str]] = {}  # fullUrl, Patient/id, (system, value), value -> keys
-    for patient in patients:
-        key = patient_key(patient)
-        parent.setdefault(key, key)
-        names: list[object] = [key]
-        if isinstance(patient.resource.get("id"), str):
-            names.append(f"Patient/{patient.resource['id']}")
-        found = patient.resource.get("identifier")
-        for ident in found if isinstance(found, list) else ():
-            system, value = _system_value(ident)
-            if value:
-                names += [(system, value), value] if system else [value]
-                for other in named.get((system, value), []) if system else ():
-                    join(other, key)  # the same identifier: an EHR duplicate
-        for name in names:
-            named.setdefault(name, []).append(key)
-    for patient in patients:  # a link to another record of the Bundle: merged records of one person
-        links = patient.resource.get("link")
-        for link in links if isinstance(links, list) else ():
-            other = link.get("other") if isinstance(link, dict) else None
-            for name in _link_names(other) if isinstance(other, dict) else ():
-                for found_key in named.get(name, []):
-                    join(found_key, patient_key(patient))
-    groups: dict[str, list[str]] = {}
-    for key in parent:
-        groups.setdefault(root(key), []).append(key)
-    return [keys for keys in groups.values() if len(keys) > 1]
 
 
 def _optout_drops(index: BundleIndex, decisions: Mapping[str, Decision]) -> dict[str, set[int]]:

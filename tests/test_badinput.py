@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from gateway.optout import BundleConsentOptOut, ConsentPolicy, PatientRef, patient_key
+from gateway.optout.persons import same_person_alike
 from gateway.outcome import FhirError, Issue
 from gateway.pipeline.parse import parse_json
 from gateway.pipeline.validate import BundleIndex, SchemaValidator, validate_bundle
-from gateway.process import same_person_alike
 from tests.badinput import generate
 
 HERE = Path(__file__).resolve().parent / "badinput"
