@@ -26,3 +26,13 @@ _SAME_SYSTEM = {"urn:oid:2.16.840.1.113883.2.4.6.3": "http://fhir.nl/fhir/Naming
 def canonical_system(system: str) -> str:
     """The system under one name, so that a BSN written with its OID is the same number."""
     return _SAME_SYSTEM.get(system, system)
+
+
+def person_identifier(ident: object) -> tuple[str | None, str] | None:
+    """An identifier as records of one person are joined by it: its system under one name (None without
+    one) and its value without spaces; None without a value, or for a placeholder."""
+    system = ident.get("system") if isinstance(ident, dict) else None
+    value = ident.get("value") if isinstance(ident, dict) else None
+    if not isinstance(value, str) or is_placeholder(value):
+        return None
+    return (canonical_system(system) if isinstance(system, str) and system else None), "".join(value.split())

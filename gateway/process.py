@@ -133,8 +133,7 @@ async def process_bundle(
     report["resourcesDroppedByReason"] = _by_reason(bundle, dropped_entries)
     if decisions and not admitted:
         return Processed(None, report, dropped_entries=dropped_entries)
-    kept_input = _without_entries(bundle, dropped | unlinked)
-    kept_positions = _positions(bundle, dropped | unlinked)
+    kept_input, kept_positions = _without_entries(bundle, dropped | unlinked)
     pseudonyms = await pseudonymise_patients(
         admitted,
         registry=registry.registry,
@@ -154,8 +153,7 @@ async def process_bundle(
         # a patient without any pseudonym cannot be linked by the registry: deliver none of their data
         no_link = {patient_key(p): Decision("unknown", "no-pseudonym") for p in unlinkable}
         dropped_no_pseudonym = entries_to_drop(index, {**decisions, **no_link})
-        kept_input = _without_entries(bundle, dropped_no_pseudonym | unlinked)
-        kept_positions = _positions(bundle, dropped_no_pseudonym | unlinked)
+        kept_input, kept_positions = _without_entries(bundle, dropped_no_pseudonym | unlinked)
         report["patientsDroppedNoPseudonym"] = len(unlinkable)
         no_link_entries = dropped_entries["no-pseudonym"] = dropped_no_pseudonym - dropped
         report["resourcesDroppedNoPseudonym"] = len(no_link_entries)
@@ -263,11 +261,12 @@ def dropped_by_reason(report: Mapping[str, Any]) -> dict[str, dict[str, int]]:
     return {reason: dict(sorted(c.items())) for reason, c in sorted(merged.items())}
 
 
-def _without_entries(bundle: dict[str, Any], dropped: set[int]) -> dict[str, Any]:
+def _without_entries(bundle: dict[str, Any], dropped: set[int]) -> tuple[dict[str, Any], list[int] | None]:
+    """The bundle without `dropped`, and the input position of each entry left (None: nothing dropped)."""
     if not dropped:
-        return bundle
-    entries = [e for i, e in enumerate(bundle.get("entry") or []) if i not in dropped]
-    return {**bundle, "entry": entries}
+        return bundle, None
+    positions = [i for i in range(len(bundle.get("entry") or [])) if i not in dropped]
+    return {**bundle, "entry": [bundle["entry"][i] for i in positions]}, positions
 
 
 def _by_every_reference(
@@ -283,13 +282,6 @@ def _by_every_reference(
         if isinstance(rid, str):
             out[f"Patient/{rid}"] = idents
     return out
-
-
-def _positions(bundle: dict[str, Any], dropped: set[int]) -> list[int] | None:
-    """The input position of each entry left after dropping `dropped` (None: nothing dropped)."""
-    if not dropped:
-        return None
-    return [i for i in range(len(bundle.get("entry") or [])) if i not in dropped]
 
 
 def _with_people(bundle: dict[str, Any], people: Sequence[dict[str, Any]]) -> dict[str, Any]:

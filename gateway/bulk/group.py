@@ -11,7 +11,6 @@ TTPUnavailable and store errors are not caught: the job stops and can be resumed
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.bulk.chunks import Chunk, split_transaction
-from gateway.bulk.index import RESOURCE_ID, UUID_ID, Line
+from gateway.bulk.index import RESOURCE_ID, UUID_ID, Line, pread_files
 from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
@@ -388,14 +387,6 @@ def _collection(items: list[_Item], base: str | None = None) -> dict[str, Any]:
 
 
 def line_reader(paths: list[str]) -> tuple[Callable[[Line], bytes], Callable[[], None]]:
-    """pread by (file, offset, length): no seek state, so one descriptor per file serves every group."""
-    fds = [os.open(p, os.O_RDONLY) for p in paths]
-
-    def read(line: Line) -> bytes:
-        return os.pread(fds[line.file], line.length, line.off)
-
-    def close() -> None:
-        for fd in fds:
-            os.close(fd)
-
-    return read, close
+    """Lines by offset (`index.pread_files`)."""
+    pread, close = pread_files(paths)
+    return (lambda line: pread(line.file, line.off, line.length)), close

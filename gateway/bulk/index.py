@@ -55,7 +55,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from gateway.children import end_with_parent
-from gateway.identity import canonical_system, is_placeholder
+from gateway.identity import person_identifier
 
 INHERIT_ROUNDS = 3
 BATCH_ROWS = 20_000
@@ -613,14 +613,11 @@ def _scan_line(
         patient = resource.get("patient")
         body = orjson.dumps({"patient": patient}) if isinstance(patient, dict) else b""
     refs = _REFERENCE.findall(body)
-    logical = _logical_subject_keys(resource, keyer)
-    if logical:
-        out.prefs.extend((row, key, 1) for key in logical)
+    whose = _subject_keys(resource, keyer)
+    if whose:
+        out.prefs.extend((row, key, 1) for key in whose)
     if rtype != "Consent" and (b'"identifier":{' in body or b'"identifier": {' in body):  # by identifier
         out.prefs.extend((row, key, 0) for key in _logical_keys(resource, keyer))
-    whose = _whose_urns(resource)
-    if whose:  # a urn:uuid subject that matches no Patient of the export makes an orphan, like Patient/x
-        out.prefs.extend((row, keyer(ref.lower()), 1) for ref in whose)
     if refs:
         prefs: set[tuple[int, int]] = set()
         edges: set[int] = set()
@@ -653,19 +650,22 @@ def _self_text(rtype: str, rid: str) -> str:
     return f"urn:uuid:{rid.lower()}" if UUID_ID.fullmatch(rid) else f"{rtype}/{rid}"
 
 
-def _logical_subject_keys(resource: dict, keyer: Keyer) -> list[int]:
-    """Patient keys of a `subject` or `patient` given only by identifier (a Consent's `patient` often is):
-    the resource is that patient's like one with a literal reference, so it travels (and, a Consent, is
-    applied) with them."""
+def _subject_keys(resource: dict, keyer: Keyer) -> list[int]:
+    """Strict patient keys of the `subject` or `patient` that `_REFERENCE` alone would not make strict:
+    - given only by identifier (a Consent's `patient` often is): the resource is that patient's like one
+      with a literal reference, so it travels (and, a Consent, is applied) with them;
+    - a `urn:uuid:` that matches no Patient of the export: an orphan, like `Patient/x`."""
     keys = []
     for name in ("subject", "patient"):
         value = resource.get(name)
         for ref in value if isinstance(value, list) else (value,):
-            ident = ref.get("identifier") if isinstance(ref, dict) and "reference" not in ref else None
-            if isinstance(ident, dict) and isinstance(ident.get("value"), str):
-                system, value = ident.get("system"), ident["value"]
-                text = f"ident|{system}|{value}" if isinstance(system, str) else f"ident-any|{value}"
-                keys.append(keyer(text))
+            if not isinstance(ref, dict):
+                continue
+            target, ident = ref.get("reference"), ref.get("identifier")
+            if isinstance(target, str) and target.startswith("urn:uuid:"):
+                keys.append(keyer(target.lower()))
+            elif target is None and isinstance(ident, dict) and isinstance(ident.get("value"), str):
+                keys.append(keyer(_ident_text(ident.get("system"), ident["value"])))
     return keys
 
 
@@ -688,14 +688,13 @@ def _person_keys(resource: dict, keyer: Keyer) -> Iterator[tuple[int, int, int]]
 
 
 def _identifier_keys(ident: object, keyer: Keyer, *, link: int) -> Iterator[tuple[int, int, int]]:
-    system = ident.get("system") if isinstance(ident, dict) else None
-    value = ident.get("value") if isinstance(ident, dict) else None
-    if not isinstance(value, str) or is_placeholder(value):
+    found = person_identifier(ident)
+    if found is None:
         return
-    value = "".join(value.split())
-    if isinstance(system, str) and system:
-        yield keyer.fresh(f"person|{canonical_system(system)}|{value}"), link, 0
-    if not link or not isinstance(system, str) or not system:
+    system, value = found
+    if system is not None:
+        yield keyer.fresh(f"person|{system}|{value}"), link, 0
+    if not link or system is None:
         yield keyer.fresh(f"person-value|{value}"), link, 1
 
 
@@ -717,14 +716,13 @@ def _link_keys(other: dict, keyer: Keyer) -> Iterator[tuple[int, int, int]]:
 
 def _logical_keys(node: object, keyer: Keyer, top: bool = True) -> Iterator[int]:
     """Patient keys of every reference by identifier in the resource (`focus`, `performer`, ...), other than
-    its subject or patient (`_logical_subject_keys`): they tie the resource to a patient only when they
+    its subject or patient (`_subject_keys`): they tie the resource to a patient only when they
     match one, since most name a professional or an organisation."""
     if isinstance(node, dict):
         ident = node.get("identifier")
-        if not top and isinstance(ident, dict) and "reference" not in node:
-            system, value = ident.get("system"), ident.get("value")
-            if isinstance(value, str):
-                yield keyer(f"ident|{system}|{value}" if isinstance(system, str) else f"ident-any|{value}")
+        value = ident.get("value") if isinstance(ident, dict) and "reference" not in node else None
+        if not top and isinstance(value, str):
+            yield keyer(_ident_text(ident.get("system"), value))
         for name, value in node.items():
             if not (top and name in ("subject", "patient")):
                 yield from _logical_keys(value, keyer, top=False)
@@ -733,15 +731,10 @@ def _logical_keys(node: object, keyer: Keyer, top: bool = True) -> Iterator[int]
             yield from _logical_keys(item, keyer, top=False)
 
 
-def _whose_urns(resource: dict) -> list[str]:
-    found = []
-    for name in ("subject", "patient"):
-        value = resource.get(name)
-        for ref in value if isinstance(value, list) else (value,):
-            target = ref.get("reference") if isinstance(ref, dict) else None
-            if isinstance(target, str) and target.startswith("urn:uuid:"):
-                found.append(target)
-    return found
+def _ident_text(system: object, value: str) -> str:
+    """What a reference by identifier is keyed on: with its system, or by value alone (`ident-any`), the two
+    forms a Patient is known under (`_patient_aliases`)."""
+    return f"ident|{system}|{value}" if isinstance(system, str) else f"ident-any|{value}"
 
 
 def _patient_aliases(resource: dict, rid: object, keyer: Keyer) -> Iterator[int]:
@@ -778,7 +771,7 @@ def _classify_into(ref: str, keyer: Keyer, prefs: list[tuple[int, int]], edges: 
         for name, token in parse_qsl(ref[8:], keep_blank_values=True):
             if name == "identifier":
                 system, sep, value = token.rpartition("|")
-                prefs.append((keyer(f"ident|{system}|{value}") if sep else keyer(f"ident-any|{value}"), 1))
+                prefs.append((keyer(_ident_text(system if sep else None, value)), 1))
         return
     tail = _TAIL.search(ref)
     if tail is None:
@@ -969,14 +962,28 @@ def _find_home_places(conn: sqlite3.Connection, files: list[SourceFile]) -> None
     conn.execute("COMMIT")
 
 
-@contextlib.contextmanager
-def _line_reader(files: list[SourceFile]) -> Iterator[Callable[[int, int, int], bytes]]:
-    fds = [os.open(source.path, os.O_RDONLY) for source in files]
-    try:
-        yield lambda file, off, length: os.pread(fds[file], length, off)
-    finally:
+def pread_files(paths: list[str]) -> tuple[Callable[[int, int, int], bytes], Callable[[], None]]:
+    """read(file number, offset, length) by pread (no seek state: one descriptor per file serves every
+    reader), and close."""
+    fds = [os.open(p, os.O_RDONLY) for p in paths]
+
+    def read(file: int, off: int, length: int) -> bytes:
+        return os.pread(fds[file], length, off)
+
+    def close() -> None:
         for fd in fds:
             os.close(fd)
+
+    return read, close
+
+
+@contextlib.contextmanager
+def _line_reader(files: list[SourceFile]) -> Iterator[Callable[[int, int, int], bytes]]:
+    read, close = pread_files([str(source.path) for source in files])
+    try:
+        yield read
+    finally:
+        close()
 
 
 def _parsed(line: bytes) -> dict:

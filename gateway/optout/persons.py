@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from urllib.parse import parse_qsl
 
-from gateway.identity import canonical_system, is_placeholder
+from gateway.identity import person_identifier
 from gateway.optout.apply import patient_key
 from gateway.optout.base import Decision
 from gateway.pipeline.validate import PatientEntry
@@ -31,11 +31,8 @@ _PATIENT_TAIL = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[
 
 
 def _system_value(ident: object) -> tuple[str | None, str]:
-    """An identifier's system (None without one) and value (spaces removed; "" without one)."""
-    system = ident.get("system") if isinstance(ident, dict) else None
-    value = ident.get("value") if isinstance(ident, dict) else None
-    value = "".join(value.split()) if isinstance(value, str) and not is_placeholder(value) else ""
-    return (canonical_system(system) if isinstance(system, str) and system else None), value
+    """`person_identifier`, with "" for the value when there is none."""
+    return person_identifier(ident) or (None, "")
 
 
 def _link_names(other: dict) -> list[object]:
