@@ -93,6 +93,24 @@ def test_bulk_decisions_one_request_and_only_keyed_ids_sent():
     assert not {"111222333", "P0000001", "P0000002", "P0000003"} & set(sent)
 
 
+def test_an_objection_under_an_old_number_holds_and_each_number_is_asked():
+    from dataclasses import replace
+
+    renumbered = replace(_patient(1), other_mrns=("P0000099",))
+    old = replace(_patient(99), key="old")
+    known_under_old = replace(_patient(2), other_mrns=("P0000098",))
+    state = _state_with(objected=[old], other=[replace(_patient(98), key="x")])
+    with serve(create_gics_stub(state)) as base:
+        [bulk] = _check(base, [renumbered, known_under_old], no_record="unknown")
+        [single] = _check(base, [renumbered], bulk=False)
+    assert _statuses(bulk) == {"urn:uuid:p1": ("objected", "gics-objection"),
+                               "urn:uuid:p2": ("allowed", "gics-no-objection")}  # known under its old number
+    assert single["urn:uuid:p1"].status == "objected"
+    asked = set(state.signer_ids_received())
+    assert {_sid(renumbered), _sid(old), _sid(known_under_old)} <= asked
+    assert not {"P0000001", "P0000099", "P0000098"} & asked
+
+
 def test_client_paging_by_page_size():
     patients = [_patient(n) for n in range(1, 6)]
     state = _state_with(objected=[patients[4]])

@@ -29,6 +29,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,7 +38,7 @@ import httpx
 import orjson
 
 from gateway.forward import RegistryAuth
-from gateway.optout.base import Decision, PatientRef
+from gateway.optout.base import Decision, PatientRef, combine
 from gateway.optout.consent import Unparseable, _period_covers, utc_now
 from gateway.optout.register import objection_digest
 from gateway.ttp.backend import TTPUnavailable
@@ -138,6 +139,13 @@ class GicsConsent:
 
     # --- OptOutSource ---------------------------------------------------------------------------------
     async def check(self, patients: Sequence[PatientRef]) -> dict[str, Decision]:
+        """Each of a patient's numbers is asked (an objection registered under an old number holds)."""
+        asked = {p.key: [replace(p, key=f"{p.key}#{n}", mrn=number, other_mrns=())
+                         for n, number in enumerate(_numbers(p))] for p in patients}
+        answers = await self._check_numbers([one for ones in asked.values() for one in ones])
+        return {key: _of_all_numbers([answers[one.key] for one in ones]) for key, ones in asked.items()}
+
+    async def _check_numbers(self, patients: Sequence[PatientRef]) -> dict[str, Decision]:
         out: dict[str, Decision] = {}
         todo: dict[str, list[tuple[PatientRef, str]]] = {}  # domain → (patient, signer id)
         for p in patients:
@@ -317,6 +325,18 @@ class GicsConsent:
         self._cache.move_to_end(key)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+
+def _numbers(patient: PatientRef) -> list[str | None]:
+    numbers = list(dict.fromkeys(n for n in (patient.mrn, *patient.other_mrns) if n and n.strip()))
+    return numbers or [patient.mrn]  # no number: asked once, to be refused as having no signer id
+
+
+def _of_all_numbers(decisions: list[Decision]) -> Decision:
+    """An objection under any number wins, then a failed answer; a number without a record does not make
+    a patient unknown when gICS knows them under another."""
+    recorded = [d for d in decisions if d.reason != NO_RECORD]
+    return combine(recorded) if recorded else decisions[0]
 
 
 def _resources(bundle: dict[str, Any], depth: int = 0) -> list[tuple[str | None, dict[str, Any]]]:
