@@ -779,3 +779,17 @@ def test_the_processing_record_counts_what_a_yearly_delivery_withheld(tmp_path: 
     assert record["withheld"]["dropped"]["opted-out"]["Patient"] == 2
     assert record["delivered"]["resourcesDelivered"] > 0 and "group" not in record["delivered"]
     assert record["events"]["withheld"] == 2  # one per group that kept something back
+
+
+def test_a_group_redone_after_an_interruption_records_what_it_withheld_once(tmp_path: Path) -> None:
+    """The group's work was stored but the job stopped before it noted the group done: redone, its
+    `withheld` event was written a second time and the processing record counted its objectors twice."""
+    store = open_store(f"sqlite:///{tmp_path / 'gw.db'}")
+    sink = StoreSink(store, provider="ura:00000000", registry=REGISTRY, sender="test")
+    counts = {"bulkJob": "j", "group": "0", "patients": 3, "patientsDroppedOptOut": 1}
+    sink.withheld("bulk|j|0", counts)
+    sink.withheld("bulk|j|0", counts)  # the same group, redone
+    sink.withheld("bulk|j|1", counts | {"group": "1"})
+    record = store.processing_record(REGISTRY)
+    assert record["events"]["withheld"] == 2
+    assert record["withheld"]["patientsDroppedOptOut"] == 2

@@ -264,7 +264,8 @@ async def _store(result: GroupResult, sink: Sink, job: str, group: int) -> dict[
         sent.update(chunk.counts)
     withheld = _withheld_counts(result)
     if withheld:
-        await asyncio.to_thread(sink.withheld, {"bulkJob": job, "group": str(group), **withheld})
+        counts = {"bulkJob": job, "group": str(group), **withheld}
+        await asyncio.to_thread(sink.withheld, f"bulk|{job}|{group}", counts)
     return _group_counts(result, sent, created, duplicates)
 
 

@@ -18,8 +18,9 @@ class Sink(Protocol):
         """Store one Bundle; False when this key was stored before (nothing new)."""
         ...
 
-    def withheld(self, counts: dict[str, Any]) -> None:
-        """Record what a patient group withheld (opt-out, no pseudonym, dropped per reason): counts only."""
+    def withheld(self, key: str, counts: dict[str, Any]) -> None:
+        """Record what a patient group withheld (opt-out, no pseudonym, dropped per reason): counts only,
+        once per key however often the group is redone."""
         ...
 
 
@@ -52,9 +53,10 @@ class StoreSink:
         self.delivery_ids.append(delivery_id)
         return created
 
-    def withheld(self, counts: dict[str, Any]) -> None:
+    def withheld(self, key: str, counts: dict[str, Any]) -> None:
         # the processing record's `withheld` for the yearly delivery, as posted Bundles' nothing-to-deliver
-        event = AuditInput(self.sender, self.provider, self.registry, "withheld", "bulk", counts=counts)
+        event = AuditInput(self.sender, self.provider, self.registry, "withheld", "bulk", counts=counts,
+                           once_key=f"withheld|{self.provider}|{self.registry}|{key}")
         self.store.record_audit(event)
 
 
@@ -75,5 +77,5 @@ class DirSink:
         os.replace(temp, target)
         return True
 
-    def withheld(self, counts: dict[str, Any]) -> None:
+    def withheld(self, key: str, counts: dict[str, Any]) -> None:
         pass  # offline: the summary says it

@@ -102,3 +102,4 @@ class AuditInput:
     counts: dict[str, Any] = field(default_factory=dict)
     pseudonym_types: tuple[str, ...] = ()
     detail: str | None = None
+    once_key: str | None = None  # set: the event is recorded once per key (a redone step writes nothing)

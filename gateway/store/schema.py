@@ -82,6 +82,15 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "ALTER TABLE deliveries ADD COLUMN request_digest TEXT",
         ),
     ),
+    (
+        4,
+        (
+            # An event that must be written once however often its step is redone (a bulk group resumed
+            # after an interruption records what it withheld again): its key makes the second insert a no-op.
+            "ALTER TABLE audit_events ADD COLUMN once_key TEXT",
+            "CREATE UNIQUE INDEX audit_once ON audit_events (once_key)",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -412,8 +412,9 @@ class SqlStore:
         self._q(
             conn,
             """INSERT INTO audit_events (at, actor, provider, registry, event, outcome, delivery_id,
-                       registry_status, counts_json, pseudonym_types, detail)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       registry_status, counts_json, pseudonym_types, detail, once_key)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (once_key) DO NOTHING""",
             (
                 now,
                 event.actor,
@@ -426,6 +427,7 @@ class SqlStore:
                 orjson.dumps(event.counts, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode(),
                 ",".join(sorted(set(event.pseudonym_types))),
                 _bounded(event.detail),
+                event.once_key,
             ),
         )
 
