@@ -142,9 +142,68 @@ def test_a_resource_that_reaches_an_objecting_patient_is_not_delivered_from_anot
     summary, delivered = deliver(tmp_path, resources, group_size=5)
     assert values(delivered, "Observation") == [1.0]  # Alice's own Observation only
     assert summary.patients_opted_out == 1
-    several = summary.dropped["several-patients"]["Observation"]
-    assert several == 3  # mix-evidence, mix-members, from-hops: tied to both patients, reported
-    assert summary.dropped["opted-out"]["Observation"] == 5  # oc and the four hops: Carol's
+    # oc and the four hops are Carol's; mix-evidence, mix-members and from-hops reach her too. Alice and
+    # Carol travel together (one slice), where Carol's objection takes all eight, as in a posted Bundle.
+    assert summary.dropped == {"opted-out": {"Observation": 8, "Patient": 1, "Consent": 1, "Encounter": 1}}
+
+
+def _birth(mother_objects: bool = False, baby_objects: bool = False) -> list[dict]:
+    """A mother and her newborn, far apart in the export; the newborn's Encounter is `partOf` the mother's
+    delivery Encounter, and an Observation of the newborn is made in it."""
+    baby = patient("pb", "Claessens", "Baby", "Lindelaan 8", "3811 AB", "Amersfoort")
+    born = encounter("eb", "pb") | {"partOf": ref("Encounter/ec")}
+    consents = [objection("cc", ref("Patient/pc"))] * mother_objects + [
+        objection("cb", ref("Patient/pb"))
+    ] * baby_objects
+    return [
+        CAROL,
+        *others(12),
+        ALICE,
+        baby,
+        *consents,
+        encounter("ec", "pc"),
+        born,
+        observation("oc", 1.0, subject=ref("Patient/pc"), encounter=ref("Encounter/ec")),
+        observation("ob", 2.0, subject=ref("Patient/pb"), encounter=ref("Encounter/eb")),
+        observation("ob2", 3.0, subject=ref("Patient/pb")),
+    ]
+
+
+def test_a_mother_and_her_newborn_travel_together_and_go_unless_one_objects(tmp_path: Path) -> None:
+    """The newborn's Encounter `partOf` the mother's reached both patients: it was never delivered
+    (`several-patients`), and took the newborn's Observation made in it along, although neither objected."""
+    summary, delivered = deliver(tmp_path, _birth(), group_size=5)
+    assert summary.dropped == {} and summary.invalid_lines == []
+    assert values(delivered, "Observation") == [1.0, 2.0, 3.0]
+    (bundle,) = [
+        orjson.loads(p.read_bytes())
+        for p in sorted((tmp_path / "out").glob("*.json"))
+        if b'"partOf"' in p.read_bytes()
+    ]
+    urls = {e["fullUrl"] for e in bundle["entry"]}
+    born = next(e["resource"] for e in bundle["entry"] if "partOf" in e["resource"])
+    assert born["partOf"]["reference"] in urls  # the mother's Encounter is in the same Bundle
+
+
+@pytest.mark.parametrize("who", ["mother", "baby"])
+def test_an_objection_of_the_mother_or_the_newborn_takes_what_they_share(tmp_path: Path, who: str) -> None:
+    summary, delivered = deliver(tmp_path, _birth(**{f"{who}_objects": True}), group_size=5)
+    # the mother's: her Observation (1.0), and the newborn's made in her delivery Encounter (2.0)
+    # the newborn's: both of its Observations; the mother's own stays
+    assert values(delivered, "Observation") == ([3.0] if who == "mother" else [1.0])
+    assert summary.patients_opted_out == 1 and "several-patients" not in summary.dropped
+    assert sum(r["resourceType"] == "Patient" for r in delivered) == 14
+
+
+def test_a_resource_naming_more_patients_than_a_family_is_not_delivered(tmp_path: Path) -> None:
+    """A resource joining more patients than MAX_FAMILY does not bring them together: it is reported."""
+    ward = [patient(f"pw{i}", "Wardema", "Wim", f"Ringweg {i}", "1000 AA", "Ede") for i in range(10)]
+    rounds = observation("rounds", 9.0, focus=[ref(f"Patient/pw{i}") for i in range(10)])
+    summary, delivered = deliver(
+        tmp_path, [*ward, rounds, observation("o0", 1.0, subject=ref("Patient/pw0"))], group_size=3
+    )
+    assert summary.dropped == {"several-patients": {"Observation": 1}}
+    assert values(delivered, "Observation") == [1.0]
 
 
 def test_a_shared_place_at_a_patients_home_is_generalised_in_every_bundle(tmp_path: Path) -> None:
@@ -593,7 +652,8 @@ def test_a_reference_by_identifier_to_an_objector_ties_the_resource_to_them(tmp_
         tmp_path, [ALICE, CAROL, objection("cc", ref("Patient/pc")), about_carol, by_big]
     )
     assert values(delivered, "Observation") == [1.0]
-    assert summary.dropped["several-patients"] == {"Observation": 1}
+    # Alice and Carol travel together; Carol's objection takes the Observation about her, as when posted
+    assert summary.dropped == {"opted-out": {"Patient": 1, "Consent": 1, "Observation": 1}}
 
 
 def test_a_resource_of_a_patient_absent_by_urn_uuid_is_an_orphan_counted_once(tmp_path: Path) -> None:

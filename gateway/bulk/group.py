@@ -229,9 +229,10 @@ def _withhold(items: list[_Item], patients: set[int], result: GroupResult) -> li
         if item.owner in patients:
             result.drop("opt-out-unknown", item.line.rtype)
             result.resources_opted_out += 1
+            # an owner's other records, and the family travelling with them, are withheld alike
+            result.patients_unknown_optout += item.resource.get("resourceType") == "Patient"
         else:
             kept.append(item)
-    result.patients_unknown_optout += len(patients)
     return kept
 
 

@@ -58,6 +58,10 @@ from gateway.children import end_with_parent
 from gateway.identity import person_identifier
 
 INHERIT_ROUNDS = 3
+# Patients joined by their resources (a mother and her newborns) travel together up to this many; rounds of
+# joining, each followed by working out the owners again, for references that reach a patient further away.
+MAX_FAMILY = 8
+FAMILY_ROUNDS = 3
 BATCH_ROWS = 20_000
 # Byte ranges scanned by one worker task: small enough that uneven files spread over the workers and the
 # last range does not leave a core idle for long, big enough that the per-range cost (a SQLite file, a copy)
@@ -830,6 +834,18 @@ def _resolve_owners(conn: sqlite3.Connection) -> None:
     )
     c.execute("UPDATE resources SET state = 'ok' WHERE is_patient = 1")
     _merge_records_of_one_person(c)
+    _tie_to_patients(c)
+    for _ in range(FAMILY_ROUNDS):
+        if not _bring_families_together(c):
+            break
+        c.execute("""UPDATE resources SET state = 'pending', owner = NULL WHERE rtype != 'Patient'
+                     AND state IN ('ok', 'several-patients', 'patient-absent')""")
+        _tie_to_patients(c)
+    c.execute("UPDATE resources SET state = 'shared' WHERE state = 'pending'")
+    c.execute("COMMIT")
+
+
+def _tie_to_patients(c: sqlite3.Connection) -> None:
     # `strict` references name a Patient for sure (Patient/x, Patient?identifier=); `urn:uuid:` ones only
     # count when they match a Patient, so an unmatched urn:uuid does not make a resource an orphan. Per
     # resource: no Patient matched (first IS NULL), exactly one (first = last) or several (first < last).
@@ -842,8 +858,29 @@ def _resolve_owners(conn: sqlite3.Connection) -> None:
                  WHERE m.res = resources.id AND resources.state = 'pending'
                  AND (m.first IS NOT NULL OR m.strict = 1)""")
     _follow_references(c)
-    c.execute("UPDATE resources SET state = 'shared' WHERE state = 'pending'")
-    c.execute("COMMIT")
+
+
+def _bring_families_together(c: sqlite3.Connection) -> bool:
+    """Patients joined by a resource of both (a newborn's Encounter `partOf` the mother's) travel together,
+    as the earliest one's, in one slice, where the chain delivers that resource only if none of them objects
+    (as in a posted Bundle). True when some were joined: the owners are then worked out again. A set bigger
+    than `MAX_FAMILY` (a resource naming a whole ward) is left apart: such resources stay not delivered."""
+    c.execute("DROP TABLE IF EXISTS temp.reach")
+    c.execute("""CREATE TEMP TABLE reach AS
+                 WITH several AS (SELECT id FROM resources WHERE state = 'several-patients')
+                 SELECT p.res AS res, k.patient AS patient FROM prefs p JOIN pkeys k ON k.key = p.key
+                 WHERE p.res IN several
+                 UNION SELECT e.res, t.owner FROM edges e
+                 JOIN resources t ON t.self_key = e.key AND t.id != e.res AND t.state = 'ok'
+                 WHERE e.res IN several AND t.owner IS NOT NULL""")
+    c.execute("DROP TABLE IF EXISTS temp.pairs")
+    c.execute("""CREATE TEMP TABLE pairs AS SELECT DISTINCT a.patient AS x, b.patient AS y
+                 FROM temp.reach a JOIN temp.reach b ON a.res = b.res AND a.patient != b.patient""")
+    c.execute("DROP TABLE temp.reach")
+    _label_connected(c)
+    c.execute(f"""DELETE FROM temp.label WHERE first IN (SELECT first FROM temp.label
+                  GROUP BY first HAVING COUNT(*) + 1 > {MAX_FAMILY})""")
+    return _join_to_first(c) > 0
 
 
 # Per resource, what the resources it references are tied to: the lowest and highest patient owning one, and
@@ -881,6 +918,13 @@ def _merge_records_of_one_person(c: sqlite3.Connection) -> None:
                       AND (a.loose = 0 OR a.link = 1 OR b.link = 1)
                  JOIN resources ra ON ra.id = a.patient AND ra.is_patient = 1
                  JOIN resources rb ON rb.id = b.patient AND rb.is_patient = 1""")
+    _label_connected(c)
+    _join_to_first(c)
+
+
+def _label_connected(c: sqlite3.Connection) -> None:
+    """`temp.label`: for each patient of `temp.pairs` (then dropped) that is not the lowest of its connected
+    set, that lowest one (`first`)."""
     c.execute("DROP TABLE IF EXISTS temp.label")
     c.execute("""CREATE TEMP TABLE label AS SELECT x AS patient, MIN(MIN(y), x) AS first
                  FROM temp.pairs GROUP BY x""")
@@ -891,13 +935,19 @@ def _merge_records_of_one_person(c: sqlite3.Connection) -> None:
                        WHERE m.patient = label.patient AND m.first < label.first""").rowcount:
         pass
     c.execute("DELETE FROM temp.label WHERE first = patient")
+    c.execute("DROP TABLE temp.pairs")
+
+
+def _join_to_first(c: sqlite3.Connection) -> int:
+    """The patients of `temp.label` (then dropped) become the first one's: what names them is tied to it,
+    and they travel as its resources. Returns how many were joined."""
     c.execute("""UPDATE pkeys SET patient = (SELECT first FROM temp.label WHERE patient = pkeys.patient)
                  WHERE patient IN (SELECT patient FROM temp.label)""")
-    c.execute("""UPDATE resources SET is_patient = 0, state = 'ok',
-                 owner = (SELECT first FROM temp.label WHERE patient = resources.id)
-                 WHERE id IN (SELECT patient FROM temp.label)""")
-    c.execute("DROP TABLE temp.pairs")
+    joined = c.execute("""UPDATE resources SET is_patient = 0, state = 'ok',
+                          owner = (SELECT first FROM temp.label WHERE patient = resources.id)
+                          WHERE id IN (SELECT patient FROM temp.label)""").rowcount
     c.execute("DROP TABLE temp.label")
+    return joined
 
 
 def _follow_references(c: sqlite3.Connection) -> None:
