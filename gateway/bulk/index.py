@@ -865,14 +865,19 @@ def _bring_families_together(c: sqlite3.Connection) -> bool:
     as the earliest one's, in one slice, where the chain delivers that resource only if none of them objects
     (as in a posted Bundle). True when some were joined: the owners are then worked out again. A set bigger
     than `MAX_FAMILY` (a resource naming a whole ward) is left apart: such resources stay not delivered."""
+    c.execute("DROP TABLE IF EXISTS temp.several")
+    c.execute("CREATE TEMP TABLE several AS SELECT id FROM resources WHERE state = 'several-patients'")
+    if not c.execute("SELECT 1 FROM temp.several LIMIT 1").fetchone():
+        c.execute("DROP TABLE temp.several")
+        return False
     c.execute("DROP TABLE IF EXISTS temp.reach")
     c.execute("""CREATE TEMP TABLE reach AS
-                 WITH several AS (SELECT id FROM resources WHERE state = 'several-patients')
-                 SELECT p.res AS res, k.patient AS patient FROM prefs p JOIN pkeys k ON k.key = p.key
-                 WHERE p.res IN several
-                 UNION SELECT e.res, t.owner FROM edges e
+                 SELECT p.res AS res, k.patient AS patient FROM temp.several s
+                 JOIN prefs p ON p.res = s.id JOIN pkeys k ON k.key = p.key
+                 UNION SELECT e.res, t.owner FROM temp.several s JOIN edges e ON e.res = s.id
                  JOIN resources t ON t.self_key = e.key AND t.id != e.res AND t.state = 'ok'
-                 WHERE e.res IN several AND t.owner IS NOT NULL""")
+                 WHERE t.owner IS NOT NULL""")
+    c.execute("DROP TABLE temp.several")
     c.execute("DROP TABLE IF EXISTS temp.pairs")
     c.execute("""CREATE TEMP TABLE pairs AS SELECT DISTINCT a.patient AS x, b.patient AS y
                  FROM temp.reach a JOIN temp.reach b ON a.res = b.res AND a.patient != b.patient""")
