@@ -748,3 +748,15 @@ def test_the_ehr_is_told_where_a_reference_was_dropped(tmp_path: Path) -> None:
     assert warnings["issue"][0]["severity"] == "warning"
     assert warnings["issue"][0]["expression"] == ["Bundle.entry[1].resource.focus[0].reference"]
     assert "not-sent" not in orjson.dumps(sent).decode()  # where, never what
+
+
+def test_a_shared_line_the_leak_gate_stops_in_every_group_is_reported_once(tmp_path: Path) -> None:
+    """A Location named after patients was rejected by each group that carried it, and counted so: twice
+    as rejected-422, listed twice, and a third time as never referenced."""
+    room = {"resourceType": "Location", "id": "l1", "name": "Kamer Piet Pietersen"}
+    people = others(14)
+    resources = [*people, room, *(encounter(f"e{i}", p["id"], "l1") for i, p in enumerate(people))]
+    summary, delivered = deliver(tmp_path, resources, group_size=7)
+    assert "Location" not in {r["resourceType"] for r in delivered}
+    assert summary.dropped == {"rejected-422": {"Location": 1}}
+    assert summary.invalid_lines == [("Location.ndjson", 1, "rejected-security")]

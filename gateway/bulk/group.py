@@ -83,10 +83,25 @@ class GroupResult:
     ttp_calls: int = 0
     ttp_misses: int = 0
     shared_sent: set[int] = field(default_factory=set)  # line ids of the shared resources some Bundle carries
+    # a shared line rejected in a slice: line id → (file, line, listed reason, drop reason, type); every slice
+    # (and group) that carries it may reject it again, and the job reports it once
+    shared_rejected: dict[int, tuple[int, int, str, str, str]] = field(default_factory=dict)
 
     def drop(self, reason: str, rtype: str, n: int = 1) -> None:
         label = rtype if rtype in self.known_types else "(unknown)"  # a type name from input only if R4
         self.dropped.setdefault(reason, Counter())[label] += n
+
+    def reject(self, item: _Item, drop_reason: str, listed_reason: str | None = None) -> None:
+        """`item` is not delivered from this slice; listed among the rejected lines if `listed_reason`."""
+        line = item.line
+        if item.owner is None:
+            if listed_reason is not None:
+                self.shared_rejected.setdefault(line.id, (line.file, line.line, listed_reason, drop_reason,
+                                                          line.rtype))
+            return  # otherwise reported once for the job: sent with another slice, or never referenced
+        if listed_reason is not None:
+            self.rejected_lines.append((line.file, line.line, listed_reason))
+        self.drop(drop_reason, line.rtype)
 
     def add_report(self, report: dict[str, Any]) -> None:
         self.patients_opted_out += int(report.get("patientsDroppedOptOut") or 0)
@@ -192,7 +207,7 @@ async def _process(
     for _ in range(MAX_RETRIES):
         if not any(i.resource.get("resourceType") == "Patient" for i in items):
             for item in items:
-                result.drop("no-patient-left", item.line.rtype)
+                result.reject(item, "no-patient-left")
             return []
         try:
             processed = await chains.process(
@@ -203,9 +218,7 @@ async def _process(
             if not bad:
                 return await _split(items, chains, result, context, err)
             for i in sorted(bad):
-                code = _issue_code_of_entry(err, i)
-                result.rejected_lines.append((items[i].line.file, items[i].line.line, f"rejected-{code}"))
-                result.drop(f"rejected-{err.status}", items[i].line.rtype)
+                result.reject(items[i], f"rejected-{err.status}", f"rejected-{_issue_code_of_entry(err, i)}")
             withheld = _consent_owners(items, bad) if chains.registry.bundle_consent else set()
             items = _withhold([item for n, item in enumerate(items) if n not in bad], withheld, result)
             continue
@@ -253,7 +266,7 @@ async def _split(
     if len(owners) <= 1:
         reason = f"rejected-{err.status}-{err.issues[0].code}" if err else "rejected"
         for item in items:
-            result.drop(reason, item.line.rtype)
+            result.reject(item, reason)
         return []
     half = set(owners[: len(owners) // 2])
     first = [i for i in items if i.owner in half or i.owner is None]

@@ -1164,6 +1164,13 @@ def mark_sent(conn: sqlite3.Connection, ids: Iterable[int]) -> None:
     conn.execute("COMMIT")
 
 
+def mark_rejected(conn: sqlite3.Connection, ids: Iterable[int]) -> None:
+    """Shared resources some slice rejected (reported so, not as never referenced, unless another sent it)."""
+    conn.execute("BEGIN")
+    conn.executemany("UPDATE resources SET sent = 2 WHERE id = ? AND sent = 0", [(i,) for i in ids])
+    conn.execute("COMMIT")
+
+
 def shared_unsent(conn: sqlite3.Connection) -> Iterable[tuple[str, int]]:
     """Shared resources that no delivered group referred to: nothing links them to a patient, so they are
     never sent (a registry gets no free-floating Organizations or Practitioners)."""

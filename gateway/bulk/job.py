@@ -195,6 +195,8 @@ async def _deliver_groups(
                 # a state from before the shared lines sent were kept: every shared line of the group
                 sent = counts.get("sharedSent", [line.id for line in lines if line.owner is None])
                 await asyncio.to_thread(ix.mark_sent, conn, sent)
+                rejected = [row[0] for row in counts.get("sharedRejected", [])]
+                await asyncio.to_thread(ix.mark_rejected, conn, rejected)
                 summary.absorb_group(counts, resumed=True)
                 _tick(progress, summary, total)
                 continue
@@ -238,6 +240,7 @@ async def _finish(
             result = task.result()
             counts = await _store(result, sink, summary.job, group)
             await asyncio.to_thread(ix.mark_sent, conn, result.shared_sent)
+            await asyncio.to_thread(ix.mark_rejected, conn, result.shared_rejected)
             state.execute(
                 "INSERT INTO groups_done (id, counts, at) VALUES (?, ?, ?)",
                 (group, orjson.dumps(counts), time.time()),
@@ -298,6 +301,7 @@ def _group_counts(result: GroupResult, sent: Counter[str], created: int, duplica
         "dropped": {reason: dict(c) for reason, c in result.dropped.items()},
         "rejectedLines": [list(x) for x in result.rejected_lines[:MAX_INVALID_LISTED]],
         "sharedSent": sorted(result.shared_sent),  # resumed, the group marks these again in the new index
+        "sharedRejected": [[line_id, *rest] for line_id, rest in sorted(result.shared_rejected.items())],
     }
 
 

@@ -37,6 +37,7 @@ class BulkSummary:
     worker_processes: int = 0  # processes that ran the chain; 0: the job's own process
     seconds: float = 0.0
     _file_names: dict[int, str] = field(default_factory=dict, repr=False)
+    _shared_rejected: set[int] = field(default_factory=set, repr=False)  # reported once, whatever carried it
     _known: frozenset[str] = field(default=frozenset({"(unknown)"}), repr=False)
 
     def absorb_index(
@@ -77,8 +78,16 @@ class BulkSummary:
             for rtype, n in per_type.items():
                 self._drop(reason, rtype, n)
         for file_no, line, reason in counts["rejectedLines"]:
-            if len(self.invalid_lines) < 1000:
-                self.invalid_lines.append((self._file_names.get(file_no, str(file_no)), line, reason))
+            self._list(file_no, line, reason)
+        for line_id, file_no, line, listed, reason, rtype in counts.get("sharedRejected", []):
+            if line_id not in self._shared_rejected:
+                self._shared_rejected.add(line_id)
+                self._drop(reason, rtype, 1)
+                self._list(file_no, line, listed)
+
+    def _list(self, file_no: int, line: int, reason: str) -> None:
+        if len(self.invalid_lines) < 1000:
+            self.invalid_lines.append((self._file_names.get(file_no, str(file_no)), line, reason))
 
     def absorb_unsent(self, conn: sqlite3.Connection) -> None:
         for rtype, n in ix.shared_unsent(conn):
