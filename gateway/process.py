@@ -12,19 +12,27 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from functools import lru_cache
+from typing import Any, TypeVar
 
 import orjson
 
 from gateway import __version__
 from gateway.deid.engine import Plan, ProvenanceInfo, deidentify
 from gateway.deid.leakscan import scan, sensitive_values
+from gateway.keys import derive
 from gateway.optout import BundleConsentOptOut, CombinedOptOut, ConsentPolicy, Decision, OptOutSource
 from gateway.optout.apply import entries_to_drop, not_linked, patient_key, patient_refs
 from gateway.optout.persons import same_person_alike
 from gateway.outcome import FhirError, Issue
 from gateway.pipeline.strict import bundle_model_issues
-from gateway.pipeline.validate import BundleIndex, PatientEntry, SchemaValidator, validate_bundle
+from gateway.pipeline.validate import (
+    BundleIndex,
+    PatientEntry,
+    SchemaValidator,
+    resources_of_patient,
+    validate_bundle,
+)
 from gateway.pseudonym.mapping import InputMapping
 from gateway.pseudonym.source import SourceStage
 from gateway.pseudonymise import pseudonymise_patients
@@ -42,6 +50,7 @@ REPORT_COUNTS = (
 )
 
 
+_T = TypeVar("_T")
 log = logging.getLogger("gateway.process")  # counts only: never a value from a bundle
 
 
@@ -164,8 +173,10 @@ async def process_bundle(
     result = deidentify(
         kept_input,
         registry.plan,
-        id_key=registry.id_key,
+        id_key=provider_id_key(registry.id_key, provider.provider),
         pseudonyms=_by_every_reference(pseudonyms.identifiers, index),
+        shift_keys=_by_every_reference(pseudonyms.shift_keys, index),
+        patient_of=_patient_of(index, admitted, kept_positions) if registry.plan.shift_dates else None,
         provenance=ProvenanceInfo(
             gateway_version=__version__, recorded=recorded or _now(), ttp_name=provider.ttp_name
         ),
@@ -269,19 +280,43 @@ def _without_entries(bundle: dict[str, Any], dropped: set[int]) -> tuple[dict[st
     return {**bundle, "entry": [bundle["entry"][i] for i in positions]}, positions
 
 
-def _by_every_reference(
-    identifiers: Mapping[str, list[dict[str, Any]]], index: BundleIndex
-) -> dict[str, list]:
-    """The engine looks pseudonyms up by fullUrl and by `Patient/<id>`; offer both."""
-    out: dict[str, list] = {}
+def _by_every_reference(per_patient: Mapping[str, _T], index: BundleIndex) -> dict[str, _T]:
+    """The engine looks a patient's pseudonyms up by fullUrl and by `Patient/<id>`; offer both."""
+    out: dict[str, _T] = {}
     for patient in index.patients:
         key = patient_key(patient)
-        idents = identifiers.get(key, [])
-        out[key] = idents
+        if key not in per_patient:
+            continue
+        out[key] = per_patient[key]
         rid = patient.resource.get("id")
         if isinstance(rid, str):
-            out[f"Patient/{rid}"] = idents
+            out[f"Patient/{rid}"] = per_patient[key]
     return out
+
+
+def _patient_of(
+    index: BundleIndex, admitted: Mapping[str, Any], positions: list[int] | None
+) -> dict[int, int]:
+    """Entry → the entry of the (first) admitted Patient it leads to, both as positions in the bundle passed
+    to de-identification (`positions`: input position of each of its entries; None: all of them)."""
+    kept = {original: n for n, original in enumerate(positions)} if positions is not None else None
+    out: dict[int, int] = {}
+    for patient in index.patients:
+        if patient_key(patient) not in admitted:
+            continue
+        home = patient.index if kept is None else kept.get(patient.index)
+        for entry in sorted(resources_of_patient(index, patient)):
+            at = entry if kept is None else kept.get(entry)
+            if at is not None and home is not None:
+                out.setdefault(at, home)
+    return out
+
+
+@lru_cache(maxsize=256)
+def provider_id_key(registry_id_key: bytes, provider: str) -> bytes:
+    """Opaque ids are keyed per registry AND provider: two hospitals' `Patient/1` are different people, and
+    one must never overwrite the other's at the registry."""
+    return derive(registry_id_key, f"gateway:opaque-id-provider|{provider}")
 
 
 def _with_people(bundle: dict[str, Any], people: Sequence[dict[str, Any]]) -> dict[str, Any]:

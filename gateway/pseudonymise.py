@@ -25,6 +25,9 @@ class PseudonymOutcome:
     identifiers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # patient key → Identifiers
     types_added: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)  # "<TYPE>:<reason>" → count
+    # patient key → the pre-pseudonym of its first pseudonym, hex: what a date shift is keyed on, since it
+    # stays the same when the TTP's key is rotated (the pseudonyms then change) and is never sent anywhere
+    shift_keys: dict[str, str] = field(default_factory=dict)
 
 
 def pseudonym_identifier(system_template: str, registry: str, ptype: str, value: str) -> dict[str, Any]:
@@ -68,6 +71,8 @@ async def pseudonymise_patients(
             outcome.skipped[f"{result.type}:ttp-{result.error_code or 'error'}"] += 1
             continue
         ident = pseudonym_identifier(system_template, registry, result.type, result.identifier_value)
+        if not outcome.identifiers[key]:
+            outcome.shift_keys[key] = batch[result.index].value.hex()
         outcome.identifiers[key].append(ident)
         outcome.types_added[result.type] += 1
     return outcome

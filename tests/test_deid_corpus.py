@@ -185,8 +185,12 @@ def test_patients_are_labelled_and_carry_only_pseudonyms() -> None:
 def test_clinical_resources_of_the_dutch_patient_are_delivered() -> None:
     out = _run(dutch_bundle())
     types = sorted(e["resource"]["resourceType"] for e in out["entry"])
-    for expected in ("Condition", "Encounter", "Observation", "Organization", "Patient", "Provenance"):
+    for expected in ("Condition", "Encounter", "Observation", "Patient", "Provenance"):
         assert expected in types
+    # the examples' Organization, Practitioner and Locations are referred to only by each other (and a
+    # PractitionerRole): nothing of the patient's leads to them, so they are not delivered
+    for unlinked in ("Organization", "Practitioner", "Location", "PractitionerRole"):
+        assert unlinked not in types
     # types not in the profile are not delivered
     for absent in ("RelatedPerson", "CareTeam", "NutritionOrder", "BodyStructure"):
         assert absent not in types

@@ -119,7 +119,10 @@ def test_ambiguous_identifier_resolves_to_nothing() -> None:
     b = bundle(
         ("urn:uuid:a", patient()), ("urn:uuid:b", p2), ("urn:uuid:o", obs("Patient?identifier=MRN-778899"))
     )
-    assert resources(run(b).bundle, "Observation")[0].get("subject") is None
+    result = run(b)
+    # its only link to a patient is gone: whose data it is cannot be known
+    assert resources(result.bundle, "Observation") == []
+    assert result.report.dropped["not-linked-to-a-patient"] == {"Observation": 1}
 
 
 def test_contained_resources_and_local_references_are_removed() -> None:
@@ -138,8 +141,10 @@ def test_reference_to_a_resource_outside_the_bundle_is_dropped_and_required_loss
     cond = {"resourceType": "Condition", "subject": {"reference": "Patient/elsewhere"}, "code": {"text": "x"}}
     result = run(bundle(("urn:uuid:c", cond), ("urn:uuid:o", obs("Patient/elsewhere"))))
     assert resources(result.bundle, "Condition") == []  # Condition.subject is required (1..1)
-    assert resources(result.bundle, "Observation")[0].get("subject") is None  # Observation.subject is 0..1
     assert result.report.dropped["required-element-lost"] == {"Condition": 1}
+    # Observation.subject is 0..1: valid without it, but then it leads to no patient
+    assert resources(result.bundle, "Observation") == []
+    assert result.report.dropped["not-linked-to-a-patient"] == {"Observation": 1}
 
 
 # ── what leaves is valid R4: an element that loses a required part goes whole ─────────────────────────────
@@ -316,7 +321,8 @@ def test_patient_without_pseudonym_is_not_delivered() -> None:
     result = run(b, pseudonyms={})
     assert resources(result.bundle, "Patient") == []
     assert result.report.dropped["no-pseudonym"] == {"Patient": 1}
-    assert "subject" not in resources(result.bundle, "Observation")[0]
+    assert resources(result.bundle, "Observation") == []  # it was delivered without its subject
+    assert result.report.dropped["not-linked-to-a-patient"] == {"Observation": 1}
 
 
 def test_unknown_extensions_are_dropped_known_ones_kept() -> None:
@@ -533,10 +539,15 @@ def test_profile_switches_keep_what_the_profile_asks_for() -> None:
     raw["resources"]["DiagnosticReport"] += ["presentedForm"]
     raw["resources"]["Practitioner"] += ["name"]
     plan = compile_plan(profile_from_data(raw), load_rules())
-    o = obs("Patient/pat-123", note=[{"text": "Meting herhaald", "authorString": "Dr. Kuipers"}])
+    o = obs(
+        "Patient/pat-123",
+        note=[{"text": "Meting herhaald", "authorString": "Dr. Kuipers"}],
+        performer=[{"reference": "urn:uuid:pr"}],
+    )
     o["code"]["text"] = "Lengte"
     report = {
         "resourceType": "DiagnosticReport",
+        "subject": {"reference": "Patient/pat-123"},
         "status": "final",
         "code": {"text": "x"},
         "presentedForm": [
@@ -593,7 +604,25 @@ def test_a_location_at_the_patients_home_gets_the_patients_address_generalisatio
         "address": {"line": ["Dokter van Heesweg 2"], "city": "Zwolle", "postalCode": "8025 AB"},
     }
     person = patient(address=[home])
-    result = run(bundle(("urn:uuid:p", person), ("urn:uuid:l", loc), ("urn:uuid:h", hospital)))
+    visits = [
+        {
+            "resourceType": "Encounter",
+            "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HH"},
+            "subject": {"reference": "urn:uuid:p"},
+            "location": [{"location": {"reference": place}}],
+        }
+        for place in ("urn:uuid:l", "urn:uuid:h")
+    ]
+    result = run(
+        bundle(
+            ("urn:uuid:p", person),
+            ("urn:uuid:l", loc),
+            ("urn:uuid:h", hospital),
+            ("urn:uuid:e1", visits[0]),
+            ("urn:uuid:e2", visits[1]),
+        )
+    )
     at_home, clinic = resources(result.bundle, "Location")
     if marker == "postcode-written-otherwise":  # not a Dutch postcode as Patient.address's PC4 rule reads one
         assert "address" not in at_home

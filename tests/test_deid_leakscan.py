@@ -368,12 +368,17 @@ def test_fhir_gateway_scan_finds_a_raw_export_without_the_original_and_passes_ou
     assert checked.exit_code == 0, checked.output
     # a profile that keeps professionals' identifiers: without --registry they would be reported
     nl_core = tmp_path / "nl-core.json"
-    nl_core.write_bytes(orjson.dumps(dutch_bundle()))
+    dutch = dutch_bundle()
+    practitioner = {"reference": "Practitioner/nl-core-HealthProfessional-Practitioner-alt-1"}
+    for entry in dutch["entry"]:  # the examples' Practitioner is otherwise referred to by nothing delivered
+        if entry["resource"]["resourceType"] == "Observation":
+            entry["resource"]["performer"] = [practitioner]
+    nl_core.write_bytes(orjson.dumps(dutch))
     deid = __import__("gateway.deid", fromlist=["deidentify"]).deidentify(
-        dutch_bundle(),
+        dutch,
         plan_for("example-generic"),
         id_key=KEY_A,
-        pseudonyms=fake_pseudonyms(dutch_bundle()),
+        pseudonyms=fake_pseudonyms(dutch),
         provenance=PROVENANCE,
     )
     out.write_bytes(orjson.dumps(deid.bundle))

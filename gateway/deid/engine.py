@@ -305,6 +305,7 @@ class _Candidate:
     new_id: str
     pseudonyms: list[dict[str, Any]]
     index: int  # of its entry in the input
+    shift_key: str | None = None  # a Patient's date-shift key (see `_offsets`)
 
 
 class _Resolver:
@@ -413,7 +414,12 @@ def _lookup_pseudonyms(keys: list[str], pseudonyms: Mapping[str, list[dict]]) ->
 
 
 def _select(
-    entries: list[Any], plan: Plan, ids: _Ids, pseudonyms: Mapping[str, list[dict]], report: DeidReport
+    entries: list[Any],
+    plan: Plan,
+    ids: _Ids,
+    pseudonyms: Mapping[str, list[dict]],
+    report: DeidReport,
+    shift_keys: Mapping[str, str],
 ) -> tuple[list[_Candidate], _Resolver]:
     """Pre-pass over entries only (not deep): which resources are delivered, and their new ids."""
     known = r4().resources
@@ -456,19 +462,26 @@ def _select(
             for k in keys:
                 by_key[k] = urn
             pending.append((rtype, res, urn))
-            candidates.append(_Candidate(rtype, res, new_id, pseud, index))
+            shift = next((shift_keys[k] for k in keys if k in shift_keys), None) if pseud else None
+            candidates.append(_Candidate(rtype, res, new_id, pseud, index, shift))
     return candidates, resolver
 
 
-def _offsets(candidates: list[_Candidate], resolver: _Resolver, plan: Plan, ids: _Ids) -> list[int]:
-    """Per-resource date offset: that of the patient it belongs to (stable: keyed on the pseudonym)."""
+def _offsets(
+    candidates: list[_Candidate], resolver: _Resolver, plan: Plan, ids: _Ids, patient_of: Mapping[int, int]
+) -> list[int]:
+    """Per-resource date offset: that of the patient it belongs to. Keyed on the patient's shift key (its
+    first pre-pseudonym: the same across the TTP's key versions and for records of one person), else its
+    first pseudonym. A resource's patient: its `subject`/`patient`, else the one it leads to through other
+    resources (`patient_of`, input entry → the Patient's entry), else the only one in the bundle."""
     if not plan.shift_dates:
         return [0] * len(candidates)
-    patients = {
-        "urn:uuid:" + c.new_id: ids.offset(str(c.pseudonyms[0].get("value", c.new_id)), plan.shift_max_days)
-        for c in candidates
-        if c.rtype == "Patient"
-    }
+    patients: dict[str, int] = {}
+    by_entry: dict[int, int] = {}
+    for c in candidates:
+        if c.rtype == "Patient":
+            basis = c.shift_key or str(c.pseudonyms[0].get("value", c.new_id))
+            patients["urn:uuid:" + c.new_id] = by_entry[c.index] = ids.offset(basis, plan.shift_max_days)
     only = next(iter(patients.values())) if len(patients) == 1 else None
     fallback = ids.offset("bundle:" + ",".join(sorted(patients)), plan.shift_max_days)
     out = []
@@ -487,6 +500,8 @@ def _offsets(candidates: list[_Candidate], resolver: _Resolver, plan: Plan, ids:
                 if target in patients:
                     off = patients[target]
                     break
+        if off is None and c.index in patient_of:
+            off = by_entry.get(patient_of[c.index])
         out.append(fallback if off is None else off)
     return out
 
@@ -568,8 +583,14 @@ def _generalise_home_address(
 
 
 def _walk_all(
-    candidates: list[_Candidate], offsets: list[int], plan: Plan, ctx: p.WalkContext, report: DeidReport
+    candidates: list[_Candidate],
+    offsets: list[int],
+    plan: Plan,
+    ctx: p.WalkContext,
+    report: DeidReport,
+    links: dict[str, list[str]],
 ) -> list[tuple[_Candidate, dict[str, Any]]]:
+    """Each candidate walked by its plan; `links` gets the references each one kept wrote (by its urn)."""
     kept: list[tuple[_Candidate, dict[str, Any]]] = []
     dead: set[str] = set()
     required = plan.required
@@ -578,6 +599,7 @@ def _walk_all(
     walk = p.walk
     for c, off in zip(candidates, offsets, strict=True):
         ctx.date_offset = off
+        ctx.emitted = links["urn:uuid:" + c.new_id] = []
         rtype, res = c.rtype, c.resource
         out: dict[str, Any] = {"resourceType": rtype, "id": c.new_id}
         try:
@@ -616,6 +638,39 @@ def _walk_all(
             report.drop("required-element-lost", c.rtype)
             dead.add("urn:uuid:" + c.new_id)
         kept = [(c, out) for c, out in kept if "urn:uuid:" + c.new_id not in dead]
+
+
+def _linked_to_patients(
+    kept: list[tuple[_Candidate, dict[str, Any]]], links: dict[str, list[str]], report: DeidReport
+) -> list[tuple[_Candidate, dict[str, Any]]]:
+    """What is delivered must lead to a delivered patient, or be referred to by what does (a shared
+    Practitioner): the profile may have cut the only link (an Observation tied to its patient through an
+    Encounter the registry does not get). Whose data the rest is cannot be known: not delivered."""
+    here = {"urn:uuid:" + c.new_id for c, _ in kept}
+    referred_by: dict[str, list[str]] = {}
+    for source in here:
+        for target in links.get(source, ()):
+            if target in here:
+                referred_by.setdefault(target, []).append(source)
+    reached = {"urn:uuid:" + c.new_id for c, _ in kept if c.rtype == "Patient"}
+    queue = list(reached)
+    while queue:  # what leads to a patient
+        for source in referred_by.get(queue.pop(), ()):
+            if source not in reached:
+                reached.add(source)
+                queue.append(source)
+    queue = list(reached)
+    while queue:  # and what that refers to
+        for target in links.get(queue.pop(), ()):
+            if target in here and target not in reached:
+                reached.add(target)
+                queue.append(target)
+    if len(reached) == len(here):
+        return kept
+    for c, _ in kept:
+        if "urn:uuid:" + c.new_id not in reached:
+            report.drop("not-linked-to-a-patient", c.rtype)
+    return [(c, out) for c, out in kept if "urn:uuid:" + c.new_id in reached]
 
 
 def _provenance(entries: list[dict[str, Any]], plan: Plan, ids: _Ids, info: ProvenanceInfo) -> dict[str, Any]:
@@ -685,6 +740,8 @@ def deidentify(
     provenance: ProvenanceInfo,
     outside_references: Iterable[str] = (),
     other_people: Iterable[dict[str, Any]] = (),
+    shift_keys: Mapping[str, str] | None = None,
+    patient_of: Mapping[int, int] | None = None,
 ) -> DeidResult:
     """De-identify one Bundle for the plan's registry; returns a transaction Bundle and a report.
 
@@ -693,12 +750,24 @@ def deidentify(
     are the references that the validation found to point outside the Bundle; they are dropped, unless the
     profile asks for ``references.outside_bundle: opaque-id`` (see ``outside_targets``). ``other_people``:
     Patients not delivered in this Bundle (an objecting one, another patient's in a bulk group) whose home
-    addresses still make a place their home (see ``_generalise_homes``).
+    addresses still make a place their home (see ``_generalise_homes``). ``shift_keys`` (keyed as
+    ``pseudonyms``) and ``patient_of`` (entry index → its Patient's entry index) choose date offsets (see
+    ``_offsets``).
     """
     # The walk allocates a container per element and builds no reference cycles (perf-notes: the GC makes
     # large bundles 2x slower). Harmless if another thread races on the switch.
     with paused_gc():
-        return _deidentify(bundle, plan, id_key, pseudonyms, provenance, outside_references, other_people)
+        return _deidentify(
+            bundle,
+            plan,
+            id_key,
+            pseudonyms,
+            provenance,
+            outside_references,
+            other_people,
+            shift_keys or {},
+            patient_of or {},
+        )
 
 
 def outside_targets(references: Iterable[str], plan: Plan, ids: _Ids) -> dict[str, str]:
@@ -726,7 +795,9 @@ def _deidentify(
     pseudonyms: Mapping[str, list[dict]],
     provenance: ProvenanceInfo,
     outside_references: Iterable[str],
-    other_people: Iterable[dict[str, Any]] = (),
+    other_people: Iterable[dict[str, Any]],
+    shift_keys: Mapping[str, str],
+    patient_of: Mapping[int, int],
 ) -> DeidResult:
     report = DeidReport()
     raw_entries = bundle.get("entry") if isinstance(bundle, dict) else None
@@ -734,7 +805,7 @@ def _deidentify(
     ids = _Ids(id_key, plan.registry)
     if not plan.profile.person_level:
         report.refused = "aggregated-only"
-    candidates, resolver = _select(entries, plan, ids, pseudonyms, report)
+    candidates, resolver = _select(entries, plan, ids, pseudonyms, report, shift_keys)
     resolver.outside = outside_targets(outside_references, plan, ids)
     ctx = p.WalkContext(
         resolve=resolver,
@@ -743,7 +814,9 @@ def _deidentify(
         extensions=dict(plan.extension_nodes),
         modifier_ok=plan.modifier_ok,
     )
-    kept = _walk_all(candidates, _offsets(candidates, resolver, plan, ids), plan, ctx, report)
+    links: dict[str, list[str]] = {}
+    offsets = _offsets(candidates, resolver, plan, ids, patient_of)
+    kept = _linked_to_patients(_walk_all(candidates, offsets, plan, ctx, report, links), links, report)
     _generalise_homes(kept, entries, plan, ctx, other_people)
     out_entries = [
         {

@@ -64,6 +64,7 @@ class WalkContext:
         "modifier_ok",
         "references_dropped",
         "pseudonyms",
+        "emitted",
     )
 
     def __init__(
@@ -84,6 +85,7 @@ class WalkContext:
         self.modifier_ok = modifier_ok
         self.references_dropped = 0
         self.pseudonyms: list[dict[str, Any]] = []
+        self.emitted: list[str] = []  # the references written into the resource being walked
 
     def count(self, label: str) -> None:
         self.removed[label] = self.removed.get(label, 0) + 1
@@ -350,6 +352,7 @@ def _reference(value: Any, ctx: WalkContext) -> dict[str, Any] | None:
         # unresolvable, external, to a dropped resource, or logical (identifier/display only)
         ctx.references_dropped += 1
         return None
+    ctx.emitted.append(new)
     if len(value) == 1:
         return {"reference": new}  # the commonest shape
     out: dict[str, Any] = {"reference": new}

@@ -1,0 +1,181 @@
+"""What a registry links on across deliveries: opaque ids per hospital, a patient's date shift across the
+TTP's key rotation and through indirect links, and nothing delivered that leads to no delivered patient.
+Each case came from a fresh-eyes probe of the registry side, through the whole chain (the reference TTP)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.bulk.chains import offline_chains
+from gateway.config import REPO_ROOT
+from gateway.ttp.keystore import KeyStore
+
+MRN = "http://ehr.example.org/mrn"
+
+
+def person(pid: str, family: str, born: str, gender: str = "female", **more: Any) -> dict[str, Any]:
+    """An nl-core Patient with what NGGV and RGG are made of (own name, Dutch postcode)."""
+    own_name = {"url": "http://hl7.org/fhir/StructureDefinition/humanname-own-name", "valueString": family}
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [{"system": MRN, "value": f"M-{family}"}],
+        "name": [
+            {"use": "official", "family": family, "_family": {"extension": [own_name]}, "given": ["Anna"]}
+        ],
+        "gender": gender,
+        "birthDate": born,
+        "address": [{"use": "home", "line": ["Teststraat 15"], "city": "Teststad", "postalCode": "1012 NX"}],
+        **more,
+    }
+
+
+def condition(cid: str, pid: str, onset: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Condition",
+        "id": cid,
+        "subject": {"reference": f"Patient/{pid}"},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "363358000"}]},
+        "onsetDateTime": onset,
+    }
+
+
+def collection(*resources: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"fullUrl": f"http://ehr.example.org/fhir/{r['resourceType']}/{r['id']}", "resource": r}
+            for r in resources
+        ],
+    }
+
+
+def process(chains: Any, bundle: dict[str, Any]) -> Any:
+    return asyncio.run(chains.process(bundle, recorded="2026-01-01T00:00:00Z"))
+
+
+def delivered(processed: Any, rtype: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in processed.bundle["entry"] if e["resource"]["resourceType"] == rtype]
+
+
+def test_two_hospitals_patient_1_are_two_people_at_the_registry(tmp_path: Path) -> None:
+    """Both hospitals' `Patient/1` and `Condition/1` got the same opaque ids: the second overwrote the
+    first at the registry."""
+    first = offline_chains("example-generic", tmp_path / "k")
+    second = replace(first, provider=replace(first.provider, provider="ura:00000002"))
+    bundle = collection(person("1", "Aalders", "1950-01-01"), condition("1", "1", "2025-01-01"))
+    a, b = process(first, bundle), process(second, bundle)
+    ids_a = {(r["resourceType"], r["id"]) for r in map(lambda e: e["resource"], a.bundle["entry"])}
+    ids_b = {(r["resourceType"], r["id"]) for r in map(lambda e: e["resource"], b.bundle["entry"])}
+    assert not ids_a & ids_b
+    assert process(first, bundle).bundle == a.bundle  # and stable for one hospital
+
+
+def test_a_patients_date_shift_stays_when_the_ttp_key_is_rotated(tmp_path: Path) -> None:
+    """The shift was keyed on the first pseudonym, which changes with the TTP's key version: the same
+    Condition came again with another date, beside the old ones at the registry."""
+    registry = "example-cancer-registry"
+    bundle = collection(person("1", "Aalders", "1950-01-01"), condition("c1", "1", "2025-02-20"))
+    before = process(offline_chains(registry, tmp_path / "k"), bundle)
+    KeyStore.load(tmp_path / "k" / "ttp-keys").rotate(registry)
+    after = process(offline_chains(registry, tmp_path / "k"), bundle)
+    (old,), (new,) = delivered(before, "Patient"), delivered(after, "Patient")
+    assert old["identifier"] != new["identifier"]  # the pseudonyms did change (v1 → v2)
+    assert {i["value"][:3] for i in new["identifier"]} == {"v2."}
+    (was,), (now,) = delivered(before, "Condition"), delivered(after, "Condition")
+    assert was["id"] == now["id"] and was["onsetDateTime"] == now["onsetDateTime"] != "2025-02-20"
+
+
+def _profile_keeping_encounters(folder: Path) -> Path:
+    raw = yaml.safe_load((REPO_ROOT / "profiles" / "example-cancer-registry.yaml").read_text())
+    raw["resources"]["Encounter"] = ["status", "class", "subject", "period"]
+    raw["resources"]["Observation"] += ["encounter"]
+    folder.mkdir()
+    (folder / "cancer.yaml").write_text(yaml.safe_dump(raw))
+    return folder
+
+
+def test_a_resource_tied_to_its_patient_through_another_gets_that_patients_shift(tmp_path: Path) -> None:
+    """An Observation without a subject, made in the patient's Encounter, got a bundle-wide offset when
+    another patient was in the bundle: its date no longer lined up with the rest of its patient's data."""
+    chains = offline_chains(
+        "example-cancer-registry", tmp_path / "k", profiles_dir=_profile_keeping_encounters(tmp_path / "p")
+    )
+    visit = {
+        "resourceType": "Encounter",
+        "id": "e1",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": "Patient/1"},
+        "period": {"start": "2025-03-01"},
+    }
+    measured = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "encounter": {"reference": "Encounter/e1"},
+        "effectiveDateTime": "2025-03-01",
+    }
+    alone = process(chains, collection(person("1", "Aalders", "1950-01-01"), visit, measured))
+    together = process(
+        chains,
+        collection(
+            person("1", "Aalders", "1950-01-01"), person("2", "Bakker", "1960-06-06"), visit, measured
+        ),
+    )
+    for processed in (alone, together):
+        (encounter,), (observation,) = delivered(processed, "Encounter"), delivered(processed, "Observation")
+        assert observation["effectiveDateTime"] == encounter["period"]["start"] != "2025-03-01"
+    assert delivered(alone, "Observation") == delivered(together, "Observation")
+
+
+def test_what_the_profile_cuts_off_from_its_patient_is_not_delivered(tmp_path: Path) -> None:
+    """The cancer profile keeps neither Encounter nor Observation.encounter: an Observation tied to its
+    patient only through an Encounter went out with no reference at all, whoever's it was."""
+    chains = offline_chains("example-cancer-registry", tmp_path / "k")
+    visit = {
+        "resourceType": "Encounter",
+        "id": "e1",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": "Patient/1"},
+    }
+    measured = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "encounter": {"reference": "Encounter/e1"},
+    }
+    processed = process(chains, collection(person("1", "Aalders", "1950-01-01"), visit, measured))
+    assert delivered(processed, "Observation") == []
+    dropped = processed.report["deidentification"]["dropped"]
+    assert dropped["not-linked-to-a-patient"] == {"Observation": 1}
+
+
+def test_the_resources_of_a_patient_left_out_by_de_identification_are_not_delivered(tmp_path: Path) -> None:
+    """A Patient with a modifier extension the profile does not know is not delivered; its Observation went
+    out with its subject cut off."""
+    chains = offline_chains("example-generic", tmp_path / "k")
+    odd = person(
+        "1",
+        "Aalders",
+        "1950-01-01",
+        modifierExtension=[{"url": "http://ehr.example.org/x", "valueBoolean": True}],
+    )
+    measured = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": "Patient/1"},
+    }
+    processed = process(chains, collection(odd, measured))
+    assert processed.bundle is None or delivered(processed, "Observation") == []
