@@ -484,6 +484,26 @@ def test_an_unreadable_line_that_may_be_a_consent_stops_the_job(tmp_path: Path, 
         run_bulk([export], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
 
 
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_an_objection_in_a_line_too_long_stops_the_job(tmp_path: Path, where: str) -> None:
+    """A Consent with a scanned form attached was over the line limit: reported `line-too-long`, its
+    objection never read, and its patient delivered. Where `resourceType` comes is the exporter's choice."""
+    export = tmp_path / "export"
+    export.mkdir()
+    form = {"sourceAttachment": {"contentType": "application/pdf", "data": "QUJD" * 800_000}}
+    consent = objection("cc", ref("Patient/pc"))
+    consent = consent | form if where == "first" else form | {k: v for k, v in consent.items()}
+    if where == "last":
+        consent["resourceType"] = consent.pop("resourceType")
+    lines = [orjson.dumps(ALICE), orjson.dumps(CAROL), orjson.dumps(consent)]
+    (export / "export.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+    options = BulkOptions(workers=0, max_line_bytes=64 * 1024)
+    with pytest.raises(SourceError, match="line 3"):
+        run_bulk(
+            [export], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out", options=options
+        )
+
+
 def test_a_urn_uuid_reference_to_a_resource_left_out_of_the_export_is_dropped(tmp_path: Path) -> None:
     """A Synthea export without its Practitioners (a `_type` filter): every line naming one by urn:uuid was
     rejected, a Patient with it as general practitioner with all their data."""

@@ -529,8 +529,8 @@ def _scan_range(
         handle.seek(start)
         for lines, raw, length in _raw_lines(handle, max_line_bytes):
             line_no = lines_before + lines
-            if raw is None:  # longer than max_line_bytes: never held in memory whole
-                out.invalid.append((number, line_no, "line-too-long", 0))
+            if isinstance(raw, int):  # longer than max_line_bytes: never held in memory whole
+                out.invalid.append((number, line_no, "line-too-long", raw))
                 resources += 1
                 invalid += 1
                 pending += 1
@@ -556,9 +556,10 @@ def _scan_range(
     return _RangeStats(offset - start, lines, resources, invalid)
 
 
-def _raw_lines(handle: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
-    """(line number, line or None when too long, length in bytes), reading at most max_line_bytes + 2 bytes
-    of any line at a time: an export without newlines cannot make pass 1 read it into memory whole."""
+def _raw_lines(handle: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | int, int]]:
+    """(line number, line, length in bytes), reading at most max_line_bytes + 2 bytes of any line at a time:
+    an export without newlines cannot make pass 1 read it into memory whole. A line too long comes as
+    `_may_be_consent` of all its pieces instead (a Consent with a scanned form attached is such a line)."""
     line_no = 0
     while True:
         raw = handle.readline(max_line_bytes + 2)
@@ -568,13 +569,15 @@ def _raw_lines(handle: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, byt
         if raw.endswith(b"\n") or len(raw) <= max_line_bytes:
             yield line_no, raw, len(raw)
             continue
-        length = len(raw)
+        length, consent = len(raw), _may_be_consent(raw)
         while not raw.endswith(b"\n"):
+            tail = raw[-16:]  # the word split between two pieces
             raw = handle.readline(1 << 20)
             if not raw:
                 break
             length += len(raw)
-        yield line_no, None, length
+            consent = consent or _may_be_consent(tail + raw)
+        yield line_no, consent, length
 
 
 def _scan_line(
@@ -590,7 +593,7 @@ def _scan_line(
     """One non-blank line into `out`'s batch: a row in `resources` with its keys and references, or (False)
     a row in `invalid` with the reason."""
     if len(body) > max_line_bytes:
-        out.invalid.append((number, line_no, "line-too-long", 0))
+        out.invalid.append((number, line_no, "line-too-long", _may_be_consent(body)))
         return False
     try:
         resource = orjson.loads(body)
