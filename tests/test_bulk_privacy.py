@@ -16,6 +16,7 @@ import pytest
 
 from gateway.bulk import BulkOptions, SourceError, run_bulk
 from gateway.bulk.chains import offline_chains
+from gateway.bulk.job import StopAfter
 from gateway.outcome import FhirError
 
 REGISTRY = "example-generic"
@@ -780,3 +781,26 @@ def test_a_shared_line_the_leak_gate_stops_in_every_group_is_reported_once(tmp_p
     assert "Location" not in {r["resourceType"] for r in delivered}
     assert summary.dropped == {"rejected-422": {"Location": 1}}
     assert summary.invalid_lines == [("Location.ndjson", 1, "rejected-security")]
+
+
+def test_a_resource_type_that_is_not_r4_is_an_invalid_line_and_stored_nowhere(tmp_path: Path) -> None:
+    """Any alphabetic text was stored as the line's type in the index on disk (kept after an interruption),
+    a surname as well."""
+    import sqlite3
+
+    odd = {"resourceType": "Zwartkruisvermeulen", "id": "x1"}
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "export.ndjson").write_bytes(b"\n".join([orjson.dumps(ALICE), orjson.dumps(odd)]) + b"\n")
+    options = BulkOptions(workers=0, stop_after_groups=0)
+    with pytest.raises(StopAfter):
+        run_bulk(
+            [export], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out", options=options
+        )
+    index = tmp_path / "w" / "index.db"
+    assert b"Zwartkruis" not in index.read_bytes()
+    with sqlite3.connect(index) as conn:
+        assert conn.execute("SELECT DISTINCT rtype FROM resources").fetchall() == [("Patient",)]
+    assert (tmp_path / "w").stat().st_mode & 0o077 == 0  # the work dir is the job user's only
+    summary = run_bulk([export], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
+    assert summary.invalid_lines == [("file 0", 2, "unknown-resource-type")]

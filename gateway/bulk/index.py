@@ -55,6 +55,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from gateway.children import end_with_parent
+from gateway.deid.r4 import r4
 from gateway.identity import person_identifier
 
 INHERIT_ROUNDS = 3
@@ -78,6 +79,7 @@ _REFERENCE = re.compile(rb'"reference"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 _TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
 RESOURCE_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR id
 _BOM = b"\xef\xbb\xbf"
+_R4_TYPES = r4().resources
 
 # What scanning writes (the index itself, or one range's file in a worker).
 SCAN_SCHEMA = """
@@ -603,6 +605,9 @@ def _scan_line(
     rtype = resource.get("resourceType") if isinstance(resource, dict) else None
     if not isinstance(rtype, str) or not rtype.isalpha():
         out.invalid.append((number, line_no, "no-resource-type", _may_be_consent(body)))
+        return False
+    if rtype not in _R4_TYPES:  # any other text is stored nowhere: it may be anything (a name)
+        out.invalid.append((number, line_no, "unknown-resource-type", _may_be_consent(body)))
         return False
     rid = resource.get("id")
     valid_id = isinstance(rid, str) and RESOURCE_ID.fullmatch(rid) is not None

@@ -40,6 +40,12 @@ class JobMismatch(Exception):
     """The work dir belongs to a job over other files or with other parameters."""
 
 
+def make_work_dir(work_dir: Path) -> None:
+    """A new work dir is private to the job's user, like the service's job folders."""
+    if not work_dir.exists():
+        work_dir.mkdir(mode=0o700, parents=True)
+
+
 class StopAfter(Exception):
     """Raised (tests, benchmarks) to simulate an interruption after k groups."""
 
@@ -71,7 +77,7 @@ async def deliver_export(
 ) -> BulkSummary:
     """Index `files`, then run every group not done yet through the chain into `sink`. With
     `options.workers` and a `spec`, groups run in worker processes (see gateway/bulk/pool.py)."""
-    work_dir.mkdir(parents=True, exist_ok=True)
+    make_work_dir(work_dir)
     return_large_buffers_to_the_os()  # a job moves hundreds of MB of Bundle bytes (see gateway/memory.py)
     started = time.perf_counter()
     total_bytes = sum(f.path.stat().st_size for f in files)

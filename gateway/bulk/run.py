@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gateway.bulk.chains import from_runtime, offline_chains, strict_chains
 from gateway.bulk.group import Chains
-from gateway.bulk.job import BulkOptions, Progress, deliver_export
+from gateway.bulk.job import BulkOptions, Progress, deliver_export, make_work_dir
 from gateway.bulk.pool import ChainSpec, runtime_spec
 from gateway.bulk.sinks import DirSink, Sink, StoreSink
 from gateway.bulk.sources import resolve_sources
@@ -46,6 +46,7 @@ async def run_bulk_async(
             spec = runtime_spec(runtime, registry, provider)
         sink = sink or StoreSink(runtime.store, provider=provider, registry=registry, sender=sender)
     elif chains is None:
+        make_work_dir(work_dir)
         chains = offline_chains(registry, work_dir)
         spec = ChainSpec(registry, offline_root=work_dir)
     if strict:
