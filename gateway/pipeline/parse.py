@@ -43,10 +43,9 @@ UTF8_BOM = b"\xef\xbb\xbf"
 _UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 _WHITESPACE = b" \t\r\n"
 # A property name may be named in an error only if it is structure, not data: an element name of FHIR (R4B,
-# R5, STU3, a few DSTU2; any case, so the typo `birthdate` is named), or lowerCamelCase of letters with at
-# least one hump (`contactPoint`). A single other word ("zyxwortel" may be a surname) or anything with digits
-# ("bsn999911120") is not echoed. An optional leading "_" is a primitive's extension.
-_CAMEL_CASE = re.compile(r"_?[a-z]{1,32}(?:[A-Z][a-z]{0,31}){1,8}")
+# R5, STU3, a few DSTU2; any case, so the typo `birthdate` is named). Any other word ("zyxwortel", or
+# "vanDijk": a surname with its prefix) or anything with digits ("bsn999911120") is shown as `?`. An optional
+# leading "_" is a primitive's extension.
 _ELEMENT_NAMES_FILE = Path(__file__).resolve().parent.parent / "data" / "fhir-element-names.txt"
 # orjson turns an integer literal outside the 64-bit range into a float of magnitude >= 9.2e18, which it
 # serialises with an exponent (`-9.223372036854776e+18`). The regex has a literal prefix, so it runs as a
@@ -83,7 +82,8 @@ def safe_name(name: object) -> str | None:
     """The property name if it may appear in an error text (it is structure, see above), else None."""
     if not isinstance(name, str) or len(name) > 65:
         return None
-    if name.lstrip("_").lower() in _fhir_element_names() or _CAMEL_CASE.fullmatch(name):
+    # only FHIR's own names: camelCase text may be data too (`vanDijk`, `deVries`: a surname with its prefix)
+    if name.lstrip("_").lower() in _fhir_element_names():
         return name
     return None
 
