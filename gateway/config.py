@@ -49,6 +49,11 @@ class ProviderConfig(_Strict):
     ttp_api_key_env: str | None = Field(
         None, description="environment variable with this provider's TTP API key (default: ttp.api_key_env)"
     )
+    import_dir: Path | None = Field(
+        None,
+        description="the only folder this provider's $import manifests may name files in (default: "
+        "FHIR_GATEWAY_BULK_IMPORT_DIR, which serves a gateway of one provider only)",
+    )
 
 
 class ClientConfig(_Strict):

@@ -16,7 +16,8 @@ import pytest
 import gateway.service.app as service_app
 from gateway.bulk.synth import SynthSpec, write_export
 from gateway.demo import embedded_chain
-from gateway.service.bulk_routes import install_bulk_routes
+from gateway.outcome import FhirError
+from gateway.service.bulk_routes import import_dirs, install_bulk_routes
 from tests.processes import alive, descendants, process_chain
 
 REGISTRY = "example-generic"
@@ -35,7 +36,8 @@ def chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
         if not any(getattr(r, "path", "") == "/bulk/{job_id}" for r in app.routes):  # until the lead wires it
             install_bulk_routes(app, runtime, work_root=tmp_path / "bulk", import_dir=imports)
         else:
-            app.state.bulk_jobs.work_root, app.state.bulk_jobs.import_dir = tmp_path / "bulk", imports
+            app.state.bulk_jobs.work_root = tmp_path / "bulk"
+            app.state.bulk_jobs.import_dirs = import_dirs(runtime.config.providers, imports)
         return app
 
     monkeypatch.setattr(service_app, "create_app", create_app_with_bulk)
@@ -171,7 +173,9 @@ def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noq
     c, imports = chain
     write_export(imports / "exp", SynthSpec(patients=3, resources_per_patient=3))
     manifest = {
-        "output": [{"type": t, "url": f"exp/{t}.ndjson"} for t in ("Patient", "Encounter", "Observation")]
+        "output": [{"type": t, "url": f"exp/{t}.ndjson"} for t in ("Patient", "Encounter", "Observation")],
+        # the kick-off request, as servers write it; its filter can carry a BSN
+        "request": "https://ehr.example.org/fhir/$export?_typeFilter=Patient%3Fidentifier%3D999911120",
     }
     auth = {"Authorization": f"Bearer {c.ehr_api_key}"}
     with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
@@ -188,6 +192,9 @@ def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noq
 
         status, location = imported(manifest)
         assert status["state"] == "completed" and status["summary"]["sent"]["Patient"] == 3
+        # what is kept for the resume window names the files, nothing else that was posted (a probe)
+        (kept,) = (tmp_path / "bulk").glob("*/manifest.json")
+        assert b"999911120" not in kept.read_bytes() and b"request" not in kept.read_bytes()
         # a manifest that cannot be read or names files it may not is refused at once (400), no job
         # (a fresh-eyes probe: these were 202 and a failed job)
         def refused(body: bytes) -> str:
@@ -203,6 +210,8 @@ def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noq
         assert "no output list" in refused(b"{}")
         assert "names no file" in refused(b'{"output":[]}')  # was a 202 and a failed job (a later probe)
         assert "names no file" in refused(b'{"output":[{"url":"http://[::1"}]}')  # was a 500 (a review)
+        too_long = orjson.dumps({"output": [{"url": "exp/" + "x" * 300 + ".ndjson"}]})
+        assert "missing file" in refused(too_long)  # a name over the file system's limit was a 500 (a probe)
         # a missing file is named by its place in the manifest, never by its name (it may carry anything)
         named = "exp/Patient-MRN00042-999911120.ndjson"
         text = refused(orjson.dumps({"output": [{"type": "Patient", "url": named}]}))
@@ -431,7 +440,7 @@ def test_finished_statuses_are_kept_up_to_a_bound(tmp_path: Path, monkeypatch: p
     from gateway.bulk import service
 
     monkeypatch.setattr(service, "KEEP_FINISHED", 3)
-    jobs = service.BulkJobs(None, work_root=tmp_path, import_dir=None)
+    jobs = service.BulkJobs(None, work_root=tmp_path, import_dirs={})
     made = []
     for n in range(6):
         job = jobs.new_job("ura:1", REGISTRY)
@@ -550,3 +559,28 @@ def test_the_bulk_cli_run_again_waits_for_what_an_earlier_run_left_in_the_outbox
         assert again.returncode == 0, again.stderr[-2000:]
         assert orjson.loads(again.stdout)["bundles"] == stored  # the stored summary: nothing new
         assert len(httpx.get(f"{chain.receiver_url}/_accepted").json()) == stored  # and it waited for them
+
+
+def test_a_manifest_names_files_only_in_its_own_providers_folder(tmp_path: Path) -> None:
+    """One import folder for every caller: a second hospital's EHR posted a manifest of the first one's
+    files and delivered them as its own, past the first hospital's objection register."""
+    from types import SimpleNamespace
+
+    from gateway.bulk import service
+
+    first, second = SimpleNamespace(id="ura:1", import_dir=None), SimpleNamespace(id="ura:2", import_dir=None)
+    shared = tmp_path / "imports"
+    assert import_dirs([first], shared) == {"ura:1": shared}  # one provider: the gateway's folder is its own
+    assert import_dirs([first, second], shared) == {}  # several: only a folder of its own
+    second.import_dir = tmp_path / "second"
+    assert import_dirs([first, second], shared) == {"ura:2": tmp_path / "second"}
+    (tmp_path / "second").mkdir()
+    shared.mkdir()
+    (shared / "Patient.ndjson").write_bytes(b"{}\n")
+    folders = import_dirs([first, second], shared)
+    jobs = service.BulkJobs(None, work_root=tmp_path / "bulk", import_dirs=folders)
+    manifest = orjson.dumps({"output": [{"type": "Patient", "url": "../imports/Patient.ndjson"}]})
+    for provider, status in (("ura:1", 403), ("ura:2", 400)):
+        with pytest.raises(FhirError) as refused:
+            jobs.manifest_job(provider, REGISTRY, manifest)
+        assert refused.value.status == status

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -87,11 +87,12 @@ class BulkJobs:
         runtime: Any,
         *,
         work_root: Path,
-        import_dir: Path | None,
+        import_dirs: Mapping[str, Path],
         options: BulkOptions | None = None,
         max_upload_bytes: int = 20 * 1024**3,
     ) -> None:
-        self.runtime, self.work_root, self.import_dir = runtime, work_root, import_dir
+        # provider → the only folder its manifests may name files in (none: uploads only)
+        self.runtime, self.work_root, self.import_dirs = runtime, work_root, dict(import_dirs)
         self.options = options or BulkOptions()
         self.max_upload_bytes = max_upload_bytes
         self.jobs: dict[str, JobStatus] = {}
@@ -165,15 +166,16 @@ class BulkJobs:
         A post of the same export while its job runs or after it completed gets that job (and None: nothing
         to start, nothing delivered twice); after an interruption (a failure, a gateway that stopped) the
         job resumes from its folder's state. A changed export is another job."""
-        if self.import_dir is None:
+        import_dir = self.import_dirs.get(provider)
+        if import_dir is None:
             raise FhirError.single(
                 403,
                 "forbidden",
-                "manifest imports are not enabled on this gateway "
-                "(no import folder configured); upload NDJSON instead",
+                "manifest imports are not enabled for this provider "
+                "(no import folder configured for it); upload NDJSON instead",
             )
         try:  # a manifest that cannot be read, or names files it may not, is the request's fault: 400 now
-            sources = parse_manifest(manifest, base=self.import_dir, allowed_root=self.import_dir)
+            sources = parse_manifest(manifest, base=import_dir, allowed_root=import_dir)
         except SourceError as exc:
             raise FhirError.single(400, "invalid", str(exc)) from None
         job_id = _manifest_job_id(provider, registry, manifest, sources)
@@ -191,9 +193,10 @@ class BulkJobs:
         owner = {"provider": provider, "registry": registry, "startedAt": job.started}
         (folder / JOB_FILE).write_bytes(orjson.dumps(owner))
         target = folder / "manifest.json"
-        # kept for the resume window: it names the export's files, which only the gateway's user may read
+        # kept for the resume window: only what names the export's files (which only the gateway's user may
+        # read), not the rest of what was posted (a kick-off `request` url may carry a BSN in its filter)
         with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
-            handle.write(manifest)
+            handle.write(orjson.dumps(_files_of(manifest)))
         return job, target
 
     def start(self, job: JobStatus, sources: list[Path], *, sender: str) -> None:
@@ -247,7 +250,7 @@ class BulkJobs:
                     sender=sender,
                     options=options,
                     progress=progress,
-                    allowed_root=self.import_dir,
+                    allowed_root=self.import_dirs.get(job.provider),
                     spec=spec,
                 )
             )
@@ -327,6 +330,20 @@ def _kept_summary(state_db: Path) -> BulkSummary | None:
         return None
     with contextlib.closing(sqlite3.connect(state_db)) as conn:
         return finished_summary(conn)
+
+
+def _files_of(manifest: bytes) -> dict[str, Any]:
+    """A read manifest (see `parse_manifest`) down to its files: each url, and its type if an R4 type name."""
+    from gateway.deid.r4 import r4
+
+    outputs = orjson.loads(manifest)["output"]
+    types = r4().resources
+    return {
+        "output": [
+            {"url": item["url"], **({"type": item["type"]} if item.get("type") in types else {})}
+            for item in outputs
+        ]
+    }
 
 
 def _manifest_job_id(provider: str, registry: str, manifest: bytes, sources: list[SourceFile]) -> str:

@@ -92,11 +92,15 @@ def _local(url: str, base: Path, allowed_root: Path | None, n: int) -> Path:
         target = (raw if raw.is_absolute() else (allowed_root or base) / raw).resolve()
     except SourceError:
         raise
-    except ValueError:  # "http://[::1", an embedded NUL: not a url of a file
+    except (ValueError, OSError):  # "http://[::1", an embedded NUL, a name too long: not a url of a file
         raise SourceError(f"manifest output[{n}] has a url that names no file") from None
     if allowed_root is not None and not target.is_relative_to(allowed_root.resolve()):
         raise SourceError(f"manifest output[{n}] names a file outside the import folder")
-    if not target.is_file():
+    try:
+        found = target.is_file()
+    except OSError:  # a name over the file system's limit, a folder it may not look into
+        found = False
+    if not found:
         raise SourceError(f"manifest output[{n}] names a missing file")
     return target
 

@@ -10,7 +10,9 @@ default): the only folder a manifest may name files in; without it only uploads 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -27,6 +29,15 @@ MANIFEST_TYPES = {"application/json", "application/fhir+json"}
 MAX_MANIFEST_BYTES = 1024 * 1024
 
 
+def import_dirs(providers: Sequence[Any], shared: Path | None) -> dict[str, Path]:
+    """Each provider's import folder: its own, else the gateway's, when it is the only provider. With
+    several, one folder for all would let one hospital's EHR deliver another's files, past that hospital's
+    objection register: such a provider posts uploads only."""
+    only = len(providers) == 1
+    found = {p.id: p.import_dir or (shared if only else None) for p in providers}
+    return {provider: folder for provider, folder in found.items() if folder is not None}
+
+
 def install_bulk_routes(
     app: FastAPI,
     runtime,
@@ -38,7 +49,7 @@ def install_bulk_routes(
     jobs = BulkJobs(
         runtime,
         work_root=work_root or settings.bulk_work_dir,
-        import_dir=import_dir or settings.bulk_import_dir,
+        import_dirs=import_dirs(runtime.config.providers, import_dir or settings.bulk_import_dir),
         options=BulkOptions(workers=settings.bulk_workers),
         max_upload_bytes=settings.bulk_max_upload_bytes,
     )
