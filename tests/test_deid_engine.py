@@ -296,7 +296,7 @@ def test_unknown_modifier_extension_drops_the_resource_whole() -> None:
 def test_allowed_modifier_extension_is_kept() -> None:
     url = "http://example.org/fhir/StructureDefinition/allowed-modifier"
     raw = read_yaml(PROFILES.parent / "mappings" / "deid-rules.yaml")
-    raw["modifier_extensions"] = {url: {"method": "keep"}}
+    raw["modifier_extensions"] = {url: {"method": "keep", "values": ["valueBoolean"]}}
     plan = compile_plan(plan_for("example-generic").profile, rules_from_data(raw))
     o = obs("Patient/pat-123", modifierExtension=[{"url": url, "valueBoolean": True}])
     b = bundle(("urn:uuid:p", patient()), ("urn:uuid:o", o))
@@ -675,3 +675,38 @@ def test_a_period_at_mixed_precision_keeps_its_start_before_its_end_when_dates_a
 
     assert first(shifted["start"]) <= last(shifted["end"])
     assert shifted != {"start": start, "end": end}  # the full dates moved
+
+
+def test_a_kept_extension_carries_only_the_values_and_parts_its_rule_names() -> None:
+    """A probe of the registry side: free text rode along inside kept extensions (a `comment` part of the
+    gender identity, a `remark` part of the nationality, a valueString beside data-absent-reason)."""
+    base = "http://hl7.org/fhir/StructureDefinition/"
+    gender = {"coding": [{"system": "http://snomed.info/sct", "code": "446141000124107"}]}
+    dutch = {"coding": [{"system": "urn:iso:std:iso:3166", "code": "NL"}]}
+    absent = {"url": base + "data-absent-reason", "valueCode": "unknown", "valueString": "zoon Pieter"}
+    person = patient(
+        extension=[
+            {
+                "url": base + "individual-genderIdentity",
+                "extension": [
+                    {"url": "value", "valueCodeableConcept": gender},
+                    {"url": "comment", "valueString": "buurman Kees Smit, Dorpsplein 3"},
+                ],
+            },
+            {
+                "url": base + "patient-nationality",
+                "extension": [
+                    {"url": "code", "valueCodeableConcept": dutch},
+                    {"url": "remark", "valueMarkdown": "advocaat mr. H. Dekker"},
+                ],
+            },
+        ],
+        _birthDate={"extension": [absent]},
+    )
+    (out,) = resources(run(bundle(("urn:uuid:p", person))).bundle, "Patient")
+    text = orjson.dumps(out).decode()
+    for free_text in ("Kees Smit", "Dekker", "Pieter"):
+        assert free_text not in text
+    identity, nationality = out["extension"]
+    assert [part["url"] for part in identity["extension"]] == ["value"]
+    assert [part["url"] for part in nationality["extension"]] == ["code"]

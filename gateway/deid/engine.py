@@ -27,7 +27,7 @@ from gateway.deid import processors as p
 from gateway.deid.homes import at_home, patient_homes
 from gateway.deid.profile import Profile, _path_tree, expand_tree
 from gateway.deid.r4 import R4Types, r4
-from gateway.deid.rules import Rule, Rules
+from gateway.deid.rules import ExtensionShape, Rule, Rules
 from gateway.memory import paused_gc
 
 PSEUDED = {
@@ -159,11 +159,19 @@ class _Compiler:
                     fields[name] = (p.REMOVE, None, None, None, f"{label}.{name}")
         return p.finish(node)
 
+    def extension_node(self, shape: ExtensionShape, label: str = "Extension") -> p.Node:
+        """A kept extension's node: its url, the value types its shape names, its parts; nothing else."""
+        elements = self.types.elements["Extension"]
+        tree = {n: None for n in elements if not n.startswith(("value", "_value")) or n in shape.values}
+        node = self.node("Extension", tree, label)
+        parts = {url: self.extension_node(ExtensionShape(kinds), label) for url, kinds in shape.parts.items()}
+        node[0]["extension"] = (p.CALL, None, p.extensions, parts, f"{label}.extension")
+        return node
+
     def field(self, definition: str, owner: str, name: str, type_name: str, sub: Any) -> tuple:
         path = f"{owner}.{name}"
         if name == "extension":
-            nested = self.node("Extension", None, "Extension") if definition == "Extension" else None
-            return (p.CALL, None, p.extensions, nested, path)
+            return (p.CALL, None, p.extensions, None, path)  # a kept extension's parts: `extension_node`
         if name == "modifierExtension":
             return (p.CALL, None, p.modifier_extensions, None, path)
         if name == "id":
@@ -244,16 +252,12 @@ def compile_plan(profile: Profile, rules: Rules) -> Plan:
     types = r4()
     comp = _Compiler(profile, rules, types)
     nodes = {rtype: comp.resource_node(rtype, paths) for rtype, paths in profile.resources.items()}
-    ext_node = comp.node("Extension", None, "Extension")
     return Plan(
         profile=profile,
         nodes=MappingProxyType(nodes),
         required=MappingProxyType({rtype: types.must_have(rtype) for rtype in nodes}),
         # allowed modifier extensions are walked like kept extensions once the resource is accepted
-        extension_nodes=MappingProxyType(
-            {u: ext_node for u, m in rules.extensions.items() if m == "keep"}
-            | {u: ext_node for u in rules.modifier_extensions}
-        ),
+        extension_nodes=MappingProxyType({u: comp.extension_node(s) for u, s in rules.shapes.items()}),
         modifier_ok=rules.modifier_extensions,
         keep_display=profile.switch("free_text.reference_display") == "keep",
         shift_dates=comp.shift,

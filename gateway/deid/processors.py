@@ -232,10 +232,11 @@ def primitive_element(value: Any, f: tuple, ctx: WalkContext) -> Any:
 
 
 def extensions(value: Any, f: tuple, ctx: WalkContext) -> Any:
-    """Extension allow-list: unknown urls dropped. ``arg`` = the Extension node for relative (nested) urls."""
+    """Extension allow-list: unknown urls dropped. ``arg`` = the parts of a kept complex extension (relative
+    url -> node, e.g. "value"); any other part is dropped like an unknown extension."""
     if type(value) is not list:
         return None
-    nested_node = f[3]
+    parts = f[3]
     out = []
     for ext in value:
         if type(ext) is not dict:
@@ -244,8 +245,8 @@ def extensions(value: Any, f: tuple, ctx: WalkContext) -> Any:
         if type(url) is not str:
             continue
         node = ctx.extensions.get(url)
-        if node is None and nested_node is not None and "/" not in url and ":" not in url:
-            node = nested_node  # sub-extension of a kept complex extension, e.g. url "value"
+        if node is None and parts:
+            node = parts.get(url)
         if node is None:
             ctx.count("extension.(not-allowed)")
             continue

@@ -7,7 +7,7 @@ rules + a profile into a plan once (``engine.compile_plan``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -32,6 +32,7 @@ SWITCHES = {
     "generalise.postcode",
 }
 RULE_KEYS = {"method", "kind", "to", "keep", "profile_switch", "why"}
+EXTENSION_KEYS = {"method", "values", "parts", "why"}
 TOP_KEYS = {"version", "datatypes", "paths", "extensions", "modifier_extensions"}
 DEFAULT_RULES = Path(__file__).resolve().parents[2] / "mappings" / "deid-rules.yaml"
 
@@ -46,11 +47,23 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class ExtensionShape:
+    """What a kept extension may carry: its value types (`valueCode`...) and its parts (sub-extensions by
+    relative url, each with its value types). Anything else in it is dropped: a `valueString` or an unknown
+    part can hold any free text (a neighbour's name)."""
+
+    values: frozenset[str] = frozenset()
+    parts: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
 class Rules:
     datatypes: Mapping[str, Rule]
     paths: Mapping[str, Rule]
     extensions: Mapping[str, str]  # url -> keep | remove
     modifier_extensions: frozenset[str]
+    # url of a kept extension -> what it carries
+    shapes: Mapping[str, ExtensionShape] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class RulesError(ValueError):
@@ -126,6 +139,35 @@ def _check_urls(section: str, value: Any, allowed_methods: set[str], out: list[s
             out.append(f"{section}: keys must be absolute extension urls")
         if not isinstance(rule, Mapping) or _text(rule.get("method")) not in allowed_methods:
             out.append(f"{section}.{url}: method must be one of {sorted(allowed_methods)}")
+            continue
+        for key in rule:
+            if key not in EXTENSION_KEYS:
+                out.append(f"{section}.{url}.{key}: unknown option")
+        if rule["method"] == "keep":
+            _check_shape(f"{section}.{url}", rule, out)
+
+
+def _check_shape(where: str, rule: Mapping[str, Any], out: list[str]) -> None:
+    """A kept extension names what it may carry: `values` and/or `parts` (relative url -> values)."""
+    parts = rule.get("parts", {})
+    if "values" not in rule and "parts" not in rule:
+        out.append(f"{where}: a kept extension lists its `values` (value types) and/or `parts`")
+    _check_values(f"{where}.values", rule.get("values", []), out)
+    if not isinstance(parts, Mapping):
+        out.append(f"{where}.parts: must be a mapping of relative url -> value types")
+        return
+    for url, values in parts.items():
+        if not isinstance(url, str) or "/" in url or ":" in url:
+            out.append(f"{where}.parts: keys must be relative urls (`value`, `period`)")
+        _check_values(f"{where}.parts.{url}", values, out)
+
+
+def _check_values(where: str, values: Any, out: list[str]) -> None:
+    names = r4().elements["Extension"]
+    if not isinstance(values, list) or any(
+        not isinstance(v, str) or not v.startswith("value") or v not in names for v in values
+    ):
+        out.append(f"{where}: must be a list of Extension value elements (valueCode, valueCoding...)")
 
 
 def check_rules(data: Any) -> list[str]:
@@ -182,6 +224,22 @@ def rules_from_data(data: Mapping[str, Any], source: str = "<data>") -> Rules:
         paths=MappingProxyType({k: _rule(v) for k, v in (data.get("paths") or {}).items()}),
         extensions=MappingProxyType({k: v["method"] for k, v in (data.get("extensions") or {}).items()}),
         modifier_extensions=frozenset((data.get("modifier_extensions") or {}).keys()),
+        shapes=MappingProxyType(
+            {
+                url: _shape(rule)
+                for section in ("extensions", "modifier_extensions")
+                for url, rule in (data.get(section) or {}).items()
+                if rule["method"] == "keep"
+            }
+        ),
+    )
+
+
+def _shape(rule: Mapping[str, Any]) -> ExtensionShape:
+    parts = rule.get("parts") or {}
+    return ExtensionShape(
+        frozenset(rule.get("values") or ()),
+        MappingProxyType({url: frozenset(values) for url, values in parts.items()}),
     )
 
 
