@@ -28,6 +28,7 @@ from gateway.idempotency import content_digest
 from gateway.keys import GatewayKeys, load_keys
 from gateway.metrics import GatewayMetrics
 from gateway.optout import ConsentPolicy, EhrConsentSearch, OptOutSource, RegisterOptOut, objection_digest
+from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable
 from gateway.outcome import FhirError
 from gateway.pipeline.validate import SchemaValidator
 from gateway.process import (
@@ -195,6 +196,11 @@ class Runtime:
             validator=self.validator,
             mapping=self.mapping,
         )
+        if OUTAGE_REASONS & (processed.report.get("optOutReasons") or {}).keys():
+            # fail closed and say so: dropping the patient would answer 200, and the EHR would never send
+            # again what the registry must get once the source answers
+            log.warning("an opt-out source could not answer; nothing stored", extra={"registry": registry})
+            raise OptOutUnavailable("an opt-out source could not answer")
         self._count_resources(processed)
         if processed.bundle is None:
             self.metrics.bundles.labels(outcome="nothing-to-deliver").inc()

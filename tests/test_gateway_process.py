@@ -304,3 +304,24 @@ def test_a_registry_the_ttp_has_no_domain_for_stops_the_start_naming_it(tmp_path
         )
         assert offline.returncode == 3, offline.stdout + offline.stderr
         assert "Traceback" not in offline.stderr and "TTP refused (404" in offline.stderr
+
+
+def test_an_opt_out_source_that_cannot_answer_is_a_503_and_nothing_is_stored(tmp_path):
+    """The EHR's Consent search was down: the post was answered 200 `nothing-to-deliver`, its patient
+    dropped as opt-out unknown, and the EHR, told it was done, never sent it again (a probe)."""
+    from tests.servers import free_port
+
+    options = {"optout": ["register", "bundle-consent", "ehr-consent"],
+               "ehr_consent_url": f"http://127.0.0.1:{free_port()}/fhir"}  # nothing listens there
+    with process_chain(tmp_path, registry_options=options) as chain:
+        gw = chain.start_gateway()
+        body = (EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_bytes()
+        headers = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {chain.ehr_api_key}"}
+        response = httpx.post(f"{gw.url}/registries/example-generic/Bundle", content=body, headers=headers,
+                              timeout=60)
+        assert response.status_code == 503, response.text[:300]
+        assert int(response.headers["Retry-After"]) > 0
+        assert "opt-out" in response.json()["issue"][0]["diagnostics"]
+        metrics = httpx.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {chain.admin_api_key}"})
+        assert 'outcome="optout-unavailable"' in metrics.text
+        assert httpx.get(f"{chain.receiver_url}/").json()["bundles"] == 0

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.optout.base import OptOutUnavailable
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
 from gateway.runtime import Runtime
@@ -47,6 +48,11 @@ UNAVAILABLE: dict[type, tuple[str, str, str]] = {
         "store-unavailable",
         "the delivery store cannot take the bundle; nothing was stored",
         "10",
+    ),
+    OptOutUnavailable: (
+        "optout-unavailable",
+        "an opt-out (objection) source cannot answer; nothing was stored or delivered",
+        "30",
     ),
 }
 
@@ -255,8 +261,8 @@ async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Requ
             idempotency_key=idempotency,
             body_digest=hashlib.sha256(body).hexdigest(),
         )
-    except (TTPUnavailable, StoreUnavailable) as exc:
-        key = StoreUnavailable if isinstance(exc, StoreUnavailable) else TTPUnavailable  # and subclasses
+    except (TTPUnavailable, StoreUnavailable, OptOutUnavailable) as exc:
+        key = next(kind for kind in UNAVAILABLE if isinstance(exc, kind))  # and subclasses
         outcome, text, retry_after = UNAVAILABLE[key]
         runtime.metrics.bundles.labels(outcome=outcome).inc()
         raise FhirError.single(503, "transient", text, headers={"Retry-After": retry_after}) from None
