@@ -178,6 +178,8 @@ class Settings(BaseSettings):
     port: int = 8200
     log_level: str = "INFO"
     max_body_bytes: int = 50 * 1024 * 1024
+    # a request body that sends nothing for this long is refused (408): stalled bodies hold intake slots
+    body_idle_timeout_seconds: float = Field(15.0, gt=0)
     # Bundles one gateway process works on at once; a post beyond that is answered 429 + Retry-After at once
     # instead of queueing (latency stays bounded under overload; the EHR retries). 0: no limit.
     max_inflight_bundles: int = 64

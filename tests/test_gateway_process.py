@@ -325,3 +325,34 @@ def test_an_opt_out_source_that_cannot_answer_is_a_503_and_nothing_is_stored(tmp
         metrics = httpx.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {chain.admin_api_key}"})
         assert 'outcome="optout-unavailable"' in metrics.text
         assert httpx.get(f"{chain.receiver_url}/").json()["bundles"] == 0
+
+
+def test_a_stalled_body_is_refused_and_does_not_lock_other_ehrs_out(tmp_path):
+    """64 posts that sent `{` of a promised megabyte and then nothing held every intake slot: every other
+    EHR got 429 for as long as they stayed open (a probe)."""
+    import socket
+
+    with process_chain(tmp_path) as chain:
+        limits = {"FHIR_GATEWAY_MAX_INFLIGHT_BUNDLES": "2", "FHIR_GATEWAY_BODY_IDLE_TIMEOUT_SECONDS": "1"}
+        gw = chain.start_gateway(extra_env=limits)
+        host, port = gw.url.removeprefix("http://").split(":")
+        stalled = []
+        for _ in range(2):
+            conn = socket.create_connection((host, int(port)))
+            conn.sendall(
+                b"POST /registries/example-generic/Bundle HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/fhir+json\r\nContent-Length: 1000000\r\n"
+                b"Authorization: Bearer " + chain.ehr_api_key.encode() + b"\r\n\r\n{"
+            )
+            stalled.append(conn)
+        try:
+            for conn in stalled:
+                conn.settimeout(10)
+                assert conn.recv(200).startswith(b"HTTP/1.1 408")  # given up after a second of nothing
+            body = (EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_bytes()
+            auth = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {chain.ehr_api_key}"}
+            url = f"{gw.url}/registries/example-generic/Bundle"
+            assert httpx.post(url, content=body, headers=auth, timeout=60).status_code == 200
+        finally:
+            for conn in stalled:
+                conn.close()

@@ -250,7 +250,9 @@ def _ingest_routes(app: FastAPI, runtime: Runtime) -> None:
 
 async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Request) -> Response:
     """Read, process and store one posted Bundle; answer sync (wait for the registry) or async."""
-    body = await read_limited(request, runtime.settings.max_body_bytes)
+    body = await read_limited(
+        request, runtime.settings.max_body_bytes, idle=runtime.settings.body_idle_timeout_seconds
+    )
     bundle = parse_json(body, max_bytes=runtime.settings.max_body_bytes)
     idempotency = request.headers.get("idempotency-key")
     try:

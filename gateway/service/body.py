@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
 from starlette.requests import Request
 
 from gateway.outcome import FhirError
@@ -10,6 +14,10 @@ FHIR_JSON = "application/fhir+json"
 ACCEPTED_TYPES = {FHIR_JSON, "application/json"}
 R4_VERSIONS = {"4.0", "4.0.0", "4.0.1"}
 NDJSON_TYPES = {"application/fhir+ndjson", "application/ndjson", "application/x-ndjson"}
+# A client that sends nothing of its body for this long, or not all of a Bundle in the second bound, is
+# refused (408): a stalled body holds one of the gateway's intake slots (`in_flight`) while it lasts.
+BODY_IDLE_SECONDS = 15.0
+BODY_TOTAL_SECONDS = 120.0
 
 
 def check_content_type(request: Request, accepted: set[str] = ACCEPTED_TYPES) -> None:
@@ -29,8 +37,10 @@ def check_content_type(request: Request, accepted: set[str] = ACCEPTED_TYPES) ->
             raise FhirError.single(415, "not-supported", "only FHIR R4 is accepted (fhirVersion=4.0)")
 
 
-async def read_limited(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refusing (413) before reading past the limit."""
+async def read_limited(
+    request: Request, max_bytes: int, *, idle: float = BODY_IDLE_SECONDS, total: float = BODY_TOTAL_SECONDS
+) -> bytes:
+    """The whole body, refusing (413) before reading past the limit, and (408) a body that stalls."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -39,12 +49,31 @@ async def read_limited(request: Request, max_bytes: int) -> bytes:
             raise _too_large(max_bytes)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request, idle=idle, total=total):
         size += len(chunk)
         if size > max_bytes:
             raise _too_large(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def body_chunks(
+    request: Request, *, idle: float = BODY_IDLE_SECONDS, total: float | None = None
+) -> AsyncIterator[bytes]:
+    """The body as it arrives; 408 when nothing arrives for `idle` seconds or it is not all there after
+    `total` seconds (None: no bound, a bulk upload of many GB)."""
+    chunks = request.stream().__aiter__()
+    deadline = None if total is None else time.monotonic() + total
+    while True:
+        wait = idle if deadline is None else min(idle, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(max(wait, 0)):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise FhirError.single(408, "timeout", "the request body did not arrive in time") from None
+        yield chunk
 
 
 def _too_large(max_bytes: int) -> FhirError:

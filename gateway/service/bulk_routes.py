@@ -23,7 +23,7 @@ from gateway.bulk.service import BulkJobs
 from gateway.outcome import FhirError
 from gateway.service.app import caller_of
 from gateway.service.auth import require_registry
-from gateway.service.body import NDJSON_TYPES, read_limited
+from gateway.service.body import NDJSON_TYPES, body_chunks, read_limited
 
 MANIFEST_TYPES = {"application/json", "application/fhir+json"}
 MAX_MANIFEST_BYTES = 1024 * 1024
@@ -67,16 +67,17 @@ def install_bulk_routes(
                 "send application/fhir+ndjson (the export) or "
                 "application/json (a Bulk Data manifest of files in the import folder)",
             )
+        idle = settings.body_idle_timeout_seconds
         if media in NDJSON_TYPES:
             job = jobs.new_job(caller.provider or "", registry)
             try:
-                upload = await jobs.receive_upload(job, request.stream())
+                upload = await jobs.receive_upload(job, body_chunks(request, idle=idle))
             except BaseException:  # too large, or the client went away: nothing of it stays
                 jobs.discard(job)
                 raise
             jobs.start(job, [upload], sender=caller.client_id)
         else:
-            manifest = await read_limited(request, MAX_MANIFEST_BYTES)
+            manifest = await read_limited(request, MAX_MANIFEST_BYTES, idle=idle)
             job, manifest_file = jobs.manifest_job(caller.provider or "", registry, manifest)
             if manifest_file is not None:  # else: this manifest's job is running; answer with its status
                 jobs.start(job, [manifest_file], sender=caller.client_id)
