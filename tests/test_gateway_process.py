@@ -356,3 +356,26 @@ def test_a_stalled_body_is_refused_and_does_not_lock_other_ehrs_out(tmp_path):
         finally:
             for conn in stalled:
                 conn.close()
+
+
+def test_a_client_that_leaves_mid_body_is_not_logged_as_an_error(tmp_path):
+    """Each client that went away mid-upload was logged `ERROR unexpected error` with status 500 (a probe):
+    an operator would look for a fault that is not there."""
+    import socket
+    import time
+
+    with process_chain(tmp_path) as chain:
+        gw = chain.start_gateway()
+        host, port = gw.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as conn:
+            conn.sendall(
+                b"POST /registries/example-generic/Bundle HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/fhir+json\r\nContent-Length: 100000\r\n"
+                b"Authorization: Bearer " + chain.ehr_api_key.encode() + b"\r\n\r\n{\"resourceType\""
+            )
+            time.sleep(0.5)
+        time.sleep(1)
+        lines = [json.loads(line) for line in gw.logs().splitlines() if line.startswith("{")]
+        posts = [line for line in lines if line.get("route") == "/registries/{registry}/Bundle"]
+        assert [line["status"] for line in posts] == [499]
+        assert not [line for line in lines if line["msg"].startswith("unexpected")]

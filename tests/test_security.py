@@ -9,6 +9,7 @@ ids on every answer and no patient data in metric labels.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import os
@@ -461,3 +462,28 @@ def test_ttp_key_file_wider_than_0600_is_refused(tmp_path: Path) -> None:
     args = ["ttp", "serve", "--key-dir", str(tmp_path / "ttp-keys"), "--port", str(free_port())]
     run = _start_and_fail(args, env, tmp_path)
     _one_clear_line(run, master)
+
+
+def test_requests_that_could_not_do_what_they_seem_to_are_refused(chain: Any) -> None:
+    """A probe: an objection under free text (a name and a BSN as the "patient number") or a number sent
+    as a JSON number was accepted or misreported, extra fields were silently ignored; a status filter of
+    garbage listed nothing; a gzip body was refused as "UTF-16"."""
+    mine = chain.ehr_api_keys[PROVIDER]
+    for body, status in [
+        ({"patientNumber": "Jan Jansen 999911120 Dorpsstraat 1", "registry": REGISTRY}, 400),
+        ({"patientNumber": 1234567, "registry": REGISTRY}, 400),
+        ({"patientNumber": "P0001234", "name": "Jan Jansen", "registry": REGISTRY}, 400),
+        ({"registry": REGISTRY}, 400),
+    ]:
+        response = httpx.post(f"{chain.gateway_url}/objections", json=body, headers=auth(mine), timeout=30)
+        assert response.status_code == status, (body, response.text)
+        assert "Jansen" not in response.text and "999911120" not in response.text
+    listed = call(chain, "GET", "/deliveries?status=Jansen", auth(mine))
+    assert listed.status_code == 400 and "Jansen" not in listed.text
+    gzipped = httpx.post(
+        f"{chain.gateway_url}/registries/{REGISTRY}/Bundle",
+        content=gzip.compress(b'{"resourceType": "Bundle"}'),
+        headers={**auth(mine), "Content-Type": "application/fhir+json", "Content-Encoding": "gzip"},
+        timeout=30,
+    )
+    assert gzipped.status_code == 415 and "Content-Encoding" in gzipped.text

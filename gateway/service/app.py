@@ -17,8 +17,10 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from gateway.optout.base import OptOutUnavailable
+from gateway.optout.register import PATIENT_NUMBER
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
 from gateway.runtime import Runtime
@@ -36,6 +38,7 @@ from gateway.ttp.backend import TTPUnavailable
 log = logging.getLogger("gateway.service")
 
 SYNC_WAIT_SECONDS = 20.0
+DELIVERY_STATES = frozenset({"queued", "delivering", "delivered", "dead"})  # the outbox's (store/schema.py)
 
 # What a dependency outage means for the EHR: nothing stored, try again later (metric outcome, text, seconds).
 UNAVAILABLE: dict[type, tuple[str, str, str]] = {
@@ -161,6 +164,8 @@ class RequestIds:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            state["status"] = 499  # the client went away mid-body: nobody to answer, nothing went wrong here
         except Exception as exc:  # noqa: BLE001
             if state["started"]:
                 raise  # the answer is already on its way: nothing better to send
@@ -306,6 +311,9 @@ async def _listing(
     runtime: Runtime, provider: str | None, status: str | None, registry: str | None, limit: int
 ) -> Response:
     """Deliveries newest first; `provider` None lists every provider's (admin only)."""
+    if status is not None and status not in DELIVERY_STATES:
+        text = f"status must be one of {', '.join(sorted(DELIVERY_STATES))}"  # never the value sent
+        raise FhirError.single(400, "value", text, "status")
     rows = await asyncio.to_thread(
         runtime.store.list_deliveries,
         provider=provider,
@@ -376,9 +384,16 @@ async def _objection_body(request: Request, runtime: Runtime) -> tuple[str, str]
         raise FhirError.single(400, "structure", "body is not valid JSON") from None
     if not isinstance(data, dict):
         raise FhirError.single(400, "structure", "body must be a JSON object")
+    unknown = sorted(set(data) - {"patientNumber", "registry"})
+    if unknown:  # a name or a BSN sent beside the number must not look accepted (it is not kept)
+        raise FhirError.single(400, "structure", "send patientNumber and registry only", "patientNumber")
     number, registry = data.get("patientNumber"), data.get("registry", "*")
-    if not isinstance(number, str) or not number.strip():
+    if number is None or (isinstance(number, str) and not number.strip()):
         raise FhirError.single(400, "required", "patientNumber is required", "patientNumber")
+    if not isinstance(number, str) or not PATIENT_NUMBER.fullmatch(number.strip()):
+        # as in the CSV import: an objection under anything else would never match the patient's number
+        text = "patientNumber must be 1-64 letters, digits and .-/ (the provider's patient number), a string"
+        raise FhirError.single(400, "value", text, "patientNumber")
     if not isinstance(registry, str):
         raise FhirError.single(400, "value", "registry must be a string", "registry")
     if registry != "*" and registry not in runtime.registries:

@@ -20,7 +20,16 @@ BODY_IDLE_SECONDS = 15.0
 BODY_TOTAL_SECONDS = 120.0
 
 
+def check_content_encoding(request: Request) -> None:
+    """Bodies are read as sent: a compressed one would be read as bytes of JSON (a gzip body was refused as
+    "UTF-16" and a gzip upload became a job of malformed lines)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise FhirError.single(415, "not-supported", "Content-Encoding is not supported: send it as is")
+
+
 def check_content_type(request: Request, accepted: set[str] = ACCEPTED_TYPES) -> None:
+    check_content_encoding(request)
     raw = request.headers.get("content-type", "")
     media, _, params = raw.partition(";")
     if media.strip().lower() not in accepted:

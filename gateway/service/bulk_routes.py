@@ -23,7 +23,7 @@ from gateway.bulk.service import BulkJobs
 from gateway.outcome import FhirError
 from gateway.service.app import caller_of
 from gateway.service.auth import require_registry
-from gateway.service.body import NDJSON_TYPES, body_chunks, read_limited
+from gateway.service.body import NDJSON_TYPES, body_chunks, check_content_encoding, read_limited
 
 MANIFEST_TYPES = {"application/json", "application/fhir+json"}
 MAX_MANIFEST_BYTES = 1024 * 1024
@@ -59,6 +59,7 @@ def install_bulk_routes(
     async def bulk_import(registry: str, request: Request) -> Response:
         caller = caller_of(runtime, request)
         require_registry(caller, registry, runtime.registries)
+        check_content_encoding(request)
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media not in NDJSON_TYPES | MANIFEST_TYPES:
             raise FhirError.single(
