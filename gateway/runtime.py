@@ -42,7 +42,7 @@ from gateway.process import (
 from gateway.pseudonym.mapping import InputMapping, load_input_mapping
 from gateway.pseudonym.source import SourceStage
 from gateway.service.auth import Authenticator, Caller
-from gateway.store import AuditInput, Store, open_store
+from gateway.store import AuditInput, Store, StoreUnavailable, open_store
 from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable, round_trip
 from gateway.ttp.client import CachingTTP
 from gateway.ttp.timed import TimedTTP
@@ -189,13 +189,17 @@ class Runtime:
             await self._same_request(provider, registry, key, request, earlier)
             self.metrics.bundles.labels(outcome="duplicate").inc()
             return Accepted(existing.id, {"duplicate": True}, created=False)
-        processed = await process_bundle(
-            bundle,
-            registry=self.registries[registry],
-            provider=self.providers[provider],
-            validator=self.validator,
-            mapping=self.mapping,
-        )
+        try:
+            processed = await process_bundle(
+                bundle,
+                registry=self.registries[registry],
+                provider=self.providers[provider],
+                validator=self.validator,
+                mapping=self.mapping,
+            )
+        except FhirError as err:
+            await self._refused(caller, registry, err)
+            raise
         if OUTAGE_REASONS & (processed.report.get("optOutReasons") or {}).keys():
             # fail closed and say so: dropping the patient would answer 200, and the EHR would never send
             # again what the registry must get once the source answers
@@ -248,6 +252,13 @@ class Runtime:
                 "send changed content with a new key and a new Bundle.identifier",
                 "Idempotency-Key",
             )
+
+    async def _refused(self, caller: Caller, registry: str, err: FhirError) -> None:
+        """The privacy officer sees what the chain refused (a leak-gate finding above all) in the audit trail
+        and the metrics; the EHR gets the error. A store that cannot take the line does not hide the error."""
+        self.metrics.bundles.labels(outcome="refused").inc()
+        with contextlib.suppress(StoreUnavailable):
+            await asyncio.to_thread(self.store.record_audit, _refusal(caller, registry, err))
 
     def _count_resources(self, processed: Processed) -> None:
         entries = processed.bundle["entry"] if processed.bundle is not None else ()
@@ -354,6 +365,20 @@ def objection_audit(caller: Caller, registry: str, change: str, outcome: str) ->
         registry=registry,
         event=f"objection-{change}",
         outcome=outcome,
+    )
+
+
+def _refusal(caller: Caller, registry: str, err: FhirError) -> AuditInput:
+    """A Bundle the chain refused, for the audit trail: the status and the kinds of issue (FHIR's fixed
+    issue-type codes, `security` for the leak gate), never a path or a text."""
+    kinds = Counter(issue.code for issue in err.issues)
+    return AuditInput(
+        actor=caller.client_id,
+        provider=caller.provider or "",
+        registry=registry,
+        event="refused",
+        outcome=f"{err.status}-{err.issues[0].code}" if err.issues else str(err.status),
+        counts={"issues": dict(kinds)},
     )
 
 

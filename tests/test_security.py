@@ -487,3 +487,22 @@ def test_requests_that_could_not_do_what_they_seem_to_are_refused(chain: Any) ->
         timeout=30,
     )
     assert gzipped.status_code == 415 and "Content-Encoding" in gzipped.text
+
+
+def test_a_bundle_the_leak_gate_stops_is_in_the_audit_trail_and_the_metrics(chain: Any) -> None:
+    """A probe of the privacy officer's side: a 422 "direct identifier left after de-identification" left no
+    trace but the EHR's answer; a near miss could not be seen, let alone counted."""
+    mine = chain.ehr_api_keys[PROVIDER]
+    bundle = json.loads(BUNDLE.read_bytes())
+    resources = [e["resource"] for e in bundle["entry"]]
+    observation = next(r for r in resources if r["resourceType"] == "Observation")
+    observation["valueQuantity"]["unit"] = "Johanna van Putten"  # vector-1's own name, where a unit goes
+    stopped = post_bundle(chain, mine, "leak-gate-audit", json.dumps(bundle).encode())
+    assert stopped.status_code == 422 and stopped.json()["issue"][0]["code"] == "security", stopped.text
+    audit = httpx.get(f"{chain.gateway_url}/admin/audit", params={"limit": 10000},
+                      headers=auth(chain.admin_api_key), timeout=30)
+    refused = [e for e in audit.json() if e["event"] == "refused"]
+    assert refused[-1]["outcome"] == "422-security" and refused[-1]["registry"] == REGISTRY
+    assert "Putten" not in audit.text
+    metrics = httpx.get(f"{chain.gateway_url}/metrics", headers=auth(chain.admin_api_key), timeout=30)
+    assert 'gateway_bundles_total{outcome="refused"}' in metrics.text
