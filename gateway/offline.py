@@ -87,16 +87,15 @@ async def _one(
         )
     except FhirError as err:
         sys.stdout.write(orjson.dumps(err.outcome(), option=orjson.OPT_INDENT_2).decode() + "\n")
-        return 2, ["-", "-", "-", f"rejected ({err.status}: {err.issues[0].code})", "-", "-"]
+        return 2, ["-", "-", "-", f"rejected ({err.status}: {err.issues[0].code})", "-", "-", "-"]
     except OSError as exc:
-        return 2, ["-", "-", "-", f"unreadable ({exc.strerror})", "-", "-"]
+        return 2, ["-", "-", "-", f"unreadable ({exc.strerror})", "-", "-", "-"]
     except TTPRejected as exc:  # a configuration problem (key, domain): our own text, one line, no traceback
-        return 3, ["-", "-", "-", f"TTP refused ({exc.status}: {exc.diagnostics})", "-", "-"]
+        return 3, ["-", "-", "-", f"TTP refused ({exc.status}: {exc.diagnostics})", "-", "-", "-"]
     except TTPUnavailable:
-        return 3, ["-", "-", "-", "TTP not reachable", "-", "-"]
+        return 3, ["-", "-", "-", "TTP not reachable", "-", "-", "-"]
     report = processed.report
-    if processed.bundle is not None:
-        _write(path, processed.bundle, out)
+    written = _write(processed.bundle, out) if processed.bundle is not None else "-"
     deid = report.get("deidentification") or {}
     kept = deid.get("resourcesKept", 0)
     dropped = ", ".join(f"{k}={v}" for k, v in _flat(dropped_by_reason(report)).items()) or "-"
@@ -108,6 +107,7 @@ async def _one(
         "delivered" if processed.bundle else "nothing to deliver",
         types,
         str(report.get("patientsDroppedOptOut", 0)),
+        written,
     ]
 
 
@@ -124,13 +124,17 @@ def as_bundle(resource: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write(path: Path, bundle: dict[str, Any], out: Path | None) -> None:
+def _write(bundle: dict[str, Any], out: Path | None) -> str:
+    """The de-identified Bundle to stdout, or to `<out>/<its opaque id>.deid.json`: never named after the
+    input file, whose name is the hospital's choice (Synthea and EHR exports name files after the patient)."""
     data = orjson.dumps(bundle, option=orjson.OPT_INDENT_2)
     if out is None:
         sys.stdout.write(data.decode() + "\n")
-        return
+        return "stdout"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{path.stem}.deid.json").write_bytes(data + b"\n")
+    name = f"{bundle['id']}.deid.json"
+    (out / name).write_bytes(data + b"\n")
+    return name
 
 
 def _values(counts: Any) -> Iterator[int]:
@@ -155,6 +159,7 @@ def _summary_table() -> Table:
         "result",
         "pseudonym types",
         "patients dropped (opt-out)",
+        "output",
     ):
         table.add_column(col)
     return table

@@ -248,3 +248,19 @@ def test_deidentify_with_a_configuration_honours_the_objection_register(tmp_path
         app, ["deidentify", str(example), "--registry", registry, "--out", str(tmp_path / "o2")]
     )
     assert bare.exit_code == 0 and "only Consents in the files" in " ".join(bare.output.split())
+
+
+def test_an_output_file_is_never_named_after_its_input(tmp_path):
+    """Synthea and EHR exports name their files after the patient: `Buster_Hoeger_….json` became
+    `Buster_Hoeger_….deid.json` beside the pseudonymised data (a privacy probe)."""
+    example = Path(__file__).parent.parent / "examples" / "02-nlps1-vector-patients-transaction.json"
+    named = tmp_path / "Johanna_van_Putten_111222333.json"
+    named.write_bytes(example.read_bytes())
+    out = tmp_path / "out"
+    args = ["deidentify", str(named), "--registry", "example-generic", "--out", str(out)]
+    result = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    (written,) = out.iterdir()
+    assert "Putten" not in written.name and "111222333" not in written.name
+    assert written.name == json.loads(written.read_text())["id"] + ".deid.json"
+    assert written.name in result.output  # the summary says which output is whose
