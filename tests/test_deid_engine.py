@@ -710,3 +710,24 @@ def test_a_kept_extension_carries_only_the_values_and_parts_its_rule_names() -> 
     identity, nationality = out["extension"]
     assert [part["url"] for part in identity["extension"]] == ["value"]
     assert [part["url"] for part in nationality["extension"]] == ["code"]
+
+
+def test_confidentiality_and_sensitivity_labels_are_kept_as_codes() -> None:
+    """A probe of the registry side: a resource marked restricted (or psychiatric) lost its label, so the
+    registry could not handle it as such. Only codes of HL7's label systems pass; displays and other
+    systems' labels (free text in a local one) do not."""
+    confidentiality = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+    sensitivity = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+    labels = [
+        {"system": confidentiality, "code": "R", "display": "restricted"},
+        {"system": sensitivity, "code": "PSY"},
+        {"system": "http://hospital.example.org/labels", "code": "VIP-Jansen"},
+    ]
+    o = obs("Patient/pat-123", meta={"security": labels})
+    person = patient(meta={"security": [labels[0]]})
+    out = run(bundle(("urn:uuid:p", person), ("urn:uuid:o", o))).bundle
+    (kept,) = resources(out, "Observation")
+    restricted, psychiatric = {"system": confidentiality, "code": "R"}, {"system": sensitivity, "code": "PSY"}
+    assert kept["meta"]["security"] == [restricted, psychiatric]
+    (pseudonymised,) = resources(out, "Patient")
+    assert [label["code"] for label in pseudonymised["meta"]["security"]] == ["PSEUDED", "R"]

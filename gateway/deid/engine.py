@@ -510,14 +510,32 @@ def _offsets(
     return out
 
 
+# Security labels that tell the registry how to handle a resource (restricted, psychiatry, HIV...): kept as
+# system and code, never a display; any other label (a local one may be text) is dropped.
+_LABEL_SYSTEMS = frozenset(
+    {
+        "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+        "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+    }
+)
+_LABEL_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+
+
 def _meta(src: Any, patient: bool) -> dict[str, Any] | None:
     meta: dict[str, Any] = {}
     if type(src) is dict and type(src.get("profile")) is list:
         profiles = [x for x in src["profile"] if type(x) is str]
         if profiles:
             meta["profile"] = profiles
-    if patient:
-        meta["security"] = [dict(PSEUDED)]
+    labels = [dict(PSEUDED)] if patient else []
+    if type(src) is dict and type(src.get("security")) is list:
+        for label in src["security"]:
+            if type(label) is dict and label.get("system") in _LABEL_SYSTEMS:
+                code = label.get("code")
+                if type(code) is str and _LABEL_CODE.fullmatch(code):
+                    labels.append({"system": label["system"], "code": code})
+    if labels:
+        meta["security"] = labels
     return meta or None
 
 
