@@ -339,11 +339,11 @@ class _CrashingSink(DirSink):
         super().__init__(folder)
         self.left = left
 
-    def put(self, key: str, payload: bytes, *, order_key: str | None, counts: dict) -> bool:
+    def put(self, key: str, payload: bytes, *, order_key: str | None, counts: dict, **more: object) -> bool:
         if self.left == 0:
             raise OSError("simulated crash")
         self.left -= 1
-        return super().put(key, payload, order_key=order_key, counts=counts)
+        return super().put(key, payload, order_key=order_key, counts=counts, **more)
 
 
 def test_a_group_cut_off_half_way_is_redone_without_duplicates(tmp_path: Path) -> None:
@@ -778,6 +778,11 @@ def test_the_processing_record_counts_what_a_yearly_delivery_withheld(tmp_path: 
     assert record["withheld"]["patientsDroppedOptOut"] == 2
     assert record["withheld"]["dropped"]["opted-out"]["Patient"] == 2
     assert record["delivered"]["resourcesDelivered"] > 0 and "group" not in record["delivered"]
+    # a probe of the privacy officer's side: bulk deliveries counted no patients and no pseudonym types,
+    # and what bulk withheld outnumbered what came in
+    assert record["delivered"]["patients"] == 4
+    assert record["pseudonymTypes"] == ["GG"]  # what the synthetic patients allow
+    assert record["withheld"]["resourcesIn"] >= record["withheld"]["resourcesDroppedOptOut"]
     assert record["events"]["withheld"] == 2  # one per group that kept something back
 
 

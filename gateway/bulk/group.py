@@ -83,6 +83,8 @@ class GroupResult:
     ttp_calls: int = 0
     ttp_misses: int = 0
     shared_sent: set[int] = field(default_factory=set)  # line ids of the shared resources some Bundle carries
+    pseudonym_types: set[str] = field(default_factory=set)  # the types the TTP gave the group's patients
+    lines: int = 0  # the group's own lines and the shared ones it read (as a posted Bundle's resourcesIn)
     # a shared line rejected in a slice: line id → (file, line, listed reason, drop reason, type); every slice
     # (and group) that carries it may reject it again, and the job reports it once
     shared_rejected: dict[int, tuple[int, int, str, str, str]] = field(default_factory=dict)
@@ -104,6 +106,7 @@ class GroupResult:
         self.drop(drop_reason, line.rtype)
 
     def add_report(self, report: dict[str, Any]) -> None:
+        self.pseudonym_types.update(report.get("pseudonymTypes") or {})
         self.patients_opted_out += int(report.get("patientsDroppedOptOut") or 0)
         self.patients_unknown_optout += int(report.get("patientsDroppedUnknownOptOut") or 0)
         self.patients_no_pseudonym += int(report.get("patientsDroppedNoPseudonym") or 0)
@@ -171,6 +174,7 @@ async def run_group(
         else:
             items.append(_Item(line, line.owner, resource))
     result.patients = sum(1 for i in items if i.resource.get("resourceType") == "Patient")
+    result.lines = sum(not line.bystander for line in lines)
     if unreadable_consents and chains.registry.bundle_consent:
         items = _withhold(items, unreadable_consents, result)
     batch_ttp = BatchTTP(chains.provider.ttp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import sqlite3
 import time
@@ -264,9 +265,14 @@ async def _store(result: GroupResult, sink: Sink, job: str, group: int) -> dict[
         delivered = sum(n for rtype, n in chunk.counts.items() if rtype != "Provenance")
         # as a posted delivery's counts (resourcesDelivered), plus where it comes from and its types
         counts = {"bulkJob": job, "group": str(group), "resourcesDelivered": delivered}
+        counts["patients"] = chunk.counts.get("Patient", 0)
         counts["resources"] = dict(chunk.counts)
         new = await asyncio.to_thread(
-            sink.put, chunk.tag, chunk.payload, order_key=chunk.order_key, counts=counts
+            functools.partial(sink.put, pseudonym_types=sorted(result.pseudonym_types)),
+            chunk.tag,
+            chunk.payload,
+            order_key=chunk.order_key,
+            counts=counts,
         )
         created += new
         duplicates += not new
@@ -290,7 +296,7 @@ def _withheld_counts(result: GroupResult) -> dict[str, Any]:
     dropped = {reason: dict(c) for reason, c in result.dropped.items() if c}
     if not any(counts.values()) and not dropped:
         return {}
-    return {"patients": result.patients, **counts, "dropped": dropped}
+    return {"patients": result.patients, "resourcesIn": result.lines, **counts, "dropped": dropped}
 
 
 def _group_counts(result: GroupResult, sent: Counter[str], created: int, duplicates: int) -> dict[str, Any]:

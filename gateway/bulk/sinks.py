@@ -7,6 +7,7 @@ resumed run never delivers a Bundle twice.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,7 +15,15 @@ from gateway.store import AuditInput, Store
 
 
 class Sink(Protocol):
-    def put(self, key: str, payload: bytes, *, order_key: str | None, counts: dict[str, Any]) -> bool:
+    def put(
+        self,
+        key: str,
+        payload: bytes,
+        *,
+        order_key: str | None,
+        counts: dict[str, Any],
+        pseudonym_types: Sequence[str] = (),
+    ) -> bool:
         """Store one Bundle; False when this key was stored before (nothing new)."""
         ...
 
@@ -31,7 +40,15 @@ class StoreSink:
         self.store, self.provider, self.registry, self.sender = store, provider, registry, sender
         self.delivery_ids: list[str] = []  # in the order stored: what `bulk --wait` waits for
 
-    def put(self, key: str, payload: bytes, *, order_key: str | None, counts: dict[str, Any]) -> bool:
+    def put(
+        self,
+        key: str,
+        payload: bytes,
+        *,
+        order_key: str | None,
+        counts: dict[str, Any],
+        pseudonym_types: Sequence[str] = (),
+    ) -> bool:
         delivery_id, created = self.store.enqueue(
             provider=self.provider,
             registry=self.registry,
@@ -40,6 +57,7 @@ class StoreSink:
             idempotency_key=key,
             patient_order_key=order_key,
             counts=counts,
+            pseudonym_types=pseudonym_types,
             # the same audit line a posted Bundle gets, written with the row (only when it is new)
             audit=AuditInput(
                 actor=self.sender,
@@ -48,6 +66,7 @@ class StoreSink:
                 event="accepted",
                 outcome="bulk",
                 counts=counts,
+                pseudonym_types=tuple(pseudonym_types),
             ),
         )
         self.delivery_ids.append(delivery_id)
@@ -67,7 +86,15 @@ class DirSink:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
 
-    def put(self, key: str, payload: bytes, *, order_key: str | None, counts: dict[str, Any]) -> bool:
+    def put(
+        self,
+        key: str,
+        payload: bytes,
+        *,
+        order_key: str | None,
+        counts: dict[str, Any],
+        pseudonym_types: Sequence[str] = (),
+    ) -> bool:
         name = key.replace("|", "_") + ".json"
         target = self.folder / name
         if target.exists():
