@@ -203,7 +203,6 @@ class Runtime:
         if OUTAGE_REASONS & (processed.report.get("optOutReasons") or {}).keys():
             # fail closed and say so: dropping the patient would answer 200, and the EHR would never send
             # again what the registry must get once the source answers
-            log.warning("an opt-out source could not answer; nothing stored", extra={"registry": registry})
             raise OptOutUnavailable("an opt-out source could not answer")
         self._count_resources(processed)
         if processed.bundle is None:

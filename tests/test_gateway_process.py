@@ -325,6 +325,9 @@ def test_an_opt_out_source_that_cannot_answer_is_a_503_and_nothing_is_stored(tmp
         metrics = httpx.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {chain.admin_api_key}"})
         assert 'outcome="optout-unavailable"' in metrics.text
         assert httpx.get(f"{chain.receiver_url}/").json()["bundles"] == 0
+        lines = [json.loads(line) for line in gw.logs().splitlines() if line.startswith("{")]
+        # the operator sees it in the log too (a TTP outage left only the request line)
+        assert any(line["level"] == "WARNING" and "optout-unavailable" in line["msg"] for line in lines)
 
 
 def test_a_stalled_body_is_refused_and_does_not_lock_other_ehrs_out(tmp_path):

@@ -272,6 +272,7 @@ async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Requ
         key = next(kind for kind in UNAVAILABLE if isinstance(exc, kind))  # and subclasses
         outcome, text, retry_after = UNAVAILABLE[key]
         runtime.metrics.bundles.labels(outcome=outcome).inc()
+        log.warning("a post could not be taken: %s; nothing stored", outcome, extra={"registry": registry})
         raise FhirError.single(503, "transient", text, headers={"Retry-After": retry_after}) from None
     if accepted.delivery_id is None:
         return fhir_response(delivery_parameters(None, "nothing-to-deliver", accepted.report), 200)
