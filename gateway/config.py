@@ -195,6 +195,7 @@ class Settings(BaseSettings):
     # worker processes (niced) that run a $import job's chain; 0: a thread of this process
     bulk_workers: int = Field(default_factory=lambda: min(2, os.cpu_count() or 1), ge=0)
     bulk_max_upload_bytes: int = Field(20 * 1024**3, ge=1)  # one $import NDJSON upload (it is kept on disk)
+    bulk_max_jobs: int = Field(2, ge=1)  # $import jobs running at once; one more is answered 429
 
 
 def load_config(path: Path) -> GatewayConfig:

@@ -584,3 +584,38 @@ def test_a_manifest_names_files_only_in_its_own_providers_folder(tmp_path: Path)
         with pytest.raises(FhirError) as refused:
             jobs.manifest_job(provider, REGISTRY, manifest)
         assert refused.value.status == status
+
+
+def test_an_upload_is_checked_as_a_posted_bundle_is(chain) -> None:  # noqa: ANN001
+    """A probe: a latin-1 or gzip upload became a "completed" job of malformed lines, an empty one a
+    "completed" job of nothing; none of them could ever deliver anything."""
+    import gzip
+
+    c, _ = chain
+    line = b'{"resourceType": "Patient", "id": "p1"}\n'
+    auth = {"Authorization": f"Bearer {c.ehr_api_key}"}
+    with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
+        before = len(client.get("/bulk").json())
+        ndjson = {"Content-Type": "application/fhir+ndjson"}
+        for content, headers, status in [
+            (line, {"Content-Type": "application/fhir+ndjson; charset=latin1"}, 415),
+            (gzip.compress(line), ndjson | {"Content-Encoding": "gzip"}, 415),
+            (b"", ndjson, 400),
+        ]:
+            response = client.post(f"/registries/{REGISTRY}/$import", content=content, headers=headers)
+            assert response.status_code == status, response.text
+            assert response.json()["resourceType"] == "OperationOutcome"
+        assert len(client.get("/bulk").json()) == before  # no job, and no folder left behind
+
+
+def test_bulk_jobs_beyond_the_limit_are_answered_429(tmp_path: Path) -> None:
+    """30 uploads at once started 30 jobs and 31 processes (a probe)."""
+    from gateway.bulk import service
+
+    jobs = service.BulkJobs(None, work_root=tmp_path, import_dirs={}, max_jobs=1)
+    first = jobs.new_job("ura:1", REGISTRY)
+    with pytest.raises(FhirError) as refused:
+        jobs.new_job("ura:1", REGISTRY)
+    assert refused.value.status == 429 and refused.value.headers["Retry-After"]
+    first.state = "completed"
+    assert jobs.new_job("ura:1", REGISTRY).running

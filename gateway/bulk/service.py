@@ -90,11 +90,12 @@ class BulkJobs:
         import_dirs: Mapping[str, Path],
         options: BulkOptions | None = None,
         max_upload_bytes: int = 20 * 1024**3,
+        max_jobs: int = 2,
     ) -> None:
         # provider → the only folder its manifests may name files in (none: uploads only)
         self.runtime, self.work_root, self.import_dirs = runtime, work_root, dict(import_dirs)
         self.options = options or BulkOptions()
-        self.max_upload_bytes = max_upload_bytes
+        self.max_upload_bytes, self.max_jobs = max_upload_bytes, max_jobs
         self.jobs: dict[str, JobStatus] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._locks: dict[str, int] = {}
@@ -119,10 +120,18 @@ class BulkJobs:
             del self.jobs[old.id]
 
     def new_job(self, provider: str, registry: str) -> JobStatus:
+        self._admit()
         job = JobStatus(uuid.uuid4().hex, provider, registry)
         self._open_folder(job.id, exist_ok=False)
         self._remember(job)
         return job
+
+    def _admit(self) -> None:
+        """A new job only while fewer than `max_jobs` run: each one takes worker processes and disk (30
+        uploads at once made 31 processes)."""
+        if sum(job.running for job in self.jobs.values()) >= self.max_jobs:
+            text = "this gateway runs as many bulk jobs as it may at once; post again after Retry-After"
+            raise FhirError.single(429, "throttled", text, headers={"Retry-After": "60"})
 
     def _open_folder(self, job_id: str, *, exist_ok: bool) -> Path:
         """The job's folder, made (0700: an upload is the hospital's data in clear) and locked by this
@@ -158,6 +167,8 @@ class BulkJobs:
                     raise FhirError.single(413, "too-costly", "upload larger than the bulk limit")
                 handle.write(chunk)
                 digest.update(chunk)
+        if size == 0:
+            raise FhirError.single(400, "required", "the upload is empty: nothing to deliver")
         job.upload_sha256 = digest.hexdigest()
         return target
 
@@ -182,6 +193,7 @@ class BulkJobs:
         current = self.jobs.get(job_id)
         if current is not None and current.state != "failed":
             return current, None
+        self._admit()
         try:
             folder = self._open_folder(job_id, exist_ok=True)
         except BlockingIOError:

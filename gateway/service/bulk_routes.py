@@ -23,7 +23,7 @@ from gateway.bulk.service import BulkJobs
 from gateway.outcome import FhirError
 from gateway.service.app import caller_of
 from gateway.service.auth import require_registry
-from gateway.service.body import NDJSON_TYPES, body_chunks, check_content_encoding, read_limited
+from gateway.service.body import NDJSON_TYPES, body_chunks, check_content_type, read_limited
 
 MANIFEST_TYPES = {"application/json", "application/fhir+json"}
 MAX_MANIFEST_BYTES = 1024 * 1024
@@ -52,6 +52,7 @@ def install_bulk_routes(
         import_dirs=import_dirs(runtime.config.providers, import_dir or settings.bulk_import_dir),
         options=BulkOptions(workers=settings.bulk_workers),
         max_upload_bytes=settings.bulk_max_upload_bytes,
+        max_jobs=settings.bulk_max_jobs,
     )
     app.state.bulk_jobs = jobs
 
@@ -59,15 +60,9 @@ def install_bulk_routes(
     async def bulk_import(registry: str, request: Request) -> Response:
         caller = caller_of(runtime, request)
         require_registry(caller, registry, runtime.registries)
-        check_content_encoding(request)
+        # as the Bundle endpoint: no compression, UTF-8, R4 (an upload is not read otherwise)
+        check_content_type(request, NDJSON_TYPES | MANIFEST_TYPES)
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media not in NDJSON_TYPES | MANIFEST_TYPES:
-            raise FhirError.single(
-                415,
-                "not-supported",
-                "send application/fhir+ndjson (the export) or "
-                "application/json (a Bulk Data manifest of files in the import folder)",
-            )
         idle = settings.body_idle_timeout_seconds
         if media in NDJSON_TYPES:
             job = jobs.new_job(caller.provider or "", registry)
