@@ -278,3 +278,25 @@ def test_ndjson_over_long_line_memory_is_bounded() -> None:
 def test_ndjson_last_line_without_newline_and_iterable_input() -> None:
     items = list(iter_ndjson([PATIENT[:10], PATIENT[10:] + b"\n" + PATIENT], max_line_bytes=1000))
     assert [n for n, _ in items] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [
+        (r"8867\u00004", True),  # a NUL in a code reached the registry (a probe)
+        (r"bell\u0007", True),
+        (r"form\ffeed", True),
+        (r"back\bspace", True),
+        (r"tab\tline\ncarriage\r", False),
+        (r"C:\\bin\\fhir", False),  # a written backslash before b or f is no control character
+    ],
+)
+def test_control_characters_in_strings_are_refused_by_path(text: str, refused: bool) -> None:
+    body = b'{"resourceType":"Observation","status":"final","note":[{"text":"' + text.encode() + b'"}]}'
+    if not refused:
+        assert parse_json(body, max_bytes=10_000)["note"][0]["text"]
+        return
+    with pytest.raises(FhirError) as err:
+        parse_json(body, max_bytes=10_000)
+    assert err.value.status == 400
+    assert err.value.outcome()["issue"][0]["expression"] == ["Observation.note[0].text"]

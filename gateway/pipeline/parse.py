@@ -118,7 +118,32 @@ def parse_json(body: bytes, *, max_bytes: int, max_depth: int = 100, check_dupli
         _check_duplicate_keys(body, start, value, dumped)
     if _BIG_FLOAT.search(dumped):  # C-speed pre-filter over the serialised tree
         _check_integer_range(body, start)
+    # orjson writes a tab, line feed or carriage return as \t \n \r and any other control character as
+    # \b, \f or \u00XX: three C-level searches (a written backslash before a b or f can match too)
+    if b"\\u00" in dumped or b"\\b" in dumped or b"\\f" in dumped:
+        _check_control_characters(value)
     return _check_resource_type(value)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _check_control_characters(value: dict) -> None:
+    """FHIR strings hold no control characters but tab, line feed and carriage return (R4 datatypes: a
+    NUL in a code reached the registry, which may refuse the whole Bundle). Names where, never what."""
+    stack: list[tuple[Any, str]] = [(value, str(value.get("resourceType") or "$"))]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            if _CONTROL.search(node):
+                text = "a string holds a control character (only tab, line feed and carriage return may)"
+                raise FhirError.single(400, "invalid", text, where)
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                name = safe_name(key) if not _CONTROL.search(key) else None
+                stack.append((item, f"{where}.{name or '?'}"))
+        elif isinstance(node, list):
+            stack.extend((item, f"{where}[{n}]") for n, item in enumerate(node))
 
 
 def _check_encoding_prefix(body: bytes) -> int:
