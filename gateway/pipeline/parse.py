@@ -119,13 +119,15 @@ def parse_json(body: bytes, *, max_bytes: int, max_depth: int = 100, check_dupli
     if _BIG_FLOAT.search(dumped):  # C-speed pre-filter over the serialised tree
         _check_integer_range(body, start)
     # orjson writes a tab, line feed or carriage return as \t \n \r and any other control character as
-    # \b, \f or \u00XX: three C-level searches (a written backslash before a b or f can match too)
-    if b"\\u00" in dumped or b"\\b" in dumped or b"\\f" in dumped:
+    # \b, \f or \u00XX (a written backslash before a b or f matches too: the walk decides). Most bundles
+    # hold no backslash at all: a memchr; three `in` searches cost a quarter of parse_json (measured).
+    if b"\\" in dumped and _ESCAPED_CONTROL.search(dumped):
         _check_control_characters(value)
     return _check_resource_type(value)
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_ESCAPED_CONTROL = re.compile(rb"\\(?:u00|[bf])")
 
 
 def _check_control_characters(value: dict) -> None:
