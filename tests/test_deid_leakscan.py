@@ -164,6 +164,12 @@ def test_cli_scan_exit_codes(tmp_path: Path) -> None:
     named.write_bytes(orjson.dumps(out_with(valueString="Johanna van Putten")))
     assert runner.invoke(app, ["scan", "--original", str(original), str(named)]).exit_code == 1
     assert runner.invoke(app, ["scan", "--original", str(original), str(clean)]).exit_code == 0
+    # NDJSON with one bad line: the others are still scanned (a probe: the whole file was "unreadable")
+    mixed = tmp_path / "mixed.ndjson"
+    lines = [orjson.dumps(out_with(valueString="BSN 111222333")), b"{broken", orjson.dumps(out_with())]
+    mixed.write_bytes(b"\n".join(lines) + b"\n")
+    result = runner.invoke(app, ["scan", str(mixed)])
+    assert result.exit_code == 2 and "line 2: unreadable" in result.output and "bsn" in result.output
 
 
 def test_paths_never_carry_odd_keys() -> None:

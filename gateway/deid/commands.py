@@ -25,14 +25,23 @@ DEFAULT_PROFILES = DEFAULT_RULES.parents[1] / "profiles"
 app = typer.Typer(help="De-identification: leak scan and profile checks.", no_args_is_help=True)
 
 
-def _load_json(path: Path) -> object:
+def _load_json(path: Path, unreadable: list[int] | None = None) -> object:
+    """A JSON document, or NDJSON wrapped in a collection Bundle so that paths still name the entry; the
+    numbers of NDJSON lines that cannot be read go to `unreadable` (the rest is still scanned), or raise."""
     data = path.read_bytes()
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        # NDJSON: wrap the lines in a collection Bundle so paths still name the entry
-        entries = [{"resource": orjson.loads(line)} for line in data.splitlines() if line.strip()]
-        return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+        if unreadable is None or b"\n" not in data.strip():
+            raise
+    entries = []
+    for number, line in enumerate(data.splitlines(), 1):
+        if line.strip():
+            try:
+                entries.append({"resource": orjson.loads(line)})
+            except orjson.JSONDecodeError:
+                unreadable.append(number)
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
 
 
 @app.command("scan")
@@ -64,18 +73,22 @@ def scan(
             raise typer.Exit(2) from None
     worst = 0
     for path in files:
+        unreadable: list[int] = []
         try:
-            doc = _load_json(path)
+            doc = _load_json(path, unreadable)
         except (OSError, ValueError):
             typer.echo(f"{path}: unreadable", err=True)
             worst = 2
             continue
+        for number in unreadable:  # not scanned: whatever it holds is unknown
+            typer.echo(f"{path}: line {number}: unreadable", err=True)
+            worst = 2
         findings = scan_document(doc, sensitive)
         for f in findings:
             typer.echo(f"{path}: {f.path}: {f.kind}")
         if findings and worst == 0:
             worst = 1
-        elif not findings:
+        elif not findings and not unreadable:
             typer.echo(f"{path}: clean")
     raise typer.Exit(worst)
 
