@@ -762,6 +762,7 @@ def test_read_objection_csv_not_utf8(tmp_path: Path) -> None:
     with pytest.raises(ObjectionCsvError) as err:
         list(read_objection_csv(path))
     assert "UTF-8" in str(err.value) and "M" not in str(err.value).replace("UTF-8", "")
+    assert err.value.line_no == 3  # the line of the bad byte (a probe: "line 1" wherever it was)
 
 
 def test_entries_only_dropped_resources_refer_to_are_dropped_too() -> None:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from gateway.optout.base import Decision, PatientRef, Reason
 
@@ -115,7 +115,7 @@ def read_objection_csv(
     `.-/`, starting with a letter or digit, surrounding spaces trimmed. A bad row raises ObjectionCsvError
     (line number + problem), or is passed to `on_error` and skipped when given.
     """
-    with Path(path).open(encoding="utf-8-sig", newline="") as handle:
+    with Path(path).open("rb") as handle:
         lines = _numbered_lines(handle)
         header_line = next(lines, None)
         if header_line is None:
@@ -135,22 +135,14 @@ def read_objection_csv(
                 on_error(err)
 
 
-def _numbered_lines(handle) -> Iterator[tuple[int, str]]:
-    line_no = 0
-    lines = iter(handle)
-    while True:
-        failed = False
+def _numbered_lines(handle: BinaryIO) -> Iterator[tuple[int, str]]:
+    """Lines decoded one by one, so that a byte that is not UTF-8 is reported on its own line (the
+    decoder's message quotes bytes of the file: only where is said)."""
+    for line_no, raw in enumerate(handle, 1):
         try:
-            text = next(lines)
-        except StopIteration:
-            return
+            text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
         except UnicodeDecodeError:
-            # The decoder's message quotes bytes of the file: report only where (approximately, since the
-            # file is decoded in blocks).
-            failed = True
-        if failed:
-            raise ObjectionCsvError(line_no + 1, "not valid UTF-8 (export the list as UTF-8)")
-        line_no += 1
+            raise ObjectionCsvError(line_no, "not valid UTF-8 (export the list as UTF-8)") from None
         stripped = text.rstrip("\r\n")
         if stripped.strip() and not stripped.lstrip().startswith("#"):
             yield line_no, stripped
