@@ -33,6 +33,9 @@ def _append(path: Path, lines: list[bytes]) -> list[int]:
     return list(range(first, first + len(lines)))
 
 
+_UUID = "3f2b6c1e-9a4d-4c2b-8e1f-0a1b2c3d4e5f"
+
+
 def _export(folder: Path) -> tuple[list[ix.SourceFile], dict[str, int]]:
     """A synthetic export with invalid, over-long and blank lines; the line numbers of the odd ones."""
     spec = SynthSpec(patients=60, invalid_lines={"Observation": [3, 17], "Encounter": [1]}, orphans=4)
@@ -44,6 +47,7 @@ def _export(folder: Path) -> tuple[list[ix.SourceFile], dict[str, int]]:
         "focus": [{"reference": "Patient/pat0000004"}],
     }
     absent = {"reference": "Patient/nobody"}
+    not_a_uuid = {"reference": f"urn:uuid:{patient_id(5)}"}
     lines = {
         "blank": b"\n",
         "spaces": b"   \n",
@@ -59,8 +63,11 @@ def _export(folder: Path) -> tuple[list[ix.SourceFile], dict[str, int]]:
         "two": orjson.dumps(obs | {"id": "two"} | two) + b"\n",
         "not-a-resource": b'["not", "a", "resource"]\n',
         "urn-nobody": orjson.dumps(obs | {"id": "u1", "subject": {"reference": "urn:uuid:nobody"}}) + b"\n",
-        "urn-match": orjson.dumps(obs | {"id": "u2", "subject": {"reference": f"urn:uuid:{patient_id(5)}"}})
+        # a urn:uuid names a Patient whose id is that UUID (in either case), never one with another id
+        "uuid-patient": orjson.dumps({"resourceType": "Patient", "id": _UUID}) + b"\n",
+        "urn-match": orjson.dumps(obs | {"id": "u2", "subject": {"reference": f"urn:uuid:{_UUID.upper()}"}})
         + b"\n",
+        "urn-not-uuid": orjson.dumps(obs | {"id": "u4", "subject": not_a_uuid}) + b"\n",
         "absent": orjson.dumps(obs | {"id": "u3", "subject": {"reference": "urn:uuid:x"}, "focus": [absent]})
         + b"\n",
         "via": orjson.dumps(obs | {"id": "via", "encounter": {"reference": "Encounter/enc-x"}}) + b"\n",
@@ -129,7 +136,7 @@ def test_the_index_from_worker_ranges_equals_the_sequential_one(
         bytes=total,
         lines=here_stats.resources + blank,
         resources=here_stats.resources,
-        patients=61,
+        patients=62,
         invalid=9,
     )
     assert len(here["groups"]) > 3 and all(here["lines"])
@@ -147,7 +154,7 @@ def test_the_index_from_worker_ranges_equals_the_sequential_one(
     ]
     assert here["not_delivered"] == [
         ("duplicate-patient", "Patient", 1),
-        ("patient-absent", "Observation", 6),
+        ("patient-absent", "Observation", 7),
     ]
     obs, enc = (
         next(n for n, f in enumerate(files) if f.path.stem == t) for t in ("Observation", "Encounter")
@@ -161,13 +168,13 @@ def test_the_index_from_worker_ranges_equals_the_sequential_one(
     assert rows[(obs, at["via"])][7] is not None
     # a subject by a urn:uuid that matches no Patient is an orphan, like a strict one (it was shared, went
     # with whatever group referred to it, and was rejected there); a matched one owns
-    assert [rows[(obs, at[k])][8] for k in ("urn-nobody", "urn-match", "absent")] == [
+    assert [rows[(obs, at[k])][8] for k in ("urn-nobody", "urn-match", "absent", "urn-not-uuid")] == [
         "patient-absent",
         "ok",
         "patient-absent",
+        "patient-absent",  # `urn:uuid:pat0000005`: the chain resolves it to nothing, and so does the index
     ]
-    patient5 = next(r for r in here["rows"] if r[5] == "Patient" and r[7] == r[0] and r[4] == 6)
-    assert rows[(obs, at["urn-match"])][7] == patient5[0]
+    assert rows[(obs, at["urn-match"])][7] == rows[(obs, at["uuid-patient"])][0]
     # every range's scratch file is gone; nothing from the export in clear in the index
     assert sorted(p.name for p in (tmp_path / "par").iterdir()) == ["index.db"]
     dump = "\n".join(sqlite3.connect(tmp_path / "par" / "index.db").iterdump())
@@ -182,7 +189,7 @@ def test_a_small_export_is_scanned_in_this_process(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(ix, "ProcessPoolExecutor", no_workers)
     stats, _ = _build(tmp_path, "small", files, workers=2)  # default range size: one range
-    assert stats.patients == 61
+    assert stats.patients == 62
 
 
 def test_ranges_start_at_line_starts_tile_the_file_and_know_their_first_line(tmp_path: Path) -> None:

@@ -804,3 +804,128 @@ def test_a_resource_type_that_is_not_r4_is_an_invalid_line_and_stored_nowhere(tm
     assert (tmp_path / "w").stat().st_mode & 0o077 == 0  # the work dir is the job user's only
     summary = run_bulk([export], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out")
     assert summary.invalid_lines == [("file 0", 2, "unknown-resource-type")]
+
+
+def _newborn_twin_records() -> list[dict]:
+    """A mother, eleven others, then a newborn as two records of one person (the same BSN), the first's
+    Encounter `partOf` the mother's, and one more patient after them."""
+    twin = [
+        _carol_record(pid, (MRN, mrn), (BSN, "999911120")) for pid, mrn in (("pb1", "M-B1"), ("pb2", "M-B2"))
+    ]
+    mother_visit = encounter("em", "pa")
+    born = encounter("eb", "pb1") | {"partOf": ref("Encounter/em")}
+    return [ALICE, *others(11), *twin, CAROL, mother_visit, born]
+
+
+def test_a_record_of_a_person_joined_to_a_family_travels_with_it(tmp_path: Path) -> None:
+    """A third probe: joining the newborn to its mother moved the newborn's record, not its other record
+    (the same person): that one travelled apart from the objection and was delivered, its pseudonyms made."""
+    resources = [*_newborn_twin_records(), objection("cb", ref("Patient/pb1"))]
+    summary, delivered = deliver(tmp_path, resources, group_size=200)
+    assert summary.dropped["opted-out"]["Patient"] == 2  # both records of the objecting newborn
+    patients = [r for r in delivered if r["resourceType"] == "Patient"]
+    assert len(patients) == 13 and summary.sent["Patient"] + 2 == 15  # every patient accounted for
+
+
+def test_joined_sets_are_bounded_over_every_round_and_no_patient_is_lost(tmp_path: Path) -> None:
+    """Two sets of eight joined in a second round became sixteen together, and seven patients were in no
+    group at all: neither sent nor counted as withheld."""
+
+    def family(prefix: str) -> list[dict]:
+        members = [
+            patient(f"{prefix}{i}", "Wardema", "Wim", f"Ringweg {i}", "1000 AA", "Ede") for i in range(8)
+        ]
+        rounds = observation(
+            f"o{prefix}",
+            1.0,
+            subject=ref(f"Patient/{prefix}0"),
+            focus=[ref(f"Patient/{prefix}{i}") for i in range(1, 8)],
+        )
+        return [*members, rounds]
+
+    joining = observation("join", 2.0, hasMember=[ref("Observation/oa"), ref("Observation/ob")])
+    summary, delivered = deliver(tmp_path, [*family("a"), *family("b"), joining], group_size=3)
+    assert summary.sent["Patient"] == 16 and summary.invalid_lines == []
+    assert values(delivered, "Observation") == [1.0, 1.0]  # each family's own; the join ties sixteen
+    assert summary.dropped == {"several-patients": {"Observation": 1}}
+
+
+@pytest.mark.parametrize("spacing", [b'"identifier" :{', b'"identifier":\t{', b'"identifier" : {'])
+def test_a_reference_by_identifier_is_found_however_the_line_is_spaced(
+    tmp_path: Path, spacing: bytes
+) -> None:
+    """Only `"identifier":{` and `"identifier": {` were looked for: an Observation of Alice about Carol by
+    her number, in a pretty-printed export, went out with Alice's data while Carol objected."""
+    about_carol = observation(
+        "oc", 2.0, subject=ref("Patient/pa"), focus=[{"identifier": {"system": MRN, "value": "MRN-PC"}}]
+    )
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "Patient.ndjson").write_bytes(orjson.dumps(ALICE) + b"\n" + orjson.dumps(CAROL) + b"\n")
+    (export / "Consent.ndjson").write_bytes(orjson.dumps(objection("cc", ref("Patient/pc"))) + b"\n")
+    line = orjson.dumps(about_carol).replace(b'"identifier":{', spacing)
+    (export / "Observation.ndjson").write_bytes(line + b"\n")
+    summary = run_bulk(
+        [export],
+        registry=REGISTRY,
+        work_dir=tmp_path / "w",
+        to_dir=tmp_path / "out",
+        options=BulkOptions(workers=0, group_size=1),
+    )
+    assert "Observation" not in summary.sent
+
+
+@pytest.mark.parametrize("form", ["upper-case", "not-a-uuid"])
+def test_a_urn_uuid_reference_means_the_same_to_the_index_and_the_chain(tmp_path: Path, form: str) -> None:
+    """The index matched `urn:uuid:` references case-blind and to any Patient id; the chain matched them
+    exactly and to UUID ids only: Alice's Observation about Carol went out while Carol objected."""
+    carol_id = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f" if form == "upper-case" else "pc"
+    carol = CAROL | {"id": carol_id}
+    target = f"urn:uuid:{carol_id.upper()}" if form == "upper-case" else "urn:uuid:pc"
+    about = observation("oc", 2.0, subject=ref("Patient/pa"), focus=[ref(target)])
+    summary, delivered = deliver(
+        tmp_path,
+        [ALICE, *others(11), carol, objection("cc", ref(f"Patient/{carol_id}")), about],
+        group_size=1,
+    )
+    if form == "upper-case":  # the same UUID: Carol's, and with her it goes
+        assert values(delivered, "Observation") == []
+    else:  # names no resource of the export: Alice's Observation, its dangling focus dropped
+        assert values(delivered, "Observation") == [2.0]
+        assert all("focus" not in r for r in delivered if r["resourceType"] == "Observation")
+
+
+def test_lines_naming_resources_under_two_server_bases_are_not_delivered(tmp_path: Path) -> None:
+    """Two bases in one group: references under either were left unresolved, and an Observation of Alice
+    made in Carol's Encounter went out while Carol objected."""
+    carol_visit = encounter("ec", "pc") | {
+        "serviceProvider": ref("https://y.example.org/fhir/Organization/o1")
+    }
+    made_there = observation(
+        "oa", 2.0, subject=ref("Patient/pa"), encounter=ref("https://x.example.org/fhir/Encounter/ec")
+    )
+    hospital = {"resourceType": "Organization", "id": "o1", "name": "Ziekenhuis"}
+    summary, delivered = deliver(
+        tmp_path, [ALICE, CAROL, objection("cc", ref("Patient/pc")), carol_visit, made_there, hospital]
+    )
+    assert values(delivered, "Observation") == []
+    assert ("Observation.ndjson", 1, "rejected-mixed-server-bases") in summary.invalid_lines
+
+
+def test_an_over_long_line_with_consent_written_in_escapes_stops_the_job(tmp_path: Path) -> None:
+    """Only `onsent` was looked for: `C\\u006fnsent` in a line over the limit was read as no Consent."""
+    export = tmp_path / "export"
+    export.mkdir()
+    consent = objection("cc", ref("Patient/pc")) | {"sourceAttachment": {"data": "QUJD" * 40_000}}
+    line = orjson.dumps(consent).replace(b"Consent", b"C\\u006fnsent").replace(b"consent", b"c\\u006fnsent")
+    (export / "export.ndjson").write_bytes(
+        b"\n".join([orjson.dumps(ALICE), orjson.dumps(CAROL), line]) + b"\n"
+    )
+    with pytest.raises(SourceError, match="line 3"):
+        run_bulk(
+            [export],
+            registry=REGISTRY,
+            work_dir=tmp_path / "w",
+            to_dir=tmp_path / "out",
+            options=BulkOptions(workers=0, max_line_bytes=64 * 1024),
+        )

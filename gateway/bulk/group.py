@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -153,12 +153,12 @@ async def run_group(
     # Patients whose home a shared place of this group is (index.home_places), of any group: their home
     # and their values count in every slice that carries the place; they are never delivered from here
     others: list[dict] = []
-    absolute: list[bytes] = []  # lines with an absolute reference (rare): they name the server's base
+    absolute: dict[int, bytes] = {}  # lines with an absolute reference (rare): they name the server's base
     unreadable_consents: set[int] = set()  # patients of a Consent line that cannot be read
     for line in lines:
         raw = read(line)
         if b"http" in raw and not line.bystander and _ABSOLUTE_REFERENCE.search(raw):
-            absolute.append(raw)
+            absolute[line.id] = raw
         try:
             resource = parse_json(raw, max_bytes=max_line_bytes)
         except FhirError as err:
@@ -177,9 +177,12 @@ async def run_group(
     result.lines = sum(not line.bystander for line in lines)
     if unreadable_consents and chains.registry.bundle_consent:
         items = _withhold(items, unreadable_consents, result)
+    bases = _server_bases(list(absolute.values()), items)
+    if len(bases) > 1:
+        items = _refuse_mixed_bases(items, absolute.keys(), result, chains.registry.bundle_consent)
     batch_ttp = BatchTTP(chains.provider.ttp)
     chains = replace(chains, provider=replace(chains.provider, ttp=batch_ttp))
-    context = _Context(recorded, others, _server_base(absolute, items))
+    context = _Context(recorded, others, bases.pop() if len(bases) == 1 else None)
     await prefetch_pseudonyms(items, chains, context.base)
     for sub in _sub_batches(items, patients_per_call):
         for bundle, carried in await _process(sub, chains, result, context):
@@ -371,21 +374,40 @@ def _entries_named(err: FhirError, count: int) -> set[int]:
     return found
 
 
-def _server_base(lines: list[bytes], items: list[_Item]) -> str | None:
-    """The base URL of the export's server when the group's absolute references name one for resources of
-    the group (`https://ehr.example.org/fhir/Patient/p1` for its Patient p1): the entries then get their
-    RESTful fullUrls under it, which those references (and the relative ones) resolve against. None when
-    there are none, or several bases (such references stay unresolved, and their lines are rejected)."""
+def _server_bases(lines: list[bytes], items: list[_Item]) -> set[str]:
+    """The base URLs the group's absolute references name resources of the group under
+    (`https://ehr.example.org/fhir/` for `https://ehr.example.org/fhir/Patient/p1` and its Patient p1).
+    One: the entries get their RESTful fullUrls under it, which those references (and the relative ones)
+    resolve against. Several: see `_refuse_mixed_bases`."""
     if not lines:
-        return None
+        return set()
     here = {(i.resource.get("resourceType"), i.resource.get("id")) for i in items}
-    bases = {
+    return {
         m.group(1).decode(errors="replace")
         for raw in lines
         for m in _ABSOLUTE_REFERENCE.finditer(raw)
         if (m.group(2).decode(), m.group(3).decode()) in here
     }
-    return bases.pop() if len(bases) == 1 else None
+
+
+def _refuse_mixed_bases(
+    items: list[_Item], absolute: Iterable[int], result: GroupResult, bundle_consent: bool
+) -> list[_Item]:
+    """The group's absolute references use two bases: the chain can resolve them against one only, and a
+    link it cannot follow (an Observation of A made in B's Encounter) could carry an objector's data
+    out. The lines with an absolute reference are not delivered; a Consent among them withholds its
+    patient (whether they object is unknown)."""
+    refused = set(absolute)
+    consents = {
+        i.owner for i in items if i.line.id in refused and i.owner is not None and i.line.rtype == "Consent"
+    }
+    kept = []
+    for item in items:
+        if item.line.id in refused:
+            result.reject(item, "rejected-422", "rejected-mixed-server-bases")
+        else:
+            kept.append(item)
+    return _withhold(kept, consents, result) if bundle_consent else kept
 
 
 def _collection(items: list[_Item], base: str | None = None) -> dict[str, Any]:

@@ -79,6 +79,7 @@ _REFERENCE = re.compile(rb'"reference"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 _TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
 RESOURCE_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR id
 _BOM = b"\xef\xbb\xbf"
+_IDENTIFIER_OBJECT = re.compile(rb'"identifier"\s*:\s*\{')  # a Reference's (a resource's own is a list)
 _R4_TYPES = r4().resources
 
 # What scanning writes (the index itself, or one range's file in a worker).
@@ -573,7 +574,7 @@ def _raw_lines(handle: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, byt
             continue
         length, consent = len(raw), _may_be_consent(raw)
         while not raw.endswith(b"\n"):
-            tail = raw[-16:]  # the word split between two pieces
+            tail = raw[-64:]  # the word split between two pieces (escaped, it is 42 bytes)
             raw = handle.readline(1 << 20)
             if not raw:
                 break
@@ -628,7 +629,7 @@ def _scan_line(
     whose = _subject_keys(resource, keyer)
     if whose:
         out.prefs.extend((row, key, 1) for key in whose)
-    if rtype != "Consent" and (b'"identifier":{' in body or b'"identifier": {' in body):  # by identifier
+    if rtype != "Consent" and _IDENTIFIER_OBJECT.search(body):  # a reference by identifier, however spaced
         out.prefs.extend((row, key, 0) for key in _logical_keys(resource, keyer))
     if refs:
         prefs: set[tuple[int, int]] = set()
@@ -649,10 +650,16 @@ def _scan_line(
 
 def _may_be_consent(line: bytes) -> int:
     """An unreadable line that mentions consent could be an objection: 1, so that the job stops (the
-    word in any case, or escaped past its first letter)."""
-    return int(b"onsent" in line or b"ONSENT" in line)
+    word in any case, any of its letters written as a JSON escape)."""
+    if b"onsent" in line or b"ONSENT" in line:
+        return 1
+    if b"\\u" not in line:
+        return 0
+    plain = _ASCII_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), line)
+    return int(b"consent" in plain.lower())
 
 
+_ASCII_ESCAPE = re.compile(rb"\\u00([2-7][0-9a-fA-F])")
 UUID_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -752,7 +759,8 @@ def _ident_text(system: object, value: str) -> str:
 def _patient_aliases(resource: dict, rid: object, keyer: Keyer) -> Iterator[int]:
     if isinstance(rid, str) and rid:
         yield keyer.fresh(f"Patient/{rid}")
-        yield keyer.fresh(f"urn:uuid:{rid.lower()}")
+        if UUID_ID.fullmatch(rid):  # as the chain resolves it: `urn:uuid:pB` names no Patient `pB`
+            yield keyer.fresh(f"urn:uuid:{rid.lower()}")
     idents = resource.get("identifier")
     for ident in idents if isinstance(idents, list) else ():
         if isinstance(ident, dict) and isinstance(ident.get("value"), str):
@@ -891,8 +899,13 @@ def _bring_families_together(c: sqlite3.Connection) -> bool:
                  FROM temp.reach a JOIN temp.reach b ON a.res = b.res AND a.patient != b.patient""")
     c.execute("DROP TABLE temp.reach")
     _label_connected(c)
-    c.execute(f"""DELETE FROM temp.label WHERE first IN (SELECT first FROM temp.label
-                  GROUP BY first HAVING COUNT(*) + 1 > {MAX_FAMILY})""")
+    # the size of a set counts every Patient record travelling as one of its members already (records of
+    # one person, members joined in an earlier round), not only this round's
+    c.execute(f"""DELETE FROM temp.label WHERE first IN (
+                      SELECT m.first FROM (SELECT first, patient FROM temp.label
+                                           UNION SELECT DISTINCT first, first FROM temp.label) m
+                      JOIN resources r ON r.owner = m.patient AND r.rtype = 'Patient' AND r.state = 'ok'
+                      GROUP BY m.first HAVING COUNT(*) > {MAX_FAMILY})""")
     return _join_to_first(c) > 0
 
 
@@ -956,9 +969,12 @@ def _join_to_first(c: sqlite3.Connection) -> int:
     and they travel as its resources. Returns how many were joined."""
     c.execute("""UPDATE pkeys SET patient = (SELECT first FROM temp.label WHERE patient = pkeys.patient)
                  WHERE patient IN (SELECT patient FROM temp.label)""")
-    joined = c.execute("""UPDATE resources SET is_patient = 0, state = 'ok',
-                          owner = (SELECT first FROM temp.label WHERE patient = resources.id)
+    joined = c.execute("""UPDATE resources SET is_patient = 0, state = 'ok'
                           WHERE id IN (SELECT patient FROM temp.label)""").rowcount
+    # every row travelling as a joined patient's goes along: its own, and the records joined to it before
+    # (left behind, such a record travelled apart from the person's objection, or in no group at all)
+    c.execute("""UPDATE resources SET owner = (SELECT first FROM temp.label WHERE patient = resources.owner)
+                 WHERE owner IN (SELECT patient FROM temp.label)""")
     c.execute("DROP TABLE temp.label")
     return joined
 

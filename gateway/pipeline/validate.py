@@ -527,6 +527,12 @@ class _Resolver:
         self._followable: dict[str, str | None] = {}  # `_unfollowable` of each subject reference seen
 
     @cached_property
+    def by_uuid(self) -> dict[str, int]:
+        """`urn:uuid:` fullUrls in lower case (computed only when a reference misses in its own case)."""
+        urls = reversed(self.by_full_url.items())  # the first of two that differ in case only wins
+        return {url.lower(): i for url, i in urls if url.startswith("urn:uuid:")}
+
+    @cached_property
     def by_type_id(self) -> dict[str, list[int]]:
         return _type_id_index(self.entries)  # built only when a relative reference needs it
 
@@ -616,6 +622,8 @@ class _Resolver:
         if ref.startswith("#"):
             return set()  # a contained resource: part of this entry already
         hit = self.by_full_url.get(ref)
+        if hit is None and ref.startswith("urn:uuid:"):
+            hit = self.by_uuid.get(ref.lower())  # a UUID is the same in either case (RFC 4122)
         if hit is not None:
             return {hit}
         if ref.startswith("urn:"):
