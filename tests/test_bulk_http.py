@@ -601,6 +601,7 @@ def test_an_upload_is_checked_as_a_posted_bundle_is(chain) -> None:  # noqa: ANN
             (line, {"Content-Type": "application/fhir+ndjson; charset=latin1"}, 415),
             (gzip.compress(line), ndjson | {"Content-Encoding": "gzip"}, 415),
             (b"", ndjson, 400),
+            (line.decode().encode("utf-16"), ndjson, 415),  # a BOM, then every other byte NUL
         ]:
             response = client.post(f"/registries/{REGISTRY}/$import", content=content, headers=headers)
             assert response.status_code == status, response.text

@@ -38,6 +38,7 @@ from gateway.bulk.pool import ChainSpec, runtime_spec
 from gateway.bulk.sources import SourceError, SourceFile, parse_manifest
 from gateway.optout.base import Decision, OptOutUnavailable, PatientRef
 from gateway.outcome import FhirError
+from gateway.pipeline.parse import check_encoding_prefix
 from gateway.pseudonym.types import PrePseudonym
 from gateway.store.model import iso_instant
 from gateway.ttp.backend import TTPResult, TTPUnavailable
@@ -162,6 +163,8 @@ class BulkJobs:
         digest = hashlib.sha256()
         with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
             async for chunk in chunks:
+                if size == 0 and chunk:
+                    check_encoding_prefix(chunk)  # UTF-16 or -32: every line would be unreadable
                 size += len(chunk)
                 if size > self.max_upload_bytes:
                     raise FhirError.single(413, "too-costly", "upload larger than the bulk limit")

@@ -107,7 +107,7 @@ def parse_json(body: bytes, *, max_bytes: int, max_depth: int = 100, check_dupli
         raise FhirError.single(400, "required", "request body is empty")
     if not 1 <= max_depth <= DUMPS_DEPTH_LIMIT:
         raise ValueError("max_depth must be between 1 and orjson's serialisation depth limit")
-    start = _check_encoding_prefix(body)
+    start = check_encoding_prefix(body)
     value = _loads(body, start, max_depth)  # orjson itself refuses more than 1024 levels, in C
     if not isinstance(value, dict):
         raise FhirError.single(400, "structure", "the JSON document must be an object (a FHIR resource)")
@@ -148,7 +148,7 @@ def _check_control_characters(value: dict) -> None:
             stack.extend((item, f"{where}[{n}]") for n, item in enumerate(node))
 
 
-def _check_encoding_prefix(body: bytes) -> int:
+def check_encoding_prefix(body: bytes) -> int:
     """Return the offset where the JSON text starts (after a UTF-8 BOM); reject UTF-16/32 up front."""
     if body.startswith(UTF8_BOM):
         return len(UTF8_BOM)
