@@ -659,3 +659,20 @@ def test_a_name_with_sharp_s_run_into_another_word_is_found() -> None:
     assert {f.kind for f in scan(out_with(valueString="PompGroßmann"), sensitive)} == {"name"}
     assert {f.kind for f in scan(out_with(valueString="PompGrossmann"), sensitive)} == {"name"}
 
+
+
+def test_a_whole_name_in_a_terminology_display_is_found() -> None:
+    """A re-probe: a display under LOINC or ISO 3166 was never searched for names, so "Maria Visser" typed
+    into one reached the registry. A term's word that is a name part alone still passes."""
+    bundle = _patient_bundle(name=[{"family": "van Delft", "given": ["Iris"]}])
+    sensitive = sensitive_values(bundle)
+
+    def with_display(display: str) -> dict:
+        out = out_with(valueString="x")
+        coding = {"system": SNOMED, "code": "1", "display": display}
+        out["entry"][0]["resource"]["code"] = {"coding": [coding]}
+        return out
+
+    for display in ("Iris van Delft", "bij van Delft thuis gemeten"):
+        assert {f.kind for f in scan(with_display(display), sensitive)} == {"name"}, display
+    assert scan(with_display("Iris structure"), sensitive) == []

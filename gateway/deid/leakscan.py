@@ -661,7 +661,8 @@ class _Scanner:
         if (key == "value" and self.in_patient and _is_pseudonym(parent)) or _OPAQUE_ID.fullmatch(s):
             # ciphertext of the TTP, a keyed hash of ours: a random token in it can equal a short name ("jan")
             return
-        # a terminology's own display ("Iris structure", "Post-operative ...") is the term, not about a person
+        # a terminology's own display ("Iris structure", "Post-operative ...") is the term, not about a
+        # person: only whole names of two words or more are sought there
         term = key == "display" and str(parent.get("system")).startswith(TERMINOLOGY_PREFIXES)
         kind = self._value_of_the_input(s, key, sens, names=not term)
         if kind is None and self.glued and not term:
@@ -708,7 +709,11 @@ class _Scanner:
         by_first = sens.by_first
         for i, tok in enumerate(tokens):
             for seq, kind in by_first.get(tok, ()):
-                if (kind == "birth-date" and not dates_count) or (not names and kind in ("name", NAME_PART)):
+                # in a terminology's display a name part may be a term's word ("Parkinson"), a whole name
+                # of two words or more ("Maria Visser") is no term's
+                if (kind == "birth-date" and not dates_count) or (
+                    not names and (kind == NAME_PART or (kind == "name" and len(seq) < 2))
+                ):
                     continue
                 if len(seq) == 1 or tuple(tokens[i : i + len(seq)]) == seq:
                     return "name" if kind == NAME_PART else kind.replace("-joined", "")
