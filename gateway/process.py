@@ -204,6 +204,10 @@ async def process_bundle(
         "pseudonymsSkipped": dict(pseudonyms.skipped),
         "deidentification": result.report.as_dict(),
     }
+    if not result.bundle["entry"]:
+        # de-identification left nothing (every Patient dropped for an unknown modifier extension): an
+        # empty transaction is no delivery (a probe saw one forwarded and audited as delivered)
+        return Processed(None, report, dropped_entries=dropped_entries)
     sources = [input_paths.position(s) for s in result.sources]
     return Processed(result.bundle, report, _patient_keys(result.bundle), payload, dropped_entries, sources)
 
