@@ -198,7 +198,7 @@ class Runtime:
                 mapping=self.mapping,
             )
         except FhirError as err:
-            await self._refused(caller, registry, err)
+            await self.record_refusal(caller, registry, err)
             raise
         if OUTAGE_REASONS & (processed.report.get("optOutReasons") or {}).keys():
             # fail closed and say so: dropping the patient would answer 200, and the EHR would never send
@@ -252,7 +252,7 @@ class Runtime:
                 "Idempotency-Key",
             )
 
-    async def _refused(self, caller: Caller, registry: str, err: FhirError) -> None:
+    async def record_refusal(self, caller: Caller, registry: str, err: FhirError) -> None:
         """The privacy officer sees what the chain refused (a leak-gate finding above all) in the audit trail
         and the metrics; the EHR gets the error. A store that cannot take the line does not hide the error."""
         self.metrics.bundles.labels(outcome="refused").inc()

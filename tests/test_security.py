@@ -506,3 +506,9 @@ def test_a_bundle_the_leak_gate_stops_is_in_the_audit_trail_and_the_metrics(chai
     assert "Putten" not in audit.text
     metrics = httpx.get(f"{chain.gateway_url}/metrics", headers=auth(chain.admin_api_key), timeout=30)
     assert 'gateway_bundles_total{outcome="refused"}' in metrics.text
+    # refused while being read, too: a duplicate key (a re-probe saw no trace of it)
+    twice = b'{"resourceType": "Bundle", "type": "transaction", "type": "collection", "entry": []}'
+    assert post_bundle(chain, mine, "leak-gate-audit-2", twice).status_code == 400
+    audit = httpx.get(f"{chain.gateway_url}/admin/audit", params={"limit": 10000},
+                      headers=auth(chain.admin_api_key), timeout=30)
+    assert [e for e in audit.json() if e["event"] == "refused"][-1]["outcome"] == "400-structure"

@@ -258,7 +258,11 @@ async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Requ
     body = await read_limited(
         request, runtime.settings.max_body_bytes, idle=runtime.settings.body_idle_timeout_seconds
     )
-    bundle = parse_json(body, max_bytes=runtime.settings.max_body_bytes)
+    try:
+        bundle = parse_json(body, max_bytes=runtime.settings.max_body_bytes)
+    except FhirError as err:  # a duplicate key, a NUL in a code: a near miss the privacy officer counts too
+        await runtime.record_refusal(caller, registry, err)
+        raise
     idempotency = request.headers.get("idempotency-key")
     try:
         accepted = await runtime.accept_bundle(
