@@ -117,7 +117,7 @@ async def process_bundle(
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
     dropped_entries = _optout_drops(index, decisions)
     dropped = dropped_entries["opted-out"] | dropped_entries["opt-out-unknown"]
-    unlinked = not_linked(index, admitted, dropped)
+    unlinked = not_linked(index, admitted, dropped, _resource_types(bundle))
     if unlinked:
         dropped_entries["not-linked-to-a-patient"] = unlinked
     report: dict[str, Any] = {
@@ -210,6 +210,11 @@ async def process_bundle(
         return Processed(None, report, dropped_entries=dropped_entries)
     sources = [input_paths.position(s) for s in result.sources]
     return Processed(result.bundle, report, _patient_keys(result.bundle), payload, dropped_entries, sources)
+
+
+def _resource_types(bundle: dict[str, Any]) -> list[str]:
+    """Each entry's resource type (validated: every entry has a resource with one)."""
+    return [entry["resource"]["resourceType"] for entry in bundle.get("entry") or []]
 
 
 def _patients(index: BundleIndex) -> dict[str, dict[str, Any]]:

@@ -16,6 +16,7 @@ from gateway.config import REPO_ROOT
 from gateway.ttp.keystore import KeyStore
 
 MRN = "http://ehr.example.org/mrn"
+BIG = "http://fhir.nl/fhir/NamingSystem/big"
 
 
 def person(pid: str, family: str, born: str, gender: str = "female", **more: Any) -> dict[str, Any]:
@@ -181,3 +182,48 @@ def test_the_resources_of_a_patient_left_out_by_de_identification_are_not_delive
     # nothing is left: no Bundle at all (a re-probe saw an empty transaction forwarded as "delivered")
     assert processed.bundle is None
     assert processed.report["deidentification"]["dropped"]["not-linked-to-a-patient"] == {"Observation": 1}
+
+
+def test_the_role_of_a_delivered_professional_is_delivered_with_its_organisation(tmp_path: Path) -> None:
+    """A re-probe: a PractitionerRole (the specialty, the hospital) of the Practitioner who performed a
+    Procedure was dropped as not linked: it refers to the Practitioner, nothing refers to it."""
+    chains = offline_chains("example-generic", tmp_path / "k")
+    surgery = {
+        "resourceType": "Procedure",
+        "id": "pr1",
+        "status": "completed",
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "80146002"}]},
+        "subject": {"reference": "Patient/1"},
+        "performer": [{"actor": {"reference": "Practitioner/dr1"}}],
+    }
+    surgeon = {
+        "resourceType": "Practitioner",
+        "id": "dr1",
+        "identifier": [{"system": BIG, "value": "19012345601"}],
+    }
+    role = {
+        "resourceType": "PractitionerRole",
+        "id": "role1",
+        "practitioner": {"reference": "Practitioner/dr1"},
+        "organization": {"reference": "Organization/h1"},
+        "specialty": [{"coding": [{"system": "urn:oid:2.16.840.1.113883.2.4.6.7", "code": "0303"}]}],
+    }
+    hospital = {"resourceType": "Organization", "id": "h1", "name": "Ziekenhuis Oost"}
+    stray = {"resourceType": "Organization", "id": "h2", "name": "Nobody refers to me"}
+    measured = {  # no subject: a shared type refers to it, but it is no shared resource itself
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "performer": [{"reference": "Practitioner/dr1"}],
+    }
+    bundle = collection(
+        person("1", "Aalders", "1950-01-01"), surgery, surgeon, role, hospital, stray, measured
+    )
+    processed = process(chains, bundle)
+    kinds = sorted(e["resource"]["resourceType"] for e in processed.bundle["entry"])
+    assert kinds == ["Organization", "Patient", "Practitioner", "PractitionerRole", "Procedure", "Provenance"]
+    assert processed.report["resourcesDroppedByReason"]["not-linked-to-a-patient"] == {
+        "Organization": 1,
+        "Observation": 1,
+    }

@@ -28,6 +28,7 @@ from gateway.deid.homes import at_home, patient_homes
 from gateway.deid.profile import Profile, _path_tree, expand_tree
 from gateway.deid.r4 import R4Types, r4
 from gateway.deid.rules import ExtensionShape, Rule, Rules
+from gateway.linkage import linked_to_patients
 from gateway.memory import paused_gc
 
 PSEUDED = {
@@ -665,29 +666,14 @@ def _walk_all(
 def _linked_to_patients(
     kept: list[tuple[_Candidate, dict[str, Any]]], links: dict[str, list[str]], report: DeidReport
 ) -> list[tuple[_Candidate, dict[str, Any]]]:
-    """What is delivered must lead to a delivered patient, or be referred to by what does (a shared
-    Practitioner): the profile may have cut the only link (an Observation tied to its patient through an
-    Encounter the registry does not get). Whose data the rest is cannot be known: not delivered."""
-    here = {"urn:uuid:" + c.new_id for c, _ in kept}
-    referred_by: dict[str, list[str]] = {}
-    for source in here:
-        for target in links.get(source, ()):
-            if target in here:
-                referred_by.setdefault(target, []).append(source)
-    reached = {"urn:uuid:" + c.new_id for c, _ in kept if c.rtype == "Patient"}
-    queue = list(reached)
-    while queue:  # what leads to a patient
-        for source in referred_by.get(queue.pop(), ()):
-            if source not in reached:
-                reached.add(source)
-                queue.append(source)
-    queue = list(reached)
-    while queue:  # and what that refers to
-        for target in links.get(queue.pop(), ()):
-            if target in here and target not in reached:
-                reached.add(target)
-                queue.append(target)
-    if len(reached) == len(here):
+    """`gateway.linkage` on what the walk left: the profile may have cut the only link of a resource to its
+    patient (an Observation tied to them through an Encounter the registry does not get), or a Patient may
+    be left out (an unknown modifier extension). Whose data the rest is cannot be known: not delivered."""
+    urns = {"urn:uuid:" + c.new_id: c for c, _ in kept}
+    patients = [urn for urn, c in urns.items() if c.rtype == "Patient"]
+    types = {urn: c.rtype for urn, c in urns.items()}
+    reached = linked_to_patients({urn: links.get(urn, ()) for urn in urns}, types, patients)
+    if len(reached) == len(urns):
         return kept
     for c, _ in kept:
         if "urn:uuid:" + c.new_id not in reached:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 
+from gateway.linkage import linked_to_patients
 from gateway.optout.base import Decision, PatientRef
 from gateway.pipeline.validate import BundleIndex, PatientEntry, resources_of_patient, resources_of_patients
 
@@ -67,21 +68,21 @@ def entries_to_drop(index: BundleIndex, decisions: Mapping[str, Decision]) -> se
     return drop | orphaned_by(index, drop, keep=resources_of_patients(index, [p.index for p in allowed]))
 
 
-def not_linked(index: BundleIndex, allowed: Collection[str], dropped: set[int]) -> set[int]:
-    """Entries of a Bundle with patients that lead to no allowed patient (by their references, however
-    many hops) and that nothing leading to one refers to: whose data they are cannot be known (an
-    Observation without a subject could be an objecting patient's), so they are not delivered. Shared
-    resources (a Practitioner, an Organization) stay when a delivered resource refers to them."""
+def not_linked(
+    index: BundleIndex, allowed: Collection[str], dropped: set[int], types: Sequence[str]
+) -> set[int]:
+    """Entries of a Bundle with patients that `gateway.linkage` does not tie to an allowed patient: whose
+    data they are cannot be known (an Observation without a subject could be an objecting patient's), so
+    they are not delivered. `types`: each entry's resource type."""
     if not index.patients:
         return set()
-    reach = resources_of_patients(index, [p.index for p in index.patients if patient_key(p) in allowed])
-    stack = list(reach)
-    while stack:
-        for target in index.references[stack.pop()]:
-            if target not in reach:
-                reach.add(target)
-                stack.append(target)
-    return set(range(len(index.references))) - reach - dropped
+    kept = [n for n in range(len(index.references)) if n not in dropped]
+    reach = linked_to_patients(
+        {n: index.references[n] for n in kept},
+        {n: types[n] for n in kept},
+        [p.index for p in index.patients if patient_key(p) in allowed],
+    )
+    return set(kept) - reach
 
 
 def orphaned_by(index: BundleIndex, dropped: set[int], keep: Collection[int] = frozenset()) -> set[int]:

@@ -1,0 +1,68 @@
+"""What a delivery may carry for being tied to a patient: one rule for the posted Bundle (before anything is
+pseudonymised) and for what de-identification leaves (after the profile cut its elements).
+
+A resource goes when it leads to a delivered patient through its references (an Observation through its
+Encounter), when something that does refers to it (a Practitioner named as performer), or when it is a
+shared resource (a professional's role, a place, an organisation: about no patient) that refers to one of
+those (the PractitionerRole of a delivered Practitioner). Anything else is someone's data whose someone
+cannot be known (an Observation without a subject), and is not delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Iterable, Mapping
+from typing import TypeVar
+
+# Resources about no patient: what the registry may get beside the patients' data, never a reason to
+# deliver a patient's resource
+SHARED_TYPES = frozenset(
+    {
+        "Device",
+        "Endpoint",
+        "HealthcareService",
+        "Location",
+        "Medication",
+        "Organization",
+        "OrganizationAffiliation",
+        "Practitioner",
+        "PractitionerRole",
+        "Substance",
+    }
+)
+
+N = TypeVar("N", bound=Hashable)
+
+
+def linked_to_patients(
+    refers_to: Mapping[N, Collection[N]], types: Mapping[N, str], patients: Iterable[N]
+) -> set[N]:
+    """The nodes of `refers_to` (each one's references, to nodes of it or not) that may be delivered."""
+    referred_by: dict[N, list[N]] = {}
+    for source, targets in refers_to.items():
+        for target in targets:
+            if target in refers_to:
+                referred_by.setdefault(target, []).append(source)
+    reached = {p for p in patients if p in refers_to}
+    _follow(reached, list(reached), referred_by, refers_to)  # what leads to a patient
+    _follow(reached, list(reached), refers_to, refers_to)  # and what that refers to
+    while True:
+        roles = [
+            n
+            for n, kind in types.items()
+            if kind in SHARED_TYPES and n not in reached and any(t in reached for t in refers_to.get(n, ()))
+        ]
+        if not roles:
+            return reached
+        reached.update(roles)
+        _follow(reached, roles, refers_to, refers_to)
+
+
+def _follow(
+    reached: set[N], start: list[N], edges: Mapping[N, Collection[N]], nodes: Collection[N]
+) -> None:
+    queue = list(start)
+    while queue:
+        for nxt in edges.get(queue.pop(), ()):
+            if nxt in nodes and nxt not in reached:
+                reached.add(nxt)
+                queue.append(nxt)
