@@ -21,6 +21,7 @@ from gateway import __version__
 from gateway.deid.engine import Plan, ProvenanceInfo, deidentify
 from gateway.deid.leakscan import scan, sensitive_values
 from gateway.keys import derive
+from gateway.linkage import SHARED_TYPES
 from gateway.optout import BundleConsentOptOut, CombinedOptOut, ConsentPolicy, Decision, OptOutSource
 from gateway.optout.apply import entries_to_drop, not_linked, patient_key, patient_refs
 from gateway.optout.persons import same_person_alike
@@ -176,7 +177,9 @@ async def process_bundle(
         id_key=provider_id_key(registry.id_key, provider.provider),
         pseudonyms=_by_every_reference(pseudonyms.identifiers, index),
         shift_keys=_by_every_reference(pseudonyms.shift_keys, index),
-        patient_of=_patient_of(index, admitted, kept_positions) if registry.plan.shift_dates else None,
+        patient_of=_patient_of(index, admitted, kept_positions, _resource_types(bundle))
+        if registry.plan.shift_dates
+        else None,
         provenance=ProvenanceInfo(
             gateway_version=__version__, recorded=recorded or _now(), ttp_name=provider.ttp_name
         ),
@@ -304,21 +307,28 @@ def _by_every_reference(per_patient: Mapping[str, _T], index: BundleIndex) -> di
 
 
 def _patient_of(
-    index: BundleIndex, admitted: Mapping[str, Any], positions: list[int] | None
+    index: BundleIndex, admitted: Mapping[str, Any], positions: list[int] | None, types: Sequence[str]
 ) -> dict[int, int]:
-    """Entry → the entry of the (first) admitted Patient it leads to, both as positions in the bundle passed
-    to de-identification (`positions`: input position of each of its entries; None: all of them)."""
+    """Entry → the entry of the (first) admitted Patient it is tied to, for its date shift: one that leads to
+    the patient, else one a resource of theirs refers to (a DiagnosticReport's result without a subject),
+    shared resources apart. Both as positions in the bundle passed to de-identification (`positions`:
+    input position of each of its entries; None: all of them)."""
     kept = {original: n for n, original in enumerate(positions)} if positions is not None else None
-    out: dict[int, int] = {}
-    for patient in index.patients:
-        if patient_key(patient) not in admitted:
-            continue
-        home = patient.index if kept is None else kept.get(patient.index)
-        for entry in sorted(resources_of_patient(index, patient)):
-            at = entry if kept is None else kept.get(entry)
-            if at is not None and home is not None:
-                out.setdefault(at, home)
-    return out
+    owner: dict[int, int] = {}
+    theirs = [(p.index, resources_of_patient(index, p)) for p in index.patients if patient_key(p) in admitted]
+    for home, entries in theirs:
+        for entry in sorted(entries):
+            owner.setdefault(entry, home)
+    for home, entries in theirs:  # then what their resources refer to, that no patient claimed
+        queue = sorted(entries)
+        while queue:
+            for target in sorted(index.references[queue.pop()]):
+                if target not in owner and types[target] not in SHARED_TYPES:
+                    owner[target] = home
+                    queue.append(target)
+    if kept is None:
+        return owner
+    return {kept[e]: kept[h] for e, h in owner.items() if e in kept and h in kept}
 
 
 @lru_cache(maxsize=256)

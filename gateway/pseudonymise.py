@@ -25,9 +25,29 @@ class PseudonymOutcome:
     identifiers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # patient key → Identifiers
     types_added: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)  # "<TYPE>:<reason>" → count
-    # patient key → the pre-pseudonym of its first pseudonym, hex: what a date shift is keyed on, since it
-    # stays the same when the TTP's key is rotated (the pseudonyms then change) and is never sent anywhere
+    # patient key → a pre-pseudonym of theirs, hex: what a date shift is keyed on (see `shift_basis`)
     shift_keys: dict[str, str] = field(default_factory=dict)
+
+
+# The pre-pseudonym a date shift is keyed on: the first of these types the patient has, made for the shift
+# alone when the profile does not ask for it (never sent anywhere). GG (birth date and sex) first: nearly
+# every patient has it, so the same person gets the same offset in every delivery whatever else is missing
+# this time (a birth name), at every hospital (one source key; the hospital's own number comes last), and
+# after the TTP's key is rotated (pre-pseudonyms are made before the TTP). People born the same day with
+# the same sex share an offset, which tells nothing about them.
+SHIFT_TYPE_ORDER = ("GG", "NGGV", "SNGGV", "NGG", "SNGG", "C", "RGG", "A", "MRN")
+
+
+def shift_basis(pres: Sequence[PrePseudonym]) -> PrePseudonym | None:
+    rank = {t: n for n, t in enumerate(SHIFT_TYPE_ORDER)}
+    usable = [p for p in pres if p.type.upper() in rank]
+    return min(usable, key=lambda p: rank[p.type.upper()], default=None)
+
+
+def _shift_only(
+    patient: dict[str, Any], registry: str, mapping: InputMapping, source: SourceStage
+) -> list[PrePseudonym]:
+    return source.pre_pseudonyms(extract_inputs(patient, ["GG"], mapping, None), registry)
 
 
 def pseudonym_identifier(system_template: str, registry: str, ptype: str, value: str) -> dict[str, Any]:
@@ -52,6 +72,7 @@ async def pseudonymise_patients(
 ) -> PseudonymOutcome:
     """`patients` maps a patient key (its fullUrl in the bundle) to the Patient resource."""
     outcome = PseudonymOutcome()
+    asks_gg = "GG" in {t.upper() for t in types}
     batch: list[PrePseudonym] = []
     owners: list[str] = []
     for key, patient in patients.items():
@@ -59,6 +80,10 @@ async def pseudonymise_patients(
         for ptype, reason in extraction.skipped.items():
             outcome.skipped[f"{ptype}:{reason}"] += 1
         pres = source.pre_pseudonyms(extraction, registry)
+        made_for_shift = [] if asks_gg else _shift_only(patient, registry, mapping, source)
+        basis = shift_basis([*pres, *made_for_shift])
+        if basis is not None:
+            outcome.shift_keys[key] = basis.value.hex()
         batch.extend(pres)
         owners.extend([key] * len(pres))
         outcome.identifiers.setdefault(key, [])
@@ -71,8 +96,6 @@ async def pseudonymise_patients(
             outcome.skipped[f"{result.type}:ttp-{result.error_code or 'error'}"] += 1
             continue
         ident = pseudonym_identifier(system_template, registry, result.type, result.identifier_value)
-        if not outcome.identifiers[key]:
-            outcome.shift_keys[key] = batch[result.index].value.hex()
         outcome.identifiers[key].append(ident)
         outcome.types_added[result.type] += 1
     return outcome

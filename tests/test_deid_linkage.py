@@ -227,3 +227,62 @@ def test_the_role_of_a_delivered_professional_is_delivered_with_its_organisation
         "Organization": 1,
         "Observation": 1,
     }
+
+
+def _onset(processed: Any) -> str:
+    (found,) = delivered(processed, "Condition")
+    return found["onsetDateTime"]
+
+
+def test_one_person_is_shifted_alike_at_every_hospital_and_whatever_is_missing(tmp_path: Path) -> None:
+    """A re-probe: the offset was keyed on the hospital's own key (two hospitals, two offsets for one
+    person the registry links by pseudonym), and on the first pseudonym made (a delivery without the
+    birth name moved the same Condition to another date)."""
+    registry = "example-cancer-registry"
+    first = offline_chains(registry, tmp_path / "k")
+    second = replace(first, provider=replace(first.provider, provider="ura:00000002"))
+    bundle = collection(person("1", "Aalders", "1950-01-01"), condition("c1", "1", "2024-03-10"))
+    nameless = collection(
+        {k: v for k, v in person("1", "Aalders", "1950-01-01").items() if k != "name"},
+        condition("c1", "1", "2024-03-10"),
+    )
+    at_first, at_second = process(first, bundle), process(second, bundle)
+    assert delivered(at_first, "Condition")[0]["id"] != delivered(at_second, "Condition")[0]["id"]
+    assert _onset(at_first) == _onset(at_second) == _onset(process(first, nameless)) != "2024-03-10"
+
+
+def test_what_a_patients_resource_refers_to_gets_that_patients_shift(tmp_path: Path) -> None:
+    """A re-probe: a DiagnosticReport's result without a subject got a per-Bundle offset when another
+    patient was in the Bundle, so its date moved apart from its report's; a shared Medication's dates
+    changed from Bundle to Bundle."""
+    raw = yaml.safe_load((REPO_ROOT / "profiles" / "example-cancer-registry.yaml").read_text())
+    raw["resources"]["DiagnosticReport"] = ["status", "code", "subject", "effective[x]", "result"]
+    raw["resources"]["Medication"] = ["code", "batch"]
+    raw["resources"]["MedicationStatement"] = ["status", "medication[x]", "subject", "effective[x]"]
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "shift.yaml").write_text(yaml.safe_dump(raw))
+    chains = offline_chains("example-cancer-registry", tmp_path / "k", profiles_dir=tmp_path / "p")
+    loinc = {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": "r1",
+        "status": "final",
+        "code": loinc,
+        "subject": {"reference": "Patient/1"},
+        "effectiveDateTime": "2024-09-01",
+        "result": [{"reference": "Observation/o1"}],
+    }
+    result = {"resourceType": "Observation", "id": "o1", "status": "final", "code": loinc,
+              "effectiveDateTime": "2024-09-01"}  # fmt: skip
+    drug = {"resourceType": "Medication", "id": "m1", "batch": {"expirationDate": "2026-01-31"}}
+    taken = {"resourceType": "MedicationStatement", "id": "ms", "status": "active",
+             "medicationReference": {"reference": "Medication/m1"}, "subject": {"reference": "Patient/1"},
+             "effectiveDateTime": "2024-09-01"}  # fmt: skip
+    common = [person("1", "Aalders", "1950-01-01"), report, result, drug, taken]
+    alone = process(chains, collection(*common))
+    with_another = process(chains, collection(person("2", "Bakker", "1960-06-06"), *common))
+    for processed in (alone, with_another):
+        (dated,), (measured,) = delivered(processed, "DiagnosticReport"), delivered(processed, "Observation")
+        assert measured["effectiveDateTime"] == dated["effectiveDateTime"] != "2024-09-01"
+    assert delivered(alone, "Observation") == delivered(with_another, "Observation")
+    assert delivered(alone, "Medication") == delivered(with_another, "Medication")

@@ -13,6 +13,7 @@ bundle become ``urn:uuid:<id>``, which resolves in transaction and collection bu
 from __future__ import annotations
 
 import hashlib
+import hmac
 import itertools
 import re
 import urllib.parse
@@ -28,7 +29,7 @@ from gateway.deid.homes import at_home, patient_homes
 from gateway.deid.profile import Profile, _path_tree, expand_tree
 from gateway.deid.r4 import R4Types, r4
 from gateway.deid.rules import ExtensionShape, Rule, Rules
-from gateway.linkage import linked_to_patients
+from gateway.linkage import SHARED_TYPES, linked_to_patients
 from gateway.memory import paused_gc
 
 PSEUDED = {
@@ -475,24 +476,31 @@ def _select(
 def _offsets(
     candidates: list[_Candidate], resolver: _Resolver, plan: Plan, ids: _Ids, patient_of: Mapping[int, int]
 ) -> list[int]:
-    """Per-resource date offset: that of the patient it belongs to. Keyed on the patient's shift key (its
-    first pre-pseudonym: the same across the TTP's key versions and for records of one person), else its
-    first pseudonym. A resource's patient: its `subject`/`patient`, else the one it leads to through other
-    resources (`patient_of`, input entry → the Patient's entry), else the only one in the bundle."""
+    """Per-resource date offset: that of the patient it belongs to. Keyed on the patient's shift key (a
+    pre-pseudonym, `pseudonymise.shift_basis`: the same at every hospital, across the TTP's key versions and
+    for records of one person), else its first pseudonym. A resource's patient: its `subject`/`patient`,
+    else the one it is tied to through references (`patient_of`, input entry → the Patient's entry), else
+    the only one in the bundle; a shared resource (a Medication) has its own, by its opaque id."""
     if not plan.shift_dates:
         return [0] * len(candidates)
+    days, registry = plan.shift_max_days, plan.registry
     patients: dict[str, int] = {}
     by_entry: dict[int, int] = {}
     for c in candidates:
         if c.rtype == "Patient":
-            basis = c.shift_key or str(c.pseudonyms[0].get("value", c.new_id))
-            patients["urn:uuid:" + c.new_id] = by_entry[c.index] = ids.offset(basis, plan.shift_max_days)
+            offset = (
+                shift_offset(bytes.fromhex(c.shift_key), registry, days)
+                if c.shift_key
+                else ids.offset(str(c.pseudonyms[0].get("value", c.new_id)), days)
+            )
+            patients["urn:uuid:" + c.new_id] = by_entry[c.index] = offset
     only = next(iter(patients.values())) if len(patients) == 1 else None
     fallback = ids.offset("bundle:" + ",".join(sorted(patients)), plan.shift_max_days)
     out = []
     for c in candidates:
         off = patients.get("urn:uuid:" + c.new_id)
-        if off is None:
+        shared = c.rtype in SHARED_TYPES
+        if off is None and not shared:
             off = only
         if off is None:
             for key in ("subject", "patient"):
@@ -507,8 +515,18 @@ def _offsets(
                     break
         if off is None and c.index in patient_of:
             off = by_entry.get(patient_of[c.index])
+        if off is None and shared:
+            off = ids.offset("resource:" + c.new_id, days)  # the same in every Bundle that carries it
         out.append(fallback if off is None else off)
     return out
+
+
+def shift_offset(pre_pseudonym: bytes, registry: str, max_days: int) -> int:
+    """A patient's date offset for one registry: HMAC-SHA-256 under their pre-pseudonym, so that every
+    hospital (one source key) shifts one person alike without sharing a secret of its own; never 0."""
+    digest = hmac.digest(pre_pseudonym, f"nlps1-date-shift|{registry}".encode(), "sha256")
+    n = int.from_bytes(digest[:4], "big") % (2 * max_days)
+    return n - max_days if n < max_days else n - max_days + 1
 
 
 # Security labels that tell the registry how to handle a resource (restricted, psychiatry, HIV...): kept as
