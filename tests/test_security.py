@@ -512,3 +512,11 @@ def test_a_bundle_the_leak_gate_stops_is_in_the_audit_trail_and_the_metrics(chai
     audit = httpx.get(f"{chain.gateway_url}/admin/audit", params={"limit": 10000},
                       headers=auth(chain.admin_api_key), timeout=30)
     assert [e for e in audit.json() if e["event"] == "refused"][-1]["outcome"] == "400-structure"
+
+
+def test_an_audit_page_beyond_any_id_is_a_4xx(chain: Any) -> None:
+    """Schemathesis: `after` beyond 64 bits reached the store, which cannot hold it: a 500."""
+    for after in ("-32086546850332529116839936", str(2**63), "-1"):
+        response = call(chain, "GET", f"/admin/audit?after={after}", auth(chain.admin_api_key))
+        assert response.status_code == 400 and response.json()["resourceType"] == "OperationOutcome", after
+    assert call(chain, "GET", "/admin/audit?after=0", auth(chain.admin_api_key)).status_code == 200

@@ -11,10 +11,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
@@ -429,7 +429,7 @@ def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
         provider: str | None = None,
         since: str | None = None,
         until: str | None = None,
-        after: int | None = None,
+        after: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,  # an id the store can hold
         limit: int = 100,
     ) -> Response:
         """Oldest first; page on with `after` = the id of the last event received."""
