@@ -524,3 +524,18 @@ def test_a_required_primitive_is_required_as_a_value_or_its_extensions(validator
     assert issues_of(validator, statusless) == [("required", "Observation.status")]
     absent = {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
     assert validator.validate_resource(statusless | {"_status": {"extension": [absent]}}) == []
+
+
+@pytest.mark.parametrize("where", ["entry", "request"])
+def test_a_modifier_extension_on_an_entry_is_refused(validator: SchemaValidator, where: str) -> None:
+    """A re-probe: a modifier on Bundle.entry or entry.request was ignored and its resource delivered."""
+    from gateway.pipeline.validate import validate_bundle
+
+    entry = {"fullUrl": "urn:uuid:p", "resource": patient(), "request": {"method": "PUT", "url": "Patient/p"}}
+    modifier = [{"url": "http://ehr.example.org/fhir/entry-is-a-test", "valueBoolean": True}]
+    (entry if where == "entry" else entry["request"])["modifierExtension"] = modifier
+    with pytest.raises(FhirError) as err:
+        validate_bundle({"resourceType": "Bundle", "type": "transaction", "entry": [entry]}, validator)
+    assert err.value.status == 422
+    suffix = ".request.modifierExtension" if where == "request" else ".modifierExtension"
+    assert err.value.outcome()["issue"][0]["expression"] == [f"Bundle.entry[0]{suffix}"]

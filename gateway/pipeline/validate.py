@@ -455,6 +455,13 @@ def _check_entries_have_resources(entries: list[dict], errors: list[Issue]) -> N
         if "resource" not in entry:
             text = "entry without a resource (requests such as DELETE are not forwarded)"
             errors.append(Issue("required", text, (f"Bundle.entry[{i}]",)))
+        # a modifier changes what the entry means, which the gateway cannot know: its resource was
+        # delivered as if the modifier were not there
+        request = entry.get("request")
+        for where, part in ((f"Bundle.entry[{i}]", entry), (f"Bundle.entry[{i}].request", request)):
+            if isinstance(part, dict) and "modifierExtension" in part:
+                text = "a modifier extension on an entry or its request: its meaning is unknown"
+                errors.append(Issue("not-supported", text, (f"{where}.modifierExtension",)))
 
 
 def _full_url_index(entries: list[dict], errors: list[Issue]) -> dict[str, int]:
