@@ -731,3 +731,12 @@ def test_confidentiality_and_sensitivity_labels_are_kept_as_codes() -> None:
     assert kept["meta"]["security"] == [restricted, psychiatric]
     (pseudonymised,) = resources(out, "Patient")
     assert [label["code"] for label in pseudonymised["meta"]["security"]] == ["PSEUDED", "R"]
+
+
+def test_a_bundles_own_confidentiality_label_is_kept_on_the_delivered_bundle() -> None:
+    """A re-probe: a `V` (very restricted) label on the posted Bundle's meta was lost."""
+    very = {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "V"}
+    labelled = {"security": [very | {"display": "very restricted"}]}
+    posted = bundle(("urn:uuid:p", patient())) | {"meta": labelled}
+    labels = run(posted).bundle["meta"]["security"]
+    assert [label["code"] for label in labels] == ["PSEUDED", "V"] and very in labels

@@ -864,7 +864,8 @@ def _deidentify(
         bundle={
             "resourceType": "Bundle",
             "id": bundle_id,
-            "meta": {"security": [dict(PSEUDED)]},
+            # PSEUDED, and the Bundle's own confidentiality labels (a whole delivery marked very restricted)
+            "meta": {"security": _meta(bundle.get("meta"), True)["security"]},
             "type": "transaction",
             "entry": out_entries,
         },
