@@ -65,6 +65,19 @@ def delivered(processed: Any, rtype: str) -> list[dict[str, Any]]:
     return [e["resource"] for e in processed.bundle["entry"] if e["resource"]["resourceType"] == rtype]
 
 
+def visit(**more: Any) -> dict[str, Any]:
+    """Patient 1's Encounter `e1`."""
+    ambulatory = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}
+    return {"resourceType": "Encounter", "id": "e1", "status": "finished", "class": ambulatory,
+            "subject": {"reference": "Patient/1"}, **more}  # fmt: skip
+
+
+def measurement(**more: Any) -> dict[str, Any]:
+    """Observation `o1`, tied to nobody unless `more` says so."""
+    loinc = {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}
+    return {"resourceType": "Observation", "id": "o1", "status": "final", "code": loinc, **more}
+
+
 def test_two_hospitals_patient_1_are_two_people_at_the_registry(tmp_path: Path) -> None:
     """Both hospitals' `Patient/1` and `Condition/1` got the same opaque ids: the second overwrote the
     first at the registry."""
@@ -108,28 +121,12 @@ def test_a_resource_tied_to_its_patient_through_another_gets_that_patients_shift
     chains = offline_chains(
         "example-cancer-registry", tmp_path / "k", profiles_dir=_profile_keeping_encounters(tmp_path / "p")
     )
-    visit = {
-        "resourceType": "Encounter",
-        "id": "e1",
-        "status": "finished",
-        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
-        "subject": {"reference": "Patient/1"},
-        "period": {"start": "2025-03-01"},
-    }
-    measured = {
-        "resourceType": "Observation",
-        "id": "o1",
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-        "encounter": {"reference": "Encounter/e1"},
-        "effectiveDateTime": "2025-03-01",
-    }
-    alone = process(chains, collection(person("1", "Aalders", "1950-01-01"), visit, measured))
+    seen = visit(period={"start": "2025-03-01"})
+    measured = measurement(encounter={"reference": "Encounter/e1"}, effectiveDateTime="2025-03-01")
+    alone = process(chains, collection(person("1", "Aalders", "1950-01-01"), seen, measured))
     together = process(
         chains,
-        collection(
-            person("1", "Aalders", "1950-01-01"), person("2", "Bakker", "1960-06-06"), visit, measured
-        ),
+        collection(person("1", "Aalders", "1950-01-01"), person("2", "Bakker", "1960-06-06"), seen, measured),
     )
     for processed in (alone, together):
         (encounter,), (observation,) = delivered(processed, "Encounter"), delivered(processed, "Observation")
@@ -141,21 +138,8 @@ def test_what_the_profile_cuts_off_from_its_patient_is_not_delivered(tmp_path: P
     """The cancer profile keeps neither Encounter nor Observation.encounter: an Observation tied to its
     patient only through an Encounter went out with no reference at all, whoever's it was."""
     chains = offline_chains("example-cancer-registry", tmp_path / "k")
-    visit = {
-        "resourceType": "Encounter",
-        "id": "e1",
-        "status": "finished",
-        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
-        "subject": {"reference": "Patient/1"},
-    }
-    measured = {
-        "resourceType": "Observation",
-        "id": "o1",
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-        "encounter": {"reference": "Encounter/e1"},
-    }
-    processed = process(chains, collection(person("1", "Aalders", "1950-01-01"), visit, measured))
+    measured = measurement(encounter={"reference": "Encounter/e1"})
+    processed = process(chains, collection(person("1", "Aalders", "1950-01-01"), visit(), measured))
     assert delivered(processed, "Observation") == []
     dropped = processed.report["deidentification"]["dropped"]
     assert dropped["not-linked-to-a-patient"] == {"Observation": 1}
@@ -210,13 +194,8 @@ def test_the_role_of_a_delivered_professional_is_delivered_with_its_organisation
     }
     hospital = {"resourceType": "Organization", "id": "h1", "name": "Ziekenhuis Oost"}
     stray = {"resourceType": "Organization", "id": "h2", "name": "Nobody refers to me"}
-    measured = {  # no subject: a shared type refers to it, but it is no shared resource itself
-        "resourceType": "Observation",
-        "id": "o1",
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-        "performer": [{"reference": "Practitioner/dr1"}],
-    }
+    # no subject: a shared type refers to it, but it is no shared resource itself
+    measured = measurement(performer=[{"reference": "Practitioner/dr1"}])
     bundle = collection(
         person("1", "Aalders", "1950-01-01"), surgery, surgeon, role, hospital, stray, measured
     )
