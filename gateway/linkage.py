@@ -4,8 +4,10 @@ pseudonymised) and for what de-identification leaves (after the profile cut its 
 A resource goes when it leads to a delivered patient through its references (an Observation through its
 Encounter), when something that does refers to it (a Practitioner named as performer), or when it is a
 shared resource (a professional's role, a place, an organisation: about no patient) that refers to one of
-those (the PractitionerRole of a delivered Practitioner). Anything else is someone's data whose someone
-cannot be known (an Observation without a subject), and is not delivered.
+those (the PractitionerRole of a delivered Practitioner). Such a role brings nothing else along: what it
+refers to may be an objector's (a Device `parent` of one patient's implant, pointing at another's), and a
+probe had an objector's implant and medication delivered through such bridges. Anything else is someone's
+data whose someone cannot be known (an Observation without a subject), and is not delivered.
 """
 
 from __future__ import annotations
@@ -45,16 +47,12 @@ def linked_to_patients(
     reached = {p for p in patients if p in refers_to}
     _follow(reached, list(reached), referred_by, refers_to)  # what leads to a patient
     _follow(reached, list(reached), refers_to, refers_to)  # and what that refers to
-    while True:
-        roles = [
-            n
-            for n, kind in types.items()
-            if kind in SHARED_TYPES and n not in reached and any(t in reached for t in refers_to.get(n, ()))
-        ]
-        if not roles:
-            return reached
-        reached.update(roles)
-        _follow(reached, roles, refers_to, refers_to)
+    roles = {
+        n
+        for n, kind in types.items()
+        if kind in SHARED_TYPES and n not in reached and any(t in reached for t in refers_to.get(n, ()))
+    }
+    return reached | roles
 
 
 def _follow(

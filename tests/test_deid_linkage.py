@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from gateway.bulk.chains import offline_chains
@@ -201,11 +202,57 @@ def test_the_role_of_a_delivered_professional_is_delivered_with_its_organisation
     )
     processed = process(chains, bundle)
     kinds = sorted(e["resource"]["resourceType"] for e in processed.bundle["entry"])
-    assert kinds == ["Organization", "Patient", "Practitioner", "PractitionerRole", "Procedure", "Provenance"]
+    assert kinds == ["Patient", "Practitioner", "PractitionerRole", "Procedure", "Provenance"]
+    # the role brings nothing along (see the test below): its Organization goes only when the patient's
+    # data names it; the role's reference to it is left out
+    (kept_role,) = delivered(processed, "PractitionerRole")
+    assert "organization" not in kept_role and kept_role["specialty"]
     assert processed.report["resourcesDroppedByReason"]["not-linked-to-a-patient"] == {
-        "Organization": 1,
+        "Organization": 2,
         "Observation": 1,
     }
+
+
+def test_a_shared_resource_pulled_in_brings_nothing_of_an_objector_along(tmp_path: Path) -> None:
+    """A third probe: a Device owned by a delivered Organization, its `parent` the implant of an objecting
+    patient (named only in that patient's Procedure), took the implant's lot number to the registry."""
+    chains = offline_chains("example-generic", tmp_path / "k")
+    objecting = person("2", "Zwartkruisvermeulen", "1960-06-06")
+    deny = {
+        "resourceType": "Consent",
+        "id": "c2",
+        "status": "active",
+        "scope": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": "Patient/2"},
+        "provision": {"type": "deny"},
+    }
+    implant = {"resourceType": "Device", "id": "dx", "lotNumber": "LOT-OBJ-77"}
+    placed = {
+        "resourceType": "Procedure",
+        "id": "px",
+        "status": "completed",
+        "subject": {"reference": "Patient/2"},
+        "usedReference": [{"reference": "Device/dx"}],
+    }
+    bridge = {
+        "resourceType": "Device",
+        "id": "d2",
+        "owner": {"reference": "Organization/org1"},
+        "parent": {"reference": "Device/dx"},
+    }
+    hospital = {"resourceType": "Organization", "id": "org1", "name": "Ziekenhuis Oost"}
+    seen = visit(serviceProvider={"reference": "Organization/org1"})
+    bundle = collection(
+        person("1", "Aalders", "1950-01-01"), objecting, deny, implant, placed, bridge, hospital, seen
+    )
+    processed = process(chains, bundle)
+    text = orjson.dumps(processed.bundle).decode()
+    assert "LOT-OBJ-77" not in text and processed.report["patientsDroppedOptOut"] == 1
+    (kept_bridge,) = [d for d in delivered(processed, "Device")]
+    assert "parent" not in kept_bridge
 
 
 def _onset(processed: Any) -> str:

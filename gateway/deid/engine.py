@@ -693,10 +693,22 @@ def _linked_to_patients(
     reached = linked_to_patients({urn: links.get(urn, ()) for urn in urns}, types, patients)
     if len(reached) == len(urns):
         return kept
-    for c, _ in kept:
-        if "urn:uuid:" + c.new_id not in reached:
-            report.drop("not-linked-to-a-patient", c.rtype)
-    return [(c, out) for c, out in kept if "urn:uuid:" + c.new_id in reached]
+    dead = set(urns) - reached
+    for urn in dead:
+        report.drop("not-linked-to-a-patient", urns[urn].rtype)
+    out = []
+    types_r4 = r4()
+    for c, resource in kept:
+        urn = "urn:uuid:" + c.new_id
+        if urn in dead:
+            continue
+        if dead.intersection(links.get(urn, ())):  # a shared role's reference to what does not go
+            resource = _prune(resource, dead, c.rtype, types_r4)
+            if not p.complete(resource, types_r4.must_have(c.rtype)):
+                report.drop("required-element-lost", c.rtype)
+                continue
+        out.append((c, resource))
+    return out
 
 
 def _provenance(entries: list[dict[str, Any]], plan: Plan, ids: _Ids, info: ProvenanceInfo) -> dict[str, Any]:
