@@ -526,16 +526,36 @@ def test_a_required_primitive_is_required_as_a_value_or_its_extensions(validator
     assert validator.validate_resource(statusless | {"_status": {"extension": [absent]}}) == []
 
 
-@pytest.mark.parametrize("where", ["entry", "request"])
+@pytest.mark.parametrize("where", ["entry", "request", "response", "search"])
 def test_a_modifier_extension_on_an_entry_is_refused(validator: SchemaValidator, where: str) -> None:
-    """A re-probe: a modifier on Bundle.entry or entry.request was ignored and its resource delivered."""
+    """A re-probe: a modifier on Bundle.entry or entry.request was ignored and its resource delivered (a
+    third probe: on entry.search or entry.response too)."""
     from gateway.pipeline.validate import validate_bundle
 
     entry = {"fullUrl": "urn:uuid:p", "resource": patient(), "request": {"method": "PUT", "url": "Patient/p"}}
     modifier = [{"url": "http://ehr.example.org/fhir/entry-is-a-test", "valueBoolean": True}]
-    (entry if where == "entry" else entry["request"])["modifierExtension"] = modifier
+    parts = {"response": {"status": "200"}, "search": {"mode": "match"}}
+    if where in parts:
+        entry[where] = parts[where]
+    (entry if where == "entry" else entry[where])["modifierExtension"] = modifier
     with pytest.raises(FhirError) as err:
         validate_bundle({"resourceType": "Bundle", "type": "transaction", "entry": [entry]}, validator)
     assert err.value.status == 422
-    suffix = ".request.modifierExtension" if where == "request" else ".modifierExtension"
+    suffix = ".modifierExtension" if where == "entry" else f".{where}.modifierExtension"
     assert err.value.outcome()["issue"][0]["expression"] == [f"Bundle.entry[0]{suffix}"]
+
+
+@pytest.mark.parametrize("method", ["DELETE", "GET", "PATCH"])
+def test_an_entry_that_is_no_post_or_put_is_refused_even_with_a_resource(
+    validator: SchemaValidator, method: str
+) -> None:
+    """A third probe: a DELETE entry carrying a resource was delivered as a PUT, a deletion in the EHR an
+    upsert at the registry."""
+    from gateway.pipeline.validate import validate_bundle
+
+    request = {"method": method, "url": "Patient/p"}
+    entry = {"fullUrl": "urn:uuid:p", "resource": patient(), "request": request}
+    with pytest.raises(FhirError) as err:
+        validate_bundle({"resourceType": "Bundle", "type": "transaction", "entry": [entry]}, validator)
+    assert err.value.status == 422
+    assert err.value.outcome()["issue"][0]["expression"] == ["Bundle.entry[0].request.method"]

@@ -450,15 +450,24 @@ def validate_bundle(
     )
 
 
+_ENTRY_PARTS = ("request", "response", "search")
+
+
 def _check_entries_have_resources(entries: list[dict], errors: list[Issue]) -> None:
     for i, entry in enumerate(entries):
         if "resource" not in entry:
             text = "entry without a resource (requests such as DELETE are not forwarded)"
             errors.append(Issue("required", text, (f"Bundle.entry[{i}]",)))
+        method = entry.get("request", {}).get("method") if isinstance(entry.get("request"), dict) else None
+        if "resource" in entry and method not in (None, "POST", "PUT"):
+            # delivered, it would be a PUT: a deletion in the EHR an upsert at the registry
+            text = "only POST and PUT entries are forwarded; a DELETE (or another request) is not"
+            errors.append(Issue("not-supported", text, (f"Bundle.entry[{i}].request.method",)))
         # a modifier changes what the entry means, which the gateway cannot know: its resource was
         # delivered as if the modifier were not there
-        request = entry.get("request")
-        for where, part in ((f"Bundle.entry[{i}]", entry), (f"Bundle.entry[{i}].request", request)):
+        parts = [(f"Bundle.entry[{i}]", entry)]
+        parts += [(f"Bundle.entry[{i}].{name}", entry.get(name)) for name in _ENTRY_PARTS]
+        for where, part in parts:
             if isinstance(part, dict) and "modifierExtension" in part:
                 text = "a modifier extension on an entry or its request: its meaning is unknown"
                 errors.append(Issue("not-supported", text, (f"{where}.modifierExtension",)))
