@@ -118,7 +118,8 @@ async def process_bundle(
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
     dropped_entries = _optout_drops(index, decisions)
     dropped = dropped_entries["opted-out"] | dropped_entries["opt-out-unknown"]
-    unlinked = not_linked(index, admitted, dropped, _resource_types(bundle))
+    types = _resource_types(bundle)
+    unlinked = not_linked(index, admitted, dropped, types)
     if unlinked:
         dropped_entries["not-linked-to-a-patient"] = unlinked
     report: dict[str, Any] = {
@@ -177,9 +178,7 @@ async def process_bundle(
         id_key=provider_id_key(registry.id_key, provider.provider),
         pseudonyms=_by_every_reference(pseudonyms.identifiers, index),
         shift_keys=_by_every_reference(pseudonyms.shift_keys, index),
-        patient_of=_patient_of(index, admitted, kept_positions, _resource_types(bundle))
-        if registry.plan.shift_dates
-        else None,
+        patient_of=_patient_of(index, admitted, kept_positions, types) if registry.plan.shift_dates else None,
         provenance=ProvenanceInfo(
             gateway_version=__version__, recorded=recorded or _now(), ttp_name=provider.ttp_name
         ),

@@ -648,6 +648,9 @@ def _scan_line(
     return True
 
 
+_ASCII_ESCAPE = re.compile(rb"\\u00([2-7][0-9a-fA-F])")  # a printable ASCII character written as an escape
+
+
 def _may_be_consent(line: bytes) -> int:
     """An unreadable line that mentions consent could be an objection: 1, so that the job stops (the
     word in any case, any of its letters written as a JSON escape)."""
@@ -659,7 +662,6 @@ def _may_be_consent(line: bytes) -> int:
     return int(b"consent" in plain.lower())
 
 
-_ASCII_ESCAPE = re.compile(rb"\\u00([2-7][0-9a-fA-F])")
 UUID_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
