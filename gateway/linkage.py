@@ -36,9 +36,15 @@ N = TypeVar("N", bound=Hashable)
 
 
 def linked_to_patients(
-    refers_to: Mapping[N, Collection[N]], types: Mapping[N, str], patients: Iterable[N]
+    refers_to: Mapping[N, Collection[N]],
+    types: Mapping[N, str],
+    patients: Iterable[N],
+    named: Collection[N] = frozenset(),
 ) -> set[N]:
-    """The nodes of `refers_to` (each one's references, to nodes of it or not) that may be delivered."""
+    """The nodes of `refers_to` (each one's references, to nodes of it or not) that may be delivered.
+    `named`: what some patient's own resource refers to (an objector's too, when the caller still knows
+    them): reached through a shared resource only when a delivered patient's resource names it as well
+    (a Device of A's whose `parent` is B's implant must not take the implant along)."""
     referred_by: dict[N, list[N]] = {}
     for source, targets in refers_to.items():
         for target in targets:
@@ -46,13 +52,26 @@ def linked_to_patients(
                 referred_by.setdefault(target, []).append(source)
     reached = {p for p in patients if p in refers_to}
     _follow(reached, list(reached), referred_by, refers_to)  # what leads to a patient
-    _follow(reached, list(reached), refers_to, refers_to)  # and what that refers to
+    _refers_to(reached, refers_to, types, named)  # and what that refers to
     roles = {
         n
         for n, kind in types.items()
         if kind in SHARED_TYPES and n not in reached and any(t in reached for t in refers_to.get(n, ()))
     }
     return reached | roles
+
+
+def _refers_to(
+    reached: set[N], refers_to: Mapping[N, Collection[N]], types: Mapping[N, str], named: Collection[N]
+) -> None:
+    queue = list(reached)
+    while queue:
+        node = queue.pop()
+        through_shared = types.get(node) in SHARED_TYPES
+        for nxt in refers_to.get(node, ()):
+            if nxt in refers_to and nxt not in reached and not (through_shared and nxt in named):
+                reached.add(nxt)
+                queue.append(nxt)
 
 
 def _follow(

@@ -929,3 +929,32 @@ def test_an_over_long_line_with_consent_written_in_escapes_stops_the_job(tmp_pat
             to_dir=tmp_path / "out",
             options=BulkOptions(workers=0, max_line_bytes=64 * 1024),
         )
+
+
+def test_an_objectors_device_does_not_travel_through_another_shared_resource(tmp_path: Path) -> None:
+    """A fourth probe: Alice's Observation names Device d2, whose `parent` is Carol's implant (named only by
+    Carol's Procedure): the implant travelled to Alice's group as a shared line two hops away, where
+    nothing showed it was Carol's, and its lot number went out while Carol objected."""
+    implant = {"resourceType": "Device", "id": "dx", "lotNumber": "LOT-OBJ-77"}
+    placed = {
+        "resourceType": "Procedure",
+        "id": "px",
+        "status": "completed",
+        "subject": ref("Patient/pc"),
+        "usedReference": [ref("Device/dx")],
+    }
+    monitor = {"resourceType": "Device", "id": "d2", "parent": ref("Device/dx")}
+    measured = observation("oa", 1.0, subject=ref("Patient/pa"), device=ref("Device/d2"))
+    resources = [
+        ALICE,
+        *others(12),
+        CAROL,
+        objection("cc", ref("Patient/pc")),
+        implant,
+        placed,
+        monitor,
+        measured,
+    ]
+    summary, delivered = deliver(tmp_path, resources, group_size=5)
+    assert "LOT-OBJ-77" not in orjson.dumps(delivered).decode()
+    assert values(delivered, "Observation") == [1.0]

@@ -312,3 +312,38 @@ def test_what_a_patients_resource_refers_to_gets_that_patients_shift(tmp_path: P
         assert measured["effectiveDateTime"] == dated["effectiveDateTime"] != "2024-09-01"
     assert delivered(alone, "Observation") == delivered(with_another, "Observation")
     assert delivered(alone, "Medication") == delivered(with_another, "Medication")
+
+
+def test_what_a_shared_resource_refers_to_goes_only_if_no_other_patient_names_it(tmp_path: Path) -> None:
+    """A fourth probe: A's Observation names Device d2, whose `parent` is Device dx, an objector's implant
+    that only the objector's Procedure names: the implant's lot number went along through d2."""
+    chains = offline_chains("example-generic", tmp_path / "k")
+    objecting = person("2", "Zwartkruisvermeulen", "1960-06-06")
+    deny = {
+        "resourceType": "Consent",
+        "id": "c2",
+        "status": "active",
+        "scope": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": "Patient/2"},
+        "provision": {"type": "deny"},
+    }
+    implant = {"resourceType": "Device", "id": "dx", "lotNumber": "LOT-OBJ-77"}
+    placed = {
+        "resourceType": "Procedure",
+        "id": "px",
+        "status": "completed",
+        "subject": {"reference": "Patient/2"},
+        "usedReference": [{"reference": "Device/dx"}],
+    }
+    monitor = {"resourceType": "Device", "id": "d2", "parent": {"reference": "Device/dx"}}
+    measured = measurement(subject={"reference": "Patient/1"}, device={"reference": "Device/d2"})
+    bundle = collection(
+        person("1", "Aalders", "1950-01-01"), objecting, deny, implant, placed, monitor, measured
+    )
+    processed = process(chains, bundle)
+    assert "LOT-OBJ-77" not in orjson.dumps(processed.bundle).decode()
+    (kept_monitor,) = delivered(processed, "Device")
+    assert "parent" not in kept_monitor and delivered(processed, "Observation")

@@ -104,6 +104,7 @@ CREATE TABLE files (id INTEGER PRIMARY KEY, name TEXT NOT NULL, size INTEGER NOT
 CREATE TABLE groups (id INTEGER PRIMARY KEY, first INTEGER NOT NULL, last INTEGER NOT NULL,
                      patients INTEGER NOT NULL, resources INTEGER NOT NULL);
 CREATE TABLE home_of (place INTEGER NOT NULL, patient INTEGER NOT NULL);
+CREATE TABLE named (id INTEGER PRIMARY KEY);
 """
 )
 # Built after the bulk inserts: building an index once is much cheaper than maintaining it row by row.
@@ -324,6 +325,7 @@ def build_index(
     conn.executescript(INDEXES)
     _resolve_owners(conn)
     conn.executescript(OWNER_INDEX)
+    _find_named_shared(conn)
     _find_home_places(conn, files)
     # records, as the chain counts them (two records of one person travel as one, and count as two)
     query = "SELECT COUNT(*) FROM resources WHERE rtype = 'Patient' AND state = 'ok'"
@@ -1007,6 +1009,24 @@ def _follow_references(c: sqlite3.Connection) -> None:
 _PLACE_TYPES = ("Location", "Organization")
 
 
+def _find_named_shared(conn: sqlite3.Connection) -> None:
+    """`named` rows: shared resources that another shared resource refers to and some patient's own
+    resource names too. A group reaches those only through its own lines, never through a shared line:
+    a Device of A's whose `parent` is B's implant must not carry the implant to A's group, where nothing
+    shows it is B's (`gateway.linkage`, the same rule for a posted Bundle)."""
+    conn.execute("BEGIN")
+    conn.execute("DROP TABLE IF EXISTS temp.onward")
+    conn.execute("""CREATE TEMP TABLE onward AS SELECT DISTINCT e.key AS key FROM resources s
+                    JOIN edges e ON e.res = s.id WHERE s.state = 'shared'""")
+    conn.execute("""INSERT OR IGNORE INTO named (id)
+                    SELECT t.id FROM (SELECT DISTINCT e.key AS key FROM edges e
+                                      JOIN resources r ON r.id = e.res AND r.state = 'ok'
+                                      WHERE e.key IN (SELECT key FROM temp.onward)) k
+                    JOIN resources t ON t.self_key = k.key AND t.state = 'shared'""")
+    conn.execute("DROP TABLE temp.onward")
+    conn.execute("COMMIT")
+
+
 def _find_home_places(conn: sqlite3.Connection, files: list[SourceFile]) -> None:
     """`home_of` rows: a shared Location or Organization whose address is a patient's home (`same_home`).
     The places are few; every Patient is read once (by offset) only when one of them has an address."""
@@ -1135,8 +1155,8 @@ def group_lines(conn: sqlite3.Connection, group: int) -> list[Line]:
     ).fetchall()
     shared: dict[int, tuple] = {}
     frontier = [r[0] for r in owned]
-    for _ in range(INHERIT_ROUNDS):
-        found = _shared_targets(conn, frontier, shared)
+    for hop in range(INHERIT_ROUNDS):
+        found = _shared_targets(conn, frontier, shared, onward=hop > 0)
         if not found:
             break
         frontier = list(found)
@@ -1160,14 +1180,18 @@ def _bystanders(conn: sqlite3.Connection, places: list[int]) -> list[Line]:
     return [Line(*found[k], bystander=True) for k in sorted(found)]
 
 
-def _shared_targets(conn: sqlite3.Connection, sources: list[int], seen: dict[int, tuple]) -> set[int]:
+def _shared_targets(
+    conn: sqlite3.Connection, sources: list[int], seen: dict[int, tuple], *, onward: bool
+) -> set[int]:
+    """Shared resources `sources` refer to; `onward` (the sources are shared themselves): not `named` ones."""
     new: set[int] = set()
+    unnamed = "AND r.id NOT IN (SELECT id FROM named)" if onward else ""
     for start in range(0, len(sources), 900):  # SQLite's bound-parameter limit
         chunk = sources[start : start + 900]
         marks = ",".join("?" * len(chunk))
         for row in conn.execute(
             f"""SELECT DISTINCT r.id, r.file, r.off, r.len, r.line, r.rtype, NULL FROM edges e
-                                    JOIN resources r ON r.self_key = e.key AND r.state = 'shared'
+                                    JOIN resources r ON r.self_key = e.key AND r.state = 'shared' {unnamed}
                                     WHERE e.res IN ({marks})""",
             chunk,
         ):

@@ -690,7 +690,8 @@ def _linked_to_patients(
     urns = {"urn:uuid:" + c.new_id: c for c, _ in kept}
     patients = [urn for urn, c in urns.items() if c.rtype == "Patient"]
     types = {urn: c.rtype for urn, c in urns.items()}
-    reached = linked_to_patients({urn: links.get(urn, ()) for urn in urns}, types, patients)
+    named = {t for urn in urns if types[urn] not in SHARED_TYPES for t in links.get(urn, ())}
+    reached = linked_to_patients({urn: links.get(urn, ()) for urn in urns}, types, patients, named)
     if len(reached) == len(urns):
         return kept
     dead = set(urns) - reached

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 
-from gateway.linkage import linked_to_patients
+from gateway.linkage import SHARED_TYPES, linked_to_patients
 from gateway.optout.base import Decision, PatientRef
 from gateway.pipeline.validate import BundleIndex, PatientEntry, resources_of_patient, resources_of_patients
 
@@ -77,10 +77,12 @@ def not_linked(
     if not index.patients:
         return set()
     kept = [n for n in range(len(index.references)) if n not in dropped]
+    named = {t for n, targets in enumerate(index.references) if types[n] not in SHARED_TYPES for t in targets}
     reach = linked_to_patients(
         {n: index.references[n] for n in kept},
         {n: types[n] for n in kept},
         [p.index for p in index.patients if patient_key(p) in allowed],
+        named,
     )
     return set(kept) - reach
 
