@@ -213,11 +213,8 @@ def test_the_role_of_a_delivered_professional_is_delivered_with_its_organisation
     }
 
 
-def test_a_shared_resource_pulled_in_brings_nothing_of_an_objector_along(tmp_path: Path) -> None:
-    """A third probe: a Device owned by a delivered Organization, its `parent` the implant of an objecting
-    patient (named only in that patient's Procedure), took the implant's lot number to the registry."""
-    chains = offline_chains("example-generic", tmp_path / "k")
-    objecting = person("2", "Zwartkruisvermeulen", "1960-06-06")
+def objector_with_implant() -> list[dict[str, Any]]:
+    """Patient 2, who objects, and their implant `dx` (lot LOT-OBJ-77), named only by their Procedure."""
     deny = {
         "resourceType": "Consent",
         "id": "c2",
@@ -237,6 +234,13 @@ def test_a_shared_resource_pulled_in_brings_nothing_of_an_objector_along(tmp_pat
         "subject": {"reference": "Patient/2"},
         "usedReference": [{"reference": "Device/dx"}],
     }
+    return [person("2", "Zwartkruisvermeulen", "1960-06-06"), deny, implant, placed]
+
+
+def test_a_shared_resource_pulled_in_brings_nothing_of_an_objector_along(tmp_path: Path) -> None:
+    """A third probe: a Device owned by a delivered Organization, its `parent` the implant of an objecting
+    patient (named only in that patient's Procedure), took the implant's lot number to the registry."""
+    chains = offline_chains("example-generic", tmp_path / "k")
     bridge = {
         "resourceType": "Device",
         "id": "d2",
@@ -246,7 +250,7 @@ def test_a_shared_resource_pulled_in_brings_nothing_of_an_objector_along(tmp_pat
     hospital = {"resourceType": "Organization", "id": "org1", "name": "Ziekenhuis Oost"}
     seen = visit(serviceProvider={"reference": "Organization/org1"})
     bundle = collection(
-        person("1", "Aalders", "1950-01-01"), objecting, deny, implant, placed, bridge, hospital, seen
+        person("1", "Aalders", "1950-01-01"), *objector_with_implant(), bridge, hospital, seen
     )
     processed = process(chains, bundle)
     text = orjson.dumps(processed.bundle).decode()
@@ -318,31 +322,9 @@ def test_what_a_shared_resource_refers_to_goes_only_if_no_other_patient_names_it
     """A fourth probe: A's Observation names Device d2, whose `parent` is Device dx, an objector's implant
     that only the objector's Procedure names: the implant's lot number went along through d2."""
     chains = offline_chains("example-generic", tmp_path / "k")
-    objecting = person("2", "Zwartkruisvermeulen", "1960-06-06")
-    deny = {
-        "resourceType": "Consent",
-        "id": "c2",
-        "status": "active",
-        "scope": {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": "Patient/2"},
-        "provision": {"type": "deny"},
-    }
-    implant = {"resourceType": "Device", "id": "dx", "lotNumber": "LOT-OBJ-77"}
-    placed = {
-        "resourceType": "Procedure",
-        "id": "px",
-        "status": "completed",
-        "subject": {"reference": "Patient/2"},
-        "usedReference": [{"reference": "Device/dx"}],
-    }
     monitor = {"resourceType": "Device", "id": "d2", "parent": {"reference": "Device/dx"}}
     measured = measurement(subject={"reference": "Patient/1"}, device={"reference": "Device/d2"})
-    bundle = collection(
-        person("1", "Aalders", "1950-01-01"), objecting, deny, implant, placed, monitor, measured
-    )
+    bundle = collection(person("1", "Aalders", "1950-01-01"), *objector_with_implant(), monitor, measured)
     processed = process(chains, bundle)
     assert "LOT-OBJ-77" not in orjson.dumps(processed.bundle).decode()
     (kept_monitor,) = delivered(processed, "Device")
