@@ -429,7 +429,7 @@ def validate_bundle(
         raise FhirError.single(422, "not-supported", f"Bundle.type must be one of: {allowed}", "Bundle.type")
     entries = bundle.get("entry", [])
     errors: list[Issue] = []
-    _check_entries_have_resources(entries, errors, requests=bundle_type in ("transaction", "batch"))
+    _check_entries_have_resources(entries, errors)
     by_full_url = _full_url_index(entries, errors)
     patients = [
         PatientEntry(i, e.get("fullUrl"), e["resource"])
@@ -453,19 +453,19 @@ def validate_bundle(
 _ENTRY_PARTS = ("request", "response", "search")
 
 
-def _check_entries_have_resources(entries: list[dict], errors: list[Issue], *, requests: bool) -> None:
-    """Every entry carries a resource, in a transaction or batch with a POST or PUT request (bdl-3), and no
-    modifier extension on the entry's parts."""
+def _check_entries_have_resources(entries: list[dict], errors: list[Issue]) -> None:
+    """Every entry carries a resource, its request (if any) is a POST or PUT, and no part of the entry
+    carries a modifier extension."""
     for i, entry in enumerate(entries):
         if "resource" not in entry:
             text = "entry without a resource (requests such as DELETE are not forwarded)"
             errors.append(Issue("required", text, (f"Bundle.entry[{i}]",)))
         request = entry.get("request")
         method = request.get("method") if isinstance(request, dict) else None
-        if "resource" in entry and (requests or request is not None) and method not in ("POST", "PUT"):
+        if "resource" in entry and request is not None and method not in ("POST", "PUT"):
             # delivered, it would be a PUT: a deletion in the EHR an upsert at the registry; a method given
-            # only as `_method` extensions, or none at all, may be anything
-            text = "only POST and PUT entries are forwarded; a DELETE (or another request, or none) is not"
+            # only as `_method` extensions may be anything
+            text = "only POST and PUT entries are forwarded; a DELETE (or another request) is not"
             errors.append(Issue("not-supported", text, (f"Bundle.entry[{i}].request.method",)))
         # a modifier changes what the entry means, which the gateway cannot know: its resource was
         # delivered as if the modifier were not there
