@@ -32,13 +32,12 @@ from gateway.service.logs import request_id
 from gateway.service.responses import fhir_response
 from gateway.service.summary import delivery_parameters
 from gateway.store import StoreUnavailable
-from gateway.store.model import iso_instant
+from gateway.store.model import STATUSES, iso_instant
 from gateway.ttp.backend import TTPUnavailable
 
 log = logging.getLogger("gateway.service")
 
 SYNC_WAIT_SECONDS = 20.0
-DELIVERY_STATES = frozenset({"queued", "delivering", "delivered", "dead"})  # the outbox's (store/schema.py)
 
 # What a dependency outage means for the EHR: nothing stored, try again later (metric outcome, text, seconds).
 UNAVAILABLE: dict[type, tuple[str, str, str]] = {
@@ -316,8 +315,8 @@ async def _listing(
     runtime: Runtime, provider: str | None, status: str | None, registry: str | None, limit: int
 ) -> Response:
     """Deliveries newest first; `provider` None lists every provider's (admin only)."""
-    if status is not None and status not in DELIVERY_STATES:
-        text = f"status must be one of {', '.join(sorted(DELIVERY_STATES))}"  # never the value sent
+    if status is not None and status not in STATUSES:
+        text = f"status must be one of {', '.join(STATUSES)}"  # never the value sent
         raise FhirError.single(400, "value", text, "status")
     rows = await asyncio.to_thread(
         runtime.store.list_deliveries,
