@@ -51,8 +51,8 @@ def linked_to_patients(
             if target in refers_to:
                 referred_by.setdefault(target, []).append(source)
     reached = {p for p in patients if p in refers_to}
-    _follow(reached, list(reached), referred_by, refers_to)  # what leads to a patient
-    _refers_to(reached, refers_to, types, named)  # and what that refers to
+    _walk(reached, referred_by, refers_to)  # what leads to a patient
+    _walk(reached, refers_to, refers_to, types, named)  # and what that refers to
     roles = {
         n
         for n, kind in types.items()
@@ -61,25 +61,20 @@ def linked_to_patients(
     return reached | roles
 
 
-def _refers_to(
-    reached: set[N], refers_to: Mapping[N, Collection[N]], types: Mapping[N, str], named: Collection[N]
+def _walk(
+    reached: set[N],
+    edges: Mapping[N, Collection[N]],
+    nodes: Collection[N],
+    types: Mapping[N, str] | None = None,
+    named: Collection[N] = frozenset(),
 ) -> None:
+    """Adds to `reached` every node of `nodes` its members lead to along `edges`; out of a shared resource
+    (by `types`) never to a `named` one."""
     queue = list(reached)
     while queue:
         node = queue.pop()
-        through_shared = types.get(node) in SHARED_TYPES
-        for nxt in refers_to.get(node, ()):
-            if nxt in refers_to and nxt not in reached and not (through_shared and nxt in named):
-                reached.add(nxt)
-                queue.append(nxt)
-
-
-def _follow(
-    reached: set[N], start: list[N], edges: Mapping[N, Collection[N]], nodes: Collection[N]
-) -> None:
-    queue = list(start)
-    while queue:
-        for nxt in edges.get(queue.pop(), ()):
-            if nxt in nodes and nxt not in reached:
+        through_shared = types is not None and types.get(node) in SHARED_TYPES
+        for nxt in edges.get(node, ()):
+            if nxt in nodes and nxt not in reached and not (through_shared and nxt in named):
                 reached.add(nxt)
                 queue.append(nxt)

@@ -154,6 +154,7 @@ async def process_bundle(
         mrn_system=provider.mrn_system,
         ttp=provider.ttp,
         system_template=registry.identifier_system,
+        shift_dates=registry.plan.shift_dates,
     )
     unlinkable = [
         p

@@ -69,8 +69,10 @@ async def pseudonymise_patients(
     mrn_system: str | None,
     ttp: TTPBackend,
     system_template: str,
+    shift_dates: bool = False,
 ) -> PseudonymOutcome:
-    """`patients` maps a patient key (its fullUrl in the bundle) to the Patient resource."""
+    """`patients` maps a patient key (its fullUrl in the bundle) to the Patient resource. `shift_dates`:
+    the registry's profile shifts dates, so each patient's shift key is made too (`shift_basis`)."""
     outcome = PseudonymOutcome()
     asks_gg = "GG" in {t.upper() for t in types}
     batch: list[PrePseudonym] = []
@@ -80,10 +82,11 @@ async def pseudonymise_patients(
         for ptype, reason in extraction.skipped.items():
             outcome.skipped[f"{ptype}:{reason}"] += 1
         pres = source.pre_pseudonyms(extraction, registry)
-        made_for_shift = [] if asks_gg else _shift_only(patient, registry, mapping, source)
-        basis = shift_basis([*pres, *made_for_shift])
-        if basis is not None:
-            outcome.shift_keys[key] = basis.value.hex()
+        if shift_dates:
+            made_for_shift = [] if asks_gg else _shift_only(patient, registry, mapping, source)
+            basis = shift_basis([*pres, *made_for_shift])
+            if basis is not None:
+                outcome.shift_keys[key] = basis.value.hex()
         batch.extend(pres)
         owners.extend([key] * len(pres))
         outcome.identifiers.setdefault(key, [])

@@ -32,7 +32,7 @@ from gateway.forward import RegistryClient
 from gateway.metrics import GatewayMetrics
 from gateway.pseudonym.extract import extract_inputs
 from gateway.receiver import create_receiver_app
-from gateway.store import open_store
+from gateway.store import Store, open_store
 from gateway.worker import OutboxWorker
 from tests.servers import serve
 from tests.test_strict import immunization_without_date
@@ -225,6 +225,12 @@ def test_manifest_must_stay_inside_the_import_folder(tmp_path: Path) -> None:
             resolve_sources([bad], allowed_root=tmp_path / "imports")
 
 
+def _outbox(tmp_path: Path) -> tuple[Store, StoreSink]:
+    """A gateway store on SQLite and the bulk sink that writes into it."""
+    store = open_store(f"sqlite:///{tmp_path / 'gw.db'}")
+    return store, StoreSink(store, provider="ura:00000000", registry=REGISTRY, sender="test")
+
+
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[str]:
     with serve(create_receiver_app(tmp_path / "recv")) as base:
@@ -233,9 +239,8 @@ def receiver(tmp_path: Path) -> Iterator[str]:
 
 def test_resume_through_the_outbox_delivers_each_bundle_exactly_once(tmp_path: Path, receiver: str) -> None:
     write_export(tmp_path / "export", SynthSpec(patients=9, resources_per_patient=6))
-    store = open_store(f"sqlite:///{tmp_path / 'gw.db'}")
+    store, sink = _outbox(tmp_path)
     chains = offline_chains(REGISTRY, tmp_path / "w")
-    sink = StoreSink(store, provider="ura:00000000", registry=REGISTRY, sender="test")
     options = BulkOptions(group_size=2, bundle_size=8)
 
     async def go() -> None:
@@ -757,9 +762,8 @@ def test_the_processing_record_counts_what_a_yearly_delivery_withheld(tmp_path: 
     """A fourth probe: the bulk jobs' objecting patients appeared nowhere in the processing record, and its
     counts mixed bulk-only keys (a summed group number) with the posted deliveries'."""
     write_export(tmp_path / "export", SynthSpec(patients=6, resources_per_patient=4, objecting={1, 4}))
-    store = open_store(f"sqlite:///{tmp_path / 'gw.db'}")
+    store, sink = _outbox(tmp_path)
     chains = offline_chains(REGISTRY, tmp_path / "w")
-    sink = StoreSink(store, provider="ura:00000000", registry=REGISTRY, sender="test")
 
     async def go() -> None:
         options = BulkOptions(group_size=3)
@@ -789,8 +793,7 @@ def test_the_processing_record_counts_what_a_yearly_delivery_withheld(tmp_path: 
 def test_a_group_redone_after_an_interruption_records_what_it_withheld_once(tmp_path: Path) -> None:
     """The group's work was stored but the job stopped before it noted the group done: redone, its
     `withheld` event was written a second time and the processing record counted its objectors twice."""
-    store = open_store(f"sqlite:///{tmp_path / 'gw.db'}")
-    sink = StoreSink(store, provider="ura:00000000", registry=REGISTRY, sender="test")
+    store, sink = _outbox(tmp_path)
     counts = {"bulkJob": "j", "group": "0", "patients": 3, "patientsDroppedOptOut": 1}
     sink.withheld("bulk|j|0", counts)
     sink.withheld("bulk|j|0", counts)  # the same group, redone
