@@ -6,10 +6,11 @@ service, the offline `deidentify` command, bulk delivery and the benchmarks all 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway import __version__
-from gateway.deid.engine import Plan, ProvenanceInfo, deidentify
+from gateway.deid.engine import DeidResult, Plan, ProvenanceInfo, deidentify
 from gateway.deid.leakscan import scan, sensitive_values
 from gateway.keys import derive
 from gateway.linkage import SHARED_TYPES
@@ -36,7 +37,7 @@ from gateway.pipeline.validate import (
 )
 from gateway.pseudonym.mapping import InputMapping
 from gateway.pseudonym.source import SourceStage
-from gateway.pseudonymise import pseudonymise_patients
+from gateway.pseudonymise import PseudonymOutcome, pseudonymise_patients
 from gateway.ttp.backend import TTPBackend
 
 # The per-bundle counts of a report (integers), in the order they are shown to EHRs and auditors.
@@ -53,6 +54,11 @@ REPORT_COUNTS = (
 
 _T = TypeVar("_T")
 log = logging.getLogger("gateway.process")  # counts only: never a value from a bundle
+
+# A Bundle of more entries runs its CPU stages (validation, de-identification, the leak gate) in a worker
+# thread, so that the event loop keeps answering /healthz and other EHRs meanwhile: a 100,000-entry Bundle
+# held it for seconds. A smaller one stays inline (tens of milliseconds at most; the hop would cost more).
+OFF_LOOP_ENTRIES = 500
 
 
 @dataclass(frozen=True)
@@ -111,9 +117,8 @@ async def process_bundle(
             "this registry's profile allows aggregated data only; person-level delivery is refused",
             "registry",
         )
-    index = validate_bundle(bundle, validator, require_patient=registry.require_patient)
-    if registry.strict and (issues := bundle_model_issues(bundle)):
-        raise FhirError(400, issues)
+    off_loop = len(bundle.get("entry") or ()) > OFF_LOOP_ENTRIES
+    index = await _cpu(off_loop, _validated, bundle, validator, registry)
     decisions = await decide_optout(bundle, index.patients, registry, provider)
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
     dropped_entries = _optout_drops(index, decisions)
@@ -173,6 +178,62 @@ async def process_bundle(
         if len(unlinkable) == len(admitted):
             report["pseudonymsSkipped"] = dict(pseudonyms.skipped)
             return Processed(None, report, dropped_entries=dropped_entries)
+    result, payload, input_paths = await _cpu(
+        off_loop,
+        _deidentified,
+        bundle,
+        kept_input,
+        kept_positions,
+        index,
+        pseudonyms,
+        admitted=admitted,
+        types=types,
+        registry=registry,
+        provider=provider,
+        recorded=recorded,
+        other_people=other_people,
+    )
+    report |= {
+        "pseudonymTypes": dict(pseudonyms.types_added),
+        "pseudonymsSkipped": dict(pseudonyms.skipped),
+        "deidentification": result.report.as_dict(),
+    }
+    if not result.bundle["entry"]:
+        # de-identification left nothing (every Patient dropped for an unknown modifier extension): an
+        # empty transaction is no delivery (a probe saw one forwarded and audited as delivered)
+        return Processed(None, report, dropped_entries=dropped_entries)
+    sources = [input_paths.position(s) for s in result.sources]
+    return Processed(result.bundle, report, _patient_keys(result.bundle), payload, dropped_entries, sources)
+
+
+async def _cpu(off_loop: bool, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    if off_loop:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _validated(bundle: dict[str, Any], validator: SchemaValidator, registry: RegistryChain) -> BundleIndex:
+    index = validate_bundle(bundle, validator, require_patient=registry.require_patient)
+    if registry.strict and (issues := bundle_model_issues(bundle)):
+        raise FhirError(400, issues)
+    return index
+
+
+def _deidentified(
+    bundle: dict[str, Any],
+    kept_input: dict[str, Any],
+    kept_positions: list[int] | None,
+    index: BundleIndex,
+    pseudonyms: PseudonymOutcome,
+    *,
+    admitted: Mapping[str, dict[str, Any]],
+    types: Sequence[str],
+    registry: RegistryChain,
+    provider: ProviderChain,
+    recorded: str | None,
+    other_people: Sequence[dict[str, Any]],
+) -> tuple[DeidResult, bytes, _InputPaths]:
+    """De-identify what is kept and pass it through the leak gate; the payload is the text it scanned."""
     result = deidentify(
         kept_input,
         registry.plan,
@@ -202,17 +263,7 @@ async def process_bundle(
     payload = _leak_gate(result.bundle, sought, registry.plan.profile.leak_gate_options(), input_paths)
     if registry.strict:
         _strict_output_gate(result.bundle, input_paths)
-    report |= {
-        "pseudonymTypes": dict(pseudonyms.types_added),
-        "pseudonymsSkipped": dict(pseudonyms.skipped),
-        "deidentification": result.report.as_dict(),
-    }
-    if not result.bundle["entry"]:
-        # de-identification left nothing (every Patient dropped for an unknown modifier extension): an
-        # empty transaction is no delivery (a probe saw one forwarded and audited as delivered)
-        return Processed(None, report, dropped_entries=dropped_entries)
-    sources = [input_paths.position(s) for s in result.sources]
-    return Processed(result.bundle, report, _patient_keys(result.bundle), payload, dropped_entries, sources)
+    return result, payload, input_paths
 
 
 def _resource_types(bundle: dict[str, Any]) -> list[str]:
