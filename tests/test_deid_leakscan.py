@@ -676,3 +676,38 @@ def test_a_whole_name_in_a_terminology_display_is_found() -> None:
     for display in ("Iris van Delft", "bij van Delft thuis gemeten"):
         assert {f.kind for f in scan(with_display(display), sensitive)} == {"name"}, display
     assert scan(with_display("Iris structure"), sensitive) == []
+
+
+def _relative() -> dict[str, Any]:
+    return {
+        "resourceType": "RelatedPerson",
+        "id": "rp",
+        "patient": {"reference": "Patient/nl-core-Patient-alt-1"},
+        "name": [{"family": "Vermeulenhof", "given": ["Gerrit"]}],
+        "telecom": [{"system": "phone", "value": "0302345678"}],
+        "address": [{"line": ["Dorpsweg 7"], "city": "De Bilt", "postalCode": "3731 CD"}],
+    }
+
+
+def test_the_values_of_a_contained_person_are_sought() -> None:
+    """A probe: an Encounter's contained RelatedPerson was never sought (only a Bundle's own `contained`
+    was read), so a Location named after the relative, at their street address, reached the registry."""
+    bundle = source()
+    visit = {"resourceType": "Encounter", "status": "finished", "contained": [_relative()]}
+    bundle["entry"].append({"resource": visit})
+    out = out_with(valueString="x")
+    at_relative = {"name": "Woning Gerrit Vermeulenhof", "address": {"line": ["Dorpsweg 7"]}}
+    out["entry"].append({"resource": {"resourceType": "Location", **at_relative}})
+    assert {f.kind for f in scan(out, sensitive_values(bundle))} == {"name", "address"}
+    bundle["entry"].pop()  # the finding came from the contained person's values, not from anywhere else
+    assert scan(out, sensitive_values(bundle)) == []
+
+
+def test_an_organizations_contact_persons_name_is_sought() -> None:
+    """A probe: an Organization's contact is a person; their name in a delivered Location went through."""
+    bundle = source()
+    contact = {"name": {"family": "Zwanenburgh", "given": ["Hendrika"]}}
+    bundle["entry"].append({"resource": {"resourceType": "Organization", "name": "x", "contact": [contact]}})
+    out = out_with(valueString="x")
+    out["entry"].append({"resource": {"resourceType": "Location", "name": "Kamer Hendrika Zwanenburgh"}})
+    assert {f.kind for f in scan(out, sensitive_values(bundle))} == {"name"}

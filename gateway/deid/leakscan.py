@@ -308,6 +308,9 @@ class SensitiveSet:
 
 
 def _resources(bundle: Any) -> Iterator[dict[str, Any]]:
+    """Every resource of the input: entries, nested Bundles' entries, and what each of them contains (a
+    probe had an Encounter's contained RelatedPerson, never sought, whose name and street a delivered
+    Location carried to the registry)."""
     if not isinstance(bundle, dict):
         return
     if bundle.get("resourceType") != "Bundle":
@@ -317,11 +320,13 @@ def _resources(bundle: Any) -> Iterator[dict[str, Any]]:
         res = entry.get("resource") if isinstance(entry, dict) else None
         if isinstance(res, dict):
             yield res
-            yield from _resources(res) if res.get("resourceType") == "Bundle" else ()
-    contained = bundle.get("contained")
-    for res in contained if isinstance(contained, list) else []:
-        if isinstance(res, dict):
-            yield res
+            yield from _resources(res) if res.get("resourceType") == "Bundle" else _contained(res)
+    yield from _contained(bundle)
+
+
+def _contained(res: dict[str, Any]) -> list[dict[str, Any]]:
+    contained = res.get("contained")
+    return [c for c in contained if isinstance(c, dict)] if isinstance(contained, list) else []
 
 
 def _list(value: Any) -> list[Any]:
@@ -492,6 +497,8 @@ def sensitive_values(
         practitioner = rtype in PRACTITIONER_TYPES
         if rtype in PERSON_TYPES:
             _person(res, out)
+        elif rtype == "Organization":
+            _contacts(res, out)  # a contact is a person (a place's own telecom and address are its own)
         elif practitioner:
             _practitioner(res, practitioner_kept, out)
         if rtype == "Patient" and isinstance(res.get("id"), str):
