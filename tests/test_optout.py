@@ -215,9 +215,41 @@ def test_registry_exception_is_registry_specific() -> None:
         ({"provision": {"type": "deny", "period": {"start": "2026-11"}}}, "deny"),
         ({"provision": {"type": "deny", "purpose": [{"code": "HQUALIMP"}]}}, "deny"),
         ({"provision": {"type": "deny", "purpose": [{"code": "HMARKT"}]}}, "not-applicable"),
+        # a probe: an objection under another spelling of v3-ActReason was not applicable, and delivered.
+        # A deny names a delivery purpose by its code under any system; one in an unknown system is unread.
         (
             {"provision": {"type": "deny", "purpose": [{"system": "urn:local", "code": "HQUALIMP"}]}},
+            "deny",
+        ),
+        (
+            {
+                "provision": {
+                    "type": "deny",
+                    "purpose": [{"system": "urn:oid:2.16.840.1.113883.5.8", "code": "HQUALIMP"}],
+                }
+            },
+            "deny",
+        ),
+        (
+            {
+                "provision": {
+                    "type": "deny",
+                    "purpose": [{"system": "http://hl7.org/fhir/v3/ActReason", "code": "HRESCH"}],
+                }
+            },
+            "deny",
+        ),
+        ({"provision": {"type": "deny", "purpose": [{"system": "urn:local", "code": "KWAL"}]}}, "unknown"),
+        (
+            {"provision": {"type": "deny", "purpose": [{"system": ACT_REASON, "code": "HMARKT"}]}},
             "not-applicable",
+        ),
+        (
+            {
+                "provision": None,
+                "policyRule": {"coding": [{"system": "urn:oid:2.16.840.1.113883.5.4", "code": "OPTOUT"}]},
+            },
+            "deny",
         ),
     ],
 )

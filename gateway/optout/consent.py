@@ -14,9 +14,11 @@ Rules (domain spec §6, decided here where the spec leaves it open):
   registry (configured per registry, by reference or identifier; a `Consent.policy.uri` configured for the
   registry counts as naming it). The most specific applicable node decides; when applicable siblings
   disagree, deny wins ("objections supersede consents").
-- Conservative on purpose: a *deny* applies if it names any delivery purpose; a *permit* exception only if it
-  covers all of them. A deny restricted by `data`, `class`, `code`, `dataPeriod` or `securityLabel` (a partial
-  objection) counts as a deny of everything, since the gateway cannot filter parts of a record reliably.
+- Conservative on purpose: a *deny* applies if it names any delivery purpose (by its code, under whatever
+  system), and cannot be read when it names a purpose in a code system not known here (the OID and pre-R4
+  URLs of the HL7 v3 systems are known spellings); a *permit* exception only if it covers all of them. A
+  deny restricted by `data`, `class`, `code`, `dataPeriod` or `securityLabel` (a partial objection) counts
+  as a deny of everything, since the gateway cannot filter parts of a record reliably.
 - No provision: `policyRule` OPTOUT/OPTOUTE (v3-ActCode) is a deny, OPTIN/OPTINR a permit, anything else is
   unparseable.
 - Per patient: any applicable deny → objected; else any unparseable Consent → unknown; else any permit →
@@ -40,6 +42,14 @@ ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 PROVISION_TYPES = frozenset({"deny", "permit"})
+# Other spellings of these code systems that exports carry: the OID and the pre-R4 (DSTU2/STU3) URL
+SYSTEM_ALIASES = {
+    "urn:oid:2.16.840.1.113883.5.8": ACT_REASON,
+    "http://hl7.org/fhir/v3/ActReason": ACT_REASON,
+    "urn:oid:2.16.840.1.113883.5.4": ACT_CODE,
+    "http://hl7.org/fhir/v3/ActCode": ACT_CODE,
+    "http://hl7.org/fhir/consentscope": CONSENT_SCOPE,
+}
 LOCAL_TZ = ZoneInfo("Europe/Amsterdam")  # dates without a time are Dutch calendar days
 
 Verdict = Literal["deny", "permit", "not-applicable", "unknown"]
@@ -121,7 +131,7 @@ def _scope_codes(scope: Any) -> set[str]:
         return set()
     if not isinstance(scope, dict):
         raise Unparseable
-    return {c.get("code") for c in _codings(scope) if c.get("system") in (CONSENT_SCOPE, None)}
+    return {c.get("code") for c in _codings(scope) if _system(c) in (CONSENT_SCOPE, None)}
 
 
 def _policy_uris(consent: dict) -> set[str]:
@@ -132,7 +142,7 @@ def _policy_uris(consent: dict) -> set[str]:
 
 
 def _policy_rule(rule: Any) -> Verdict:
-    codes = {c.get("code") for c in _codings(rule) if c.get("system") in (ACT_CODE, None)} if rule else set()
+    codes = {c.get("code") for c in _codings(rule) if _system(c) in (ACT_CODE, None)} if rule else set()
     if codes & {"OPTOUT", "OPTOUTE"}:
         return "deny"
     if codes & {"OPTIN", "OPTINR"}:
@@ -182,12 +192,25 @@ def _purpose_matches(purposes: Any, rule: str | None, policy: ConsentPolicy) -> 
         return True
     if not isinstance(purposes, list) or not all(isinstance(p, dict) for p in purposes):
         raise Unparseable
-    named = {(p.get("system"), p.get("code")) for p in purposes}
-    # A purpose without a system (sloppy, but seen in exports) counts as the delivery purpose with that code.
-    named |= {(system, code) for system, code in policy.purposes if (None, code) in named}
+    named = {(_system(p), p.get("code")) for p in purposes}
     if rule == "permit":
-        return policy.purposes <= named  # an exception that lets data go must cover every delivery purpose
-    return bool(named & policy.purposes)
+        # A purpose without a system (sloppy, but seen in exports) counts as the delivery purpose with that
+        # code; an exception that lets data go must cover every delivery purpose.
+        named |= {(system, code) for system, code in policy.purposes if (None, code) in named}
+        return policy.purposes <= named
+    # A deny names a delivery purpose by its code under whatever system: a spelling not known here (a probe
+    # delivered an objector whose purpose was written under the OID of v3-ActReason) must not let data go.
+    if {code for _, code in named} & {code for _, code in policy.purposes}:
+        return True
+    known = {ACT_REASON, None} | {system for system, _ in policy.purposes}
+    if any(system not in known for system, _ in named):
+        raise Unparseable  # a purpose in a code system not known here may be this one: cannot tell
+    return False
+
+
+def _system(coding: dict[str, Any]) -> Any:
+    system = coding.get("system")
+    return SYSTEM_ALIASES.get(system, system) if isinstance(system, str) else system
 
 
 def _actor_matches(actors: Any, ctx: _Context) -> bool:
