@@ -207,6 +207,11 @@ def test_registry_exception_is_registry_specific() -> None:
         ({"provision": {"type": "weigeren"}}, "unknown"),
         ({"provision": {"type": "deny", "purpose": "HQUALIMP"}}, "unknown"),
         ({"provision": {"type": "deny", "actor": [{"role": {}}]}}, "unknown"),
+        # a probe: an actor given by display alone was taken for another party, and the objector delivered
+        (
+            {"provision": {"type": "deny", "actor": [{"role": {}, "reference": {"display": "alle"}}]}},
+            "unknown",
+        ),
         ({"provision": None, "policyRule": None}, "unknown"),
         ({"provision": {"type": "deny", "period": {"end": "2026-11-24T06:59:59+01:00"}}}, "deny"),
         ({"provision": {"type": "deny", "period": {"end": "2026-11-24T06:59:58+01:00"}}}, "not-applicable"),

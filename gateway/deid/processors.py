@@ -26,7 +26,7 @@ from gateway.deid.r4 import r4
 KEEP, COMPLEX, REMOVE, CALL = 0, 1, 2, 3
 _PRIMITIVE = (str, int, float, bool)
 _PRIMITIVE_SET = frozenset(_PRIMITIVE)
-_NL_POSTCODE = re.compile(r"^\s*([1-9][0-9]{3})\s?[A-Za-z]{2}\s*$")
+_NL_POSTCODE = re.compile(r"^\s*([1-9][0-9]{3})\s*[A-Za-z]{2}\s*$")  # as RGG reads it: any whitespace
 
 # (fields, label, plain, must): ``plain`` = the names whose field is KEEP (a JSON primitive), filled once by
 # the compiler after the fields (nodes are created before they are filled because datatypes are recursive);

@@ -228,6 +228,8 @@ def _actor_matches(actors: Any, ctx: _Context) -> bool:
         ident = reference.get("identifier")
         if isinstance(ident, dict) and f"{ident.get('system')}|{ident.get('value')}" in known:
             return True
+        if not isinstance(reference.get("reference"), str) and not isinstance(ident, dict):
+            raise Unparseable  # a display alone ("alle kwaliteitsregistraties") may name this registry
     return False
 
 
