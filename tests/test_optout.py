@@ -858,3 +858,19 @@ def test_policy_from_mapping() -> None:
     for bad in ({"purposes": ["HQUALIMP"]}, {"actors": {}}):
         with pytest.raises(ValueError):
             ConsentPolicy.from_mapping(bad)
+
+
+def test_an_objection_holds_whatever_the_case_of_the_patient_number() -> None:
+    """A probe: an objection registered for P0001234 let the record numbered p0001234 through."""
+    store = InMemoryObjectionRegister()
+    store.add(PROVIDER, REGISTRY, objection_digest(KEY, PROVIDER, "P0001234"))
+    store.add(PROVIDER, REGISTRY, objection_digest(KEY, PROVIDER, "mrn-lower"))
+    source = RegisterOptOut(store, KEY)
+    numbers = {"a": "p0001234", "b": "P0001234", "c": "MRN-LOWER", "d": "P0001235"}
+    decisions = run(source.check([patient_ref(key, number) for key, number in numbers.items()]))
+    assert {k: d.status for k, d in decisions.items()} == {
+        "urn:uuid:a": "objected",
+        "urn:uuid:b": "objected",
+        "urn:uuid:c": "objected",
+        "urn:uuid:d": "allowed",
+    }

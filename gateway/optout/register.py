@@ -81,7 +81,7 @@ class RegisterOptOut:
             # Without the patient number the register cannot be asked: fail closed.
             return Decision("unknown", Reason.NO_PATIENT_NUMBER)
         answers = []
-        for number in (patient.mrn, *patient.other_mrns):  # an objection under any of their numbers holds
+        for number in _spellings((patient.mrn, *patient.other_mrns)):  # any of their numbers holds
             try:
                 digest = objection_digest(self._hash_key, patient.provider, number)
                 answers.append(await self._lookup(patient.provider, patient.registry, digest))
@@ -93,6 +93,12 @@ class RegisterOptOut:
         if None in answers:
             return Decision("unknown", Reason.REGISTER_UNAVAILABLE)
         return Decision("allowed", Reason.REGISTER_NO_OBJECTION)
+
+
+def _spellings(numbers: Sequence[str]) -> list[str]:
+    """Each number as given, upper- and lower-cased: an objection registered as P0001234 holds for a record
+    numbered p0001234 (a probe delivered it). Numbers of digits only are asked once."""
+    return list(dict.fromkeys(v for n in numbers for v in (n, n.upper(), n.lower())))
 
 
 class ObjectionCsvError(ValueError):
