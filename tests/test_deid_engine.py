@@ -749,3 +749,34 @@ def test_a_dutch_postcode_however_spaced_becomes_its_pc4(written: str) -> None:
     person = patient(address=[{"use": "home", "postalCode": written}])
     (out,) = resources(run(bundle(("urn:uuid:p", person))).bundle, "Patient")
     assert out["address"] == [{"use": "home", "postalCode": "3511"}]
+
+
+@pytest.mark.parametrize("contained", [False, True])
+def test_a_location_at_a_relatives_home_gets_the_home_address_generalisation(contained: bool) -> None:
+    """A probe: a home visit at the carer's house kept the Location's street, and the leak gate refused the
+    whole Bundle. A relative's home is a person's home too, also when the relative is contained."""
+    carer = {
+        "resourceType": "RelatedPerson",
+        "id": "rp",
+        "patient": {"reference": "urn:uuid:p"},
+        "address": [{"line": ["Dorpsweg 7"], "city": "De Bilt", "postalCode": "3731 CD"}],
+    }
+    at_carer = {"line": ["Dorpsweg 7"], "postalCode": "3731 CD"}
+    place = {"resourceType": "Location", "name": "thuis", "address": at_carer}
+    visit = {
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HH"},
+        "subject": {"reference": "urn:uuid:p"},
+        "location": [{"location": {"reference": "urn:uuid:l"}}],
+    }
+    entries = [("urn:uuid:p", patient()), ("urn:uuid:l", place), ("urn:uuid:e", visit)]
+    if contained:
+        visit["contained"] = [carer]
+        visit["participant"] = [{"individual": {"reference": "#rp"}}]
+    else:
+        entries.append(("urn:uuid:rp", carer))
+    result = run(bundle(*entries))
+    (at_home,) = resources(result.bundle, "Location")
+    assert at_home["address"] == {"postalCode": "3731"}
+    assert result.report.elements_removed["Location.address.(patient-home)"] == 1

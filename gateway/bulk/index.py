@@ -1030,7 +1030,7 @@ def _find_named_shared(conn: sqlite3.Connection) -> None:
 def _find_home_places(conn: sqlite3.Connection, files: list[SourceFile]) -> None:
     """`home_of` rows: a shared Location or Organization whose address is a patient's home (`same_home`).
     The places are few; every Patient is read once (by offset) only when one of them has an address."""
-    from gateway.deid.homes import home_of, patient_homes, same_home  # the scanning workers never need it
+    from gateway.deid.homes import home_of, person_homes, same_home  # the scanning workers never need it
 
     marks = ",".join("?" * len(_PLACE_TYPES))
     rows = conn.execute(
@@ -1054,7 +1054,7 @@ def _find_home_places(conn: sqlite3.Connection, files: list[SourceFile]) -> None
         found: set[tuple[int, int]] = set()
         query = "SELECT id, file, off, len FROM resources WHERE rtype = 'Patient' AND state = 'ok'"
         for patient, *where in conn.execute(query):
-            for home in patient_homes([_parsed(read(*where))]):
+            for home in person_homes([_parsed(read(*where))]):
                 for key, place in by_postcode.get(home.postcode, []) + by_number.get(home.number, []):
                     if same_home(key, home):
                         found.add((place, patient))

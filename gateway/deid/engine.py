@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from gateway.deid import processors as p
-from gateway.deid.homes import at_home, patient_homes
+from gateway.deid.homes import at_home, person_homes
 from gateway.deid.profile import Profile, _path_tree, expand_tree
 from gateway.deid.r4 import R4Types, r4
 from gateway.deid.rules import ExtensionShape, Rule, Rules
@@ -600,7 +600,7 @@ def _generalise_homes(
 ) -> None:
     places = [(c, out) for c, out in kept if c.rtype in _AT_HOME_TYPES and "address" in out]
     people = itertools.chain((e.get("resource") for e in entries if type(e) is dict), other_people)
-    homes = patient_homes(people) if places else []
+    homes = person_homes(people) if places else []
     for c, out in places:
         if at_home(c.resource, homes):
             _generalise_home_address(c.resource, out, plan, ctx)

@@ -1,6 +1,6 @@
-"""A Location or Organization at a patient's home (a home visit): its address is the patient's, not a public
-place's. The engine gives it what the profile gives Patient.address; the leak gate never treats its values as
-published. Both decide with ``at_home``, so they agree.
+"""A Location or Organization at a patient's home (a home visit; a relative's home counts alike): its address
+is the person's, not a public place's. The engine gives it what the profile gives Patient.address; the leak
+gate never treats its values as published. Both decide with ``at_home``, so they agree.
 
 A Dutch address is its postcode and house number (how the BAG keys it), so "Canarystr. 42" is "Canarystraat
 42". Erring towards "at home" only generalises a public place's address; erring the other way delivers a
@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 _PATIENT_RESIDENCE = "PTRES"
+_PERSON_TYPES = ("Patient", "RelatedPerson", "Person")
 _HOUSE_NUMBER_URL = "http://hl7.org/fhir/StructureDefinition/iso21090-ADXP-houseNumber"
 # the first run of digits that is not an ordinal of the street name: "2e Jan Steenstraat 15" is number 15
 _HOUSE_NUMBER = re.compile(r"(?<![^\W_])(\d+)(?!\d|(?:e|de|ste)(?![^\W_]))")
@@ -71,12 +72,18 @@ def _house_number(address: dict[str, Any], lines: str) -> str:
     return number.group(1) if number else ""
 
 
-def patient_homes(resources: Iterable[Any]) -> list[Home]:
-    """The home addresses of every Patient among ``resources``."""
+def person_homes(resources: Iterable[Any]) -> list[Home]:
+    """The home addresses of every person among ``resources`` and what they contain: a patient's, and a
+    relative's (a probe's home visit at the carer's house sent the whole Bundle to the leak gate's 422)."""
     homes: list[Home] = []
     for res in resources:
-        if type(res) is dict and res.get("resourceType") == "Patient" and type(res.get("address")) is list:
-            homes += [h for h in map(home_of, res["address"]) if h is not None]
+        if type(res) is not dict:
+            continue
+        contained = res.get("contained")
+        for person in [res, *(contained if type(contained) is list else ())]:
+            if type(person) is dict and person.get("resourceType") in _PERSON_TYPES:
+                addresses = person.get("address")
+                homes += [h for h in map(home_of, addresses if type(addresses) is list else ()) if h]
     return homes
 
 

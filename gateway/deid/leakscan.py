@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from gateway.deid.fold import fold, fold_document
-from gateway.deid.homes import at_home, patient_homes
+from gateway.deid.homes import at_home, person_homes
 from gateway.pipeline.parse import fhir_element_names
 
 _TOKEN = re.compile(r"[^\W_]+")
@@ -517,7 +517,7 @@ def _drop_public(bundle: Any, out: SensitiveSet) -> None:
     postcode area, a GP practice phone number) is not personal: delivering that Organization is no leak."""
     public = SensitiveSet()
     words: set[str] = set()  # every word of the places' cities and streets
-    homes = patient_homes(_resources(bundle))
+    homes = person_homes(_resources(bundle))
     for res in _resources(bundle):
         # a place at a patient's home publishes nothing; an Organization's contact is a person, not the place
         if res.get("resourceType") in PUBLIC_TYPES and not at_home(res, homes):
