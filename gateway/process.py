@@ -127,6 +127,11 @@ async def process_bundle(
     unlinked = not_linked(index, admitted, dropped, types)
     if unlinked:
         dropped_entries["not-linked-to-a-patient"] = unlinked
+    if registry.plan.profile.references.get("outside_bundle") != "opaque-id":
+        about_outside = _about_something_outside(bundle, index) - dropped - unlinked
+        if about_outside:
+            dropped_entries["subject-outside-the-bundle"] = about_outside
+            unlinked = unlinked | about_outside
     report: dict[str, Any] = {
         "patients": len(decisions),
         "patientsDroppedOptOut": sum(1 for d in decisions.values() if d.status == "objected"),
@@ -264,6 +269,28 @@ def _deidentified(
     if registry.strict:
         _strict_output_gate(result.bundle, input_paths)
     return result, payload, input_paths
+
+
+def _about_something_outside(bundle: dict[str, Any], index: BundleIndex) -> set[int]:
+    """Entries whose `subject` or `patient` is a resource outside the Bundle (a Group, a Location elsewhere).
+    The profile drops such a reference, and what is left would reach the registry as the data of whichever
+    patient its Encounter leads to (a probe saw a Group's Observation delivered so, without a subject)."""
+    outside: dict[int, set[str]] = {}
+    for i, ref in index.external_references:
+        outside.setdefault(i, set()).add(ref)
+    entries = bundle.get("entry") or []
+    found = set()
+    for i, refs in outside.items():
+        resource = entries[i]["resource"]
+        for key in ("subject", "patient"):
+            value = resource.get(key)
+            if any(isinstance(r, dict) and r.get("reference") in refs for r in _as_list(value)):
+                found.add(i)
+    return found
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
 
 
 def _resource_types(bundle: dict[str, Any]) -> list[str]:

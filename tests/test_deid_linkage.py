@@ -329,3 +329,16 @@ def test_what_a_shared_resource_refers_to_goes_only_if_no_other_patient_names_it
     assert "LOT-OBJ-77" not in orjson.dumps(processed.bundle).decode()
     (kept_monitor,) = delivered(processed, "Device")
     assert "parent" not in kept_monitor and delivered(processed, "Observation")
+
+
+def test_a_resource_about_something_outside_the_bundle_is_not_delivered_as_a_patients(tmp_path: Path) -> None:
+    """A fourth probe: an Observation about a Group not in the Bundle, made during patient 1's Encounter,
+    went to the registry without its subject, as patient 1's data."""
+    chains = offline_chains("example-generic", tmp_path / "k")
+    about_group = measurement(subject={"reference": "Group/g1"}, encounter={"reference": "Encounter/e1"})
+    own = {**measurement(subject={"reference": "Patient/1"}), "id": "o2"}
+    processed = process(chains, collection(person("1", "Aalders", "1950-01-01"), visit(), about_group, own))
+    assert [o["subject"]["reference"] for o in delivered(processed, "Observation")] == [
+        delivered(processed, "Encounter")[0]["subject"]["reference"]
+    ]
+    assert processed.report["resourcesDroppedByReason"] == {"subject-outside-the-bundle": {"Observation": 1}}
