@@ -73,8 +73,21 @@ def import_objections(
             )
     for err in bad[:20]:
         console.print(f"[yellow]{err}[/yellow]")  # line number and problem, never the row
-    console.print(f"{total} objections read, {added} new, {len(bad)} rows refused")
+    where = _store_name(settings.store_url)
+    console.print(f"{total} objections read, {added} new, {len(bad)} rows refused; store {where}")
     raise typer.Exit(1 if bad else 0)
+
+
+def _store_name(url: str) -> str:
+    """Where the objections went: a SQLite file's absolute path; a database server's host and name only."""
+    from urllib.parse import urlsplit
+
+    from gateway.store.dialects import sqlite_path
+
+    if url.startswith("sqlite:"):
+        return str(Path(sqlite_path(url)).absolute())
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}/{parts.path.lstrip('/')}"  # never the password
 
 
 def _client(url: str, api_key: str) -> httpx.Client:

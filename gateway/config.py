@@ -197,6 +197,20 @@ class Settings(BaseSettings):
     bulk_max_upload_bytes: int = Field(20 * 1024**3, ge=1)  # one $import NDJSON upload (it is kept on disk)
     bulk_max_jobs: int = Field(2, ge=1)  # $import jobs running at once; one more is answered 429
 
+    @model_validator(mode="after")
+    def _relative_to_the_configuration(self) -> Settings:
+        """A relative path is in the folder of the configuration file, not the current one: an operator
+        command run elsewhere with `--config` wrote into a new, empty store that no gateway reads (a
+        probe's objection import did, and the objector was delivered)."""
+        home = self.config.parent.absolute()
+        for name in ("key_dir", "bulk_work_dir", "bulk_import_dir"):
+            path = getattr(self, name)
+            if path is not None and not path.is_absolute():
+                setattr(self, name, home / path)
+        if self.store_url.startswith("sqlite:///") and not self.store_url.startswith("sqlite:////"):
+            self.store_url = f"sqlite:///{home / self.store_url[len('sqlite:///') :]}"
+        return self
+
 
 def load_config(path: Path) -> GatewayConfig:
     """Load and check the YAML configuration; raises ValueError with one clear line."""
@@ -207,9 +221,32 @@ def load_config(path: Path) -> GatewayConfig:
     except yaml.YAMLError as exc:
         raise ValueError(f"configuration file {path} is not valid YAML{yaml_position(exc)}") from None
     try:
-        return GatewayConfig.model_validate(data)
+        return GatewayConfig.model_validate(_anchored(data, Path(path).parent.absolute()))
     except ValidationError as exc:
         raise ValueError(f"configuration file {path} is invalid: {validation_summary(exc)}") from None
+
+
+def _anchored(data: Any, home: Path) -> Any:
+    """The file's relative paths (profiles_dir, import folders, certificates) made relative to its folder:
+    `check --config` run from elsewhere found no profiles."""
+    if not isinstance(data, dict):
+        return data  # the model says what is wrong with it
+
+    def anchor(holder: Any, key: str) -> None:
+        if isinstance(holder, dict) and isinstance(holder.get(key), str) and holder[key]:
+            holder[key] = str(home / holder[key])  # an absolute path stays as it is
+
+    data = {**data}
+    anchor(data, "profiles_dir")
+    anchor(data.get("ttp"), "ca_bundle")
+    for provider in data.get("providers") or () if isinstance(data.get("providers"), list) else ():
+        anchor(provider, "import_dir")
+    registries = data.get("registries")
+    for registry in registries.values() if isinstance(registries, dict) else ():
+        anchor(registry, "ca_bundle")
+        for key in ("cert_file", "key_file"):
+            anchor(registry.get("auth") if isinstance(registry, dict) else None, key)
+    return data
 
 
 def yaml_position(exc: yaml.YAMLError) -> str:

@@ -57,11 +57,12 @@ def reveal_command(values: list[str], registry: str, config_path) -> int:  # noq
 
     config = load_config(config_path)
     provider = config.providers[0]
-    keys = load_keys(Settings().key_dir, [provider.id])
+    settings = Settings(config=config_path)
+    keys = load_keys(settings.key_dir, [provider.id])
     source = SourceStage(
         keys.source_keys, keys.source_version, keys.provider_mrn.get(provider.id), provider.id
     )
-    ttp, _ = ttp_backend(config.ttp, provider, Settings().key_dir.parent / "ttp-keys")
+    ttp, _ = ttp_backend(config.ttp, provider, settings.key_dir.parent / "ttp-keys")
 
     async def run() -> list[Revealed]:
         try:

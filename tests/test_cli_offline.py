@@ -264,3 +264,35 @@ def test_an_output_file_is_never_named_after_its_input(tmp_path):
     assert "Putten" not in written.name and "111222333" not in written.name
     assert written.name == json.loads(written.read_text())["id"] + ".deid.json"
     assert written.name in result.output  # the summary says which output is whose
+
+
+def test_relative_paths_are_in_the_configurations_folder_whatever_the_current_one(tmp_path, monkeypatch):
+    """A probe: `objections import --config /elsewhere/gateway.yaml` run from another folder wrote into a
+    new, empty store there (the gateway read the old one and delivered the objector), and `check` found no
+    profiles. The store, the keys and the YAML's own paths are now in the configuration's folder."""
+    from gateway.config import Settings, load_config
+    from gateway.keys import init_keys
+
+    home, elsewhere = tmp_path / "gateway", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    provider = "ura:00000000"
+    init_keys(home / "var" / "keys", [provider])
+    (home / "profiles").mkdir()
+    shipped = Path(__file__).resolve().parent.parent / "profiles" / "example-generic.yaml"
+    (home / "profiles" / "heart.yaml").write_text(shipped.read_text().replace("example-generic", "heart"))
+    config = home / "gateway.yaml"
+    registries = {"heart": {"profile": "heart", "endpoint": "http://127.0.0.1:9"}}
+    raw = {"providers": [{"id": provider}], "registries": registries, "profiles_dir": "profiles"}
+    config.write_text(yaml.safe_dump(raw))
+    (elsewhere / "objections.csv").write_text("patient_number\nP0001234\n")
+    monkeypatch.chdir(elsewhere)
+    for name in ("FHIR_GATEWAY_KEY_DIR", "FHIR_GATEWAY_STORE_URL", "FHIR_GATEWAY_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    result = runner.invoke(
+        app, ["objections", "import", "objections.csv", "--provider", provider, "--config", str(config)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (home / "var" / "gateway.db").is_file() and not (elsewhere / "var").exists()
+    assert str(home / "var" / "gateway.db") in result.output.replace("\n", "")  # the store it wrote to
+    assert load_config(config).profiles_dir == str(home / "profiles")
+    assert Settings(config=config).key_dir == home / "var" / "keys"

@@ -171,12 +171,19 @@ class PostgresDialect(Dialect):
         conn.execute("SELECT pg_advisory_xact_lock(7310452)")
 
 
-def sqlite_dialect(url: str, on_connect: Callable[[Any], None] | None) -> tuple[Dialect, int]:
+def sqlite_path(url: str) -> str:
+    """The file of a sqlite:/// URL (relative to the current folder unless it begins with a fourth /)."""
     if not url.startswith("sqlite:///"):
         raise ValueError("sqlite URL must look like sqlite:///relative.db or sqlite:////abs/path.db")
-    path, _, qs = url[len("sqlite:///") :].partition("?")
+    path = url[len("sqlite:///") :].partition("?")[0]
     if not path:
         raise ValueError("sqlite URL needs a file path")
+    return path
+
+
+def sqlite_dialect(url: str, on_connect: Callable[[Any], None] | None) -> tuple[Dialect, int]:
+    path = sqlite_path(url)
+    qs = url.partition("?")[2]
     query = {k: v[-1] for k, v in parse_qs(qs).items()}
     busy_ms = int(query.get("busy_timeout", "5000"))
     # FULL: the gateway acknowledges a bundle to the EHR only after the commit, and the EHR may then discard
