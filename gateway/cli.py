@@ -153,7 +153,7 @@ def demo(
     examples: Path = typer.Option(Path("examples"), help="folder of example bundles to replay"),
     registry: str = typer.Option("example-generic", help="registry (delivery profile) to deliver to"),
     work_dir: Path = typer.Option(
-        None, help="where keys, the store and the receiver's data go (default: temp)"
+        None, help="a new or empty folder for the keys, the store and the receiver's data (default: temp)"
     ),
 ) -> None:
     """Start the embedded chain (TTP, receiver, gateway on SQLite), replay the examples, show the result."""

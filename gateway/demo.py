@@ -144,6 +144,10 @@ def run_demo(examples: Path, *, registry: str, work_dir: Path | None, console: C
         console.print(f"[red]no example bundles in {examples}[/red]")
         return 2
     temp = work_dir is None
+    if work_dir is not None and work_dir.is_dir() and any(work_dir.iterdir()):
+        # the demo makes fresh keys and refuses to overwrite any (a second run ended in a traceback)
+        console.print(f"[red]{work_dir} is not empty: the demo needs a new or empty work folder[/red]")
+        return 2
     work = Path(tempfile.mkdtemp(prefix="fhir-gateway-demo-")) if temp else work_dir
     work.mkdir(parents=True, exist_ok=True)
     try:

@@ -296,3 +296,13 @@ def test_relative_paths_are_in_the_configurations_folder_whatever_the_current_on
     assert str(home / "var" / "gateway.db") in result.output.replace("\n", "")  # the store it wrote to
     assert load_config(config).profiles_dir == str(home / "profiles")
     assert Settings(config=config).key_dir == home / "var" / "keys"
+
+
+def test_the_demo_refuses_a_work_folder_that_is_not_empty(tmp_path):
+    """A probe: `demo --work-dir D` run twice ended in a KeyStoreError traceback (it refuses to overwrite
+    keys, rightly). Now one line, before anything starts, and the folder is left as it was."""
+    (tmp_path / "ttp-keys").mkdir()
+    (tmp_path / "ttp-keys" / "master.key").write_bytes(b"k")
+    result = runner.invoke(app, ["demo", "--work-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "not empty" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "ttp-keys" / "master.key").read_bytes() == b"k"
