@@ -3,6 +3,8 @@ privacy officer, the audit trail and the processing record (AVG article 30)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +92,15 @@ def _store_name(url: str) -> str:
     return f"{parts.hostname or 'localhost'}/{parts.path.lstrip('/')}"  # never the password
 
 
-def _client(url: str, api_key: str) -> httpx.Client:
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+@contextlib.contextmanager
+def _client(url: str, api_key: str) -> Iterator[httpx.Client]:
+    """A client of the gateway's API; a gateway that cannot be reached is one line and exit 1."""
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as client:
+            yield client
+    except httpx.TransportError as exc:
+        console.print(f"[red]the gateway at {url} cannot be reached ({type(exc).__name__})[/red]")
+        raise typer.Exit(1) from None
 
 
 @deliveries_app.command("list")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from gateway.pseudonym.nlps1 import PseudonymError, unb64u
 from gateway.pseudonym.source import SourceStage
+from gateway.ttp.backend import TTPUnavailable
 
 CANONICAL_PREFIX = "NLPS1|MRN|"
 
@@ -72,7 +73,35 @@ def reveal_command(values: list[str], registry: str, config_path) -> int:  # noq
             if aclose is not None:
                 await aclose()
 
-    results = asyncio.run(run())
+    if registry not in config.registries:
+        raise ValueError(f"unknown registry {registry!r}: give one of {sorted(config.registries)}")
+    try:
+        results = asyncio.run(run())
+    except TTPUnavailable as exc:  # the TTP's own text names no value; the kind says enough
+        _audit_reveal(settings, provider.id, registry, len(values), 0, "refused")
+        raise ValueError(f"the TTP did not reverse the pseudonyms ({type(exc).__name__})") from None
+    revealed = sum(r.mrn is not None for r in results)
+    # re-identification is the one step back from pseudonyms: the privacy officer sees each one (counts)
+    _audit_reveal(settings, provider.id, registry, len(values), revealed, "revealed")
     for r in results:  # tab-separated, for scripts (rich would expand the tabs)
         print(f"{r.value}\t{r.mrn if r.mrn is not None else 'NOT REVERSED: ' + (r.error or '')}")
-    return 0 if all(r.mrn is not None for r in results) else 1
+    return 0 if revealed == len(results) else 1
+
+
+def _audit_reveal(settings, provider: str, registry: str, asked: int, revealed: int, outcome: str) -> None:  # noqa: ANN001
+    from gateway.store import AuditInput, open_store
+
+    store = open_store(settings.store_url)
+    try:
+        store.record_audit(
+            AuditInput(
+                actor="cli:mrn-reveal",
+                provider=provider,
+                registry=registry,
+                event="mrn-revealed",
+                outcome=outcome,
+                counts={"asked": asked, "revealed": revealed},
+            )
+        )
+    finally:
+        store.close()

@@ -18,7 +18,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from gateway.bulk.chains import from_runtime, offline_chains, strict_chains
+from gateway.bulk.chains import UnknownRegistry, from_runtime, offline_chains, strict_chains
 from gateway.bulk.group import Chains
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
@@ -39,10 +39,14 @@ def run_deidentify(
     strict: bool = False,
 ) -> int:
     table = _summary_table()
-    with _chains(registry, config) as chains:
-        if strict:  # on top of what the configuration says: testing an interface before go-live
-            chains = strict_chains(chains)
-        rows = asyncio.run(_all(files, chains, out))
+    try:
+        with _chains(registry, config) as chains:
+            if strict:  # on top of what the configuration says: testing an interface before go-live
+                chains = strict_chains(chains)
+            rows = asyncio.run(_all(files, chains, out))
+    except UnknownRegistry as err:
+        console.print(f"[red]{err}[/red]")
+        return 2
     for path, (_, summary) in zip(files, rows, strict=True):
         table.add_row(path.name, *summary)
     if config is None:

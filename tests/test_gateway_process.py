@@ -134,6 +134,28 @@ def test_mrn_reveal_command_at_the_hospital(tmp_path):
             "X42",
             "Z1",
         ]
+        # a probe: re-identification left no trace in the audit trail; now one event, counts only
+        admin = {"Authorization": f"Bearer {chain.admin_api_key}"}
+        events = httpx.get(f"{gw.url}/admin/audit", headers=admin, timeout=30).json()
+        (revealed,) = [e for e in events if e["event"] == "mrn-revealed"]
+        assert (revealed["actor"], revealed["outcome"], revealed["counts"]) == (
+            "cli:mrn-reveal",
+            "revealed",
+            {"asked": 4, "revealed": 4},
+        )
+        assert "P0001234" not in str(events)
+        # a probe: an unknown registry ended in a TTPRejected traceback
+        unknown = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "mrn-reveal", values[0], "--registry", "nope"]
+            + ["--config", str(chain.config_path)],
+            capture_output=True,
+            text=True,
+            env=chain.env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert unknown.returncode == 2 and "unknown registry 'nope'" in unknown.stderr, unknown.stderr
+        assert "Traceback" not in unknown.stderr
 
 
 def test_a_synchronous_post_is_forwarded_at_once_not_at_the_next_outbox_poll(tmp_path):

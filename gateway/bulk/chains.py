@@ -35,9 +35,13 @@ def strict_chains(chains: Chains) -> Chains:
     return replace(chains, registry=replace(chains.registry, strict=True))
 
 
+class UnknownRegistry(ValueError):
+    """A command named a registry the configuration (or, offline, the profiles folder) does not have."""
+
+
 def from_runtime(runtime: Runtime, registry: str, provider: str) -> Chains:
     if registry not in runtime.registries:
-        raise ValueError(f"unknown registry {registry!r}")
+        raise UnknownRegistry(f"unknown registry {registry!r}: give one of {sorted(runtime.registries)}")
     if provider not in runtime.providers:
         raise ValueError(f"unknown provider {provider!r}")
     return Chains(
@@ -50,7 +54,7 @@ def offline_chains(
 ) -> Chains:
     profiles = load_profiles(profiles_dir or REPO_ROOT / "profiles")
     if registry not in profiles:
-        raise ValueError(f"no delivery profile {registry!r}")
+        raise UnknownRegistry(f"no delivery profile {registry!r}: give one of {sorted(profiles)}")
     profile = profiles[registry]
     key_dir, ttp_dir = key_root / "keys", key_root / "ttp-keys"
     init_keys(key_dir, [OFFLINE_PROVIDER])  # keeps existing keys: a resumed run pseudonymises alike
