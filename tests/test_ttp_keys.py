@@ -188,3 +188,14 @@ def test_running_ttp_picks_up_cli_rotation(tmp_path):
         assert asyncio.run(once(base)).startswith("v2.")
         os.chmod(tmp_path / "k" / ks.KEYRING_FILE, 0o644)  # a broken keyring: the previous one stays in force
         assert asyncio.run(once(base)).startswith("v2.")
+
+
+def test_keys_init_uses_the_key_dir_variable_as_list_and_serve_do(tmp_path):
+    """A probe: `ttp keys init` wrote to var/ttp-keys while FHIR_GATEWAY_TTP_KEY_DIR pointed elsewhere, and
+    `keys list` (which reads the variable) then found no keys."""
+    env = {ks.ENV_KEY_DIR: str(tmp_path / "env-keys")}
+    r = runner.invoke(ttp_cli, ["keys", "init", "--registry", "registry-a"], env=env)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "env-keys" / ks.MASTER_FILE).is_file()
+    r = runner.invoke(ttp_cli, ["keys", "list"], env=env)
+    assert r.exit_code == 0 and "registry-a: current v1" in r.output, r.output

@@ -13,6 +13,7 @@ Nothing here prints a key except ``callers add``, which prints the new caller's 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import secrets
 import time
@@ -25,7 +26,14 @@ from rich.console import Console
 from gateway.pseudonym.types import PrePseudonym
 from gateway.ttp.auth import ROLES, AuthConfigError, TTPAuth, add_caller, load_callers
 from gateway.ttp.backend import TTPRejected, TTPUnavailable
-from gateway.ttp.keystore import KeyStore, KeyStoreError, init_keys, list_domains
+from gateway.ttp.keystore import (
+    DEFAULT_KEY_DIR,
+    ENV_KEY_DIR,
+    KeyStore,
+    KeyStoreError,
+    init_keys,
+    list_domains,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="The NLPS1 reference TTP.")
 keys_app = typer.Typer(no_args_is_help=True, help="TTP keys: master key, HPKE key, registry domain versions.")
@@ -97,10 +105,12 @@ def serve(
 
 @keys_app.command("init")
 def keys_init(
-    key_dir: Annotated[Path, typer.Option("--key-dir")] = Path("var/ttp-keys"),
+    key_dir: KeyDir = None,
     registry: Annotated[list[str] | None, typer.Option("--registry", help="registry (repeatable)")] = None,
 ) -> None:
     """Create the master key, the HPKE key and the keyring (mode 0600); never overwrites."""
+    # where `keys list` and `serve` look (a probe's init wrote to var/ttp-keys while they read the variable)
+    key_dir = Path(key_dir or os.environ.get(ENV_KEY_DIR) or DEFAULT_KEY_DIR)
     try:
         store = init_keys(key_dir, registry or [])
     except KeyStoreError as exc:
