@@ -177,14 +177,16 @@ def processing_record(
     year: int = typer.Option(None, "--year", help="a calendar year (UTC), e.g. 2026"),
     since: str = _SINCE,
     until: str = _UNTIL,
+    provider: str = typer.Option(None, "--provider", help="one provider's record (each is a controller)"),
     as_json: bool = typer.Option(False, "--json", help="the record as JSON (for the processing register)"),
     url: str = _URL,
     api_key: str = _ADMIN_KEY,
 ) -> None:
     """The processing record for one registry over a period: purpose, legal basis, providers, bundles and
     resources delivered, patients withheld (objection, unknown status, no pseudonym), pseudonym types."""
+    params = _period(year, since, until) | ({"provider": provider} if provider else {})
     with _client(url, api_key) as client:
-        record = _get_json(client, f"/admin/processing-record/{registry}", _period(year, since, until))
+        record = _get_json(client, f"/admin/processing-record/{registry}", params)
     if as_json:
         print(orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
         return
@@ -204,11 +206,14 @@ def _record_table(record: dict[str, Any]) -> Table:
         ("period asked", f"{period.get('since') or '(start)'} to {period.get('until') or '(now)'}"),
         ("events seen", f"{seen.get('first') or '-'} to {seen.get('last') or '-'}"),
         ("providers", ", ".join(record.get("providers") or []) or "-"),
-        ("pseudonym types", ", ".join(record.get("pseudonymTypes") or []) or "-"),
+        ("pseudonym types asked", ", ".join(record.get("pseudonymTypesOfProfile") or []) or "-"),
+        ("pseudonym types delivered", ", ".join(record.get("pseudonymTypes") or []) or "-"),
         ("bundles delivered", str(record.get("bundlesDelivered", 0))),
+        ("patients delivered", str(record.get("patientsDelivered"))),
+        ("patients withheld", str(record.get("patientsWithheld"))),
         ("events", _flat_counts(record.get("events") or {})),
-        ("delivered", _flat_counts(record.get("delivered") or {})),
-        ("withheld (nothing delivered)", _flat_counts(record.get("withheld") or {})),
+        ("delivered bundles: counts", _flat_counts(record.get("delivered") or {})),
+        ("withheld (bundles and bulk groups): counts", _flat_counts(record.get("withheld") or {})),
         ("outbox now", _flat_counts(record.get("outbox") or {})),
     ]
     for item, value in rows:

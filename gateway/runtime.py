@@ -327,7 +327,8 @@ class Runtime:
         return {
             "purpose": profile.purpose,
             "legalBasis": profile.legal_basis,
-            "pseudonymTypes": list(profile.pseudonym_types),
+            # what the profile asks for; `pseudonymTypes` is what was delivered in the period
+            "pseudonymTypesOfProfile": list(profile.pseudonym_types),
             "recipient": profile.name,
         }
 

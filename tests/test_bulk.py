@@ -788,6 +788,11 @@ def test_the_processing_record_counts_what_a_yearly_delivery_withheld(tmp_path: 
     assert record["pseudonymTypes"] == ["GG"]  # what the synthetic patients allow
     assert record["withheld"]["resourcesIn"] >= record["withheld"]["resourcesDroppedOptOut"]
     assert record["events"]["withheld"] == 2  # one per group that kept something back
+    # a probe: a group's withheld event counted every patient and line of the group, so that its delivered
+    # patients were counted in both sections; now the withheld ones only, and both figures at the top
+    assert record["withheld"]["patients"] == 2
+    assert record["withheld"]["resourcesIn"] == record["withheld"]["resourcesDroppedOptOut"] == 12
+    assert (record["patientsDelivered"], record["patientsWithheld"]) == (4, 2)
 
 
 def test_a_group_redone_after_an_interruption_records_what_it_withheld_once(tmp_path: Path) -> None:

@@ -265,6 +265,22 @@ def test_processing_record_of_a_period_counts_what_was_withheld(store: Store, cl
     }
     later = store.processing_record("dica", since=year_two - 1)
     assert later["withheld"] == {"patients": 2, "patientsDroppedUnknownOptOut": 2}
+    # a Bundle that went, less what it dropped; and one provider's own record (each is a controller)
+    store.record_audit(
+        AuditInput(
+            actor="ehr-2",
+            provider="ura:2",
+            registry="dica",
+            event="delivered",
+            outcome="ok",
+            counts={"patients": 5, "patientsDroppedOptOut": 1, "patientsDroppedNoPseudonym": 1},
+        )
+    )
+    everything = store.processing_record("dica")
+    assert (everything["patientsDelivered"], everything["patientsWithheld"]) == (3, 5)
+    first = store.processing_record("dica", provider="ura:1")
+    assert first["providers"] == ["ura:1"]
+    assert (first["patientsDelivered"], first["patientsWithheld"]) == (0, 3)
     assert later["events"] == {"received": 1, "rejected": 1}
     assert store.processing_record("dica", until=year_two - 1)["events"] == {"received": 1}
 

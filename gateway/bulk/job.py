@@ -296,7 +296,11 @@ def _withheld_counts(result: GroupResult) -> dict[str, Any]:
     dropped = {reason: dict(c) for reason, c in result.dropped.items() if c}
     if not any(counts.values()) and not dropped:
         return {}
-    return {"patients": result.patients, "resourcesIn": result.lines, **counts, "dropped": dropped}
+    # the withheld patients and their resources only, as a posted Bundle of which nothing went: a probe saw
+    # a group's every patient and line here, its delivered ones counted twice in the processing record
+    patients = sum(counts[k] for k in counts if k.startswith("patientsDropped"))
+    resources = result.resources_opted_out + sum(dropped.get("no-pseudonym", {}).values())
+    return {"patients": patients, "resourcesIn": resources, **counts, "dropped": dropped}
 
 
 def _group_counts(result: GroupResult, sent: Counter[str], created: int, duplicates: int) -> dict[str, Any]:

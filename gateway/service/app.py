@@ -455,15 +455,23 @@ def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
 
     @app.get("/admin/processing-record/{registry}")
     async def processing_record(
-        registry: str, request: Request, since: str | None = None, until: str | None = None
+        registry: str,
+        request: Request,
+        since: str | None = None,
+        until: str | None = None,
+        provider: str | None = None,
     ) -> Response:
         require_admin(caller_of(runtime, request))
         if registry not in runtime.registries:
             raise FhirError.single(404, "not-found", "unknown registry", "registry")
+        if provider is not None and provider not in runtime.providers:
+            raise FhirError.single(404, "not-found", "unknown provider", "provider")
         start, end = period(since, until)
-        record = await asyncio.to_thread(runtime.store.processing_record, registry, start, end)
+        record = await asyncio.to_thread(runtime.store.processing_record, registry, start, end, provider)
         record |= runtime.processing_context(registry)
         record["reportingPeriod"] = {"since": since, "until": until}
+        if provider is not None:  # each hospital is its own controller: its own record
+            record["provider"] = provider
         return Response(orjson.dumps(record, default=_plain), media_type="application/json")
 
 

@@ -66,9 +66,13 @@ class AsyncStore:
         return await asyncio.to_thread(lambda: self.sync.list_audit(**kw))
 
     async def processing_record(
-        self, registry: str, since: float | None = None, until: float | None = None
+        self,
+        registry: str,
+        since: float | None = None,
+        until: float | None = None,
+        provider: str | None = None,
     ) -> dict[str, Any]:
-        return await asyncio.to_thread(self.sync.processing_record, registry, since, until)
+        return await asyncio.to_thread(self.sync.processing_record, registry, since, until, provider)
 
     async def optout_add(self, provider: str, registry: str, patient_hash: bytes | str) -> bool:
         return await asyncio.to_thread(self.sync.optout_add, provider, registry, patient_hash)

@@ -459,18 +459,23 @@ class SqlStore:
         return [_audit_event(r) for r in rows]
 
     def processing_record(
-        self, registry: str, since: float | None = None, until: float | None = None
+        self,
+        registry: str,
+        since: float | None = None,
+        until: float | None = None,
+        provider: str | None = None,
     ) -> dict[str, Any]:
         """AVG art. 30 summary for one recipient: who delivered what kind of data, when, how much.
 
         Built from the audit trail (counts and pseudonym types only) and the outbox depth.
         """
-        where, params = _filters(registry=registry, since=since, until=until)
+        where, params = _filters(registry=registry, provider=provider, since=since, until=until)
         # the register of objections is the hospital's own processing, not data delivered to this recipient
         where = (f"{where} AND " if where else "WHERE ") + "event NOT LIKE ?"
         params = [*params, "objection-%"]
         totals: dict[str, Any] = {}
         withheld: dict[str, Any] = {}
+        people: dict[str, Any] = {"delivered": 0, "withheld": 0}
         types: set[str] = set()
         with self._conn() as conn:
             # Aggregates in SQL; only the small counts JSON of delivered events is summed here, row by row.
@@ -500,7 +505,9 @@ class SqlStore:
             )
             while rows := cur.fetchmany(1000):
                 for event, counts_json in rows:
-                    _add_counts(totals if event == "delivered" else withheld, orjson.loads(counts_json))
+                    counts = orjson.loads(counts_json)
+                    _add_counts(totals if event == "delivered" else withheld, counts)
+                    _add_counts(people, _patients_split(event, counts))
         return {
             "registry": registry,
             "recipients": [registry],
@@ -510,6 +517,9 @@ class SqlStore:
             "period": {"first": _iso(first), "last": _iso(last)},
             "events": {k: int(v) for k, v in outcomes.items()},
             "bundlesDelivered": int(outcomes.get("delivered", 0)),
+            # patients per delivery (one in two Bundles counts twice), posted and bulk alike
+            "patientsDelivered": people["delivered"],
+            "patientsWithheld": people["withheld"],
             "delivered": totals,
             # bundles of which nothing was delivered (every patient objected, status unknown, no pseudonym),
             # and what bulk patient groups kept back
@@ -664,6 +674,22 @@ def _audit_event(row: tuple[Any, ...]) -> AuditEvent:
         pseudonym_types=_types(row[10]),
         detail=row[11],
     )
+
+
+_DROPPED_PATIENTS = ("patientsDroppedOptOut", "patientsDroppedUnknownOptOut", "patientsDroppedNoPseudonym")
+
+
+def _patients_split(event: str, counts: dict[str, Any]) -> dict[str, int]:
+    """A delivered Bundle's patients less those it dropped, and those withheld: a Bundle of which nothing
+    went withheld them all (its `patients`), a bulk group its `patients` (the withheld ones only)."""
+    def number(key: str) -> int:
+        value = counts.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    dropped = sum(number(k) for k in _DROPPED_PATIENTS)
+    if event == "delivered":
+        return {"delivered": number("patients") - dropped, "withheld": dropped}
+    return {"delivered": 0, "withheld": number("patients")}
 
 
 def _add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:
