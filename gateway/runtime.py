@@ -355,6 +355,10 @@ def _counts(report: dict[str, Any]) -> dict[str, Any]:
     return {k: report[k] for k in REPORT_COUNTS if k in report} | {
         "resourcesDelivered": deid.get("resourcesKept"),
         "dropped": dropped_by_reason(report) or None,
+        # why patients were withheld and pseudonym types not made, in fixed codes (the EHR's answer has
+        # them; a probe's privacy officer could read only "opt-out-unknown" in the audit trail)
+        "optOutReasons": report.get("optOutReasons") or None,
+        "pseudonymsSkipped": report.get("pseudonymsSkipped") or None,
     }
 
 

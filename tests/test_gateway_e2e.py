@@ -186,6 +186,13 @@ def test_opted_out_patient_never_reaches_ttp_nor_registry(chain):
     types_out = [e["resource"]["resourceType"] for e in delivered["entry"]]
     assert types_out.count("Patient") == 1
     assert "Consent" not in types_out
+    # a probe: the audit trail said how many were withheld, never why; now the reasons' fixed codes
+    (event,) = [
+        e
+        for e in chain.runtime.store.list_audit(registry=REGISTRY)
+        if e.delivery_id == params["delivery"]["valueString"] and e.event == "accepted"
+    ]
+    assert event.counts["optOutReasons"] == {"consent-deny": 1}
 
 
 def test_an_idempotency_key_used_again_for_another_bundle_is_refused(chain):
