@@ -324,6 +324,9 @@ def test_registry_400_goes_to_dead_letters_and_can_be_requeued(chain):
     assert delivery_id in [d["id"] for d in dead]
     requeued = httpx.post(f"{chain.gateway_url}/deliveries/{delivery_id}/$requeue", headers=auth)
     assert requeued.status_code == 200
+    # a probe: the EHR client's requeue was audited as done by "operator"
+    (event,) = [e for e in chain.runtime.store.list_audit(delivery_id=delivery_id) if e.event == "requeued"]
+    assert event.actor == chain.runtime.config.clients[0].id
     final = _wait_until(
         lambda: (
             (r := httpx.get(f"{chain.gateway_url}/deliveries/{delivery_id}", headers=auth)).status_code == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -356,7 +357,9 @@ def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.post("/deliveries/{delivery_id}/$requeue")
     async def requeue(delivery_id: str, request: Request) -> Response:
         caller = caller_of(runtime, request)
-        ok = await asyncio.to_thread(runtime.store.requeue, delivery_id, provider=caller.provider)
+        ok = await asyncio.to_thread(
+            runtime.store.requeue, delivery_id, provider=caller.provider, actor=caller.client_id
+        )
         if not ok:
             raise FhirError.single(404, "not-found", "no dead delivery with this id for this client")
         return Response(orjson.dumps({"id": delivery_id, "status": "queued"}), media_type="application/json")
@@ -424,7 +427,8 @@ def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.post("/admin/deliveries/{delivery_id}/$requeue")
     async def admin_requeue(delivery_id: str, request: Request) -> Response:
         require_admin(caller_of(runtime, request))
-        if not await asyncio.to_thread(runtime.store.requeue, delivery_id, provider=None):
+        requeue = functools.partial(runtime.store.requeue, provider=None, actor="admin")
+        if not await asyncio.to_thread(requeue, delivery_id):
             raise FhirError.single(404, "not-found", "no dead delivery with this id")
         return Response(orjson.dumps({"id": delivery_id, "status": "queued"}), media_type="application/json")
 
