@@ -620,3 +620,38 @@ def test_bulk_jobs_beyond_the_limit_are_answered_429(tmp_path: Path) -> None:
     assert refused.value.status == 429 and refused.value.headers["Retry-After"]
     first.state = "completed"
     assert jobs.new_job("ura:1", REGISTRY).running
+
+
+def test_one_export_posted_to_two_gateways_of_one_store_is_delivered_once(tmp_path: Path) -> None:
+    """A probe: two scale-out gateways on one store, each with its own bulk folder (two hosts), each ran the
+    same manifest as a job of its own random id, and the registry got every patient twice. The bulk job's
+    id now follows from the export, so the second finds every Bundle in the outbox already."""
+    imports = tmp_path / "imports"
+    write_export(imports / "year", SynthSpec(patients=200, resources_per_patient=4))
+    types = ("Patient", "Encounter", "Observation", "Condition", "Organization", "Practitioner")
+    manifest = orjson.dumps({"output": [{"type": t, "url": f"year/{t}.ndjson"} for t in types]})
+    (tmp_path / "c").mkdir()
+    summaries = []
+    with process_chain(tmp_path / "c") as chain:
+        auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
+        for host in ("a", "b"):
+            env = {"FHIR_GATEWAY_BULK_WORK_DIR": str(tmp_path / host)}
+            gw = chain.start_gateway(extra_env=env | {"FHIR_GATEWAY_BULK_IMPORT_DIR": str(imports)})
+            posted = httpx.post(
+                f"{gw.url}/registries/{REGISTRY}/$import",
+                content=manifest,
+                headers=auth | {"Content-Type": "application/json"},
+            )
+            assert posted.status_code == 202, posted.text
+            with httpx.Client(base_url=gw.url, headers=auth, timeout=30) as client:
+                status = wait_done(client, posted.headers["Content-Location"], timeout=120)
+            assert status["state"] == "completed", status
+            summaries.append(status["summary"])
+        first, second = summaries
+        assert first["bundles"] > 1 and first["bundlesAlreadyStored"] == 0
+        assert (second["bundles"], second["bundlesAlreadyStored"]) == (0, first["bundles"])
+        admin = {"Authorization": f"Bearer {chain.admin_api_key}"}
+        outbox = httpx.get(f"{gw.url}/admin/deliveries", headers=admin).json()
+        assert len(outbox) == first["bundles"]  # what is in the outbox is all the registry can ever get
+        wait_received(chain.receiver_url, first["bundles"])
+        assert len(httpx.get(f"{chain.receiver_url}/deliveries").json()) == first["bundles"]

@@ -221,11 +221,11 @@ class BulkJobs:
         spec = runtime_spec(self.runtime, job.registry, job.provider) if self.options.workers else None
         bundle_size = self.runtime.config.registries[job.registry].bulk_bundle_size
         options = replace(self.options, bundle_size=bundle_size)
-        if job.upload_sha256 is not None:
-            # An upload's folder goes when its job ends, so an upload cut off by a restart cannot resume; sent
-            # again, the same bytes make the same bulk job, whose Bundles the outbox already holds are not
-            # stored (nor delivered) twice.
-            options = replace(options, job_id=_upload_job_id(job, options))
+        # The same export makes the same bulk job, whose Bundles the outbox already holds are not stored
+        # (nor delivered) twice: an upload cut off by a restart (its folder goes when its job ends) sent
+        # again; a manifest posted to another gateway of the same store (a probe's two scale-out hosts
+        # delivered one export twice, each job under its own random id), or after its state expired.
+        options = replace(options, job_id=_bulk_job_id(job, options))
         thread = threading.Thread(
             target=self._run,
             args=(job, sources, chains, spec, options, sender),
@@ -334,10 +334,12 @@ def _manifest_jobs_on_disk(work_root: Path) -> list[JobStatus]:
     return found
 
 
-def _upload_job_id(job: JobStatus, options: BulkOptions) -> str:
-    parts = (job.provider, job.registry, job.upload_sha256, options.group_size, options.max_group_resources)
+def _bulk_job_id(job: JobStatus, options: BulkOptions) -> str:
+    """An upload's by its content; a manifest job's by its id (the manifest, its files' sizes and times)."""
+    export = job.upload_sha256 or job.id
+    parts = (job.provider, job.registry, export, options.group_size, options.max_group_resources)
     text = "|".join(map(str, (*parts, options.bundle_size)))
-    return "u" + hashlib.sha256(text.encode()).hexdigest()[:31]
+    return ("u" if job.upload_sha256 else "m") + hashlib.sha256(text.encode()).hexdigest()[:31]
 
 
 def _kept_summary(state_db: Path) -> BulkSummary | None:
