@@ -806,3 +806,28 @@ def test_a_group_redone_after_an_interruption_records_what_it_withheld_once(tmp_
     record = store.processing_record(REGISTRY)
     assert record["events"]["withheld"] == 2
     assert record["withheld"]["patientsDroppedOptOut"] == 2
+
+
+def test_one_export_run_from_two_work_dirs_into_one_store_is_stored_once(tmp_path: Path) -> None:
+    """The job's id was random per work dir: the same export delivered from a second work dir (another
+    host of the same store, a lost work dir) was stored, and delivered, a second time."""
+    write_export(tmp_path / "export", SynthSpec(patients=9, resources_per_patient=4))
+    store, sink = _outbox(tmp_path)
+    chains = offline_chains(REGISTRY, tmp_path / "keys")  # one gateway's keys, as two hosts share them
+    summaries = [
+        asyncio.run(
+            run_bulk_async(
+                [tmp_path / "export"],
+                registry=REGISTRY,
+                work_dir=tmp_path / work_dir,
+                chains=chains,
+                sink=sink,
+                options=BulkOptions(group_size=3),
+            )
+        )
+        for work_dir in ("w1", "w2")
+    ]
+    first, second = summaries
+    assert first.job == second.job and first.bundles == 3 and first.bundles_already_stored == 0
+    assert (second.bundles, second.bundles_already_stored) == (0, 3)
+    assert store.depth(REGISTRY)["queued"] == 3

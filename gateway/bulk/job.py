@@ -15,7 +15,6 @@ import functools
 import hashlib
 import sqlite3
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -365,7 +364,8 @@ def _job_identity(state: sqlite3.Connection, fingerprint: str, job_id: str | Non
                 "use a new work dir"
             )
         return meta["job"], meta["recorded"]
-    job = job_id or uuid.uuid4().hex
+    # the export's own: run again from another work dir into the same store, nothing is stored twice
+    job = job_id or fingerprint[:32]
     recorded = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     state.executemany(
         "INSERT INTO job (key, value) VALUES (?, ?)",
