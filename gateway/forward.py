@@ -285,11 +285,12 @@ class RegistryClient:
 
 
 def classify(resp: httpx.Response, elapsed: float = 0.0) -> Attempt:
-    """2xx delivered; 408/429/5xx retry later (honouring Retry-After); any other status is final."""
+    """2xx delivered; 408/409/429/5xx retry later (honouring Retry-After); any other status is final. 409: a
+    FHIR server's answer to concurrent writes of one resource (HAPI's version conflict), gone a moment later."""
     status = resp.status_code
     if 200 <= status < 300:
         return Attempt(True, status, False, None, None, elapsed)
-    retryable = status in (408, 429) or status >= 500
+    retryable = status in (408, 409, 429) or status >= 500
     retry_after = parse_retry_after(resp.headers.get("Retry-After")) if retryable else None
     return Attempt(False, status, retryable, retry_after, outcome_text(resp), elapsed)
 

@@ -71,6 +71,15 @@ def test_429_and_408_carry_retry_after(receiver: str) -> None:
     assert timeout.retryable and timeout.status == 408 and 100 < timeout.retry_after <= 120
 
 
+def test_409_a_write_conflict_at_the_registry_is_retried(receiver: str) -> None:
+    """A probe: a registry's 409 (HAPI's answer to two writes of one resource at once) was a dead letter
+    after one attempt, and the EHR was told 422."""
+    httpx.post(f"{receiver}/_faults", json={"status": 409})
+    conflict = deliver(receiver, PAYLOAD)
+    assert not conflict.ok and conflict.retryable and conflict.status == 409
+    assert deliver(receiver, PAYLOAD).ok  # the next attempt goes through
+
+
 def test_400_is_final_with_the_registry_outcome(receiver: str) -> None:
     httpx.post(f"{receiver}/_faults", json={"status": 400, "diagnostics": "Observation.code: unknown code"})
     attempt = deliver(receiver, PAYLOAD)
