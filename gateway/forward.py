@@ -285,8 +285,8 @@ class RegistryClient:
 
 
 def classify(resp: httpx.Response, elapsed: float = 0.0) -> Attempt:
-    """2xx delivered; 408/409/429/5xx retry later (honouring Retry-After); any other status is final. 409: a
-    FHIR server's answer to concurrent writes of one resource (HAPI's version conflict), gone a moment later."""
+    """2xx delivered; 408/409/429/5xx retry later (honouring Retry-After); any other status is final. 409:
+    a FHIR server's answer to concurrent writes of one resource (HAPI's version conflict), soon gone."""
     status = resp.status_code
     if 200 <= status < 300:
         return Attempt(True, status, False, None, None, elapsed)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,6 +363,16 @@ def _counts(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _registry_auth(name: str, auth: Any) -> Any:
+    """The registry's auth; a missing secret names the registry and the variable to set."""
+    try:
+        return auth_from_config(auth, secret_from_env)
+    except ValueError as err:
+        variables = [v for v in (auth.token_env, auth.client_secret_env) if v and not os.environ.get(v)]
+        hint = f" (set {', '.join(variables)})" if variables else ""
+        raise ValueError(f"registries.{name}.auth: {err}{hint}") from None
+
+
 def objection_audit(caller: Caller, registry: str, change: str, outcome: str) -> AuditInput:
     return AuditInput(
         actor=caller.client_id,
@@ -436,7 +447,7 @@ def build_runtime(
     forwarders = {
         name: RegistryClient(
             reg.endpoint,
-            auth=auth_from_config(reg.auth, secret_from_env),
+            auth=_registry_auth(name, reg.auth),
             timeout=reg.timeout_seconds,
             verify=reg.ca_bundle or True,
         )

@@ -284,6 +284,13 @@ def test_the_go_live_check_asks_every_party_and_names_the_one_that_fails(tmp_pat
         refused = check(tmp_path / "embedded.yaml", elsewhere)
         assert refused.returncode == 2 and "for the demo and tests only" in refused.stderr
         assert "ttp keys init" not in refused.stderr  # a hospital must not make the TTP's keys itself
+        # a probe: "bearer auth needs a token" named neither the registry nor the variable to set
+        bearer = yaml.safe_load(chain.config_path.read_text())
+        bearer["registries"]["example-generic"]["auth"] = {"type": "bearer", "token_env": "HART_TOKEN"}
+        (tmp_path / "bearer.yaml").write_text(yaml.safe_dump(bearer))
+        untokened = check(tmp_path / "bearer.yaml", chain.env)
+        assert untokened.returncode == 2, untokened.stdout + untokened.stderr
+        assert "registries.example-generic.auth" in untokened.stderr and "set HART_TOKEN" in untokened.stderr
 
 
 def test_a_registry_the_ttp_has_no_domain_for_stops_the_start_naming_it(tmp_path):
