@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
@@ -106,7 +105,7 @@ def bulk(
     if json_out:
         typer.echo(orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2).decode())
     else:
-        Console().print(summary_table(summary))
+        Console().print(summary_table(summary, offline=to_dir is not None))
     rejected = any(reason.startswith("rejected") for reason in summary.dropped)
     raise typer.Exit(1 if summary.invalid_lines or rejected else 0)
 
@@ -203,11 +202,12 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def summary_table(summary: BulkSummary) -> Table:
+def summary_table(summary: BulkSummary, *, offline: bool = False) -> Table:
+    """`offline`: Bundles written to files, and opt-out from the export's Consents only (say so)."""
     table = Table(title=f"Bulk delivery {summary.job} to {summary.registry} ({summary.seconds:.1f} s)")
     table.add_column("resource type")
     table.add_column("in", justify="right")
-    table.add_column("sent", justify="right")
+    table.add_column("in Bundles", justify="right")
     table.add_column("dropped (reason=count)")
     types = sorted(set(summary.resources_in) | set(summary.sent))
     for rtype in types:
@@ -217,12 +217,20 @@ def summary_table(summary: BulkSummary) -> Table:
         table.add_row(
             rtype, str(summary.resources_in.get(rtype, 0)), str(summary.sent.get(rtype, 0)), dropped
         )
+    where = "written to files" if offline else "stored in the outbox, delivered by its worker"
     table.caption = (
         f"patients {summary.patients}, opted out {summary.patients_opted_out}, opt-out unknown "
-        f"{summary.patients_unknown_optout}; groups {summary.groups_done}/{summary.groups_total} "
-        f"({summary.groups_resumed} resumed); bundles {summary.bundles} new, "
-        f"{summary.bundles_already_stored} already stored; invalid lines {len(summary.invalid_lines)}"
-        f" at {time.strftime('%H:%M:%S')}.\nsent counts Bundle entries: a shared resource (Practitioner,"
-        " Organization...) goes in every Bundle that refers to it, and each Bundle gets a Provenance."
+        f"{summary.patients_unknown_optout}, no pseudonym {summary.patients_no_pseudonym}; groups "
+        f"{summary.groups_done}/{summary.groups_total} ({summary.groups_resumed} resumed); Bundles "
+        f"{summary.bundles} new, {summary.bundles_already_stored} already stored ({where}); invalid lines "
+        f"{len(summary.invalid_lines)} (file and line: --json).\n'in Bundles' counts entries: a shared "
+        "resource (Practitioner, Organization...) goes in every Bundle that refers to it, and each Bundle "
+        "gets a Provenance."
     )
+    if offline:
+        # as `deidentify` says: a served gateway also asks the registry's opt-out sources
+        table.caption += (
+            "\nopt-out: only Consents in the export were read (no objection register, no EHR search); "
+            "give --config for the hospital's sources and keys"
+        )
     return table
