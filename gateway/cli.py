@@ -304,8 +304,13 @@ def keys_list(key_dir: Path = typer.Option(Path("var/keys"), envvar="FHIR_GATEWA
     """List key files (names only, never content)."""
     from gateway.keys import list_keys
 
-    for name in list_keys(key_dir):
+    if not key_dir.is_dir():
+        _fail(f"no key folder at {key_dir.absolute()} (--key-dir or FHIR_GATEWAY_KEY_DIR)")
+    names = list_keys(key_dir)
+    for name in names:
         console.print(name)
+    if not names:
+        _fail(f"no key files in {key_dir.absolute()}")
 
 
 @clients_app.command("new-key")

@@ -306,3 +306,9 @@ def test_the_demo_refuses_a_work_folder_that_is_not_empty(tmp_path):
     result = runner.invoke(app, ["demo", "--work-dir", str(tmp_path)])
     assert result.exit_code == 2 and "not empty" in result.output and "Traceback" not in result.output
     assert (tmp_path / "ttp-keys" / "master.key").read_bytes() == b"k"
+
+
+def test_keys_list_of_a_folder_that_is_not_there_says_so(tmp_path):
+    """A probe: `keys list` of a missing key folder printed nothing and exit 0, as if all were well."""
+    result = runner.invoke(app, ["keys", "list", "--key-dir", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "no key folder" in result.output
