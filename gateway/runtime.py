@@ -189,7 +189,7 @@ class Runtime:
         if existing is not None:
             await self._same_request(provider, registry, key, request, earlier)
             self.metrics.bundles.labels(outcome="duplicate").inc()
-            return Accepted(existing.id, {"duplicate": True}, created=False)
+            return Accepted(existing.id, _report_of(existing.counts), created=False)
         try:
             processed = await process_bundle(
                 bundle,
@@ -361,6 +361,21 @@ def _counts(report: dict[str, Any]) -> dict[str, Any]:
         "optOutReasons": report.get("optOutReasons") or None,
         "pseudonymsSkipped": report.get("pseudonymsSkipped") or None,
     }
+
+
+def _report_of(counts: dict[str, Any] | None) -> dict[str, Any]:
+    """A re-posted Bundle's answer from the counts stored with its delivery, as the first answer had them
+    (a probe's re-post got a status and no counts)."""
+    counts = counts or {}
+    report: dict[str, Any] = {k: counts[k] for k in REPORT_COUNTS if isinstance(counts.get(k), int)}
+    if isinstance(counts.get("resourcesDelivered"), int):
+        report["deidentification"] = {"resourcesKept": counts["resourcesDelivered"]}
+    if counts.get("dropped"):
+        report["resourcesDroppedByReason"] = counts["dropped"]
+    for key in ("optOutReasons", "pseudonymsSkipped"):
+        if counts.get(key):
+            report[key] = counts[key]
+    return report | {"duplicate": True}
 
 
 def _registry_auth(name: str, auth: Any) -> Any:
