@@ -363,6 +363,16 @@ def _counts(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def bundle_identifier(idempotency_key: str) -> str:
+    """`system|value` of the Bundle.identifier a delivery has at the registry: where the registry holder
+    finds it (a probe's privacy officer could not match a delivery to the registry's record)."""
+    from gateway.bulk.chunks import IDENTIFIER_SYSTEM as BULK_SYSTEM  # a bulk Bundle's key is its tag
+
+    if idempotency_key.startswith("bulk|"):
+        return f"{BULK_SYSTEM}|{idempotency_key}"
+    return f"{DELIVERY_SYSTEM}|{idempotency_key[:32]}"
+
+
 def _report_of(counts: dict[str, Any] | None) -> dict[str, Any]:
     """A re-posted Bundle's answer from the counts stored with its delivery, as the first answer had them
     (a probe's re-post got a status and no counts)."""

@@ -338,6 +338,8 @@ def test_registry_400_goes_to_dead_letters_and_can_be_requeued(chain):
         )
     )
     assert final["status"] == "delivered"
+    # a probe: nothing tied a delivery to the registry's record of it; its Bundle.identifier does
+    assert final["bundleIdentifier"] in httpx.get(f"{chain.receiver_url}/_accepted").json()
 
 
 def test_authentication_and_registry_authorisation(chain):

@@ -24,7 +24,7 @@ from gateway.optout.base import OptOutUnavailable
 from gateway.optout.register import PATIENT_NUMBER
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
-from gateway.runtime import Runtime
+from gateway.runtime import Runtime, bundle_identifier
 from gateway.service import errors
 from gateway.service.auth import Caller, require_admin, require_registry
 from gateway.service.body import check_content_type, read_limited
@@ -316,6 +316,7 @@ def _delivery_view(d: Any) -> dict[str, Any]:
         "updatedAt": iso_instant(d.updated_at),
         "registryStatus": d.registry_status,
         "lastError": d.last_error,
+        "bundleIdentifier": bundle_identifier(d.idempotency_key),  # as the registry has it
     }
 
 
