@@ -120,7 +120,8 @@ def list_deliveries(
         console.print(f"[red]{response.status_code}: {response.text[:300]}[/red]")
         raise typer.Exit(1)
     table = Table(title="Deliveries")
-    for col in ("id", "registry", "status", "attempts", "registry status", "last error"):
+    columns = ("id", "registry", "status", "attempts", "created", "updated", "registry status", "last error")
+    for col in columns:
         table.add_column(col)
     for d in response.json():
         table.add_row(
@@ -128,6 +129,8 @@ def list_deliveries(
             d["registry"],
             d["status"],
             str(d["attempts"]),
+            str(d.get("createdAt") or "-"),
+            str(d.get("updatedAt") or "-"),
             str(d.get("registryStatus") or "-"),
             (d.get("lastError") or "")[:60],
         )
