@@ -170,7 +170,11 @@ def callers_add(
         key = add_caller(file, name, role, provider=provider, registries=registry or ())
     except AuthConfigError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"added {name} ({role}) to {file}. API key (shown once, store it now):", highlight=False)
+    console.print(
+        f"added {name} ({role}) to {file}; a running `ttp serve` takes it in when restarted. "
+        "API key (shown once, store it now):",
+        highlight=False,
+    )
     typer.echo(key)
 
 
