@@ -94,6 +94,7 @@ class Processed:
     payload: bytes | None = None  # orjson.dumps(bundle), exactly the text the leak gate scanned
     dropped_entries: dict[str, set[int]] = field(default_factory=dict)  # reason → input entry indices
     sources: list[int | None] = field(default_factory=list)  # output entry → input entry (None: Provenance)
+    deid_dropped: dict[int, str] = field(default_factory=dict)  # input entry → why de-identification dropped
 
 
 async def process_bundle(
@@ -208,7 +209,10 @@ async def process_bundle(
         # empty transaction is no delivery (a probe saw one forwarded and audited as delivered)
         return Processed(None, report, dropped_entries=dropped_entries)
     sources = [input_paths.position(s) for s in result.sources]
-    return Processed(result.bundle, report, _patient_keys(result.bundle), payload, dropped_entries, sources)
+    deid_dropped = {input_paths.position(i): why for i, why in result.report.dropped_at.items()}
+    return Processed(
+        result.bundle, report, _patient_keys(result.bundle), payload, dropped_entries, sources, deid_dropped
+    )
 
 
 async def _cpu(off_loop: bool, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:

@@ -831,3 +831,38 @@ def test_one_export_run_from_two_work_dirs_into_one_store_is_stored_once(tmp_pat
     assert first.job == second.job and first.bundles == 3 and first.bundles_already_stored == 0
     assert (second.bundles, second.bundles_already_stored) == (0, 3)
     assert store.depth(REGISTRY)["queued"] == 3
+
+
+def test_every_line_of_the_export_is_sent_or_dropped_once_per_type(tmp_path: Path) -> None:
+    """A probe: to a registry that takes no Organization or Practitioner, every Bundle's copy of a shared
+    one was counted as dropped, and the lines themselves again as never referenced (in 20, dropped 88). A
+    shared line is now counted once: sent, dropped for its reason, or never referenced."""
+    import yaml
+
+    from gateway.config import REPO_ROOT
+
+    raw = yaml.safe_load((REPO_ROOT / "profiles" / f"{REGISTRY}.yaml").read_text())
+    for rtype in ("Organization", "Practitioner", "PractitionerRole"):
+        raw["resources"].pop(rtype)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / f"{REGISTRY}.yaml").write_text(yaml.safe_dump(raw))
+    write_export(tmp_path / "export", SynthSpec(patients=12, resources_per_patient=6, objecting={3}))
+    chains = offline_chains(REGISTRY, tmp_path / "k", profiles_dir=tmp_path / "p")
+    run = run_bulk_async(
+        [tmp_path / "export"],
+        registry=REGISTRY,
+        work_dir=tmp_path / "w",
+        chains=chains,
+        sink=DirSink(tmp_path / "out"),
+        options=BulkOptions(group_size=4, patients_per_call=2),
+    )
+    summary = asyncio.run(run).as_dict()
+    for rtype, lines in summary["resourcesIn"].items():
+        dropped = sum(per_type.get(rtype, 0) for per_type in summary["dropped"].values())
+        sent = summary["sent"].get(rtype, 0)
+        assert sent + dropped == lines, (rtype, lines, sent, summary["dropped"])
+    not_taken = summary["dropped"]["deid:type-not-allowed"]
+    unreferenced = summary["dropped"].get("shared-not-referenced", {})
+    for rtype in ("Organization", "Practitioner"):  # the lines some patient refers to, once each
+        assert 0 < not_taken[rtype] == summary["resourcesIn"][rtype] - unreferenced.get(rtype, 0)
+    assert summary["invalidLines"] == []  # a drop by the profile is no bad line

@@ -85,9 +85,9 @@ class GroupResult:
     shared_sent: set[int] = field(default_factory=set)  # line ids of the shared resources some Bundle carries
     pseudonym_types: set[str] = field(default_factory=set)  # the types the TTP gave the group's patients
     lines: int = 0  # the group's own lines and the shared ones it read (as a posted Bundle's resourcesIn)
-    # a shared line rejected in a slice: line id → (file, line, listed reason, drop reason, type); every slice
-    # (and group) that carries it may reject it again, and the job reports it once
-    shared_rejected: dict[int, tuple[int, int, str, str, str]] = field(default_factory=dict)
+    # a shared line rejected in a slice: line id → (file, line, listed reason or None, drop reason, type);
+    # every slice (and group) that carries it may reject it again, and the job reports it once
+    shared_rejected: dict[int, tuple[int, int, str | None, str, str]] = field(default_factory=dict)
 
     def drop(self, reason: str, rtype: str, n: int = 1) -> None:
         label = rtype if rtype in self.known_types else "(unknown)"  # a type name from input only if R4
@@ -110,10 +110,19 @@ class GroupResult:
         self.patients_opted_out += int(report.get("patientsDroppedOptOut") or 0)
         self.patients_unknown_optout += int(report.get("patientsDroppedUnknownOptOut") or 0)
         self.patients_no_pseudonym += int(report.get("patientsDroppedNoPseudonym") or 0)
-        deid = report.get("deidentification") or {}
-        for reason, per_type in (deid.get("dropped") or {}).items():
-            for rtype, n in per_type.items():
-                self.drop(f"deid:{reason}", rtype, int(n))
+
+    def add_deid_drops(self, items: Sequence[_Item], dropped: dict[int, str]) -> None:
+        """What de-identification dropped: a patient's own line counted here; a shared line once for the
+        job, under its reason (a probe saw every copy of a type the profile does not take counted, and the
+        lines again as never referenced). Out of a slice that does not refer to it, it is not a drop."""
+        for i, reason in dropped.items():
+            item = items[i]
+            if item.owner is not None:
+                self.drop(f"deid:{reason}", item.line.rtype)
+            elif reason != "not-linked-to-a-patient":
+                line = item.line
+                fate = (line.file, line.line, None, f"deid:{reason}", line.rtype)
+                self.shared_rejected.setdefault(line.id, fate)
 
     def add_chain_drops(self, items: Sequence[_Item], dropped_entries: dict[str, set[int]]) -> None:
         """Opt-out and no-pseudonym drops, of the patients' own lines only: a shared line goes with every
@@ -233,6 +242,7 @@ async def _process(
             raise OptOutUnavailable("an opt-out source could not be reached")
         result.add_report(processed.report)
         result.add_chain_drops(items, processed.dropped_entries)
+        result.add_deid_drops(items, processed.deid_dropped)
         if processed.bundle is None:
             return []
         return [(processed.bundle, [None if s is None else items[s] for s in processed.sources])]

@@ -83,7 +83,8 @@ class BulkSummary:
             if line_id not in self._shared_rejected:
                 self._shared_rejected.add(line_id)
                 self._drop(reason, rtype, 1)
-                self._list(file_no, line, listed)
+                if listed is not None:  # a de-identification drop is no bad line
+                    self._list(file_no, line, listed)
 
     def _list(self, file_no: int, line: int, reason: str) -> None:
         if len(self.invalid_lines) < 1000:

@@ -82,10 +82,14 @@ class DeidReport:
     elements_removed: dict[str, int] = field(default_factory=dict)  # element label -> count
     references_dropped: int = 0
     refused: str | None = None  # set when the profile forbids person-level delivery
+    # entry position in the input → why it was dropped (bulk counts a shared resource's copies once)
+    dropped_at: dict[int, str] = field(default_factory=dict)
 
-    def drop(self, reason: str, rtype: str) -> None:
+    def drop(self, reason: str, rtype: str, position: int | None = None) -> None:
         per = self.dropped.setdefault(reason, {})
         per[rtype] = per.get(rtype, 0) + 1
+        if position is not None:
+            self.dropped_at[position] = reason
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -444,16 +448,17 @@ def _select(
         label = rtype if rtype in known else "(unknown)"  # resourceType is input: only known names reported
         report.resources_in += 1
         if not person_level:
-            report.drop("aggregated-only", label)
+            report.drop("aggregated-only", label, index)
         elif rtype not in nodes:
-            report.drop("type-not-allowed", label)
+            report.drop("type-not-allowed", label, index)
         elif "modifierExtension" in res and not _modifiers_ok(res["modifierExtension"], plan.modifier_ok):
-            report.drop("unknown-modifierExtension", label)
+            report.drop("unknown-modifierExtension", label, index)
         else:
             keys = _entry_keys(entry, rtype, res)
             pseud = _lookup_pseudonyms(keys, pseudonyms) if rtype == "Patient" else []
             if rtype == "Patient" and not pseud:
-                report.drop("no-pseudonym", label)  # fail closed: an unlinkable patient is not delivered
+                # fail closed: an unlinkable patient is not delivered
+                report.drop("no-pseudonym", label, index)
                 continue
             basis = (
                 keys[-1]
@@ -656,7 +661,7 @@ def _walk_all(
                         out["meta"] = meta
                 walk(res, nodes[rtype], ctx, out)
         except p.DropResource as exc:
-            report.drop(exc.reason, c.rtype)
+            report.drop(exc.reason, c.rtype, c.index)
             dead.add("urn:uuid:" + c.new_id)
             continue
         if p.complete(out, required[c.rtype]):
@@ -664,7 +669,7 @@ def _walk_all(
         else:
             # e.g. Condition.subject pointed at a patient that is not delivered, or the only medication
             # was free text: the rest is meaningless, and not valid R4
-            report.drop("required-element-lost", c.rtype)
+            report.drop("required-element-lost", c.rtype, c.index)
             dead.add("urn:uuid:" + c.new_id)
     while True:
         if not dead:
@@ -676,7 +681,7 @@ def _walk_all(
             return kept
         for c, _ in lost:
             # e.g. Condition.subject pointed at a patient that is not delivered: the rest is meaningless
-            report.drop("required-element-lost", c.rtype)
+            report.drop("required-element-lost", c.rtype, c.index)
             dead.add("urn:uuid:" + c.new_id)
         kept = [(c, out) for c, out in kept if "urn:uuid:" + c.new_id not in dead]
 
@@ -696,7 +701,7 @@ def _linked_to_patients(
         return kept
     dead = set(urns) - reached
     for urn in dead:
-        report.drop("not-linked-to-a-patient", urns[urn].rtype)
+        report.drop("not-linked-to-a-patient", urns[urn].rtype, urns[urn].index)
     out = []
     types_r4 = r4()
     for c, resource in kept:
@@ -706,7 +711,7 @@ def _linked_to_patients(
         if dead.intersection(links.get(urn, ())):  # a shared role's reference to what does not go
             resource = _prune(resource, dead, c.rtype, types_r4)
             if not p.complete(resource, types_r4.must_have(c.rtype)):
-                report.drop("required-element-lost", c.rtype)
+                report.drop("required-element-lost", c.rtype, c.index)
                 continue
         out.append((c, resource))
     return out
