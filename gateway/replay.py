@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,15 @@ class ReplayResult:
 
 
 def expand(paths: Iterable[Path]) -> list[Path]:
+    """Each bundle file; a folder's bundles, and its NDJSON files as ONE export (the folder itself): a Bulk
+    Data export is one file per resource type, and one type alone is no delivery (a probe's replay posted
+    Condition.ndjson as a job of its own)."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix in (".json", ".ndjson")))
+            files.extend(sorted(p for p in path.iterdir() if p.suffix == ".json"))
+            if any(p.suffix == ".ndjson" for p in path.iterdir()):
+                files.append(path)
         else:
             files.append(path)
     return files
@@ -53,16 +59,57 @@ def replay(
 
 
 def _post_one(client: httpx.Client, path: Path, registry: str) -> ReplayResult:
-    body = path.read_bytes()
-    if path.suffix == ".ndjson":
+    name = f"{path.name}/" if path.is_dir() else path.name
+    export = path.is_dir() or path.suffix == ".ndjson"
+    if export:
         url, ctype = f"/registries/{registry}/$import", "application/fhir+ndjson"
     else:
         url, ctype = f"/registries/{registry}/Bundle", "application/fhir+json"
     try:
+        body = _ndjson(path) if export else path.read_bytes()
         response = client.post(url, content=body, headers={"Content-Type": ctype})
+        if export and response.status_code == 202 and "Content-Location" in response.headers:
+            return _job_result(name, _wait_for_job(client, response.headers["Content-Location"]))
     except httpx.HTTPError as exc:
-        return ReplayResult(path.name, 0, "error", None, type(exc).__name__)
-    return _interpret(path.name, response)
+        return ReplayResult(name, 0, "error", None, type(exc).__name__)
+    return _interpret(name, response)
+
+
+def _ndjson(path: Path) -> Iterator[bytes]:
+    """The export's lines, file after file (streamed: an export need not fit in memory)."""
+    for file in sorted(path.glob("*.ndjson")) if path.is_dir() else [path]:
+        last = b"\n"
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                last = chunk[-1:]
+                yield chunk
+        if last != b"\n":
+            yield b"\n"
+
+
+def _wait_for_job(client: httpx.Client, location: str, poll: float = 0.5) -> httpx.Response:
+    """The bulk job's status once it is done (`GET /bulk/{job}` answers 202 while it runs)."""
+    while True:
+        response = client.get(location)
+        if response.status_code != 202:
+            return response
+        time.sleep(poll)
+
+
+def _job_result(name: str, response: httpx.Response) -> ReplayResult:
+    if response.status_code != 200:
+        return _interpret(name, response)
+    status = orjson.loads(response.content)
+    summary = status.get("summary") or {}
+    parts = [
+        f"patients {summary.get('patients', 0)}",
+        f"opted out {summary.get('patientsOptedOut', 0)}",
+        f"Bundles {summary.get('bundles', 0)}",
+    ]
+    if status.get("error"):
+        parts.append(str(status["error"]))
+    state, job = str(status.get("state")), status.get("job")
+    return ReplayResult(name, response.status_code, state, job, ", ".join(parts))
 
 
 def _interpret(name: str, response: httpx.Response) -> ReplayResult:

@@ -655,3 +655,17 @@ def test_one_export_posted_to_two_gateways_of_one_store_is_delivered_once(tmp_pa
         assert len(outbox) == first["bundles"]  # what is in the outbox is all the registry can ever get
         wait_received(chain.receiver_url, first["bundles"])
         assert len(httpx.get(f"{chain.receiver_url}/deliveries").json()) == first["bundles"]
+
+
+def test_replay_sends_an_export_folder_as_one_import_and_waits_for_its_job(chain, tmp_path: Path) -> None:  # noqa: ANN001
+    """A probe: `replay EXPORT/` posted each NDJSON file as a job of its own (Condition.ndjson alone: every
+    line without its patient; Consent.ndjson alone failed) and showed outcome "?" without waiting."""
+    from gateway.replay import expand, replay
+
+    c, _ = chain
+    write_export(tmp_path / "export", SynthSpec(patients=6, resources_per_patient=5, objecting={2}))
+    files = expand([tmp_path / "export"])
+    assert files == [tmp_path / "export"]
+    (result,) = replay(files, base_url=c.gateway_url, registry=REGISTRY, api_key=c.ehr_api_key)
+    assert (result.status, result.outcome) == (200, "completed"), result
+    assert "patients 6, opted out 1" in result.detail and result.delivery
