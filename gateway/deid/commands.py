@@ -59,6 +59,9 @@ def scan(
     """Leak gate: exit 1 if a file still contains a BSN or an identifying value of the original."""
     sensitive: SensitiveSet | None = None
     options = {}
+    if registry is not None and original is None:
+        typer.echo("--registry says how the --original was de-identified: give --original too", err=True)
+        raise typer.Exit(2)
     if registry is not None:
         try:
             options = load_profile(DEFAULT_PROFILES / f"{registry}.yaml").leak_gate_options()
