@@ -34,7 +34,6 @@ from dataclasses import replace
 
 import orjson
 
-import gateway.process
 from gateway.bulk.chains import offline_chains
 from gateway.bulk.group import Chains
 from gateway.pipeline.parse import parse_json
@@ -184,17 +183,11 @@ def _fhir_stage(
 
 
 def _profile(run: Callable[[], bytes]) -> None:
-    # cProfile sees one thread only: keep the CPU stages on it (the service runs a big Bundle's in a thread)
-    off_loop = gateway.process.OFF_LOOP_ENTRIES
-    gateway.process.OFF_LOOP_ENTRIES = sys.maxsize
     profiler = cProfile.Profile()
     profiler.enable()
-    try:
-        for _ in range(5):
-            run()
-    finally:
-        profiler.disable()
-        gateway.process.OFF_LOOP_ENTRIES = off_loop
+    for _ in range(5):
+        run()
+    profiler.disable()
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
     print("cProfile of the whole chain (5 runs), by own time:")

@@ -55,9 +55,10 @@ REPORT_COUNTS = (
 _T = TypeVar("_T")
 log = logging.getLogger("gateway.process")  # counts only: never a value from a bundle
 
-# A Bundle of more entries runs its CPU stages (validation, de-identification, the leak gate) in a worker
-# thread, so that the event loop keeps answering /healthz and other EHRs meanwhile: a 100,000-entry Bundle
-# held it for seconds. A smaller one stays inline (tens of milliseconds at most; the hop would cost more).
+# A posted Bundle (`serving`) of more entries runs its CPU stages (validation, de-identification, the leak
+# gate) in a worker thread, so that the event loop keeps answering /healthz and other EHRs meanwhile: a
+# 100,000-entry Bundle held it for seconds. A smaller one stays inline (tens of milliseconds at most; the
+# hop would cost more).
 OFF_LOOP_ENTRIES = 500
 
 
@@ -106,6 +107,7 @@ async def process_bundle(
     mapping: InputMapping,
     recorded: str | None = None,
     other_people: Sequence[dict[str, Any]] = (),
+    serving: bool = False,
 ) -> Processed:
     """`recorded` (a FHIR instant) goes into the Provenance; by default the current time. `other_people`:
     Patients of whom nothing is delivered here but whose values must not leak into it either (bulk: the
@@ -118,7 +120,8 @@ async def process_bundle(
             "this registry's profile allows aggregated data only; person-level delivery is refused",
             "registry",
         )
-    off_loop = len(bundle.get("entry") or ()) > OFF_LOOP_ENTRIES
+    # only where an event loop serves others: a bulk worker's thread would cost a malloc arena, not time
+    off_loop = serving and len(bundle.get("entry") or ()) > OFF_LOOP_ENTRIES
     index = await _cpu(off_loop, _validated, bundle, validator, registry)
     decisions = await decide_optout(bundle, index.patients, registry, provider)
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}

@@ -197,6 +197,7 @@ class Runtime:
                 provider=self.providers[provider],
                 validator=self.validator,
                 mapping=self.mapping,
+                serving=True,
             )
         except FhirError as err:
             await self.record_refusal(caller, registry, err)
