@@ -43,6 +43,7 @@ from gateway.process import (
 from gateway.pseudonym.mapping import InputMapping, load_input_mapping
 from gateway.pseudonym.source import SourceStage
 from gateway.service.auth import Authenticator, Caller
+from gateway.service.logs import request_id
 from gateway.store import AuditInput, Store, StoreUnavailable, open_store
 from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable, round_trip
 from gateway.ttp.client import CachingTTP
@@ -399,6 +400,12 @@ def _registry_auth(name: str, auth: Any) -> Any:
         raise ValueError(f"registries.{name}.auth: {err}{hint}") from None
 
 
+def _request_id() -> str | None:
+    """The X-Request-ID of the post being handled (as on its log lines), or None outside a request."""
+    current = request_id.get()
+    return None if current == "-" else current
+
+
 def objection_audit(caller: Caller, registry: str, change: str, outcome: str) -> AuditInput:
     return AuditInput(
         actor=caller.client_id,
@@ -406,6 +413,7 @@ def objection_audit(caller: Caller, registry: str, change: str, outcome: str) ->
         registry=registry,
         event=f"objection-{change}",
         outcome=outcome,
+        request_id=_request_id(),
     )
 
 
@@ -420,6 +428,7 @@ def _refusal(caller: Caller, registry: str, err: FhirError) -> AuditInput:
         event="refused",
         outcome=f"{err.status}-{err.issues[0].code}" if err.issues else str(err.status),
         counts={"issues": dict(kinds)},
+        request_id=_request_id(),
     )
 
 
@@ -432,6 +441,7 @@ def _audit(caller: Caller, registry: str, outcome: str, report: dict[str, Any]) 
         outcome=outcome,
         counts=_counts(report),
         pseudonym_types=tuple(sorted(report.get("pseudonymTypes") or {})),
+        request_id=_request_id(),
     )
 
 

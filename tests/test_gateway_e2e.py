@@ -643,3 +643,16 @@ def test_a_home_visit_is_delivered_with_the_home_address_generalised(chain):
         assert address["postalCode"] == home["postalCode"][:4] and "line" not in address
     text = orjson.dumps(out).decode()
     assert street not in text and home["postalCode"] not in text
+
+
+def test_an_audit_event_names_the_request_it_came_from(chain):
+    """A probe: a refused post in the audit trail could not be matched to the EHR's request or the logs."""
+    fresh = orjson.loads((EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_bytes())
+    fresh["identifier"] = {"system": "urn:ietf:rfc:3986", "value": "urn:uuid:4d0f5c1e-6a8e-4b57-9d3e"}
+    good = _post(chain, orjson.dumps(fresh))
+    bad = _post(chain, b'{"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": 1}]}')
+    assert good.status_code == 200 and bad.status_code == 400
+    events = chain.runtime.store.list_audit(registry=REGISTRY, limit=10000)
+    by_request = {e.request_id: e for e in events if e.request_id}
+    assert by_request[bad.headers["X-Request-ID"]].event == "refused"
+    assert by_request[good.headers["X-Request-ID"]].event in ("accepted", "received")

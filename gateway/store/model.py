@@ -86,6 +86,7 @@ class AuditEvent:
     counts: dict[str, Any] = field(default_factory=dict)
     pseudonym_types: tuple[str, ...] = ()
     detail: str | None = None  # fixed text or the registry's OperationOutcome
+    request_id: str | None = None  # the HTTP request it came from (X-Request-ID), if any
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,4 @@ class AuditInput:
     pseudonym_types: tuple[str, ...] = ()
     detail: str | None = None
     once_key: str | None = None  # set: the event is recorded once per key (a redone step writes nothing)
+    request_id: str | None = None  # the HTTP request it came from (X-Request-ID), if any

@@ -91,6 +91,14 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE UNIQUE INDEX audit_once ON audit_events (once_key)",
         ),
     ),
+    (
+        5,
+        (
+            # The id of the HTTP request an event came from (its X-Request-ID, on every log line of it): a
+            # refused post in the audit trail can be matched to the EHR's request and the gateway's logs.
+            "ALTER TABLE audit_events ADD COLUMN request_id TEXT",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

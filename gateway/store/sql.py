@@ -31,7 +31,7 @@ _META = (
 _WITH_PAYLOAD = _META + ", payload"
 _AUDIT = (
     "id, at, actor, provider, registry, event, outcome, delivery_id, registry_status, counts_json, "
-    "pseudonym_types, detail"
+    "pseudonym_types, detail, request_id"
 )
 MAX_ERROR_TEXT = 8000  # a registry's OperationOutcome is kept for the operator, bounded
 
@@ -412,8 +412,8 @@ class SqlStore:
         self._q(
             conn,
             """INSERT INTO audit_events (at, actor, provider, registry, event, outcome, delivery_id,
-                       registry_status, counts_json, pseudonym_types, detail, once_key)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       registry_status, counts_json, pseudonym_types, detail, once_key, request_id)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (once_key) DO NOTHING""",
             (
                 now,
@@ -428,6 +428,7 @@ class SqlStore:
                 ",".join(sorted(set(event.pseudonym_types))),
                 _bounded(event.detail),
                 event.once_key,
+                event.request_id,
             ),
         )
 
@@ -673,6 +674,7 @@ def _audit_event(row: tuple[Any, ...]) -> AuditEvent:
         counts=orjson.loads(row[9]),
         pseudonym_types=_types(row[10]),
         detail=row[11],
+        request_id=row[12],
     )
 
 
