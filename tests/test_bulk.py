@@ -225,6 +225,19 @@ def test_manifest_must_stay_inside_the_import_folder(tmp_path: Path) -> None:
             resolve_sources([bad], allowed_root=tmp_path / "imports")
 
 
+def _to_dir(tmp_path: Path, chains, options: BulkOptions):  # noqa: ANN001, ANN202 - Chains, BulkSummary
+    """The export under tmp_path/export, delivered as files into tmp_path/out (work dir tmp_path/w)."""
+    run = run_bulk_async(
+        [tmp_path / "export"],
+        registry=REGISTRY,
+        work_dir=tmp_path / "w",
+        chains=chains,
+        sink=DirSink(tmp_path / "out"),
+        options=options,
+    )
+    return asyncio.run(run)
+
+
 def _outbox(tmp_path: Path) -> tuple[Store, StoreSink]:
     """A gateway store on SQLite and the bulk sink that writes into it."""
     store = open_store(f"sqlite:///{tmp_path / 'gw.db'}")
@@ -367,16 +380,7 @@ def test_a_group_cut_off_half_way_is_redone_without_duplicates(tmp_path: Path) -
             )
         )
     assert len(list((tmp_path / "out").glob("*.json"))) == 3
-    summary = asyncio.run(
-        run_bulk_async(
-            [tmp_path / "export"],
-            registry=REGISTRY,
-            work_dir=tmp_path / "w",
-            chains=chains,
-            sink=DirSink(tmp_path / "out"),
-            options=options,
-        )
-    )
+    summary = _to_dir(tmp_path, chains, options)
     assert summary.bundles_already_stored == 3 and summary.groups_resumed == 0
     assert sum(r["resourceType"] == "Patient" for r in resources(tmp_path / "out")) == 8
 
@@ -398,16 +402,7 @@ def test_one_ttp_batch_per_group_and_never_an_objecting_patient(tmp_path: Path) 
     chains = offline_chains(REGISTRY, tmp_path / "w")
     recorder = _RecordingTTP(chains.provider.ttp)
     chains = dataclasses.replace(chains, provider=dataclasses.replace(chains.provider, ttp=recorder))
-    summary = asyncio.run(
-        run_bulk_async(
-            [tmp_path / "export"],
-            registry=REGISTRY,
-            work_dir=tmp_path / "w",
-            chains=chains,
-            sink=DirSink(tmp_path / "out"),
-            options=BulkOptions(group_size=15, patients_per_call=4),
-        )
-    )
+    summary = _to_dir(tmp_path, chains, BulkOptions(group_size=15, patients_per_call=4))
     assert summary.groups_total == 2 and len(recorder.batches) == 2 == summary.ttp_batches
     assert summary.patients_opted_out == 2 and summary.sent["Patient"] == 28
     sent = {item.value for batch in recorder.batches for item in batch}
@@ -848,15 +843,7 @@ def test_every_line_of_the_export_is_sent_or_dropped_once_per_type(tmp_path: Pat
     (tmp_path / "p" / f"{REGISTRY}.yaml").write_text(yaml.safe_dump(raw))
     write_export(tmp_path / "export", SynthSpec(patients=12, resources_per_patient=6, objecting={3}))
     chains = offline_chains(REGISTRY, tmp_path / "k", profiles_dir=tmp_path / "p")
-    run = run_bulk_async(
-        [tmp_path / "export"],
-        registry=REGISTRY,
-        work_dir=tmp_path / "w",
-        chains=chains,
-        sink=DirSink(tmp_path / "out"),
-        options=BulkOptions(group_size=4, patients_per_call=2),
-    )
-    summary = asyncio.run(run).as_dict()
+    summary = _to_dir(tmp_path, chains, BulkOptions(group_size=4, patients_per_call=2)).as_dict()
     for rtype, lines in summary["resourcesIn"].items():
         dropped = sum(per_type.get(rtype, 0) for per_type in summary["dropped"].values())
         sent = summary["sent"].get(rtype, 0)
