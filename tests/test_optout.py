@@ -207,6 +207,9 @@ def test_registry_exception_is_registry_specific() -> None:
         ({"provision": {"type": "weigeren"}}, "unknown"),
         ({"provision": {"type": "deny", "purpose": "HQUALIMP"}}, "unknown"),
         ({"provision": {"type": "deny", "actor": [{"role": {}}]}}, "unknown"),
+        # a re-probe: a deny whose purpose has no code (a display, a system alone) let the objector through
+        ({"provision": {"type": "deny", "purpose": [{"display": "kwaliteitsregistratie"}]}}, "unknown"),
+        ({"provision": {"type": "deny", "purpose": [{"system": ACT_REASON}]}}, "unknown"),
         # a probe: an actor given by display alone was taken for another party, and the objector delivered
         (
             {"provision": {"type": "deny", "actor": [{"role": {}, "reference": {"display": "alle"}}]}},

@@ -193,6 +193,8 @@ def _purpose_matches(purposes: Any, rule: str | None, policy: ConsentPolicy) -> 
     if not isinstance(purposes, list) or not all(isinstance(p, dict) for p in purposes):
         raise Unparseable
     named = {(_system(p), p.get("code")) for p in purposes}
+    if rule != "permit" and any(code is None for _, code in named):
+        raise Unparseable  # a purpose by display or system alone may be this one (a probe's was delivered)
     if rule == "permit":
         # A purpose without a system (sloppy, but seen in exports) counts as the delivery purpose with that
         # code; an exception that lets data go must cover every delivery purpose.
