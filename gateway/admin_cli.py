@@ -35,7 +35,7 @@ def import_objections(
 ) -> None:
     """Import a provider's objection list. Only keyed hashes of the patient numbers are stored."""
     from gateway.keys import load_keys
-    from gateway.optout import ObjectionCsvError, objection_digest, read_objection_csv
+    from gateway.optout import ObjectionCsvError, objection_digest, read_objection_csv, registered_form
     from gateway.store import AuditInput, open_store
 
     settings = Settings(config=config)
@@ -54,9 +54,8 @@ def import_objections(
     try:
         for number in read_objection_csv(csv_file, on_error=bad.append):
             total += 1
-            added += bool(
-                store.optout_add(provider, registry, objection_digest(keys.objection_key(), provider, number))
-            )
+            digest = objection_digest(keys.objection_key(), provider, registered_form(number))
+            added += bool(store.optout_add(provider, registry, digest))
         outcome = "imported"
     except ObjectionCsvError as err:  # the file as a whole (no header, empty): nothing was read
         console.print(f"[red]{err}[/red]")

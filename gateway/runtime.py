@@ -28,7 +28,14 @@ from gateway.forward import RegistryClient, auth_from_config
 from gateway.idempotency import content_digest
 from gateway.keys import GatewayKeys, load_keys
 from gateway.metrics import GatewayMetrics
-from gateway.optout import ConsentPolicy, EhrConsentSearch, OptOutSource, RegisterOptOut, objection_digest
+from gateway.optout import (
+    ConsentPolicy,
+    EhrConsentSearch,
+    OptOutSource,
+    RegisterOptOut,
+    objection_digest,
+    registered_form,
+)
 from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable
 from gateway.outcome import FhirError
 from gateway.pipeline.validate import SchemaValidator
@@ -307,7 +314,8 @@ class Runtime:
     # officer can say who registered or withdrew an objection.
     async def objections_add(self, caller: Caller, patient_number: str, registry: str) -> bool:
         """Register an objection; True if it was new."""
-        digest = objection_digest(self.keys.objection_key(), caller.provider or "", patient_number)
+        number = registered_form(patient_number)
+        digest = objection_digest(self.keys.objection_key(), caller.provider or "", number)
         new = await asyncio.to_thread(self.store.optout_add, caller.provider or "", registry, digest)
         outcome = "new" if new else "already-registered"
         await asyncio.to_thread(
@@ -317,8 +325,11 @@ class Runtime:
 
     async def objections_withdraw(self, caller: Caller, patient_number: str, registry: str) -> bool:
         """Withdraw an objection; False if none was registered for this number and registry."""
-        digest = objection_digest(self.keys.objection_key(), caller.provider or "", patient_number)
-        gone = await asyncio.to_thread(self.store.optout_withdraw, caller.provider or "", registry, digest)
+        provider, gone = caller.provider or "", False
+        # as registered now, and as an objection registered before was (the number as given)
+        for number in dict.fromkeys((registered_form(patient_number), patient_number.strip())):
+            digest = objection_digest(self.keys.objection_key(), provider, number)
+            gone |= await asyncio.to_thread(self.store.optout_withdraw, provider, registry, digest)
         outcome = "withdrawn" if gone else "not-registered"
         await asyncio.to_thread(
             self.store.record_audit, objection_audit(caller, registry, "withdrawn", outcome)

@@ -284,7 +284,7 @@ def test_relative_paths_are_in_the_configurations_folder_whatever_the_current_on
     registries = {"heart": {"profile": "heart", "endpoint": "http://127.0.0.1:9"}}
     raw = {"providers": [{"id": provider}], "registries": registries, "profiles_dir": "profiles"}
     config.write_text(yaml.safe_dump(raw))
-    (elsewhere / "objections.csv").write_text("patient_number\nP0001234\n")
+    (elsewhere / "objections.csv").write_text("patient_number\nP0001234\nAb12Cd\n")
     monkeypatch.chdir(elsewhere)
     for name in ("FHIR_GATEWAY_KEY_DIR", "FHIR_GATEWAY_STORE_URL", "FHIR_GATEWAY_CONFIG"):
         monkeypatch.delenv(name, raising=False)
@@ -295,6 +295,21 @@ def test_relative_paths_are_in_the_configurations_folder_whatever_the_current_on
     assert (home / "var" / "gateway.db").is_file() and not (elsewhere / "var").exists()
     assert str(home / "var" / "gateway.db") in result.output.replace("\n", "")  # the store it wrote to
     assert load_config(config).profiles_dir == str(home / "profiles")
+    # a re-probe: a number registered in mixed case held for that spelling only; now for any case
+    import asyncio
+
+    from gateway.keys import load_keys
+    from gateway.optout import RegisterOptOut
+    from gateway.optout.base import PatientRef
+    from gateway.store import open_store
+
+    store = open_store(f"sqlite:///{home / 'var' / 'gateway.db'}")
+    key = load_keys(home / "var" / "keys", [provider]).objection_key()
+    source = RegisterOptOut(store.objection_lookup, key)
+    numbers = ("ab12cd", "AB12CD", "p0001234")
+    refs = [PatientRef(f"p{n}", {}, mrn, provider, "heart") for n, mrn in enumerate(numbers)]
+    decisions = asyncio.run(source.check(refs))
+    assert [d.status for d in decisions.values()] == ["objected"] * 3
     assert Settings(config=config).key_dir == home / "var" / "keys"
 
 

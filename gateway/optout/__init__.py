@@ -22,6 +22,7 @@ from gateway.optout.register import (
     RegisterOptOut,
     objection_digest,
     read_objection_csv,
+    registered_form,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "entries_to_drop",
     "evaluate_consent",
     "objection_digest",
+    "registered_form",
     "orphaned_by",
     "patient_key",
     "patient_refs",

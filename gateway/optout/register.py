@@ -95,6 +95,12 @@ class RegisterOptOut:
         return Decision("allowed", Reason.REGISTER_NO_OBJECTION)
 
 
+def registered_form(patient_number: str) -> str:
+    """How a number is registered: upper-cased, so that a record numbered in any case finds it (a lookup
+    asks each number as given, upper- and lower-cased: objections registered before are found too)."""
+    return patient_number.strip().upper()
+
+
 def _spellings(numbers: Sequence[str]) -> list[str]:
     """Each number as given, upper- and lower-cased: an objection registered as P0001234 holds for a record
     numbered p0001234 (a probe delivered it). Numbers of digits only are asked once."""
