@@ -562,3 +562,16 @@ def test_an_entry_that_is_no_post_or_put_is_refused_even_with_a_resource(
         validate_bundle({"resourceType": "Bundle", "type": "transaction", "entry": [entry]}, validator)
     assert err.value.status == 422
     assert err.value.outcome()["issue"][0]["expression"] == ["Bundle.entry[0].request.method"]
+
+
+def test_a_contained_resource_that_contains_resources_is_refused(validator: SchemaValidator) -> None:
+    """A re-probe: a relative contained in a contained Location was never sought by the leak gate, and their
+    street reached the registry. R4 forbids it (dom-2), the schema does not say so."""
+    relative = {"resourceType": "RelatedPerson", "id": "rp", "patient": {"reference": "Patient/p"}}
+    place = {"resourceType": "Location", "id": "l", "contained": [relative]}
+    visit = {**encounter(), "contained": [place]}
+    issues = validator.validate_resource(visit, "Bundle.entry[1].resource")
+    assert [(i.code, i.expression) for i in issues] == [
+        ("invariant", ("Bundle.entry[1].resource.contained[0].contained",))
+    ]
+    assert validator.validate_resource({**encounter(), "contained": [relative]}) == []

@@ -127,6 +127,10 @@ class SchemaValidator:
                     return
         if "contained" in resource or rtype in _CONTAINERS:  # most resources nest nothing: skip the generator
             for path, nested in _nested_resources(resource, rtype):
+                if path.startswith("contained[") and isinstance(nested, dict) and "contained" in nested:
+                    # R4 dom-2; a re-probe's relative, contained in a contained Location, was never sought
+                    text = "a contained resource must not contain resources (dom-2)"
+                    issues.append(Issue("invariant", text, (f"{prefix}.{path}.contained",)))
                 self._collect(nested, f"{prefix}.{path}", issues)
 
 
