@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -53,6 +53,7 @@ REPORT_COUNTS = (
 
 
 _T = TypeVar("_T")
+_RELATIVE = re.compile(r"([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(?:/_history/.*)?")
 log = logging.getLogger("gateway.process")  # counts only: never a value from a bundle
 
 # A posted Bundle (`serving`) of more entries runs its CPU stages (validation, de-identification, the leak
@@ -132,9 +133,10 @@ async def process_bundle(
     if unlinked:
         dropped_entries["not-linked-to-a-patient"] = unlinked
     if registry.plan.profile.references.get("outside_bundle") != "opaque-id":
-        about_outside = _about_something_outside(bundle, index) - dropped - unlinked
+        delivered_types = registry.plan.nodes.keys()
+        about_outside = _about_something_outside(bundle, index, types, delivered_types) - dropped - unlinked
         if about_outside:
-            dropped_entries["subject-outside-the-bundle"] = about_outside
+            dropped_entries["subject-not-a-patient"] = about_outside
             unlinked = unlinked | about_outside
     report: dict[str, Any] = {
         "patients": len(decisions),
@@ -278,22 +280,36 @@ def _deidentified(
     return result, payload, input_paths
 
 
-def _about_something_outside(bundle: dict[str, Any], index: BundleIndex) -> set[int]:
-    """Entries whose `subject` or `patient` is a resource outside the Bundle (a Group, a Location elsewhere).
-    The profile drops such a reference, and what is left would reach the registry as the data of whichever
-    patient its Encounter leads to (a probe saw a Group's Observation delivered so, without a subject)."""
+def _about_something_outside(
+    bundle: dict[str, Any], index: BundleIndex, types: Sequence[str], delivered: Collection[str]
+) -> set[int]:
+    """Entries whose `subject` or `patient` is a resource outside the Bundle (a Group, a Location elsewhere),
+    or one of a type the profile does not deliver that is no Patient (a Group in the Bundle). The profile
+    drops such a reference, and what is left would reach the registry as the data of whichever patient its
+    Encounter leads to (probes saw a Group's Observation delivered so, without a subject)."""
     outside: dict[int, set[str]] = {}
     for i, ref in index.external_references:
         outside.setdefault(i, set()).add(ref)
-    entries = bundle.get("entry") or []
     found = set()
-    for i, refs in outside.items():
-        resource = entries[i]["resource"]
+    for i, entry in enumerate(bundle.get("entry") or []):
+        resource = entry["resource"]
         for key in ("subject", "patient"):
-            value = resource.get(key)
-            if any(isinstance(r, dict) and r.get("reference") in refs for r in _as_list(value)):
-                found.add(i)
+            for ref in _as_list(resource.get(key)):
+                target = ref.get("reference") if isinstance(ref, dict) else None
+                if not isinstance(target, str):
+                    continue
+                kind = _target_type(target, index, types)
+                if target in outside.get(i, ()) or (kind not in (None, "Patient") and kind not in delivered):
+                    found.add(i)
     return found
+
+
+def _target_type(reference: str, index: BundleIndex, types: Sequence[str]) -> str | None:
+    at = index.by_full_url.get(reference)
+    if at is not None:
+        return types[at]
+    relative = _RELATIVE.match(reference)
+    return relative.group(1) if relative else None
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -341,4 +341,11 @@ def test_a_resource_about_something_outside_the_bundle_is_not_delivered_as_a_pat
     assert [o["subject"]["reference"] for o in delivered(processed, "Observation")] == [
         delivered(processed, "Encounter")[0]["subject"]["reference"]
     ]
-    assert processed.report["resourcesDroppedByReason"] == {"subject-outside-the-bundle": {"Observation": 1}}
+    assert processed.report["resourcesDroppedByReason"] == {"subject-not-a-patient": {"Observation": 1}}
+    # a re-probe: the same with the Group in the Bundle (a type the profile does not take)
+    group = {"resourceType": "Group", "id": "g1", "type": "person", "actual": True}
+    processed = process(
+        chains, collection(person("1", "Aalders", "1950-01-01"), visit(), about_group, own, group)
+    )
+    assert len(delivered(processed, "Observation")) == 1
+    assert processed.report["resourcesDroppedByReason"]["subject-not-a-patient"] == {"Observation": 1}
