@@ -273,13 +273,14 @@ def mrn_reveal(
     values: list[str] = typer.Argument(..., help="MRN pseudonyms (v<n>.<...>) as the registry returned them"),
     registry: str = typer.Option(..., "--registry"),
     config: Path = typer.Option(Path("gateway.yaml"), "--config", "-c", envvar="FHIR_GATEWAY_CONFIG"),
+    provider: str = typer.Option(None, "--provider", help="whose numbers (default: the first provider)"),
 ) -> None:
     """At the hospital: turn MRN pseudonyms fed back by a registry into the hospital's own patient numbers."""
     from gateway.keys import KeyFileError
     from gateway.mrn import reveal_command
 
     try:
-        code = reveal_command(values, registry, config)
+        code = reveal_command(values, registry, config, provider)
     except (ValueError, KeyFileError) as exc:  # configuration, keys, TTP credential: one line
         _fail(str(exc))
     raise typer.Exit(code)

@@ -48,8 +48,9 @@ def _open_inner(value: str, pre: bytes, registry: str, source: SourceStage) -> R
     return Revealed(value, None, "provider-layer-does-not-open")
 
 
-def reveal_command(values: list[str], registry: str, config_path) -> int:  # noqa: ANN001
-    """`fhir-gateway mrn reveal`: runs at the hospital, with the hospital's own keys and TTP credential."""
+def reveal_command(values: list[str], registry: str, config_path, provider_id: str | None = None) -> int:  # noqa: ANN001
+    """`fhir-gateway mrn reveal`: runs at the hospital, with the hospital's own keys and TTP credential.
+    `provider_id`: whose numbers (default: the configuration's first provider)."""
     import asyncio
 
     from gateway.bootstrap import ttp_backend
@@ -57,7 +58,10 @@ def reveal_command(values: list[str], registry: str, config_path) -> int:  # noq
     from gateway.keys import load_keys
 
     config = load_config(config_path)
-    provider = config.providers[0]
+    known = {p.id: p for p in config.providers}
+    if provider_id is not None and provider_id not in known:
+        raise ValueError(f"unknown provider {provider_id!r}: give one of {sorted(known)}")
+    provider = known[provider_id] if provider_id else config.providers[0]
     settings = Settings(config=config_path)
     keys = load_keys(settings.key_dir, [provider.id])
     source = SourceStage(

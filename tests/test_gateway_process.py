@@ -156,6 +156,27 @@ def test_mrn_reveal_command_at_the_hospital(tmp_path):
         )
         assert unknown.returncode == 2 and "unknown registry 'nope'" in unknown.stderr, unknown.stderr
         assert "Traceback" not in unknown.stderr
+        # a re-probe: only the first provider's numbers could be revealed; --provider names whose
+        mine = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "mrn-reveal", *values, "--registry", "example-generic"]
+            + ["--config", str(chain.config_path), "--provider", "ura:00000000"],
+            capture_output=True,
+            text=True,
+            env=chain.env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert mine.returncode == 0 and "P0001234" in mine.stdout, mine.stderr
+        other = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "mrn-reveal", values[0], "--registry", "example-generic"]
+            + ["--config", str(chain.config_path), "--provider", "ura:99999999"],
+            capture_output=True,
+            text=True,
+            env=chain.env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert other.returncode == 2 and "unknown provider" in other.stderr
 
 
 def test_a_synchronous_post_is_forwarded_at_once_not_at_the_next_outbox_poll(tmp_path):
