@@ -227,6 +227,12 @@ def summary_table(summary: BulkSummary, *, offline: bool = False) -> Table:
         "resource (Practitioner, Organization...) goes in every Bundle that refers to it, and each Bundle "
         "gets a Provenance."
     )
+    if summary.groups_total and summary.groups_resumed == summary.groups_total:
+        # a re-probe read "Bundles 1 new" for a rerun that wrote nothing (to a new --to-dir)
+        table.caption += (
+            "\nthis work dir's job was complete already: nothing was run again; the counts are its first "
+            "run's, and its Bundles are where that run put them"
+        )
     if offline:
         # as `deidentify` says: a served gateway also asks the registry's opt-out sources
         table.caption += (
