@@ -45,6 +45,7 @@ SCHEMA = Path("/work/shared/fhir-r4/fhir.schema.json")
 KEY = hashlib.sha256(b"test objection key (not a real key)").digest()
 PROVIDER, REGISTRY = "ura:00001234", "dica"
 ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 REGISTRY_URA = "http://fhir.nl/fhir/NamingSystem/ura|00009999"
 POLICY = ConsentPolicy(registry_actors={REGISTRY: frozenset({REGISTRY_URA})})
@@ -207,6 +208,12 @@ def test_registry_exception_is_registry_specific() -> None:
         ({"provision": {"type": "weigeren"}}, "unknown"),
         ({"provision": {"type": "deny", "purpose": "HQUALIMP"}}, "unknown"),
         ({"provision": {"type": "deny", "actor": [{"role": {}}]}}, "unknown"),
+        # a re-probe: a deny in lower case, and one of a Consent about care and research, were delivered
+        ({"provision": {"type": "deny", "purpose": [{"system": ACT_REASON, "code": "hqualimp"}]}}, "deny"),
+        (
+            {"scope": {"coding": [{"system": CONSENT_SCOPE, "code": c} for c in ("treatment", "research")]}},
+            "deny",
+        ),
         # a re-probe: a deny whose purpose has no code (a display, a system alone) let the objector through
         ({"provision": {"type": "deny", "purpose": [{"display": "kwaliteitsregistratie"}]}}, "unknown"),
         ({"provision": {"type": "deny", "purpose": [{"system": ACT_REASON}]}}, "unknown"),

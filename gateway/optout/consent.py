@@ -114,7 +114,10 @@ def _evaluate(consent: dict, registry: str, policy: ConsentPolicy, now: datetime
         raise Unparseable
     if status != "active":
         return "not-applicable"
-    if _scope_codes(consent.get("scope")) & policy.not_applicable_scopes:
+    scopes = _scope_codes(consent.get("scope"))
+    if scopes and scopes <= policy.not_applicable_scopes:
+        # about care only; a Consent that is also about research or privacy is read (a re-probe's
+        # treatment + research objection was taken for a care directive and its patient delivered)
         return "not-applicable"
     names_registry = bool(_policy_uris(consent) & policy.registry_policies.get(registry, frozenset()))
     context = _Context(policy, registry, now, names_registry)
@@ -202,7 +205,8 @@ def _purpose_matches(purposes: Any, rule: str | None, policy: ConsentPolicy) -> 
         return policy.purposes <= named
     # A deny names a delivery purpose by its code under whatever system: a spelling not known here (a probe
     # delivered an objector whose purpose was written under the OID of v3-ActReason) must not let data go.
-    if {code for _, code in named} & {code for _, code in policy.purposes}:
+    # by its code in any case too: a re-probe's `hqualimp` let its objector through
+    if {code.upper() for _, code in named if isinstance(code, str)} & {c.upper() for _, c in policy.purposes}:
         return True
     known = {ACT_REASON, None} | {system for system, _ in policy.purposes}
     if any(system not in known for system, _ in named):
