@@ -34,19 +34,27 @@ def import_objections(
     config: Path = typer.Option(Path("gateway.yaml"), "--config", "-c", envvar="FHIR_GATEWAY_CONFIG"),
 ) -> None:
     """Import a provider's objection list. Only keyed hashes of the patient numbers are stored."""
-    from gateway.keys import load_keys
+    from gateway.keys import KeyFileError, load_keys
     from gateway.optout import ObjectionCsvError, objection_digest, read_objection_csv, registered_form
     from gateway.store import AuditInput, open_store
 
     settings = Settings(config=config)
-    cfg = load_config(config)
+    try:
+        cfg = load_config(config)
+    except ValueError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
     if registry != "*" and registry not in cfg.registries:
         console.print(f"[red]unknown registry {registry!r}: give one of the configuration's, or *[/red]")
         raise typer.Exit(2)
     if provider not in {p.id for p in cfg.providers}:
         console.print(f"[red]unknown provider {provider!r}: give one of the configuration's providers[/red]")
         raise typer.Exit(2)
-    keys = load_keys(settings.key_dir, [p.id for p in cfg.providers])
+    try:
+        keys = load_keys(settings.key_dir, [p.id for p in cfg.providers])
+    except KeyFileError as err:  # one line naming the file or variable (a re-probe saw a traceback)
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
     store = open_store(settings.store_url)
     bad: list[ObjectionCsvError] = []
     added = total = 0

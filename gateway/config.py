@@ -202,7 +202,7 @@ class Settings(BaseSettings):
         """A relative path is in the folder of the configuration file, not the current one: an operator
         command run elsewhere with `--config` wrote into a new, empty store that no gateway reads (a
         probe's objection import did, and the objector was delivered)."""
-        home = self.config.parent.absolute()
+        home = self.config.resolve().parent  # a symlinked configuration's home is its real folder
         for name in ("key_dir", "bulk_work_dir", "bulk_import_dir"):
             path = getattr(self, name)
             if path is not None and not path.is_absolute():
@@ -221,7 +221,7 @@ def load_config(path: Path) -> GatewayConfig:
     except yaml.YAMLError as exc:
         raise ValueError(f"configuration file {path} is not valid YAML{yaml_position(exc)}") from None
     try:
-        return GatewayConfig.model_validate(_anchored(data, Path(path).parent.absolute()))
+        return GatewayConfig.model_validate(_anchored(data, Path(path).resolve().parent))
     except ValidationError as exc:
         raise ValueError(f"configuration file {path} is invalid: {validation_summary(exc)}") from None
 

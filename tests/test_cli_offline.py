@@ -311,6 +311,16 @@ def test_relative_paths_are_in_the_configurations_folder_whatever_the_current_on
     decisions = asyncio.run(source.check(refs))
     assert [d.status for d in decisions.values()] == ["objected"] * 3
     assert Settings(config=config).key_dir == home / "var" / "keys"
+    # a re-probe: through a symlink in another folder, the paths were the link's folder's
+    (elsewhere / "gateway.yaml").symlink_to(config)
+    linked = Settings(config=elsewhere / "gateway.yaml")
+    assert linked.key_dir == home / "var" / "keys" and str(home / "var" / "gateway.db") in linked.store_url
+    assert load_config(elsewhere / "gateway.yaml").profiles_dir == str(home / "profiles")
+    monkeypatch.setenv("FHIR_GATEWAY_KEY_DIR", str(tmp_path / "no-keys"))
+    keyless = runner.invoke(
+        app, ["objections", "import", "objections.csv", "--provider", provider, "--config", str(config)]
+    )
+    assert keyless.exit_code == 2 and "Traceback" not in keyless.output and "source key" in keyless.output
 
 
 def test_the_demo_refuses_a_work_folder_that_is_not_empty(tmp_path):

@@ -4,9 +4,9 @@ Rules (domain spec §6, decided here where the spec leaves it open):
 
 - Only `status = active` Consents count; draft/proposed/rejected/inactive/entered-in-error are ignored.
   A missing or unknown status is unparseable → unknown.
-- `scope` treatment or adr (e.g. zib TreatmentDirective2, advance directives) is about care, not data use →
-  not applicable. `research` and `patient-privacy` (and any scope this gateway does not know: fail closed)
-  are evaluated.
+- `scope` treatment or adr only (e.g. zib TreatmentDirective2, advance directives) is about care, not data
+  use → not applicable. `research` and `patient-privacy` (and any scope this gateway does not know: fail
+  closed) are evaluated, also beside treatment or adr.
 - Provisions are a tree: the node's `type` is the rule, nested provisions are exceptions to it (R4). A node
   applies when its own `period` covers now (absent = always), its `purpose` is absent or names one of the
   delivery's purposes (default v3-ActReason HQUALIMP, HRESCH; a purpose coding without a system matches
