@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway.bulk.chunks import Chunk, split_transaction
 from gateway.bulk.index import RESOURCE_ID, UUID_ID, Line, pread_files
-from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable
+from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable, Reason
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
 from gateway.pipeline.validate import PatientEntry, SchemaValidator
@@ -82,6 +82,7 @@ class GroupResult:
     known_types: frozenset[str] = frozenset()
     ttp_calls: int = 0
     ttp_misses: int = 0
+    opt_out_reasons: Counter[str] = field(default_factory=Counter)  # why patients were withheld (codes)
     shared_sent: set[int] = field(default_factory=set)  # line ids of the shared resources some Bundle carries
     pseudonym_types: set[str] = field(default_factory=set)  # the types the TTP gave the group's patients
     lines: int = 0  # the group's own lines and the shared ones it read (as a posted Bundle's resourcesIn)
@@ -110,6 +111,7 @@ class GroupResult:
         self.patients_opted_out += int(report.get("patientsDroppedOptOut") or 0)
         self.patients_unknown_optout += int(report.get("patientsDroppedUnknownOptOut") or 0)
         self.patients_no_pseudonym += int(report.get("patientsDroppedNoPseudonym") or 0)
+        self.opt_out_reasons.update(report.get("optOutReasons") or {})
 
     def add_deid_drops(self, items: Sequence[_Item], dropped: dict[int, str]) -> None:
         """What de-identification dropped: a patient's own line counted here; a shared line once for the
@@ -260,7 +262,9 @@ def _withhold(items: list[_Item], patients: set[int], result: GroupResult) -> li
             result.drop("opt-out-unknown", item.line.rtype)
             result.resources_opted_out += 1
             # an owner's other records, and the family travelling with them, are withheld alike
-            result.patients_unknown_optout += item.resource.get("resourceType") == "Patient"
+            if item.resource.get("resourceType") == "Patient":
+                result.patients_unknown_optout += 1
+                result.opt_out_reasons[Reason.CONSENT_UNPARSEABLE] += 1
         else:
             kept.append(item)
     return kept

@@ -299,7 +299,8 @@ def _withheld_counts(result: GroupResult) -> dict[str, Any]:
     # a group's every patient and line here, its delivered ones counted twice in the processing record
     patients = sum(counts[k] for k in counts if k.startswith("patientsDropped"))
     resources = result.resources_opted_out + sum(dropped.get("no-pseudonym", {}).values())
-    return {"patients": patients, "resourcesIn": resources, **counts, "dropped": dropped}
+    reasons = {"optOutReasons": dict(result.opt_out_reasons)} if result.opt_out_reasons else {}
+    return {"patients": patients, "resourcesIn": resources, **counts, "dropped": dropped, **reasons}
 
 
 def _group_counts(result: GroupResult, sent: Counter[str], created: int, duplicates: int) -> dict[str, Any]:
