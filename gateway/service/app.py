@@ -100,7 +100,7 @@ OBJECTION_BODY = {
 
 
 # A body above this is parsed in a worker thread: a 10 MB Bundle takes its 100 ms off the event loop.
-PARSE_OFF_LOOP_BYTES = 256 * 1024
+PARSE_OFF_LOOP_BYTES = 2 * 1024 * 1024
 
 
 def create_app(runtime: Runtime, *, run_worker: bool = True) -> FastAPI:
