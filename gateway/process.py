@@ -132,12 +132,13 @@ async def process_bundle(
     unlinked = not_linked(index, admitted, dropped, types)
     if unlinked:
         dropped_entries["not-linked-to-a-patient"] = unlinked
-    if registry.plan.profile.references.get("outside_bundle") != "opaque-id":
-        delivered_types = registry.plan.nodes.keys()
-        about_outside = _about_something_outside(bundle, index, types, delivered_types) - dropped - unlinked
-        if about_outside:
-            dropped_entries["subject-not-a-patient"] = about_outside
-            unlinked = unlinked | about_outside
+    # outside the Bundle, a subject stays as an opaque id where the profile keeps such references
+    outside_kept = registry.plan.profile.references.get("outside_bundle") == "opaque-id"
+    about_no_patient = _about_no_patient(bundle, index, types, registry.plan.nodes.keys(), outside_kept)
+    about_no_patient -= dropped | unlinked
+    if about_no_patient:
+        dropped_entries["subject-not-a-patient"] = about_no_patient
+        unlinked = unlinked | about_no_patient
     report: dict[str, Any] = {
         "patients": len(decisions),
         "patientsDroppedOptOut": sum(1 for d in decisions.values() if d.status == "objected"),
@@ -280,15 +281,19 @@ def _deidentified(
     return result, payload, input_paths
 
 
-def _about_something_outside(
-    bundle: dict[str, Any], index: BundleIndex, types: Sequence[str], delivered: Collection[str]
+def _about_no_patient(
+    bundle: dict[str, Any],
+    index: BundleIndex,
+    types: Sequence[str],
+    delivered: Collection[str],
+    outside_kept: bool,
 ) -> set[int]:
-    """Entries whose `subject` or `patient` is a resource outside the Bundle (a Group, a Location elsewhere),
-    or one of a type the profile does not deliver that is no Patient (a Group in the Bundle). The profile
-    drops such a reference, and what is left would reach the registry as the data of whichever patient its
-    Encounter leads to (probes saw a Group's Observation delivered so, without a subject)."""
+    """Entries whose `subject` or `patient` is a resource outside the Bundle (a Group, a Location elsewhere;
+    unless `outside_kept`), or one of a type the profile does not deliver that is no Patient (a Group in the
+    Bundle). Such a reference is dropped, and what is left would reach the registry as the data of whichever
+    patient its Encounter leads to (probes saw a Group's Observation delivered so, without a subject)."""
     outside: dict[int, set[str]] = {}
-    for i, ref in index.external_references:
+    for i, ref in () if outside_kept else index.external_references:
         outside.setdefault(i, set()).add(ref)
     found = set()
     for i, entry in enumerate(bundle.get("entry") or []):
