@@ -122,7 +122,8 @@ async def process_bundle(
             "registry",
         )
     # only where an event loop serves others: a bulk worker's thread would cost a malloc arena, not time
-    off_loop = serving and len(bundle.get("entry") or ()) > OFF_LOOP_ENTRIES
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None  # not validated yet: any JSON
+    off_loop = serving and isinstance(entries, list) and len(entries) > OFF_LOOP_ENTRIES
     index = await _cpu(off_loop, _validated, bundle, validator, registry)
     decisions = await decide_optout(bundle, index.patients, registry, provider)
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}

@@ -6,12 +6,17 @@ for /healthz during the post must be a small part of the post itself (before the
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import httpx
 import orjson
+import pytest
 
+from gateway.bulk.chains import offline_chains
+from gateway.outcome import FhirError
+from gateway.process import process_bundle
 from tests.badinput.generate import MRN_SYSTEM as GENERATED_MRN_SYSTEM
 from tests.badinput.generate import bundle, observation, patient
 from tests.processes import MRN_SYSTEM, process_chain
@@ -52,3 +57,22 @@ def test_healthz_is_answered_while_a_large_bundle_is_processed(tmp_path):
     assert posted["status"] == 202, posted["text"]
     assert len(waits) > 10  # /healthz was asked all through the post
     assert max(waits) < posted["seconds"] / 4, (max(waits), posted["seconds"])
+
+
+@pytest.mark.parametrize("entry", [404, True, "x", {"resource": {}}])
+def test_a_bundle_whose_entry_is_no_list_is_a_400_on_the_served_path(tmp_path, entry):
+    """The fuzz test found it: the size of a served Bundle was taken before validation, and `entry: 404`
+    was a 500."""
+    chains = offline_chains("example-generic", tmp_path)
+    bundle_doc = {"resourceType": "Bundle", "type": "transaction", "entry": entry}
+    run = process_bundle(
+        bundle_doc,
+        registry=chains.registry,
+        provider=chains.provider,
+        validator=chains.validator,
+        mapping=chains.mapping,
+        serving=True,
+    )
+    with pytest.raises(FhirError) as info:
+        asyncio.run(run)
+    assert info.value.status == 400
