@@ -109,24 +109,17 @@ def test_mrn_reveal_command_at_the_hospital(tmp_path):
                 if i["system"].endswith(":MRN")
             ]
         assert len(values) == 4
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "mrn-reveal",
-                *values,
-                "--registry",
-                "example-generic",
-                "--config",
-                str(chain.config_path),
-            ],
-            capture_output=True,
-            text=True,
-            env=chain.env,
-            cwd=tmp_path,
-            timeout=60,
-        )
+        def reveal(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "gateway.cli", "mrn-reveal", *args, "-c", str(chain.config_path)],
+                capture_output=True,
+                text=True,
+                env=chain.env,
+                cwd=tmp_path,
+                timeout=60,
+            )
+
+        out = reveal(*values, "--registry", "example-generic")
         assert out.returncode == 0, out.stderr[-2000:] + out.stdout[-2000:]
         assert sorted(line.split("\t")[1] for line in out.stdout.splitlines() if "\t" in line) == [
             "H-778899",
@@ -145,37 +138,13 @@ def test_mrn_reveal_command_at_the_hospital(tmp_path):
         )
         assert "P0001234" not in str(events)
         # a probe: an unknown registry ended in a TTPRejected traceback
-        unknown = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "mrn-reveal", values[0], "--registry", "nope"]
-            + ["--config", str(chain.config_path)],
-            capture_output=True,
-            text=True,
-            env=chain.env,
-            cwd=tmp_path,
-            timeout=60,
-        )
+        unknown = reveal(values[0], "--registry", "nope")
         assert unknown.returncode == 2 and "unknown registry 'nope'" in unknown.stderr, unknown.stderr
         assert "Traceback" not in unknown.stderr
         # a re-probe: only the first provider's numbers could be revealed; --provider names whose
-        mine = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "mrn-reveal", *values, "--registry", "example-generic"]
-            + ["--config", str(chain.config_path), "--provider", "ura:00000000"],
-            capture_output=True,
-            text=True,
-            env=chain.env,
-            cwd=tmp_path,
-            timeout=60,
-        )
+        mine = reveal(*values, "--registry", "example-generic", "--provider", "ura:00000000")
         assert mine.returncode == 0 and "P0001234" in mine.stdout, mine.stderr
-        other = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "mrn-reveal", values[0], "--registry", "example-generic"]
-            + ["--config", str(chain.config_path), "--provider", "ura:99999999"],
-            capture_output=True,
-            text=True,
-            env=chain.env,
-            cwd=tmp_path,
-            timeout=60,
-        )
+        other = reveal(values[0], "--registry", "example-generic", "--provider", "ura:99999999")
         assert other.returncode == 2 and "unknown provider" in other.stderr
 
 
