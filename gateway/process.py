@@ -32,6 +32,7 @@ from gateway.pipeline.validate import (
     BundleIndex,
     PatientEntry,
     SchemaValidator,
+    reference_type,
     resources_of_patient,
     validate_bundle,
 )
@@ -53,7 +54,6 @@ REPORT_COUNTS = (
 
 
 _T = TypeVar("_T")
-_RELATIVE = re.compile(r"([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(?:/_history/.*)?")
 log = logging.getLogger("gateway.process")  # counts only: never a value from a bundle
 
 # A posted Bundle (`serving`) of more entries runs its CPU stages (validation, de-identification, the leak
@@ -312,10 +312,7 @@ def _about_no_patient(
 
 def _target_type(reference: str, index: BundleIndex, types: Sequence[str]) -> str | None:
     at = index.by_full_url.get(reference)
-    if at is not None:
-        return types[at]
-    relative = _RELATIVE.match(reference)
-    return relative.group(1) if relative else None
+    return types[at] if at is not None else reference_type(reference)
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -35,6 +35,7 @@ from gateway.optout import (
     RegisterOptOut,
     objection_digest,
     registered_form,
+    stored_forms,
 )
 from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable
 from gateway.outcome import FhirError
@@ -221,8 +222,7 @@ class Runtime:
                 self.store.record_audit, _audit(caller, registry, "nothing-to-deliver", processed.report)
             )
             return Accepted(None, processed.report)
-        # a stable identifier lets the registry (and our receiver) recognise a re-sent delivery
-        identifier = {"system": DELIVERY_SYSTEM, "value": key[:32]}
+        identifier = _delivery_identifier(key)
         processed.bundle["identifier"] = identifier
         payload = _with_last_member(processed.payload, "identifier", identifier)
         delivery_id, created = await asyncio.to_thread(
@@ -326,8 +326,7 @@ class Runtime:
     async def objections_withdraw(self, caller: Caller, patient_number: str, registry: str) -> bool:
         """Withdraw an objection; False if none was registered for this number and registry."""
         provider, gone = caller.provider or "", False
-        # as registered now, and as an objection registered before was (the number as given)
-        for number in dict.fromkeys((registered_form(patient_number), patient_number.strip())):
+        for number in stored_forms(patient_number):
             digest = objection_digest(self.keys.objection_key(), provider, number)
             gone |= await asyncio.to_thread(self.store.optout_withdraw, provider, registry, digest)
         outcome = "withdrawn" if gone else "not-registered"
@@ -383,7 +382,14 @@ def bundle_identifier(idempotency_key: str) -> str:
 
     if idempotency_key.startswith("bulk|"):
         return f"{BULK_SYSTEM}|{idempotency_key}"
-    return f"{DELIVERY_SYSTEM}|{idempotency_key[:32]}"
+    identifier = _delivery_identifier(idempotency_key)
+    return f"{identifier['system']}|{identifier['value']}"
+
+
+def _delivery_identifier(key: str) -> dict[str, str]:
+    """A posted Bundle's identifier at the registry, from its idempotency key: stable, so that the registry
+    (and our receiver) recognise a re-sent delivery."""
+    return {"system": DELIVERY_SYSTEM, "value": key[:32]}
 
 
 def _report_of(counts: dict[str, Any] | None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from gateway.optout.register import (
     objection_digest,
     read_objection_csv,
     registered_form,
+    stored_forms,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "evaluate_consent",
     "objection_digest",
     "registered_form",
+    "stored_forms",
     "orphaned_by",
     "patient_key",
     "patient_refs",

@@ -203,9 +203,9 @@ def _purpose_matches(purposes: Any, rule: str | None, policy: ConsentPolicy) -> 
         # code; an exception that lets data go must cover every delivery purpose.
         named |= {(system, code) for system, code in policy.purposes if (None, code) in named}
         return policy.purposes <= named
-    # A deny names a delivery purpose by its code under whatever system: a spelling not known here (a probe
-    # delivered an objector whose purpose was written under the OID of v3-ActReason) must not let data go.
-    # by its code in any case too: a re-probe's `hqualimp` let its objector through
+    # A deny names a delivery purpose by its code, in any case, under whatever system: a spelling not known
+    # here (probes delivered objectors whose purpose was under the OID of v3-ActReason, or `hqualimp`) must
+    # not let data go.
     if {code.upper() for _, code in named if isinstance(code, str)} & {c.upper() for _, c in policy.purposes}:
         return True
     known = {ACT_REASON, None} | {system for system, _ in policy.purposes}

@@ -101,6 +101,12 @@ def registered_form(patient_number: str) -> str:
     return patient_number.strip().upper()
 
 
+def stored_forms(patient_number: str) -> list[str]:
+    """The forms an objection for this number may be stored under: as registered now, and as given (how
+    objections were registered before numbers were upper-cased)."""
+    return list(dict.fromkeys((registered_form(patient_number), patient_number.strip())))
+
+
 def _spellings(numbers: Sequence[str]) -> list[str]:
     """Each number as given, upper- and lower-cased: an objection registered as P0001234 holds for a record
     numbered p0001234 (a probe delivered it). Numbers of digits only are asked once."""

@@ -808,6 +808,12 @@ def _unfollowable(ref: dict, resource: dict) -> str | None:
     return None if named.group(1) in r4().resources else "subject or patient reference to an unknown type"
 
 
+def reference_type(reference: str) -> str | None:
+    """The resource type a RESTful reference names (`Group/g1`, `http://x/fhir/Group/g1`), else None."""
+    tail = _RESTFUL_TAIL.search(reference)
+    return tail.group(1) if tail else None
+
+
 def _restful_base(full_url: Any) -> str | None:
     """`http://x/fhir/` for `http://x/fhir/Observation/1`; None for urn: or absent fullUrls."""
     if not isinstance(full_url, str) or not _ABSOLUTE.match(full_url):
