@@ -218,9 +218,11 @@ class Runtime:
         self._count_resources(processed)
         if processed.bundle is None:
             self.metrics.bundles.labels(outcome="nothing-to-deliver").inc()
-            await asyncio.to_thread(
-                self.store.record_audit, _audit(caller, registry, "nothing-to-deliver", processed.report)
-            )
+            # once per request, as a re-posted delivery is one delivery: an EHR's retries are not more
+            # patients withheld (a changed Bundle, or the same patients in another one, is another request)
+            once = f"nothing-to-deliver|{key}|{request or ''}"
+            event = _audit(caller, registry, "nothing-to-deliver", processed.report, once_key=once)
+            await asyncio.to_thread(self.store.record_audit, event)
             return Accepted(None, processed.report)
         identifier = _delivery_identifier(key)
         processed.bundle["identifier"] = identifier
@@ -449,7 +451,9 @@ def _refusal(caller: Caller, registry: str, err: FhirError) -> AuditInput:
     )
 
 
-def _audit(caller: Caller, registry: str, outcome: str, report: dict[str, Any]) -> AuditInput:
+def _audit(
+    caller: Caller, registry: str, outcome: str, report: dict[str, Any], once_key: str | None = None
+) -> AuditInput:
     return AuditInput(
         actor=caller.client_id,
         provider=caller.provider or "",
@@ -459,6 +463,7 @@ def _audit(caller: Caller, registry: str, outcome: str, report: dict[str, Any]) 
         counts=_counts(report),
         pseudonym_types=tuple(sorted(report.get("pseudonymTypes") or {})),
         request_id=_request_id(),
+        once_key=once_key,
     )
 
 

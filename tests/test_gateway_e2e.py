@@ -656,3 +656,27 @@ def test_an_audit_event_names_the_request_it_came_from(chain):
     by_request = {e.request_id: e for e in events if e.request_id}
     assert by_request[bad.headers["X-Request-ID"]].event == "refused"
     assert by_request[good.headers["X-Request-ID"]].event in ("accepted", "received")
+
+
+def test_a_bundle_of_only_objectors_posted_again_is_counted_once_in_the_processing_record(chain):
+    """A re-posted Bundle that was delivered is one delivery; one with nothing to deliver (every patient
+    objected) wrote a `nothing-to-deliver` event per post, and the record counted its objector once per
+    retry of the EHR (a session's known limit)."""
+    bundle = json.loads((EXAMPLES / "03-opt-out-transaction.json").read_text())
+    bundle["entry"] = [e for e in bundle["entry"] if "objector-1" in orjson.dumps(e["resource"]).decode()]
+    bundle["identifier"] = {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"}
+    body = orjson.dumps(bundle)
+
+    def withheld() -> int:
+        return chain.runtime.store.processing_record(REGISTRY)["patientsWithheld"]
+
+    before = withheld()
+    for _ in range(3):
+        response = _post(chain, body)
+        params = {p["name"]: p for p in response.json()["parameter"]}
+        assert response.status_code == 200 and params["patientsDroppedOptOut"]["valueInteger"] == 1
+    assert withheld() == before + 1
+    # the same objector in another Bundle is another post, counted (as a patient in two deliveries is)
+    bundle["identifier"]["value"] = f"urn:uuid:{uuid.uuid4()}"
+    assert _post(chain, orjson.dumps(bundle)).status_code == 200
+    assert withheld() == before + 2
