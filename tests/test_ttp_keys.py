@@ -199,3 +199,64 @@ def test_keys_init_uses_the_key_dir_variable_as_list_and_serve_do(tmp_path):
     assert (tmp_path / "env-keys" / ks.MASTER_FILE).is_file()
     r = runner.invoke(ttp_cli, ["keys", "list"], env=env)
     assert r.exit_code == 0 and "registry-a: current v1" in r.output, r.output
+
+
+def test_a_running_ttp_takes_in_added_and_revoked_callers_without_a_restart(tmp_path):
+    """`ttp serve` read its callers file once: a key added beside it was refused until a restart, and there
+    was no way to revoke a leaked key but to edit the file and restart. Now `callers add` and `callers
+    remove` count from the next request; a file that cannot be read lets nobody in (503), until it can."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from gateway.serving import free_port
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(ttp_cli, list(args))
+        assert result.exit_code == 0, result.output
+        return result.output.strip().splitlines()[-1]
+
+    callers = tmp_path / "callers.yaml"
+    cli("keys", "init", "--key-dir", str(tmp_path / "keys"), "--registry", "registry-a")
+    first = cli("callers", "add", "umc", "--role", "provider", "--provider", "ura:1", "--file", str(callers))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "ttp", "serve", "--key-dir", str(tmp_path / "keys"),
+         "--api-keys-file", str(callers), "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def pseudonymise(key: str) -> int:
+        params = {"resourceType": "Parameters", "parameter": [
+            {"name": "target", "valueString": "registry-a"},
+            {"name": "original", "valueString": f"B:1:{nlps1.b64u(secrets.token_bytes(32))}"}]}
+        return httpx.post(f"{url}/$pseudonymize", json=params, timeout=10,
+                          headers={"Authorization": f"Bearer {key}"}).status_code
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if pseudonymise(first) == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "ttp serve did not start"
+            time.sleep(0.05)
+        second = cli("callers", "add", "umc-2", "--role", "provider", "--provider", "ura:2",
+                     "--file", str(callers))
+        assert pseudonymise(second) == 200
+        cli("callers", "remove", "umc", "--file", str(callers))
+        assert pseudonymise(first) == 401
+        assert pseudonymise(second) == 200
+        good = callers.read_bytes()
+        callers.write_text("callers: [unclosed")  # an operator's edit gone wrong: fail closed
+        assert pseudonymise(second) == 503
+        callers.write_bytes(good)
+        assert pseudonymise(second) == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert runner.invoke(ttp_cli, ["callers", "remove", "umc", "--file", str(callers)]).exit_code != 0

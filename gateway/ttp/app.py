@@ -45,7 +45,7 @@ from starlette.requests import ClientDisconnect
 
 from gateway.outcome import FhirError, Issue, operation_outcome
 from gateway.ttp import envelope, service
-from gateway.ttp.auth import Caller, TTPAuth
+from gateway.ttp.auth import Caller, CallersUnreadable, TTPAuth
 from gateway.ttp.keystore import KeyStore, KeyStoreError
 
 FHIR_JSON = "application/fhir+json"
@@ -180,7 +180,12 @@ def create_app(keystore: KeyStore, auth: TTPAuth, *, allow_plain: bool = True, m
 
     def _authenticate(request: Request) -> Caller:
         peer = request.client.host if request.client else None
-        caller = auth.authenticate(request.headers, peer)
+        try:
+            caller = auth.authenticate(request.headers, peer)
+        except CallersUnreadable:
+            log.error("the callers file cannot be read: every caller is refused until it can")
+            raise FhirError.single(503, "transient", "the TTP cannot read its callers now; try again later",
+                                   headers={"Retry-After": "30"}) from None
         if caller is None:
             raise FhirError.single(401, "login", "authentication required",
                                    headers={"WWW-Authenticate": "Bearer"})

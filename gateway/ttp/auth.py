@@ -69,12 +69,20 @@ def new_key() -> str:
     return "nlps1_" + secrets.token_urlsafe(32)
 
 
+class CallersUnreadable(Exception):
+    """The callers file changed into something that cannot be read: nobody is let in until it can be."""
+
+
 @dataclass
 class TTPAuth:
     keyed: list[tuple[bytes, Caller]] = field(default_factory=list)
     by_subject: dict[str, Caller] = field(default_factory=dict)
     client_subject_header: str | None = None
     trusted_proxies: frozenset[str] = frozenset()
+    # read from this file: re-read when it changes (`callers add` / `callers remove` beside a running TTP)
+    path: Path | None = None
+    _seen: tuple[int, int, int] | None = field(default=None, repr=False)
+    _broken: bool = field(default=False, repr=False)
 
     @classmethod
     def from_entries(cls, entries: Iterable[Mapping[str, Any]], **kw: Any) -> TTPAuth:
@@ -94,9 +102,32 @@ class TTPAuth:
 
     @classmethod
     def from_file(cls, path: str | Path, **kw: Any) -> TTPAuth:
-        return cls.from_entries(load_callers(path), **kw)
+        auth = cls.from_entries(load_callers(path), path=Path(path), **kw)
+        auth._seen = _file_state(auth.path)
+        return auth
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the callers file when it changed: one stat() per call, so the app calls it per request.
+
+        Unlike the keyring (whose previous version stays right), a callers file that turns unreadable fails
+        closed: it may be the edit that revoked a leaked key, so no caller is let in until it reads again
+        (CallersUnreadable). `callers add` and `callers remove` replace the file atomically."""
+        if self.path is None:
+            return False
+        try:
+            state = _file_state(self.path)
+            if state == self._seen and not self._broken:
+                return False
+            fresh = TTPAuth.from_entries(load_callers(self.path))
+        except (AuthConfigError, OSError):
+            self._broken = True
+            raise CallersUnreadable(f"the callers file {self.path} cannot be read") from None
+        self.keyed, self.by_subject = fresh.keyed, fresh.by_subject
+        self._seen, self._broken = state, False
+        return True
 
     def authenticate(self, headers: Mapping[str, str], peer: str | None = None) -> Caller | None:
+        self.reload_if_changed()
         key = _presented_key(headers)
         if key is not None:
             digest = hashlib.sha256(key.encode("utf-8")).digest()
@@ -111,6 +142,11 @@ class TTPAuth:
             if subject:
                 return self.by_subject.get(subject)
         return None
+
+
+def _file_state(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _presented_key(headers: Mapping[str, str]) -> str | None:
@@ -167,6 +203,22 @@ def add_caller(path: str | Path, name: str, role: str, *, provider: str | None =
     entry["key_sha256"] = hash_key(key)
     _caller(entry, len(callers))  # validate before writing
     callers.append(entry)
+    _write_callers(path, callers)
+    return key
+
+
+def remove_caller(path: str | Path, name: str) -> None:
+    """Revoke a caller: its entry leaves the file (a running TTP refuses its key at the next request)."""
+    path = Path(path)
+    callers = load_callers(path)
+    kept = [c for c in callers if not (isinstance(c, Mapping) and c.get("name") == name)]
+    if len(kept) == len(callers):
+        raise AuthConfigError(f"no caller named {name} in {path}")
+    _write_callers(path, kept)
+
+
+def _write_callers(path: Path, callers: list[dict[str, Any]]) -> None:
+    """Atomically (a TTP reading it mid-write would see half a file, and let nobody in until the next)."""
     if path.suffix == ".json":
         data = orjson.dumps({"callers": callers}, option=orjson.OPT_INDENT_2)
     else:
@@ -174,4 +226,3 @@ def add_caller(path: str | Path, name: str, role: str, *, provider: str | None =
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
-    return key

@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 
 from gateway.pseudonym.types import PrePseudonym
-from gateway.ttp.auth import ROLES, AuthConfigError, TTPAuth, add_caller, load_callers
+from gateway.ttp.auth import ROLES, AuthConfigError, TTPAuth, add_caller, load_callers, remove_caller
 from gateway.ttp.backend import TTPRejected, TTPUnavailable
 from gateway.ttp.keystore import (
     DEFAULT_KEY_DIR,
@@ -171,11 +171,21 @@ def callers_add(
     except AuthConfigError as exc:
         raise _fail(str(exc)) from None
     console.print(
-        f"added {name} ({role}) to {file}; a running `ttp serve` takes it in when restarted. "
+        f"added {name} ({role}) to {file}; a running `ttp serve` of this file takes it in at once. "
         "API key (shown once, store it now):",
         highlight=False,
     )
     typer.echo(key)
+
+
+@callers_app.command("remove")
+def callers_remove(name: str, file: CallersFile = DEFAULT_CALLERS) -> None:
+    """Revoke a caller (a leaked key): a running `ttp serve` of this file refuses its key at once."""
+    try:
+        remove_caller(file, name)
+    except (AuthConfigError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"removed {name} from {file}; its key is refused from the next request on", highlight=False)
 
 
 @callers_app.command("list")
