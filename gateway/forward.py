@@ -14,6 +14,7 @@ import email.utils
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -251,22 +252,28 @@ class RegistryClient:
         return classify(resp, time.monotonic() - started)
 
     async def probe(self) -> str | None:
-        """Ask the registry's FHIR server for its CapabilityStatement (GET [base]/metadata) with our
-        credentials, as a go-live check; None when it answers as a FHIR server, else what went wrong."""
+        """A go-live check with our credentials; None when all is well, else what went wrong.
+
+        The registry's CapabilityStatement (GET [base]/metadata) says it is a FHIR server. FHIR servers
+        answer that without credentials, so a read of a Bundle that does not exist follows: a 401 there is
+        a wrong token or certificate (a 404, or a 403 of a registry that takes writes only, is not). Nothing
+        is written, so the check can run against the production registry."""
+        base = self.base_url.rstrip("/")
         try:
             headers = await self.auth.headers(self._http)
-            resp = await self._http.get(self.base_url.rstrip("/") + "/metadata", headers=headers)
+            resp = await self._http.get(base + "/metadata", headers=headers)
+            if resp.status_code != 200:
+                return f"GET /metadata answered HTTP {resp.status_code}"
+            if _resource_type(resp.content) != "CapabilityStatement":
+                return "GET /metadata is not a FHIR CapabilityStatement"
+            read = await self._http.get(f"{base}/Bundle/{uuid.uuid4()}", headers=headers)
         except TokenError as exc:
             return f"token: {exc}"
         except httpx.TransportError as exc:
             return f"not reachable ({type(exc).__name__})"
-        if resp.status_code != 200:
-            return f"GET /metadata answered HTTP {resp.status_code}"
-        try:
-            kind = orjson.loads(resp.content).get("resourceType")
-        except (orjson.JSONDecodeError, AttributeError):
-            kind = None
-        return None if kind == "CapabilityStatement" else "GET /metadata is not a FHIR CapabilityStatement"
+        if read.status_code == 401:
+            return "it refused our credentials (HTTP 401 to a read): check the token or client certificate"
+        return None
 
     async def _post(self, payload: bytes, request_id: str | None) -> httpx.Response:
         headers = {"Content-Type": FHIR_JSON, **await self.auth.headers(self._http)}
@@ -282,6 +289,13 @@ class RegistryClient:
             with attempt:
                 return await self._http.post(self.base_url, content=payload, headers=headers)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _resource_type(content: bytes) -> str | None:
+    try:
+        return orjson.loads(content).get("resourceType")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
 
 
 def classify(resp: httpx.Response, elapsed: float = 0.0) -> Attempt:

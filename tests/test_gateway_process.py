@@ -283,6 +283,46 @@ def test_the_go_live_check_asks_every_party_and_names_the_one_that_fails(tmp_pat
         assert "registries.example-generic.auth" in untokened.stderr and "set HART_TOKEN" in untokened.stderr
 
 
+def test_the_go_live_check_finds_a_wrong_registry_token_where_metadata_is_open(tmp_path):
+    """FHIR servers answer GET /metadata without credentials (SMART asks it), so the check that asked only
+    that passed with a wrong token, and the first delivery was refused (a session's known limit). It now
+    also reads a Bundle that does not exist with the gateway's credentials: 401 is a wrong token."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from gateway.receiver.app import create_receiver_app
+    from tests.servers import serve
+
+    with (
+        process_chain(tmp_path) as chain,
+        serve(create_receiver_app(tmp_path / "guarded", token="the-right-token")) as guarded,
+    ):
+        config = yaml.safe_load(chain.config_path.read_text())
+        config["registries"]["example-generic"]["endpoint"] = guarded
+        config["registries"]["example-generic"]["auth"] = {"type": "bearer", "token_env": "HART_TOKEN"}
+        (tmp_path / "guarded.yaml").write_text(yaml.safe_dump(config))
+
+        def check(token: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "gateway.cli", "check", "--config", str(tmp_path / "guarded.yaml")],
+                capture_output=True, text=True, env={**chain.env, "HART_TOKEN": token, "COLUMNS": "200"},
+                cwd=tmp_path, timeout=60,
+            )  # fmt: skip
+
+        assert httpx.get(f"{guarded}/metadata").status_code == 200  # open, as FHIR servers have it
+        wrong = check("a-wrong-token")
+        assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+        line = next(x for x in wrong.stdout.splitlines() if "registry example-generic" in x)
+        assert "refused our credentials" in line and "a-wrong-token" not in wrong.stdout
+        right = check("the-right-token")
+        assert right.returncode == 0, right.stdout + right.stderr
+        token = {"Authorization": "Bearer the-right-token"}
+        assert httpx.get(f"{guarded}/deliveries", headers=token).json() == []  # the check wrote nothing
+        assert httpx.get(f"{guarded}/deliveries").status_code == 401  # the registry's data: not open
+
+
 def test_a_registry_the_ttp_has_no_domain_for_stops_the_start_naming_it(tmp_path):
     """It used to start, answer 503 'transient' for that registry forever and log no reason. Now start-up
     asks a pseudonym of random bytes in every registry's domain (as `fhir-gateway check` does)."""

@@ -73,7 +73,7 @@ def create_receiver_app(
 ) -> FastAPI:
     """`data`: a directory (receiver.sqlite inside) or a .sqlite file. `scan(bundle) -> findings` is the
     leak scanner (e.g. gateway.deid.leakscan.scan). `translate` serves POST /_rekey. `token`, if set, is the
-    bearer token the gateway must send."""
+    bearer token the gateway must send, and that every read but GET /metadata needs (a registry's data)."""
     db = ReceiverDB(data)
     faults = FaultPlan()
     app = FastAPI(title="FHIR registry receiver", docs_url=None, redoc_url=None, openapi_url=None)
@@ -128,7 +128,8 @@ def create_receiver_app(
     app.add_api_route("/Bundle", receive, methods=["POST"], include_in_schema=False)
 
     @app.get("/")
-    def root() -> Response:
+    def root(request: Request) -> Response:
+        check_token(request)
         return _fhir(
             {"receiver": "fhir-gateway registry receiver", "bundles": db.receipt_count()},
             media_type="application/json",
@@ -149,11 +150,13 @@ def create_receiver_app(
         )
 
     @app.get("/deliveries")
-    def deliveries(limit: int = 1000) -> Response:
+    def deliveries(request: Request, limit: int = 1000) -> Response:
+        check_token(request)
         return _fhir(db.receipts(max(1, min(limit, 100_000))), media_type="application/json")
 
     @app.get("/_accepted")
-    def accepted() -> Response:
+    def accepted(request: Request) -> Response:
+        check_token(request)
         return _fhir(db.accepted_counts(), media_type="application/json")
 
     @app.post("/_rekey")
@@ -188,14 +191,16 @@ def create_receiver_app(
             return Response(status_code=204)
 
     @app.get("/Bundle/{bundle_id}")
-    def get_bundle(bundle_id: str) -> Response:
+    def get_bundle(bundle_id: str, request: Request) -> Response:
+        check_token(request)
         body = db.bundle(bundle_id)
         if body is None:
             raise FhirError.single(404, "not-found", "no such bundle")
         return _fhir(body)
 
     @app.get("/{rtype}/{rid}")
-    def get_resource(rtype: str, rid: str) -> Response:
+    def get_resource(rtype: str, rid: str, request: Request) -> Response:
+        check_token(request)
         body = db.resource(rtype, rid)
         if body is None:
             raise FhirError.single(404, "not-found", "no such resource")
