@@ -65,11 +65,11 @@ def test_environment_alternative(tmp_path):
 def test_rotate_retire_persist(tmp_path):
     store = ks.init_keys(tmp_path / "k", ["registry-a"])
     assert store.rotate("registry-a") == 2 and store.rotate("registry-a") == 3
-    store.retire("registry-a", 1)
+    store.retire("registry-a", 1, force=True)  # at once: no gateway here caches pseudonyms
     with pytest.raises(ks.KeyStoreError):
         store.retire("registry-a", 3)  # never the current one
     again = ks.KeyStore.load(tmp_path / "k", env={})
-    assert again.versions("registry-a") == ks.DomainVersions(3, (1,))
+    assert (again.versions("registry-a").current, again.versions("registry-a").retired) == (3, (1,))
     with pytest.raises(ks.KeyStoreError):
         again.domain_key("registry-a", 1)
     assert again.domain_key("registry-a", 2).version == 2
@@ -260,3 +260,26 @@ def test_a_running_ttp_takes_in_added_and_revoked_callers_without_a_restart(tmp_
         proc.terminate()
         proc.wait(timeout=30)
     assert runner.invoke(ttp_cli, ["callers", "remove", "umc", "--file", str(callers)]).exit_code != 0
+
+
+def test_a_version_is_retired_only_after_gateways_stopped_delivering_it(tmp_path):
+    """A probe: a gateway's pseudonym cache (10 minutes) keeps delivering the old version after a rotation
+    until it sees a new patient; retired at once, those pseudonyms could never be translated and linked.
+    `retire` now waits out the caches (RETIRE_AFTER_SECONDS after the rotation) unless forced."""
+    store = ks.init_keys(tmp_path / "k", ["registry-a"])
+    rotated_at = 1_800_000_000.0
+    assert store.rotate("registry-a", now=rotated_at) == 2
+    loaded = ks.KeyStore.load(tmp_path / "k", env={})  # the time of the rotation is in the keyring
+    with pytest.raises(ks.KeyStoreError, match="cached") as refused:
+        loaded.retire("registry-a", 1, now=rotated_at + 60)
+    assert "2027-01-15T09:00:00Z" in str(refused.value)  # from when it may be retired, in UTC
+    assert loaded.versions("registry-a").usable(1)
+    loaded.retire("registry-a", 1, now=rotated_at + ks.RETIRE_AFTER_SECONDS)
+    assert not ks.KeyStore.load(tmp_path / "k", env={}).versions("registry-a").usable(1)
+    # forced (the operator knows no gateway holds the old version), and through the command
+    key_dir = ["--key-dir", str(tmp_path / "k")]
+    assert runner.invoke(ttp_cli, ["keys", "rotate", "registry-a", *key_dir]).exit_code == 0
+    result = runner.invoke(ttp_cli, ["keys", "retire", "registry-a", "2", *key_dir])
+    assert result.exit_code != 0 and "--force" in result.output
+    assert runner.invoke(ttp_cli, ["keys", "retire", "registry-a", "2", "--force", *key_dir]).exit_code == 0
+    assert ks.KeyStore.load(tmp_path / "k", env={}).versions("registry-a").retired == (1, 2)

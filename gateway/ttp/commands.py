@@ -124,7 +124,8 @@ def keys_list(key_dir: KeyDir = None) -> None:
     store = _load(key_dir)
     console.print(f"HPKE key id: {store.key_id}")
     for registry, entry in list_domains(store).items():
-        console.print(f"{registry}: current v{entry['current']}, retired {entry['retired'] or '-'}")
+        since = f" since {entry['since']}" if "since" in entry else ""
+        console.print(f"{registry}: current v{entry['current']}{since}, retired {entry['retired'] or '-'}")
 
 
 @keys_app.command("rotate")
@@ -148,10 +149,15 @@ def keys_add_registry(registry: str, key_dir: KeyDir = None) -> None:
 
 
 @keys_app.command("retire")
-def keys_retire(registry: str, version: int, key_dir: KeyDir = None) -> None:
+def keys_retire(
+    registry: str,
+    version: int,
+    key_dir: KeyDir = None,
+    force: Annotated[bool, typer.Option(help="before the gateways' pseudonym caches ran out")] = False,
+) -> None:
     """Retire an old version once the registry holder has translated its stored pseudonyms."""
     try:
-        _load(key_dir).retire(registry, version)
+        _load(key_dir).retire(registry, version, force=force)
     except KeyStoreError as exc:
         raise _fail(str(exc)) from None
     console.print(f"{registry}: v{version} retired")

@@ -7,8 +7,10 @@ refuses any of them that group or others can read or write (a key anyone on the 
                    key K_dom[registry, v] is derived from it (HKDF, ``nlps1.DomainKey.derive``), so nothing
                    else needs backing up and no patient table exists anywhere.
 - ``hpke.key``     32 bytes, hex: the raw X25519 private key that request envelopes are sealed to (RFC 9180).
-- ``keyring.json`` not secret, but integrity-relevant: per registry domain the current version and the retired
-                   versions, e.g. ``{"domains": {"registry-example": {"current": 2, "retired": [1]}}}``.
+- ``keyring.json`` not secret, but integrity-relevant: per registry domain the current version, since when
+                   (after a rotation) and the retired versions, e.g.
+                   ``{"domains": {"registry-example": {"current": 2, "since": "2026-11-25T08:00:00Z",
+                   "retired": [1]}}}``.
 
 Environment alternatives (take precedence over the files, for containers with a secret store):
 
@@ -27,8 +29,10 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -53,10 +57,17 @@ class KeyStoreError(Exception):
     """A key or keyring is missing, malformed or too widely readable; the text never contains key material."""
 
 
+# A gateway keeps delivering the pseudonyms it cached under the old version for up to its cache's lifetime
+# after a rotation (gateway.ttp.client.CachingTTP: 600 s in the service, an hour at most): an old version
+# retired before then leaves pseudonyms that can never be translated, nor linked.
+RETIRE_AFTER_SECONDS = 3600
+
+
 @dataclass(frozen=True)
 class DomainVersions:
     current: int
     retired: tuple[int, ...] = ()
+    since: float | None = None  # when `current` became current (set by a rotation)
 
     def usable(self, version: int) -> bool:
         return 1 <= version <= self.current and version not in self.retired
@@ -122,16 +133,32 @@ def _parse_keyring(data: bytes, where: str) -> dict[str, DomainVersions]:
             retired = tuple(sorted({int(v) for v in entry.get("retired", [])}))
             if current < 1 or current in retired or any(v < 1 or v > current for v in retired):
                 raise ValueError
-            domains[check_registry_id(registry)] = DomainVersions(current, retired)
+            since = _parse_instant(entry["since"]) if "since" in entry else None
+            domains[check_registry_id(registry)] = DomainVersions(current, retired, since)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         raise KeyStoreError(f"{where} is not a valid keyring") from None
     return domains
 
 
 def _dump_keyring(domains: Mapping[str, DomainVersions]) -> bytes:
-    doc = {"domains": {r: {"current": d.current, "retired": list(d.retired)}
-                       for r, d in sorted(domains.items())}}
+    doc = {"domains": {r: _domain_doc(d) for r, d in sorted(domains.items())}}
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+
+
+def _domain_doc(d: DomainVersions) -> dict[str, object]:
+    since = {"since": _instant(d.since)} if d.since else {}
+    return {"current": d.current, **since, "retired": list(d.retired)}
+
+
+def _instant(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_instant(text: str) -> float:
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError
+    return moment.timestamp()
 
 
 @dataclass
@@ -210,24 +237,32 @@ class KeyStore:
         return self.domain_key(registry, entry.current)
 
     # --- rotation ------------------------------------------------------------------------------------------
-    def rotate(self, registry: str) -> int:
+    def rotate(self, registry: str, *, now: float | None = None) -> int:
         """Add version n+1 and make it current; persisted before it takes effect."""
         entry = self.domains.get(registry)
         if entry is None:
             raise KeyStoreError("unknown registry domain")
-        new = DomainVersions(entry.current + 1, entry.retired)
+        new = DomainVersions(entry.current + 1, entry.retired, time.time() if now is None else now)
         self._commit({**self.domains, registry: new})
         return new.current
 
-    def retire(self, registry: str, version: int) -> None:
-        """Retire an old version once the registry holder confirmed its translation (never the current)."""
+    def retire(self, registry: str, version: int, *, now: float | None = None, force: bool = False) -> None:
+        """Retire an old version once the registry holder confirmed its translation (never the current), and
+        not before the gateways' caches stopped delivering it (RETIRE_AFTER_SECONDS), unless `force`."""
         entry = self.domains.get(registry)
         if entry is None:
             raise KeyStoreError("unknown registry domain")
         if not 1 <= version < entry.current:
             raise KeyStoreError("only a non-current existing version can be retired")
+        ready = (entry.since or 0) + RETIRE_AFTER_SECONDS
+        if not force and (time.time() if now is None else now) < ready:
+            raise KeyStoreError(
+                f"v{entry.current} became current at {_instant(entry.since or 0)}; gateways may deliver "
+                f"v{version} pseudonyms they cached until {_instant(ready)}: have the registry translate "
+                "what it received until then, and retire after that (or --force)"
+            )
         retired = tuple(sorted({*entry.retired, version}))
-        self._commit({**self.domains, registry: DomainVersions(entry.current, retired)})
+        self._commit({**self.domains, registry: DomainVersions(entry.current, retired, entry.since)})
         self._derived.pop((registry, version), None)
 
     def add_registry(self, registry: str) -> None:
@@ -282,4 +317,4 @@ def init_keys(key_dir: str | Path, registries: list[str], *, master: bytes | Non
 
 def list_domains(store: KeyStore) -> dict[str, dict[str, object]]:
     """Registry ids and versions only: safe to print."""
-    return {r: {"current": d.current, "retired": list(d.retired)} for r, d in sorted(store.domains.items())}
+    return {r: _domain_doc(d) for r, d in sorted(store.domains.items())}
