@@ -100,7 +100,7 @@ def embedded_chain(
     with ExitStack() as stack:
         ttp_app = create_ttp_app(ttp_keys, ttp_auth)
         ttp_url = stack.enter_context(serve_in_thread(wrap_ttp_app(ttp_app) if wrap_ttp_app else ttp_app))
-        translate = ttp_translator(ttp_url, holder_secret, registries[0], provider=providers[0])
+        translate = ttp_translator(ttp_url, holder_secret, registries[0])  # MRNs name their provider
         receiver = create_receiver_app(
             work_dir / "receiver", scan=scan, test_faults=receiver_faults, translate=translate
         )

@@ -50,13 +50,24 @@ def _shift_only(
     return source.pre_pseudonyms(extract_inputs(patient, ["GG"], mapping, None), registry)
 
 
-def pseudonym_identifier(system_template: str, registry: str, ptype: str, value: str) -> dict[str, Any]:
-    return {
+# The assigner of an MRN pseudonym: the delivering provider, as the TTP binds it in its layer (domain spec
+# §4.3). A registry needs it to translate the value after a key rotation (`$translate` of MRN asks for the
+# provider), and to tell which hospital can reveal it; it names the hospital, never the patient.
+PROVIDER_SYSTEM = "urn:nlps1:provider"
+
+
+def pseudonym_identifier(
+    system_template: str, registry: str, ptype: str, value: str, provider: str | None = None
+) -> dict[str, Any]:
+    identifier: dict[str, Any] = {
         "use": "secondary",
         "type": {"coding": [dict(PSEUDED)], "text": f"NLPS1 {ptype}"},
         "system": system_template.format(registry=registry, type=ptype),
         "value": value,
     }
+    if ptype.upper() == "MRN" and provider:
+        identifier["assigner"] = {"identifier": {"system": PROVIDER_SYSTEM, "value": provider}}
+    return identifier
 
 
 async def pseudonymise_patients(
@@ -98,7 +109,8 @@ async def pseudonymise_patients(
         if result.identifier_value is None:
             outcome.skipped[f"{result.type}:ttp-{result.error_code or 'error'}"] += 1
             continue
-        ident = pseudonym_identifier(system_template, registry, result.type, result.identifier_value)
+        value = result.identifier_value
+        ident = pseudonym_identifier(system_template, registry, result.type, value, source.provider)
         outcome.identifiers[key].append(ident)
         outcome.types_added[result.type] += 1
     return outcome

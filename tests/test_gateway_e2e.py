@@ -484,29 +484,50 @@ def test_two_providers_see_only_their_own_deliveries(tmp_path):
 
 
 def test_key_rotation_and_registry_side_rekeying(tmp_path):
-    """The registry holder re-keys its stored pseudonyms after a rotation; new deliveries then match them."""
-    with embedded_chain(tmp_path, [REGISTRY]) as c:
+    """The registry holder re-keys its stored pseudonyms after a rotation; new deliveries then match them.
+    Two hospitals deliver: an MRN pseudonym's TTP layer binds its hospital, which the registry could not
+    know, so every MRN failed to translate where the receiver was not told one provider (a probe); the
+    gateway now names it in the identifier's assigner."""
+    other = "ura:11111111"
+    with embedded_chain(tmp_path, [REGISTRY], providers=(PROVIDER, other)) as c:
         example = EXAMPLES / "02-nlps1-vector-patients-transaction.json"
-        first = _post(c, example, headers={"Idempotency-Key": "before-rotation"})
-        assert first.status_code == 200
+
+        def post_from_both(key: str) -> None:
+            for provider in (PROVIDER, other):
+                headers = {"Idempotency-Key": key}
+                assert _post(c, example, key=c.ehr_api_keys[provider], headers=headers).status_code == 200
+
+        post_from_both("before-rotation")
         old = _patient_pseudonyms(c)
         assert old and all(v.startswith("v1.") for v in old)
+        assert len(_mrn_assigners(c)) == 8 and set(_mrn_assigners(c).values()) == {PROVIDER, other}
 
         from gateway.ttp.keystore import KeyStore
 
         # what `fhir-gateway ttp keys rotate` does; the running TTP picks the new version up
         assert KeyStore.load(tmp_path / "ttp-keys").rotate(REGISTRY) == 2
         rekeyed = httpx.post(f"{c.receiver_url}/_rekey", timeout=60).json()
-        assert rekeyed["translated"] > 0 and rekeyed["failed"] == 0
+        assert rekeyed["translated"] > 0 and rekeyed["failed"] == 0, rekeyed
         translated = _patient_pseudonyms(c)
         assert translated and all(v.startswith("v2.") for v in translated)
 
         # a gateway picks a new key version up when its pseudonym cache expires (runtime: 10 min) or restarts
-        c.runtime.providers[PROVIDER].ttp.clear()
-        second = _post(c, example, headers={"Idempotency-Key": "after-rotation"})
-        assert second.status_code == 200
+        for provider in (PROVIDER, other):
+            c.runtime.providers[provider].ttp.clear()
+        post_from_both("after-rotation")
         fresh = _patient_pseudonyms(c)
         assert fresh == translated  # the same people, the same v2 pseudonyms: linkage survives the rotation
+
+
+def _mrn_assigners(chain) -> dict[str, str]:
+    """Each stored MRN pseudonym and the provider its assigner names."""
+    found = {}
+    for bundle in _received(chain):
+        for entry in bundle["entry"]:
+            for ident in entry["resource"].get("identifier") or []:
+                if ident.get("type", {}).get("text") == "NLPS1 MRN":
+                    found[ident["value"]] = ident["assigner"]["identifier"]["value"]
+    return found
 
 
 def _patient_pseudonyms(chain) -> list[str]:

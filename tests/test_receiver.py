@@ -236,15 +236,15 @@ def test_faults_are_off_unless_enabled_and_token_is_checked(tmp_path: Path) -> N
     assert (tmp_path / "r.sqlite").exists()
 
 
-def _v2(pairs: list[tuple[str, str]]) -> list[str | None]:
+def _v2(pairs: list[tuple[str, str, str | None]]) -> list[str | None]:
     """A small stand-in for the TTP's $translate: v1.<x> → v2.<x reversed>; MRN cannot be translated."""
-    return [None if t == "MRN" else "v2." + v.split(".", 1)[1][::-1] for t, v in pairs]
+    return [None if t == "MRN" else "v2." + v.split(".", 1)[1][::-1] for t, v, _ in pairs]
 
 
 def test_rekey_translates_stored_pseudonyms(tmp_path: Path) -> None:
-    calls: list[list[tuple[str, str]]] = []
+    calls: list[list[tuple[str, str, str | None]]] = []
 
-    def translate(pairs: list[tuple[str, str]]) -> list[str | None]:
+    def translate(pairs: list[tuple[str, str, str | None]]) -> list[str | None]:
         calls.append(pairs)
         return _v2(pairs)
 
@@ -260,11 +260,11 @@ def test_rekey_translates_stored_pseudonyms(tmp_path: Path) -> None:
         assert [i["value"] for i in p1["identifier"]] == ["v2.1" + "a" * 22, "v1." + "m" * 22, "keep-me"]
         assert p1["meta"]["versionId"] == "2"
     (sent,) = calls
-    assert sorted(t for t, _ in sent) == ["MRN", "SNGGV", "SNGGV"]  # only pseudonyms go to the TTP
-    assert all(v.startswith("v1.") for _, v in sent)
+    assert sorted(t for t, _, _ in sent) == ["MRN", "SNGGV", "SNGGV"]  # only pseudonyms go to the TTP
+    assert all(v.startswith("v1.") for _, v, _ in sent)
     # Run again: the stand-in now maps v2 values onwards; nothing is sent twice within a run.
     db = ReceiverDB(tmp_path / "recv")
-    assert rekey(db, lambda pairs: [v for _, v in pairs]).as_dict() == {
+    assert rekey(db, lambda pairs: [v for _, v, _ in pairs]).as_dict() == {
         "patients": 0,
         "translated": 0,
         "unchanged": 3,

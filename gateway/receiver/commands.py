@@ -35,6 +35,11 @@ def serve(
         "FHIR_RECEIVER_TTP_API_KEY", help="environment variable with the TTP API key"
     ),
     registry: str = typer.Option(None, help="registry domain name at the TTP (for /_rekey)"),
+    provider: str = typer.Option(
+        None,
+        help="the hospital of MRN pseudonyms delivered without one in their assigner (before the gateway "
+        "named it), for /_rekey",
+    ),
 ) -> None:
     """Serve the receiver under uvicorn."""
     import uvicorn
@@ -57,7 +62,7 @@ def serve(
         if not key or not registry:
             typer.echo(f"--ttp-url needs --registry and the API key in ${ttp_key_env}", err=True)
             raise typer.Exit(2)
-        translate = ttp_translator(ttp_url, key, registry)
+        translate = ttp_translator(ttp_url, key, registry, provider=provider)
     token = os.environ.get(token_env) if token_env else None
     if token_env and not token:
         typer.echo(f"${token_env} is empty", err=True)

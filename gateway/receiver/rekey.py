@@ -1,6 +1,8 @@
 """Re-keying after a TTP key rotation: send the stored Patient pseudonyms to the TTP's translate operation and
-store the new values. The TTP call is pluggable: any callable that takes [(pseudonym type, value)] and returns
-the new values in the same order (None where a value could not be translated).
+store the new values. The TTP call is pluggable: any callable that takes [(pseudonym type, value, provider)]
+and returns the new values in the same order (None where a value could not be translated). The provider is
+that of an MRN pseudonym, whose TTP layer binds the delivering hospital: the gateway names it in the
+identifier's `assigner` (`urn:nlps1:provider`); None for other types, and for MRNs delivered without one.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import orjson
 
 from gateway.receiver.db import ReceiverDB
 
-Translate = Callable[[list[tuple[str, str]]], Sequence[str | None]]
+Pseudonym = tuple[str, str, str | None]  # type, value, the provider of an MRN
+Translate = Callable[[list[Pseudonym]], Sequence[str | None]]
 
 PSEUDED_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+PROVIDER_SYSTEM = "urn:nlps1:provider"  # gateway.pseudonymise.PROVIDER_SYSTEM
 _VALUE_RE = re.compile(r"^v[1-9][0-9]*\.[A-Za-z0-9_-]+$")
 
 
@@ -62,31 +66,46 @@ def pseudonym_type(identifier: dict[str, Any]) -> str | None:
     return None
 
 
+def _assigner(identifier: dict[str, Any]) -> str | None:
+    assigner = identifier.get("assigner")
+    named = assigner.get("identifier") if isinstance(assigner, dict) else None
+    if not isinstance(named, dict) or named.get("system") != PROVIDER_SYSTEM:
+        return None
+    return named["value"] if isinstance(named.get("value"), str) else None
+
+
+def _stored(identifier: Any) -> Pseudonym | None:
+    ptype = pseudonym_type(identifier) if isinstance(identifier, dict) else None
+    if ptype is None:
+        return None
+    return ptype, identifier["value"], _assigner(identifier) if ptype == "MRN" else None
+
+
 def rekey(db: ReceiverDB, translate: Translate) -> RekeyResult:
     """Translate every stored Patient pseudonym; patients written meanwhile keep their newer values."""
     patients = [
         (rid, orjson.loads(body))
         for rid, body in db.read("SELECT id, body FROM resources WHERE type = 'Patient' ORDER BY id")
     ]
-    wanted: dict[tuple[str, str], str | None] = {}
+    wanted: dict[Pseudonym, str | None] = {}
     for _rid, patient in patients:
         for ident in patient.get("identifier") or []:
-            ptype = pseudonym_type(ident) if isinstance(ident, dict) else None
-            if ptype:
-                wanted[(ptype, ident["value"])] = None
+            stored = _stored(ident)
+            if stored:
+                wanted[stored] = None
     if not wanted:
         return RekeyResult()
-    pairs = list(wanted)
-    answers = list(translate(pairs))
-    if len(answers) != len(pairs):
+    asked = list(wanted)
+    answers = list(translate(asked))
+    if len(answers) != len(asked):
         raise ValueError("translate returned a different number of values")
-    wanted.update(zip(pairs, answers, strict=True))
+    wanted.update(zip(asked, answers, strict=True))
     translated = unchanged = failed = 0
-    for pair in pairs:
-        new = wanted[pair]
+    for pseudonym in asked:
+        new = wanted[pseudonym]
         if new is None:
             failed += 1
-        elif new == pair[1]:
+        elif new == pseudonym[1]:
             unchanged += 1
         else:
             translated += 1
@@ -101,8 +120,8 @@ def rekey(db: ReceiverDB, translate: Translate) -> RekeyResult:
             patient = orjson.loads(body)
             touched = False
             for ident in patient.get("identifier") or []:
-                ptype = pseudonym_type(ident) if isinstance(ident, dict) else None
-                new = wanted.get((ptype, ident.get("value"))) if ptype else None
+                stored = _stored(ident)
+                new = wanted.get(stored) if stored else None
                 if new and new != ident["value"]:
                     ident["value"] = new
                     touched = True
@@ -127,26 +146,27 @@ def ttp_translator(
 ) -> Translate:
     """A translate callable over the reference TTP's `POST {ttp}/$translate` (gateway.ttp.client).
 
-    MRN pseudonyms carry the delivering provider in their TTP layer, so they translate only when `provider`
-    is given; otherwise they are reported as failed and left unchanged.
+    MRN pseudonyms carry the delivering provider in their TTP layer, so they translate only with it: the one
+    their identifier names, else `provider` (a registry fed by one hospital, values delivered before the
+    gateway named it); otherwise they are reported as failed and left unchanged.
     """
     import asyncio
 
     from gateway.ttp.client import HttpTTPClient
 
-    def translate(pairs: list[tuple[str, str]]) -> list[str | None]:
-        todo = [(i, t, v) for i, (t, v) in enumerate(pairs) if t != "MRN" or provider]
+    def translate(pseudonyms: list[Pseudonym]) -> list[str | None]:
+        todo = [
+            (i, t, v, (p or provider) if t == "MRN" else None)
+            for i, (t, v, p) in enumerate(pseudonyms)
+            if t != "MRN" or p or provider
+        ]
 
         async def call() -> list[Any]:
             async with HttpTTPClient(ttp_url, api_key, verify=verify) as client:
-                return list(
-                    await client.translate(
-                        registry, [(t, v, provider if t == "MRN" else None) for _, t, v in todo]
-                    )
-                )
+                return list(await client.translate(registry, [(t, v, p) for _, t, v, p in todo]))
 
         results = asyncio.run(call()) if todo else []
-        out: list[str | None] = [None] * len(pairs)
+        out: list[str | None] = [None] * len(pseudonyms)
         for result in results:  # each result names its position in the request
             if not result.error_code:
                 out[todo[result.index][0]] = result.identifier_value
