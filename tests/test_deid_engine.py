@@ -780,3 +780,25 @@ def test_a_location_at_a_relatives_home_gets_the_home_address_generalisation(con
     (at_home,) = resources(result.bundle, "Location")
     assert at_home["address"] == {"postalCode": "3731"}
     assert result.report.elements_removed["Location.address.(patient-home)"] == 1
+
+
+def test_a_profile_narrows_the_extensions_a_registry_receives() -> None:
+    """A probe of the registry side: the narrow cancer registry, whose Patient allow-list is gender, birth
+    date, death and address, received the gender identity, birth sex and nationality extensions, which the
+    rules keep for every registry. A profile now lists the extensions it receives (`extensions:`)."""
+    base, nictiz = "http://hl7.org/fhir/StructureDefinition/", "http://nictiz.nl/fhir/StructureDefinition/"
+    coded = {"coding": [{"system": "http://snomed.info/sct", "code": "446141000124107"}]}
+    part = {"valueCodeableConcept": coded}
+    person = patient(
+        extension=[
+            {"url": base + "individual-genderIdentity", "extension": [{"url": "value", **part}]},
+            {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex", "valueCode": "F"},
+            {"url": base + "patient-nationality", "extension": [{"url": "code", **part}]},
+        ],
+        _gender={"extension": [{"url": nictiz + "ext-CodeSpecification", **part}]},
+    )
+    narrow = resources(run(bundle(("urn:uuid:p", person)), "example-cancer-registry").bundle, "Patient")[0]
+    assert "extension" not in narrow
+    assert narrow["_gender"]["extension"][0]["url"].endswith("ext-CodeSpecification")  # the profile lists it
+    broad = resources(run(bundle(("urn:uuid:p", person))).bundle, "Patient")[0]
+    assert len(broad["extension"]) == 3  # a profile without the key receives what the rules keep

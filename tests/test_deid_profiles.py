@@ -201,3 +201,24 @@ def test_a_reference_to_a_type_the_profile_does_not_deliver_is_a_warning(tmp_pat
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(app, ["profiles-check", str(tmp_path / "p.yaml")])
     assert result.exit_code == 0 and "warning: resources.CarePlan.careTeam" in result.output
+
+
+def test_a_profile_lists_only_extensions_the_rules_keep(tmp_path: Path) -> None:
+    data = generic()
+    data["extensions"] = [
+        "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+        "http://hl7.org/fhir/StructureDefinition/humanname-own-name",  # the rules remove it
+        "http://example.org/never-heard-of",
+    ]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["profiles-check", str(tmp_path), "--rules", str(RULES)])
+    assert result.exit_code == 1
+    assert "humanname-own-name: not kept by the de-identification rules" in result.output
+    assert "never-heard-of: not kept by the de-identification rules" in result.output
+    assert "data-absent-reason" not in result.output
+    from gateway.deid import compile_plan
+
+    with pytest.raises(ProfileError, match="never-heard-of"):  # and the gateway does not start with it
+        compile_plan(load_profile(tmp_path / "p.yaml"), load_rules(RULES))
+    data["extensions"] = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+    assert "extensions: must be a list of extension urls" in check_profile(data)

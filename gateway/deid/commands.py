@@ -8,7 +8,7 @@ the FHIR path and the kind of finding, never the value.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -17,7 +17,7 @@ import yaml
 from gateway.config import yaml_position
 from gateway.deid.leakscan import SensitiveSet, sensitive_values
 from gateway.deid.leakscan import scan as scan_document
-from gateway.deid.profile import check_profile, load_profile, profile_warnings, read_yaml
+from gateway.deid.profile import check_profile, extension_problems, load_profile, profile_warnings, read_yaml
 from gateway.deid.rules import DEFAULT_RULES, check_rules
 
 DEFAULT_PROFILES = DEFAULT_RULES.parents[1] / "profiles"
@@ -116,6 +116,7 @@ def profiles_check(
         paths = [paths]  # called as a function with one directory (gateway/cli.py)
     problems: list[str] = []
     seen: dict[str, Path] = {}
+    listing: dict[Path, list[Any]] = {}  # the extensions each profile lists, checked against the rules
     for path in _profile_files(paths or [DEFAULT_PROFILES]):
         try:
             data = read_yaml(path)
@@ -126,6 +127,8 @@ def profiles_check(
             problems.append(f"{path}: not valid YAML{yaml_position(exc)}")
             continue
         problems += [f"{path}: {p}" for p in check_profile(data)]
+        if isinstance(data, dict) and isinstance(data.get("extensions"), list):
+            listing[path] = data["extensions"]
         for warning in profile_warnings(data):
             typer.echo(f"{path}: warning: {warning} (the reference is always dropped)")
         pid = data.get("id") if isinstance(data, dict) else None
@@ -134,7 +137,13 @@ def profiles_check(
                 problems.append(f"{path}: id '{pid}' also used by {seen[pid]}")
             seen[pid] = path
     try:
-        problems += [f"{rules}: {p}" for p in check_rules(read_yaml(rules))]
+        rules_data = read_yaml(rules)
+        rule_problems = check_rules(rules_data)
+        problems += [f"{rules}: {p}" for p in rule_problems]
+        if not rule_problems:  # a profile's extensions are checked against readable rules only
+            kept = {url: rule["method"] for url, rule in (rules_data.get("extensions") or {}).items()}
+            for path, urls in listing.items():
+                problems += [f"{path}: {p}" for p in extension_problems(urls, kept)]
     except (OSError, ValueError):
         problems.append(f"{rules}: unreadable")
     except yaml.YAMLError as exc:

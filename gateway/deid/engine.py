@@ -26,7 +26,7 @@ import orjson
 
 from gateway.deid import processors as p
 from gateway.deid.homes import at_home, person_homes
-from gateway.deid.profile import Profile, _path_tree, expand_tree
+from gateway.deid.profile import Profile, ProfileError, _path_tree, expand_tree, extension_problems
 from gateway.deid.r4 import R4Types, r4
 from gateway.deid.rules import ExtensionShape, Rule, Rules
 from gateway.linkage import SHARED_TYPES, linked_to_patients
@@ -256,14 +256,21 @@ class _Compiler:
 def compile_plan(profile: Profile, rules: Rules) -> Plan:
     """Combine a validated profile and rules into the nodes the walk uses. Call once per profile."""
     types = r4()
+    listed = profile.extensions
+    if listed is not None and (problems := extension_problems(list(listed), rules.extensions)):
+        raise ProfileError(profile.source or profile.id, problems)
     comp = _Compiler(profile, rules, types)
     nodes = {rtype: comp.resource_node(rtype, paths) for rtype, paths in profile.resources.items()}
+    # a profile's list narrows the rules' extensions; the modifier extensions the rules accept stay walked
+    received = rules.shapes.keys() if listed is None else {*listed, *rules.modifier_extensions}
     return Plan(
         profile=profile,
         nodes=MappingProxyType(nodes),
         required=MappingProxyType({rtype: types.must_have(rtype) for rtype in nodes}),
         # allowed modifier extensions are walked like kept extensions once the resource is accepted
-        extension_nodes=MappingProxyType({u: comp.extension_node(s) for u, s in rules.shapes.items()}),
+        extension_nodes=MappingProxyType(
+            {u: comp.extension_node(s) for u, s in rules.shapes.items() if u in received}
+        ),
         modifier_ok=rules.modifier_extensions,
         keep_display=profile.switch("free_text.reference_display") == "keep",
         shift_dates=comp.shift,

@@ -67,6 +67,7 @@ TOP_KEYS = {
     "practitioner",
     "references",
     "resources",
+    "extensions",
     "description",
 }
 # Never deliverable whatever a profile says: direct identifiers of the patient (domain 5.6) and relatives.
@@ -79,6 +80,7 @@ ENGINE_ELEMENTS = {"id", "meta", "text", "contained", "implicitRules", "extensio
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 _ENDPOINT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_URL_RE = re.compile(r"^(https?|urn):\S+$")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class Profile:
     practitioner: Mapping[str, str]
     references: Mapping[str, str]
     resources: Mapping[str, tuple[str, ...]]
+    # the extension urls this registry receives (of those the rules keep); None: every one the rules keep
+    extensions: tuple[str, ...] | None = None
     description: str = ""
     source: str = field(default="", compare=False)
 
@@ -311,7 +315,27 @@ def check_profile(data: Any) -> list[str]:
     _check_enum_section(data, "practitioner", PRACTITIONER, out)
     _check_enum_section(data, "references", REFERENCES, out)
     _check_resources(data, out)
+    _check_extensions(data, out)
     return out
+
+
+def _check_extensions(data: Mapping[str, Any], out: list[str]) -> None:
+    urls = data.get("extensions")
+    if urls is None:
+        return
+    if not isinstance(urls, list) or not all(isinstance(u, str) and _URL_RE.match(u) for u in urls):
+        out.append("extensions: must be a list of extension urls")
+    elif len(set(urls)) != len(urls):
+        out.append("extensions: duplicates")
+
+
+def extension_problems(profile_urls: Any, kept: Mapping[str, str]) -> list[str]:
+    """The urls a profile lists that the rules (`kept`: url -> keep | remove) do not keep: a profile narrows
+    what the rules let through, it never widens it (each kept extension has its values checked there)."""
+    if not isinstance(profile_urls, list):
+        return []
+    return [f"extensions.{u}: not kept by the de-identification rules" for u in profile_urls
+            if kept.get(u) != "keep"]
 
 
 def profile_warnings(data: Any) -> list[str]:
@@ -371,6 +395,7 @@ def profile_from_data(data: Mapping[str, Any], source: str = "<data>") -> Profil
         practitioner=_section(data, "practitioner"),
         references=_section(data, "references"),
         resources=MappingProxyType({t: tuple(p) for t, p in data["resources"].items()}),
+        extensions=tuple(data["extensions"]) if data.get("extensions") is not None else None,
         description=str(data.get("description", "")),
         source=source,
     )
