@@ -147,6 +147,17 @@ def test_conflicting_own_name_extensions_are_not_guessed():
     assert _fields(_patient(name=[name]), "NGG") == "birth-name-missing"
 
 
+def test_two_official_names_with_other_birth_names_are_not_guessed():
+    """A probe: the first of two official names was taken, so a delivery that listed them the other way round
+    got another pseudonym for the same person (the module promises a skip where the data is ambiguous)."""
+    jansen, pietersen = _name(own="Jansen", family="Jansen"), _name(own="Pietersen", family="Pietersen")
+    for names in ([jansen, pietersen], [pietersen, jansen]):
+        assert _fields(_patient(name=names), "NGGV") == "birth-name-ambiguous"
+        assert _fields(_patient(name=names), "SNGG") == "birth-name-ambiguous"
+    same = _name(own="Jansen", family="Jansen", given=("Peter",))
+    assert _fields(_patient(name=[jansen, same]), "NGG")[0] == "JANSEN"  # the same name twice is no doubt
+
+
 def test_own_name_without_letters_is_missing():
     assert _fields(_patient(name=[_name(own="--", family="--")]), "SNGG") == "birth-name-missing"
 
@@ -241,6 +252,20 @@ def test_no_hp_and_no_home_address_means_no_postcode():
     patient = _patient(address=[_address(address_type="PST", use="work")])
     assert _fields(patient, "C") == "no-dutch-postcode"
     assert _fields(patient, "A") == "no-dutch-postcode-or-house-number"
+
+
+def test_two_official_addresses_of_other_places_are_not_guessed():
+    """A probe: of two HP (or, without one, two home) addresses the first was taken, so the order of the
+    EHR's list chose the postcode pseudonyms. Two different ones now skip the address types."""
+    amsterdam, utrecht = _address("1012 NX", "15"), _address("3511 AA", "2")
+    for addresses in ([amsterdam, utrecht], [utrecht, amsterdam]):
+        assert _fields(_patient(address=addresses), "RGG") == "address-ambiguous"
+        assert _fields(_patient(address=addresses), "A") == "address-ambiguous"
+    homes = [_address("1012 NX", "15", address_type=None), _address("3511 AA", "2", address_type=None)]
+    assert _fields(_patient(address=homes), "C") == "address-ambiguous"
+    # one HP among other addresses decides; the same place written twice is no doubt
+    assert _fields(_patient(address=[amsterdam, homes[1]]), "RGG")[0] == "1012"
+    assert _fields(_patient(address=[amsterdam, _address("1012NX", "15")]), "A")[:2] == ("1012NX", "15")
 
 
 def test_old_address_is_not_used():

@@ -5,8 +5,9 @@ The input is untrusted JSON, so every access checks the JSON type; any value of 
 affected field unusable, and the pseudonym types needing it are skipped with a fixed reason. Nothing here
 raises on patient data, and no patient value ever reaches an exception, log or reason text.
 
-Where the data is ambiguous (two different BSNs, a family name that may contain the partner's name) the type
-is skipped rather than guessed: a wrong pseudonym links two different people, a skipped one only loses a link.
+Where the data is ambiguous (two different BSNs, a family name that may contain the partner's name, two
+official names or addresses that differ) the type is skipped rather than guessed: a wrong pseudonym links two
+different people, one chosen by a list's order differs between deliveries; a skipped one only loses a link.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Unusable(Enum):
     """Why a field has no value; turned into the mapping's skip reason for the type."""
 
     MISSING = "missing"  # absent, partial or invalid: the field's (or type's) skip_reason
-    AMBIGUOUS = "ambiguous"  # two different usable values (BSN, MRN)
+    AMBIGUOUS = "ambiguous"  # two different usable values (BSN, MRN, birth name, official address)
     NOT_CONFIGURED = "not-configured"  # MRN without a configured patient-number system
 
 
@@ -79,7 +80,7 @@ def _reason(value: Unusable, field_name: str, missing_reason: str, mapping: Inpu
     if value is Unusable.NOT_CONFIGURED:
         return mapping.mrn_not_configured_reason
     if value is Unusable.AMBIGUOUS:
-        return mapping.bsn_ambiguous_reason if field_name == "bsn" else mapping.mrn_ambiguous_reason
+        return mapping.ambiguous_reasons[field_name]
     return missing_reason
 
 
@@ -122,14 +123,23 @@ class PatientFields:
         ]
 
     @cached_property
-    def _birth_name_letters(self) -> str | None:
+    def _birth_name_letters(self) -> str | Unusable | None:
+        readings = {birth_name_letters([name], self._mapping) for name in self._names} - {None}
+        if len(readings) > 1:
+            return Unusable.AMBIGUOUS  # two official names with other own surnames: which is the birth name?
         return birth_name_letters(self._names, self._mapping)
 
+    def _birth_name(self, length: int) -> FieldValue:
+        letters = self._birth_name_letters
+        if isinstance(letters, Unusable):
+            return letters
+        return _or_missing(normalise.birth_name(letters, length))
+
     def field_name8(self) -> FieldValue:
-        return _or_missing(normalise.birth_name(self._birth_name_letters, normalise.NAME_LONG))
+        return self._birth_name(normalise.NAME_LONG)
 
     def field_name4(self) -> FieldValue:
-        return _or_missing(normalise.birth_name(self._birth_name_letters, normalise.NAME_SHORT))
+        return self._birth_name(normalise.NAME_SHORT)
 
     def field_initial(self) -> FieldValue:
         return _or_missing(first_initial(self._names, self._mapping))
@@ -148,6 +158,22 @@ class PatientFields:
         return choose_address(self._patient, self._mapping)
 
     @cached_property
+    def _address_ambiguous(self) -> bool:
+        """Two official (HP; without one, home) addresses of other places: the list's order would choose."""
+        candidates = address_candidates(self._patient, self._mapping)
+        return len({self._place(address) for address in candidates}) > 1
+
+    def _place(self, address: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+        line = house_number_line(address, self._mapping)
+        number = _extension_values(line, self._mapping.house_number_url) if line is not None else []
+        suffix = _extension_values(line, self._mapping.suffix_url) if line is not None else []
+        return (
+            normalise.postcode6(address.get("postalCode")),
+            normalise.house_number(number[0]) if len(number) == 1 else None,
+            normalise.house_number_suffix(suffix[0]) if len(suffix) == 1 else None,
+        )
+
+    @cached_property
     def _house_number_line(self) -> dict[str, Any] | None:
         address = self._address
         return house_number_line(address, self._mapping) if address is not None else None
@@ -157,12 +183,18 @@ class PatientFields:
         return address.get("postalCode") if address is not None else None
 
     def field_pc6(self) -> FieldValue:
+        if self._address_ambiguous:
+            return Unusable.AMBIGUOUS
         return _or_missing(normalise.postcode6(self._postal_code()))
 
     def field_pc4(self) -> FieldValue:
+        if self._address_ambiguous:
+            return Unusable.AMBIGUOUS
         return _or_missing(normalise.postcode4(self._postal_code()))
 
     def field_housenumber(self) -> FieldValue:
+        if self._address_ambiguous:
+            return Unusable.AMBIGUOUS
         line = self._house_number_line
         if line is None:
             return Unusable.MISSING
@@ -170,6 +202,8 @@ class PatientFields:
         return _or_missing(normalise.house_number(value))
 
     def field_suffix(self) -> FieldValue:
+        if self._address_ambiguous:
+            return Unusable.AMBIGUOUS
         line = self._house_number_line
         suffixes = _extension_values(line, self._mapping.suffix_url) if line is not None else []
         if len(suffixes) > 1 and not _all_equal(suffixes):
@@ -261,15 +295,17 @@ def _given_qualifies(ext: object, mapping: InputMapping) -> bool:
 
 
 def choose_address(patient: dict[str, Any], mapping: InputMapping) -> dict[str, Any] | None:
-    """The official address (AddressType HP), else the first `use=home` address, else None (never guessed)."""
+    """The official address (AddressType HP), else the `use=home` address, else None (never guessed: two of
+    other places make the address fields ambiguous, see `address_candidates`)."""
+    candidates = address_candidates(patient, mapping)
+    return candidates[0] if candidates else None
+
+
+def address_candidates(patient: dict[str, Any], mapping: InputMapping) -> list[dict[str, Any]]:
+    """The addresses of the first rank that has any: official (AddressType HP), else `use=home`."""
     addresses = [a for a in _list(patient.get("address")) if isinstance(a, dict) and a.get("use") != "old"]
-    for address in addresses:
-        if mapping.preferred_address_type in _address_types(address, mapping):
-            return address
-    for address in addresses:
-        if address.get("use") == mapping.fallback_address_use:
-            return address
-    return None
+    official = [a for a in addresses if mapping.preferred_address_type in _address_types(a, mapping)]
+    return official or [a for a in addresses if a.get("use") == mapping.fallback_address_use]
 
 
 def _address_types(address: dict[str, Any], mapping: InputMapping) -> set[str]:

@@ -24,6 +24,9 @@ DEFAULT_PATH = Path(__file__).resolve().parents[2] / "mappings" / "pseudonym-inp
 FIELDS = frozenset(
     {"bsn", "name8", "name4", "birthdate", "sex", "initial", "pc6", "pc4", "housenumber", "suffix", "mrn"}
 )
+# Fields that two different usable values make ambiguous (two BSNs, two official names, two official
+# addresses): the type is skipped with the field's ambiguous_reason rather than guessed.
+AMBIGUOUS_FIELDS = frozenset({"bsn", "mrn", "name8", "name4", "pc6", "pc4", "housenumber", "suffix"})
 SEX_CODES = frozenset({"M", "V", "O"})
 # Skip reasons end up in logs and OperationOutcomes: restricting them to slugs guarantees they hold no value.
 _REASON = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
@@ -60,8 +63,7 @@ class InputMapping:
     sex_map: Mapping[str, str]
     sex_absent: str
     mrn_not_configured_reason: str
-    bsn_ambiguous_reason: str
-    mrn_ambiguous_reason: str
+    ambiguous_reasons: Mapping[str, str]  # field -> skip reason when the Patient holds two different values
     types: Mapping[str, TypeSpec]
 
 
@@ -134,8 +136,7 @@ def parse_input_mapping(data: object) -> InputMapping:
         sex_map=_parse_sex_map(sex["map"]),
         sex_absent=_sex_code(sex["absent"], "sex.absent"),
         mrn_not_configured_reason=_reason(mrn["not_configured_reason"], "mrn.not_configured_reason"),
-        bsn_ambiguous_reason=fields["bsn"].get("ambiguous_reason") or _missing("fields.bsn.ambiguous_reason"),
-        mrn_ambiguous_reason=fields["mrn"].get("ambiguous_reason") or _missing("fields.mrn.ambiguous_reason"),
+        ambiguous_reasons=MappingProxyType({f: fields[f]["ambiguous_reason"] for f in AMBIGUOUS_FIELDS}),
         types=_parse_types(top["types"], fields),
     )
 
@@ -154,8 +155,11 @@ def _parse_fields(data: object) -> dict[str, dict[str, str]]:
     parsed: dict[str, dict[str, str]] = {}
     for field_name, entry in data.items():
         where = f"fields.{field_name}"
-        allowed = {"skip_reason", "ambiguous_reason"} if field_name in ("bsn", "mrn") else {"skip_reason"}
-        section = _section(entry, where, allowed, required={"skip_reason"})
+        if field_name in AMBIGUOUS_FIELDS:
+            allowed = required = {"skip_reason", "ambiguous_reason"}
+        else:
+            allowed = required = {"skip_reason"}
+        section = _section(entry, where, allowed, required=required)
         parsed[field_name] = {key: _reason(value, f"{where}.{key}") for key, value in section.items()}
     return parsed
 
@@ -240,10 +244,6 @@ def _sex_code(value: object, where: str) -> str:
     if value not in SEX_CODES:
         raise MappingError(f"{where}: expected one of {', '.join(sorted(SEX_CODES))}")
     return str(value)
-
-
-def _missing(where: str) -> str:
-    raise MappingError(f"{where}: missing")
 
 
 def _yaml_where(exc: yaml.YAMLError) -> str:
