@@ -294,22 +294,33 @@ def keys_init(
     ),
 ) -> None:
     """Create missing key files (mode 0600). Existing keys are never overwritten."""
-    from gateway.keys import init_keys
+    from gateway.keys import check_value, init_keys, read_key_file
 
     for path in init_keys(key_dir, provider):
         console.print(f"created {path}")
+        if path.name.startswith("source-key"):
+            kcv = check_value(read_key_file(path))
+            console.print(
+                f"  a random source key (check value {kcv}): replace it with the ecosystem's K_src before "
+                "the first delivery, and set FHIR_GATEWAY_SOURCE_KEY_CHECK to the check value published "
+                "with it",
+                highlight=False,
+            )
 
 
 @keys_app.command("list")
 def keys_list(key_dir: Path = typer.Option(Path("var/keys"), envvar="FHIR_GATEWAY_KEY_DIR")) -> None:
-    """List key files (names only, never content)."""
-    from gateway.keys import list_keys
+    """List key files (names only, never content; a source key's check value)."""
+    from gateway.keys import check_value, list_keys, read_key_file
 
     if not key_dir.is_dir():
         _fail(f"no key folder at {key_dir.absolute()} (--key-dir or FHIR_GATEWAY_KEY_DIR)")
     names = list_keys(key_dir)
     for name in names:
-        console.print(name)
+        # a source key's check value is no secret: it is compared with the one the ecosystem publishes
+        source = name.startswith("source-key")
+        kcv = f"  check value {check_value(read_key_file(key_dir / name))}" if source else ""
+        console.print(f"{name}{kcv}", highlight=False)
     if not names:
         _fail(f"no key files in {key_dir.absolute()}")
 

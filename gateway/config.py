@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     config: Path = Path("gateway.yaml")
     store_url: str = "sqlite:///var/gateway.db"
     key_dir: Path = Path("var/keys")
+    # the check value the ecosystem publishes of its source key (K_src, the same at every provider): the
+    # gateway does not start with another key, and `check` fails while this is not set (gateway.keys)
+    source_key_check: str | None = None
     host: str = "127.0.0.1"
     port: int = 8200
     log_level: str = "INFO"

@@ -24,6 +24,8 @@ _EMBEDDED = (
 async def check_runtime(runtime: Runtime) -> list[tuple[str, str | None]]:
     """(part, problem or None) for the store, each provider's TTP and each registry's endpoint."""
     results: list[tuple[str, str | None]] = [("configuration, profiles, keys", None)]
+    results.append(_source_key(runtime))
+    results += _mrn_systems(runtime)
     results.append(("store", await _store(runtime)))
     try:
         results += await _ttps(runtime)
@@ -48,6 +50,34 @@ async def _ttps(runtime: Runtime) -> list[tuple[str, str | None]]:
         for registry in runtime.registries:
             asked = round_trip(provider.ttp, registry, provider.source.source_version)
             results.append((f"TTP for {name}: a pseudonym in domain {registry}", await _ttp_problem(asked)))
+    return results
+
+
+def _source_key(runtime: Runtime) -> tuple[str, str | None]:
+    """Start-up refuses a source key whose check value differs from the configured one; unverified, the key
+    may be the random one `keys init` made, and every pseudonym would link to nothing at other providers."""
+    keys = runtime.keys
+    part = f"source key v{keys.source_version} (check value {keys.source_check_value})"
+    if runtime.settings.source_key_check:
+        return part, None
+    return part, (
+        "not verified: set FHIR_GATEWAY_SOURCE_KEY_CHECK to the check value the ecosystem publishes of K_src "
+        "(the one `keys init` makes is random, and its pseudonyms link to no other provider's)"
+    )
+
+
+def _mrn_systems(runtime: Runtime) -> list[tuple[str, str | None]]:
+    """A registry that asks MRN pseudonyms of a provider without a patient-number system gets none, for any
+    patient, and no error says so at delivery (each is skipped as mrn-system-not-configured)."""
+    results: list[tuple[str, str | None]] = []
+    for registry, chain in runtime.registries.items():
+        if "MRN" not in {t.upper() for t in chain.types}:
+            continue
+        for name, provider in runtime.providers.items():
+            problem = None if provider.mrn_system else (
+                "the profile asks MRN pseudonyms, but this provider has no mrn_system: no patient gets one"
+            )
+            results.append((f"MRN pseudonyms of {name} for {registry}", problem))
     return results
 
 

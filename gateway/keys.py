@@ -22,7 +22,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 _SOURCE_RE = re.compile(r"^source-key-v([1-9][0-9]*)\.hex$")
@@ -64,6 +64,15 @@ def write_key_file(path: Path, key: bytes) -> None:
         fh.write(key.hex())
 
 
+def check_value(key: bytes) -> str:
+    """A key check value: shows whether two parties hold the same key without showing the key. K_src must be
+    the same at every provider (else one person gets other pseudonyms at each), and a `keys init` key is a
+    random one of this machine: the ecosystem publishes its key's check value to compare with."""
+    mac = hmac.HMAC(key, hashes.SHA256())
+    mac.update(b"NLPS1|key-check-value")
+    return mac.finalize().hex()[:16]
+
+
 def derive(secret: bytes, purpose: str, length: int = 32) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=purpose.encode()).derive(secret)
 
@@ -77,6 +86,11 @@ class GatewayKeys:
     @property
     def source_version(self) -> int:
         return max(self.source_keys)
+
+    @property
+    def source_check_value(self) -> str:
+        """The check value of the current source key (`check_value`)."""
+        return check_value(self.source_keys[self.source_version])
 
     def id_key(self, registry: str) -> bytes:
         """Key of the opaque resource ids for one registry (stable, so a re-delivery updates)."""

@@ -477,6 +477,13 @@ def build_runtime(
 ) -> Runtime:
     """`ttps` maps each provider id to its TTP backend (authenticated as that provider) and a display name."""
     keys = load_keys(settings.key_dir, [p.id for p in config.providers])
+    expected = (settings.source_key_check or "").strip().lower()
+    if expected and expected != keys.source_check_value:
+        raise ValueError(
+            f"the source key v{keys.source_version} is not the ecosystem's: its check value is "
+            f"{keys.source_check_value}, FHIR_GATEWAY_SOURCE_KEY_CHECK says {expected} (pseudonyms made with "
+            "it would link to nobody's at other providers)"
+        )
     for p in config.providers:
         if p.mrn_system and p.id not in keys.provider_mrn:
             raise ValueError(

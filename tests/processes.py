@@ -21,7 +21,7 @@ import httpx
 import yaml
 
 from gateway.deid.leakscan import scan
-from gateway.keys import init_keys
+from gateway.keys import init_keys, load_keys
 from gateway.receiver.app import create_receiver_app
 from gateway.service.auth import hash_api_key
 from gateway.serving import free_port, serve_in_thread
@@ -154,6 +154,8 @@ def process_chain(
             **os.environ,
             "TEST_TTP_KEY": ttp_secret,
             "FHIR_GATEWAY_KEY_DIR": str(work_dir / "keys"),
+            # this chain's own source key stands in for the ecosystem's (as the go-live check asks)
+            "FHIR_GATEWAY_SOURCE_KEY_CHECK": load_keys(work_dir / "keys", [PROVIDER]).source_check_value,
             "FHIR_GATEWAY_STORE_URL": store_url or f"sqlite:///{work_dir / 'gateway.db'}",
             "FHIR_GATEWAY_WORKER_POLL_SECONDS": "0.05",
         }
