@@ -221,45 +221,55 @@ def test_a_running_ttp_takes_in_added_and_revoked_callers_without_a_restart(tmp_
     callers = tmp_path / "callers.yaml"
     cli("keys", "init", "--key-dir", str(tmp_path / "keys"), "--registry", "registry-a")
     first = cli("callers", "add", "umc", "--role", "provider", "--provider", "ura:1", "--file", str(callers))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "ttp", "serve", "--key-dir", str(tmp_path / "keys"),
-         "--api-keys-file", str(callers), "--port", str(port), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def pseudonymise(key: str) -> int:
+    def serve(*extra: str) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "ttp", "serve", "--key-dir", str(tmp_path / "keys"),
+             "--api-keys-file", str(callers), "--log-level", "warning", "--port", str(port), *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/metadata", timeout=1).status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "ttp serve did not start"
+            time.sleep(0.05)
+
+    def pseudonymise(url: str, key: str) -> int:
         params = {"resourceType": "Parameters", "parameter": [
             {"name": "target", "valueString": "registry-a"},
             {"name": "original", "valueString": f"B:1:{nlps1.b64u(secrets.token_bytes(32))}"}]}
         return httpx.post(f"{url}/$pseudonymize", json=params, timeout=10,
                           headers={"Authorization": f"Bearer {key}"}).status_code
 
+    proc, url = serve("--allow-plain")  # this test sends plain batches
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if pseudonymise(first) == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "ttp serve did not start"
-            time.sleep(0.05)
+        assert pseudonymise(url, first) == 200
         second = cli("callers", "add", "umc-2", "--role", "provider", "--provider", "ura:2",
                      "--file", str(callers))
-        assert pseudonymise(second) == 200
+        assert pseudonymise(url, second) == 200
         cli("callers", "remove", "umc", "--file", str(callers))
-        assert pseudonymise(first) == 401
-        assert pseudonymise(second) == 200
+        assert pseudonymise(url, first) == 401
+        assert pseudonymise(url, second) == 200
         good = callers.read_bytes()
         callers.write_text("callers: [unclosed")  # an operator's edit gone wrong: fail closed
-        assert pseudonymise(second) == 503
+        assert pseudonymise(url, second) == 503
         callers.write_bytes(good)
-        assert pseudonymise(second) == 200
+        assert pseudonymise(url, second) == 200
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert runner.invoke(ttp_cli, ["callers", "remove", "umc", "--file", str(callers)]).exit_code != 0
+    # by default `ttp serve` takes sealed batches only (spec §4.1.5): a plain one, even authenticated, is 400
+    proc, url = serve()
+    try:
+        assert pseudonymise(url, second) == 400
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_a_version_is_retired_only_after_gateways_stopped_delivering_it(tmp_path):

@@ -66,7 +66,10 @@ def serve(
     api_keys_file: Annotated[Path, typer.Option("--api-keys-file", help="callers file")] = DEFAULT_CALLERS,
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8300,
-    sealed_only: Annotated[bool, typer.Option(help="refuse batches without the HPKE envelope")] = False,
+    sealed_only: Annotated[bool, typer.Option(
+        "--sealed-only/--allow-plain",
+        help="refuse batches without the HPKE envelope (domain spec §4.1.5: HPKE and its replay guard); "
+             "--allow-plain for tests and `ttp check --plain`")] = True,
     max_values: Annotated[int, typer.Option(help="values per request")] = 100_000,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM)")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
