@@ -81,6 +81,7 @@ def serve(
     from gateway.memory import freeze_start_up_objects
     from gateway.service.app import create_app
     from gateway.service.logs import configure
+    from gateway.service.protocol import with_header_timeout
 
     runtime, settings = startup_runtime(config, fail=_fail)
     configure(settings.log_level)
@@ -95,6 +96,7 @@ def serve(
         timeout_graceful_shutdown=30,
         # longer than common client pools keep idle connections, so the server never closes one under them
         timeout_keep_alive=75,
+        http=with_header_timeout(settings.header_timeout_seconds),
     )
 
 

@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     port: int = 8200
     log_level: str = "INFO"
     max_body_bytes: int = 50 * 1024 * 1024
+    # a request whose headers have not all arrived this long after its connection (or its first byte) is
+    # dropped: connections that send nothing would otherwise stay open for good (gateway/service/protocol.py)
+    header_timeout_seconds: float = Field(15.0, gt=0)
     # a request body that sends nothing for this long is refused (408): stalled bodies hold intake slots
     body_idle_timeout_seconds: float = Field(15.0, gt=0)
     # Bundles one gateway process works on at once; a post beyond that is answered 429 + Retry-After at once

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from gateway.service.protocol import HEADER_TIMEOUT_SECONDS, with_header_timeout
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -37,6 +39,7 @@ def serve_in_thread(
         lifespan="on",
         log_config=None,
         proxy_headers=False,  # trust is decided on the peer address, never on X-Forwarded-For
+        http=with_header_timeout(HEADER_TIMEOUT_SECONDS),
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
     )

@@ -456,3 +456,29 @@ def test_a_client_that_leaves_mid_body_is_not_logged_as_an_error(tmp_path):
         posts = [line for line in lines if line.get("route") == "/registries/{registry}/Bundle"]
         assert [line["status"] for line in posts] == [499]
         assert not [line for line in lines if line["msg"].startswith("unexpected")]
+
+
+def test_a_connection_that_sends_no_request_is_closed(tmp_path):
+    """A probe held 20,000 sockets open without logging in (nothing sent, or half a header line): uvicorn
+    closes an idle connection only after a response, so the gateway ran out of file descriptors and answered
+    nobody. A request's headers now have FHIR_GATEWAY_HEADER_TIMEOUT_SECONDS to arrive, on any connection."""
+    import socket
+    import time
+
+    with process_chain(tmp_path) as chain:
+        gw = chain.start_gateway(extra_env={"FHIR_GATEWAY_HEADER_TIMEOUT_SECONDS": "1"})
+        host, port = gw.url.removeprefix("http://").split(":")
+        silent = socket.create_connection((host, int(port)))
+        partial = socket.create_connection((host, int(port)))
+        partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: ")
+        kept_alive = socket.create_connection((host, int(port)))  # a request, then half of the next one
+        kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" in kept_alive.recv(65536)
+        kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        started = time.monotonic()
+        for sock in (silent, partial, kept_alive):
+            sock.settimeout(10)
+            assert sock.recv(65536) == b"", "the server closes the connection"
+            sock.close()
+        assert time.monotonic() - started < 5
+        assert httpx.get(f"{gw.url}/healthz", timeout=5).status_code == 200  # a client that talks is served

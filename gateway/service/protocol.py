@@ -1,0 +1,62 @@
+"""uvicorn's HTTP protocol with a deadline for each request's headers.
+
+uvicorn closes an idle connection only after a response (its keep-alive timeout): a connection that never
+sends a request, or stops half-way through its headers, stays open for good. A probe held 20,000 of them
+without logging in, and the gateway ran out of file descriptors and answered nobody (slowloris). Here every
+request's headers must arrive within `header_timeout` seconds of the connection, or of the request's first
+byte on a kept-alive connection; the body has its own limits (gateway/service/body.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+HEADER_TIMEOUT_SECONDS = 15.0
+
+
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    header_timeout: float = HEADER_TIMEOUT_SECONDS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()  # the next request on a kept-alive connection
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_late)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_late(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+@functools.cache
+def with_header_timeout(seconds: float) -> type[HeaderDeadlineProtocol]:
+    """The protocol class to pass as uvicorn's `http=` for this deadline."""
+    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout": seconds})
