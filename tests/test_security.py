@@ -235,6 +235,24 @@ def test_objections_are_per_provider(chain: Any) -> None:
     assert response.status_code == 404 and "Zyxwortel" not in response.text
 
 
+def test_an_objection_body_is_read_as_strictly_as_a_bundle(chain: Any) -> None:
+    """A probe: `{"patientNumber": "OBJ-1", "patientNumber": "OBJ-2"}` registered OBJ-2 (the last key won),
+    so an EHR or middleware that read the first value believed OBJ-1 objected, and it was delivered. The
+    Bundle endpoint refuses duplicate keys; the objection endpoints now too, and take a BOM alike."""
+    mine = chain.ehr_api_keys[PROVIDER]
+    headers = {**auth(mine), "Content-Type": "application/json"}
+    for path in ("/objections", "/objections/$withdraw"):
+        for body in (b'{"patientNumber": "OBJ-1", "patientNumber": "OBJ-2"}',
+                     b'{"patientNumber": "OBJ-5", "registry": "%s", "registry": "*"}' % REGISTRY.encode()):
+            response = httpx.post(f"{chain.gateway_url}{path}", content=body, headers=headers, timeout=30)
+            assert response.status_code == 400 and "duplicate" in response.text, (path, response.text)
+            assert "OBJ-" not in response.text
+    bom = b"\xef\xbb\xbf" + b'{"patientNumber": "OBJ-6", "registry": "%s"}' % REGISTRY.encode()
+    for path in ("/objections", "/objections/$withdraw"):
+        response = httpx.post(f"{chain.gateway_url}{path}", content=bom, headers=headers, timeout=30)
+        assert response.status_code == 204, (path, response.text)
+
+
 # --- request ids and metrics ------------------------------------------------------------------------------
 
 def test_every_answer_carries_a_request_id(chain: Any) -> None:

@@ -393,12 +393,9 @@ def _provider_caller(runtime: Runtime, request: Request) -> Caller:
 
 async def _objection_body(request: Request, runtime: Runtime) -> tuple[str, str]:
     check_content_type(request)
-    try:
-        data = orjson.loads(await read_limited(request, 10_000))
-    except orjson.JSONDecodeError:
-        raise FhirError.single(400, "structure", "body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise FhirError.single(400, "structure", "body must be a JSON object")
+    # as strict as a Bundle: with a duplicate key the last value would win, while a client or middleware
+    # that reads the first believes another patient objected (a probe); a BOM is taken alike
+    data = parse_json(await read_limited(request, 10_000), max_bytes=10_000, max_depth=2, resource=False)
     unknown = sorted(set(data) - {"patientNumber", "registry"})
     if unknown:  # a name or a BSN sent beside the number must not look accepted (it is not kept)
         raise FhirError.single(400, "structure", "send patientNumber and registry only", "patientNumber")
