@@ -134,7 +134,9 @@ class Restartable:
 
 class DiskFull:
     """FAULT INJECTION via `open_store(on_connect=...)`: while `full`, no store connection may grow the file
-    (PRAGMA max_page_count = current size), which SQLite reports as SQLITE_FULL, as on a full disk."""
+    (PRAGMA max_page_count = current size), which SQLite reports as SQLITE_FULL, as on a full disk. The
+    file's free pages are taken first (a filler table, emptied again afterwards): a write that fits in pages
+    freed earlier would otherwise succeed, and whether it did hung on the size of earlier payloads."""
 
     def __init__(self) -> None:
         self.conns: list[sqlite3.Connection] = []
@@ -150,6 +152,9 @@ class DiskFull:
 
     def set(self, full: bool) -> None:
         self.full = full
+        live = [c for c in self.conns if _open(c)]
+        if live:
+            _fill_free_pages(live[0], full)
         for conn in self.conns:
             with contextlib.suppress(sqlite3.ProgrammingError):  # a connection the pool has closed
                 if full:
@@ -168,6 +173,27 @@ class DiskFull:
         for conn in self.conns:
             with contextlib.suppress(sqlite3.ProgrammingError):
                 conn.set_progress_handler((lambda: 1) if on else None, 1)
+
+
+def _open(conn: sqlite3.Connection) -> bool:
+    try:
+        conn.execute("SELECT 1")
+    except sqlite3.ProgrammingError:  # closed by the pool
+        return False
+    return True
+
+
+def _fill_free_pages(store_conn: sqlite3.Connection, full: bool) -> None:
+    """Take every free page of the store's file into a filler table (`full`), or give them back."""
+    path = store_conn.execute("PRAGMA database_list").fetchone()[2]
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=30)) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS fault_disk_filler (b BLOB)")
+        if not full:
+            conn.execute("DELETE FROM fault_disk_filler")
+            return
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        while (free := conn.execute("PRAGMA freelist_count").fetchone()[0]) > 0:
+            conn.execute("INSERT INTO fault_disk_filler VALUES (zeroblob(?))", (max(free // 2, 1) * size,))
 
 
 # -- the chain in this process: real TTP, receiver and gateway under uvicorn -----------------------------
