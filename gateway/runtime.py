@@ -39,7 +39,7 @@ from gateway.optout import (
 )
 from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable
 from gateway.outcome import FhirError
-from gateway.pipeline.validate import SchemaValidator
+from gateway.pipeline.validate import SchemaValidator, check_bundle_shell
 from gateway.process import (
     REPORT_COUNTS,
     Processed,
@@ -196,6 +196,11 @@ class Runtime:
         # cheap look-up first: a re-post costs no TTP round trip
         existing = await asyncio.to_thread(self.store.find_by_idempotency, provider, registry, key)
         if existing is not None:
+            try:  # the digest covers the entries: the rest must be a valid Bundle too
+                check_bundle_shell(bundle, self.validator)
+            except FhirError as err:
+                await self.record_refusal(caller, registry, err)
+                raise
             await self._same_request(provider, registry, key, request, earlier)
             self.metrics.bundles.labels(outcome="duplicate").inc()
             return Accepted(existing.id, _report_of(existing.counts), created=False)

@@ -247,6 +247,26 @@ def test_a_bundle_identifier_used_again_for_other_content_is_refused_and_a_regen
     assert keyed.status_code == 200 and same.status_code == 200, same.text
 
 
+def test_a_re_post_that_is_no_valid_bundle_is_refused_not_answered_with_the_delivery(chain):
+    """A probe: the content digest covers the entries, so a re-post with `resourceType: Patient` at the top,
+    a bogus `signature`, or a fullUrl with a space (in an entry nothing refers to) was answered 200 with the
+    earlier delivery, though a fresh post of any of them is refused."""
+    bundle = orjson.loads((EXAMPLES / "04-synthea-transaction.json").read_bytes())
+    bundle["identifier"] = {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"}
+    assert _post(chain, orjson.dumps(bundle)).status_code == 200
+    not_a_bundle = {**bundle, "resourceType": "Patient"}
+    bogus = {**bundle, "signature": {"bogus": 1}, "total": -5}
+    spaced = orjson.loads(orjson.dumps(bundle))
+    referenced = orjson.dumps([e["resource"] for e in bundle["entry"]]).decode()
+    lonely = next(e for e in spaced["entry"] if e["fullUrl"] not in referenced)
+    lonely["fullUrl"] = "http://x/Zwartkopje/0612398765 x"
+    for again, status in ((not_a_bundle, 422), (bogus, 400), (spaced, 400)):
+        response = _post(chain, orjson.dumps(again))
+        assert response.status_code == status, response.text
+        assert "Zwartkopje" not in response.text and "0612398765" not in response.text
+    assert _post(chain, orjson.dumps(bundle)).status_code == 200  # the same Bundle again: the delivery
+
+
 def test_same_bundle_twice_is_one_delivery(chain):
     example = EXAMPLES / "02-nlps1-vector-patients-transaction.json"
     first = _post(chain, example, headers={"Idempotency-Key": "same-twice"})

@@ -403,6 +403,46 @@ def resources_of_patients(index: BundleIndex, starts: Iterable[int]) -> set[int]
     return seen
 
 
+def check_bundle_shell(
+    bundle: dict, validator: SchemaValidator, *, allowed_types: frozenset[str] = ALLOWED_BUNDLE_TYPES
+) -> None:
+    """What `validate_bundle` checks of the Bundle itself and its entries' own elements (fullUrl, request),
+    without the entries' resources: cheap. A re-post is recognised by a digest of its entries' requests and
+    resources; before it is answered with the earlier delivery, the rest must be a valid Bundle too (a probe
+    had a `resourceType: Patient` re-post answered 200). Raises FhirError as `validate_bundle` does."""
+    _check_resource_type(bundle, validator)
+    entries = bundle.get("entry")
+    shell = dict(bundle)
+    if isinstance(entries, list):
+        shell["entry"] = [
+            {k: v for k, v in e.items() if k != "resource"} if isinstance(e, dict) else e for e in entries
+        ]
+    schema_issues = validator.validate_resource(shell, "Bundle")
+    if schema_issues:
+        raise FhirError(400, schema_issues)
+    _check_bundle_type(bundle, allowed_types)
+
+
+def _check_resource_type(bundle: dict, validator: SchemaValidator) -> None:
+    rtype = bundle.get("resourceType")
+    if rtype not in validator.resource_types:
+        raise FhirError.single(
+            400, "not-supported", "resourceType is not an R4 resource type", "resourceType"
+        )
+    if rtype != "Bundle":
+        raise FhirError.single(422, "not-supported", "expected a Bundle", "resourceType")
+
+
+def _check_bundle_type(bundle: dict, allowed_types: frozenset[str]) -> None:
+    bundle_type = bundle.get("type")
+    if bundle_type is None:
+        # The JSON Schema cannot require primitives (they may come as `_type` extensions only); R4 says 1..1.
+        raise FhirError.single(400, "required", "missing required element 'type'", "Bundle.type")
+    if bundle_type not in allowed_types:
+        allowed = ", ".join(sorted(allowed_types))
+        raise FhirError.single(422, "not-supported", f"Bundle.type must be one of: {allowed}", "Bundle.type")
+
+
 def validate_bundle(
     bundle: dict,
     validator: SchemaValidator,
@@ -414,23 +454,12 @@ def validate_bundle(
 
     Raises FhirError: 400 with the schema issues, or 422 with every business-rule violation found.
     """
-    rtype = bundle.get("resourceType")
-    if rtype not in validator.resource_types:
-        raise FhirError.single(
-            400, "not-supported", "resourceType is not an R4 resource type", "resourceType"
-        )
-    if rtype != "Bundle":
-        raise FhirError.single(422, "not-supported", "expected a Bundle", "resourceType")
+    _check_resource_type(bundle, validator)
     schema_issues = validator.validate_resource(bundle, "Bundle")
     if schema_issues:
         raise FhirError(400, schema_issues)
-    bundle_type = bundle.get("type")
-    if bundle_type is None:
-        # The JSON Schema cannot require primitives (they may come as `_type` extensions only); R4 says 1..1.
-        raise FhirError.single(400, "required", "missing required element 'type'", "Bundle.type")
-    if bundle_type not in allowed_types:
-        allowed = ", ".join(sorted(allowed_types))
-        raise FhirError.single(422, "not-supported", f"Bundle.type must be one of: {allowed}", "Bundle.type")
+    _check_bundle_type(bundle, allowed_types)
+    bundle_type = bundle["type"]
     entries = bundle.get("entry", [])
     errors: list[Issue] = []
     _check_entries_have_resources(entries, errors)
