@@ -109,10 +109,12 @@ async def process_bundle(
     recorded: str | None = None,
     other_people: Sequence[dict[str, Any]] = (),
     serving: bool = False,
+    large: bool = False,
 ) -> Processed:
     """`recorded` (a FHIR instant) goes into the Provenance; by default the current time. `other_people`:
     Patients of whom nothing is delivered here but whose values must not leak into it either (bulk: the
-    patients of another slice whose home a shared place is); never offered to the TTP."""
+    patients of another slice whose home a shared place is); never offered to the TTP. `serving` and
+    `large` (a large body, whatever its number of entries): the CPU stages run in a worker thread."""
     if not registry.plan.profile.person_level:
         # checked before anything else: no patient of this bundle may reach the TTP for such a registry
         raise FhirError.single(
@@ -123,7 +125,7 @@ async def process_bundle(
         )
     # only where an event loop serves others: a bulk worker's thread would cost a malloc arena, not time
     entries = bundle.get("entry") if isinstance(bundle, dict) else None  # not validated yet: any JSON
-    off_loop = serving and isinstance(entries, list) and len(entries) > OFF_LOOP_ENTRIES
+    off_loop = serving and (large or (isinstance(entries, list) and len(entries) > OFF_LOOP_ENTRIES))
     index = await _cpu(off_loop, _validated, bundle, validator, registry)
     decisions = await decide_optout(bundle, index.patients, registry, provider)
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}

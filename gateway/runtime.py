@@ -175,6 +175,7 @@ class Runtime:
         registry: str,
         idempotency_key: str | None,
         body_digest: str | None = None,
+        large: bool = False,
     ) -> Accepted:
         """Run the chain and commit the pseudonymised result to the outbox; only then is it accepted.
 
@@ -183,9 +184,10 @@ class Runtime:
         each stored only as a keyed hash (with sender's provider and registry), so a re-post is one
         delivery. A key or Bundle.identifier used again for other content is refused (422), not answered
         with the earlier delivery: that content would never be delivered, and the EHR would not know.
+        `large`: a large body, whose CPU work runs in a worker thread (the event loop serves others).
         """
         provider = caller.provider or ""
-        digest = content_digest(bundle)
+        digest = await asyncio.to_thread(content_digest, bundle) if large else content_digest(bundle)
         named = idempotency_key or _bundle_identifier(bundle)
         key = self._idempotency(provider, registry, named or digest)
         request = self._idempotency(provider, registry, f"content:{digest}") if named else None
@@ -197,7 +199,10 @@ class Runtime:
         existing = await asyncio.to_thread(self.store.find_by_idempotency, provider, registry, key)
         if existing is not None:
             try:  # the digest covers the entries: the rest must be a valid Bundle too
-                check_bundle_shell(bundle, self.validator)
+                if large:
+                    await asyncio.to_thread(check_bundle_shell, bundle, self.validator)
+                else:
+                    check_bundle_shell(bundle, self.validator)
             except FhirError as err:
                 await self.record_refusal(caller, registry, err)
                 raise
@@ -212,6 +217,7 @@ class Runtime:
                 validator=self.validator,
                 mapping=self.mapping,
                 serving=True,
+                large=large,
             )
         except FhirError as err:
             await self.record_refusal(caller, registry, err)
