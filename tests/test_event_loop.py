@@ -32,7 +32,8 @@ def _large_bundle() -> bytes:
 
 def _unknown_keys() -> bytes:
     """A probe's: no entries, 600,000 unknown top-level elements (7 MB): validated on the event loop, since
-    the move to a thread went by the number of entries only; /healthz waited 6 s."""
+    the move to a thread went by the number of entries only, and jsonschema-rs holds the GIL in a thread
+    too; /healthz waited 1.6 s of a 1.9 s post."""
     keys = {f"k{n}": 1 for n in range(600_000)}
     return orjson.dumps({"resourceType": "Bundle", "type": "transaction", **keys})
 
@@ -76,7 +77,9 @@ def test_healthz_is_answered_while_a_large_bundle_is_processed(tmp_path, make_bo
         sender.join()
     assert posted["status"] == status, posted["text"][:500]
     assert len(waits) > 10  # /healthz was asked all through the post
-    assert max(waits) < posted["seconds"] / 4, (max(waits), posted["seconds"])
+    # a small part of the post, or well within the shortest liveness-probe timeout (1 s) when the post is
+    # short: the probe's 600,000 unknown elements now take 0.3 s in all, most of it orjson's parse
+    assert max(waits) < max(posted["seconds"] / 4, 0.5), (max(waits), posted["seconds"])
 
 
 @pytest.mark.parametrize("entry", [404, True, "x", {"resource": {}}])

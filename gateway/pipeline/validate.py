@@ -119,6 +119,8 @@ class SchemaValidator:
             issues.append(Issue("not-supported", "resourceType is not an R4 resource type", _expr(prefix)))
             return
         prefix = prefix or rtype
+        if len(resource) > _MOST_ELEMENTS and self._unknown_elements(resource, rtype, prefix, issues):
+            return
         validator = self._compiled.get(rtype) or self._validator(rtype)
         if not validator.is_valid(resource):  # fast path: errors are only materialised for invalid input
             for error in validator.iter_errors(resource):
@@ -132,6 +134,20 @@ class SchemaValidator:
                     text = "a contained resource must not contain resources (dom-2)"
                     issues.append(Issue("invariant", text, (f"{prefix}.{path}.contained",)))
                 self._collect(nested, f"{prefix}.{path}", issues)
+
+
+    def _unknown_elements(self, resource: dict, rtype: str, prefix: str, issues: list[Issue]) -> bool:
+        """More keys than any R4 resource has elements: found here, in Python, which lets other threads
+        run. jsonschema-rs holds the GIL for the whole call, and a probe's 600,000 unknown elements held
+        the event loop for seconds while another thread validated them."""
+        known = self._definitions[rtype].get("properties", {}).keys()
+        unknown = [name for name in resource if name not in known]
+        issues.extend(_unknown_element(prefix, name) for name in unknown[: MAX_ISSUES - len(issues)])
+        return bool(unknown)
+
+
+# No R4 resource has more elements than this (with their `_x` siblings): more keys cannot all be elements.
+_MOST_ELEMENTS = 300
 
 
 def _tightened(definitions: dict[str, Any]) -> dict[str, Any]:
