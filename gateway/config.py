@@ -189,6 +189,8 @@ class Settings(BaseSettings):
     # Bundles one gateway process works on at once; a post beyond that is answered 429 + Retry-After at once
     # instead of queueing (latency stays bounded under overload; the EHR retries). 0: no limit.
     max_inflight_bundles: int = 64
+    # of those, what one provider may hold (None: half where several providers share this gateway, else all)
+    max_inflight_per_provider: int | None = Field(None, ge=0)
     # False: this process serves the API only, and `fhir-gateway worker` processes forward (scale-out)
     run_worker: bool = True
     worker_concurrency: int = 4

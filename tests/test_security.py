@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -538,3 +539,38 @@ def test_an_audit_page_beyond_any_id_is_a_4xx(chain: Any) -> None:
         response = call(chain, "GET", f"/admin/audit?after={after}", auth(chain.admin_api_key))
         assert response.status_code == 400 and response.json()["resourceType"] == "OperationOutcome", after
     assert call(chain, "GET", "/admin/audit?after=0", auth(chain.admin_api_key)).status_code == 200
+
+
+def test_one_hospital_cannot_take_every_intake_slot(chain: Any) -> None:
+    """A probe: one hospital's client held all 64 in-flight slots with bodies trickled a byte at a time,
+    and every post of the other hospital was 429 for minutes. Where several providers share a gateway, one
+    holds at most half of FHIR_GATEWAY_MAX_INFLIGHT_BUNDLES (FHIR_GATEWAY_MAX_INFLIGHT_PER_PROVIDER)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    settings = chain.runtime.settings
+    saved = settings.max_inflight_bundles
+    settings.max_inflight_bundles = 4
+    url = urlsplit(chain.gateway_url)
+    mine, theirs = chain.ehr_api_keys[PROVIDER], chain.ehr_api_keys[OTHER]
+    head = (f"POST /registries/{REGISTRY}/Bundle HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {mine}\r\n"
+            "Content-Type: application/fhir+json\r\nContent-Length: 100000\r\n\r\n{").encode()
+    stalled = []
+    try:
+        for _ in range(2):  # half of 4: each holds a slot while its body trickles in
+            sock = socket.create_connection((url.hostname, url.port))
+            sock.sendall(head)
+            stalled.append(sock)
+        deadline = time.monotonic() + 10
+        while True:  # until the two stalled posts hold their slots, a third of mine is refused
+            third = post_bundle(chain, mine, f"third-{time.monotonic()}")
+            if third.status_code == 429:
+                break
+            assert time.monotonic() < deadline, third.status_code
+        assert "Retry-After" in third.headers
+        other = post_bundle(chain, theirs, "the-other-hospital")
+        assert other.status_code == 200, other.text
+    finally:
+        settings.max_inflight_bundles = saved
+        for sock in stalled:
+            sock.close()

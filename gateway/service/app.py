@@ -10,6 +10,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -227,23 +228,38 @@ def _operations_routes(app: FastAPI, runtime: Runtime) -> None:
 
 
 class _InFlight:
-    """Bundles this process is working on (one event loop, so a plain counter): back-pressure."""
+    """Bundles this process is working on (one event loop, so plain counters): back-pressure. Where several
+    providers share the gateway, one holds at most its share of the slots (a probe's hospital held them all
+    with bodies trickled a byte at a time, and the other hospital's posts were 429 for minutes)."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.by_provider: Counter[str] = Counter()
 
     @contextlib.contextmanager
-    def admit(self, runtime: Runtime) -> Iterator[None]:
+    def admit(self, runtime: Runtime, provider: str) -> Iterator[None]:
         limit = runtime.settings.max_inflight_bundles
-        if limit and self.count >= limit:
+        share = _provider_share(runtime, limit)
+        if (limit and self.count >= limit) or (share and self.by_provider[provider] >= share):
             runtime.metrics.bundles.labels(outcome="throttled").inc()
             text = "too many bundles in progress at this gateway; post again after Retry-After seconds"
             raise FhirError.single(429, "throttled", text, headers={"Retry-After": "1"})
         self.count += 1
+        self.by_provider[provider] += 1
         try:
             yield
         finally:
             self.count -= 1
+            self.by_provider[provider] -= 1
+
+
+def _provider_share(runtime: Runtime, limit: int) -> int:
+    """The slots one provider may hold: FHIR_GATEWAY_MAX_INFLIGHT_PER_PROVIDER, by default half of them
+    where several providers share the gateway (0: no share of its own)."""
+    configured = runtime.settings.max_inflight_per_provider
+    if configured is not None:
+        return configured
+    return max(1, limit // 2) if limit and len(runtime.providers) > 1 else 0
 
 
 def _ingest_routes(app: FastAPI, runtime: Runtime) -> None:
@@ -254,7 +270,8 @@ def _ingest_routes(app: FastAPI, runtime: Runtime) -> None:
         caller = caller_of(runtime, request)
         require_registry(caller, registry, runtime.registries)
         check_content_type(request)
-        with in_flight.admit(runtime):  # before the body is read: a refused post costs next to nothing
+        # before the body is read: a refused post costs next to nothing
+        with in_flight.admit(runtime, caller.provider or ""):
             return await _accept(runtime, caller, registry, request)
 
 
