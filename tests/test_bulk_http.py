@@ -669,3 +669,19 @@ def test_replay_sends_an_export_folder_as_one_import_and_waits_for_its_job(chain
     (result,) = replay(files, base_url=c.gateway_url, registry=REGISTRY, api_key=c.ehr_api_key)
     assert (result.status, result.outcome) == (200, "completed"), result
     assert "patients 6, opted out 1" in result.detail and result.delivery
+
+
+def test_one_hospital_cannot_take_every_bulk_job_slot(tmp_path: Path) -> None:
+    """A probe: two uploads trickled a byte every 10 s held both job slots for as long as they liked, and the
+    other hospital's uploads and manifests were 429. Where several providers share the gateway, one runs at
+    most half of FHIR_GATEWAY_BULK_MAX_JOBS."""
+    from gateway.bulk import service
+
+    jobs = service.BulkJobs(None, work_root=tmp_path, import_dirs={}, max_jobs=2, providers=2)
+    jobs.new_job("ura:1", REGISTRY)
+    with pytest.raises(FhirError) as refused:
+        jobs.new_job("ura:1", REGISTRY)
+    assert refused.value.status == 429
+    assert jobs.new_job("ura:2", REGISTRY).running
+    alone = service.BulkJobs(None, work_root=tmp_path / "alone", import_dirs={}, max_jobs=2, providers=1)
+    assert alone.new_job("ura:1", REGISTRY).running and alone.new_job("ura:1", REGISTRY).running

@@ -92,11 +92,15 @@ class BulkJobs:
         options: BulkOptions | None = None,
         max_upload_bytes: int = 20 * 1024**3,
         max_jobs: int = 2,
+        providers: int = 1,
     ) -> None:
         # provider → the only folder its manifests may name files in (none: uploads only)
         self.runtime, self.work_root, self.import_dirs = runtime, work_root, dict(import_dirs)
         self.options = options or BulkOptions()
         self.max_upload_bytes, self.max_jobs = max_upload_bytes, max_jobs
+        # where several providers share the gateway, one runs at most half of the jobs: a probe's two
+        # uploads trickled a byte every 10 s held every slot, and the other hospital's imports were 429
+        self.provider_share = max(1, max_jobs // 2) if providers > 1 else max_jobs
         self.jobs: dict[str, JobStatus] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._locks: dict[str, int] = {}
@@ -121,16 +125,18 @@ class BulkJobs:
             del self.jobs[old.id]
 
     def new_job(self, provider: str, registry: str) -> JobStatus:
-        self._admit()
+        self._admit(provider)
         job = JobStatus(uuid.uuid4().hex, provider, registry)
         self._open_folder(job.id, exist_ok=False)
         self._remember(job)
         return job
 
-    def _admit(self) -> None:
-        """A new job only while fewer than `max_jobs` run: each one takes worker processes and disk (30
-        uploads at once made 31 processes)."""
-        if sum(job.running for job in self.jobs.values()) >= self.max_jobs:
+    def _admit(self, provider: str) -> None:
+        """A new job only while fewer than `max_jobs` run (each one takes worker processes and disk: 30
+        uploads at once made 31 processes), and fewer than its share of them are the provider's."""
+        running = [job for job in self.jobs.values() if job.running]
+        mine = sum(job.provider == provider for job in running)
+        if len(running) >= self.max_jobs or mine >= self.provider_share:
             text = "this gateway runs as many bulk jobs as it may at once; post again after Retry-After"
             raise FhirError.single(429, "throttled", text, headers={"Retry-After": "60"})
 
@@ -196,7 +202,7 @@ class BulkJobs:
         current = self.jobs.get(job_id)
         if current is not None and current.state != "failed":
             return current, None
-        self._admit()
+        self._admit(provider)
         try:
             folder = self._open_folder(job_id, exist_ok=True)
         except BlockingIOError:

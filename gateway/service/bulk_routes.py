@@ -53,6 +53,7 @@ def install_bulk_routes(
         options=BulkOptions(workers=settings.bulk_workers),
         max_upload_bytes=settings.bulk_max_upload_bytes,
         max_jobs=settings.bulk_max_jobs,
+        providers=len(runtime.config.providers),
     )
     app.state.bulk_jobs = jobs
 
