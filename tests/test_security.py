@@ -574,3 +574,22 @@ def test_one_hospital_cannot_take_every_intake_slot(chain: Any) -> None:
         settings.max_inflight_bundles = saved
         for sock in stalled:
             sock.close()
+
+
+def test_a_client_sees_and_requeues_only_the_deliveries_of_its_own_registries(chain: Any) -> None:
+    """A probe: a client allowed one registry listed, and requeued, its hospital's deliveries to another
+    (a dead letter sent again to a registry that client may not deliver to)."""
+    theirs = chain.ehr_api_keys[OTHER]  # this hospital's client may deliver to REGISTRY only
+    elsewhere = "example-cancer-registry"
+    delivery_id, _ = chain.runtime.store.enqueue(provider=OTHER, registry=elsewhere, payload=b"{}",
+                                                 client="another-client-of-that-hospital")
+    deadline = time.monotonic() + 30
+    while chain.runtime.store.get(delivery_id).status != "dead":  # the registry refuses `{}`: a dead letter
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    listed = call(chain, "GET", "/deliveries?limit=1000", auth(theirs))
+    assert listed.status_code == 200 and delivery_id not in listed.text
+    assert call(chain, "GET", f"/deliveries?registry={elsewhere}", auth(theirs)).status_code == 403
+    assert call(chain, "GET", f"/deliveries/{delivery_id}", auth(theirs)).status_code == 404
+    assert call(chain, "POST", f"/deliveries/{delivery_id}/$requeue", auth(theirs)).status_code == 404
+    assert chain.runtime.store.get(delivery_id).status == "dead"

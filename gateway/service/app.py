@@ -340,19 +340,41 @@ def _delivery_view(d: Any) -> dict[str, Any]:
     }
 
 
+def _client_registries(caller: Caller) -> frozenset[str] | None:
+    """The registries whose deliveries an EHR client sees (None: the admin, who sees every one)."""
+    return None if caller.admin else caller.registries
+
+
+async def _own_delivery(runtime: Runtime, caller: Caller, delivery_id: str) -> Any:
+    """The delivery, if it is the caller's hospital's to a registry the caller may deliver to (a probe's
+    client of one registry requeued a dead letter to another)."""
+    d = await asyncio.to_thread(runtime.store.get, delivery_id, provider=caller.provider)
+    allowed = _client_registries(caller)
+    return None if d is None or (allowed is not None and d.registry not in allowed) else d
+
+
 async def _listing(
-    runtime: Runtime, provider: str | None, status: str | None, registry: str | None, limit: int
+    runtime: Runtime,
+    provider: str | None,
+    status: str | None,
+    registry: str | None,
+    limit: int,
+    registries: frozenset[str] | None = None,
 ) -> Response:
-    """Deliveries newest first; `provider` None lists every provider's (admin only)."""
+    """Deliveries newest first; `provider` None lists every provider's (admin only); `registries`: only
+    those (a client sees its hospital's deliveries to the registries it may deliver to)."""
     if status is not None and status not in STATUSES:
         text = f"status must be one of {', '.join(STATUSES)}"  # never the value sent
         raise FhirError.single(400, "value", text, "status")
+    if registries is not None and registry is not None and registry not in registries:
+        raise FhirError.single(403, "forbidden", "this client may not deliver to this registry", "registry")
     rows = await asyncio.to_thread(
         runtime.store.list_deliveries,
         provider=provider,
         status=status,
         registry=registry,
         limit=min(max(limit, 1), 1000),
+        registries=registries,
     )
     return Response(orjson.dumps([_delivery_view(d) for d in rows]), media_type="application/json")
 
@@ -363,12 +385,12 @@ def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
         request: Request, status: str | None = None, registry: str | None = None, limit: int = 100
     ) -> Response:
         caller = caller_of(runtime, request)
-        return await _listing(runtime, caller.provider, status, registry, limit)
+        return await _listing(runtime, caller.provider, status, registry, limit, _client_registries(caller))
 
     @app.get("/deliveries/{delivery_id}")
     async def delivery_status(delivery_id: str, request: Request) -> Response:
         caller = caller_of(runtime, request)
-        d = await asyncio.to_thread(runtime.store.get, delivery_id, provider=caller.provider)
+        d = await _own_delivery(runtime, caller, delivery_id)
         if d is None:
             raise FhirError.single(404, "not-found", "no such delivery for this client")
         if d.status in ("queued", "delivering"):
@@ -378,7 +400,7 @@ def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.post("/deliveries/{delivery_id}/$requeue")
     async def requeue(delivery_id: str, request: Request) -> Response:
         caller = caller_of(runtime, request)
-        ok = await asyncio.to_thread(
+        ok = await _own_delivery(runtime, caller, delivery_id) is not None and await asyncio.to_thread(
             runtime.store.requeue, delivery_id, provider=caller.provider, actor=caller.client_id
         )
         if not ok:

@@ -19,10 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from gateway.bulk.job import BulkOptions
-from gateway.bulk.service import BulkJobs
+from gateway.bulk.service import BulkJobs, JobStatus
 from gateway.outcome import FhirError
 from gateway.service.app import caller_of
-from gateway.service.auth import require_registry
+from gateway.service.auth import Caller, require_registry
 from gateway.service.body import NDJSON_TYPES, body_chunks, check_content_type, read_limited
 
 MANIFEST_TYPES = {"application/json", "application/fhir+json"}
@@ -91,7 +91,7 @@ def install_bulk_routes(
         """This client's provider's jobs (an admin: all), newest first: to find a job whose
         Content-Location was lost."""
         caller = caller_of(runtime, request)
-        mine = [j for j in jobs.jobs.values() if caller.admin or j.provider == caller.provider]
+        mine = [j for j in jobs.jobs.values() if _sees(caller, j)]
         mine.sort(key=lambda j: j.started, reverse=True)
         listing = [{k: v for k, v in j.view().items() if k != "summary"} for j in mine]
         return Response(orjson.dumps(listing), media_type="application/json")
@@ -100,7 +100,7 @@ def install_bulk_routes(
     async def bulk_status(job_id: str, request: Request) -> Response:
         caller = caller_of(runtime, request)
         job = jobs.jobs.get(job_id)
-        if job is None or (not caller.admin and job.provider != caller.provider):
+        if job is None or not _sees(caller, job):
             raise FhirError.single(
                 404,
                 "not-found",
@@ -118,3 +118,8 @@ def install_bulk_routes(
         )
 
     return jobs
+
+
+def _sees(caller: Caller, job: JobStatus) -> bool:
+    """An admin sees every job; a client its hospital's jobs for the registries it may deliver to."""
+    return caller.admin or (job.provider == caller.provider and job.registry in caller.registries)

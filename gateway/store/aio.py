@@ -53,8 +53,11 @@ class AsyncStore:
         registry: str | None = None,
         limit: int = 100,
         offset: int = 0,
+        registries: Iterable[str] | None = None,
     ) -> list[Delivery]:
-        return await asyncio.to_thread(self.sync.list_deliveries, provider, status, registry, limit, offset)
+        return await asyncio.to_thread(
+            self.sync.list_deliveries, provider, status, registry, limit, offset, registries
+        )
 
     async def depth(self, registry: str | None = None) -> dict[str, int]:
         return await asyncio.to_thread(self.sync.depth, registry)

@@ -373,9 +373,17 @@ class SqlStore:
         registry: str | None = None,
         limit: int = 100,
         offset: int = 0,
+        registries: Iterable[str] | None = None,
     ) -> list[Delivery]:
-        """Newest first, without payloads."""
+        """Newest first, without payloads; `registries`: only those (a client's own)."""
         where, params = _filters(provider=provider, status=status, registry=registry)
+        if registries is not None:
+            allowed = sorted(set(registries))
+            if not allowed:
+                return []
+            marks = ", ".join("?" * len(allowed))
+            where = (f"{where} AND " if where else "WHERE ") + f"registry IN ({marks})"
+            params += allowed
         with self._conn() as conn:
             rows = self._q(
                 conn,
