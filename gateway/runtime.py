@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ log = logging.getLogger("gateway.runtime")
 DELIVERY_SYSTEM = "urn:fhir-gateway:delivery"
 # How long a pseudonym from the TTP is reused: a key rotation at the TTP reaches new deliveries within this.
 CACHE_TTL_SECONDS = 600.0
+READINESS_SECONDS = 1.0  # how long a /readyz answer is kept (see Runtime.readiness)
 SCHEMA_PATH = Path(__file__).parent / "data" / "fhir-r4.schema.json"
 
 
@@ -94,6 +96,7 @@ class Runtime:
     _worker: OutboxWorker | None = field(default=None, init=False)
     _worker_task: asyncio.Task | None = field(default=None, init=False)
     _outcome_waiters: dict[str, set[asyncio.Event]] = field(default_factory=dict, init=False)
+    _ready_at: float | None = field(default=None, init=False)  # when readiness last found no problem
 
     def __post_init__(self) -> None:
         self.authenticator = Authenticator(self.config)
@@ -154,6 +157,17 @@ class Runtime:
         return self.config.ttp.kind == "nlps1"
 
     async def readiness(self) -> list[str]:
+        """What cannot answer now. /readyz needs no login and each answer asks every provider's TTP (a
+        probe's 50 calls made 100 TTP requests): "ready" is kept for READINESS_SECONDS; a problem is asked
+        again at once, so that recovery shows without delay."""
+        ready_at = self._ready_at
+        if ready_at is not None and time.monotonic() - ready_at < READINESS_SECONDS:
+            return []
+        problems = await self._ask_readiness()
+        self._ready_at = None if problems else time.monotonic()
+        return problems
+
+    async def _ask_readiness(self) -> list[str]:
         problems = []
         try:
             await asyncio.to_thread(self.store.depth)

@@ -69,11 +69,12 @@ class RecordingTTP:
     """Wraps the real TTP app and keeps every request body it receives (the TTP's request log)."""
 
     def __init__(self, app) -> None:
-        self.app, self.bodies = app, []
+        self.app, self.bodies, self.paths = app, [], []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        self.paths.append(scope["path"])
         chunks = []
 
         async def recording_receive():
@@ -721,3 +722,41 @@ def test_a_bundle_of_only_objectors_posted_again_is_counted_once_in_the_processi
     bundle["identifier"]["value"] = f"urn:uuid:{uuid.uuid4()}"
     assert _post(chain, orjson.dumps(bundle)).status_code == 200
     assert withheld() == before + 2
+
+
+def test_readiness_asks_the_ttp_at_most_once_a_second_whoever_asks(chain):
+    """A probe: /readyz needs no login and asked every provider's TTP at each call (50 calls, 100 TTP
+    requests): anyone could make the gateway flood its TTP. "Ready" is kept for a second."""
+    before = chain.ttp_recorder.paths.count("/metadata")
+    started = time.monotonic()
+    answers = [httpx.get(f"{chain.gateway_url}/readyz").status_code for _ in range(30)]
+    elapsed = time.monotonic() - started
+    assert answers == [200] * 30
+    asked = chain.ttp_recorder.paths.count("/metadata") - before
+    assert 1 <= asked <= int(elapsed) + 2, (asked, elapsed)
+
+
+def test_a_path_with_a_trailing_slash_is_not_redirected(chain):
+    """A probe: `POST /registries/x/Bundle/` was a 307 to a Location built from the Host header, always
+    http://: an EHR that follows it behind a TLS proxy re-posts the Bundle in clear text, to any host."""
+    response = httpx.post(
+        f"{chain.gateway_url}/registries/{REGISTRY}/Bundle/",
+        content=b"{}",
+        headers={**FHIR, "Authorization": f"Bearer {chain.ehr_api_key}", "Host": "evil.example"},
+    )
+    assert response.status_code == 404 and "location" not in response.headers
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_a_credential_sent_twice_is_refused(chain):
+    """A probe: of two Authorization (or X-API-Key) headers the last one counted, silently: a proxy that adds
+    its own instead of replacing the client's would let the client choose who it is."""
+    key = chain.ehr_api_key
+    for headers in (
+        [("Authorization", f"Bearer {key}"), ("Authorization", f"Bearer {key}")],
+        [("X-API-Key", key), ("X-API-Key", "another")],
+        [("Authorization", f"Bearer {key}"), ("X-API-Key", key)],
+    ):
+        response = httpx.get(f"{chain.gateway_url}/deliveries", headers=headers)
+        assert response.status_code == 401, (headers, response.text)
+        assert key not in response.text

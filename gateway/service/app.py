@@ -27,7 +27,7 @@ from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
 from gateway.runtime import Runtime, bundle_identifier
 from gateway.service import errors
-from gateway.service.auth import Caller, require_admin, require_registry
+from gateway.service.auth import MTLS_HEADER, Caller, require_admin, require_registry
 from gateway.service.body import check_content_type, read_limited
 from gateway.service.capability import capability_statement
 from gateway.service.logs import request_id
@@ -122,6 +122,9 @@ def create_app(runtime: Runtime, *, run_worker: bool = True) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # a 307 to `path/` was built from the Host header and always http://: an EHR following it behind a
+        # TLS proxy would re-post the Bundle in clear text (a probe). Such a path is a 404 like any other.
+        redirect_slashes=False,
     )
     app.state.runtime = runtime
     errors.install(app)
@@ -192,7 +195,16 @@ class RequestIds:
 
 def caller_of(runtime: Runtime, request: Request) -> Caller:
     peer = request.client.host if request.client else None
-    return runtime.authenticator.authenticate({k.lower(): v for k, v in request.headers.items()}, peer)
+    headers = request.headers
+    keys = len(headers.getlist("authorization")) + len(headers.getlist("x-api-key"))
+    if keys > 1 or len(headers.getlist(MTLS_HEADER)) > 1:
+        # one would silently win: a proxy that adds its header beside the client's would let the client
+        # choose who it is (a probe)
+        raise FhirError.single(
+            401, "login", "send one credential (one key, one certificate subject)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )  # fmt: skip
+    return runtime.authenticator.authenticate({k.lower(): v for k, v in headers.items()}, peer)
 
 
 def _operations_routes(app: FastAPI, runtime: Runtime) -> None:
