@@ -139,10 +139,15 @@ def test_invalid_lines_are_reported_by_line_number_without_values(tmp_path: Path
             )
             + b"\n"
         )
+        # a control character in a string: refused by the chain's parse (it was listed as invalid-invalid)
+        nul = {"resourceType": "Procedure", "id": "bad2", "status": "completed",
+               "note": [{"text": "a\u0000"}], "subject": {"reference": f"Patient/{patient_id(1)}"}}
+        f.write(orjson.dumps(nul) + b"\n")
     summary = run_bulk(
         [tmp_path / "export"], registry=REGISTRY, work_dir=tmp_path / "w", to_dir=tmp_path / "out"
     )
     listed = {(f, n): reason for f, n, reason in summary.invalid_lines}
+    assert listed[("Procedure.ndjson", 6)] == "invalid"
     assert listed[("Observation.ndjson", 2)] == "malformed-json"
     assert listed[("Condition.ndjson", 3)] == "malformed-json"
     assert listed[("Procedure.ndjson", 5)].startswith("rejected-")

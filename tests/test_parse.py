@@ -73,6 +73,19 @@ def test_utf16_utf32_are_415(encoding: str) -> None:
     assert (err.status, code_of(err)) == (415, "not-supported")
 
 
+def test_a_compressed_body_and_a_lone_surrogate_are_named_for_what_they_are() -> None:
+    """A probe: a gzip body without Content-Encoding was "not UTF-8 (UTF-16/UTF-32 detected)", and a
+    `\\ud800` escape in valid UTF-8 "not valid UTF-8": neither says what to fix."""
+    import gzip
+
+    err = rejected(gzip.compress(PATIENT))
+    assert err.status == 415 and "gzip" in err.issues[0].diagnostics
+    body = PATIENT.replace(b'"Patient"', b'"Patient", "x": "\\ud800"')
+    err = rejected(body)
+    assert err.status == 400 and "surrogate" in err.issues[0].diagnostics
+    assert "not valid UTF-8" not in err.issues[0].diagnostics
+
+
 def test_latin1_reports_byte_offset_not_content() -> None:
     body = PATIENT.decode().replace("Oosterhuis", "Oosterhüis").encode("latin-1")
     err = rejected(body)

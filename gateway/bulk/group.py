@@ -175,7 +175,9 @@ async def run_group(
         except FhirError as err:
             if line.bystander:
                 continue  # reported with its own group
-            result.rejected_lines.append((line.file, line.line, f"invalid-{err.issues[0].code}"))
+            code = err.issues[0].code  # the issue's code: structure, value, too-costly, invalid
+            reason = "invalid" if code == "invalid" else f"invalid-{code}"  # never "invalid-invalid"
+            result.rejected_lines.append((line.file, line.line, reason))
             result.drop("invalid-line", line.rtype)
             if line.rtype == "Consent" and line.owner is not None:
                 unreadable_consents.add(line.owner)

@@ -151,10 +151,17 @@ def _check_control_characters(value: dict) -> None:
             stack.extend((item, f"{where}[{n}]") for n, item in enumerate(node))
 
 
+_GZIP = b"\x1f\x8b"
+
+
 def check_encoding_prefix(body: bytes) -> int:
     """Return the offset where the JSON text starts (after a UTF-8 BOM); reject UTF-16/32 up front."""
     if body.startswith(UTF8_BOM):
         return len(UTF8_BOM)
+    if body.startswith(_GZIP):
+        raise FhirError.single(
+            415, "not-supported", "body is gzip-compressed; send it uncompressed (no Content-Encoding)"
+        )
     # JSON text starts with an ASCII character, so NUL bytes among the first four mean UTF-16/UTF-32.
     if body.startswith(_UTF16_32_BOMS) or b"\x00" in body[:4]:
         raise FhirError.single(415, "not-supported", "body is not UTF-8 (UTF-16/UTF-32 detected); send UTF-8")
@@ -198,7 +205,10 @@ def _decode_error(body: bytes, msg: str, char_pos: int, start: int, max_depth: i
             offset = _byte_offset(text, char_pos) + start
         except UnicodeDecodeError as exc:
             offset = exc.start + start
-        return FhirError.single(400, "structure", f"body is not valid UTF-8 (byte offset {offset})")
+            return FhirError.single(400, "structure", f"body is not valid UTF-8 (byte offset {offset})")
+        # valid UTF-8, so a \ud800-style escape of half a character (JSON allows none alone)
+        text = f"a string escapes a lone surrogate (\\uD800-\\uDFFF), no character (byte offset {offset})"
+        return FhirError.single(400, "structure", text)
     offset = min(size, _byte_offset(text, char_pos) + start)
     if "depth" in msg:
         text = f"JSON nesting deeper than {max_depth} levels (byte offset {offset})"
