@@ -255,7 +255,8 @@ def test_rekey_translates_stored_pseudonyms(tmp_path: Path) -> None:
         assert post(base, make_bundle(1, "p1", identifiers=idents)).status_code == 200
         assert post(base, make_bundle(2, "p2")).status_code == 200
         result = httpx.post(f"{base}/_rekey").json()
-        assert result == {"patients": 2, "translated": 2, "unchanged": 0, "failed": 1}
+        counts = {"patients": 2, "translated": 2, "unchanged": 0, "failed": 1}
+        assert result == {**counts, "failedByType": {"MRN": 1}}  # which type failed, not only how many
         p1 = httpx.get(f"{base}/Patient/p1").json()
         assert [i["value"] for i in p1["identifier"]] == ["v2.1" + "a" * 22, "v1." + "m" * 22, "keep-me"]
         assert p1["meta"]["versionId"] == "2"
@@ -269,6 +270,7 @@ def test_rekey_translates_stored_pseudonyms(tmp_path: Path) -> None:
         "translated": 0,
         "unchanged": 3,
         "failed": 0,
+        "failedByType": {},
     }
     with pytest.raises(ValueError):
         rekey(db, lambda pairs: [])
@@ -318,7 +320,8 @@ def test_rekey_through_the_reference_ttp(tmp_path: Path) -> None:
             )
             assert rotated.status_code == 200
             result = httpx.post(f"{base}/_rekey", timeout=30).json()
-            assert result == {"patients": 1, "translated": len(rows), "unchanged": 0, "failed": 0}
+            counts = {"patients": 1, "translated": len(rows), "unchanged": 0, "failed": 0}
+            assert result == {**counts, "failedByType": {}}
             patient = httpx.get(f"{base}/Patient/p1").json()
     assert [i["value"] for i in patient["identifier"]] == [row["v2"] for row in rows]
 

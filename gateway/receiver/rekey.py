@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -31,13 +32,16 @@ class RekeyResult:
     translated: int = 0  # identifiers that got a new value
     unchanged: int = 0  # the TTP gave back the same value (already current)
     failed: int = 0  # the TTP could not translate (None); left as they were
+    # the failures per pseudonym type: a probe's 8 failures were all MRN, which a count alone did not show
+    failed_by_type: dict[str, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "patients": self.patients,
             "translated": self.translated,
             "unchanged": self.unchanged,
             "failed": self.failed,
+            "failedByType": dict(sorted(self.failed_by_type.items())),
         }
 
 
@@ -101,10 +105,12 @@ def rekey(db: ReceiverDB, translate: Translate) -> RekeyResult:
         raise ValueError("translate returned a different number of values")
     wanted.update(zip(asked, answers, strict=True))
     translated = unchanged = failed = 0
+    failed_by_type: Counter[str] = Counter()
     for pseudonym in asked:
         new = wanted[pseudonym]
         if new is None:
             failed += 1
+            failed_by_type[pseudonym[0]] += 1
         elif new == pseudonym[1]:
             unchanged += 1
         else:
@@ -138,7 +144,7 @@ def rekey(db: ReceiverDB, translate: Translate) -> RekeyResult:
                     (version, stamp, orjson.dumps(patient), rid),
                 )
                 changed += 1
-    return RekeyResult(changed, translated, unchanged, failed)
+    return RekeyResult(changed, translated, unchanged, failed, dict(failed_by_type))
 
 
 def ttp_translator(
