@@ -199,6 +199,21 @@ def test_registry_exception_is_registry_specific() -> None:
     assert evaluate_consent(privacy_consent_with_registry_exception(), "nkr", POLICY, NOW) == "deny"
 
 
+def test_a_deny_naming_an_actor_that_cannot_be_placed_is_unknown() -> None:
+    """A session's known limit: a deny whose actor is an organisation's identifier was taken for another
+    party, and its patient delivered, whenever the registry had no `registry_actors` to compare with. Without
+    them it cannot be told whether the actor is this registry: unknown (withheld). With them, an actor not
+    listed is another party."""
+    consent = research_objection()
+    other = {"identifier": {"system": "http://fhir.nl/fhir/NamingSystem/ura", "value": "00005555"}}
+    consent["provision"]["actor"] = [{"role": {"coding": [{"code": "IRCP"}]}, "reference": other}]
+    assert evaluate_consent(consent, "nkr", POLICY, NOW) == "unknown"  # no actors configured for nkr
+    assert evaluate_consent(consent, REGISTRY, POLICY, NOW) == "not-applicable"  # not dica's URA
+    system, value = REGISTRY_URA.split("|")
+    consent["provision"]["actor"][0]["reference"] = {"identifier": {"system": system, "value": value}}
+    assert evaluate_consent(consent, REGISTRY, POLICY, NOW) == "deny"
+
+
 @pytest.mark.parametrize(
     ("change", "verdict"),
     [

@@ -12,8 +12,9 @@ Rules (domain spec §6, decided here where the spec leaves it open):
   delivery's purposes (default v3-ActReason HQUALIMP, HRESCH; a purpose coding without a system matches
   by code), and its `actor` is absent or names the
   registry (configured per registry, by reference or identifier; a `Consent.policy.uri` configured for the
-  registry counts as naming it). The most specific applicable node decides; when applicable siblings
-  disagree, deny wins ("objections supersede consents").
+  registry counts as naming it). A deny naming an actor where nothing is configured for the registry cannot
+  be placed: unparseable (a permit's does not apply). The most specific applicable node decides; when
+  applicable siblings disagree, deny wins ("objections supersede consents").
 - Conservative on purpose: a *deny* applies if it names any delivery purpose (by its code, under whatever
   system), and cannot be read when it names a purpose in a code system not known here (the OID and pre-R4
   URLs of the HL7 v3 systems are known spellings); a *permit* exception only if it covers all of them. A
@@ -187,7 +188,7 @@ def _applies(node: dict, rule: str | None, ctx: _Context) -> bool:
         return False
     if not _purpose_matches(node.get("purpose"), rule, ctx.policy):
         return False
-    return _actor_matches(node.get("actor"), ctx)
+    return _actor_matches(node.get("actor"), rule, ctx)
 
 
 def _purpose_matches(purposes: Any, rule: str | None, policy: ConsentPolicy) -> bool:
@@ -219,12 +220,18 @@ def _system(coding: dict[str, Any]) -> Any:
     return SYSTEM_ALIASES.get(system, system) if isinstance(system, str) else system
 
 
-def _actor_matches(actors: Any, ctx: _Context) -> bool:
+def _actor_matches(actors: Any, rule: str | None, ctx: _Context) -> bool:
     if actors is None or ctx.consent_names_registry:
         return True
     if not isinstance(actors, list):
         raise Unparseable
-    known = ctx.policy.registry_actors.get(ctx.registry, frozenset())
+    known = ctx.policy.registry_actors.get(ctx.registry)
+    if known is None:
+        # nothing to tell this registry's actors from another party's by: a deny may be this registry's (a
+        # session's known limit delivered such objectors); a permit is not taken to be
+        if rule == "permit":
+            return False
+        raise Unparseable
     for actor in actors:
         reference = actor.get("reference") if isinstance(actor, dict) else None
         if not isinstance(reference, dict):
