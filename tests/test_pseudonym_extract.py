@@ -158,6 +158,21 @@ def test_two_official_names_with_other_birth_names_are_not_guessed():
     assert _fields(_patient(name=[jansen, same]), "NGG")[0] == "JANSEN"  # the same name twice is no doubt
 
 
+def test_a_usable_birth_name_and_initial_do_not_depend_on_the_order_of_the_names():
+    """A re-probe: a first official name that could not be read (a partner name under NL2) hid a second
+    one that could, so the list's order decided; two official names with other first initials gave
+    another NGGV in each order."""
+    partner = _name(family="de Vries", partner="Vries", order="NL2")
+    own = _name(own="Putten", family="Putten")
+    for names in ([partner, own], [own, partner]):
+        assert _fields(_patient(name=names), "NGG")[0] == "PUTTEN"
+    johanna, kees = _name(own="Putten", given=("Johanna",)), _name(own="Putten", given=("Kees",))
+    for names in ([johanna, kees], [kees, johanna]):
+        assert _fields(_patient(name=names), "NGGV") == "initial-ambiguous"
+    assert _fields(_patient(name=[johanna, _name(own="Putten", given=("J.",), qualifiers=("IN",))]),
+                   "NGGV")[3] == "J"
+
+
 def test_own_name_without_letters_is_missing():
     assert _fields(_patient(name=[_name(own="--", family="--")]), "SNGG") == "birth-name-missing"
 
@@ -268,9 +283,43 @@ def test_two_official_addresses_of_other_places_are_not_guessed():
     assert _fields(_patient(address=[amsterdam, _address("1012NX", "15")]), "A")[:2] == ("1012NX", "15")
 
 
+def test_one_place_written_two_ways_is_no_doubt_and_the_list_order_never_decides():
+    """A re-probe: the same HP address twice, once without house-number extensions (only the text line),
+    once with an explicit empty suffix, or its number repeated, was taken for two places, and C, RGG and A
+    were lost; and where only the house numbers differ, C and RGG (postcode only) were lost too."""
+    full = _address("1012 NX", "15")
+    text_only = _address("1012NX", None)
+    empty_suffix = _address("1012 nx", "015", suffix="")
+    repeated = _address("1012 NX", "15")
+    repeated["_line"][0]["extension"].append({"url": HOUSE_NUMBER, "valueString": "15"})
+    for other in (text_only, empty_suffix, repeated):
+        for addresses in ([full, other], [other, full]):
+            assert _fields(_patient(address=addresses), "A")[:3] == ("1012NX", "15", ""), other
+            assert _fields(_patient(address=addresses), "RGG")[0] == "1012"
+    neighbours = [_address("1012 NX", "15"), _address("1012 NX", "17")]  # one postcode, two numbers
+    assert _fields(_patient(address=neighbours), "A") == "address-ambiguous"
+    assert _fields(_patient(address=neighbours), "C")[0] == "1012NX"
+
+
 def test_old_address_is_not_used():
     patient = _patient(address=[_address(use="old")])
     assert _fields(patient, "C") == "no-dutch-postcode"
+
+
+def test_an_ended_address_and_a_postal_one_are_not_where_the_patient_lives():
+    """A re-probe: a home address whose period had ended, or one of type postal (a PO box), beside the
+    current one made the address ambiguous (or was chosen, before), and C, RGG and A were lost."""
+    ended = _address("3511 AA", "2")
+    ended["period"] = {"start": "1990-01-01", "end": "2001-01-01"}
+    assert _fields(_patient(address=[ended, _address("1012 NX", "15")]), "RGG")[0] == "1012"
+    assert _fields(_patient(address=[ended]), "C") == "no-dutch-postcode"
+    running = _address("3511 AA", "2")
+    running["period"] = {"start": "2020", "end": "2999-12"}  # to end in the future: still the address
+    assert _fields(_patient(address=[running]), "C")[0] == "3511AA"
+    home, box = _address("1012 NX", "15", address_type=None), _address("3511 AA", "2", address_type=None)
+    box["type"] = "postal"
+    for addresses in ([home, box], [box, home]):
+        assert _fields(_patient(address=addresses), "A")[:2] == ("1012NX", "15")
 
 
 def test_house_number_only_from_the_extension_never_parsed_from_the_line():

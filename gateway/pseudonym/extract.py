@@ -12,7 +12,9 @@ different people, one chosen by a list's order differs between deliveries; a ski
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from enum import Enum
 from functools import cached_property
 from typing import Any
@@ -124,10 +126,9 @@ class PatientFields:
 
     @cached_property
     def _birth_name_letters(self) -> str | Unusable | None:
-        readings = {birth_name_letters([name], self._mapping) for name in self._names} - {None}
-        if len(readings) > 1:
-            return Unusable.AMBIGUOUS  # two official names with other own surnames: which is the birth name?
-        return birth_name_letters(self._names, self._mapping)
+        """The one birth name the official names give, whichever their order: two different ones are
+        ambiguous, and one that cannot be read does not hide one that can (a re-probe's list order chose)."""
+        return _one_reading(birth_name_letters([name], self._mapping) for name in self._names)
 
     def _birth_name(self, length: int) -> FieldValue:
         letters = self._birth_name_letters
@@ -142,7 +143,8 @@ class PatientFields:
         return self._birth_name(normalise.NAME_SHORT)
 
     def field_initial(self) -> FieldValue:
-        return _or_missing(first_initial(self._names, self._mapping))
+        found = _one_reading(first_initial([name], self._mapping) for name in self._names)
+        return found if isinstance(found, Unusable) else _or_missing(found)
 
     def field_birthdate(self) -> FieldValue:
         return _or_missing(normalise.birth_date(self._patient.get("birthDate")))
@@ -154,61 +156,52 @@ class PatientFields:
     # address -----------------------------------------------------------------------------------------------
 
     @cached_property
-    def _address(self) -> dict[str, Any] | None:
-        return choose_address(self._patient, self._mapping)
+    def _addresses(self) -> list[dict[str, str | None]]:
+        """The address fields of each address of the chosen rank (`address_candidates`)."""
+        return [address_fields(a, self._mapping) for a in address_candidates(self._patient, self._mapping)]
 
-    @cached_property
-    def _address_ambiguous(self) -> bool:
-        """Two official (HP; without one, home) addresses of other places: the list's order would choose."""
-        candidates = address_candidates(self._patient, self._mapping)
-        return len({self._place(address) for address in candidates}) > 1
-
-    def _place(self, address: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
-        line = house_number_line(address, self._mapping)
-        number = _extension_values(line, self._mapping.house_number_url) if line is not None else []
-        suffix = _extension_values(line, self._mapping.suffix_url) if line is not None else []
-        return (
-            normalise.postcode6(address.get("postalCode")),
-            normalise.house_number(number[0]) if len(number) == 1 else None,
-            normalise.house_number_suffix(suffix[0]) if len(suffix) == 1 else None,
-        )
-
-    @cached_property
-    def _house_number_line(self) -> dict[str, Any] | None:
-        address = self._address
-        return house_number_line(address, self._mapping) if address is not None else None
-
-    def _postal_code(self) -> object:
-        address = self._address
-        return address.get("postalCode") if address is not None else None
+    def _address_field(self, name: str) -> FieldValue:
+        """One field of the official address. Of several, whichever their order: a postcode that all usable
+        ones share; a house number or suffix of the one whole place (postcode, number, suffix) they all are.
+        Two different values are ambiguous (a probe's list order chose the postcode pseudonyms)."""
+        found = self._addresses
+        if len(found) <= 1:
+            return _or_missing(found[0][name] if found else None)
+        if name in ("pc6", "pc4"):
+            return _one_reading(f[name] for f in found)
+        place = _one_reading(_place(f) for f in found)
+        if isinstance(place, Unusable):
+            return place
+        return Unusable.MISSING if place is None else place[_PLACE_PARTS.index(name)]
 
     def field_pc6(self) -> FieldValue:
-        if self._address_ambiguous:
-            return Unusable.AMBIGUOUS
-        return _or_missing(normalise.postcode6(self._postal_code()))
+        return self._address_field("pc6")
 
     def field_pc4(self) -> FieldValue:
-        if self._address_ambiguous:
-            return Unusable.AMBIGUOUS
-        return _or_missing(normalise.postcode4(self._postal_code()))
+        return self._address_field("pc4")
 
     def field_housenumber(self) -> FieldValue:
-        if self._address_ambiguous:
-            return Unusable.AMBIGUOUS
-        line = self._house_number_line
-        if line is None:
-            return Unusable.MISSING
-        value = _single(_extension_values(line, self._mapping.house_number_url))
-        return _or_missing(normalise.house_number(value))
+        return self._address_field("housenumber")
 
     def field_suffix(self) -> FieldValue:
-        if self._address_ambiguous:
-            return Unusable.AMBIGUOUS
-        line = self._house_number_line
-        suffixes = _extension_values(line, self._mapping.suffix_url) if line is not None else []
-        if len(suffixes) > 1 and not _all_equal(suffixes):
-            return Unusable.MISSING
-        return _or_missing(normalise.house_number_suffix(suffixes[0] if suffixes else None))
+        return self._address_field("suffix")
+
+
+def _one_reading(readings: Iterable[Any]) -> Any:
+    """The one usable (not None) reading, None if there is none, AMBIGUOUS if they differ."""
+    found = set(readings) - {None}
+    if len(found) > 1:
+        return Unusable.AMBIGUOUS
+    return found.pop() if found else None
+
+
+_PLACE_PARTS = ("pc6", "housenumber", "suffix")
+_DATE_PREFIX = re.compile(r"\d{4}(-\d{2}(-\d{2})?)?")
+
+
+def _place(fields: dict[str, str | None]) -> tuple[str | None, ...] | None:
+    place = tuple(fields[part] for part in _PLACE_PARTS)
+    return None if None in place else place
 
 
 # --- building blocks (module-level so they can be tested and reused on their own) ---------------------------
@@ -294,18 +287,43 @@ def _given_qualifies(ext: object, mapping: InputMapping) -> bool:
     return any(_str_in(q, mapping.given_qualifiers) for q in qualifiers)
 
 
-def choose_address(patient: dict[str, Any], mapping: InputMapping) -> dict[str, Any] | None:
-    """The official address (AddressType HP), else the `use=home` address, else None (never guessed: two of
-    other places make the address fields ambiguous, see `address_candidates`)."""
-    candidates = address_candidates(patient, mapping)
-    return candidates[0] if candidates else None
+def address_fields(address: dict[str, Any], mapping: InputMapping) -> dict[str, str | None]:
+    """pc6, pc4, housenumber and suffix of one address, each None where it cannot be produced."""
+    line = house_number_line(address, mapping)
+    numbers = _extension_values(line, mapping.house_number_url) if line is not None else []
+    suffixes = _extension_values(line, mapping.suffix_url) if line is not None else []
+    postal_code = address.get("postalCode")
+    disagree = len(suffixes) > 1 and not _all_equal(suffixes)  # a repeated suffix that disagrees
+    return {
+        "pc6": normalise.postcode6(postal_code),
+        "pc4": normalise.postcode4(postal_code),
+        "housenumber": normalise.house_number(_single(numbers)) if line is not None else None,
+        "suffix": None if disagree else normalise.house_number_suffix(suffixes[0] if suffixes else None),
+    }
 
 
 def address_candidates(patient: dict[str, Any], mapping: InputMapping) -> list[dict[str, Any]]:
-    """The addresses of the first rank that has any: official (AddressType HP), else `use=home`."""
-    addresses = [a for a in _list(patient.get("address")) if isinstance(a, dict) and a.get("use") != "old"]
+    """The addresses of the first rank that has any: official (AddressType HP), else `use=home` that is not
+    only a postal address (a PO box). Neither `use=old` nor one whose `period` has ended: the patient no
+    longer lives there (so such an address stops counting on the day after its end)."""
+    today = datetime.now(UTC).date().isoformat()
+    addresses = [
+        a for a in _list(patient.get("address"))
+        if isinstance(a, dict) and a.get("use") != "old" and not _ended(a.get("period"), today)
+    ]  # fmt: skip
     official = [a for a in addresses if mapping.preferred_address_type in _address_types(a, mapping)]
-    return official or [a for a in addresses if a.get("use") == mapping.fallback_address_use]
+    fallback = mapping.fallback_address_use
+    return official or [a for a in addresses if a.get("use") == fallback and a.get("type") != "postal"]
+
+
+def _ended(period: object, today: str) -> bool:
+    """Whether a period's end (a FHIR date or dateTime, partial or not) lies before today; anything else is
+    taken as running (a wrongly written end never drops an address)."""
+    end = period.get("end") if isinstance(period, dict) else None
+    if not isinstance(end, str) or not _DATE_PREFIX.match(end):
+        return False
+    day = end[:10]
+    return day < today[: len(day)]
 
 
 def _address_types(address: dict[str, Any], mapping: InputMapping) -> set[str]:

@@ -26,7 +26,9 @@ FIELDS = frozenset(
 )
 # Fields that two different usable values make ambiguous (two BSNs, two official names, two official
 # addresses): the type is skipped with the field's ambiguous_reason rather than guessed.
-AMBIGUOUS_FIELDS = frozenset({"bsn", "mrn", "name8", "name4", "pc6", "pc4", "housenumber", "suffix"})
+AMBIGUOUS_FIELDS = frozenset(
+    {"bsn", "mrn", "name8", "name4", "initial", "pc6", "pc4", "housenumber", "suffix"}
+)
 SEX_CODES = frozenset({"M", "V", "O"})
 # Skip reasons end up in logs and OperationOutcomes: restricting them to slugs guarantees they hold no value.
 _REASON = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
