@@ -177,6 +177,14 @@ class Settings(BaseSettings):
     # the check value the ecosystem publishes of its source key (K_src, the same at every provider): the
     # gateway does not start with another key, and `check` fails while this is not set (gateway.keys)
     source_key_check: str | None = None
+
+    @field_validator("source_key_check")
+    @classmethod
+    def _check_value(cls, value: str | None) -> str | None:
+        """Blank is unset (a templated variable left empty must not count as verified); case is ignored."""
+        if value is None:
+            return None
+        return value.strip().lower() or None
     host: str = "127.0.0.1"
     port: int = 8200
     log_level: str = "INFO"

@@ -502,7 +502,7 @@ def build_runtime(
 ) -> Runtime:
     """`ttps` maps each provider id to its TTP backend (authenticated as that provider) and a display name."""
     keys = load_keys(settings.key_dir, [p.id for p in config.providers])
-    expected = (settings.source_key_check or "").strip().lower()
+    expected = settings.source_key_check
     if expected and expected != keys.source_check_value:
         raise ValueError(
             f"the source key v{keys.source_version} is not the ecosystem's: its check value is "

@@ -276,10 +276,11 @@ def test_the_go_live_check_asks_every_party_and_names_the_one_that_fails(tmp_pat
         assert "ttp keys init" not in refused.stderr  # a hospital must not make the TTP's keys itself
         # a probe: "bearer auth needs a token" named neither the registry nor the variable to set
         # a probe: a source key that `keys init` made at random links to no other provider's pseudonyms
-        unverified = check(chain.config_path, {**chain.env, "FHIR_GATEWAY_SOURCE_KEY_CHECK": ""})
-        assert unverified.returncode == 1
-        line = next(x for x in unverified.stdout.splitlines() if "source key v1" in x)
-        assert "not verified" in line
+        for blank in ("", "   "):  # a re-probe: a blank value passed as verified
+            unverified = check(chain.config_path, {**chain.env, "FHIR_GATEWAY_SOURCE_KEY_CHECK": blank})
+            assert unverified.returncode == 1
+            line = next(x for x in unverified.stdout.splitlines() if "source key v1" in x)
+            assert "not verified" in line
         other = check(chain.config_path, {**chain.env, "FHIR_GATEWAY_SOURCE_KEY_CHECK": "0123456789abcdef"})
         assert other.returncode == 2 and "is not the ecosystem's" in other.stderr, other.stderr
         # ... and a registry asking MRN pseudonyms of a provider without a patient-number system got none
