@@ -222,3 +222,16 @@ def test_a_profile_lists_only_extensions_the_rules_keep(tmp_path: Path) -> None:
         compile_plan(load_profile(tmp_path / "p.yaml"), load_rules(RULES))
     data["extensions"] = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
     assert "extensions: must be a list of extension urls" in check_profile(data)
+
+
+def test_a_malformed_extension_list_is_a_problem_not_a_crash_nor_every_extension(tmp_path: Path) -> None:
+    """A re-probe: `extensions: [[url]]` crashed `profiles check` with a traceback, and `extensions:` with
+    every item commented out (YAML null) gave the registry every extension the rules keep."""
+    for value, problem in (([["http://x"]], "must be a list of extension urls"),
+                           (None, "extensions: must be a list")):
+        data = generic()
+        data["extensions"] = value
+        assert any(problem in p for p in check_profile(data)), value
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+        result = CliRunner().invoke(app, ["profiles-check", str(tmp_path / "p.yaml"), "--rules", str(RULES)])
+        assert result.exit_code == 1 and problem in result.output, (result.output, result.exception)

@@ -293,3 +293,36 @@ def test_a_version_is_retired_only_after_gateways_stopped_delivering_it(tmp_path
     assert result.exit_code != 0 and "--force" in result.output
     assert runner.invoke(ttp_cli, ["keys", "retire", "registry-a", "2", "--force", *key_dir]).exit_code == 0
     assert ks.KeyStore.load(tmp_path / "k", env={}).versions("registry-a").retired == (1, 2)
+
+
+def test_a_keyring_that_does_not_say_when_it_was_rotated_retires_only_by_force(tmp_path):
+    """A re-probe: a keyring rotated before the rotation time was kept (no `since`) let `retire` through at
+    once, the very case the wait exists for, during an upgrade."""
+    ks.init_keys(tmp_path / "k", ["registry-a"])
+    before_since = '{"domains": {"registry-a": {"current": 2, "retired": []}}}'
+    (tmp_path / "k" / ks.KEYRING_FILE).write_text(before_since)
+    store = ks.KeyStore.load(tmp_path / "k", env={})
+    with pytest.raises(ks.KeyStoreError, match="does not say when"):
+        store.retire("registry-a", 1)
+    store.retire("registry-a", 1, force=True)
+    assert not ks.KeyStore.load(tmp_path / "k", env={}).versions("registry-a").usable(1)
+
+
+def test_concurrent_caller_changes_are_not_lost(tmp_path):
+    """A re-probe: eight `ttp callers add` at once printed eight keys, and one of them was not in the file
+    (read, change and rename without a lock, through one temporary file name)."""
+    import threading
+
+    path = tmp_path / "callers.yaml"
+    keys: dict[str, str] = {}
+
+    def add(name: str) -> None:
+        keys[name] = add_caller(path, name, "provider", provider=f"ura:{name}")
+
+    threads = [threading.Thread(target=add, args=(f"n{i}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    auth = TTPAuth.from_file(path)
+    assert all(auth.authenticate({"x-api-key": key}) for key in keys.values()), "every printed key works"

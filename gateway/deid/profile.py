@@ -320,10 +320,12 @@ def check_profile(data: Any) -> list[str]:
 
 
 def _check_extensions(data: Mapping[str, Any], out: list[str]) -> None:
-    urls = data.get("extensions")
-    if urls is None:
+    if "extensions" not in data:
         return
-    if not isinstance(urls, list) or not all(isinstance(u, str) and _URL_RE.match(u) for u in urls):
+    urls = data["extensions"]
+    if urls is None:  # every item commented out: not "every extension the rules keep" (a re-probe's)
+        out.append("extensions: must be a list of extension urls; [] for none, or leave the key out for all")
+    elif not isinstance(urls, list) or not all(isinstance(u, str) and _URL_RE.match(u) for u in urls):
         out.append("extensions: must be a list of extension urls")
     elif len(set(urls)) != len(urls):
         out.append("extensions: duplicates")
@@ -334,8 +336,9 @@ def extension_problems(profile_urls: Any, kept: Mapping[str, str]) -> list[str]:
     what the rules let through, it never widens it (each kept extension has its values checked there)."""
     if not isinstance(profile_urls, list):
         return []
+    # items that are no url are `check_profile`'s to report (a nested list crashed the lookup here)
     return [f"extensions.{u}: not kept by the de-identification rules" for u in profile_urls
-            if kept.get(u) != "keep"]
+            if isinstance(u, str) and kept.get(u) != "keep"]
 
 
 def profile_warnings(data: Any) -> list[str]:
@@ -395,7 +398,7 @@ def profile_from_data(data: Mapping[str, Any], source: str = "<data>") -> Profil
         practitioner=_section(data, "practitioner"),
         references=_section(data, "references"),
         resources=MappingProxyType({t: tuple(p) for t, p in data["resources"].items()}),
-        extensions=tuple(data["extensions"]) if data.get("extensions") is not None else None,
+        extensions=tuple(data["extensions"]) if "extensions" in data else None,
         description=str(data.get("description", "")),
         source=source,
     )

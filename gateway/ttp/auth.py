@@ -26,10 +26,13 @@ proxy (the proxy terminates mTLS and must overwrite that header on every request
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
+import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -191,9 +194,6 @@ def add_caller(path: str | Path, name: str, role: str, *, provider: str | None =
                registries: Iterable[str] = ()) -> str:
     """Append a caller with a fresh key to the callers file; return the key (shown once; its hash is kept)."""
     path = Path(path)
-    callers = load_callers(path) if path.exists() else []
-    if any(c.get("name") == name for c in callers):
-        raise AuthConfigError(f"a caller named {name} already exists")
     key = new_key()
     entry: dict[str, Any] = {"name": name, "role": role}
     if provider:
@@ -201,20 +201,38 @@ def add_caller(path: str | Path, name: str, role: str, *, provider: str | None =
     if registries:
         entry["registries"] = sorted(registries)
     entry["key_sha256"] = hash_key(key)
-    _caller(entry, len(callers))  # validate before writing
-    callers.append(entry)
-    _write_callers(path, callers)
+    with _editing(path):
+        callers = load_callers(path) if path.exists() else []
+        if any(c.get("name") == name for c in callers):
+            raise AuthConfigError(f"a caller named {name} already exists")
+        _caller(entry, len(callers))  # validate before writing
+        callers.append(entry)
+        _write_callers(path, callers)
     return key
 
 
 def remove_caller(path: str | Path, name: str) -> None:
     """Revoke a caller: its entry leaves the file (a running TTP refuses its key at the next request)."""
     path = Path(path)
-    callers = load_callers(path)
-    kept = [c for c in callers if not (isinstance(c, Mapping) and c.get("name") == name)]
-    if len(kept) == len(callers):
-        raise AuthConfigError(f"no caller named {name} in {path}")
-    _write_callers(path, kept)
+    with _editing(path):
+        callers = load_callers(path)
+        kept = [c for c in callers if not (isinstance(c, Mapping) and c.get("name") == name)]
+        if len(kept) == len(callers):
+            raise AuthConfigError(f"no caller named {name} in {path}")
+        _write_callers(path, kept)
+
+
+@contextlib.contextmanager
+def _editing(path: Path) -> Iterator[None]:
+    """One change of the callers file at a time (a lock file beside it): eight `callers add` at once lost
+    one key, printed but never written (a re-probe)."""
+    lock = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_callers(path: Path, callers: list[dict[str, Any]]) -> None:

@@ -254,6 +254,12 @@ class KeyStore:
             raise KeyStoreError("unknown registry domain")
         if not 1 <= version < entry.current:
             raise KeyStoreError("only a non-current existing version can be retired")
+        if entry.since is None and not force:
+            raise KeyStoreError(
+                f"the keyring does not say when v{entry.current} became current (a rotation by an earlier "
+                f"version): gateways may still deliver v{version} pseudonyms they cached; retire with "
+                "--force once an hour has passed since the rotation and the registry translated what it got"
+            )
         ready = (entry.since or 0) + RETIRE_AFTER_SECONDS
         if not force and (time.time() if now is None else now) < ready:
             raise KeyStoreError(
