@@ -61,6 +61,9 @@ log = logging.getLogger("gateway.process")  # counts only: never a value from a 
 # 100,000-entry Bundle held it for seconds. A smaller one stays inline (a 1,000-entry Bundle holds it for
 # about 0.1 s): under concurrent posts the thread's share of the GIL cost a third of the 1,000-entry rate.
 OFF_LOOP_ENTRIES = 5_000
+# ... or Patients: the leak gate's work grows with the number of patients (a probe's 2,500 one-line Patients,
+# 0.6 MB, held the loop for seconds); a posted Bundle holds a few
+OFF_LOOP_PATIENTS = 200
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ async def process_bundle(
         )
     # only where an event loop serves others: a bulk worker's thread would cost a malloc arena, not time
     entries = bundle.get("entry") if isinstance(bundle, dict) else None  # not validated yet: any JSON
-    off_loop = serving and (large or (isinstance(entries, list) and len(entries) > OFF_LOOP_ENTRIES))
+    off_loop = serving and (large or _many_entries_or_patients(entries))
     index = await _cpu(off_loop, _validated, bundle, validator, registry)
     decisions = await decide_optout(bundle, index.patients, registry, provider)
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
@@ -222,6 +225,18 @@ async def process_bundle(
     return Processed(
         result.bundle, report, _patient_keys(result.bundle), payload, dropped_entries, sources, deid_dropped
     )
+
+
+def _many_entries_or_patients(entries: Any) -> bool:
+    if not isinstance(entries, list):
+        return False  # not validated yet: validation says what is wrong
+    if len(entries) > OFF_LOOP_ENTRIES:
+        return True
+    patients = 0
+    for entry in entries:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        patients += isinstance(resource, dict) and resource.get("resourceType") == "Patient"
+    return patients > OFF_LOOP_PATIENTS
 
 
 async def _cpu(off_loop: bool, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:

@@ -47,6 +47,18 @@ def _input(patients: int) -> dict[str, Any]:
 ONE = sensitive_values(_input(1))
 MANY = sensitive_values(_input(12))
 assert len(ONE.by_first) + 2 <= _PROBE_LIMIT < len(MANY.by_first)
+# relative fullUrls (`Patient/q7`): every token at an edge, so none is required whole (a probe's 2,500 of them
+# were each searched through the whole document); anchored on a substring now, and still found glued or whole
+RELATIVE = sensitive_values(
+    {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": f"Patient/q{n}", "resource": {**_patient(n)["resource"], "id": f"q{n}"}}
+            for n in range(12)
+        ],
+    }
+)
 
 pieces = st.sampled_from(
     [
@@ -76,6 +88,9 @@ pieces = st.sampled_from(
         "urn:uuid:00000000-0000-4000-8000-0000000000051",
         "00000000-0000-4000-8000-000000000005",
         "http://ehr.example/Patient/p3",
+        "Patient/q5",
+        "Patient/q51",
+        "xPatient/q5",
         "Dorpsstraat 7",
         "x",
         " ",
@@ -109,7 +124,7 @@ def _walk(doc: Any, sensitive: SensitiveSet | None) -> list[Any]:
 
 
 @settings(max_examples=500, deadline=None)
-@given(documents, st.sampled_from([None, ONE, MANY]))
+@given(documents, st.sampled_from([None, ONE, MANY, RELATIVE]))
 def test_glance_never_hides_a_finding_of_the_walk(leaf: Any, sensitive: SensitiveSet | None) -> None:
     doc = {"resourceType": "Bundle", "entry": [leaf]}
     findings = _walk(doc, sensitive)
@@ -273,7 +288,7 @@ def test_an_11_proef_snomed_code_no_longer_forces_the_walk() -> None:
 
 
 @settings(max_examples=600, deadline=None)
-@given(strings, KEYS, st.sampled_from([None, ONE, MANY]))
+@given(strings, KEYS, st.sampled_from([None, ONE, MANY, RELATIVE]))
 def test_needs_check_never_skips_a_string_the_exact_check_reports(
     s: str, key: str, sensitive: SensitiveSet | None
 ) -> None:
@@ -281,6 +296,14 @@ def test_needs_check_never_skips_a_string_the_exact_check_reports(
     scanner.text(s, key, {}, ["Bundle"])  # the exact checks, as the walk runs them on a string it checks
     if scanner.findings:
         assert _Scanner(sensitive).needs_check(s)
+
+
+def test_a_relative_patient_fullurl_is_found_glued_or_whole() -> None:
+    for text in ("Patient/q5", "zie xPatient/q5.", "Patient/q5/_history/1"):
+        doc = {"resourceType": "Observation", "note": [{"text": text}]}
+        assert scan(doc, RELATIVE), text
+        assert not _clean_at_a_glance(doc, _Scanner(RELATIVE)), text
+    assert scan({"resourceType": "Observation", "note": [{"text": "Patient/x5"}]}, RELATIVE) == []
 
 
 def test_many_patients_use_the_token_lookup_not_the_alternation() -> None:

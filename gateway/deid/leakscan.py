@@ -18,6 +18,7 @@ import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache, cached_property
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -606,23 +607,26 @@ class _Scanner:
         return re.compile("|".join([_NINE.pattern, *others]), re.IGNORECASE)
 
     @cached_property
-    def lookup(self) -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...]]:
-        """For ``many``: (tokens that make a string worth checking, literals without such a token, all
-        literals). A string can only be reported for a sequence if it holds the sequence's first token, for a
-        patient fullUrl / id if it holds the literal's anchor (``_required_tokens``: whole in any string the
-        exact check reports)."""
+    def lookup(self) -> tuple[frozenset[str], Mapping[str, tuple[str, ...]], tuple[str, ...]]:
+        """For ``many``: (tokens that make a string worth checking, literals without such a token by a
+        substring each holds, all literals). A string can only be reported for a sequence if it holds the
+        sequence's first token, for a patient fullUrl / id if it holds the literal's anchor
+        (``_required_tokens``: whole in any string the exact check reports), and for one without an anchor
+        if it holds the literal's longest token as a substring (lower-cased; "" for a literal of none)."""
         sens = self.sens
         assert sens is not None
         keys = set(sens.by_first) | set(sens.birth_dates)
-        plain: list[str] = []
+        plain: dict[str, list[str]] = {}
         literals = [(u, True) for u in sens.patient_urls] + [(i, False) for i in sens.patient_ids]
         for lit, substring in literals:
             required = _required_tokens(lit, substring=substring)
             if required is None:
-                plain.append(lit)
+                edges = _anchor_tokens(lit)
+                plain.setdefault(max(edges, key=lambda r: len(r[0]))[0] if edges else "", []).append(lit)
             else:
                 keys.add(max(required, key=lambda r: len(r[0]))[0])
-        return frozenset(keys), tuple(plain), tuple(lit for lit, _ in literals)
+        by_substring = MappingProxyType({k: tuple(v) for k, v in plain.items()})
+        return frozenset(keys), by_substring, tuple(lit for lit, _ in literals)
 
     def needs_check(self, s: str) -> bool:
         """Whether ``s`` needs the exact checks; it does not depend on where ``s`` is, so each distinct
@@ -652,7 +656,11 @@ class _Scanner:
             return True
         keys, plain, literals = self.lookup
         if s.isascii():
-            return not keys.isdisjoint(_TOKEN.findall(s.lower())) or any(lit in s for lit in plain)
+            low = s.lower()
+            if not keys.isdisjoint(_TOKEN.findall(low)):
+                return True
+            # a patient's 2,500 relative fullUrls were each sought in every string (seconds; a probe's)
+            return any(part in low and any(lit in s for lit in lits) for part, lits in plain.items())
         # the anchors are ASCII tokens of the literals; for other text, search every literal as text() does
         return not keys.isdisjoint(_TOKEN.findall(s.casefold())) or any(lit in s for lit in literals)
 
@@ -895,6 +903,14 @@ def _required_tokens(literal: str, *, substring: bool) -> list[tuple[str, int]] 
     return [(m.group(0).lower(), m.start()) for m in matches] or None
 
 
+def _anchor_tokens(literal: str) -> list[tuple[str, int]]:
+    """Every token of an ASCII literal (lower-cased) with its offset: where the literal occurs, each of them
+    occurs as a substring at that offset (glued to its neighbours or not)."""
+    if not literal.isascii():
+        return []
+    return [(m.group(0).lower(), m.start()) for m in _TOKEN.finditer(literal)]
+
+
 def _literal_found(escaped: bytes, literals: list[tuple[str, bool]], tokens: set[str] | None) -> bool:
     """Does any patient fullUrl / id occur (JSON-escaped) in the document? False means the walk cannot report
     one. ``tokens``: the ASCII document's token set, or None (then every literal is a substring search).
@@ -908,6 +924,13 @@ def _literal_found(escaped: bytes, literals: list[tuple[str, bool]], tokens: set
     for lit, substring in literals:
         esc = orjson.dumps(lit).decode()[1:-1]
         required = _required_tokens(lit, substring=substring) if tokens is not None else None
+        if required is None and tokens is not None and esc == lit and (edges := _anchor_tokens(lit)):
+            # a fullUrl whose every token is at an edge (`Patient/q7`): its tokens may be glued to the text
+            # around it, so none is required whole, but each still marks where it is: anchored, unfiltered
+            # (2,500 relative fullUrls were 2,500 searches of the whole document, seconds; a probe's)
+            anchor, offset = max(edges, key=lambda r: len(r[0]))
+            anchored.setdefault(anchor, {}).setdefault((offset, len(lit)), set()).add(lit)
+            continue
         if required is None or esc != lit:
             if required is None or all(t in tokens for t, _ in required):  # type: ignore[operator]
                 direct.append(esc)
