@@ -4,7 +4,8 @@ uvicorn closes an idle connection only after a response (its keep-alive timeout)
 sends a request, or stops half-way through its headers, stays open for good. A probe held 20,000 of them
 without logging in, and the gateway ran out of file descriptors and answered nobody (slowloris). Here every
 request's headers must arrive within `header_timeout` seconds of the connection, or of the request's first
-byte on a kept-alive connection; the body has its own limits (gateway/service/body.py).
+byte on a kept-alive connection; the body has its own limits (gateway/service/body.py), and a request
+answered before its body was all read has the same deadline for the rest of it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        # Answered before its body was all there (a GET with a body, a post refused for its credentials):
+        # what is left of the body would go on arriving, each byte putting off uvicorn's keep-alive timeout,
+        # with no request's headers to time (a re-probe held connections so, for good). The deadline runs
+        # again: the rest of the body and the next request's headers must come within it. Not closed at once:
+        # unread bytes would make that a reset, which may lose the answer before the client reads it.
+        unread = self.cycle is not None and self.cycle.more_body
+        super().on_response_complete()
+        if unread and not self.transport.is_closing():
+            self._arm()
 
     def _arm(self) -> None:
         self._disarm()
