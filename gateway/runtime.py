@@ -97,6 +97,7 @@ class Runtime:
     _worker_task: asyncio.Task | None = field(default=None, init=False)
     _outcome_waiters: dict[str, set[asyncio.Event]] = field(default_factory=dict, init=False)
     _ready_at: float | None = field(default=None, init=False)  # when readiness last found no problem
+    _readiness_asked: asyncio.Future[list[str]] | None = field(default=None, init=False)  # in flight
 
     def __post_init__(self) -> None:
         self.authenticator = Authenticator(self.config)
@@ -163,7 +164,11 @@ class Runtime:
         ready_at = self._ready_at
         if ready_at is not None and time.monotonic() - ready_at < READINESS_SECONDS:
             return []
-        problems = await self._ask_readiness()
+        asking = self._readiness_asked
+        if asking is None or asking.done() or asking.get_loop() is not asyncio.get_running_loop():
+            # one question at a time: 200 concurrent calls made 400 TTP requests (a re-probe)
+            asking = self._readiness_asked = asyncio.ensure_future(self._ask_readiness())
+        problems = list(await asyncio.shield(asking))
         self._ready_at = None if problems else time.monotonic()
         return problems
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -734,6 +735,16 @@ def test_readiness_asks_the_ttp_at_most_once_a_second_whoever_asks(chain):
     assert answers == [200] * 30
     asked = chain.ttp_recorder.paths.count("/metadata") - before
     assert 1 <= asked <= int(elapsed) + 2, (asked, elapsed)
+    # ... and at once: a re-probe's 200 concurrent calls made 400 TTP requests
+    time.sleep(1.1)  # past the second a "ready" is kept
+    before = chain.ttp_recorder.paths.count("/metadata")
+
+    async def together() -> list[int]:
+        async with httpx.AsyncClient(base_url=chain.gateway_url, timeout=30) as client:
+            return [r.status_code for r in await asyncio.gather(*(client.get("/readyz") for _ in range(50)))]
+
+    assert asyncio.run(together()) == [200] * 50
+    assert chain.ttp_recorder.paths.count("/metadata") - before == 1
 
 
 def test_a_path_with_a_trailing_slash_is_not_redirected(chain):

@@ -383,3 +383,8 @@ def test_copies_of_a_delivery_sent_at_once_are_applied_once(tmp_path: Path) -> N
     assert db.read("SELECT version FROM resources WHERE id = 'p1-obs-1'") == [(1,)]
     assert db.accepted_counts() == {"urn:test:delivery|d-1": 8}
 
+
+
+def test_a_path_with_a_trailing_slash_is_not_redirected(receiver: str) -> None:
+    response = httpx.get(f"{receiver}/Bundle/x/", headers={"Host": "evil.example"})
+    assert response.status_code == 404 and "location" not in response.headers

@@ -354,6 +354,10 @@ def test_mtls_subject_header_only_from_a_trusted_proxy(tmp_path: Path) -> None:
         assert response.status_code == 200, response.text
         # a key, when presented, decides: a wrong key is not rescued by a trusted subject header
         assert httpx.get(f"{gw.url}/deliveries", headers={**subject, **auth("wrong")}).status_code == 401
+        # a re-probe: a subject of one client and the key of another authenticated as the key's, silently
+        both = {**subject, **auth(pc.ehr_api_key)}
+        assert httpx.get(f"{gw.url}/deliveries", headers=both).status_code == 401
+        assert httpx.get(f"{gw.url}/deliveries", headers=auth(pc.ehr_api_key)).status_code == 200
 
 
 def test_x_forwarded_for_cannot_make_a_caller_a_trusted_proxy(tmp_path: Path) -> None:
@@ -593,3 +597,18 @@ def test_a_client_sees_and_requeues_only_the_deliveries_of_its_own_registries(ch
     assert call(chain, "GET", f"/deliveries/{delivery_id}", auth(theirs)).status_code == 404
     assert call(chain, "POST", f"/deliveries/{delivery_id}/$requeue", auth(theirs)).status_code == 404
     assert chain.runtime.store.get(delivery_id).status == "dead"
+
+
+def test_a_client_records_objections_only_for_the_registries_it_may_deliver_to(chain: Any) -> None:
+    """A re-probe: a client allowed one registry withdrew another client's objection for another registry,
+    and that patient's data went to a registry the first client may not deliver to."""
+    theirs = chain.ehr_api_keys[OTHER]  # may deliver to REGISTRY only
+    for path in ("/objections", "/objections/$withdraw"):
+        for registry in ("example-cancer-registry", "*"):
+            body = {"patientNumber": "Q1", "registry": registry}
+            response = httpx.post(f"{chain.gateway_url}{path}", json=body, headers=auth(theirs), timeout=30)
+            assert response.status_code == 403, (path, registry, response.text)
+    body = {"patientNumber": "Q1", "registry": REGISTRY}
+    assert httpx.post(f"{chain.gateway_url}/objections", json=body, headers=auth(theirs)).status_code == 204
+    assert httpx.post(f"{chain.gateway_url}/objections/$withdraw", json=body,
+                      headers=auth(theirs)).status_code == 204

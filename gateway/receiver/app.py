@@ -76,7 +76,10 @@ def create_receiver_app(
     bearer token the gateway must send, and that every read but GET /metadata needs (a registry's data)."""
     db = ReceiverDB(data)
     faults = FaultPlan()
-    app = FastAPI(title="FHIR registry receiver", docs_url=None, redoc_url=None, openapi_url=None)
+    # no 307 to `path/` built from the Host header (as the gateway: a re-probe found it here too)
+    app = FastAPI(
+        title="FHIR registry receiver", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False
+    )
     app.state.db = db
     app.state.faults = faults
 

@@ -197,9 +197,10 @@ def caller_of(runtime: Runtime, request: Request) -> Caller:
     peer = request.client.host if request.client else None
     headers = request.headers
     keys = len(headers.getlist("authorization")) + len(headers.getlist("x-api-key"))
-    if keys > 1 or len(headers.getlist(MTLS_HEADER)) > 1:
+    subjects = len(headers.getlist(MTLS_HEADER)) if runtime.authenticator.trusts(peer) else 0
+    if keys + subjects > 1:
         # one would silently win: a proxy that adds its header beside the client's would let the client
-        # choose who it is (a probe)
+        # choose who it is (a probe), and a key beside a certificate subject names two clients (a re-probe)
         raise FhirError.single(
             401, "login", "send one credential (one key, one certificate subject)",
             headers={"WWW-Authenticate": "Bearer"},
@@ -423,6 +424,7 @@ def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
     async def add_objection(request: Request) -> Response:
         caller = _provider_caller(runtime, request)
         patient_number, registry = await _objection_body(request, runtime)
+        _may_object_for(caller, registry, runtime)
         await runtime.objections_add(caller, patient_number, registry)
         return Response(status_code=204)
 
@@ -430,11 +432,22 @@ def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
     async def withdraw_objection(request: Request) -> Response:
         caller = _provider_caller(runtime, request)
         patient_number, registry = await _objection_body(request, runtime)
+        _may_object_for(caller, registry, runtime)
         if not await runtime.objections_withdraw(caller, patient_number, registry):
             # an objection for '*' is withdrawn as '*': said, so the EHR does not think the patient is back in
             text = "no objection is registered for this patient number and registry ('*' is its own entry)"
             raise FhirError.single(404, "not-found", text, "registry")
         return Response(status_code=204)
+
+
+def _may_object_for(caller: Caller, registry: str, runtime: Runtime) -> None:
+    """A client changes objections for the registries it may deliver to ('*': only one that may deliver to
+    every registry): a re-probe's one-registry client withdrew another client's objection for another
+    registry, and the patient's data went there."""
+    scope = set(runtime.registries) if registry == "*" else {registry}
+    if not scope <= caller.registries:
+        text = "this client may not deliver to this registry, so it may not change its objections"
+        raise FhirError.single(403, "forbidden", text, "registry")
 
 
 def _provider_caller(runtime: Runtime, request: Request) -> Caller:

@@ -60,6 +60,10 @@ class Authenticator:
             raise FhirError.single(401, "login", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
         return found
 
+    def trusts(self, peer: str | None) -> bool:
+        """Whether `peer` is a trusted proxy (whose certificate-subject header is believed)."""
+        return self._trusted(peer)
+
     def _trusted(self, peer: str | None) -> bool:
         if not peer:
             return False
