@@ -78,7 +78,11 @@ def create_receiver_app(
     faults = FaultPlan()
     # no 307 to `path/` built from the Host header (as the gateway: a re-probe found it here too)
     app = FastAPI(
-        title="FHIR registry receiver", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False
+        title="FHIR registry receiver",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
     )
     app.state.db = db
     app.state.faults = faults
