@@ -41,18 +41,20 @@ CASES: list[dict[str, Any]] = DOCUMENT["cases"]
 REGISTRY = "example-generic"
 
 # The HTTP answer where it is not what the parse/validate-level expectation implies. The corpus' opt-out
-# policy names the registry "dica" with its own actors (URA 00009999) and policy URL; the gateway has no
-# setting for a registry's Consent actors/policies (BundleConsentOptOut runs with the default ConsentPolicy),
-# so a Consent that denies or permits *for that registry specifically* is not recognised over HTTP.
-NO_ACTORS = "the registry's Consent actors are not configurable"
+# policy names the registry "dica" with its own actors (URA 00009999) and policy URL; the chain here delivers
+# to another registry and configures no `consent_policy`, so a Consent naming an actor cannot be placed: a
+# deny of it is unknown (withheld; these were delivered before, as if the actor were another party), a
+# permit of it does not apply.
+NO_ACTORS = "no registry_actors are configured for this registry: an actor of a deny cannot be placed"
 HTTP_EXPECTED: dict[str, dict[str, Any]] = {
-    "consent-deny-actor-registry-identifier": {"optout": "allowed", "why": NO_ACTORS},
-    "consent-deny-actor-registry-reference": {"optout": "allowed", "why": NO_ACTORS},
+    "consent-deny-actor-registry-identifier": {"optout": "unknown", "why": NO_ACTORS},
+    "consent-deny-actor-registry-reference": {"optout": "unknown", "why": NO_ACTORS},
+    "consent-deny-actor-other-organisation": {"optout": "unknown", "why": NO_ACTORS},
     "consent-deny-actor-other-but-policy-names-registry": {
-        "optout": "allowed", "why": "the registry's Consent policy URLs are not configurable"},
-    "consent-deny-nested-permit-nested-deny": {"optout": "allowed", "why": NO_ACTORS},
+        "optout": "unknown", "why": NO_ACTORS + " (nor its policy URLs)"},
+    "consent-deny-nested-permit-nested-deny": {"optout": "unknown", "why": NO_ACTORS},
     "consent-permit-nested-deny-nested-permit-registry": {
-        "optout": "objected", "why": NO_ACTORS + ": the permit for the registry is not recognised"},
+        "optout": "objected", "why": NO_ACTORS + ": the permit for the registry does not apply"},
 }
 
 OUTCOMES: Counter[str] = Counter()  # "status" or "status/parameters-status", for the summary at the end
