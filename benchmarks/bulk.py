@@ -131,7 +131,8 @@ class MemorySampler(threading.Thread):
     """Every 0.25 s: the memory of this process and all its descendants (the chain workers, the TTP +
     receiver process), summed. `ru_maxrss` is per process and the per-process peaks need not coincide; this
     is the peak of the sum. RSS counts shared pages (libraries, copy-on-write) once per process; PSS shares
-    them out, so its sum is the machine's real total."""
+    them out, so its sum is the machine's real total. The sampler runs on the cores it measures: `cpu_seconds`
+    is its own (the kernel walks every process's page tables for smaps_rollup), printed with the figures."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -140,19 +141,18 @@ class MemorySampler(threading.Thread):
         self.phase_at_peak = ""
         self.phase = "start"
         self.stopped = threading.Event()
+        self.cpu_seconds = 0.0
 
     def run(self) -> None:
+        started = time.thread_time()
         while not self.stopped.wait(0.25):
-            rss = pss = 0
-            each = []
-            for pid in _tree(os.getpid()):
-                rss += _status_kb(pid, "VmRSS")
-                mine = _rollup_kb(pid, "Pss")
-                pss += mine
-                each.append((pid, mine / 1024))
-            self.peak_rss = max(self.peak_rss, rss / 1024)
-            if pss / 1024 > self.peak_pss:
-                self.peak_pss, self.at_peak, self.phase_at_peak = pss / 1024, each, self.phase
+            pids = _tree(os.getpid())
+            self.peak_rss = max(self.peak_rss, sum(_rss_kb(pid) for pid in pids) / 1024)
+            each = [(pid, _rollup_kb(pid, "Pss") / 1024) for pid in pids]
+            pss = sum(mb for _, mb in each)
+            if pss > self.peak_pss:
+                self.peak_pss, self.at_peak, self.phase_at_peak = pss, each, self.phase
+        self.cpu_seconds = time.thread_time() - started
 
 
 def _tree(pid: int) -> list[int]:
@@ -168,8 +168,14 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def _status_kb(pid: int, field: str) -> int:
-    return _field_kb(Path(f"/proc/{pid}/status"), field)
+_PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE_KB
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _rollup_kb(pid: int, field: str) -> int:
@@ -233,6 +239,7 @@ def main() -> None:
             server_usage = json.loads(server.stdout.readline() or "{}")
             server.wait(timeout=60)
         sampler.stopped.set()
+        sampler.join(timeout=5)
         _report(result, size, server_usage)
         print(
             f"peak memory of the whole run (sum over all processes, sampled every 0.25 s): "
@@ -241,6 +248,7 @@ def main() -> None:
         roles = {os.getpid(): "this process", server.pid: "TTP + receiver"}
         parts = ", ".join(f"{roles.get(pid, 'worker')} {mb:.0f}" for pid, mb in sampler.at_peak if mb >= 1)
         print(f"  at the PSS peak ({sampler.phase_at_peak}): {parts} MB")
+        print(f"  the memory sampler's own CPU: {sampler.cpu_seconds:.1f} s")
 
 
 def _report(result: dict, size: int, server: dict) -> None:
