@@ -129,7 +129,7 @@ async def process_bundle(
     # only where an event loop serves others: a bulk worker's thread would cost a malloc arena, not time
     entries = bundle.get("entry") if isinstance(bundle, dict) else None  # not validated yet: any JSON
     off_loop = serving and (large or _many_entries_or_patients(entries))
-    index = await _cpu(off_loop, _validated, bundle, validator, registry)
+    index = await cpu_work(off_loop, _validated, bundle, validator, registry)
     decisions = await decide_optout(bundle, index.patients, registry, provider)
     admitted = {key: res for key, res in _patients(index).items() if decisions[key].status == "allowed"}
     dropped_entries = _optout_drops(index, decisions)
@@ -196,7 +196,7 @@ async def process_bundle(
         if len(unlinkable) == len(admitted):
             report["pseudonymsSkipped"] = dict(pseudonyms.skipped)
             return Processed(None, report, dropped_entries=dropped_entries)
-    result, payload, input_paths = await _cpu(
+    result, payload, input_paths = await cpu_work(
         off_loop,
         _deidentified,
         bundle,
@@ -239,7 +239,8 @@ def _many_entries_or_patients(entries: Any) -> bool:
     return patients > OFF_LOOP_PATIENTS
 
 
-async def _cpu(off_loop: bool, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+async def cpu_work(off_loop: bool, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """`fn(*args)`, in a worker thread when `off_loop` (the event loop then serves others meanwhile)."""
     if off_loop:
         return await asyncio.to_thread(fn, *args, **kwargs)
     return fn(*args, **kwargs)

@@ -46,6 +46,7 @@ from gateway.process import (
     Processed,
     ProviderChain,
     RegistryChain,
+    cpu_work,
     dropped_by_reason,
     process_bundle,
 )
@@ -206,7 +207,7 @@ class Runtime:
         `large`: a large body, whose CPU work runs in a worker thread (the event loop serves others).
         """
         provider = caller.provider or ""
-        digest = await asyncio.to_thread(content_digest, bundle) if large else content_digest(bundle)
+        digest = await cpu_work(large, content_digest, bundle)
         named = idempotency_key or _bundle_identifier(bundle)
         key = self._idempotency(provider, registry, named or digest)
         request = self._idempotency(provider, registry, f"content:{digest}") if named else None
@@ -218,10 +219,7 @@ class Runtime:
         existing = await asyncio.to_thread(self.store.find_by_idempotency, provider, registry, key)
         if existing is not None:
             try:  # the digest covers the entries: the rest must be a valid Bundle too
-                if large:
-                    await asyncio.to_thread(check_bundle_shell, bundle, self.validator)
-                else:
-                    check_bundle_shell(bundle, self.validator)
+                await cpu_work(large, check_bundle_shell, bundle, self.validator)
             except FhirError as err:
                 await self.record_refusal(caller, registry, err)
                 raise

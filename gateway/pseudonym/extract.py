@@ -29,7 +29,7 @@ class Unusable(Enum):
     """Why a field has no value; turned into the mapping's skip reason for the type."""
 
     MISSING = "missing"  # absent, partial or invalid: the field's (or type's) skip_reason
-    AMBIGUOUS = "ambiguous"  # two different usable values (BSN, MRN, birth name, official address)
+    AMBIGUOUS = "ambiguous"  # two different usable values (BSN, MRN, birth name, initial, official address)
     NOT_CONFIGURED = "not-configured"  # MRN without a configured patient-number system
 
 
@@ -196,7 +196,6 @@ def _one_reading(readings: Iterable[Any]) -> Any:
 
 
 _PLACE_PARTS = ("pc6", "housenumber", "suffix")
-_DATE_PREFIX = re.compile(r"\d{4}(-\d{2}(-\d{2})?)?")
 
 
 def _place(fields: dict[str, str | None]) -> tuple[str | None, ...] | None:
@@ -314,6 +313,9 @@ def address_candidates(patient: dict[str, Any], mapping: InputMapping) -> list[d
     official = [a for a in addresses if mapping.preferred_address_type in _address_types(a, mapping)]
     fallback = mapping.fallback_address_use
     return official or [a for a in addresses if a.get("use") == fallback and a.get("type") != "postal"]
+
+
+_DATE_PREFIX = re.compile(r"\d{4}(-\d{2}(-\d{2})?)?")
 
 
 def _ended(period: object, today: str) -> bool:
