@@ -25,6 +25,7 @@ from gateway.optout.base import OptOutUnavailable
 from gateway.optout.register import PATIENT_NUMBER
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import parse_json
+from gateway.process import cpu_work
 from gateway.runtime import Runtime, bundle_identifier
 from gateway.service import errors
 from gateway.service.auth import MTLS_HEADER, Caller, require_admin, require_registry
@@ -295,10 +296,7 @@ async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Requ
     )
     large = len(body) > PARSE_OFF_LOOP_BYTES
     try:
-        if large:
-            bundle = await asyncio.to_thread(parse_json, body, max_bytes=runtime.settings.max_body_bytes)
-        else:
-            bundle = parse_json(body, max_bytes=runtime.settings.max_body_bytes)
+        bundle = await cpu_work(large, parse_json, body, max_bytes=runtime.settings.max_body_bytes)
     except FhirError as err:  # a duplicate key, a NUL in a code: a near miss the privacy officer counts too
         await runtime.record_refusal(caller, registry, err)
         raise
