@@ -306,6 +306,42 @@ def test_old_address_is_not_used():
     assert _fields(patient, "C") == "no-dutch-postcode"
 
 
+def test_several_addresses_without_a_dutch_postcode_skip_the_address_types():
+    """A re-probe: two foreign home addresses raised a TypeError (no postcode was None, not missing), and a
+    posted Bundle with such a patient was a 500."""
+    antwerpen = {"use": "home", "city": "Antwerpen", "country": "BE", "postalCode": "2000"}
+    gent = {"use": "home", "city": "Gent", "postalCode": "9000"}
+    for addresses in ([antwerpen, gent], [{"use": "home"}, {"use": "home", "city": "x"}]):
+        assert _fields(_patient(address=addresses), "RGG") == "no-dutch-postcode"
+        assert _fields(_patient(address=addresses), "A") == "no-dutch-postcode-or-house-number"
+
+
+ADDRESS_POOL = [
+    _address("1012 NX", "15"),
+    _address("1012NX", None),
+    _address("1012 nx", "015", suffix=""),
+    _address("3511 AA", "2"),
+    _address("3511 AA", "2", suffix="bis"),
+    _address("1012 NX", "15", address_type=None),
+    _address("2000", "1", address_type=None),
+    {"use": "home", "city": "Gent", "postalCode": "9000"},
+    {"use": "home", "type": "postal", "postalCode": "9999 ZZ"},
+    {"use": "home", "postalCode": "4000 AB", "period": {"end": "2001"}},
+    {"use": "home"},
+    {"use": "old", "postalCode": "5000 CC"},
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(range(len(ADDRESS_POOL))), max_size=4), st.randoms(use_true_random=False))
+def test_address_types_never_raise_and_never_depend_on_the_list_order(picked: list[int], rnd) -> None:
+    addresses = [copy.deepcopy(ADDRESS_POOL[i]) for i in picked]
+    shuffled = list(addresses)
+    rnd.shuffle(shuffled)
+    for ptype in ("C", "RGG", "A"):
+        assert _fields(_patient(address=addresses), ptype) == _fields(_patient(address=shuffled), ptype)
+
+
 def test_an_ended_address_and_a_postal_one_are_not_where_the_patient_lives():
     """A re-probe: a home address whose period had ended, or one of type postal (a PO box), beside the
     current one made the address ambiguous (or was chosen, before), and C, RGG and A were lost."""

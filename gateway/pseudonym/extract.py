@@ -168,7 +168,8 @@ class PatientFields:
         if len(found) <= 1:
             return _or_missing(found[0][name] if found else None)
         if name in ("pc6", "pc4"):
-            return _one_reading(f[name] for f in found)
+            postcode = _one_reading(f[name] for f in found)
+            return postcode if isinstance(postcode, Unusable) else _or_missing(postcode)
         place = _one_reading(_place(f) for f in found)
         if isinstance(place, Unusable):
             return place
