@@ -622,9 +622,9 @@ class _Scanner:
             required = _required_tokens(lit, substring=substring)
             if required is None:
                 edges = _anchor_tokens(lit)
-                plain.setdefault(max(edges, key=lambda r: len(r[0]))[0] if edges else "", []).append(lit)
+                plain.setdefault(_longest(edges)[0] if edges else "", []).append(lit)
             else:
-                keys.add(max(required, key=lambda r: len(r[0]))[0])
+                keys.add(_longest(required)[0])
         by_substring = MappingProxyType({k: tuple(v) for k, v in plain.items()})
         return frozenset(keys), by_substring, tuple(lit for lit, _ in literals)
 
@@ -903,6 +903,11 @@ def _required_tokens(literal: str, *, substring: bool) -> list[tuple[str, int]] 
     return [(m.group(0).lower(), m.start()) for m in matches] or None
 
 
+def _longest(tokens: list[tuple[str, int]]) -> tuple[str, int]:
+    """The longest of (token, offset) pairs: the rarest to search for, as a rule."""
+    return max(tokens, key=lambda r: len(r[0]))
+
+
 def _anchor_tokens(literal: str) -> list[tuple[str, int]]:
     """Every token of an ASCII literal (lower-cased) with its offset: where the literal occurs, each of them
     occurs as a substring at that offset (glued to its neighbours or not)."""
@@ -928,7 +933,7 @@ def _literal_found(escaped: bytes, literals: list[tuple[str, bool]], tokens: set
             # a fullUrl whose every token is at an edge (`Patient/q7`): its tokens may be glued to the text
             # around it, so none is required whole, but each still marks where it is: anchored, unfiltered
             # (2,500 relative fullUrls were 2,500 searches of the whole document, seconds; a probe's)
-            anchor, offset = max(edges, key=lambda r: len(r[0]))
+            anchor, offset = _longest(edges)
             anchored.setdefault(anchor, {}).setdefault((offset, len(lit)), set()).add(lit)
             continue
         if required is None or esc != lit:
@@ -937,7 +942,7 @@ def _literal_found(escaped: bytes, literals: list[tuple[str, bool]], tokens: set
             continue
         if not all(t in tokens for t, _ in required):  # type: ignore[operator]
             continue  # the walk cannot report it: a token it needs is absent from the whole document
-        anchor, offset = max(required, key=lambda r: len(r[0]))
+        anchor, offset = _longest(required)
         anchored.setdefault(anchor, {}).setdefault((offset, len(lit)), set()).add(lit)
     if not direct and not anchored:
         return False
