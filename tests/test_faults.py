@@ -684,3 +684,23 @@ def test_overload_is_answered_429_at_once_instead_of_queueing(chain: FaultChain)
     finally:
         settings.max_inflight_bundles = 64
     wait_drained(chain.store, 30)
+
+
+def test_the_order_check_counts_posts_that_followed_each_other_not_ones_that_overlapped() -> None:
+    """Two overlapping posts for one patient have no order of their own (on PostgreSQL the later sequence
+    number can commit, and be delivered, first: CI saw it); one sent after the other was accepted has."""
+    from types import SimpleNamespace
+
+    from tests.soak.common import order_problems
+
+    rows = [SimpleNamespace(id=d, patient_order_key="p1") for d in ("a", "b")]  # creation order: a, b
+    identifier_of = {"a": "A", "b": "B"}
+    swapped = [{"identifier": "B"}, {"identifier": "A"}]  # b arrived first
+    assert order_problems(rows, identifier_of, swapped) == ["p1: delivery #0 arrived after #1"]
+    one_after_the_other = {"A": (0.0, 1.0), "B": (2.0, 3.0)}
+    assert order_problems(rows, identifier_of, swapped, one_after_the_other) == [
+        "p1: delivery #0 arrived after #1"
+    ]
+    overlapping = {"A": (0.0, 3.0), "B": (1.0, 2.0)}
+    assert order_problems(rows, identifier_of, swapped, overlapping) == []
+    assert order_problems(rows, identifier_of, list(reversed(swapped)), one_after_the_other) == []

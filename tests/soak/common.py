@@ -91,6 +91,8 @@ class PostResult:
     delivery_id: str | None
     tries: int
     statuses: list[int | str] = field(default_factory=list)  # every answer, or the transport error's name
+    sent_at: float | None = None  # time.monotonic() of the first try
+    answered_at: float | None = None  # ... and of the answer that accepted it
 
 
 def post_until_accepted(client: httpx.Client, url: str, api_key: str, key: str, body: bytes, *,
@@ -100,7 +102,7 @@ def post_until_accepted(client: httpx.Client, url: str, api_key: str, key: str, 
     headers = {"Content-Type": FHIR_JSON, "Authorization": f"Bearer {api_key}"}
     if prefer_async:
         headers["Prefer"] = "respond-async"
-    result = PostResult(key, None, None, 0)
+    result = PostResult(key, None, None, 0, sent_at=time.monotonic())
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         result.tries += 1
@@ -113,7 +115,7 @@ def post_until_accepted(client: httpx.Client, url: str, api_key: str, key: str, 
         result.statuses.append(response.status_code)
         result.status = response.status_code
         if response.status_code in (200, 202):
-            result.delivery_id = delivery_id_of(response)
+            result.delivery_id, result.answered_at = delivery_id_of(response), time.monotonic()
             return result
         if response.status_code in (429, 503):  # nothing was stored: both say "again, later"
             time.sleep(0.2)
@@ -204,15 +206,21 @@ def account(results: list[PostResult], store: Store, receiver_url: str, receiver
             fig.lost_keys.append(r.key)
     fig.resent = sum(n - 1 for n in accepted_counts.values() if n > 1)
     fig.duplicate_resources = receiver_resource_count(receiver_dir) - len(expected_resources)
-    problems = order_problems(rows, identifier_of, receiver_receipts(receiver_url))
+    posted = {identifier_of[r.delivery_id]: (r.sent_at, r.answered_at) for r in results
+              if r.delivery_id in identifier_of and r.sent_at is not None and r.answered_at is not None}
+    problems = order_problems(rows, identifier_of, receiver_receipts(receiver_url), posted)
     fig.out_of_order, fig.order_problems = len(problems), problems[:10]
     return fig
 
 
-def order_problems(rows: list[Any], identifier_of: dict[str, str],
-                   receipts: list[dict[str, Any]]) -> list[str]:
+def order_problems(rows: list[Any], identifier_of: dict[str, str], receipts: list[dict[str, Any]],
+                   posted: dict[str, tuple[float, float]] | None = None) -> list[str]:
     """Per patient (patient_order_key): every receipt at the registry, re-sends included, must come in the
-    outbox's creation order; a receipt of an older delivery after a newer one's is a problem."""
+    outbox's creation order; a receipt of an older delivery after a newer one's is a problem.
+
+    `posted` (identifier -> when the EHR sent it, when it was accepted): two posts that overlapped in time
+    have no order of their own. Across two processes on PostgreSQL the later sequence number may commit
+    first, and be delivered first; only a post sent after the other was accepted must arrive after it."""
     rank: dict[str, tuple[str, int]] = {}
     per_patient: dict[str, int] = defaultdict(int)
     for d in rows:  # creation order
@@ -220,16 +228,25 @@ def order_problems(rows: list[Any], identifier_of: dict[str, str],
             continue
         rank[identifier_of[d.id]] = (d.patient_order_key, per_patient[d.patient_order_key])
         per_patient[d.patient_order_key] += 1
-    highest: dict[str, int] = {}
+    arrived: dict[str, list[tuple[int, str]]] = defaultdict(list)  # patient -> (position, identifier)
     problems = []
     for receipt in receipts:  # arrival order
-        if receipt["identifier"] not in rank:
+        ident = receipt["identifier"]
+        if ident not in rank:
             continue
-        patient, position = rank[receipt["identifier"]]
-        if position < highest.get(patient, -1):
-            problems.append(f"{patient}: delivery #{position} arrived after #{highest[patient]}")
-        highest[patient] = max(highest.get(patient, -1), position)
+        patient, position = rank[ident]
+        newer = [p for p, other in arrived[patient] if p > position and _ordered(ident, other, posted)]
+        if newer:
+            problems.append(f"{patient}: delivery #{position} arrived after #{max(newer)}")
+        arrived[patient].append((position, ident))
     return problems
+
+
+def _ordered(older: str, newer: str, posted: dict[str, tuple[float, float]] | None) -> bool:
+    """Whether `newer` must arrive after `older`: always, unless both posts are known and overlapped."""
+    if posted is None or older not in posted or newer not in posted:
+        return True
+    return posted[older][1] <= posted[newer][0]
 
 
 # -- memory of a process ---------------------------------------------------------------------------------
