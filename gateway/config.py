@@ -166,6 +166,15 @@ class GatewayConfig(_Strict):
         raise KeyError(provider_id)
 
 
+def provider_share(limit: int, providers: int) -> int:
+    """What one provider may hold of `limit` slots (intake, bulk jobs): half where several providers share the
+    gateway, so that one hospital cannot lock the others out (at least one); all where one does; 0 (no
+    limit) stays 0."""
+    if not limit or providers <= 1:
+        return limit
+    return max(1, limit // 2)
+
+
 class Settings(BaseSettings):
     """Per-machine settings, from the environment (prefix FHIR_GATEWAY_)."""
 

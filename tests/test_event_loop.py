@@ -16,7 +16,6 @@ import pytest
 
 from gateway.bulk.chains import offline_chains
 from gateway.outcome import FhirError
-from gateway.process import process_bundle
 from tests.badinput.generate import MRN_SYSTEM as GENERATED_MRN_SYSTEM
 from tests.badinput.generate import bundle, observation, patient
 from tests.processes import MRN_SYSTEM, process_chain
@@ -103,14 +102,6 @@ def test_a_bundle_whose_entry_is_no_list_is_a_400_on_the_served_path(tmp_path, e
     was a 500."""
     chains = offline_chains("example-generic", tmp_path)
     bundle_doc = {"resourceType": "Bundle", "type": "transaction", "entry": entry}
-    run = process_bundle(
-        bundle_doc,
-        registry=chains.registry,
-        provider=chains.provider,
-        validator=chains.validator,
-        mapping=chains.mapping,
-        serving=True,
-    )
     with pytest.raises(FhirError) as info:
-        asyncio.run(run)
+        asyncio.run(chains.process(bundle_doc, serving=True))
     assert info.value.status == 400

@@ -55,7 +55,12 @@ class Chains:
     mapping: InputMapping
 
     async def process(
-        self, bundle: dict[str, Any], *, recorded: str | None = None, other_people: Sequence[dict] = ()
+        self,
+        bundle: dict[str, Any],
+        *,
+        recorded: str | None = None,
+        other_people: Sequence[dict] = (),
+        serving: bool = False,
     ) -> Processed:
         """`process_bundle` with these chains."""
         return await process_bundle(
@@ -66,6 +71,7 @@ class Chains:
             mapping=self.mapping,
             recorded=recorded,
             other_people=other_people,
+            serving=serving,
         )
 
 

@@ -36,6 +36,7 @@ from gateway.bulk.group import Chains
 from gateway.bulk.job import JobMismatch, finished_summary
 from gateway.bulk.pool import ChainSpec, runtime_spec
 from gateway.bulk.sources import SourceError, SourceFile, parse_manifest
+from gateway.config import provider_share
 from gateway.optout.base import Decision, OptOutUnavailable, PatientRef
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import check_encoding_prefix
@@ -100,7 +101,7 @@ class BulkJobs:
         self.max_upload_bytes, self.max_jobs = max_upload_bytes, max_jobs
         # where several providers share the gateway, one runs at most half of the jobs: a probe's two
         # uploads trickled a byte every 10 s held every slot, and the other hospital's imports were 429
-        self.provider_share = max(1, max_jobs // 2) if providers > 1 else max_jobs
+        self.provider_share = provider_share(max_jobs, providers)
         self.jobs: dict[str, JobStatus] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._locks: dict[str, int] = {}

@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
+from gateway.config import provider_share
 from gateway.optout.base import OptOutUnavailable
 from gateway.optout.register import PATIENT_NUMBER
 from gateway.outcome import FhirError
@@ -268,12 +269,10 @@ class _InFlight:
 
 
 def _provider_share(runtime: Runtime, limit: int) -> int:
-    """The slots one provider may hold: FHIR_GATEWAY_MAX_INFLIGHT_PER_PROVIDER, by default half of them
-    where several providers share the gateway (0: no share of its own)."""
+    """The slots one provider may hold: FHIR_GATEWAY_MAX_INFLIGHT_PER_PROVIDER, by default
+    `config.provider_share` (0: no limit of its own)."""
     configured = runtime.settings.max_inflight_per_provider
-    if configured is not None:
-        return configured
-    return max(1, limit // 2) if limit and len(runtime.providers) > 1 else 0
+    return provider_share(limit, len(runtime.providers)) if configured is None else configured
 
 
 def _ingest_routes(app: FastAPI, runtime: Runtime) -> None:
