@@ -493,7 +493,8 @@ def sensitive_values(
             and isinstance(entry.get("fullUrl"), str)
         ):
             out.patient_urls.add(fold(entry["fullUrl"]))
-    for res in _resources(bundle):
+    resources = list(_resources(bundle))  # walked three times: here and twice in _drop_public
+    for res in resources:
         rtype = res.get("resourceType")
         practitioner = rtype in PRACTITIONER_TYPES
         if rtype in PERSON_TYPES:
@@ -509,17 +510,17 @@ def sensitive_values(
             out.add_birth_date(res["birthDate"])
         if rtype not in PUBLIC_TYPES and not practitioner:
             _resource_identifiers(res, out)
-    _drop_public(bundle, out)
+    _drop_public(resources, out)
     return out
 
 
-def _drop_public(bundle: Any, out: SensitiveSet) -> None:
+def _drop_public(resources: list[dict[str, Any]], out: SensitiveSet) -> None:
     """A value the input publishes as an organisation's or location's own data (a hospital in the patient's
     postcode area, a GP practice phone number) is not personal: delivering that Organization is no leak."""
     public = SensitiveSet()
     words: set[str] = set()  # every word of the places' cities and streets
-    homes = person_homes(_resources(bundle))
-    for res in _resources(bundle):
+    homes = person_homes(resources)
+    for res in resources:
         # a place at a patient's home publishes nothing; an Organization's contact is a person, not the place
         if res.get("resourceType") in PUBLIC_TYPES and not at_home(res, homes):
             _telecoms(res.get("telecom"), public)
