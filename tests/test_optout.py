@@ -214,6 +214,44 @@ def test_a_deny_naming_an_actor_that_cannot_be_placed_is_unknown() -> None:
     assert evaluate_consent(consent, REGISTRY, POLICY, NOW) == "deny"
 
 
+def _nested(root: dict, child: dict) -> dict:
+    return {"provision": {**root, "provision": [child]}}
+
+
+TREAT = [{"system": ACT_REASON, "code": "TREAT"}]
+HQUALIMP = [{"system": ACT_REASON, "code": "HQUALIMP"}]
+
+
+@pytest.mark.parametrize(
+    ("change", "verdict"),
+    [
+        # a probe: a deny of this delivery nested in a permit that does not apply was never looked at, and
+        # the objecting patient was delivered
+        (_nested({"type": "permit", "purpose": TREAT}, {"type": "deny", "purpose": HQUALIMP}), "deny"),
+        (_nested({"type": "permit", "purpose": HQUALIMP}, {"type": "deny", "purpose": HQUALIMP}), "deny"),
+        (_nested({"type": "permit", "purpose": HQUALIMP}, {"type": "deny"}), "deny"),
+        (_nested({"type": "permit", "purpose": TREAT}, {"type": "deny", "class": [{"code": "x"}]}), "deny"),
+        (_nested({"type": "permit", "purpose": TREAT}, {"type": "deny", "purpose": TREAT}), "not-applicable"),
+        (
+            _nested({"type": "deny", "purpose": TREAT}, {"type": "permit", "purpose": HQUALIMP}),
+            "not-applicable",
+        ),
+        (_nested({"type": "permit", "purpose": TREAT}, {"type": "deny", "purpose": "HQUALIMP"}), "unknown"),
+        # two levels down, and a typeless node that inherits a deny it does not apply under
+        (
+            _nested(
+                {"type": "permit", "purpose": TREAT}, {"purpose": TREAT, "provision": [{"type": "deny"}]}
+            ),
+            "deny",
+        ),
+        (_nested({"type": "deny", "purpose": TREAT}, {"purpose": HQUALIMP}), "deny"),
+    ],
+)
+def test_a_nested_objection_counts_under_a_provision_that_does_not_apply(change: dict, verdict: str) -> None:
+    consent = {**research_objection(), **change}
+    assert evaluate_consent(consent, REGISTRY, POLICY, NOW) == verdict
+
+
 @pytest.mark.parametrize(
     ("change", "verdict"),
     [

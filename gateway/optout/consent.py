@@ -7,7 +7,8 @@ Rules (domain spec §6, decided here where the spec leaves it open):
 - `scope` treatment or adr only (e.g. zib TreatmentDirective2, advance directives) is about care, not data
   use → not applicable. `research` and `patient-privacy` (and any scope this gateway does not know: fail
   closed) are evaluated, also beside treatment or adr.
-- Provisions are a tree: the node's `type` is the rule, nested provisions are exceptions to it (R4). A node
+- Provisions are a tree: the node's `type` is the rule, nested provisions are exceptions to it (R4). A deny
+  that applies counts wherever it is nested, also under a node that does not apply. A node
   applies when its own `period` covers now (absent = always), its `purpose` is absent or names one of the
   delivery's purposes (default v3-ActReason HQUALIMP, HRESCH; a purpose coding without a system matches
   by code), and its `actor` is absent or names the
@@ -170,17 +171,24 @@ def _node(node: Any, inherited: str | None, ctx: _Context) -> Verdict | None:
     rule = node.get("type", inherited)
     if rule is not None and rule not in PROVISION_TYPES:
         raise Unparseable
-    if not _applies(node, rule, ctx):
-        return None
     children = node.get("provision") or []
     if not isinstance(children, list):
         raise Unparseable
+    if not _applies(node, rule, ctx):
+        return _nested_deny(children, rule, ctx)
     exceptions = [v for v in (_node(child, rule, ctx) for child in children) if v is not None]
     if "deny" in exceptions:
         return "deny"
     if exceptions:
         return exceptions[0]
     return rule  # type: ignore[return-value]  # None here: a typeless node with no applicable exception
+
+
+def _nested_deny(children: list, rule: str | None, ctx: _Context) -> Verdict | None:
+    """Under a node that does not apply, only an objection counts: a deny of this delivery nested in a
+    permit for care (TREAT) or for one purpose only is the patient's objection all the same (a probe's such
+    patients were delivered). Its permits do not let data go."""
+    return "deny" if any(_node(child, rule, ctx) == "deny" for child in children) else None
 
 
 def _applies(node: dict, rule: str | None, ctx: _Context) -> bool:
