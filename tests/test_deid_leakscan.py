@@ -678,6 +678,33 @@ def test_a_whole_name_in_a_terminology_display_is_found() -> None:
     assert scan(with_display("Iris structure"), sensitive) == []
 
 
+def test_a_name_written_surname_first_or_by_its_own_name_in_a_terminology_display_is_found() -> None:
+    """A probe: "Jansen, Klaasje", and "Klaasje Jansen" for an nl-core "van Jansen-Pietersen" whose own name
+    is Jansen, typed into a LOINC display reached the registry (only "Klaasje van Jansen-Pietersen" was
+    sought there)."""
+    ext = "http://hl7.org/fhir/StructureDefinition/humanname-"
+    parts = [("own-prefix", "van"), ("own-name", "Jansen"), ("partner-name", "Pietersen")]
+    nl_core = {
+        "family": "van Jansen-Pietersen",
+        "_family": {"extension": [{"url": ext + url, "valueString": value} for url, value in parts]},
+    }
+
+    def with_display(display: str) -> dict:
+        out = out_with(valueString="x")
+        coding = {"system": SNOMED, "code": "1", "display": display}
+        out["entry"][0]["resource"]["code"] = {"coding": [coding]}
+        return out
+
+    for name in ({"family": "Jansen"}, nl_core):
+        sensitive = sensitive_values(_patient_bundle(name=[{**name, "given": ["Klaasje"]}]))
+        for display in ("Jansen, Klaasje", "Klaasje Jansen", "JANSEN Klaasje"):
+            assert {f.kind for f in scan(with_display(display), sensitive)} == {"name"}, (name, display)
+    sensitive = sensitive_values(_patient_bundle(name=[{**nl_core, "given": ["Klaasje"]}]))
+    for display in ("Pietersen, Klaasje", "Klaasje Pietersen", "Klaasje van Jansen"):
+        assert {f.kind for f in scan(with_display(display), sensitive)} == {"name"}, display
+    assert scan(with_display("Jansen test"), sensitive) == []  # one word of a name alone is a term's word
+
+
 def _relative() -> dict[str, Any]:
     return {
         "resourceType": "RelatedPerson",

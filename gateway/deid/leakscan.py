@@ -254,7 +254,8 @@ class SensitiveSet:
         )
         self.__dict__.pop("_all_short_date_patterns", None)
 
-    def add(self, value: Any, kind: str) -> None:
+    def add(self, value: Any, kind: str, *, glued: bool = True) -> None:
+        """``glued``: also seek the value run into other words (and joined: "vanPutten")."""
         if type(value) is not str:
             return
         value = fold(value)  # as the output is compared (gateway/deid/fold.py)
@@ -281,6 +282,8 @@ class SensitiveSet:
         bucket = self.by_first.setdefault(tokens[0], [])
         if entry not in bucket:
             bucket.append(entry)
+        if not glued:
+            return
         self._add_glued(tokens, joined, kind)
         if kind == "name" and value.lower() != value.casefold():
             # run-in names are sought in lower-cased text, where "ß" stays "ß" (case-folded it is "ss")
@@ -391,16 +394,27 @@ def _names(names: Any, out: SensitiveSet) -> None:
             out.add(word, NAME_PART)
         family = name.get("family")
         out.add(family, "name")
-        for core in surname_cores(family) if type(family) is str else ():
+        cores = surname_cores(family) if type(family) is str else []
+        for core in cores:
             out.add(core, NAME_PART)
+        own = list(_ext_strings(name.get("_family")))  # nl-core own name, partner name
+        for value in own:
+            out.add(value, "name")
+        surnames = cores + own
         for given in _list(name.get("given")):
             out.add(given, "name")
             for word in _words(given) if type(given) is str else ():
                 out.add(word, NAME_PART)
-            if type(given) is str and type(family) is str:
-                out.add(f"{given} {family}", "name")  # and so also glued: "JohannaPutten"
-        for value in _ext_strings(name.get("_family")):
-            out.add(value, "name")
+            if type(given) is not str or type(family) is not str:
+                continue
+            out.add(f"{given} {family}", "name")  # and so also glued: "JohannaPutten"
+            # whole names, which are sought in a terminology's display too: "Jansen, Klaasje", and by the own
+            # name of an nl-core "van Jansen-Pietersen" ("Klaasje Jansen"); not sought run into other words,
+            # where two words of FHIR ("Value, Quantity") would be found in its element names
+            out.add(f"{family} {given}", "name", glued=False)
+            for surname in surnames:
+                out.add(f"{given} {surname}", "name", glued=False)
+                out.add(f"{surname} {given}", "name", glued=False)
 
 
 def _telecoms(telecoms: Any, out: SensitiveSet) -> None:
