@@ -264,7 +264,8 @@ class Runtime:
             request_digest=request,
             payload=payload,
             patient_order_key=processed.patient_keys[0] if processed.patient_keys else None,
-            counts=_counts(processed.report),
+            # per type as delivered, as a bulk delivery's: the processing record adds both up
+            counts=_counts(processed.report) | {"resources": _delivered_types(processed)},
             pseudonym_types=sorted(processed.report.get("pseudonymTypes") or {}),
             audit=_audit(caller, registry, "accepted", processed.report),
         )
@@ -300,9 +301,7 @@ class Runtime:
             await asyncio.to_thread(self.store.record_audit, _refusal(caller, registry, err))
 
     def _count_resources(self, processed: Processed) -> None:
-        entries = processed.bundle["entry"] if processed.bundle is not None else ()
-        delivered: Counter[str] = Counter(e["resource"]["resourceType"] for e in entries)
-        for rtype, n in delivered.items():
+        for rtype, n in _delivered_types(processed).items():
             self.metrics.resources.labels(rtype, "delivered").inc(n)
         for reason, per_type in dropped_by_reason(processed.report).items():
             for rtype, n in per_type.items():
@@ -390,6 +389,12 @@ def _bundle_identifier(bundle: dict[str, Any]) -> str | None:
     if isinstance(ident, dict) and isinstance(ident.get("value"), str):
         return f"{ident.get('system', '')}|{ident['value']}"
     return None
+
+
+def _delivered_types(processed: Processed) -> dict[str, int]:
+    """Resources per type of the Bundle that goes to the registry (the Provenance included)."""
+    entries = processed.bundle["entry"] if processed.bundle is not None else ()
+    return dict(sorted(Counter(e["resource"]["resourceType"] for e in entries).items()))
 
 
 def _counts(report: dict[str, Any]) -> dict[str, Any]:

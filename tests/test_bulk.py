@@ -794,6 +794,11 @@ def test_the_processing_record_counts_what_a_yearly_delivery_withheld(tmp_path: 
     assert record["withheld"]["resourcesIn"] == record["withheld"]["resourcesDroppedOptOut"] == 12
     assert (record["patientsDelivered"], record["patientsWithheld"]) == (4, 2)
     assert record["withheld"]["optOutReasons"] == {"consent-deny": 2}  # why, as for posted Bundles
+    # a probe: bulk deliveries had no resourcesIn (fewer came in than were delivered, in the record)
+    delivered = record["delivered"]
+    kept = sum(n for rtype, n in delivered["resources"].items() if rtype != "Provenance")
+    assert delivered["resourcesIn"] == delivered["resourcesDelivered"] == kept > 0
+    assert delivered["resources"]["Patient"] == 4
 
 
 def test_a_group_redone_after_an_interruption_records_what_it_withheld_once(tmp_path: Path) -> None:

@@ -412,6 +412,19 @@ def test_admin_audit_and_processing_record_hold_counts_only(chain):
             assert value not in everything
 
 
+def test_the_processing_record_counts_posted_deliveries_per_type(chain):
+    """A probe: a posted Bundle's delivered event had no per-type counts, so the record's `resources`
+    named only what bulk jobs had delivered (and nothing at all for a registry fed by posts)."""
+    example = EXAMPLES / "01-nictiz-nl-core-transaction.json"
+    response = _post(chain, example, headers={"Idempotency-Key": f"per-type-{uuid.uuid4()}"})
+    assert response.status_code == 200, response.text
+    assert {p["name"]: p for p in response.json()["parameter"]}["status"]["valueCode"] == "delivered"
+    delivered = chain.runtime.store.processing_record(REGISTRY)["delivered"]
+    assert delivered["resources"]["Patient"] >= 1 and delivered["resources"]["Provenance"] >= 1
+    kept = sum(n for rtype, n in delivered["resources"].items() if rtype != "Provenance")
+    assert kept == delivered["resourcesDelivered"] <= delivered["resourcesIn"]
+
+
 def test_the_privacy_officer_reads_the_record_of_a_year_and_exports_the_audit_trail(chain, tmp_path):
     from typer.testing import CliRunner
 

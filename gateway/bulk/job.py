@@ -262,8 +262,10 @@ async def _store(result: GroupResult, sink: Sink, job: str, group: int) -> dict[
     sent: Counter[str] = Counter()
     for chunk in result.chunks:
         delivered = sum(n for rtype, n in chunk.counts.items() if rtype != "Provenance")
-        # as a posted delivery's counts (resourcesDelivered), plus where it comes from and its types
-        counts = {"bulkJob": job, "group": str(group), "resourcesDelivered": delivered}
+        # as a posted delivery's counts, plus where it comes from and its types; resourcesIn: what of the
+        # export this Bundle carries (what the group dropped is counted in its `withheld` event)
+        counts = {"bulkJob": job, "group": str(group), "resourcesIn": delivered}
+        counts["resourcesDelivered"] = delivered
         counts["patients"] = chunk.counts.get("Patient", 0)
         counts["resources"] = dict(chunk.counts)
         new = await asyncio.to_thread(
