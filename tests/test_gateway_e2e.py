@@ -267,6 +267,16 @@ def test_a_re_post_that_is_no_valid_bundle_is_refused_not_answered_with_the_deli
         assert response.status_code == status, response.text
         assert "Zwartkopje" not in response.text and "0612398765" not in response.text
     assert _post(chain, orjson.dumps(bundle)).status_code == 200  # the same Bundle again: the delivery
+    # a second probe: without a key or Bundle.identifier a re-post is known by a digest that leaves fullUrls
+    # out, and one with two entries of one fullUrl was answered 200
+    plain = orjson.loads((EXAMPLES / "01-nictiz-nl-core-transaction.json").read_bytes())
+    plain.pop("identifier", None)
+    plain["entry"][0]["resource"]["language"] = f"nl-x{uuid.uuid4().hex[:8]}"  # a Bundle not posted before
+    first = _post(chain, orjson.dumps(plain))
+    assert {p["name"]: p for p in first.json()["parameter"]}["status"]["valueCode"] == "delivered"
+    plain["entry"][1]["fullUrl"] = plain["entry"][0]["fullUrl"]
+    doubled = _post(chain, orjson.dumps(plain))
+    assert doubled.status_code == 422 and "duplicate fullUrl" in doubled.text, doubled.text
 
 
 def test_same_bundle_twice_is_one_delivery(chain):

@@ -437,6 +437,13 @@ def check_bundle_shell(
     if schema_issues:
         raise FhirError(400, schema_issues)
     _check_bundle_type(bundle, allowed_types)
+    # the entries' own rules too: the digest leaves fullUrls out (a probe's re-post with two entries of one
+    # fullUrl was answered 200)
+    errors: list[Issue] = []
+    _check_entries_have_resources(entries or [], errors)
+    _full_url_index(entries or [], errors)
+    if errors:
+        raise FhirError(422, errors[:MAX_ISSUES])
 
 
 def _check_resource_type(bundle: dict, validator: SchemaValidator) -> None:
