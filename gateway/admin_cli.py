@@ -4,6 +4,7 @@ privacy officer, the audit trail and the processing record (AVG article 30)."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ def list_deliveries(
     status: str = typer.Option(None, help="queued | delivering | delivered | dead"),
     registry: str = typer.Option(None),
     admin: bool = typer.Option(False, "--admin", help="all providers (needs the admin key)"),
+    as_json: bool = typer.Option(False, "--json", help="the deliveries as JSON (for scripts)"),
 ) -> None:
     """List deliveries by status (dead letters: --status dead). Counts only, never patient data."""
     path = "/admin/deliveries" if admin else "/deliveries"
@@ -126,9 +128,13 @@ def list_deliveries(
     if response.status_code != 200:
         console.print(f"[red]{response.status_code}: {response.text[:300]}[/red]")
         raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(response.json(), indent=2))
+        return
     table = Table(title="Deliveries")
-    columns = ("id", "registry", "status", "attempts", "created", "updated", "registry status", "last error")
-    for col in columns:
+    # the id whole, however narrow the terminal: it is what `deliveries requeue` takes (a probe's was cut)
+    table.add_column("id", no_wrap=True, min_width=32)
+    for col in ("registry", "status", "attempts", "created", "updated", "registry status", "last error"):
         table.add_column(col)
     for d in response.json():
         table.add_row(

@@ -459,6 +459,13 @@ def test_the_privacy_officer_reads_the_record_of_a_year_and_exports_the_audit_tr
     bad = runner.invoke(app, ["audit", "record", REGISTRY, "--since", "last tuesday", *auth])
     assert bad.exit_code == 1 and "400" in bad.output and "last tuesday" not in bad.output.split("400", 1)[1]
 
+    # a probe: outside a terminal the table cut the ids `deliveries requeue` takes
+    listing = ["deliveries", "list", "--admin", "--registry", REGISTRY, *auth]
+    listed, deliveries = runner.invoke(app, listing), runner.invoke(app, [*listing, "--json"])
+    assert listed.exit_code == deliveries.exit_code == 0, listed.output
+    ids = [d["id"] for d in json.loads(deliveries.output)]
+    assert ids and all(len(i) == 32 and i in listed.output for i in ids)
+
     out = tmp_path / "audit.ndjson"
     exported = runner.invoke(app, ["audit", "export", "--out", str(out), "--registry", REGISTRY, *auth])
     assert exported.exit_code == 0, exported.output
