@@ -584,6 +584,8 @@ def test_a_manifest_names_files_only_in_its_own_providers_folder(tmp_path: Path)
         with pytest.raises(FhirError) as refused:
             jobs.manifest_job(provider, REGISTRY, manifest)
         assert refused.value.status == status
+        # a probe posted a Bundle here and read only "manifest imports are not enabled"
+        assert status == 400 or f"/registries/{REGISTRY}/Bundle" in refused.value.issues[0].diagnostics
 
 
 def test_an_upload_is_checked_as_a_posted_bundle_is(chain) -> None:  # noqa: ANN001

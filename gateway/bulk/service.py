@@ -192,8 +192,9 @@ class BulkJobs:
             raise FhirError.single(
                 403,
                 "forbidden",
-                "manifest imports are not enabled for this provider "
-                "(no import folder configured for it); upload NDJSON instead",
+                "a JSON body is read as a Bulk Data manifest, and manifest imports are not enabled for this "
+                "provider (no import folder configured for it): upload NDJSON (application/fhir+ndjson) "
+                f"instead; a Bundle goes to /registries/{registry}/Bundle",
             )
         try:  # a manifest that cannot be read, or names files it may not, is the request's fault: 400 now
             sources = parse_manifest(manifest, base=import_dir, allowed_root=import_dir)
