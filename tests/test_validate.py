@@ -175,6 +175,19 @@ def test_a_choice_element_in_two_types_is_refused(validator: SchemaValidator) ->
     assert validator.validate_resource(with_extension) == []
 
 
+def test_a_malformed_choice_element_is_named_by_its_own_type(validator: SchemaValidator) -> None:
+    """A probe: an impossible effectiveDateTime was "not a valid FHIR Observation"."""
+    for element, value, kind in (
+        ("effectiveDateTime", "1980-03-15T25:00:00", "dateTime"),
+        ("valueDateTime", "gisteren", "dateTime"),
+        ("effectiveInstant", "2020-01-01", "instant"),
+    ):
+        obs = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, element: value}
+        (issue,) = validator.validate_resource(obs)
+        assert issue.diagnostics.startswith(f"not a valid FHIR {kind} "), issue
+        assert issue.expression == (f"Observation.{element}",) and value not in issue.diagnostics
+
+
 def test_a_required_choice_element_is_required(validator: SchemaValidator) -> None:
     """The official schema cannot require `medication[x]`; our tightened definitions do, in any variant,
     also as a primitive's extensions only (`_valueBoolean`), and nested in backbones."""

@@ -68,6 +68,11 @@ _INTEGER_BY_PATTERN = {
     "^[0]|([1-9][0-9]*)$": {**_INT32, "minimum": 0},
 }
 _DATE_TYPES = frozenset({"date", "dateTime", "instant", "time"})
+# the primitive types of R4's choice elements (value[x], effective[x], onset[x]...)
+_CHOICE_PRIMITIVES = _DATE_TYPES | {
+    "base64Binary", "boolean", "canonical", "code", "decimal", "id", "integer", "markdown", "oid",
+    "positiveInt", "string", "unsignedInt", "uri", "url", "uuid",
+}
 _CONTAINERS = frozenset({"Bundle", "Parameters"})
 _REFERENCE_KEYS = frozenset({"id", "extension", "reference", "type", "identifier", "display"})
 
@@ -327,7 +332,7 @@ def _issues_of(error: Any, prefix: str) -> list[Issue]:
     if kind_name == "Format":
         return [Issue("value", "not a real calendar date (e.g. 30 February)", (where,))]
     if kind_name == "Pattern":
-        return [Issue("value", _pattern_text(ftype), (where,))]
+        return [Issue("value", _pattern_text(_choice_type(error.schema_path) or ftype), (where,))]
     if kind_name == "Enum":
         return [Issue("code-invalid", "code is not one of the values allowed for this element", (where,))]
     if kind_name == "Constant":
@@ -347,6 +352,20 @@ def _unknown_element(where: str, name: Any) -> Issue:
         return Issue("structure", "unknown element (name not shown)", (where,))
     text = f"unknown element '{shown}' (not in FHIR R4: misspelt, or STU3/R5 content?)"
     return Issue("structure", text, (f"{where}.{shown}",))
+
+
+def _choice_type(schema_path: Any) -> str | None:
+    """The type of a choice element whose pattern is checked in its resource's definition (the compiled
+    choice rules): `effectiveDateTime` is a dateTime (a probe read "not a valid FHIR Observation")."""
+    path = list(schema_path)
+    if len(path) < 3 or path[-1] != "pattern" or path[-3] != "properties" or not isinstance(path[-2], str):
+        return None
+    name = path[-2]
+    for i, letter in enumerate(name):
+        suffix = name[i].lower() + name[i + 1 :]
+        if letter.isupper() and suffix in _CHOICE_PRIMITIVES:
+            return suffix
+    return None
 
 
 def _pattern_text(ftype: str | None) -> str:
