@@ -243,8 +243,11 @@ def _mount_bulk() -> None:
 @app.command()
 def scan(
     files: list[Path] = typer.Argument(..., help="FHIR JSON or NDJSON files to scan for direct identifiers"),
-    original: Path = typer.Option(
-        None, "--original", help="the input the files were made from: its identifying values are sought too"
+    original: list[Path] = typer.Option(
+        None,
+        "--original",
+        help="the input the files were made from (a Bundle, or an export's NDJSON files: repeat the option);"
+        " its identifying values are sought too",
     ),
     registry: str = typer.Option(
         None, "--registry", help="with --original: the profile the files were made for (the data it keeps)"

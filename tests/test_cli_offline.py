@@ -337,3 +337,23 @@ def test_keys_list_of_a_folder_that_is_not_there_says_so(tmp_path):
     """A probe: `keys list` of a missing key folder printed nothing and exit 0, as if all were well."""
     result = runner.invoke(app, ["keys", "list", "--key-dir", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "no key folder" in result.output
+
+
+def test_scan_takes_the_ndjson_files_of_an_export_as_the_original(tmp_path):
+    """A probe: `scan --original export/Patient.ndjson` refused the bulk input as "unreadable"."""
+    from gateway.bulk.synth import SynthSpec, write_export
+
+    write_export(tmp_path / "export", SynthSpec(patients=2, resources_per_patient=3))
+    patient = json.loads((tmp_path / "export" / "Patient.ndjson").read_text().splitlines()[0])
+    family = patient["name"][0]["family"]
+    leaked = {"resourceType": "Observation", "status": "final", "code": {"text": f"bij {family} thuis"}}
+    out = tmp_path / "out.json"
+    out.write_text(json.dumps({"resourceType": "Bundle", "type": "batch", "entry": [{"resource": leaked}]}))
+    originals = ["--original", str(tmp_path / "export" / "Patient.ndjson")]
+    originals += ["--original", str(tmp_path / "export" / "Observation.ndjson")]
+    found = runner.invoke(app, ["scan", str(out), *originals])
+    assert found.exit_code == 1 and "Bundle.entry[0].resource.code.text: name" in found.output, found.output
+    assert family not in found.output
+    (tmp_path / "bad.ndjson").write_text('{"resourceType": "Patient"}\n{"resourceType": \n')
+    unread = runner.invoke(app, ["scan", str(out), "--original", str(tmp_path / "bad.ndjson")])
+    assert unread.exit_code == 2 and "line 2: unreadable" in unread.output

@@ -44,12 +44,38 @@ def _load_json(path: Path, unreadable: list[int] | None = None) -> object:
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}
 
 
+def _originals(paths: list[Path]) -> dict:
+    """The inputs as one collection Bundle (an export's NDJSON files together); one that cannot be read
+    whole is exit 2, naming the file and line: a value it holds would not be sought."""
+    entries: list[dict] = []
+    for path in paths:
+        unreadable: list[int] = []
+        try:
+            doc = _load_json(path, unreadable)
+        except (OSError, ValueError):
+            typer.echo(f"{path}: unreadable", err=True)
+            raise typer.Exit(2) from None
+        for number in unreadable:
+            typer.echo(f"{path}: line {number}: unreadable", err=True)
+        if unreadable:
+            raise typer.Exit(2)
+        if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+            entries.extend(doc.get("entry") or [])
+        else:
+            entries.append({"resource": doc})
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+
+
 @app.command("scan")
 def scan(
     files: Annotated[list[Path], typer.Argument(help="De-identified bundles (JSON or NDJSON) to check.")],
     original: Annotated[
-        Path | None,
-        typer.Option("--original", help="The input bundle: its identifying values are sought too."),
+        list[Path] | None,
+        typer.Option(
+            "--original",
+            help="The input (a bundle, or an export's NDJSON files: repeat the option): its identifying"
+            " values are sought too.",
+        ),
     ] = None,
     registry: Annotated[
         str | None,
@@ -59,7 +85,7 @@ def scan(
     """Leak gate: exit 1 if a file still contains a BSN or an identifying value of the original."""
     sensitive: SensitiveSet | None = None
     options = {}
-    if registry is not None and original is None:
+    if registry is not None and not original:
         typer.echo("--registry says how the --original was de-identified: give --original too", err=True)
         raise typer.Exit(2)
     if registry is not None:
@@ -68,12 +94,8 @@ def scan(
         except (OSError, ValueError):
             typer.echo(f"{registry}: no such profile in {DEFAULT_PROFILES}", err=True)
             raise typer.Exit(2) from None
-    if original is not None:
-        try:
-            sensitive = sensitive_values(_load_json(original), **options)
-        except (OSError, ValueError):
-            typer.echo(f"{original}: unreadable", err=True)
-            raise typer.Exit(2) from None
+    if original:
+        sensitive = sensitive_values(_originals(original), **options)
     worst = 0
     for path in files:
         unreadable: list[int] = []
