@@ -94,6 +94,8 @@ async def _ttp_problem(call: Awaitable[str | None]) -> str | None:
     try:
         error = await call
     except TTPRejected as exc:
+        if exc.status == 401:  # a probe's operator could not tell this from any other refusal
+            return f"refused us: {exc}: is the TTP API key (ttp.api_key_env, or the provider's) the TTP's?"
         return f"refused us: {exc}"
     except TTPUnavailable as exc:
         return f"not reachable: {exc}"

@@ -257,6 +257,7 @@ def test_the_go_live_check_asks_every_party_and_names_the_one_that_fails(tmp_pat
         assert wrong_key.returncode == 1  # the probe needs no key; the pseudonym of random bytes does
         line = next(x for x in wrong_key.stdout.splitlines() if "a pseudonym in domain example-generic" in x)
         assert "refused us" in line and "not-the-key" not in wrong_key.stdout
+        assert "TTP API key" in " ".join(wrong_key.stdout.split())  # what to look at (a probe's operator)
         # found by a fresh-eyes operator: an unset key was reported as "TTP not reachable"
         no_key = check(chain.config_path, {k: v for k, v in chain.env.items() if k != "TEST_TTP_KEY"})
         assert no_key.returncode == 2 and "environment variable TEST_TTP_KEY is not set" in no_key.stderr
