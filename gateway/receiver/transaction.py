@@ -122,8 +122,8 @@ def identifier_key(bundle: dict[str, Any]) -> str | None:
     return None
 
 
-def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dict[str, Any]:
-    """Store every entry and the receipt in one SQLite transaction; return the transaction-response.
+def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> bytes:
+    """Store every entry and the receipt in one SQLite transaction; return the transaction-response (JSON).
 
     The same Bundle (identifier and bytes) applied before is a delivery sent again (the gateway lost the
     answer in a crash, or a lease ran out): it is counted (`/_accepted`) and answered with the first
@@ -144,7 +144,7 @@ def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dic
             ).fetchone()
             if row is not None and row[0] == digest and row[1] is not None:
                 conn.execute("UPDATE accepted SET count = count + 1 WHERE identifier = ?", (key,))
-                return orjson.loads(row[1])
+                return bytes(row[1])
         typed_ids = [(rtype, rid) for _method, rtype, rid, _resource in plan]
         versions = _current_versions(conn, typed_ids)
         numbers = []
@@ -170,26 +170,47 @@ def apply_transaction(db: ReceiverDB, bundle: dict[str, Any], raw: bytes) -> dic
             "resource_counts, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (receipt_id, bundle_id, key, now, len(plan), orjson.dumps(dict(sorted(counts.items()))), raw),
         )
-        response = {"resourceType": "Bundle", "id": receipt_id, "type": f"{bundle['type']}-response"}
-        response["entry"] = [
-            {
-                "response": {
-                    "status": "201 Created" if version == 1 else "200 OK",
-                    "location": f"{rtype}/{rid}/_history/{version}",
-                    "etag": f'W/"{version}"',
-                    "lastModified": stamp,
-                }
-            }
-            for (rtype, rid), version in zip(typed_ids, numbers, strict=True)
-        ]
+        response = _response(receipt_id, f"{bundle['type']}-response", typed_ids, numbers, stamp)
         if key is not None:
             conn.execute(
                 "INSERT INTO accepted (identifier, count, body_sha256, response) VALUES (?, 1, ?, ?) "
                 "ON CONFLICT (identifier) DO UPDATE SET count = count + 1, "
                 "body_sha256 = excluded.body_sha256, response = excluded.response",
-                (key, digest, orjson.dumps(response)),
+                (key, digest, response),
             )
     return response
+
+
+def _response(
+    receipt_id: str, kind: str, typed_ids: list[tuple[str, str]], versions: list[int], stamp: str
+) -> bytes:
+    """The transaction-response as orjson writes it, built as bytes: entries that differ only in location
+    and version need no dict each, and it is serialised once for both the store and the answer.
+
+    It is `{"resourceType": "Bundle", "id": receipt_id, "type": kind, "entry": [{"response": {"status":
+    ..., "location": "Type/id/_history/<version>", "etag": 'W/"<version>"', "lastModified": stamp}}, ...]}`.
+    """
+    locations = _json_texts(
+        [
+            f"{rtype}/{rid}/_history/{version}"
+            for (rtype, rid), version in zip(typed_ids, versions, strict=True)
+        ]
+    )
+    heads: dict[int, bytes] = {}
+    tails: dict[int, bytes] = {}
+    for version in set(versions):
+        status = b"201 Created" if version == 1 else b"200 OK"
+        heads[version] = b'{"response":{"status":"%s","location":"' % status
+        tails[version] = b'","etag":"W/\\"%d\\"","lastModified":"%s"}}' % (version, stamp.encode())
+    entries = [
+        heads[version] + location + tails[version]
+        for version, location in zip(versions, locations, strict=True)
+    ]
+    head = b'{"resourceType":"Bundle","id":%s,"type":%s,"entry":[' % (
+        orjson.dumps(receipt_id),
+        orjson.dumps(kind),
+    )
+    return head + b",".join(entries) + b"]}"
 
 
 def _current_versions(conn: sqlite3.Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
