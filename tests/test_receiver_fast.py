@@ -285,6 +285,22 @@ def test_an_invalid_entry_rejects_the_whole_bundle(receiver: str) -> None:
     assert httpx.get(f"{receiver}/_accepted").json() == {"urn:test:delivery|d-1": 1}
 
 
+def test_a_final_newline_in_a_type_or_id_and_a_meta_that_is_no_object_are_refused(receiver: str) -> None:
+    """A review of the receiver: "$" let `Patient\n` and an id `p1\n` in (stored under them), and a `meta`
+    that is a string was a 500 in plain text."""
+    cases = [("resourceType", "Patient\n", "Bundle.entry[0].resource")]
+    cases += [("id", "p1\n", "Bundle.entry[0].request.url"), ("meta", "x", "Bundle.entry[0].resource.meta")]
+    for key, value, where in cases:
+        bundle = make_bundle(5, "p1", observations=1)
+        patient = bundle["entry"][0]
+        patient["resource"][key] = value
+        if key == "id":
+            patient["request"]["url"] = f"Patient/{value}"
+        answer = post(receiver, bundle)
+        assert answer.status_code == 400, (key, answer.text)
+        assert answer.json()["issue"][0]["expression"] == [where]
+
+
 def test_the_response_follows_the_bundle_order(receiver: str) -> None:
     existing = [
         put("urn:uuid:c1", {"resourceType": "Condition", "id": "c1"}),

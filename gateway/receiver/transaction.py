@@ -22,8 +22,8 @@ import orjson
 from gateway.outcome import FhirError, Issue
 from gateway.receiver.db import ReceiverDB
 
-_TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}\Z")  # \Z: "$" would let a final newline in
+_ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}\Z")
 
 # A property named "reference" with a string value, in orjson's compact output. The value may contain
 # escapes, which the unrolled `[^"\\]*(\\.[^"\\]*)*` steps over, so its closing quote is the real one. The
@@ -71,6 +71,9 @@ def _plan(entries: list[dict[str, Any]]) -> tuple[list[Planned], dict[str, str]]
             )
             continue
         types.add(rtype)
+        if "meta" in resource and not isinstance(resource["meta"], dict):  # it is merged with ours
+            issues.append(Issue("structure", "meta must be an object", (f"Bundle.entry[{i}].resource.meta",)))
+            continue
         method = request.get("method")
         rid = resource.get("id")
         target = f"{rtype}/{rid}" if isinstance(rid, str) else None
