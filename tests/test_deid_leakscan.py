@@ -580,6 +580,24 @@ def test_values_written_with_other_separators_ordinals_or_roman_months_are_found
     assert scan(out_with(valueString=written), sensitive_values(source()))
 
 
+@pytest.mark.parametrize(
+    "written", ["geboren 28th April 34", "geboren 28e april '34", "geb28-04-34", "28-04-34e", "28ste apr. 34"]
+)
+def test_a_two_digit_year_birth_date_whose_day_is_no_token_of_its_own_is_found_in_a_big_bundle(
+    written: str,
+) -> None:
+    """A review: with more than a few patients the glance looks values up in the document's token set, and
+    took a two-digit-year date to be absent unless its day and year were tokens of their own ("28th" is
+    one token): the gate passed it, though the walk finds it."""
+    bundle = source()
+    for n in range(30):  # others, so that the glance tokenises the document
+        other = {"resourceType": "Patient", "id": f"o{n}", "name": [{"family": f"Qqfam{n}x"}]}
+        bundle["entry"].append({"fullUrl": f"urn:uuid:00000000-0000-4000-8000-{n:012d}", "resource": other})
+    sensitive = sensitive_values(bundle)
+    assert len(sensitive.by_first) > 24  # the tokenised glance (_PROBE_LIMIT)
+    assert {f.kind for f in scan(out_with(valueString=written), sensitive)} == {"birth-date"}
+
+
 @pytest.mark.parametrize("written", ["lab 28 04 341", "datum 28/04/2034", "128-04-34", "nr 28-04-35"])
 def test_numbers_near_a_two_digit_year_birth_date_are_not_it(written: str) -> None:
     assert scan(out_with(valueString=written), sensitive_values(source())) == []
