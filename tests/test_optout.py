@@ -45,6 +45,7 @@ SCHEMA = Path("/work/shared/fhir-r4/fhir.schema.json")
 KEY = hashlib.sha256(b"test objection key (not a real key)").digest()
 PROVIDER, REGISTRY = "ura:00001234", "dica"
 ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 REGISTRY_URA = "http://fhir.nl/fhir/NamingSystem/ura|00009999"
@@ -249,7 +250,124 @@ HQUALIMP = [{"system": ACT_REASON, "code": "HQUALIMP"}]
 )
 def test_a_nested_objection_counts_under_a_provision_that_does_not_apply(change: dict, verdict: str) -> None:
     consent = {**research_objection(), **change}
+    consent.pop("policyRule")  # the provisions alone (the base policy: see the next test)
     assert evaluate_consent(consent, REGISTRY, POLICY, NOW) == verdict
+
+
+OPTOUT = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}]}
+BOTH = [*HQUALIMP, {"system": ACT_REASON, "code": "HRESCH"}]
+GP = {"reference": {"identifier": {"system": "http://fhir.nl/fhir/NamingSystem/ura", "value": "00005555"}}}
+
+
+def _actor(reference: dict) -> dict:
+    return {
+        "provision": {
+            "type": "deny",
+            "actor": [{"role": {"coding": [{"code": "IRCP"}]}, "reference": reference}],
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "verdict"),
+    [
+        # the base policy: an opt-out "except for treatment" holds for this delivery; an ended objection ends
+        ({"policyRule": OPTOUT, "provision": {"type": "permit", "purpose": TREAT}}, "deny"),
+        ({"policyRule": OPTOUT, "provision": {}}, "deny"),
+        ({"policyRule": OPTOUT, "provision": {"period": {"start": "2025-01-01"}}}, "deny"),
+        ({"policyRule": OPTOUT, "provision": {"type": "permit", "purpose": BOTH}}, "permit"),
+        (
+            {"policyRule": OPTOUT, "provision": {"type": "deny", "period": {"end": "2025-01-01"}}},
+            "not-applicable",
+        ),
+        # a root without a type and no base policy: no rule at all
+        ({"policyRule": None, "provision": {"purpose": HQUALIMP}}, "unknown"),
+        # an opt-out in a code system not known here beside an opt-in
+        (
+            {
+                "provision": None,
+                "policyRule": {
+                    "coding": [{"system": ACT_CODE, "code": "OPTINR"}, {"system": "urn:x", "code": "OPTOUT"}]
+                },
+            },
+            "unknown",
+        ),
+        # a permit for part of the record lets nothing go; a modifier extension anywhere is not understood
+        (
+            _nested({"type": "deny"}, {"type": "permit", "purpose": BOTH, "class": [{"code": "Condition"}]}),
+            "deny",
+        ),
+        (_nested({"type": "deny"}, {"type": "permit", "purpose": BOTH, "action": [{"text": "x"}]}), "deny"),
+        ({"modifierExtension": [{"url": "urn:x", "valueBoolean": True}]}, "unknown"),
+        # a deny of a broader purpose (healthcare operations, any purpose of use); a permit is not widened
+        ({"provision": {"type": "deny", "purpose": [{"system": ACT_REASON, "code": "HOPERAT"}]}}, "deny"),
+        (
+            {"provision": {"type": "deny", "purpose": [{"system": ACT_REASON, "code": "PurposeOfUse"}]}},
+            "deny",
+        ),
+        (
+            _nested(
+                {"type": "deny"},
+                {"type": "permit", "purpose": [{"system": ACT_REASON, "code": "PurposeOfUse"}]},
+            ),
+            "deny",
+        ),
+        # a treatment scope beside one not known here is read; an objection to this purpose in a care one
+        (
+            {
+                "scope": {
+                    "coding": [
+                        {"system": SCOPE, "code": "treatment"},
+                        {"system": "urn:x", "code": "registers"},
+                    ]
+                }
+            },
+            "deny",
+        ),
+        ({"scope": {"coding": [{"system": SCOPE, "code": "treatment"}]}}, "deny"),
+        (
+            {
+                "scope": {"coding": [{"system": SCOPE, "code": "treatment"}]},
+                "provision": {"type": "deny", "purpose": TREAT},
+            },
+            "not-applicable",
+        ),
+        # an empty purpose list, a period that ends before it starts
+        ({"provision": {"type": "deny", "purpose": []}}, "unknown"),
+        ({"provision": {"type": "deny", "period": {"start": "2030-01-01", "end": "2020-01-01"}}}, "unknown"),
+        # the registry's actor under another name, or one that cannot be told from it
+        (_actor({"identifier": {"system": "urn:oid:2.16.528.1.1007.3.3", "value": "00009999"}}), "deny"),
+        (_actor({"identifier": {"value": "00009999"}}), "unknown"),
+        (_actor({"reference": "#reg"}), "unknown"),
+        (_actor({"reference": "urn:uuid:6b4e2bb6-1f9d-4b4e-9d36-9c1b1d1f0c01"}), "unknown"),
+        (_actor({"reference": "Organization/another"}), "unknown"),
+        (_actor(GP["reference"]), "not-applicable"),  # another number of the same naming system
+    ],
+)
+def test_a_probe_of_the_consent_rules(change: dict, verdict: str) -> None:
+    """A second opt-out probe: each of these was not applicable (or a permit), and its patient delivered."""
+    consent = research_objection()
+    consent.pop("policyRule")
+    for key, value in change.items():
+        if value is None:
+            consent.pop(key, None)
+        else:
+            consent[key] = value
+    assert evaluate_consent(consent, REGISTRY, POLICY, NOW) == verdict
+
+
+def test_the_registry_named_by_reference_and_policy_uri_and_actors_configured_empty() -> None:
+    policy = ConsentPolicy(
+        registry_actors={REGISTRY: frozenset({"Organization/reg"}), "nkr": frozenset()},
+        registry_policies={REGISTRY: frozenset({"urn:registry-policy"})},
+    )
+    consent = {**research_objection(), **_actor({"reference": "https://ehr.example/fhir/Organization/reg"})}
+    assert evaluate_consent(consent, REGISTRY, policy, NOW) == "deny"  # an absolute URL of the registry
+    assert evaluate_consent(consent, "nkr", policy, NOW) == "unknown"  # nothing to compare with
+    # a policy URI naming the registry makes a deny's actors this registry, not a permit's (the GP's)
+    gp_permit = _nested({"type": "deny"}, {"type": "permit", "purpose": BOTH, "actor": [GP]})
+    consent = {**research_objection(), **gp_permit, "policy": [{"uri": "urn:registry-policy"}]}
+    assert evaluate_consent(consent, REGISTRY, policy, NOW) == "deny"
 
 
 @pytest.mark.parametrize(

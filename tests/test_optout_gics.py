@@ -142,7 +142,8 @@ def test_too_many_pages_is_unknown():
 def test_withdrawn_or_expired_objection_is_not_an_objection():
     p1, p2 = _patient(1), _patient(2)
     state = GicsState(records={_sid(p1): [StoredConsent(status="inactive")],
-                               _sid(p2): [StoredConsent(end="2020-01-01T00:00:00+01:00")]})
+                               _sid(p2): [StoredConsent(start="2019-01-01T00:00:00+01:00",
+                                                             end="2020-01-01T00:00:00+01:00")]})
     with serve(create_gics_stub(state)) as base:
         [decisions] = _check(base, [p1, p2])
     assert {d.status for d in decisions.values()} == {"allowed"}

@@ -5,24 +5,33 @@ Rules (domain spec §6, decided here where the spec leaves it open):
 - Only `status = active` Consents count; draft/proposed/rejected/inactive/entered-in-error are ignored.
   A missing or unknown status is unparseable → unknown.
 - `scope` treatment or adr only (e.g. zib TreatmentDirective2, advance directives) is about care, not data
-  use → not applicable. `research` and `patient-privacy` (and any scope this gateway does not know: fail
+  use (but see below). `research` and `patient-privacy` (and any scope this gateway does not know: fail
   closed) are evaluated, also beside treatment or adr.
-- Provisions are a tree: the node's `type` is the rule, nested provisions are exceptions to it (R4). A deny
-  that applies counts wherever it is nested, also under a node that does not apply. A node
-  applies when its own `period` covers now (absent = always), its `purpose` is absent or names one of the
-  delivery's purposes (default v3-ActReason HQUALIMP, HRESCH; a purpose coding without a system matches
-  by code), and its `actor` is absent or names the
-  registry (configured per registry, by reference or identifier; a `Consent.policy.uri` configured for the
-  registry counts as naming it). A deny naming an actor where nothing is configured for the registry cannot
-  be placed: unparseable (a permit's does not apply). The most specific applicable node decides; when
-  applicable siblings disagree, deny wins ("objections supersede consents").
+- Provisions are a tree: the node's `type` is the rule, nested provisions are exceptions to it (R4); a root
+  without a type has the rule of `policyRule` (OPTOUT/OPTOUTE deny, OPTIN/OPTINR permit), and with neither
+  the Consent says nothing readable: unparseable. Under an opt-out `policyRule`, a root permit is an
+  exception outside of which the opt-out holds. A deny that applies counts wherever it is nested, also under
+  a node that does not apply. A node applies when its own `period` covers now (absent = always; one that
+  ends before it starts is unparseable), its `purpose` is absent or names one of the delivery's purposes
+  (default v3-ActReason HQUALIMP, HRESCH; a purpose coding without a system matches by code; an empty list
+  is unparseable), and its `actor` is absent or names the registry (configured per registry, by reference or
+  identifier, the URA also as its OID and a reference also as an absolute URL; a `Consent.policy.uri`
+  configured for the registry counts as naming it for a deny). A deny naming an actor that may be the
+  registry under a name not configured (an Organization in the Bundle or contained, an identifier without
+  its system), or where nothing is configured for the registry, cannot be placed: unparseable (a permit's
+  does not apply). The most specific applicable node decides; when applicable siblings disagree, deny wins
+  ("objections supersede consents").
 - Conservative on purpose: a *deny* applies if it names any delivery purpose (by its code, under whatever
-  system), and cannot be read when it names a purpose in a code system not known here (the OID and pre-R4
-  URLs of the HL7 v3 systems are known spellings); a *permit* exception only if it covers all of them. A
-  deny restricted by `data`, `class`, `code`, `dataPeriod` or `securityLabel` (a partial objection) counts
-  as a deny of everything, since the gateway cannot filter parts of a record reliably.
-- No provision: `policyRule` OPTOUT/OPTOUTE (v3-ActCode) is a deny, OPTIN/OPTINR a permit, anything else is
-  unparseable.
+  system, or a broader v3 purpose: HOPERAT for HQUALIMP, PurposeOfUse for both), and cannot be read when it
+  names a purpose in a code system not known here (the OID and pre-R4 URLs of the HL7 v3 systems are known
+  spellings); a *permit* exception only if it names all of them itself. A deny restricted by `data`,
+  `class`, `code`, `dataPeriod`, `securityLabel` or `action` (a partial objection) counts as a deny of
+  everything, and a permit so restricted lets nothing go, since the gateway cannot deliver parts of a record
+  reliably. A `modifierExtension` anywhere in a Consent makes it unparseable.
+- A Consent about care only (`scope` treatment or adr) counts only for a deny in it that names a delivery
+  purpose by its code; a scope in another code system is one not known here.
+- No provision: `policyRule` OPTOUT/OPTOUTE (v3-ActCode) is a deny, OPTIN/OPTINR a permit, anything else
+  (also an opt-in beside a code in another system) is unparseable.
 - Per patient: any applicable deny → objected; else any unparseable Consent → unknown; else any permit →
   allowed; no Consent about the patient → allowed with reason `no-consent` (other sources decide: see
   `CombinedOptOut`). A Consent whose patient cannot be determined and that would deny (or cannot be read)
@@ -37,6 +46,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo
+
+import orjson
 
 from gateway.optout.base import Decision, PatientRef, Reason
 
@@ -111,32 +122,49 @@ def evaluate_consent(consent: dict, registry: str, policy: ConsentPolicy, now: d
 def _evaluate(consent: dict, registry: str, policy: ConsentPolicy, now: datetime) -> Verdict:
     if not isinstance(consent, dict) or consent.get("resourceType") != "Consent":
         raise Unparseable
+    if b'"modifierExtension"' in orjson.dumps(consent):
+        raise Unparseable  # it changes what the Consent means, in a way not known here
     status = consent.get("status")
     if status not in {"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"}:
         raise Unparseable
     if status != "active":
         return "not-applicable"
-    scopes = _scope_codes(consent.get("scope"))
-    if scopes and scopes <= policy.not_applicable_scopes:
-        # about care only; a Consent that is also about research or privacy is read (a re-probe's
-        # treatment + research objection was taken for a care directive and its patient delivered)
-        return "not-applicable"
     names_registry = bool(_policy_uris(consent) & policy.registry_policies.get(registry, frozenset()))
     context = _Context(policy, registry, now, names_registry)
     provision = consent.get("provision")
+    if provision is not None and not isinstance(provision, dict):
+        raise Unparseable
+    scopes = _scope_codes(consent.get("scope"))
+    if scopes and scopes <= policy.not_applicable_scopes:
+        # about care only; a Consent that is also about research or privacy is read (a re-probe's
+        # treatment + research objection was taken for a care directive and its patient delivered). An
+        # objection in it that names a delivery purpose is the patient's all the same (a probe's).
+        return _named_objection(provision, context) if provision is not None else "not-applicable"
     if provision is None:
         return _policy_rule(consent.get("policyRule"))
-    if not isinstance(provision, dict):
-        raise Unparseable
-    return _node(provision, None, context) or "not-applicable"
+    # R4: the provisions are exceptions to the base policy (`policyRule`), and a root without a type has its
+    # rule. A root permit under an opt-out is an exception, outside of which the opt-out holds (a probe's
+    # OPTOUT "except for treatment" was not applicable, and delivered); a root deny (or a typeless root) says
+    # when and for what the opt-out holds (an objection that ended is over).
+    base = _policy_base(consent.get("policyRule"))
+    verdict = _node(provision, base, context)
+    if verdict is not None:
+        return verdict
+    if base == "deny" and provision.get("type") == "permit":
+        return "deny"
+    if base is None and provision.get("type") is None:
+        raise Unparseable  # no rule anywhere: what the patient said cannot be told
+    return "not-applicable"
 
 
 def _scope_codes(scope: Any) -> set[str]:
+    """The scope's codes; one in another code system is a scope not known here (read, not skipped: a
+    probe's treatment scope beside a local one made the Consent not applicable)."""
     if scope is None:
         return set()
     if not isinstance(scope, dict):
         raise Unparseable
-    return {c.get("code") for c in _codings(scope) if _system(c) in (CONSENT_SCOPE, None)}
+    return {c.get("code") if _system(c) in (CONSENT_SCOPE, None) else "(other)" for c in _codings(scope)}
 
 
 def _policy_uris(consent: dict) -> set[str]:
@@ -147,12 +175,25 @@ def _policy_uris(consent: dict) -> set[str]:
 
 
 def _policy_rule(rule: Any) -> Verdict:
-    codes = {c.get("code") for c in _codings(rule) if _system(c) in (ACT_CODE, None)} if rule else set()
+    base = _policy_base(rule)
+    if base is None:
+        raise Unparseable
+    return base  # type: ignore[return-value]
+
+
+def _policy_base(rule: Any) -> str | None:
+    """deny (OPTOUT, OPTOUTE) or permit (OPTIN, OPTINR), or None: absent or not known here. An opt-out wins
+    over an opt-in, and a code in another system may be either (a probe's OPTINR beside an unread OPTOUT was
+    a permit): unknown."""
+    if not rule:
+        return None
+    codings = _codings(rule)
+    codes = {c.get("code") for c in codings if _system(c) in (ACT_CODE, None)}
     if codes & {"OPTOUT", "OPTOUTE"}:
         return "deny"
-    if codes & {"OPTIN", "OPTINR"}:
-        return "permit"
-    raise Unparseable
+    if any(_system(c) not in (ACT_CODE, None) for c in codings):
+        return None
+    return "permit" if codes & {"OPTIN", "OPTINR"} else None
 
 
 @dataclass(frozen=True)
@@ -184,6 +225,32 @@ def _node(node: Any, inherited: str | None, ctx: _Context) -> Verdict | None:
     return rule  # type: ignore[return-value]  # None here: a typeless node with no applicable exception
 
 
+def _named_objection(node: Any, ctx: _Context, inherited: str | None = None) -> Verdict:
+    """In a Consent about care only: a deny anywhere in it that applies and names a delivery purpose by its
+    code ("no quality registries" in a treatment directive); other denies are about care."""
+    if not isinstance(node, dict):
+        raise Unparseable
+    rule = node.get("type", inherited)
+    codes = [p.get("code") for p in _list_of_dicts(node.get("purpose"))]
+    named = {code.upper() for code in codes if isinstance(code, str)}
+    if rule == "deny" and named & _deny_codes(ctx.policy) and _applies(node, rule, ctx):
+        return "deny"
+    children = node.get("provision") or []
+    if not isinstance(children, list):
+        raise Unparseable
+    if any(_named_objection(child, ctx, rule) == "deny" for child in children):
+        return "deny"
+    return "not-applicable"
+
+
+def _list_of_dicts(value: Any) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise Unparseable
+    return value
+
+
 def _nested_deny(children: list, rule: str | None, ctx: _Context) -> Verdict | None:
     """Under a node that does not apply, only an objection counts: a deny of this delivery nested in a
     permit for care (TREAT) or for one purpose only is the patient's objection all the same (a probe's such
@@ -191,7 +258,14 @@ def _nested_deny(children: list, rule: str | None, ctx: _Context) -> Verdict | N
     return "deny" if any(_node(child, rule, ctx) == "deny" for child in children) else None
 
 
+# A provision restricted to part of the record: the gateway cannot deliver a part, so such a deny is a deny of
+# everything, and such a permit lets nothing go (a probe's permit for Conditions delivered the whole record)
+_PARTIAL = ("data", "class", "code", "dataPeriod", "securityLabel", "action")
+
+
 def _applies(node: dict, rule: str | None, ctx: _Context) -> bool:
+    if rule == "permit" and any(node.get(key) is not None for key in _PARTIAL):
+        return False
     if not _period_covers(node.get("period"), ctx.now):
         return False
     if not _purpose_matches(node.get("purpose"), rule, ctx.policy):
@@ -202,8 +276,8 @@ def _applies(node: dict, rule: str | None, ctx: _Context) -> bool:
 def _purpose_matches(purposes: Any, rule: str | None, policy: ConsentPolicy) -> bool:
     if purposes is None:
         return True
-    if not isinstance(purposes, list) or not all(isinstance(p, dict) for p in purposes):
-        raise Unparseable
+    if not isinstance(purposes, list) or not purposes or not all(isinstance(p, dict) for p in purposes):
+        raise Unparseable  # an empty list says neither "any purpose" nor which (a probe's deny was skipped)
     named = {(_system(p), p.get("code")) for p in purposes}
     if rule != "permit" and any(code is None for _, code in named):
         raise Unparseable  # a purpose by display or system alone may be this one (a probe's was delivered)
@@ -215,12 +289,24 @@ def _purpose_matches(purposes: Any, rule: str | None, policy: ConsentPolicy) -> 
     # A deny names a delivery purpose by its code, in any case, under whatever system: a spelling not known
     # here (probes delivered objectors whose purpose was under the OID of v3-ActReason, or `hqualimp`) must
     # not let data go.
-    if {code.upper() for _, code in named if isinstance(code, str)} & {c.upper() for _, c in policy.purposes}:
+    if {code.upper() for _, code in named if isinstance(code, str)} & _deny_codes(policy):
         return True
     known = {ACT_REASON, None} | {system for system, _ in policy.purposes}
     if any(system not in known for system, _ in named):
         raise Unparseable  # a purpose in a code system not known here may be this one: cannot tell
     return False
+
+
+# The v3 PurposeOfUse concepts the delivery purposes specialise: a deny of healthcare operations (HOPERAT)
+# is one of quality improvement (HQUALIMP), a deny of every purpose of use one of both (a probe's were not
+# applicable). Permits are not widened: one must name the delivery purposes themselves.
+_BROADER = {"HQUALIMP": frozenset({"HOPERAT", "PURPOSEOFUSE"}), "HRESCH": frozenset({"PURPOSEOFUSE"})}
+
+
+def _deny_codes(policy: ConsentPolicy) -> frozenset[str]:
+    """The codes, upper-cased, by which a deny names a delivery purpose: its own or a broader one's."""
+    codes = {code.upper() for _, code in policy.purposes}
+    return frozenset(codes.union(*(_BROADER.get(code, frozenset()) for code in codes)))
 
 
 def _system(coding: dict[str, Any]) -> Any:
@@ -229,29 +315,63 @@ def _system(coding: dict[str, Any]) -> Any:
 
 
 def _actor_matches(actors: Any, rule: str | None, ctx: _Context) -> bool:
-    if actors is None or ctx.consent_names_registry:
-        return True
+    if actors is None or (ctx.consent_names_registry and rule != "permit"):
+        return True  # a permit's actors are read even then: a probe's permit for the GP let data go here
     if not isinstance(actors, list):
         raise Unparseable
     known = ctx.policy.registry_actors.get(ctx.registry)
-    if known is None:
+    if not known:
         # nothing to tell this registry's actors from another party's by: a deny may be this registry's (a
         # session's known limit delivered such objectors); a permit is not taken to be
         if rule == "permit":
             return False
         raise Unparseable
+    undecided = False
     for actor in actors:
         reference = actor.get("reference") if isinstance(actor, dict) else None
         if not isinstance(reference, dict):
             raise Unparseable
-        if reference.get("reference") in known:
+        place = _actor_place(reference, known)
+        if place:
             return True
-        ident = reference.get("identifier")
-        if isinstance(ident, dict) and f"{ident.get('system')}|{ident.get('value')}" in known:
-            return True
-        if not isinstance(reference.get("reference"), str) and not isinstance(ident, dict):
-            raise Unparseable  # a display alone ("alle kwaliteitsregistraties") may name this registry
+        undecided = undecided or place is None
+    if undecided and rule != "permit":
+        # an actor that may be this registry under another name (its URA as an OID, an Organization in the
+        # Bundle or contained, an absolute URL): a probe's such objectors were delivered
+        raise Unparseable
     return False
+
+
+def _actor_place(reference: dict, known: frozenset[str]) -> bool | None:
+    """True: the actor is this registry; False: surely another party (another number in the naming system the
+    registry is configured by); None: cannot be told."""
+    ident = reference.get("identifier")
+    if isinstance(ident, dict):
+        system, value = _naming_system(ident.get("system")), ident.get("value")
+        if isinstance(system, str) and f"{system}|{value}" in known:
+            return True
+        systems = {_naming_system(token.rpartition("|")[0]) for token in known if "|" in token}
+        if isinstance(system, str) and isinstance(value, str) and system in systems:
+            return False
+    target = reference.get("reference")
+    if isinstance(target, str):
+        tail = "/".join(target.split("/_history/", 1)[0].rstrip("/").split("/")[-2:])
+        if target in known or tail in known:
+            return True
+    if not isinstance(target, str) and not isinstance(ident, dict):
+        raise Unparseable  # a display alone ("alle kwaliteitsregistraties") may name this registry
+    return None
+
+
+# The Dutch naming systems of organisations, also written as their OIDs
+_NAMING_ALIASES = {
+    "urn:oid:2.16.528.1.1007.3.3": "http://fhir.nl/fhir/NamingSystem/ura",
+    "urn:oid:2.16.840.1.113883.2.4.6.1": "http://fhir.nl/fhir/NamingSystem/agb-z",
+}
+
+
+def _naming_system(system: Any) -> Any:
+    return _NAMING_ALIASES.get(system, system) if isinstance(system, str) else system
 
 
 def _codings(concept: Any) -> list[dict]:
@@ -272,9 +392,13 @@ def _period_covers(period: Any, now: datetime) -> bool:
     if not isinstance(period, dict):
         raise Unparseable
     start, end = period.get("start"), period.get("end")
-    if start is not None and _instant(start, latest=False) > now:
+    first = _instant(start, latest=False) if start is not None else None
+    last = _instant(end, latest=True) if end is not None else None
+    if first is not None and last is not None and first > last:
+        raise Unparseable  # ends before it starts: which was meant cannot be told (a probe's was skipped)
+    if first is not None and first > now:
         return False
-    return not (end is not None and _instant(end, latest=True) < now)
+    return not (last is not None and last < now)
 
 
 def _instant(value: Any, *, latest: bool) -> datetime:

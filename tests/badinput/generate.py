@@ -1568,7 +1568,8 @@ def optout_cases() -> list[Case]:
             [consent({"provision": [{**deny, "purpose": purpose("HRESCH")}]})],
             "objected",
         ),
-        ("typeless-top-only", [consent({"period": NOW_COVERED})], "allowed"),
+        # no type and no policyRule: no rule at all (R4 wants a policy or a policyRule), unknown (a probe)
+        ("typeless-top-only", [consent({"period": NOW_COVERED})], "unknown"),
         ("permit-only", [consent(permit)], "allowed"),
         (
             "permit-purpose-hqualimp",
