@@ -475,6 +475,22 @@ def test_bundle_consents_per_patient() -> None:
     }
 
 
+def test_a_consent_about_a_group_or_contained_in_the_patient_is_read() -> None:
+    """A probe: an objection whose `patient` is `Group/g1` (or a RelatedPerson) was nobody's, and ignored;
+    one contained in the Patient (`patient: #`) was never read."""
+    decisions = bundle_decisions(research_objection("Group/g1"))
+    assert {d.status for d in decisions.values()} == {"unknown"}  # whose it is cannot be told
+    care = bundle_decisions(treatment_directive("RelatedPerson/r1"))  # about care: blocks nobody
+    assert {d.status for d in care.values()} == {"allowed"}
+    bundle = consent_bundle()
+    second = bundle["entry"][1]
+    second["resource"] = {**second["resource"], "contained": [research_objection("#")]}
+    source = BundleConsentOptOut.from_bundle(bundle, policy=POLICY, clock=lambda: NOW)
+    decisions = run(source.check([patient_ref(), patient_ref("pat-2")]))
+    assert decisions["urn:uuid:pat-2"] == Decision("objected", Reason.CONSENT_DENY)
+    assert decisions["urn:uuid:pat-1"].status == "allowed"
+
+
 def test_bundle_without_consents_allows() -> None:
     assert {d.reason for d in bundle_decisions().values()} == {Reason.NO_CONSENT}
     assert run(BundleConsentOptOut().check([patient_ref()])) == {

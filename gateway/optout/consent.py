@@ -40,7 +40,7 @@ Rules (domain spec §6, decided here where the spec leaves it open):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
@@ -511,11 +511,12 @@ def decide_for_patients(
     consents: Sequence[dict], patients: Sequence[PatientRef], policy: ConsentPolicy, now: datetime
 ) -> dict[str, Decision]:
     result: dict[str, Decision] = {}
+    elsewhere = {id(c) for c in consents if _names_no_patient_here(c, patients)}
     for patient in patients:
         verdicts: list[Verdict] = []
         orphan_blocks = False
         for consent in consents:
-            match = consent_patient_matches(consent, patient)
+            match = None if id(consent) in elsewhere else consent_patient_matches(consent, patient)
             if match is False:
                 continue
             verdict = evaluate_consent(consent, patient.registry, policy, now)
@@ -529,6 +530,36 @@ def decide_for_patients(
             decision = Decision("unknown", Reason.CONSENT_WITHOUT_PATIENT)
         result[patient.key] = decision
     return result
+
+
+def _names_no_patient_here(consent: dict, patients: Sequence[PatientRef]) -> bool:
+    """A Consent whose `patient` is no Patient reference (a Group, a RelatedPerson, a contained resource) and
+    that is none of these patients': whose it is cannot be told, so it counts for all of them as one without
+    a patient (a probe's objection on `Group/g1` was ignored, and its patients delivered)."""
+    subject = consent.get("patient")
+    reference = subject.get("reference") if isinstance(subject, dict) else None
+    if not isinstance(reference, str) or reference.startswith("Patient?") or _patient_tail(reference):
+        return False
+    return not any(consent_patient_matches(consent, patient) for patient in patients)
+
+
+def _bundle_consents(bundle: dict) -> Iterator[Any]:
+    """The Consents of a Bundle: its entries', and those contained in an entry (a probe's contained deny was
+    never read), a contained one's `#` (its container) read as the container's fullUrl."""
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            continue
+        yield resource
+        contained = resource.get("contained")
+        for inner in contained if isinstance(contained, list) else ():
+            if not isinstance(inner, dict) or inner.get("resourceType") != "Consent":
+                continue
+            subject = inner.get("patient")
+            full_url = entry.get("fullUrl")
+            if isinstance(subject, dict) and subject.get("reference") == "#" and isinstance(full_url, str):
+                inner = {**inner, "patient": {**subject, "reference": full_url}}
+            yield inner
 
 
 class BundleConsentOptOut:
@@ -547,8 +578,7 @@ class BundleConsentOptOut:
 
     @classmethod
     def from_bundle(cls, bundle: dict, **kw: Any) -> BundleConsentOptOut:
-        entries = bundle.get("entry") or []
-        return cls((e.get("resource") for e in entries if isinstance(e, dict)), **kw)
+        return cls(_bundle_consents(bundle), **kw)
 
     async def check(self, patients: Sequence[PatientRef]) -> dict[str, Decision]:
         return decide_for_patients(self.consents, patients, self.policy, self.clock())
