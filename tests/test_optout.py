@@ -774,6 +774,12 @@ class StubEhr:
                 "issue": [{"severity": "error", "code": "too-costly"}],
             }
             return fhir(searchset([], extra=[{"resource": outcome, "search": {"mode": "outcome"}}]))
+        if pid == "p-short":  # a probe: three matches said, none sent, no next link
+            return fhir({**searchset([]), "total": 3})
+        if pid == "p-truncated":  # a probe: "results truncated" as a warning
+            issue = {"severity": "warning", "code": "too-costly"}
+            outcome = {"resourceType": "OperationOutcome", "issue": [issue]}
+            return fhir(searchset([], extra=[{"resource": outcome, "search": {"mode": "outcome"}}]))
         if pid == "p-other":
             return fhir(searchset([research_objection("Patient/someone-else")]))
         if pid == "p-paged":
@@ -889,7 +895,9 @@ def test_ehr_follows_pages_on_the_same_origin(stub_ehr: StubEhr) -> None:
         ("p-other", Reason.EHR_OTHER_PATIENT),
         ("p-foreign-next", Reason.EHR_INCOMPLETE),
         ("p-endless", Reason.EHR_INCOMPLETE),
-        ("p-slow", Reason.EHR_UNAVAILABLE),
+        ("p-short", Reason.EHR_INCOMPLETE),
+        ("p-truncated", Reason.EHR_BAD_RESPONSE),
+        ("p-slow", Reason.EHR_UNAVAILABLE),  # last: the stub sleeps on after the client gave up
     ],
 )
 def test_ehr_fails_closed(stub_ehr: StubEhr, pid: str, reason: str) -> None:

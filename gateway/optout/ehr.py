@@ -148,6 +148,11 @@ class EhrConsentSearch:
             # A next link carries its own query; params=None keeps it (an empty list would erase it).
             url, params = _next_link(bundle), None
             if url is None:
+                total = bundle.get("total")
+                if type(total) is int and total > len(consents):
+                    # more matches than the pages held, and no link to the rest (a probe's `total: 3` of no
+                    # entries was taken for no Consent at all)
+                    raise _NotClean(Reason.EHR_INCOMPLETE)
                 return consents
             if not _same_origin(url, self.base_url):
                 raise _NotClean(Reason.EHR_INCOMPLETE)
@@ -209,10 +214,16 @@ def _search_mode(entry: dict) -> Any:
     return search.get("mode", "match") if isinstance(search, dict) else "match"
 
 
+# Issue codes that say the result is not whole, whatever their severity (a probe's "results truncated" was a
+# warning, and the search was taken as complete)
+_INCOMPLETE = frozenset({"too-costly", "incomplete", "throttled", "timeout", "too-long"})
+
+
 def _has_error(outcome: dict) -> bool:
     issues = outcome.get("issue") or []
     return not isinstance(issues, list) or any(
-        not isinstance(i, dict) or i.get("severity") in ("error", "fatal") for i in issues
+        not isinstance(i, dict) or i.get("severity") in ("error", "fatal") or i.get("code") in _INCOMPLETE
+        for i in issues
     )
 
 
