@@ -248,3 +248,18 @@ def test_from_config_with_secrets_from_the_environment():
         gics_from_config({"url": "http://x", "domain": DOMAIN, "objection_policies": [OPT_OUT]}, env.get)
     with pytest.raises(ValueError):
         parse_policies(["no-system"])
+
+
+def test_the_signer_id_is_the_registers_digest_of_the_number_in_any_case():
+    """A probe: the signer id was the digest of the number as given, the register's of the number
+    upper-cased (as `objections import` stores it): a record numbered p0001234 found no gICS objection
+    registered, as the docs say, under the register's digest."""
+    from gateway.optout.register import registered_form
+
+    lower = _patient(1, mrn="p0001234")
+    registered = objection_digest(KEY, PROVIDER, registered_form("p0001234"))
+    assert hmac_signer_id(KEY)(lower) == registered == hmac_signer_id(KEY)(_patient(1, mrn=" P0001234 "))
+    state = GicsState(records={registered: [StoredConsent()]})
+    with serve(create_gics_stub(state)) as base:
+        [decisions] = _check(base, [lower])
+    assert _statuses(decisions) == {"urn:uuid:p1": ("objected", "gics-objection")}

@@ -40,7 +40,7 @@ import orjson
 from gateway.forward import RegistryAuth
 from gateway.optout.base import Decision, PatientRef, combine
 from gateway.optout.consent import Unparseable, _period_covers, utc_now
-from gateway.optout.register import objection_digest
+from gateway.optout.register import objection_digest, registered_form
 from gateway.ttp.backend import TTPUnavailable
 from gateway.ttp.client import RetryPolicy, _Retryable
 from gateway.ttp.gpas import auth_from_options, auth_headers, classify, http_client
@@ -75,7 +75,9 @@ def hmac_signer_id(hash_key: bytes) -> Callable[[PatientRef], str | None]:
     def signer_id(patient: PatientRef) -> str | None:
         if not patient.mrn or not patient.mrn.strip():
             return None
-        return objection_digest(hash_key, patient.provider, patient.mrn)
+        # the number as the register stores it (upper-cased): the register's digest of a record numbered
+        # p0001234 is P0001234's, and gICS must hold it under the same (a probe: it was the number as given)
+        return objection_digest(hash_key, patient.provider, registered_form(patient.mrn))
 
     return signer_id
 
