@@ -756,3 +756,65 @@ def test_an_organizations_contact_persons_name_is_sought() -> None:
     out = out_with(valueString="x")
     out["entry"].append({"resource": {"resourceType": "Location", "name": "Kamer Hendrika Zwanenburgh"}})
     assert {f.kind for f in scan(out, sensitive_values(bundle))} == {"name"}
+
+
+# ── a differential review of the glance against the walk (2026-11-25) ─────────────────────────────────────
+
+_UUID_URL = "urn:uuid:6f1d2c3b-0a4e-4f5d-9c8b-7a6e5d4c3b2a"
+_PHONE = {"telecom": [{"system": "phone", "value": "0688228822"}]}
+
+
+def _one_patient(many: bool, **patient: Any) -> dict[str, Any]:
+    """A Bundle of one Patient (and with ``many``, 30 others: the glance then tokenises the document)."""
+    entries = [{"fullUrl": _UUID_URL, "resource": {"resourceType": "Patient", "id": "p1", **patient}}]
+    for n in range(30 if many else 0):
+        other = {"resourceType": "Patient", "id": f"o{n}", "name": [{"family": f"Qqfam{n}x"}]}
+        entries.append({"fullUrl": f"urn:uuid:00000000-0000-4000-8000-{n:012d}", "resource": other})
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+
+
+def _device_named(text: str, system: str | None = None) -> dict[str, Any]:
+    device: dict[str, Any] = {"resourceType": "Device", "deviceName": [{"name": text, "type": "other"}]}
+    if system is not None:
+        device["type"] = {"coding": [{"system": system, "code": "1", "display": text}]}
+        del device["deviceName"]
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": device}]}
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["few", "many"])
+@pytest.mark.parametrize(
+    ("patient", "text", "system", "kind"),
+    [
+        # whole tokens however far apart, as the walk joins them
+        ({"birthDate": "1934-04-28"}, "28 april" + " " * 40 + "1934", None, "birth-date"),
+        ({"birthDate": "1934-04-28"}, "1934" + " " * 25 + "04-28", None, "birth-date"),
+        ({"birthDate": "1934-04-28"}, "28t1" + "x" * 40 + " april 1934", None, "birth-date"),
+        ({"address": [{"postalCode": "8011 AB"}]}, "8011" + " " * 520 + "AB", None, "postcode"),
+        # a two-digit-year date that starts inside a match glued to a digit
+        ({"birthDate": "1901-01-01"}, "501\t01 01 01", None, "birth-date"),
+        ({"birthDate": "1901-01-01"}, "501 01 01 01", None, "birth-date"),
+        # a phone beside other numbers; a six-digit identifier grouped; a postcode glued in a term's display
+        (_PHONE, "Bed 3 06-88228822", None, "telecom"),
+        (_PHONE, "tel 06-88228822 / 020-1234567", None, "telecom"),
+        (_PHONE, "06 8822 8822 10x", None, "telecom"),
+        ({"identifier": [{"system": "urn:mrn", "value": "123456"}]}, "MRN 123-456", None, "identifier"),
+        ({"address": [{"postalCode": "8011 AB"}]}, "pc8011AB", SNOMED, "postcode"),
+        # the uuid of the patient's urn:uuid fullUrl without its prefix
+        ({}, f"ref {_UUID_URL[9:]}", None, "patient-fullUrl"),
+    ],
+)
+def test_what_the_glance_or_the_walk_passed_is_found(
+    many: bool, patient: dict, text: str, system: str | None, kind: str
+) -> None:
+    """A differential review: the glance said clean where the walk found these (long gaps, an overlapping
+    two-digit-year date), or both passed what docs/deid.md says is sought."""
+    sensitive = sensitive_values(_one_patient(many, **patient))
+    assert kind in {f.kind for f in scan(_device_named(text, system), sensitive)}
+
+
+def test_a_non_ascii_patient_fullurl_is_found_in_a_string_with_other_non_ascii_text() -> None:
+    """A review: the walk's pre-filter sought literals in the case-folded string only, where "ß" is "ss"."""
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:x:Straße", "resource": {"resourceType": "Patient", "id": "p1"}}]}
+    findings = scan(_device_named("see urn:x:Straße é"), sensitive_values(bundle))
+    assert "patient-fullUrl" in {f.kind for f in findings}

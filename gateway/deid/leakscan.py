@@ -14,6 +14,7 @@ itself ("Value"); and a Dutch postcode run into anything ("pc1012NX").
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ _GLUED_BSN_BYTES = re.compile(_GLUED_BSN.pattern.encode())
 _HEX_LETTERS = frozenset("abcdefABCDEF")
 # A telephone number as people write it (06-1234 5678, +31 (0)6 12 34 56 78): digits and separators
 _PHONE_RUN = re.compile(r"\+?\d[\d .()/-]{6,}\d")
+_DIGIT_RUN = re.compile(r"\d[\d .()/-]{4,}\d")  # an identifier of six digits or more, grouped (123-456)
 _PHONE_SEPARATORS = b" .()/-+"
 _NOT_DIGIT = re.compile(r"\D")
 # Our own opaque ids as they appear in the output: an id, a urn:uuid fullUrl or reference, Type/<id>
@@ -60,6 +62,7 @@ _OPAQUE_ID = re.compile(
     r"(?:urn:uuid:|[A-Z][A-Za-z]{1,63}/)?[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 )
 _FULL_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 # Date elements of events: the patient's birth date may be an event date there (a newborn's first
 # observation) when the profile keeps dates; anywhere else (a value, a note, an extension) it is a leak
 # when the profile generalises the birth date.
@@ -103,6 +106,23 @@ def _fhir_words() -> frozenset[str]:
     patient named "Value" glued into one of them is structure, not a leak."""
     names = fhir_element_names()
     return frozenset(part.lower() for name in names for part in _CAMEL_PART.findall(name))
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _holds_phone(run: str, phones: Collection[str]) -> bool:
+    """A run of digit groups is, or holds, one of ``phones`` as whole groups: a run also takes in the numbers
+    next to it ("bed 3 06-88228822", "06-88228822 / 020-1234567"; a review found them passed), but a phone's
+    digits inside a longer number ("0031688228822123") are not it."""
+    if phone_digits(run) in phones:
+        return True
+    groups = list(_DIGITS.finditer(run))
+    for i, first in enumerate(groups):
+        start = first.start() - 1 if first.start() > 0 and run[first.start() - 1] == "+" else first.start()
+        if any(phone_digits(run[start : last.end()]) in phones for last in groups[i:]):
+            return True
+    return False
 
 
 def phone_digits(value: str) -> str | None:
@@ -157,11 +177,15 @@ def _short_date_patterns(day: int, month: int, yy: str) -> frozenset[re.Pattern[
 
 
 def _short_date_in(low: str, patterns: Collection[re.Pattern[str]]) -> bool:
-    """Does a two-digit-year birth date stand in ``low`` (case-folded), not glued to a digit before it?"""
+    """Does a two-digit-year birth date stand in ``low`` (case-folded), not glued to a digit before it? A
+    match glued to a digit is passed by one character, not by its length: the date may start inside it
+    ("501 01 01 01" holds 01-01-01; a review found it hidden)."""
     for pattern in patterns:
-        for match in pattern.finditer(low):
+        match = pattern.search(low)
+        while match is not None:
             if match.start() == 0 or not low[match.start() - 1].isdigit():
                 return True
+            match = pattern.search(low, match.start() + 1)
     return False
 
 
@@ -502,6 +526,9 @@ def sensitive_values(
             and isinstance(entry.get("fullUrl"), str)
         ):
             out.patient_urls.add(fold(entry["fullUrl"]))
+            bare = entry["fullUrl"][9:] if entry["fullUrl"].lower().startswith("urn:uuid:") else ""
+            if _UUID.fullmatch(bare):
+                out.patient_urls.add(fold(bare))  # the uuid alone identifies it as well (a review's passed)
     resources = list(_resources(bundle))  # walked three times: here and twice in _drop_public
     for res in resources:
         rtype = res.get("resourceType")
@@ -649,7 +676,7 @@ class _Scanner:
     def _needs_check(self, s: str) -> bool:
         if self.split_bsn and (_SPLIT_BSN.search(s) or _GLUED_BSN.search(s)):
             return True
-        if self.phones and _PHONE_RUN.search(s):
+        if self.phones and _DIGIT_RUN.search(s):  # a phone run, or a shorter grouped identifier
             return True
         if self.glued and _glued_kind(s, self.glued) is not None:
             return True
@@ -661,7 +688,9 @@ class _Scanner:
             # 9-digit run is sought before: folding "111222333ß" to "...ss" would glue a letter onto it)
             if s.isascii():
                 return self.quick.search(s) is not None
-            return _NINE.search(s) is not None or self.quick.search(s.casefold()) is not None
+            # as written too: a literal (a fullUrl with "ß") is sought as it is, and folding changes it
+            quick = self.quick.search(s) is not None or self.quick.search(s.casefold()) is not None
+            return quick or _NINE.search(s) is not None
         if _NINE.search(s) is not None:
             return True
         keys, plain, literals = self.lookup
@@ -690,8 +719,11 @@ class _Scanner:
         # person: only whole names of two words or more are sought there
         term = key == "display" and str(parent.get("system")).startswith(TERMINOLOGY_PREFIXES)
         kind = self._value_of_the_input(s, key, sens, names=not term)
-        if kind is None and self.glued and not term:
-            kind = _glued_kind(s, self.glued)
+        if kind is None and self.glued:
+            # a name run into a term's word may be the term ("Parkinsonism"), a postcode is no term's (a
+            # review: "pc8011AB" in a SNOMED display passed)
+            glued = self.glued if not term else tuple(g for g in self.glued if g[1] != "name")
+            kind = _glued_kind(s, glued)
         if kind is not None:
             self.findings.append(Finding(_path(parts), kind))
 
@@ -716,11 +748,11 @@ class _Scanner:
         """A phone number in any notation, a birth date in any notation, or a whole token sequence (of a
         name only when ``names``)."""
         if self.phones and sens.phones and any(
-            phone_digits(m.group(0)) in sens.phones for m in _PHONE_RUN.finditer(s)
+            _holds_phone(m.group(0), sens.phones) for m in _PHONE_RUN.finditer(s)
         ):
             return "telecom"
         if self.phones and sens.digit_ids and any(
-            _NOT_DIGIT.sub("", m.group(0)) in sens.digit_ids for m in _PHONE_RUN.finditer(s)
+            _NOT_DIGIT.sub("", m.group(0)) in sens.digit_ids for m in _DIGIT_RUN.finditer(s)
         ):
             return "identifier"
         tokens = _TOKEN.findall(s.casefold())
@@ -892,7 +924,6 @@ def _glued_bsn_at(raw: bytes, marks: bytes) -> bool:
 
 
 _PROBE_LIMIT = 24  # more sensitive first tokens + patient literals than this: tokenise the document once
-_WINDOW = 512  # characters after a first token in which the rest of its sequence must follow
 
 
 def _required_tokens(literal: str, *, substring: bool) -> list[tuple[str, int]] | None:
@@ -1091,20 +1122,41 @@ def _birth_date_seen(low: str, by_year: Mapping[str, Collection[tuple[int, int]]
             end = at + len(year)
             whole = (at == 0 or not low[at - 1].isalnum()) and (end == len(low) or not low[end].isalnum())
             if whole:
-                before = _TOKEN.findall(low[max(0, at - 40) : at])[-2:]
-                after = _TOKEN.findall(low[end : end + 24])[:2]
+                # whole tokens however far: the walk joins a string's tokens across any separators (a
+                # review's 40 spaces between "28 april" and "1934" hid the date here)
+                before = _tokens_before(low, at, 2)
+                after = [m.group(0) for m in itertools.islice(_TOKEN.finditer(low, end), 2)]
                 if date_around([*before, year, *after], len(before), dates):
                     return True
             at = low.find(year, end)
     return False
 
 
+def _tokens_before(low: str, at: int, count: int) -> list[str]:
+    """The ``count`` whole tokens before position ``at`` (fewer at the start), however many separators
+    stand between them."""
+    found: list[str] = []
+    i = at
+    while len(found) < count:
+        while i > 0 and not (low[i - 1].isalnum()):
+            i -= 1
+        end = i
+        while i > 0 and low[i - 1].isalnum():
+            i -= 1
+        if i == end:
+            break
+        found.insert(0, low[i:end])
+    return found
+
+
 def _sequence_at(low: str, start: int, candidates: Any) -> bool:
     """Does a whole sensitive sequence start here? A kept PC4 ("3511") is the first token of the full
-    postcode ("3511 ab") but not a leak by itself. The window may run across JSON strings ("3511","ab"),
-    which only errs towards the exact walk."""
-    tokens = _TOKEN.findall(low[start : start + _WINDOW])
-    return any(len(seq) == 1 or tuple(tokens[: len(seq)]) == seq for seq, _ in candidates)
+    postcode ("3511 ab") but not a leak by itself. The tokens are taken however far apart (the walk joins a
+    string's tokens across any separators: a review's 520 spaces in a postcode hid it here); they may run
+    across JSON strings ("3511","ab"), which only errs towards the exact walk."""
+    longest = max(len(seq) for seq, _ in candidates)
+    tokens = tuple(m.group(0) for m in itertools.islice(_TOKEN.finditer(low, start), longest))
+    return any(len(seq) == 1 or tokens[: len(seq)] == seq for seq, _ in candidates)
 
 
 def scan(
