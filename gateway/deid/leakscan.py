@@ -109,6 +109,7 @@ def _fhir_words() -> frozenset[str]:
 
 
 _DIGITS = re.compile(r"\d+")
+_PHONE_GROUPS = 8
 
 
 def _holds_phone(run: str, phones: Collection[str]) -> bool:
@@ -117,10 +118,15 @@ def _holds_phone(run: str, phones: Collection[str]) -> bool:
     digits inside a longer number ("0031688228822123") are not it."""
     if phone_digits(run) in phones:
         return True
+    digits = _NOT_DIGIT.sub("", run)
+    if not any(p[1:] in digits for p in phones):  # a phone's digits after its 0 (+31 folds to that)
+        return False
     groups = list(_DIGITS.finditer(run))
     for i, first in enumerate(groups):
         start = first.start() - 1 if first.start() > 0 and run[first.start() - 1] == "+" else first.start()
-        if any(phone_digits(run[start : last.end()]) in phones for last in groups[i:]):
+        # a phone is a few groups at most ("+31 (0)6 12 34 56 78": seven): bounded, so that a long run of
+        # digit groups costs its length, not its square
+        if any(phone_digits(run[start : last.end()]) in phones for last in groups[i : i + _PHONE_GROUPS]):
             return True
     return False
 
