@@ -44,20 +44,27 @@ def _load_json(path: Path, unreadable: list[int] | None = None) -> object:
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}
 
 
+def _read_reporting(path: Path) -> tuple[object | None, list[int]]:
+    """The document (None: the file cannot be read at all) and the numbers of its NDJSON lines that cannot
+    be read; each is reported on stderr, by file and line, never by content."""
+    unreadable: list[int] = []
+    try:
+        doc = _load_json(path, unreadable)
+    except (OSError, ValueError):
+        typer.echo(f"{path}: unreadable", err=True)
+        return None, []
+    for number in unreadable:
+        typer.echo(f"{path}: line {number}: unreadable", err=True)
+    return doc, unreadable
+
+
 def _originals(paths: list[Path]) -> dict:
     """The inputs as one collection Bundle (an export's NDJSON files together); one that cannot be read
     whole is exit 2, naming the file and line: a value it holds would not be sought."""
     entries: list[dict] = []
     for path in paths:
-        unreadable: list[int] = []
-        try:
-            doc = _load_json(path, unreadable)
-        except (OSError, ValueError):
-            typer.echo(f"{path}: unreadable", err=True)
-            raise typer.Exit(2) from None
-        for number in unreadable:
-            typer.echo(f"{path}: line {number}: unreadable", err=True)
-        if unreadable:
+        doc, unreadable = _read_reporting(path)
+        if doc is None or unreadable:
             raise typer.Exit(2)
         if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
             entries.extend(doc.get("entry") or [])
@@ -98,16 +105,11 @@ def scan(
         sensitive = sensitive_values(_originals(original), **options)
     worst = 0
     for path in files:
-        unreadable: list[int] = []
-        try:
-            doc = _load_json(path, unreadable)
-        except (OSError, ValueError):
-            typer.echo(f"{path}: unreadable", err=True)
+        doc, unreadable = _read_reporting(path)
+        if doc is None or unreadable:  # not (all) scanned: whatever it holds is unknown
             worst = 2
+        if doc is None:
             continue
-        for number in unreadable:  # not scanned: whatever it holds is unknown
-            typer.echo(f"{path}: line {number}: unreadable", err=True)
-            worst = 2
         findings = scan_document(doc, sensitive)
         for f in findings:
             typer.echo(f"{path}: {f.path}: {f.kind}")
