@@ -955,9 +955,13 @@ def test_ehr_cache_is_per_registry(stub_ehr: StubEhr) -> None:
             other = PatientRef("urn:uuid:p-deny-6", ref("p-deny-6").resource, None, PROVIDER, "nkr")
             await ehr.check([other])
             await ehr.check([ref("p-deny-6")])
+            # another hospital's record of the same id is another patient (a probe: it got this one's answer)
+            record = ref("p-deny-6").resource
+            elsewhere = PatientRef("urn:uuid:p-deny-6", record, None, "ura:99999999", REGISTRY)
+            await ehr.check([elsewhere])
         return len(stub_ehr.requests)
 
-    assert run(go()) == 2
+    assert run(go()) == 3
 
 
 def test_ehr_uses_a_given_client_without_closing_it(stub_ehr: StubEhr) -> None:

@@ -82,7 +82,7 @@ class EhrConsentSearch:
         self._client = client or httpx.AsyncClient(auth=auth, timeout=timeout, follow_redirects=False)
         self._owns_client = client is None
         self._semaphore = asyncio.Semaphore(max_concurrency)
-        self._cache: OrderedDict[tuple[str, str], tuple[float, Decision]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str], tuple[float, Decision]] = OrderedDict()
         self._cache_size = cache_size
         self._clock = clock
         self._now = now
@@ -105,7 +105,8 @@ class EhrConsentSearch:
         patient_id = ehr_patient_id(patient)
         if patient_id is None:
             return Decision("unknown", Reason.EHR_NO_PATIENT_ID)
-        cache_key = (patient_id, patient.registry)
+        # per provider too: two hospitals' records may share an id (a probe: one's answer served the other)
+        cache_key = (patient.provider, patient_id, patient.registry)
         cached = self._cached(cache_key)
         if cached is not None:
             return cached
@@ -121,7 +122,7 @@ class EhrConsentSearch:
         self._remember(cache_key, decision)
         return decision
 
-    def _cached(self, key: tuple[str, str]) -> Decision | None:
+    def _cached(self, key: tuple[str, str, str]) -> Decision | None:
         hit = self._cache.get(key)
         if hit is None:
             return None
@@ -131,7 +132,7 @@ class EhrConsentSearch:
             return None
         return decision
 
-    def _remember(self, key: tuple[str, str], decision: Decision) -> None:
+    def _remember(self, key: tuple[str, str, str], decision: Decision) -> None:
         self._cache[key] = (self._clock() + self.cache_ttl, decision)
         self._cache.move_to_end(key)
         while len(self._cache) > self._cache_size:
