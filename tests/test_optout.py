@@ -1083,3 +1083,20 @@ def test_an_objection_holds_whatever_the_case_of_the_patient_number() -> None:
         "urn:uuid:c": "objected",
         "urn:uuid:d": "allowed",
     }
+
+
+def test_an_objection_holds_for_a_number_with_an_invisible_character() -> None:
+    """A probe: a record numbered P0001234 with a zero-width space copied along was delivered past the
+    objection registered for P0001234; one registered so is stored without it."""
+    from gateway.optout.register import registered_form
+
+    assert registered_form("P0001234\u200b ") == registered_form("\u200dp0001234") == "P0001234"
+    store = InMemoryObjectionRegister()
+    store.add(PROVIDER, REGISTRY, objection_digest(KEY, PROVIDER, registered_form("P0001234")))
+    numbers = {"a": "P0001234\u200b", "b": "p\u00ad0001234", "c": "P0001235\u200b"}
+    decisions = run(RegisterOptOut(store, KEY).check([patient_ref(k, n) for k, n in numbers.items()]))
+    assert {k: d.status for k, d in decisions.items()} == {
+        "urn:uuid:a": "objected",
+        "urn:uuid:b": "objected",
+        "urn:uuid:c": "allowed",
+    }

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import logging
 import re
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +98,15 @@ class RegisterOptOut:
 
 def registered_form(patient_number: str) -> str:
     """How a number is registered: upper-cased, so that a record numbered in any case finds it (a lookup
-    asks each number as given, upper- and lower-cased: objections registered before are found too)."""
-    return patient_number.strip().upper()
+    asks each number as given, upper- and lower-cased: objections registered before are found too), and
+    without invisible characters (a zero-width space copied along with a number: a probe's was delivered)."""
+    return _visible(patient_number).upper()
+
+
+def _visible(text: str) -> str:
+    """Without format characters (zero-width spaces and joiners, soft hyphens, bidi marks) and surrounding
+    whitespace."""
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
 
 
 def stored_forms(patient_number: str) -> list[str]:
@@ -108,9 +116,11 @@ def stored_forms(patient_number: str) -> list[str]:
 
 
 def _spellings(numbers: Sequence[str]) -> list[str]:
-    """Each number as given, upper- and lower-cased: an objection registered as P0001234 holds for a record
-    numbered p0001234 (a probe delivered it). Numbers of digits only are asked once."""
-    return list(dict.fromkeys(v for n in numbers for v in (n, n.upper(), n.lower())))
+    """Each number as given and without invisible characters, upper- and lower-cased: an objection registered
+    as P0001234 holds for a record numbered p0001234 (a probe delivered it). Numbers of digits only are asked
+    once."""
+    forms = (form for n in numbers for form in (n, _visible(n)))
+    return list(dict.fromkeys(v for form in forms for v in (form, form.upper(), form.lower())))
 
 
 class ObjectionCsvError(ValueError):
