@@ -773,8 +773,11 @@ def test_readiness_asks_the_ttp_at_most_once_a_second_whoever_asks(chain):
         async with httpx.AsyncClient(base_url=chain.gateway_url, timeout=30) as client:
             return [r.status_code for r in await asyncio.gather(*(client.get("/readyz") for _ in range(50)))]
 
+    started = time.monotonic()
     assert asyncio.run(together()) == [200] * 50
-    assert chain.ttp_recorder.paths.count("/metadata") - before == 1
+    elapsed = time.monotonic() - started
+    # once per second at most (a loaded machine may take more than one to answer the 50)
+    assert 1 <= chain.ttp_recorder.paths.count("/metadata") - before <= int(elapsed) + 1, elapsed
 
 
 def test_a_path_with_a_trailing_slash_is_not_redirected(chain):

@@ -774,6 +774,14 @@ class StubEhr:
                 "issue": [{"severity": "error", "code": "too-costly"}],
             }
             return fhir(searchset([], extra=[{"resource": outcome, "search": {"mode": "outcome"}}]))
+        if pid == "p-total-text":  # a re-probe: a count as a string
+            return fhir({**searchset([]), "total": "3"})
+        if pid == "p-next-case":  # a re-probe: a next link as "Next", to the page with the objection
+            if page is None:
+                first = searchset([], next_url=f"{self.base}/fhir/Consent?patient=Patient/{pid}&page=2")
+                first["link"][0]["relation"] = "Next"
+                return fhir(first)
+            return fhir(searchset([research_objection(ref)]))
         if pid == "p-short":  # a probe: three matches said, none sent, no next link
             return fhir({**searchset([]), "total": 3})
         if pid == "p-truncated":  # a probe: "results truncated" as a warning
@@ -896,6 +904,7 @@ def test_ehr_follows_pages_on_the_same_origin(stub_ehr: StubEhr) -> None:
         ("p-foreign-next", Reason.EHR_INCOMPLETE),
         ("p-endless", Reason.EHR_INCOMPLETE),
         ("p-short", Reason.EHR_INCOMPLETE),
+        ("p-total-text", Reason.EHR_BAD_RESPONSE),
         ("p-truncated", Reason.EHR_BAD_RESPONSE),
         ("p-slow", Reason.EHR_UNAVAILABLE),  # last: the stub sleeps on after the client gave up
     ],
@@ -945,6 +954,11 @@ def test_ehr_failures_are_not_cached(stub_ehr: StubEhr) -> None:
         return len(stub_ehr.requests)
 
     assert run(go()) == 3
+
+
+def test_ehr_follows_a_next_link_in_any_case(stub_ehr: StubEhr) -> None:
+    decisions = ehr_check(stub_ehr, [ref("p-next-case")])
+    assert decisions["urn:uuid:p-next-case"].status == "objected"
 
 
 def test_ehr_cache_is_per_registry(stub_ehr: StubEhr) -> None:
@@ -1100,3 +1114,70 @@ def test_an_objection_holds_for_a_number_with_an_invisible_character() -> None:
         "urn:uuid:b": "objected",
         "urn:uuid:c": "allowed",
     }
+
+
+TREATMENT = {"coding": [{"system": SCOPE, "code": "treatment"}]}
+URA = "http://fhir.nl/fhir/NamingSystem/ura"
+SNOMED = "http://snomed.info/sct"
+ZWSP_HQUALIMP = [{"system": ACT_REASON, "code": "HQUALIMP\u200b"}]
+
+
+@pytest.mark.parametrize(
+    ("change", "verdict"),
+    [
+        # a care directive's objection by its opt-out policyRule
+        ({"scope": TREATMENT, "policyRule": OPTOUT, "provision": {"purpose": HQUALIMP}}, "deny"),
+        # a policyRule not read here (another system, text only) is no ground for "not applicable"; an
+        # opt-out code in lower case is read
+        (
+            {"policyRule": {"coding": [{"system": "urn:oid:1.2.3", "code": "OPTOUT"}]},
+             "provision": {"type": "permit", "purpose": TREAT}},
+            "unknown",
+        ),
+        ({"policyRule": {"text": "Bezwaar"}, "provision": {"type": "permit", "purpose": TREAT}}, "unknown"),
+        (
+            {"policyRule": {"coding": [{"system": ACT_CODE, "code": "optout"}]},
+             "provision": {"type": "permit", "purpose": TREAT}},
+            "deny",
+        ),
+        # the registry's URA with a space or a zero-width space; an empty actor list; a purpose code with one
+        (_actor({"identifier": {"system": URA, "value": "00009999 "}}), "deny"),
+        (_actor({"identifier": {"system": URA, "value": "0000\u200b9999"}}), "deny"),
+        ({"provision": {"type": "deny", "actor": []}}, "unknown"),
+        ({"provision": {"type": "deny", "purpose": ZWSP_HQUALIMP}}, "deny"),
+        # the registry by reference beside another number
+        (
+            _actor({"reference": "Organization/reg", "identifier": {"system": URA, "value": "00005555"}}),
+            "deny",
+        ),
+        # a resuscitation directive whose scope carries a SNOMED translation stays about care
+        (
+            {
+                "scope": {"coding": [*TREATMENT["coding"], {"system": SNOMED, "code": "1"}]},
+                "provision": {"type": "deny", "code": [{"coding": [{"system": SNOMED, "code": "89666000"}]}]},
+            },
+            "not-applicable",
+        ),
+    ],
+)
+def test_a_re_probe_of_the_consent_rules(change: dict, verdict: str) -> None:
+    """A re-probe of the opt-out fixes: each was not applicable (its patient delivered), but the last,
+    which was withheld."""
+    policy = ConsentPolicy(
+        registry_actors={REGISTRY: frozenset({"urn:oid:2.16.528.1.1007.3.3|00009999", "Organization/reg"})}
+    )
+    consent = research_objection()
+    consent.pop("policyRule")
+    consent.update(change)
+    assert evaluate_consent(consent, REGISTRY, policy, NOW) == verdict
+
+
+def test_a_consent_in_a_bundle_in_the_bundle_is_read() -> None:
+    """A re-probe: a Bundle entry holding the objection was dropped as a type not delivered, and its patient
+    delivered."""
+    bundle = consent_bundle()
+    inner = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": research_objection()}]}
+    bundle["entry"].append({"fullUrl": "urn:uuid:inner", "resource": inner})
+    source = BundleConsentOptOut.from_bundle(bundle, policy=POLICY, clock=lambda: NOW)
+    decisions = run(source.check([patient_ref(), patient_ref("pat-2")]))
+    assert decisions["urn:uuid:pat-1"] == Decision("objected", Reason.CONSENT_DENY)

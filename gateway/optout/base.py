@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -115,3 +116,9 @@ def combine(decisions: Sequence[Decision]) -> Decision:
             if decision.status == status:
                 return decision
     return decisions[0] if decisions else Decision("unknown", Reason.SOURCE_NO_ANSWER)
+
+
+def visible(text: str) -> str:
+    """``text`` without format characters (zero-width spaces and joiners, soft hyphens, bidi marks) and
+    surrounding whitespace: what a person reads, as numbers and codes copied along with them are compared."""
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()

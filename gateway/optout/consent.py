@@ -49,7 +49,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from gateway.optout.base import Decision, PatientRef, Reason
+from gateway.optout.base import Decision, PatientRef, Reason, visible
 
 ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -134,37 +134,42 @@ def _evaluate(consent: dict, registry: str, policy: ConsentPolicy, now: datetime
     provision = consent.get("provision")
     if provision is not None and not isinstance(provision, dict):
         raise Unparseable
+    rule = consent.get("policyRule")
+    base = _policy_base(rule)
     scopes = _scope_codes(consent.get("scope"))
     if scopes and scopes <= policy.not_applicable_scopes:
         # about care only; a Consent that is also about research or privacy is read (a re-probe's
         # treatment + research objection was taken for a care directive and its patient delivered). An
         # objection in it that names a delivery purpose is the patient's all the same (a probe's).
-        return _named_objection(provision, context) if provision is not None else "not-applicable"
+        return _named_objection(provision, context, base) if provision is not None else "not-applicable"
     if provision is None:
-        return _policy_rule(consent.get("policyRule"))
+        return _policy_rule(rule)
     # R4: the provisions are exceptions to the base policy (`policyRule`), and a root without a type has its
     # rule. A root permit under an opt-out is an exception, outside of which the opt-out holds (a probe's
     # OPTOUT "except for treatment" was not applicable, and delivered); a root deny (or a typeless root) says
     # when and for what the opt-out holds (an objection that ended is over).
-    base = _policy_base(consent.get("policyRule"))
     verdict = _node(provision, base, context)
     if verdict is not None:
         return verdict
     if base == "deny" and provision.get("type") == "permit":
         return "deny"
-    if base is None and provision.get("type") is None:
-        raise Unparseable  # no rule anywhere: what the patient said cannot be told
+    if base is None and (rule or provision.get("type") is None):
+        # no rule anywhere, or a policyRule not read here that may be an opt-out outside of the provision
+        raise Unparseable
     return "not-applicable"
 
 
 def _scope_codes(scope: Any) -> set[str]:
-    """The scope's codes; one in another code system is a scope not known here (read, not skipped: a
-    probe's treatment scope beside a local one made the Consent not applicable)."""
+    """The scope's codes in the consentscope system; the other codings of the concept are its translations
+    (a resuscitation directive's SNOMED coding). A scope with none of those is one not known here: read,
+    not skipped."""
     if scope is None:
         return set()
     if not isinstance(scope, dict):
         raise Unparseable
-    return {c.get("code") if _system(c) in (CONSENT_SCOPE, None) else "(other)" for c in _codings(scope)}
+    codings = _codings(scope)
+    known = {c.get("code") for c in codings if _system(c) in (CONSENT_SCOPE, None)}
+    return known or ({"(other)"} if codings else set())
 
 
 def _policy_uris(consent: dict) -> set[str]:
@@ -188,7 +193,7 @@ def _policy_base(rule: Any) -> str | None:
     if not rule:
         return None
     codings = _codings(rule)
-    codes = {c.get("code") for c in codings if _system(c) in (ACT_CODE, None)}
+    codes = {_code(c) for c in codings if _system(c) in (ACT_CODE, None)}
     if codes & {"OPTOUT", "OPTOUTE"}:
         return "deny"
     if any(_system(c) not in (ACT_CODE, None) for c in codings):
@@ -226,14 +231,15 @@ def _node(node: Any, inherited: str | None, ctx: _Context) -> Verdict | None:
 
 
 def _named_objection(node: Any, ctx: _Context, inherited: str | None = None) -> Verdict:
-    """In a Consent about care only: a deny anywhere in it that applies and names a delivery purpose by its
-    code ("no quality registries" in a treatment directive); other denies are about care."""
+    """In a Consent about care only: a deny anywhere in it (its type, or the opt-out policyRule's) that
+    applies and names a delivery purpose ("no quality registries" in a treatment directive); a deny without
+    a purpose is about care. A purpose that cannot be read is unparseable, as elsewhere."""
     if not isinstance(node, dict):
         raise Unparseable
     rule = node.get("type", inherited)
-    codes = [p.get("code") for p in _list_of_dicts(node.get("purpose"))]
-    named = {code.upper() for code in codes if isinstance(code, str)}
-    if rule == "deny" and named & _deny_codes(ctx.policy) and _applies(node, rule, ctx):
+    purposes = node.get("purpose")
+    named = rule == "deny" and purposes is not None and _purpose_matches(purposes, rule, ctx.policy)
+    if named and _applies(node, rule, ctx):
         return "deny"
     children = node.get("provision") or []
     if not isinstance(children, list):
@@ -241,14 +247,6 @@ def _named_objection(node: Any, ctx: _Context, inherited: str | None = None) -> 
     if any(_named_objection(child, ctx, rule) == "deny" for child in children):
         return "deny"
     return "not-applicable"
-
-
-def _list_of_dicts(value: Any) -> list[dict]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise Unparseable
-    return value
 
 
 def _nested_deny(children: list, rule: str | None, ctx: _Context) -> Verdict | None:
@@ -289,7 +287,7 @@ def _purpose_matches(purposes: Any, rule: str | None, policy: ConsentPolicy) -> 
     # A deny names a delivery purpose by its code, in any case, under whatever system: a spelling not known
     # here (probes delivered objectors whose purpose was under the OID of v3-ActReason, or `hqualimp`) must
     # not let data go.
-    if {code.upper() for _, code in named if isinstance(code, str)} & _deny_codes(policy):
+    if {visible(code).upper() for _, code in named if isinstance(code, str)} & _deny_codes(policy):
         return True
     known = {ACT_REASON, None} | {system for system, _ in policy.purposes}
     if any(system not in known for system, _ in named):
@@ -309,6 +307,13 @@ def _deny_codes(policy: ConsentPolicy) -> frozenset[str]:
     return frozenset(codes.union(*(_BROADER.get(code, frozenset()) for code in codes)))
 
 
+def _code(coding: dict[str, Any]) -> Any:
+    """A coding's code as compared here: upper-cased, without invisible characters (a probe's `optout` and
+    `HQUALIMP` with a zero-width space were not read)."""
+    code = coding.get("code")
+    return visible(code).upper() if isinstance(code, str) else code
+
+
 def _system(coding: dict[str, Any]) -> Any:
     system = coding.get("system")
     return SYSTEM_ALIASES.get(system, system) if isinstance(system, str) else system
@@ -317,8 +322,8 @@ def _system(coding: dict[str, Any]) -> Any:
 def _actor_matches(actors: Any, rule: str | None, ctx: _Context) -> bool:
     if actors is None or (ctx.consent_names_registry and rule != "permit"):
         return True  # a permit's actors are read even then: a probe's permit for the GP let data go here
-    if not isinstance(actors, list):
-        raise Unparseable
+    if not isinstance(actors, list) or not actors:
+        raise Unparseable  # an empty list names nobody, and says neither "anyone" nor who (a probe's)
     known = ctx.policy.registry_actors.get(ctx.registry)
     if not known:
         # nothing to tell this registry's actors from another party's by: a deny may be this registry's (a
@@ -344,23 +349,29 @@ def _actor_matches(actors: Any, rule: str | None, ctx: _Context) -> bool:
 
 def _actor_place(reference: dict, known: frozenset[str]) -> bool | None:
     """True: the actor is this registry; False: surely another party (another number in the naming system the
-    registry is configured by); None: cannot be told."""
+    registry is configured by); None: cannot be told. Systems are compared as one spelling (the URA's URL or
+    OID, in the configuration too) and values without invisible characters and surrounding spaces."""
+    tokens = {_token(*entry.rpartition("|")[::2]) for entry in known if "|" in entry}
     ident = reference.get("identifier")
-    if isinstance(ident, dict):
-        system, value = _naming_system(ident.get("system")), ident.get("value")
-        if isinstance(system, str) and f"{system}|{value}" in known:
+    system = value = None
+    if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+        system, value = _naming_system(ident.get("system")), visible(ident["value"])
+        if isinstance(system, str) and _token(system, value) in tokens:
             return True
-        systems = {_naming_system(token.rpartition("|")[0]) for token in known if "|" in token}
-        if isinstance(system, str) and isinstance(value, str) and system in systems:
-            return False
     target = reference.get("reference")
     if isinstance(target, str):
         tail = "/".join(target.split("/_history/", 1)[0].rstrip("/").split("/")[-2:])
         if target in known or tail in known:
             return True
+    if isinstance(system, str) and system in {t.partition("|")[0] for t in tokens}:
+        return False
     if not isinstance(target, str) and not isinstance(ident, dict):
         raise Unparseable  # a display alone ("alle kwaliteitsregistraties") may name this registry
     return None
+
+
+def _token(system: str, value: str) -> str:
+    return f"{_naming_system(system)}|{visible(value)}"
 
 
 # The Dutch naming systems of organisations, also written as their OIDs
@@ -544,13 +555,17 @@ def _names_no_patient_here(consent: dict, patients: Sequence[PatientRef]) -> boo
 
 
 def _bundle_consents(bundle: dict) -> Iterator[Any]:
-    """The Consents of a Bundle: its entries', and those contained in an entry (a probe's contained deny was
-    never read), a contained one's `#` (its container) read as the container's fullUrl."""
-    for entry in bundle.get("entry") or []:
+    """The Consents of a Bundle: its entries', those of a Bundle in an entry (a re-probe's was dropped as a
+    type not delivered, its objector delivered), and those contained in an entry (a probe's contained deny
+    was never read), a contained one's `#` (its container) read as the container's fullUrl."""
+    entries = bundle.get("entry")
+    for entry in entries if isinstance(entries, list) else ():
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict):
             continue
         yield resource
+        if resource.get("resourceType") == "Bundle":
+            yield from _bundle_consents(resource)
         contained = resource.get("contained")
         for inner in contained if isinstance(contained, list) else ():
             if not isinstance(inner, dict) or inner.get("resourceType") != "Consent":

@@ -150,6 +150,8 @@ class EhrConsentSearch:
             url, params = _next_link(bundle), None
             if url is None:
                 total = bundle.get("total")
+                if total is not None and type(total) is not int:
+                    raise _NotClean(Reason.EHR_BAD_RESPONSE)  # a re-probe's "3" was taken for no count
                 if type(total) is int and total > len(consents):
                     # more matches than the pages held, and no link to the rest (a probe's `total: 3` of no
                     # entries was taken for no Consent at all)
@@ -233,7 +235,9 @@ def _next_link(bundle: dict) -> str | None:
     if not isinstance(links, list):
         raise _NotClean(Reason.EHR_BAD_RESPONSE)
     for link in links:
-        if isinstance(link, dict) and link.get("relation") == "next":
+        relation = link.get("relation") if isinstance(link, dict) else None
+        # "Next" too: a re-probe's was not followed, and the first page taken for the whole answer
+        if isinstance(relation, str) and relation.lower() == "next":
             url = link.get("url")
             if not isinstance(url, str) or not url:
                 raise _NotClean(Reason.EHR_BAD_RESPONSE)

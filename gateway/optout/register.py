@@ -13,13 +13,12 @@ import hashlib
 import hmac
 import logging
 import re
-import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from gateway.optout.base import Decision, PatientRef, Reason
+from gateway.optout.base import Decision, PatientRef, Reason, visible
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +99,7 @@ def registered_form(patient_number: str) -> str:
     """How a number is registered: upper-cased, so that a record numbered in any case finds it (a lookup
     asks each number as given, upper- and lower-cased: objections registered before are found too), and
     without invisible characters (a zero-width space copied along with a number: a probe's was delivered)."""
-    return _visible(patient_number).upper()
-
-
-def _visible(text: str) -> str:
-    """Without format characters (zero-width spaces and joiners, soft hyphens, bidi marks) and surrounding
-    whitespace."""
-    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+    return visible(patient_number).upper()
 
 
 def stored_forms(patient_number: str) -> list[str]:
@@ -119,7 +112,7 @@ def _spellings(numbers: Sequence[str]) -> list[str]:
     """Each number as given and without invisible characters, upper- and lower-cased: an objection registered
     as P0001234 holds for a record numbered p0001234 (a probe delivered it). Numbers of digits only are asked
     once."""
-    forms = (form for n in numbers for form in (n, _visible(n)))
+    forms = (form for n in numbers for form in (n, visible(n)))
     return list(dict.fromkeys(v for form in forms for v in (form, form.upper(), form.lower())))
 
 
