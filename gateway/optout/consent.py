@@ -28,8 +28,11 @@ Rules (domain spec §6, decided here where the spec leaves it open):
   `class`, `code`, `dataPeriod`, `securityLabel` or `action` (a partial objection) counts as a deny of
   everything, and a permit so restricted lets nothing go, since the gateway cannot deliver parts of a record
   reliably. A `modifierExtension` anywhere in a Consent makes it unparseable.
-- A Consent about care only (`scope` treatment or adr) counts only for a deny in it that names a delivery
-  purpose by its code; a scope in another code system is one not known here.
+- A Consent about care only (`scope` treatment or adr; other codings of the scope are its translations)
+  counts only for a deny in it (its type, or an opt-out `policyRule`'s) that names a delivery purpose; a
+  scope with no consentscope coding is one not known here. Codes are compared upper-cased and without
+  invisible characters; an empty `actor` list, or a `policyRule` not read here where no provision
+  applies, is unparseable.
 - No provision: `policyRule` OPTOUT/OPTOUTE (v3-ActCode) is a deny, OPTIN/OPTINR a permit, anything else
   (also an opt-in beside a code in another system) is unparseable.
 - Per patient: any applicable deny → objected; else any unparseable Consent → unknown; else any permit →
