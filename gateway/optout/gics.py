@@ -75,9 +75,7 @@ def hmac_signer_id(hash_key: bytes) -> Callable[[PatientRef], str | None]:
     def signer_id(patient: PatientRef) -> str | None:
         if not patient.mrn or not patient.mrn.strip():
             return None
-        # the number as the register stores it (upper-cased): the register's digest of a record numbered
-        # p0001234 is P0001234's, and gICS must hold it under the same (a probe: it was the number as given)
-        return objection_digest(hash_key, patient.provider, registered_form(patient.mrn))
+        return objection_digest(hash_key, patient.provider, patient.mrn)
 
     return signer_id
 
@@ -330,7 +328,11 @@ class GicsConsent:
 
 
 def _numbers(patient: PatientRef) -> list[str | None]:
-    numbers = list(dict.fromkeys(n for n in (patient.mrn, *patient.other_mrns) if n and n.strip()))
+    """Each number as the register stores it (upper-cased, see `registered_form`: the docs promise the
+    register's digests) and as given (how objections were registered in gICS before): a probe's record
+    numbered p0001234 found no objection registered under P0001234's digest."""
+    given = [n for n in (patient.mrn, *patient.other_mrns) if n and n.strip()]
+    numbers = list(dict.fromkeys(form for n in given for form in (registered_form(n), n)))
     return numbers or [patient.mrn]  # no number: asked once, to be refused as having no signer id
 
 
