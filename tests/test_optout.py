@@ -1181,3 +1181,16 @@ def test_a_consent_in_a_bundle_in_the_bundle_is_read() -> None:
     source = BundleConsentOptOut.from_bundle(bundle, policy=POLICY, clock=lambda: NOW)
     decisions = run(source.check([patient_ref(), patient_ref("pat-2")]))
     assert decisions["urn:uuid:pat-1"] == Decision("objected", Reason.CONSENT_DENY)
+
+
+def test_a_contained_consent_of_an_entry_without_fullurl_is_its_container_s() -> None:
+    """A re-probe: in a bulk export's lines (no fullUrl) a Patient's contained Consent (`patient: #`) was
+    nobody's, and withheld every patient of the group; it is the Patient's, by `Patient/id`."""
+    bundle = consent_bundle()
+    second = bundle["entry"][1]
+    del second["fullUrl"]
+    second["resource"] = {**second["resource"], "contained": [research_objection("#")]}
+    source = BundleConsentOptOut.from_bundle(bundle, policy=POLICY, clock=lambda: NOW)
+    decisions = run(source.check([patient_ref(), patient_ref("pat-2", key="Patient/pat-2")]))
+    assert decisions["Patient/pat-2"] == Decision("objected", Reason.CONSENT_DENY)
+    assert decisions["urn:uuid:pat-1"].status == "allowed"

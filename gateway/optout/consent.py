@@ -574,10 +574,19 @@ def _bundle_consents(bundle: dict) -> Iterator[Any]:
             if not isinstance(inner, dict) or inner.get("resourceType") != "Consent":
                 continue
             subject = inner.get("patient")
-            full_url = entry.get("fullUrl")
-            if isinstance(subject, dict) and subject.get("reference") == "#" and isinstance(full_url, str):
-                inner = {**inner, "patient": {**subject, "reference": full_url}}
+            container = _reference_to(entry, resource)
+            if isinstance(subject, dict) and subject.get("reference") == "#" and container is not None:
+                inner = {**inner, "patient": {**subject, "reference": container}}
             yield inner
+
+
+def _reference_to(entry: dict, resource: dict) -> str | None:
+    """How to name an entry's resource: its fullUrl, else `Type/id` (a bulk export's lines have no fullUrl:
+    a re-probe's contained Consent there withheld every patient of the group)."""
+    if isinstance(entry.get("fullUrl"), str):
+        return entry["fullUrl"]
+    rtype, rid = resource.get("resourceType"), resource.get("id")
+    return f"{rtype}/{rid}" if isinstance(rtype, str) and isinstance(rid, str) else None
 
 
 class BundleConsentOptOut:
