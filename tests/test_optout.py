@@ -1194,3 +1194,35 @@ def test_a_contained_consent_of_an_entry_without_fullurl_is_its_container_s() ->
     decisions = run(source.check([patient_ref(), patient_ref("pat-2", key="Patient/pat-2")]))
     assert decisions["Patient/pat-2"] == Decision("objected", Reason.CONSENT_DENY)
     assert decisions["urn:uuid:pat-1"].status == "allowed"
+
+
+def _who(reference: str) -> dict:
+    return {"reference": {"reference": reference}}
+
+
+@pytest.mark.parametrize(
+    ("change", "verdict"),
+    [
+        # a care directive naming a delivery purpose under a policyRule not read here, or none at all
+        (
+            {
+                "scope": TREATMENT,
+                "policyRule": {"coding": [{"system": "urn:oid:1.2.3", "code": "OPTOUT"}]},
+                "provision": {"purpose": HQUALIMP},
+            },
+            "unknown",
+        ),
+        ({"scope": TREATMENT, "policyRule": {"text": "opt"}, "provision": {"purpose": HQUALIMP}}, "unknown"),
+        ({"scope": TREATMENT, "provision": {"provision": [{"purpose": HQUALIMP}]}}, "unknown"),
+        # a deny for a person is no objection to a registry
+        (_nested({"type": "permit"}, {"type": "deny", "actor": [_who("Practitioner/ex")]}), "permit"),
+        (_nested({"type": "permit"}, {"type": "deny", "actor": [_who("RelatedPerson/x")]}), "permit"),
+    ],
+)
+def test_a_last_re_probe_of_the_consent_rules(change: dict, verdict: str) -> None:
+    """A last re-probe: the first three were not applicable (delivered), the last two withheld."""
+    policy = ConsentPolicy(registry_actors={REGISTRY: frozenset({f"{URA}|00009999"})})
+    consent = research_objection()
+    consent.pop("policyRule")
+    consent.update(change)
+    assert evaluate_consent(consent, REGISTRY, policy, NOW) == verdict

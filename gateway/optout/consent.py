@@ -241,8 +241,10 @@ def _named_objection(node: Any, ctx: _Context, inherited: str | None = None) -> 
         raise Unparseable
     rule = node.get("type", inherited)
     purposes = node.get("purpose")
-    named = rule == "deny" and purposes is not None and _purpose_matches(purposes, rule, ctx.policy)
+    named = rule != "permit" and purposes is not None and _purpose_matches(purposes, rule, ctx.policy)
     if named and _applies(node, rule, ctx):
+        if rule is None:
+            raise Unparseable  # a delivery purpose with no rule read (a policyRule not known here, or none)
         return "deny"
     children = node.get("provision") or []
     if not isinstance(children, list):
@@ -368,9 +370,14 @@ def _actor_place(reference: dict, known: frozenset[str]) -> bool | None:
             return True
     if isinstance(system, str) and system in {t.partition("|")[0] for t in tokens}:
         return False
+    if isinstance(target, str) and tail.partition("/")[0] in _PEOPLE_AND_THINGS:
+        return False  # a person or a device is no registry (a re-probe's deny for a Practitioner withheld)
     if not isinstance(target, str) and not isinstance(ident, dict):
         raise Unparseable  # a display alone ("alle kwaliteitsregistraties") may name this registry
     return None
+
+
+_PEOPLE_AND_THINGS = frozenset({"Practitioner", "PractitionerRole", "RelatedPerson", "Patient", "Device"})
 
 
 def _token(system: str, value: str) -> str:
