@@ -243,7 +243,8 @@ class Runtime:
             # fail closed and say so: dropping the patient would answer 200, and the EHR would never send
             # again what the registry must get once the source answers
             raise OptOutUnavailable("an opt-out source could not answer")
-        self._count_resources(processed)
+        delivered = _delivered_types(processed)
+        self._count_resources(processed, delivered)
         if processed.bundle is None:
             self.metrics.bundles.labels(outcome="nothing-to-deliver").inc()
             # once per request, as a re-posted delivery is one delivery: an EHR's retries are not more
@@ -265,7 +266,7 @@ class Runtime:
             payload=payload,
             patient_order_key=processed.patient_keys[0] if processed.patient_keys else None,
             # per type as delivered, as a bulk delivery's: the processing record adds both up
-            counts=_counts(processed.report) | {"resources": _delivered_types(processed)},
+            counts=_counts(processed.report) | {"resources": delivered},
             pseudonym_types=sorted(processed.report.get("pseudonymTypes") or {}),
             audit=_audit(caller, registry, "accepted", processed.report),
         )
@@ -300,8 +301,8 @@ class Runtime:
         with contextlib.suppress(StoreUnavailable):
             await asyncio.to_thread(self.store.record_audit, _refusal(caller, registry, err))
 
-    def _count_resources(self, processed: Processed) -> None:
-        for rtype, n in _delivered_types(processed).items():
+    def _count_resources(self, processed: Processed, delivered: dict[str, int]) -> None:
+        for rtype, n in delivered.items():
             self.metrics.resources.labels(rtype, "delivered").inc(n)
         for reason, per_type in dropped_by_reason(processed.report).items():
             for rtype, n in per_type.items():

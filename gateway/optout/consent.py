@@ -337,11 +337,12 @@ def _actor_matches(actors: Any, rule: str | None, ctx: _Context) -> bool:
             return False
         raise Unparseable
     undecided = False
+    tokens = {_token(*entry.rpartition("|")[::2]) for entry in known if "|" in entry}
     for actor in actors:
         reference = actor.get("reference") if isinstance(actor, dict) else None
         if not isinstance(reference, dict):
             raise Unparseable
-        place = _actor_place(reference, known)
+        place = _actor_place(reference, known, tokens)
         if place:
             return True
         undecided = undecided or place is None
@@ -352,11 +353,11 @@ def _actor_matches(actors: Any, rule: str | None, ctx: _Context) -> bool:
     return False
 
 
-def _actor_place(reference: dict, known: frozenset[str]) -> bool | None:
+def _actor_place(reference: dict, known: frozenset[str], tokens: set[str]) -> bool | None:
     """True: the actor is this registry; False: surely another party (another number in the naming system the
     registry is configured by); None: cannot be told. Systems are compared as one spelling (the URA's URL or
-    OID, in the configuration too) and values without invisible characters and surrounding spaces."""
-    tokens = {_token(*entry.rpartition("|")[::2]) for entry in known if "|" in entry}
+    OID, in the configuration too: ``tokens`` are ``known``'s identifiers so written) and values without
+    invisible characters and surrounding spaces."""
     ident = reference.get("identifier")
     system = value = None
     if isinstance(ident, dict) and isinstance(ident.get("value"), str):

@@ -40,7 +40,7 @@ import orjson
 from gateway.forward import RegistryAuth
 from gateway.optout.base import Decision, PatientRef, combine
 from gateway.optout.consent import Unparseable, _period_covers, utc_now
-from gateway.optout.register import objection_digest, registered_form
+from gateway.optout.register import objection_digest, stored_forms
 from gateway.ttp.backend import TTPUnavailable
 from gateway.ttp.client import RetryPolicy, _Retryable
 from gateway.ttp.gpas import auth_from_options, auth_headers, classify, http_client
@@ -332,7 +332,7 @@ def _numbers(patient: PatientRef) -> list[str | None]:
     register's digests) and as given (how objections were registered in gICS before): a probe's record
     numbered p0001234 found no objection registered under P0001234's digest."""
     given = [n for n in (patient.mrn, *patient.other_mrns) if n and n.strip()]
-    numbers = list(dict.fromkeys(form for n in given for form in (registered_form(n), n)))
+    numbers = list(dict.fromkeys(form for n in given for form in stored_forms(n)))
     return numbers or [patient.mrn]  # no number: asked once, to be refused as having no signer id
 
 
