@@ -330,3 +330,59 @@ def test_a_walked_document_is_searched_only_for_the_glued_values_it_holds(patien
     assert not _clean_at_a_glance(glued, scanner)
     assert scanner.glued == (("johanna", "name"),)
     assert [f.kind for f in scan(glued, sensitive)] == ["name"]
+
+
+def _dated(patients: int) -> SensitiveSet:
+    bundle = _input(patients)
+    for n, entry in enumerate(bundle["entry"]):
+        entry["resource"]["birthDate"] = f"19{34 + n}-04-{10 + n}"
+    return sensitive_values(bundle)
+
+
+DATED_ONE, DATED_MANY = _dated(1), _dated(12)
+date_pieces = st.sampled_from(
+    ["1934-04-10", "10-04-1934", "10 april 1934", "1934", "april", "10", "1945-04-21", "21/4/45", "x", " "]
+)
+DATE_KEYS = st.sampled_from(
+    ["effectiveDateTime", "start", "valueDateTime", "text", "birthDate", "recordedDate", "display"]
+)
+dated_leaves = st.lists(date_pieces, max_size=4).map("".join)
+dated_values = st.recursive(
+    dated_leaves,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(DATE_KEYS, inner, max_size=3),
+    max_leaves=8,
+)
+dated_resources = st.builds(
+    lambda rtype, body: {"resourceType": rtype, **body},
+    st.sampled_from(["Observation", "Patient", "Encounter"]),
+    st.dictionaries(DATE_KEYS, dated_values, max_size=3),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.fixed_dictionaries({"resource": dated_resources}), min_size=1, max_size=5),
+    st.dictionaries(st.sampled_from(["text", "timestamp"]), dated_leaves, max_size=1),
+    st.sampled_from([DATED_ONE, DATED_MANY]),
+)
+def test_a_birth_date_walks_only_its_entries_and_finds_what_the_whole_walk_finds(
+    entries: list[Any], own: dict[str, Any], sensitive: SensitiveSet
+) -> None:
+    """A birth date is the only suspicion in most walked groups (a clinical date equal to some patient's
+    birth date): only the entries, or the Bundle's own elements, whose text holds one are walked. What is
+    reported, and where, must be exactly what the walk of the whole Bundle reports."""
+    doc = {"resourceType": "Bundle", "type": "collection", **own, "entry": entries}
+    assert scan(doc, sensitive) == _walk(doc, sensitive)
+
+
+def test_a_birth_date_at_an_event_date_is_not_reported_and_one_in_a_note_is_by_its_entry() -> None:
+    event = {"resource": {"resourceType": "Observation", "effectiveDateTime": "1934-04-10"}}
+    note = {"resource": {"resourceType": "Observation", "note": [{"text": "born 10-04-1934"}]}}
+    doc = {"resourceType": "Bundle", "type": "collection", "entry": [event, note, event]}
+    scanner = _Scanner(DATED_MANY)
+    assert not _clean_at_a_glance(folded(doc, None)[0], scanner) and scanner.only_birth_dates
+    assert [(f.path, f.kind) for f in scan(doc, DATED_MANY)] == [
+        ("Bundle.entry[1].resource.note[0].text", "birth-date")
+    ]
+    only_events = {**doc, "entry": [event, event]}
+    assert scan(only_events, DATED_MANY) == [] == _walk(only_events, DATED_MANY)

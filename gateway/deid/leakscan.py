@@ -660,6 +660,9 @@ class _Scanner:
         self.decided: dict[str, bool] = {}  # needs_check's answer per distinct string of the document
         self.in_value = False  # inside a value[x] (valuePeriod), where no date is an event either
         self.in_patient = False  # inside a Patient no date is an event: a full birth date there is a leak
+        # set by the whole-document check when a birth date was its only suspicion: then only the parts of the
+        # document that hold one need the walk
+        self.only_birth_dates = False
 
     @cached_property
     def quick(self) -> re.Pattern[str]:
@@ -1120,8 +1123,9 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner, serialized: bytes | None 
         return False
     if literals and _literal_found(escaped, literals, tokens if ascii_doc else None):
         return False
-    if sens.birth_dates and _birth_date_seen(low, sens.birth_dates, tokens):
-        return False
+    # a birth date also written as an event's date (a group of many patients often has one) is a leak only
+    # where the walk counts dates: decided last, so that it alone sends only its entries to the walk
+    birth_date_seen = bool(sens.birth_dates) and _birth_date_seen(low, sens.birth_dates, tokens)
     # many patients' dates: filtered by the digit runs the document has (one pass instead of one per pattern:
     # a re-probe's 1,000-patient Bundle spent 0.4 s here)
     runs = _digit_runs(low) if len(sens.short_dates) > _FILTER_DATES_FROM else None
@@ -1142,7 +1146,8 @@ def _clean_at_a_glance(output: Any, scanner: _Scanner, serialized: bytes | None 
             start = m.start()
             if (start == 0 or not low[start - 1].isalnum()) and _sequence_at(low, start, candidates):
                 return False
-    return True
+    scanner.only_birth_dates = birth_date_seen
+    return not birth_date_seen
 
 
 _FILTER_DATES_FROM = 20
@@ -1218,11 +1223,37 @@ def scan(
     scanner = _Scanner(sensitive)
     if _clean_at_a_glance(output, scanner, serialized):
         return findings
+    if scanner.only_birth_dates and isinstance(output, dict) and isinstance(output.get("entry"), list):
+        _walk_where_birth_dates(output, scanner, root)
+        return findings + scanner.findings
     if scanner.glued and not scanner.glued_decided and serialized is not None:
         # the document check stopped before it looked (not plain JSON: every glued value is sought)
         scanner.glued = glued_in_document(serialized, scanner.glued)
     scanner.value(output, "", {}, [root])
     return findings + scanner.findings
+
+
+def _walk_where_birth_dates(bundle: dict[str, Any], scanner: _Scanner, root: str) -> None:
+    """The walk, over only the entries (and the Bundle's own elements) whose text holds a patient's birth
+    date. Every other check of the whole-document glance passed, and whatever the walk reports lies within
+    one string, so the walk of an entry without a birth date in its text would report nothing: a group of
+    many patients is then walked for its few dated entries, not whole."""
+    assert scanner.sens is not None
+    dates = scanner.sens.birth_dates
+    own = {k: v for k, v in bundle.items() if k != "entry"}
+    if _holds_birth_date(own, dates):
+        scanner.value(own, "", {}, [root])
+    entry_part = scanner.part("entry")
+    for i, entry in enumerate(bundle["entry"]):
+        if _holds_birth_date(entry, dates):
+            scanner.value(entry, "entry", bundle, [root, entry_part, f"[{i}]"])
+
+
+def _holds_birth_date(part: Any, dates: Mapping[str, Collection[tuple[int, int]]]) -> bool:
+    raw = orjson.dumps(part)
+    if b"\\" in raw:
+        raw = _JSON_ESCAPE.sub(b" ", raw)
+    return _birth_date_seen(raw.decode().casefold(), dates, None)
 
 
 def folded(output: Any, serialized: bytes | None) -> tuple[Any, bytes | None, bool]:
