@@ -958,3 +958,12 @@ def test_an_objectors_device_does_not_travel_through_another_shared_resource(tmp
     summary, delivered = deliver(tmp_path, resources, group_size=5)
     assert "LOT-OBJ-77" not in orjson.dumps(delivered).decode()
     assert values(delivered, "Observation") == [1.0]
+
+
+def test_a_resource_exported_twice_is_delivered_once_and_the_copy_reported(tmp_path: Path) -> None:
+    """Two lines with one Observation id: both went out, the second under an id that depended on its place in
+    the group. The copy is reported as a duplicate line; the first goes out."""
+    seen = observation("oa", 1.0, subject=ref("Patient/pa"))
+    summary, delivered = deliver(tmp_path, [ALICE, seen, seen | {"valueQuantity": {"value": 9.0}}])
+    assert values(delivered, "Observation") == [1.0]
+    assert summary.invalid_lines == [("Observation.ndjson", 2, "rejected-duplicate")]

@@ -506,6 +506,7 @@ def validate_bundle(
     errors: list[Issue] = []
     _check_entries_have_resources(entries, errors)
     by_full_url = _full_url_index(entries, errors)
+    _check_unique_ids(entries, by_full_url, errors)
     patients = [
         PatientEntry(i, e.get("fullUrl"), e["resource"])
         for i, e in enumerate(entries)
@@ -567,6 +568,30 @@ def _full_url_index(entries: list[dict], errors: list[Issue]) -> dict[str, int]:
                 text = f"duplicate fullUrl (the same as entry {first})"
             errors.append(Issue("duplicate", text, (f"Bundle.entry[{i}].fullUrl",)))
     return by_full_url
+
+
+def _check_unique_ids(entries: list[dict], by_full_url: dict[str, int], errors: list[Issue]) -> None:
+    """Two resources of one Bundle with the same type and id (under different fullUrls): the pseudonymised
+    id of each comes from its type and id, so which one the registry gets under which id would depend on
+    their order, and a re-post in another order would swap two patients' records at the registry."""
+    first_of: dict[tuple[str, str], int] = {}
+    for i, entry in enumerate(entries):
+        resource = entry.get("resource")
+        if not isinstance(resource, dict):
+            continue
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+        if type(rtype) is not str or type(rid) is not str:
+            continue
+        full_url = entry.get("fullUrl")
+        if full_url is not None and by_full_url.get(full_url) != i:
+            continue  # reported already: the same fullUrl twice
+        first = first_of.setdefault((rtype, rid), i)
+        if first != i:
+            text = (
+                f"the same resource type and id as the resource of entry {first}: two resources of one "
+                "Bundle cannot share an id (send each resource once, with the id it has in the EHR)"
+            )
+            errors.append(Issue("duplicate", text, (f"Bundle.entry[{i}].resource.id",)))
 
 
 def _version_id(entry: dict) -> Any:

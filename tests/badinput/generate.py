@@ -689,6 +689,33 @@ def validate_cases() -> list[Case]:
             secrets=SECRETS,
         ),
         Case(
+            "two-patients-one-id",
+            "validate",
+            422,
+            "duplicate",
+            expression="Bundle.entry[2].resource.id",
+            note="two people under one id: their pseudonymised ids would follow the entry order, and a "
+            "re-post in another order swapped them at the registry",
+            body=dumps(bundle(patient(), observation(), patient(name=[{"family": "Aalbersberg"}]))),
+            secrets=SECRETS,
+        ),
+        Case(
+            "two-observations-one-id-other-servers",
+            "validate",
+            422,
+            "duplicate",
+            expression="Bundle.entry[2].resource.id",
+            body=dumps(
+                bundle(
+                    patient(),
+                    observation(id="14"),
+                    observation(id="14"),
+                    urls=[url(1), "http://a.example/fhir/Observation/14", "http://b.example/fhir/Observation/14"],
+                )
+            ),
+            secrets=SECRETS,
+        ),
+        Case(
             "dangling-relative-patient",
             "validate",
             422,
