@@ -215,6 +215,9 @@ class Settings(BaseSettings):
     # How long a claimed delivery stays leased to this worker (renewed while sending). After a crash, its
     # in-flight deliveries wait this long before another worker (or the restarted one) sends them again.
     worker_lease_seconds: float = 120.0
+    # Data minimisation: a delivered Bundle's payload (pseudonymised) is emptied this many days after the
+    # registry took it; the row, its counts and the audit trail stay. 0: emptied as soon as it is delivered.
+    payload_retention_days: float = Field(30.0, ge=0)
     bulk_work_dir: Path = Path("var/bulk")  # bulk job state, index and uploads (removed when a job ends)
     bulk_import_dir: Path | None = None  # the only folder a $import manifest may name files in
     # worker processes (niced) that run a $import job's chain; 0: a thread of this process

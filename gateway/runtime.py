@@ -130,6 +130,7 @@ class Runtime:
                 lease_seconds=self.settings.worker_lease_seconds,
                 concurrency=self.settings.worker_concurrency,
                 metrics=self.metrics,
+                payload_retention=self.settings.payload_retention_days * 86400,
                 on_recorded=self._outcome_recorded,
             )
             self._worker_task = asyncio.create_task(self._worker.run())

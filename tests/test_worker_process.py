@@ -98,3 +98,27 @@ def test_an_api_without_worker_stores_and_worker_processes_forward_each_bundle_o
             assert [one.wait(timeout=30), two.wait(timeout=30)] == [0, 0]
         delivered = httpx.get(status_url, headers=auth).json()
         assert delivered["status"] == "delivered", delivered
+
+
+def _payload_sizes(chain: ProcessChain) -> list[int]:
+    import sqlite3
+
+    with sqlite3.connect(chain.work_dir / "gateway.db") as conn:
+        rows = conn.execute("SELECT length(payload) FROM deliveries WHERE status = 'delivered'")
+        return [n for (n,) in rows]
+
+
+def test_a_delivered_payload_is_emptied_after_the_retention_the_operator_set(tmp_path: Path) -> None:
+    """A probe: the pseudonymised payloads of delivered Bundles were kept for good (the worker could purge
+    them, but no setting reached it)."""
+    with process_chain(tmp_path, receiver_faults=False) as chain:
+        kept = chain.start_gateway()
+        assert _post_async(kept.url, chain.ehr_api_key, variant(0, 0, run="kept")).status_code == 202
+        _wait_for(lambda: len(_receipts(chain)) == 1)
+        time.sleep(0.5)  # ten idle polls: a purge would have run
+        assert [n > 0 for n in _payload_sizes(chain)] == [True]  # the default keeps them for 30 days
+        kept.kill(signal.SIGTERM)
+        gw = chain.start_gateway(extra_env={"FHIR_GATEWAY_PAYLOAD_RETENTION_DAYS": "0"})
+        assert _post_async(gw.url, chain.ehr_api_key, variant(1, 1, run="gone")).status_code == 202
+        _wait_for(lambda: len(_receipts(chain)) == 2)
+        _wait_for(lambda: _payload_sizes(chain) == [0, 0])
