@@ -230,6 +230,29 @@ def test_manifest_must_stay_inside_the_import_folder(tmp_path: Path) -> None:
             resolve_sources([bad], allowed_root=tmp_path / "imports")
 
 
+def test_a_file_named_twice_is_read_once(tmp_path: Path) -> None:
+    """A probe: a folder and a file in it, or a manifest listing one file again under `./`, delivered every
+    resource of it twice."""
+    export = tmp_path / "export"
+    write_export(export, SynthSpec(patients=3, resources_per_patient=4))
+    observations = export / "Observation.ndjson"
+    manifest = tmp_path / "manifest.json"
+    urls = ["export/Observation.ndjson", "./export/Observation.ndjson", "export/../export/Observation.ndjson"]
+    manifest.write_bytes(orjson.dumps({"output": [{"type": "Observation", "url": u} for u in urls]}))
+    lines = observations.read_bytes().count(b"\n")
+    summary = run_bulk(
+        [export, observations, manifest],
+        registry=REGISTRY,
+        work_dir=tmp_path / "w",
+        to_dir=tmp_path / "out",
+        options=BulkOptions(workers=0),
+    )
+    sent = [e for b in bundles(tmp_path / "out") for e in b["entry"]]
+    sent = [e for e in sent if e["resource"]["resourceType"] == "Observation"]
+    assert summary.resources_in["Observation"] == lines == len(sent) > 0
+    assert summary.invalid_lines == []
+
+
 def _to_dir(tmp_path: Path, chains, options: BulkOptions):  # noqa: ANN001, ANN202 - Chains, BulkSummary
     """The export under tmp_path/export, delivered as files into tmp_path/out (work dir tmp_path/w)."""
     run = run_bulk_async(

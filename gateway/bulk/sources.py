@@ -37,7 +37,20 @@ def resolve_sources(paths: list[Path], *, allowed_root: Path | None = None) -> l
             raise SourceError(f"no such file or folder: {path.name}")
     if not files:
         raise SourceError("no NDJSON files in the export")
-    return files
+    return _each_once(files)
+
+
+def _each_once(files: list[SourceFile]) -> list[SourceFile]:
+    """A file named twice (a folder and a file in it, a manifest listing it twice, under `./` or a link) is
+    read once: its lines twice would be each resource twice."""
+    seen: set[tuple[int, int]] = set()
+    once = []
+    for source in files:
+        stat = source.path.stat()
+        if (stat.st_dev, stat.st_ino) not in seen:
+            seen.add((stat.st_dev, stat.st_ino))
+            once.append(source)
+    return once
 
 
 def _folder(folder: Path) -> list[SourceFile]:
@@ -78,7 +91,7 @@ def parse_manifest(data: bytes, *, base: Path, allowed_root: Path | None) -> lis
         target = _local(item["url"], base, allowed_root, n)
         rtype = item.get("type") if isinstance(item.get("type"), str) else _type_hint(target.name)
         files.append(SourceFile(target, rtype))
-    return files
+    return _each_once(files)
 
 
 def _local(url: str, base: Path, allowed_root: Path | None, n: int) -> Path:
