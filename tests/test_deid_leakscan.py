@@ -117,6 +117,29 @@ def test_short_values_and_partial_tokens_are_not_findings(text: str) -> None:
     assert scan(out_with(valueString=text), sensitive_values(source())) == []
 
 
+@pytest.mark.parametrize(
+    ("extension", "text", "kind"),
+    [
+        ({"url": "patient-mothersMaidenName", "valueString": "Kwikkelstein"}, "Moeder: Kwikkelstein", "name"),
+        (
+            {"url": "patient-birthPlace", "valueAddress": {"line": ["Kroonkruidstraat 77"]}},
+            "geboren Kroonkruidstraat 77",
+            "address",
+        ),
+    ],
+)
+def test_a_patients_mothers_maiden_name_and_birth_place_are_sought(
+    extension: dict, text: str, kind: str
+) -> None:
+    """A probe: the mother's maiden name (on every Synthea patient) is removed with the Patient's extension,
+    but a local code's display "Moeder: Kwikkelstein" went out: the gate did not look for it."""
+    extension = {**extension, "url": "http://hl7.org/fhir/StructureDefinition/" + extension["url"]}
+    patient = {**PATIENT, "extension": [*PATIENT.get("extension", []), extension]}
+    original = {**source(), "entry": [{"fullUrl": "http://ehr.example/Patient/p1", "resource": patient}]}
+    code = {"coding": [{"system": "http://ehr.example/codes", "code": "x", "display": text}]}
+    assert kind in {f.kind for f in scan(out_with(code=code), sensitive_values(original))}
+
+
 def test_patient_id_in_a_reference_is_found() -> None:
     out = out_with(subject={"reference": "Patient/nl-core-Patient-alt-1"})
     assert "patient-id" in {f.kind for f in scan(out, sensitive_values(source()))}

@@ -518,6 +518,16 @@ def _person(res: dict[str, Any], out: SensitiveSet) -> None:
     _telecoms(res.get("telecom"), out)
     _addresses(res.get("address"), out)
     _contacts(res, out)
+    for extension in _list(res.get("extension")):
+        url = extension.get("url") if isinstance(extension, dict) else None
+        if url == _MOTHERS_MAIDEN_NAME:  # a family name of the person's family (on every Synthea patient)
+            _names({"family": extension.get("valueString")}, out)
+        elif url == _BIRTH_PLACE:
+            _addresses(extension.get("valueAddress"), out)
+
+
+_MOTHERS_MAIDEN_NAME = "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"
+_BIRTH_PLACE = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace"
 
 
 def _practitioner(res: dict[str, Any], kept: Collection[str], out: SensitiveSet) -> None:
