@@ -46,7 +46,8 @@ def ttp_backend(ttp: TTPConfig, provider: ProviderConfig, embedded_key_dir: Path
         max_batch=ttp.max_batch,
         verify=ttp.ca_bundle or True,
     )
-    return client, ttp.url
+    # the name the Provenance gives the registry: the kind of TTP, not its address inside the hospital
+    return client, ttp.kind
 
 
 def startup_runtime(

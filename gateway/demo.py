@@ -130,7 +130,7 @@ def embedded_chain(
             worker_poll_seconds=0.05,
             bulk_work_dir=work_dir / "bulk",
         )
-        ttps = {p: (HttpTTPClient(ttp_url, ttp_secrets[p], sealed=ttp_sealed), ttp_url) for p in providers}
+        ttps = {p: (HttpTTPClient(ttp_url, ttp_secrets[p], sealed=ttp_sealed), "nlps1") for p in providers}
         runtime = build_runtime(config, settings, ttps=ttps)
         gateway_url = stack.enter_context(serve_in_thread(create_app(runtime, run_worker=run_worker)))
         yield DemoChain(

@@ -126,6 +126,7 @@ def test_every_example_arrives_pseudonymised(chain, example):
     assert scan(out) == []
     text = orjson.dumps(out).decode()
     assert leaked_kinds(json.loads(example.read_text()), text) == []
+    assert chain.ttp_url.split("//")[1] not in text  # the TTP's address in the hospital: not the registry's
     patients = [e["resource"] for e in out["entry"] if e["resource"]["resourceType"] == "Patient"]
     assert patients, "the registry must receive the pseudonymised patient"
     for patient in patients:

@@ -122,3 +122,6 @@ def test_a_delivered_payload_is_emptied_after_the_retention_the_operator_set(tmp
         assert _post_async(gw.url, chain.ehr_api_key, variant(1, 1, run="gone")).status_code == 202
         _wait_for(lambda: len(_receipts(chain)) == 2)
         _wait_for(lambda: _payload_sizes(chain) == [0, 0])
+        # and the Provenance names the kind of TTP, not its address inside the hospital (a probe)
+        received = [httpx.get(f"{chain.receiver_url}/Bundle/{r['id']}").text for r in _receipts(chain)]
+        assert all('"TTP nlps1"' in text and chain.ttp_url.split("//")[1] not in text for text in received)
