@@ -314,8 +314,10 @@ class Runtime:
         return hmac.new(self.keys.idempotency_key(), msg, hashlib.sha256).hexdigest()
 
     async def wait_for(self, delivery_id: str, timeout: float) -> Any:
-        """The delivery once delivered or dead, or as it stands after `timeout`. Woken by this process's
-        worker when it records an outcome; the store is polled as well, for another process's worker."""
+        """The delivery once delivered or dead, or once an attempt failed and it waits for its retry (the
+        registry is down: the EHR is told so now, not after `timeout`), or as it stands after `timeout`.
+        Woken by this process's worker when it records an outcome; the store is polled as well, for another
+        process's worker."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.02
@@ -326,6 +328,8 @@ class Runtime:
                 d = await asyncio.to_thread(self.store.get, delivery_id)
                 if d is None or d.status in ("delivered", "dead") or loop.time() > deadline:
                     return d
+                if d.status == "queued" and d.attempts > 0:
+                    return d  # an attempt failed: queued for its retry
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(recorded.wait(), min(delay, max(0.0, deadline - loop.time())))
                 recorded.clear()

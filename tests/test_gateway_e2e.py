@@ -324,6 +324,27 @@ def test_registry_503_then_200_is_delivered_once(chain):
     assert httpx.get(f"{chain.receiver_url}/").json()["bundles"] == before + 1
 
 
+def test_a_synchronous_post_is_answered_queued_once_an_attempt_failed(chain):
+    """A probe: with the registry down, a synchronous post held the EHR's connection for 20 s before its
+    202; once an attempt has failed, the answer is known (queued for its retry) and given at once."""
+    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 503, "count": 2})
+    response = _post(
+        chain,
+        EXAMPLES / "02-nlps1-vector-patients-transaction.json",
+        headers={"Idempotency-Key": "fault-503-twice"},
+    )
+    assert response.status_code == 202, response.text
+    assert {p["name"]: p for p in response.json()["parameter"]}["status"]["valueCode"] == "queued"
+    auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
+    final = _wait_until(
+        lambda: (r := httpx.get(chain.gateway_url + response.headers["Content-Location"], headers=auth))
+        .status_code
+        == 200
+        and r.json()
+    )
+    assert final["status"] == "delivered" and final["attempts"] == 3
+
+
 def test_registry_429_retry_after_is_honoured(chain):
     httpx.post(f"{chain.receiver_url}/_faults", json={"status": 429, "count": 1, "retry_after": "1"})
     started = time.monotonic()
