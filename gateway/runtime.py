@@ -40,7 +40,7 @@ from gateway.optout import (
 )
 from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable
 from gateway.outcome import FhirError
-from gateway.pipeline.validate import SchemaValidator, check_bundle_shell
+from gateway.pipeline.validate import SchemaValidator, check_bundle_shell, validate_bundle
 from gateway.process import (
     REPORT_COUNTS,
     Processed,
@@ -224,7 +224,16 @@ class Runtime:
             except FhirError as err:
                 await self.record_refusal(caller, registry, err)
                 raise
-            await self._same_request(provider, registry, key, request, earlier)
+            if not await self._same_request(provider, registry, key, request, earlier):
+                try:  # other content that is not valid either: what is wrong with it helps the EHR more
+                    chain = self.registries[registry]  # than the key (a probe's integrator saw only that)
+                    await cpu_work(
+                        large, validate_bundle, bundle, self.validator, require_patient=chain.require_patient
+                    )
+                except FhirError as err:
+                    await self.record_refusal(caller, registry, err)
+                    raise
+                raise _conflict(self.metrics)
             self.metrics.bundles.labels(outcome="duplicate").inc()
             return Accepted(existing.id, _report_of(existing.counts), created=False)
         try:
@@ -271,8 +280,8 @@ class Runtime:
             pseudonym_types=sorted(processed.report.get("pseudonymTypes") or {}),
             audit=_audit(caller, registry, "accepted", processed.report),
         )
-        if not created:  # the same key, posted at the same time by another request
-            await self._same_request(provider, registry, key, request, earlier)
+        if not created and not await self._same_request(provider, registry, key, request, earlier):
+            raise _conflict(self.metrics)  # the same key, posted at the same time by another request
         self.metrics.bundles.labels(outcome="accepted" if created else "duplicate").inc()
         if created and self._worker is not None:
             self._worker.wake()
@@ -280,20 +289,12 @@ class Runtime:
 
     async def _same_request(
         self, provider: str, registry: str, key: str, request: str | None, earlier: str | None = None
-    ) -> None:
+    ) -> bool:
+        """Is the content the key was first used for (as far as its digest was stored) this content?"""
         if request is None:
-            return
+            return True
         stored = await asyncio.to_thread(self.store.request_digest, provider, registry, key)
-        same = stored is None or any(hmac.compare_digest(stored, d) for d in (request, earlier) if d)
-        if not same:
-            self.metrics.bundles.labels(outcome="idempotency-conflict").inc()
-            raise FhirError.single(
-                422,
-                "business-rule",
-                "this Idempotency-Key (or Bundle.identifier) was used for a Bundle with other content; "
-                "send changed content with a new key and a new Bundle.identifier",
-                "Idempotency-Key",
-            )
+        return stored is None or any(hmac.compare_digest(stored, d) for d in (request, earlier) if d)
 
     async def record_refusal(self, caller: Caller, registry: str, err: FhirError) -> None:
         """The privacy officer sees what the chain refused (a leak-gate finding above all) in the audit trail
@@ -622,3 +623,14 @@ def _with_last_member(payload: bytes | None, name: str, value: Any) -> bytes:
     if payload is None or not payload.endswith(b"}") or payload == b"{}":
         raise ValueError("expected a serialised, non-empty JSON object")
     return payload[:-1] + b',"' + name.encode() + b'":' + orjson.dumps(value) + b"}"
+
+
+def _conflict(metrics: GatewayMetrics) -> FhirError:
+    metrics.bundles.labels(outcome="idempotency-conflict").inc()
+    return FhirError.single(
+        422,
+        "business-rule",
+        "this Idempotency-Key (or Bundle.identifier) was used for a Bundle with other content; "
+        "send changed content with a new key and a new Bundle.identifier",
+        "Idempotency-Key",
+    )

@@ -244,6 +244,11 @@ def test_a_bundle_identifier_used_again_for_other_content_is_refused_and_a_regen
     changed["entry"][3]["resource"]["effectiveDateTime"] = "2025-06-01T10:00:00+02:00"
     refused = _post(chain, orjson.dumps(changed))
     assert refused.status_code == 422 and "Bundle.identifier" in refused.text, refused.text
+    # other content that is not valid either: what is wrong with it is said, not the key (a probe)
+    changed["entry"][3]["resource"]["effectiveDateTime"] = "2025-13-01"
+    invalid = _post(chain, orjson.dumps(changed))
+    assert invalid.status_code == 400 and "Bundle.identifier" not in invalid.text, invalid.text
+    assert "Bundle.entry[3].resource.effectiveDateTime" in invalid.text
     keyed = _post(chain, example, headers={"Idempotency-Key": "reserialised"})
     pretty = orjson.dumps(orjson.loads(example.read_bytes()), option=orjson.OPT_INDENT_2)
     same = _post(chain, pretty, headers={"Idempotency-Key": "reserialised"})
