@@ -332,7 +332,7 @@ def test_registry_503_then_200_is_delivered_once(chain):
 def test_a_synchronous_post_is_answered_queued_once_an_attempt_failed(chain):
     """A probe: with the registry down, a synchronous post held the EHR's connection for 20 s before its
     202; once an attempt has failed, the answer is known (queued for its retry) and given at once."""
-    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 503, "count": 2})
+    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 503, "count": 2, "retry_after": "2"})
     response = _post(
         chain,
         EXAMPLES / "02-nlps1-vector-patients-transaction.json",
@@ -341,6 +341,12 @@ def test_a_synchronous_post_is_answered_queued_once_an_attempt_failed(chain):
     assert response.status_code == 202, response.text
     assert {p["name"]: p for p in response.json()["parameter"]}["status"]["valueCode"] == "queued"
     auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
+    # while it waits, its status says where it stands (it was an empty 202, a probe)
+    waiting = httpx.get(chain.gateway_url + response.headers["Content-Location"], headers=auth)
+    assert waiting.status_code == 202  # its retry is two seconds away (the registry's Retry-After)
+    view = waiting.json()
+    assert view["status"] == waiting.headers["X-Progress"] == "queued" and view["registryStatus"] == 503
+    assert view["attempts"] == 1 and "nextAttemptAt" in view and waiting.headers["Retry-After"] in ("1", "2")
     final = _wait_until(
         lambda: (r := httpx.get(chain.gateway_url + response.headers["Content-Location"], headers=auth))
         .status_code

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -404,7 +405,15 @@ def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
         if d is None:
             raise FhirError.single(404, "not-found", "no such delivery for this client")
         if d.status in ("queued", "delivering"):
-            return Response(status_code=202, headers={"X-Progress": d.status, "Retry-After": "1"})
+            # still on its way: where it stands (attempts, the registry's last answer, when it goes again)
+            # and when to ask next, not every second while its retry is minutes away (a probe)
+            view = _delivery_view(d)
+            wait = 1
+            if d.status == "queued" and d.attempts:
+                view["nextAttemptAt"] = iso_instant(d.next_attempt_at)
+                wait = min(300, max(1, math.ceil(d.next_attempt_at - time.time())))
+            headers = {"X-Progress": d.status, "Retry-After": str(wait)}
+            return Response(orjson.dumps(view), 202, headers=headers, media_type="application/json")
         return Response(orjson.dumps(_delivery_view(d)), media_type="application/json")
 
     @app.post("/deliveries/{delivery_id}/$requeue")
