@@ -97,6 +97,13 @@ def test_ndjson_upload_is_delivered_to_the_registry(chain, tmp_path: Path) -> No
         assert summary["workerProcesses"] == 0  # a runtime handed its TTP client: the job thread runs it
         assert not list((tmp_path / "bulk").glob("*"))  # the job folder (with the upload) does not stay
         counts = wait_received(c.receiver_url, summary["bundles"])
+        # the status says what the registry has: the job's Bundles in the outbox, by status (a probe read
+        # "completed" as delivered while the registry had nothing)
+        deadline = time.monotonic() + 30
+        while (outbox := client.get(location).json()["outbox"])["delivered"] < summary["bundles"]:
+            assert time.monotonic() < deadline, outbox
+            time.sleep(0.1)
+        assert outbox == {"queued": 0, "delivering": 0, "delivered": summary["bundles"], "dead": 0}
     assert len(counts) == summary["bundles"] and set(counts.values()) == {1}
     received = httpx.get(f"{c.receiver_url}/deliveries").json()
     assert sum((d.get("resourceCounts") or {}).get("Patient", 0) for d in received) == 5

@@ -10,6 +10,8 @@ default): the only folder a manifest may name files in; without it only uploads 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from gateway.outcome import FhirError
 from gateway.service.app import caller_of
 from gateway.service.auth import Caller, require_registry
 from gateway.service.body import NDJSON_TYPES, body_chunks, check_content_type, read_limited
+from gateway.store import StoreUnavailable
 
 MANIFEST_TYPES = {"application/json", "application/fhir+json"}
 MAX_MANIFEST_BYTES = 1024 * 1024
@@ -110,8 +113,17 @@ def install_bulk_routes(
         headers = {"X-Progress": f"{job.state} {job.phase_done}/{job.phase_total}"}
         if job.running:
             headers["Retry-After"] = "2"
+        view = job.view()
+        if job.state in ("delivering", "completed"):
+            # "completed" is the job's part (every Bundle in the outbox); what the registry has is the
+            # outbox's (a probe read "completed" while the registry, down, had nothing)
+            prefix = f"bulk|{job.summary.job if job.summary else job.id}|"
+            with contextlib.suppress(StoreUnavailable):
+                view["outbox"] = await asyncio.to_thread(
+                    runtime.store.depth_by_key_prefix, job.provider, job.registry, prefix
+                )
         return Response(
-            orjson.dumps(job.view()),
+            orjson.dumps(view),
             status_code=202 if job.running else 200,
             media_type="application/json",
             headers=headers,

@@ -197,16 +197,29 @@ class SqlStore:
             ).fetchone()
         return None if row is None else _delivery(row)
 
+    def depth_by_key_prefix(self, provider: str, registry: str, prefix: str) -> dict[str, int]:
+        """`depth` of the deliveries whose idempotency key starts with `prefix` (a bulk job's): how many of
+        its Bundles the registry has, and how many are still on their way."""
+        with self._conn() as conn:
+            rows = self._q(
+                conn,
+                "SELECT status, COUNT(*) FROM deliveries WHERE provider = ? AND registry = ? "
+                "AND idempotency_key LIKE ? ESCAPE '\\' GROUP BY status",
+                (provider, registry, _like_prefix(prefix)),
+            ).fetchall()
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({status: int(n) for status, n in rows})
+        return counts
+
     def ids_by_key_prefix(self, provider: str, registry: str, prefix: str) -> list[str]:
         """The deliveries whose idempotency key starts with `prefix` (a bulk job's: `bulk|<job>|`), oldest
         first: what a bulk job run again after an interruption still has in the outbox."""
-        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         with self._conn() as conn:
             rows = self._q(
                 conn,
                 "SELECT id FROM deliveries WHERE provider = ? AND registry = ? AND idempotency_key LIKE ? "
                 "ESCAPE '\\' ORDER BY created_at, id",
-                (provider, registry, pattern),
+                (provider, registry, _like_prefix(prefix)),
             ).fetchall()
         return [row[0] for row in rows]
 
@@ -624,6 +637,10 @@ def _filters(**values: Any) -> tuple[str, list[Any]]:
     given = {name: value for name, value in values.items() if value is not None}
     clauses = [_BOUNDS.get(name, f"{name} = ?") for name in given]
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", list(given.values())
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _bounded(text: str | None) -> str | None:
