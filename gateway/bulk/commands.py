@@ -46,7 +46,12 @@ def bulk(
         None, "--provider", help="delivering provider (default: the first configured)"
     ),
     group_size: int = typer.Option(200, "--group-size", min=1, help="patients per TTP batch"),
-    max_group_resources: int = typer.Option(5000, "--max-group-resources", min=1),
+    max_group_resources: int = typer.Option(
+        5000,
+        "--max-group-resources",
+        min=1,
+        help="resources of one patient group held at once (bounds memory; a group is cut before it)",
+    ),
     bundle_size: int | None = typer.Option(
         None,
         "--bundle-size",
