@@ -132,6 +132,18 @@ def test_per_patient_order_is_per_registry(store: Store) -> None:
     assert {d.id for d in store.claim_batch("w", limit=10, lease_seconds=30)} == {x, y}
 
 
+def test_posted_bundles_are_claimed_before_a_bulk_jobs_but_a_patients_order_holds(store: Store) -> None:
+    """A yearly delivery's thousands of Bundles in the outbox held every later post back until they had
+    gone: the registry got an EHR's live posts only after the whole export. Posted ones go first now, except
+    a patient's post while that patient's bulk Bundle waits (the registry must see them in order)."""
+    bulk = [put(store, f"bulk|job1|{n}", patient=f"p{n}", registry="dica") for n in range(5)]
+    posted = put(store, "k-post", patient="p9")
+    after_own_bulk = put(store, "k-p1", patient="p1")
+    claimed = store.claim_batch("w", limit=2, lease_seconds=30)
+    assert [d.id for d in claimed] == [bulk[0], posted]  # the post first; the oldest bulk one fills in
+    assert after_own_bulk not in [d.id for d in store.claim_batch("w", limit=10, lease_seconds=30)]
+
+
 def test_claim_can_be_limited_to_registries(store: Store) -> None:
     put(store, "x", registry="dica")
     y = put(store, "y", registry="nkr")

@@ -36,11 +36,20 @@ CLAIMABLE = """
 """
 
 
-def _claimable(now: float, registries: list[str] | None) -> tuple[str, list[Any]]:
+# A bulk job's deliveries (idempotency keys `bulk|<job>|...`; a posted Bundle's key is a keyed hash) are
+# claimed after the posted ones: a yearly delivery of thousands of Bundles in the outbox must not hold an
+# EHR's live posts back until it has drained. Per-patient order still holds (CLAIMABLE): a patient's post
+# waits for that patient's earlier bulk Bundle.
+BULK_KEY = "substr(d.idempotency_key, 1, 5) = 'bulk|'"
+KINDS = {"posted": f"AND NOT ({BULK_KEY})", "bulk": f"AND {BULK_KEY}", None: ""}
+
+
+def _claimable(now: float, registries: list[str] | None, kind: str | None = None) -> tuple[str, list[Any]]:
     if registries is None:
-        return CLAIMABLE.format(registry_filter=""), [now, now, now]
+        return CLAIMABLE.format(registry_filter=KINDS[kind]), [now, now, now]
     marks = ", ".join("?" for _ in registries) or "NULL"
-    return CLAIMABLE.format(registry_filter=f"AND d.registry IN ({marks})"), [now, now, *registries, now]
+    where = CLAIMABLE.format(registry_filter=f"AND d.registry IN ({marks}) {KINDS[kind]}")
+    return where, [now, now, *registries, now]
 
 
 @dataclass
@@ -67,6 +76,7 @@ class Dialect:
         registries: list[str] | None,
         limit: int,
         returning: str,
+        kind: str | None = None,
     ) -> tuple[str, list[Any]]:
         """The claim statement and its parameters (their order differs between the two statements)."""
         raise NotImplementedError
@@ -114,8 +124,9 @@ class SqliteDialect(Dialect):
         registries: list[str] | None,
         limit: int,
         returning: str,
+        kind: str | None = None,
     ) -> tuple[str, list[Any]]:
-        where, where_params = _claimable(now, registries)
+        where, where_params = _claimable(now, registries, kind)
         # One UPDATE ... RETURNING inside BEGIN IMMEDIATE: the write lock makes the claim atomic across
         # processes sharing the file.
         sql = f"""UPDATE deliveries SET status = 'delivering', lease_owner = ?, lease_expires_at = ?,
@@ -145,8 +156,9 @@ class PostgresDialect(Dialect):
         registries: list[str] | None,
         limit: int,
         returning: str,
+        kind: str | None = None,
     ) -> tuple[str, list[Any]]:
-        where, where_params = _claimable(now, registries)
+        where, where_params = _claimable(now, registries, kind)
         returning = ", ".join(f"deliveries.{c.strip()}" for c in returning.split(","))  # c.seq is ambiguous
         # SKIP LOCKED lets concurrent workers take disjoint batches without waiting on each other. Rows
         # another worker has just claimed are re-checked after the lock (READ COMMITTED re-evaluation), so

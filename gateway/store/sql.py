@@ -226,22 +226,28 @@ class SqlStore:
     def claim_batch(
         self, owner: str, limit: int, lease_seconds: float, registries: Iterable[str] | None = None
     ) -> list[Delivery]:
-        """Lease up to `limit` due deliveries to `owner`, oldest first, at most one in flight per patient key.
+        """Lease up to `limit` due deliveries to `owner`, oldest first, at most one in flight per patient key;
+        posted Bundles before a bulk job's (`dialects.KINDS`).
 
         A delivery whose lease expired (its worker died) is claimable again. `attempts` counts claims.
         """
         now = self._clock()
-        sql, params = self.dialect.claim(
-            owner=owner,
-            now=now,
-            lease_until=now + lease_seconds,
-            registries=None if registries is None else sorted(set(registries)),
-            limit=limit,
-            returning=_WITH_PAYLOAD + ", seq",
-        )
+        rows: list[Any] = []
         with self._tx() as conn:
             self.dialect.lock_claims(conn)
-            rows = conn.execute(sql, tuple(params)).fetchall()
+            for kind in ("posted", "bulk"):  # a bulk job's Bundles fill the slots posted Bundles leave
+                if len(rows) == limit:
+                    break
+                sql, params = self.dialect.claim(
+                    owner=owner,
+                    now=now,
+                    lease_until=now + lease_seconds,
+                    registries=None if registries is None else sorted(set(registries)),
+                    limit=limit - len(rows),
+                    returning=_WITH_PAYLOAD + ", seq",
+                    kind=kind,
+                )
+                rows += conn.execute(sql, tuple(params)).fetchall()
         rows.sort(key=lambda r: r[-1])
         return [_delivery(r[:-1]) for r in rows]
 
