@@ -824,6 +824,33 @@ def test_the_processing_record_counts_what_a_yearly_delivery_withheld(tmp_path: 
     assert delivered["resources"]["Patient"] == 4
 
 
+def test_what_came_in_is_what_was_delivered_plus_what_was_withheld_in_the_processing_record(
+    tmp_path: Path, receiver: str
+) -> None:
+    """A probe: a RelatedPerson (a type the registry does not get) was in the record's `dropped` but in no
+    `resourcesIn`, so the record said fewer resources came in than the job had read."""
+    export = tmp_path / "export"
+    write_export(export, SynthSpec(patients=4, resources_per_patient=4, objecting={2}))
+    relative = {"resourceType": "RelatedPerson", "patient": {"reference": f"Patient/{patient_id(0)}"}}
+    (export / "RelatedPerson.ndjson").write_bytes(orjson.dumps(relative) + b"\n")
+    store, sink = _outbox(tmp_path)
+
+    async def go():  # noqa: ANN202 - a BulkSummary
+        chains = offline_chains(REGISTRY, tmp_path / "w")
+        summary = await run_bulk_async(
+            [export], registry=REGISTRY, work_dir=tmp_path / "w", chains=chains, sink=sink
+        )
+        await _forward(store, receiver)
+        return summary
+
+    summary = asyncio.run(go())
+    record = store.processing_record(REGISTRY)
+    assert record["withheld"]["dropped"]["deid:type-not-allowed"] == {"RelatedPerson": 1}
+    # the lines of no patient (shared resources nothing referred to) are the job's, not a delivery's
+    of_patients = summary.lines - sum(summary.dropped["shared-not-referenced"].values())
+    assert record["delivered"]["resourcesIn"] + record["withheld"]["resourcesIn"] == of_patients
+
+
 def test_a_group_redone_after_an_interruption_records_what_it_withheld_once(tmp_path: Path) -> None:
     """The group's work was stored but the job stopped before it noted the group done: redone, its
     `withheld` event was written a second time and the processing record counted its objectors twice."""

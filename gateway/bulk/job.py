@@ -300,7 +300,10 @@ def _withheld_counts(result: GroupResult) -> dict[str, Any]:
     # the withheld patients and their resources only, as a posted Bundle of which nothing went: a probe saw
     # a group's every patient and line here, its delivered ones counted twice in the processing record
     patients = sum(counts[k] for k in counts if k.startswith("patientsDropped"))
-    resources = result.resources_opted_out + sum(dropped.get("no-pseudonym", {}).values())
+    # every resource the group kept back, whatever the reason (a type the registry does not get too): what
+    # came in is then what was delivered plus what was dropped, per type, as for a posted Bundle (a probe's
+    # RelatedPerson was in `dropped` but in no `resourcesIn`)
+    resources = sum(n for by_type in dropped.values() for n in by_type.values())
     reasons = {"optOutReasons": dict(result.opt_out_reasons)} if result.opt_out_reasons else {}
     return {"patients": patients, "resourcesIn": resources, **counts, "dropped": dropped, **reasons}
 
