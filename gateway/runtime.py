@@ -170,9 +170,7 @@ class Runtime:
         if asking is None or asking.done() or asking.get_loop() is not asyncio.get_running_loop():
             # one question at a time: 200 concurrent calls made 400 TTP requests (a re-probe)
             asking = self._readiness_asked = asyncio.ensure_future(self._ask_readiness())
-        problems = list(await asyncio.shield(asking))
-        self._ready_at = None if problems else time.monotonic()
-        return problems
+        return list(await asyncio.shield(asking))
 
     async def _ask_readiness(self) -> list[str]:
         problems = []
@@ -185,6 +183,8 @@ class Runtime:
                 await provider.ttp.probe()
             except Exception:
                 problems.append(f"ttp:{name}")
+        # set as the answer is known, not by its waiters as they resume: a call in between asked again
+        self._ready_at = None if problems else time.monotonic()
         return problems
 
     # -- deliveries -------------------------------------------------------------------------------------
