@@ -802,3 +802,37 @@ def test_a_profile_narrows_the_extensions_a_registry_receives() -> None:
     assert narrow["_gender"]["extension"][0]["url"].endswith("ext-CodeSpecification")  # the profile lists it
     broad = resources(run(bundle(("urn:uuid:p", person))).bundle, "Patient")[0]
     assert len(broad["extension"]) == 3  # a profile without the key receives what the rules keep
+
+
+def test_the_rules_of_a_datatypes_elements_hold_where_a_profile_lists_them_by_their_place() -> None:
+    """A probe: a profile listing `code.text`, `note.authorString` and `dosageInstruction.text` by their
+    place delivered them although the rules (`CodeableConcept.text`, `Annotation.authorString`,
+    `Dosage.text`) say they always go: the rules were looked up under the place, not the datatype."""
+    raw = read_yaml(PROFILES / "example-generic.yaml")
+    raw["free_text"] = {"note": "keep", "concept_text": "drop"}
+    raw["resources"] = {
+        "Patient": ["gender"],
+        "Observation": ["status", "code.coding", "code.text", "subject", "note.text", "note.authorString"],
+        "MedicationRequest": ["status", "intent", "medication[x]", "subject", "dosageInstruction.text"],
+    }
+    plan = compile_plan(profile_from_data(raw), load_rules())
+    observation = obs(
+        "urn:uuid:p",
+        code={"coding": [{"system": "http://loinc.org", "code": "8867-4"}], "text": "afgenomen door dr. P."},
+        note=[{"text": "kept: the profile keeps notes", "authorString": "Dr. K. Pietersen"}],
+    )
+    request = {
+        "resourceType": "MedicationRequest",
+        "status": "active",
+        "intent": "order",
+        "medicationCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "387517004"}]},
+        "subject": {"reference": "urn:uuid:p"},
+        "dosageInstruction": [{"text": "1x daags, bel Pietersen bij klachten"}],
+    }
+    source = bundle(("urn:uuid:p", patient()), ("urn:uuid:o", observation), ("urn:uuid:m", request))
+    result = deidentify(source, plan, id_key=KEY_A, pseudonyms=fake_pseudonyms(source), provenance=PROVENANCE)
+    [delivered] = resources(result.bundle, "Observation")
+    assert delivered["code"] == {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}
+    assert delivered["note"] == [{"text": "kept: the profile keeps notes"}]
+    [medication] = resources(result.bundle, "MedicationRequest")
+    assert "dosageInstruction" not in medication

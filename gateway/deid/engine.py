@@ -182,7 +182,14 @@ class _Compiler:
             return (p.CALL, None, p.modifier_extensions, None, path)
         if name == "id":
             return (p.REMOVE, None, None, None, path)  # element ids are internal and may carry anything
-        rule = self.rules.paths.get(path) or self.rules.datatypes.get(type_name)
+        # a narrowed element's node is labelled by its place ("Observation.note"): the rules of its datatype's
+        # elements ("Annotation.authorString") hold there too (a probe's profile listing note.authorString
+        # and code.text delivered both)
+        rule = (
+            self.rules.paths.get(path)
+            or self.rules.paths.get(f"{definition}.{name}")
+            or self.rules.datatypes.get(type_name)
+        )
         method = self.method(rule) if rule else "keep"
         if method == "remove" or type_name == "ResourceList":
             return (p.REMOVE, None, None, None, path)
