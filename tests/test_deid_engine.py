@@ -79,8 +79,7 @@ def obs(subject: str, **extra: Any) -> dict[str, Any]:
     "ref",
     [
         "Patient/pat-123",
-        "http://hospital.example/fhir/Patient/pat-123",
-        "http://hospital.example/fhir/Patient/pat-123/_history/4",
+        "Patient/pat-123/_history/4",
         "urn:uuid:0f1e2d3c-0000-4000-8000-000000000001",
         f"Patient?identifier={BSN_SYSTEM}|{TEST_BSN}",
         f"Patient?identifier={BSN_SYSTEM}%7C{TEST_BSN}",
@@ -95,6 +94,27 @@ def test_every_reference_form_is_rewritten_to_the_patient(ref: str) -> None:
     assert o["subject"] == {"reference": "urn:uuid:" + pat["id"]}  # display removed
     assert TEST_BSN not in orjson.dumps(out).decode()
     assert "pat-123" not in orjson.dumps(out).decode()
+
+
+def test_an_absolute_reference_names_an_entry_by_its_full_url_only() -> None:
+    """A probe: `http://other.org/fhir/Observation/o2` (another server's, as validation warns) was rewritten
+    to this Bundle's Observation o2, by its Type/id. An entry's own absolute fullUrl still resolves."""
+    local = obs("urn:uuid:p") | {"id": "o2"}
+    elsewhere = obs("urn:uuid:p", hasMember=[{"reference": "http://other.org/fhir/Observation/o2"}])
+    here = obs("urn:uuid:p", hasMember=[{"reference": "http://hospital.example/fhir/Observation/o3"}])
+    own = obs("urn:uuid:p") | {"id": "o3"}
+    b = bundle(
+        ("urn:uuid:p", patient()),
+        ("urn:uuid:o2", local),
+        ("urn:uuid:o1", elsewhere),
+        ("http://hospital.example/fhir/Observation/o3", own),
+        ("urn:uuid:o4", here),
+    )
+    delivered = resources(run(b).bundle, "Observation")
+    members = [o.get("hasMember") for o in delivered]
+    assert members.count(None) == 3  # the other server's o2 is not this Bundle's: dropped, not linked
+    ((member,),) = [m for m in members if m]
+    assert member["reference"] == "urn:uuid:" + delivered[2]["id"]  # o3, by its own absolute fullUrl
 
 
 def test_unresolvable_conditional_reference_is_dropped_never_passed() -> None:

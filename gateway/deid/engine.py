@@ -384,7 +384,9 @@ class _Resolver:
             return self._conditional(ref)
         base = ref.split("/_history/", 1)[0].rstrip("/")
         hit = self.by_key.get(base)
-        if hit is None:
+        if hit is None and "://" not in base:
+            # a relative one by its Type/id; an absolute URL that is no entry's fullUrl is another server's
+            # (as validation reads it): a probe's `http://other.org/fhir/Observation/o2` became the local o2
             parts = base.rsplit("/", 2)
             if len(parts) >= 2:
                 hit = self.by_key.get(f"{parts[-2]}/{parts[-1]}")
