@@ -856,3 +856,46 @@ def test_the_rules_of_a_datatypes_elements_hold_where_a_profile_lists_them_by_th
     assert delivered["note"] == [{"text": "kept: the profile keeps notes"}]
     [medication] = resources(result.bundle, "MedicationRequest")
     assert "dosageInstruction" not in medication
+
+
+def test_a_list_of_dates_with_one_the_shift_cannot_move_goes_whole_never_with_a_null() -> None:
+    """A probe: `Timing.event: ["2024-03-05", "0001-01-01"]` came out as `["2024-02-20", null]`, which is not
+    R4 (a null needs its `_event` partner), and no check caught it. Whatever the patient's offset, one of
+    the two placeholders overflows."""
+    raw = read_yaml(PROFILES / "example-cancer-registry.yaml")
+    raw["resources"]["MedicationRequest"] = [
+        "status", "intent", "medication[x]", "subject", "dosageInstruction"
+    ]
+    plan = compile_plan(profile_from_data(raw), load_rules())
+    request = {
+        "resourceType": "MedicationRequest",
+        "status": "active",
+        "intent": "order",
+        "medicationCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "387517004"}]},
+        "subject": {"reference": "urn:uuid:p"},
+        "dosageInstruction": [
+            {"sequence": 1, "timing": {"event": ["2024-03-05", "0001-01-01", "9999-12-31"]}},
+            {"sequence": 2, "timing": {"event": ["2024-03-05", "2024-03-06"]}},
+        ],
+    }
+    source = bundle(("urn:uuid:p", patient()), ("urn:uuid:m", request))
+    out = deidentify(source, plan, id_key=KEY_A, pseudonyms=fake_pseudonyms(source), provenance=PROVENANCE)
+    [delivered] = resources(out.bundle, "MedicationRequest")
+    first, second = delivered["dosageInstruction"]
+    assert "timing" not in first and len(second["timing"]["event"]) == 2
+    assert b"null" not in orjson.dumps(out.bundle)
+
+
+@pytest.mark.parametrize(
+    ("purpose", "allows", "code"),
+    [("scientific-research", "with-consent", "HRESCH"), ("quality-registry", "pseudonymised", "HQUALIMP")],
+)
+def test_the_provenance_states_the_profiles_purpose_of_use(purpose: str, allows: str, code: str) -> None:
+    """A probe: a research profile's Provenance had `"reason": []`, which is not R4."""
+    raw = read_yaml(PROFILES / "example-generic.yaml")
+    raw["purpose"], raw["legal_basis"] = purpose, {"basis": "a study's informed consent", "allows": allows}
+    plan = compile_plan(profile_from_data(raw), load_rules())
+    source = bundle(("urn:uuid:p", patient()), ("urn:uuid:o", obs("urn:uuid:p")))
+    out = deidentify(source, plan, id_key=KEY_A, pseudonyms=fake_pseudonyms(source), provenance=PROVENANCE)
+    [provenance] = resources(out.bundle, "Provenance")
+    assert [c["code"] for r in provenance["reason"] for c in r["coding"]] == [code]

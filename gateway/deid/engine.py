@@ -733,9 +733,21 @@ def _linked_to_patients(
     return out
 
 
+_ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+# a profile's purpose as the purpose of use the Provenance states
+_PURPOSE_OF_USE = {
+    "quality-registry": "HQUALIMP",
+    "scientific-research": "HRESCH",
+    "management-information": "HOPERAT",
+}
+
+
 def _provenance(entries: list[dict[str, Any]], plan: Plan, ids: _Ids, info: ProvenanceInfo) -> dict[str, Any]:
     content = hashlib.sha256(orjson.dumps(entries)).hexdigest()
     pid = ids.uuid("Provenance", content)
+    reason = _PURPOSE_OF_USE.get(plan.profile.purpose)
+    # an empty `reason` list is not R4 (a probe's research profile had one): no reason then, not []
+    reasons = {"reason": [{"coding": [{"system": _ACT_REASON, "code": reason}]}]} if reason else {}
     return {
         "fullUrl": "urn:uuid:" + pid,
         "resource": {
@@ -744,15 +756,7 @@ def _provenance(entries: list[dict[str, Any]], plan: Plan, ids: _Ids, info: Prov
             "target": [{"reference": e["fullUrl"]} for e in entries],
             "recorded": info.recorded,
             "policy": [f"urn:fhir-delivery-gateway:profile:{plan.registry}"],
-            "reason": [
-                {
-                    "coding": [
-                        {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HQUALIMP"}
-                    ]
-                }
-            ]
-            if plan.profile.purpose == "quality-registry"
-            else [],
+            **reasons,
             "activity": {
                 "coding": [
                     {

@@ -312,7 +312,9 @@ def generalise_date(value: Any, f: tuple, ctx: WalkContext) -> Any:
     partial_from = f[3]
     if type(value) is list:
         out = [_shift(v, days, partial_from) for v in value]
-        return out if any(v is not None for v in out) else None
+        # one date that cannot be shifted (0001-01-01 moved back) takes the list: a null in it is not R4
+        # without its `_x` partner, and leaving one out would misalign that partner (a probe's Timing.event)
+        return out if all(v is not None for v in out) else None
     return _shift(value, days, partial_from)
 
 
