@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway import yamlfile
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -243,11 +245,11 @@ class Settings(BaseSettings):
 def load_config(path: Path) -> GatewayConfig:
     """Load and check the YAML configuration; raises ValueError with one clear line."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yamlfile.load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ValueError(f"configuration file {path} cannot be read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"configuration file {path} is not valid YAML{yaml_position(exc)}") from None
+        raise ValueError(f"configuration file {path} is {yamlfile.problem(exc)}") from None
     try:
         return GatewayConfig.model_validate(_anchored(data, Path(path).resolve().parent))
     except ValidationError as exc:
@@ -275,12 +277,6 @@ def _anchored(data: Any, home: Path) -> Any:
         for key in ("cert_file", "key_file"):
             anchor(registry.get("auth") if isinstance(registry, dict) else None, key)
     return data
-
-
-def yaml_position(exc: yaml.YAMLError) -> str:
-    """" (line L, column C)" where the parser stopped, when it says."""
-    mark = getattr(exc, "problem_mark", None)
-    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
 
 
 def validation_summary(exc: ValidationError) -> str:

@@ -357,3 +357,20 @@ def test_scan_takes_the_ndjson_files_of_an_export_as_the_original(tmp_path):
     (tmp_path / "bad.ndjson").write_text('{"resourceType": "Patient"}\n{"resourceType": \n')
     unread = runner.invoke(app, ["scan", str(out), "--original", str(tmp_path / "bad.ndjson")])
     assert unread.exit_code == 2 and "line 2: unreadable" in unread.output
+
+
+def test_a_key_given_twice_in_a_profile_the_rules_or_the_configuration_is_refused(tmp_path):
+    """A probe: PyYAML keeps the last of two equal keys, so a reviewer read `note: drop` while the second
+    `note: keep` applied; `profiles check` said valid. Now each file names the key and its line."""
+    shipped = (Path(__file__).resolve().parent.parent / "profiles" / "example-generic.yaml").read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(shipped + "free_text: {note: keep}\n")
+    result = runner.invoke(app, ["profiles", "check", str(twice)])
+    assert result.exit_code == 1, result.output
+    assert "the key 'free_text' is given twice (line" in result.output
+    from gateway.config import load_config
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text("providers: []\nregistries: {}\nproviders: []\n")
+    with pytest.raises(ValueError, match=r"not valid YAML: the key 'providers' is given twice \(line 3"):
+        load_config(config)

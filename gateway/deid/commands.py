@@ -14,7 +14,7 @@ import orjson
 import typer
 import yaml
 
-from gateway.config import yaml_position
+from gateway import yamlfile
 from gateway.deid.leakscan import SensitiveSet, sensitive_values
 from gateway.deid.leakscan import scan as scan_document
 from gateway.deid.profile import check_profile, extension_problems, load_profile, profile_warnings, read_yaml
@@ -148,7 +148,7 @@ def profiles_check(
             problems.append(f"{path}: unreadable")
             continue
         except yaml.YAMLError as exc:
-            problems.append(f"{path}: not valid YAML{yaml_position(exc)}")
+            problems.append(f"{path}: {yamlfile.problem(exc)}")
             continue
         problems += [f"{path}: {p}" for p in check_profile(data)]
         if isinstance(data, dict) and isinstance(data.get("extensions"), list):
@@ -171,7 +171,7 @@ def profiles_check(
     except (OSError, ValueError):
         problems.append(f"{rules}: unreadable")
     except yaml.YAMLError as exc:
-        problems.append(f"{rules}: not valid YAML{yaml_position(exc)}")
+        problems.append(f"{rules}: {yamlfile.problem(exc)}")
     for line in problems:
         typer.echo(line)
     if problems:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from gateway import yamlfile
 from gateway.deid.r4 import R4Types, r4
 
 PURPOSES = {
@@ -406,7 +407,7 @@ def profile_from_data(data: Mapping[str, Any], source: str = "<data>") -> Profil
 
 def read_yaml(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+        return yamlfile.load(fh)
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -414,7 +415,7 @@ def load_profile(path: str | Path) -> Profile:
     try:
         data = read_yaml(path)
     except yaml.YAMLError as exc:
-        raise ProfileError(Path(path).name, ["not valid YAML"]) from exc
+        raise ProfileError(Path(path).name, [yamlfile.problem(exc)]) from exc
     return profile_from_data(data, Path(path).name)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from gateway import yamlfile
 from gateway.deid.r4 import DATE_TYPES, R4Types, r4
 
 METHODS = {"remove", "keep", "generalise", "pseudonymise-reference", "replace-with-pseudonyms"}
@@ -247,7 +248,7 @@ def load_rules(path: str | Path = DEFAULT_RULES) -> Rules:
     """Read and validate a rules file; raises ``RulesError`` listing every problem."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yamlfile.load(fh)
     except yaml.YAMLError as exc:
-        raise RulesError(Path(path).name, ["not valid YAML"]) from exc
+        raise RulesError(Path(path).name, [yamlfile.problem(exc)]) from exc
     return rules_from_data(data, Path(path).name)

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from gateway import yamlfile
 from gateway.pseudonym.nlps1 import TYPES
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "mappings" / "pseudonym-inputs.yaml"
@@ -73,7 +74,7 @@ def load_input_mapping(path: Path | str | None = None) -> InputMapping:
     """Read and validate the mapping; default: the repository's `mappings/pseudonym-inputs.yaml`."""
     source = Path(path) if path is not None else DEFAULT_PATH
     try:
-        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+        data = yamlfile.load(source.read_text(encoding="utf-8"))
     except OSError as exc:
         raise MappingError(f"{source}: cannot read the pseudonym input mapping ({exc.strerror})") from None
     except yaml.YAMLError as exc:

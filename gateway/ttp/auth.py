@@ -40,6 +40,8 @@ from typing import Any, Literal
 import orjson
 import yaml
 
+from gateway import yamlfile
+
 Role = Literal["provider", "registry", "admin"]
 ROLES: tuple[str, ...] = ("provider", "registry", "admin")
 
@@ -181,7 +183,7 @@ def _caller(entry: Mapping[str, Any], n: int) -> Caller:
 def load_callers(path: str | Path) -> list[dict[str, Any]]:
     text = Path(path).read_bytes()
     try:
-        doc = orjson.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        doc = orjson.loads(text) if str(path).endswith(".json") else yamlfile.load(text)
     except (orjson.JSONDecodeError, yaml.YAMLError):
         raise AuthConfigError(f"{path} is not valid YAML/JSON") from None
     callers = (doc or {}).get("callers", []) if isinstance(doc, dict) else None
