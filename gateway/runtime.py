@@ -274,7 +274,7 @@ class Runtime:
             idempotency_key=key,
             request_digest=request,
             payload=payload,
-            patient_order_key=processed.patient_keys[0] if processed.patient_keys else None,
+            patient_keys=processed.patient_keys,  # every patient: a later post of any waits for this one
             # per type as delivered, as a bulk delivery's: the processing record adds both up
             counts=_counts(processed.report) | {"resources": delivered},
             pseudonym_types=sorted(processed.report.get("pseudonymTypes") or {}),

@@ -356,6 +356,27 @@ def test_a_synchronous_post_is_answered_queued_once_an_attempt_failed(chain):
     assert final["status"] == "delivered" and final["attempts"] == 3
 
 
+def test_a_later_post_of_any_patient_of_a_waiting_bundle_goes_after_it(chain):
+    """A probe: a Bundle of several patients was ordered by its first only. Waiting for its retry, a later
+    post of its second patient went first, and the retried older Bundle then overwrote it at the registry."""
+    example = orjson.loads((EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_bytes())
+    example["identifier"] = {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"}
+    second = {**example, "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"}}
+    second["entry"] = [e for e in example["entry"] if e["resource"]["id"].startswith("vector-2")]
+    second["entry"][3]["resource"]["valueQuantity"] = {"value": 99, "unit": "kg"}
+    before = len(_received(chain))
+    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 503, "count": 1, "retry_after": "2"})
+    first = _post(chain, orjson.dumps(example), headers={"Prefer": "respond-async"})
+    assert first.status_code == 202, first.text
+    _wait_until(lambda: httpx.get(f"{chain.receiver_url}/_faults").json() == [])  # the four were refused
+    later = _post(chain, orjson.dumps(second))
+    assert later.status_code in (200, 202), later.text
+    received = _wait_until(lambda: len(r := _received(chain)) >= before + 2 and r)
+    patients = [sum(e["resource"]["resourceType"] == "Patient" for e in b["entry"]) for b in received]
+    patients = patients[before:]
+    assert patients == [4, 1]  # the Bundle of four first (retried), then the later post of one of them
+
+
 def test_registry_429_retry_after_is_honoured(chain):
     httpx.post(f"{chain.receiver_url}/_faults", json={"status": 429, "count": 1, "retry_after": "1"})
     started = time.monotonic()

@@ -144,6 +144,22 @@ def test_posted_bundles_are_claimed_before_a_bulk_jobs_but_a_patients_order_hold
     assert after_own_bulk not in [d.id for d in store.claim_batch("w", limit=10, lease_seconds=30)]
 
 
+def test_a_delivery_waits_for_an_older_one_that_carries_any_of_its_patients(store: Store) -> None:
+    """A probe: a Bundle of two patients was ordered by its first only; a later post of the second went first
+    while the older Bundle waited for its retry, and the registry then kept the older version."""
+    both, _ = store.enqueue(
+        provider="ura:1", registry="dica", sender="ehr-1", payload=b"{}", idempotency_key="both",
+        patient_keys=["Patient/a", "Patient/b"],
+    )
+    second = put(store, "later-b", patient="Patient/b")
+    other = put(store, "later-c", patient="Patient/c")
+    claimed = [d.id for d in store.claim_batch("w", limit=10, lease_seconds=30)]
+    assert claimed == [both, other]  # b's later post waits for the Bundle that carries b too
+    assert store.mark_retry(both, "w", 60, registry_status=503, error="registry unavailable")
+    assert second not in [d.id for d in store.claim_batch("w", limit=10, lease_seconds=30)]
+    assert store.get(both).status == "queued"
+
+
 def test_claim_can_be_limited_to_registries(store: Store) -> None:
     put(store, "x", registry="dica")
     y = put(store, "y", registry="nkr")

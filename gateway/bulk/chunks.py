@@ -30,8 +30,10 @@ class Chunk:
     tag: str
     payload: bytes
     counts: Counter[str]  # resource type → entries in this Bundle (Provenance included)
-    order_key: str | None  # the first Patient's new `Patient/<id>`: keeps one patient's bundles in order
+    order_key: str | None  # the first Patient's new `Patient/<id>`
     picked: list[int] = field(default_factory=list)  # the entries of the split Bundle it carries
+    # every Patient's new `Patient/<id>`: a later delivery of any of them waits for this Bundle
+    patient_keys: tuple[str, ...] = ()
 
 
 def split_transaction(bundle: dict[str, Any], *, max_entries: int, tag: str) -> list[Chunk]:
@@ -152,15 +154,12 @@ def _chunk(
         "type": "transaction",
     }
     payload = orjson.dumps(head)[:-1] + b',"entry":[' + b",".join(parts) + b"]}"
-    order_key = next(
-        (
-            f"Patient/{entries[i]['resource'].get('id')}"
-            for i in picked
-            if entries[i]["resource"].get("resourceType") == "Patient"
-        ),
-        None,
+    patient_keys = tuple(
+        f"Patient/{entries[i]['resource'].get('id')}"
+        for i in picked
+        if entries[i]["resource"].get("resourceType") == "Patient"
     )
-    return Chunk(tag, payload, counts, order_key, picked)
+    return Chunk(tag, payload, counts, patient_keys[0] if patient_keys else None, picked, patient_keys)
 
 
 def _provenance_for(provenance: dict, full_urls: list[str], tag: str) -> dict[str, Any]:

@@ -269,7 +269,9 @@ async def _store(result: GroupResult, sink: Sink, job: str, group: int) -> dict[
         counts["patients"] = chunk.counts.get("Patient", 0)
         counts["resources"] = dict(chunk.counts)
         new = await asyncio.to_thread(
-            functools.partial(sink.put, pseudonym_types=sorted(result.pseudonym_types)),
+            functools.partial(
+                sink.put, pseudonym_types=sorted(result.pseudonym_types), patient_keys=chunk.patient_keys
+            ),
             chunk.tag,
             chunk.payload,
             order_key=chunk.order_key,

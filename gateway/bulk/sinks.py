@@ -23,6 +23,7 @@ class Sink(Protocol):
         order_key: str | None,
         counts: dict[str, Any],
         pseudonym_types: Sequence[str] = (),
+        patient_keys: Sequence[str] = (),
     ) -> bool:
         """Store one Bundle; False when this key was stored before (nothing new)."""
         ...
@@ -48,6 +49,7 @@ class StoreSink:
         order_key: str | None,
         counts: dict[str, Any],
         pseudonym_types: Sequence[str] = (),
+        patient_keys: Sequence[str] = (),
     ) -> bool:
         delivery_id, created = self.store.enqueue(
             provider=self.provider,
@@ -56,6 +58,7 @@ class StoreSink:
             sender=self.sender,
             idempotency_key=key,
             patient_order_key=order_key,
+            patient_keys=patient_keys,
             counts=counts,
             pseudonym_types=pseudonym_types,
             # the same audit line a posted Bundle gets, written with the row (only when it is new)
@@ -94,6 +97,7 @@ class DirSink:
         order_key: str | None,
         counts: dict[str, Any],
         pseudonym_types: Sequence[str] = (),
+        patient_keys: Sequence[str] = (),
     ) -> bool:
         name = key.replace("|", "_") + ".json"
         target = self.folder / name

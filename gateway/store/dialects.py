@@ -19,7 +19,8 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 from gateway.store.pool import PoolTimeout
 
 # Claimable: queued and due, or delivering with an expired lease (its worker died). Per-patient order: a
-# delivery waits while an older one of the same registry and patient_order_key is still queued or in flight
+# delivery waits while an older one of the same registry that carries one of its patients (any of them:
+# `delivery_patients`, not only the first) is still queued or in flight
 # (including one waiting for its retry), so a registry never sees a patient's bundles out of order, and it
 # waits while any other one of them is in flight under a live lease (an older dead one requeued by an
 # operator must not go out next to a newer one still on the wire). Dead deliveries do not block (else one
@@ -28,11 +29,14 @@ CLAIMABLE = """
     ((d.status = 'queued' AND d.next_attempt_at <= ?)
       OR (d.status = 'delivering' AND d.lease_expires_at <= ?))
     {registry_filter}
-    AND (d.patient_order_key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM deliveries e
-        WHERE e.registry = d.registry AND e.patient_order_key = d.patient_order_key
-          AND e.status IN ('queued', 'delivering') AND e.seq <> d.seq
-          AND (e.seq < d.seq OR (e.status = 'delivering' AND e.lease_expires_at > ?))))
+    AND NOT EXISTS (
+        SELECT 1 FROM delivery_patients mine
+        JOIN delivery_patients other
+          ON other.registry = mine.registry AND other.patient_key = mine.patient_key AND other.seq <> mine.seq
+        JOIN deliveries e ON e.seq = other.seq
+        WHERE mine.seq = d.seq
+          AND e.status IN ('queued', 'delivering')
+          AND (e.seq < d.seq OR (e.status = 'delivering' AND e.lease_expires_at > ?)))
 """
 
 

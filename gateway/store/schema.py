@@ -99,6 +99,24 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "ALTER TABLE audit_events ADD COLUMN request_id TEXT",
         ),
     ),
+    (
+        6,
+        (
+            # Every patient a delivery carries, while it is pending or dead: a Bundle of several patients (a
+            # bulk Bundle, a family) was ordered by its first patient only, and a later post of its second
+            # patient overtook it at the registry, which then kept the older version (a probe).
+            """CREATE TABLE delivery_patients (
+                seq INTEGER NOT NULL,
+                registry TEXT NOT NULL,
+                patient_key TEXT NOT NULL,
+                PRIMARY KEY (seq, patient_key)
+            )""",
+            "CREATE INDEX delivery_patients_key ON delivery_patients (registry, patient_key, seq)",
+            "INSERT INTO delivery_patients (seq, registry, patient_key) "
+            "SELECT seq, registry, patient_order_key FROM deliveries "
+            "WHERE patient_order_key IS NOT NULL AND status <> 'delivered'",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

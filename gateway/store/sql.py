@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -113,6 +113,7 @@ class SqlStore:
         idempotency_key: str | None = None,
         request_digest: str | None = None,
         patient_order_key: str | None = None,
+        patient_keys: Sequence[str] | None = None,
         counts: dict[str, Any] | None = None,
         pseudonym_types: Iterable[str] | None = None,
         summary: dict[str, Any] | None = None,
@@ -123,6 +124,8 @@ class SqlStore:
         `sender` (alias `client`) is the authenticated EHR client. `counts` (or a processing report given
         as `summary`) must hold counts only; pseudonym types default to the keys of summary["pseudonymTypes"].
         `audit`, if given, is written in the same transaction when the row is new.
+        `patient_keys`: every patient the Bundle carries (default: `patient_order_key`, itself the first of
+        them by default); a later delivery of any of them waits for this one (`dialects.CLAIMABLE`).
         Returns (delivery_id, created). When it returns, the row is committed (and fsynced on SQLite).
         """
         who = sender or client
@@ -137,6 +140,8 @@ class SqlStore:
         key = idempotency_key or delivery_id
         types = tuple(sorted(set(pseudonym_types)))
         counts_json = orjson.dumps(counts, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
+        keys = list(dict.fromkeys(patient_keys or ([patient_order_key] if patient_order_key else [])))
+        patient_order_key = patient_order_key or (keys[0] if keys else None)
         with self._tx() as conn:
             row = self._q(
                 conn,
@@ -144,7 +149,7 @@ class SqlStore:
                        status, attempts, next_attempt_at, patient_order_key, created_at, updated_at,
                        counts_json, pseudonym_types, payload_sha256, payload_size, payload)
                    VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (provider, registry, idempotency_key) DO NOTHING RETURNING id""",
+                   ON CONFLICT (provider, registry, idempotency_key) DO NOTHING RETURNING id, seq""",
                 (
                     delivery_id,
                     provider,
@@ -170,6 +175,12 @@ class SqlStore:
                     (provider, registry, key),
                 ).fetchone()
                 return existing[0], False
+            for key in keys:
+                self._q(
+                    conn,
+                    "INSERT INTO delivery_patients (seq, registry, patient_key) VALUES (?, ?, ?)",
+                    (row[0][1], registry, key),
+                )
             if audit is not None:
                 event = _audit_input(audit)
                 if event.delivery_id is None:
@@ -284,6 +295,14 @@ class SqlStore:
             )
             if cur.rowcount != 1:
                 return False
+            if assignments.startswith("status = 'delivered'"):
+                # the registry has it: no later delivery waits for it any more (a dead one keeps its
+                # patients: requeued, it must not overtake a newer delivery of them)
+                self._q(
+                    conn,
+                    "DELETE FROM delivery_patients WHERE seq IN (SELECT seq FROM deliveries WHERE id = ?)",
+                    (delivery_id,),
+                )
             if audit is not None:
                 self._audit(conn, audit, now)
             return True
