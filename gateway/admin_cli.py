@@ -156,11 +156,16 @@ def requeue(
     url: str = typer.Option("http://127.0.0.1:8200", "--url", envvar="FHIR_GATEWAY_URL"),
     api_key: str = typer.Option(..., "--api-key", envvar="FHIR_GATEWAY_API_KEY"),
     admin: bool = typer.Option(False, "--admin"),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="even if a newer delivery of one of its patients exists (this one would overwrite it)",
+    ),
 ) -> None:
     """Put a dead letter back in the queue (after the registry or the data was fixed)."""
     path = f"/admin/deliveries/{delivery_id}/$requeue" if admin else f"/deliveries/{delivery_id}/$requeue"
     with _client(url, api_key) as client:
-        response = client.post(path)
+        response = client.post(path, params={"force": "true"} if force else None)
     console.print(f"{response.status_code}: {response.text[:300]}")
     raise typer.Exit(0 if response.status_code == 200 else 1)
 

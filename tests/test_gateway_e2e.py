@@ -377,6 +377,29 @@ def test_a_later_post_of_any_patient_of_a_waiting_bundle_goes_after_it(chain):
     assert patients == [4, 1]  # the Bundle of four first (retried), then the later post of one of them
 
 
+def test_an_old_dead_letter_is_not_requeued_over_a_newer_delivery_of_its_patients(chain):
+    """A probe: a dead letter requeued after a newer delivery of the same patient went through overwrote
+    that newer version at the registry. Refused now (409), unless the operator forces it."""
+    example = orjson.loads((EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_bytes())
+    one = {**example, "entry": [e for e in example["entry"] if e["resource"]["id"].startswith("vector-3")]}
+    older = {**one, "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"}}
+    newer = {**one, "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"}}
+    newer["entry"] = [dict(e) for e in one["entry"]]
+    amended = {**newer["entry"][3]["resource"], "status": "amended"}
+    newer["entry"][3] = {**newer["entry"][3], "resource": amended}
+    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 422, "count": 1})
+    dead = _post(chain, orjson.dumps(older))
+    assert dead.status_code == 422, dead.text
+    dead_id = {p["name"]: p for p in dead.json()["parameter"]}["delivery"]["valueString"]
+    assert _post(chain, orjson.dumps(newer)).status_code == 200
+    auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
+    refused = httpx.post(f"{chain.gateway_url}/deliveries/{dead_id}/$requeue", headers=auth)
+    assert refused.status_code == 409 and "newer delivery" in refused.text, refused.text
+    assert httpx.get(f"{chain.gateway_url}/deliveries/{dead_id}", headers=auth).json()["status"] == "dead"
+    forced = httpx.post(f"{chain.gateway_url}/deliveries/{dead_id}/$requeue?force=true", headers=auth)
+    assert forced.status_code == 200, forced.text
+
+
 def test_registry_429_retry_after_is_honoured(chain):
     httpx.post(f"{chain.receiver_url}/_faults", json={"status": 429, "count": 1, "retry_after": "1"})
     started = time.monotonic()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import AuditInput, Store, StoreUnavailable, open_store
+from gateway.store import AuditInput, Store, StoreUnavailable, Superseded, open_store
 from gateway.store.schema import LATEST
 
 
@@ -610,7 +610,9 @@ def test_a_requeued_older_delivery_waits_for_a_newer_one_in_flight(store: Store,
     assert [d.id for d in store.claim_batch("w", 5, 30)] == [p1]
     assert store.mark_dead(p1, "w", "rejected")
     assert [d.id for d in store.claim_batch("w", 5, 30)] == [p2]  # dead does not block
-    assert store.requeue(p1)  # the operator fixed p1 while p2 is on the wire
+    with pytest.raises(Superseded):  # p2 is newer: p1 would overwrite it at the registry
+        store.requeue(p1)
+    assert store.requeue(p1, force=True)  # the operator insists while p2 is on the wire
     assert store.claim_batch("w", 5, 30) == []  # never two of one patient in flight
     clock.now += 31  # p2's worker died: p1 (older) goes first, then p2
     assert [d.id for d in store.claim_batch("w2", 5, 30)] == [p1]

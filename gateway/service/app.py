@@ -36,7 +36,7 @@ from gateway.service.capability import capability_statement
 from gateway.service.logs import request_id
 from gateway.service.responses import fhir_response
 from gateway.service.summary import delivery_parameters
-from gateway.store import StoreUnavailable
+from gateway.store import StoreUnavailable, Superseded
 from gateway.store.model import STATUSES, iso_instant
 from gateway.ttp.backend import TTPUnavailable
 
@@ -336,6 +336,18 @@ async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Requ
     return fhir_response(body_out, http_status, headers=headers)
 
 
+async def _requeued(requeue: Any, delivery_id: str) -> bool:
+    try:
+        return bool(await asyncio.to_thread(requeue, delivery_id))
+    except Superseded:
+        raise FhirError.single(
+            409,
+            "conflict",
+            "a newer delivery carries one of this delivery's patients: requeued, this older one would "
+            "overwrite it at the registry (requeue with force=true to send it all the same)",
+        ) from None
+
+
 def _delivery_view(d: Any) -> dict[str, Any]:
     """What a client may see of a delivery: status and counts, never the payload."""
     return {
@@ -417,11 +429,13 @@ def _delivery_routes(app: FastAPI, runtime: Runtime) -> None:
         return Response(orjson.dumps(_delivery_view(d)), media_type="application/json")
 
     @app.post("/deliveries/{delivery_id}/$requeue")
-    async def requeue(delivery_id: str, request: Request) -> Response:
+    async def requeue(delivery_id: str, request: Request, force: bool = False) -> Response:
         caller = caller_of(runtime, request)
-        ok = await _own_delivery(runtime, caller, delivery_id) is not None and await asyncio.to_thread(
-            runtime.store.requeue, delivery_id, provider=caller.provider, actor=caller.client_id
+        requeue = functools.partial(
+            runtime.store.requeue, provider=caller.provider, actor=caller.client_id, force=force
         )
+        mine = await _own_delivery(runtime, caller, delivery_id) is not None
+        ok = mine and await _requeued(requeue, delivery_id)
         if not ok:
             raise FhirError.single(404, "not-found", "no dead delivery with this id for this client")
         return Response(orjson.dumps({"id": delivery_id, "status": "queued"}), media_type="application/json")
@@ -496,10 +510,10 @@ def _admin_routes(app: FastAPI, runtime: Runtime) -> None:
         return await _listing(runtime, None, status, registry, limit)
 
     @app.post("/admin/deliveries/{delivery_id}/$requeue")
-    async def admin_requeue(delivery_id: str, request: Request) -> Response:
+    async def admin_requeue(delivery_id: str, request: Request, force: bool = False) -> Response:
         require_admin(caller_of(runtime, request))
-        requeue = functools.partial(runtime.store.requeue, provider=None, actor="admin")
-        if not await asyncio.to_thread(requeue, delivery_id):
+        requeue = functools.partial(runtime.store.requeue, provider=None, actor="admin", force=force)
+        if not await _requeued(requeue, delivery_id):
             raise FhirError.single(404, "not-found", "no dead delivery with this id")
         return Response(orjson.dumps({"id": delivery_id, "status": "queued"}), media_type="application/json")
 

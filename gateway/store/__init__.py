@@ -16,7 +16,15 @@ from typing import Any
 
 from gateway.store.aio import AsyncStore
 from gateway.store.dialects import postgres_dialect, sqlite_dialect
-from gateway.store.model import STATUSES, AuditEvent, AuditInput, Delivery, DeliveryStatus, StoreUnavailable
+from gateway.store.model import (
+    STATUSES,
+    AuditEvent,
+    AuditInput,
+    Delivery,
+    DeliveryStatus,
+    StoreUnavailable,
+    Superseded,
+)
 from gateway.store.sql import SqlStore
 
 Store = SqlStore
@@ -30,6 +38,7 @@ __all__ = [
     "DeliveryStatus",
     "Store",
     "StoreUnavailable",
+    "Superseded",
     "open_store",
 ]
 

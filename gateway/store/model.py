@@ -15,6 +15,11 @@ def iso_instant(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
+class Superseded(Exception):
+    """A dead delivery was not requeued: a newer delivery carries one of its patients, and this older one
+    would overwrite it at the registry (pass ``force`` to requeue it all the same)."""
+
+
 class StoreUnavailable(Exception):
     """The store could not complete a read or write (disk full, locked beyond the busy timeout, server gone).
 

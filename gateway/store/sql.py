@@ -19,7 +19,15 @@ from typing import Any
 import orjson
 
 from gateway.store.dialects import Dialect
-from gateway.store.model import STATUSES, AuditEvent, AuditInput, Delivery, DeliveryStatus, StoreUnavailable
+from gateway.store.model import (
+    STATUSES,
+    AuditEvent,
+    AuditInput,
+    Delivery,
+    DeliveryStatus,
+    StoreUnavailable,
+    Superseded,
+)
 from gateway.store.pool import Pool
 from gateway.store.schema import LATEST, MIGRATIONS
 
@@ -358,10 +366,16 @@ class SqlStore:
             audit,
         )
 
-    def requeue(self, delivery_id: str, *, provider: str | None = None, actor: str = "operator") -> bool:
-        """Put a dead (or waiting) delivery back at the front of its turn: attempts reset, due now."""
+    def requeue(
+        self, delivery_id: str, *, provider: str | None = None, actor: str = "operator", force: bool = False
+    ) -> bool:
+        """Put a dead (or waiting) delivery back at the front of its turn: attempts reset, due now. Raises
+        ``Superseded`` for a dead one when a newer delivery carries one of its patients (unless ``force``):
+        sent now, the older version would overwrite the newer at the registry (a probe's did)."""
         now = self._clock()
         with self._tx() as conn:
+            if not force and self._superseded(conn, delivery_id):
+                raise Superseded(delivery_id)
             where, params = "id = ? AND status IN ('dead', 'queued')", [delivery_id]
             if provider is not None:
                 where += " AND provider = ?"
@@ -387,6 +401,23 @@ class SqlStore:
                 now,
             )
             return True
+
+    def _superseded(self, conn: Any, delivery_id: str) -> bool:
+        """A newer delivery to the same registry carries one of this dead one's patients: a pending or dead
+        one by its patients, a delivered one by its first patient (a delivered one's others are not kept)."""
+        row = self._q(
+            conn,
+            """SELECT 1 FROM deliveries x JOIN delivery_patients mine ON mine.seq = x.seq
+               WHERE x.id = ? AND x.status = 'dead' AND (
+                   EXISTS (SELECT 1 FROM delivery_patients other
+                           WHERE other.registry = mine.registry AND other.patient_key = mine.patient_key
+                             AND other.seq > x.seq)
+                   OR EXISTS (SELECT 1 FROM deliveries e
+                              WHERE e.registry = x.registry AND e.patient_order_key = mine.patient_key
+                                AND e.seq > x.seq AND e.status = 'delivered'))""",
+            (delivery_id,),
+        ).fetchone()
+        return row is not None
 
     def get(
         self, delivery_id: str, provider: str | None = None, *, with_payload: bool = False
