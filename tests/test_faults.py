@@ -498,6 +498,11 @@ def test_sqlite_locked_beyond_busy_timeout_is_503_nothing_half_written_and_recov
         assert locked.status_code == 503, locked.text
         assert int(locked.headers["Retry-After"]) > 0
         assert _outcome(locked)["issue"][0]["code"] == "transient"
+        # every route says so, not only the Bundle's: an objection answered 500 "nothing was stored" (a probe)
+        auth = {"Authorization": f"Bearer {chain.ehr_key}"}
+        objection = httpx.post(f"{chain.url}/objections", json={"patientNumber": "999911120"}, headers=auth)
+        assert objection.status_code == 503 and int(objection.headers["Retry-After"]) > 0, objection.text
+        assert _outcome(objection)["issue"][0]["code"] == "transient"
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()

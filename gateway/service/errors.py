@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.outcome import FhirError, Issue, operation_outcome
 from gateway.service.responses import fhir_response
+from gateway.store import StoreUnavailable
 
 log = logging.getLogger("gateway.service")
 
@@ -42,6 +43,15 @@ def install(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "processing")
         text = "not found" if exc.status_code == 404 else "request not accepted"
         return fhir_response(operation_outcome([Issue(code, text)]), exc.status_code)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store(_: Request, exc: StoreUnavailable) -> Response:
+        # a read or write the store could not do (it rolled back): say so and when to ask again, on every
+        # route; a listing or status poll answered 500 "nothing was stored" (a probe, PostgreSQL restarted)
+        log.warning("the store could not answer", extra={"exc_type": type(exc).__name__})
+        text = "the gateway's store cannot be reached now; try again shortly"
+        outcome = operation_outcome([Issue("transient", text)])
+        return fhir_response(outcome, 503, headers={"Retry-After": "10"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
