@@ -646,3 +646,26 @@ def test_ids_by_key_prefix_finds_one_bulk_jobs_deliveries(store: Store) -> None:
     )
     found = store.ids_by_key_prefix("ura:1", "dica", "bulk|job_1|")
     assert sorted(found) == sorted([made["bulk|job_1|0-a"], made["bulk|job_1|1-b"]])
+
+
+@pytest.mark.postgres
+def test_after_the_servers_connections_are_dropped_one_request_fails_not_one_per_pooled_connection(
+    pg_url: str,
+) -> None:
+    """A probe terminated the gateway's PostgreSQL sessions (as a restart or failover does): each pooled
+    connection then failed one request of its own, and 503s and 500s went on for minutes."""
+    import psycopg
+
+    store = open_store(pg_url)
+    try:
+        with contextlib.ExitStack() as stack:  # three connections in the pool, as after a busy moment
+            conns = [stack.enter_context(store._pool.connection()) for _ in range(3)]
+            pids = [conn.execute("SELECT pg_backend_pid()").fetchone()[0] for conn in conns]
+        with psycopg.connect(pg_url.partition("?")[0], autocommit=True) as admin:
+            for pid in pids:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(StoreUnavailable):
+            store.depth()  # the first dead connection
+        assert store.depth()["queued"] == 0  # a fresh one: the other dead ones went with the first
+    finally:
+        store.close()

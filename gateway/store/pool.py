@@ -1,7 +1,8 @@
 """A tiny thread-safe connection pool (psycopg_pool is not a project dependency; this is all we need).
 
 Each connection is used by one thread at a time. A connection that saw a driver-level failure is closed
-instead of returned, so a dead server connection never gets handed out twice.
+instead of returned, and the idle ones with it (after a server restart they are all dead), so a dead server
+connection never gets handed out twice.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class Pool(Generic[C]):
         except discard_on:
             _close(conn)
             conn = None
+            # the server went away (a restart, a failover): the idle connections are dead too, and each
+            # would fail one more request before it was closed (a probe saw 503s and 500s for minutes)
+            self._close_idle()
             raise
         finally:
             if conn is not None:
@@ -54,6 +58,9 @@ class Pool(Generic[C]):
 
     def close(self) -> None:
         self._closed = True
+        self._close_idle()
+
+    def _close_idle(self) -> None:
         while True:
             try:
                 _close(self._idle.get_nowait())
