@@ -266,11 +266,13 @@ def scan(
 @profiles_app.command("check")
 def profiles_check(
     paths: list[Path] = typer.Argument(None, help="profile files or folders (default: the shipped folder)"),
+    rules: Path = typer.Option(None, "--rules", help="the de-identification rules file (default: shipped)"),
 ) -> None:
     """Validate every delivery profile and the rules file; exit 1 listing every problem."""
+    from gateway.deid.commands import DEFAULT_RULES
     from gateway.deid.commands import profiles_check as run
 
-    run(paths or None)
+    run(paths or None, rules or DEFAULT_RULES)
 
 
 @app.command("mrn-reveal")

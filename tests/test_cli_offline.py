@@ -374,3 +374,14 @@ def test_a_key_given_twice_in_a_profile_the_rules_or_the_configuration_is_refuse
     config.write_text("providers: []\nregistries: {}\nproviders: []\n")
     with pytest.raises(ValueError, match=r"not valid YAML: the key 'providers' is given twice \(line 3"):
         load_config(config)
+
+
+def test_profiles_check_takes_another_rules_file(tmp_path):
+    """A probe: `fhir-gateway profiles check --rules` was refused: the command's option was not passed on."""
+    shipped = Path(__file__).resolve().parent.parent / "mappings" / "deid-rules.yaml"
+    rules = tmp_path / "rules.yaml"
+    text = shipped.read_text()
+    rules.write_text(text.replace("Dosage.text: {method: remove", "Dosage.text: {method: shred", 1))
+    result = runner.invoke(app, ["profiles", "check", "--rules", str(rules)])
+    assert result.exit_code == 1 and f"{rules}: " in result.output and "Dosage.text" in result.output
+    assert runner.invoke(app, ["profiles", "check", "--rules", str(shipped)]).exit_code == 0
