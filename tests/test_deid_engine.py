@@ -824,6 +824,17 @@ def test_a_profile_narrows_the_extensions_a_registry_receives() -> None:
     assert len(broad["extension"]) == 3  # a profile without the key receives what the rules keep
 
 
+def medication_request(**extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "MedicationRequest",
+        "status": "active",
+        "intent": "order",
+        "medicationCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "387517004"}]},
+        "subject": {"reference": "urn:uuid:p"},
+        **extra,
+    }
+
+
 def test_the_rules_of_a_datatypes_elements_hold_where_a_profile_lists_them_by_their_place() -> None:
     """A probe: a profile listing `code.text`, `note.authorString` and `dosageInstruction.text` by their
     place delivered them although the rules (`CodeableConcept.text`, `Annotation.authorString`,
@@ -841,14 +852,7 @@ def test_the_rules_of_a_datatypes_elements_hold_where_a_profile_lists_them_by_th
         code={"coding": [{"system": "http://loinc.org", "code": "8867-4"}], "text": "afgenomen door dr. P."},
         note=[{"text": "kept: the profile keeps notes", "authorString": "Dr. K. Pietersen"}],
     )
-    request = {
-        "resourceType": "MedicationRequest",
-        "status": "active",
-        "intent": "order",
-        "medicationCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "387517004"}]},
-        "subject": {"reference": "urn:uuid:p"},
-        "dosageInstruction": [{"text": "1x daags, bel Pietersen bij klachten"}],
-    }
+    request = medication_request(dosageInstruction=[{"text": "1x daags, bel Pietersen bij klachten"}])
     source = bundle(("urn:uuid:p", patient()), ("urn:uuid:o", observation), ("urn:uuid:m", request))
     result = deidentify(source, plan, id_key=KEY_A, pseudonyms=fake_pseudonyms(source), provenance=PROVENANCE)
     [delivered] = resources(result.bundle, "Observation")
@@ -867,17 +871,12 @@ def test_a_list_of_dates_with_one_the_shift_cannot_move_goes_whole_never_with_a_
         "status", "intent", "medication[x]", "subject", "dosageInstruction"
     ]
     plan = compile_plan(profile_from_data(raw), load_rules())
-    request = {
-        "resourceType": "MedicationRequest",
-        "status": "active",
-        "intent": "order",
-        "medicationCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "387517004"}]},
-        "subject": {"reference": "urn:uuid:p"},
-        "dosageInstruction": [
+    request = medication_request(
+        dosageInstruction=[
             {"sequence": 1, "timing": {"event": ["2024-03-05", "0001-01-01", "9999-12-31"]}},
             {"sequence": 2, "timing": {"event": ["2024-03-05", "2024-03-06"]}},
-        ],
-    }
+        ]
+    )
     source = bundle(("urn:uuid:p", patient()), ("urn:uuid:m", request))
     out = deidentify(source, plan, id_key=KEY_A, pseudonyms=fake_pseudonyms(source), provenance=PROVENANCE)
     [delivered] = resources(out.bundle, "MedicationRequest")

@@ -226,9 +226,7 @@ class SqlStore:
                 "AND idempotency_key LIKE ? ESCAPE '\\' GROUP BY status",
                 (provider, registry, _like_prefix(prefix)),
             ).fetchall()
-        counts = dict.fromkeys(STATUSES, 0)
-        counts.update({status: int(n) for status, n in rows})
-        return counts
+        return _by_status(rows)
 
     def ids_by_key_prefix(self, provider: str, registry: str, prefix: str) -> list[str]:
         """The deliveries whose idempotency key starts with `prefix` (a bulk job's: `bulk|<job>|`), oldest
@@ -467,9 +465,7 @@ class SqlStore:
             rows = self._q(
                 conn, f"SELECT status, COUNT(*) FROM deliveries {where} GROUP BY status", params
             ).fetchall()
-        counts = dict.fromkeys(STATUSES, 0)
-        counts.update({status: int(n) for status, n in rows})
-        return counts
+        return _by_status(rows)
 
     def purge_payloads(self, older_than_seconds: float) -> int:
         """Data minimisation: empty the payload of deliveries delivered longer ago than the retention."""
@@ -693,6 +689,13 @@ def _filters(**values: Any) -> tuple[str, list[Any]]:
     given = {name: value for name, value in values.items() if value is not None}
     clauses = [_BOUNDS.get(name, f"{name} = ?") for name in given]
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", list(given.values())
+
+
+def _by_status(rows: Iterable[tuple[str, Any]]) -> dict[str, int]:
+    """(status, count) rows as a count for every status, 0 for those without a row."""
+    counts = dict.fromkeys(STATUSES, 0)
+    counts.update({status: int(n) for status, n in rows})
+    return counts
 
 
 def _like_prefix(prefix: str) -> str:
