@@ -218,11 +218,24 @@ def deidentify(
     strict: bool = typer.Option(
         False, "--strict", help="also check every input and output resource with its fhir.resources R4B model"
     ),
+    profiles_dir: Path = typer.Option(
+        None,
+        "--profiles-dir",
+        help="without --config: take the registry's profile from this folder (a profile being written)",
+    ),
 ) -> None:
     """The offline path: validate, opt-out, pseudonymise and de-identify files; print a summary per file."""
     from gateway.offline import run_deidentify
 
-    code = run_deidentify(bundles, registry=registry, out=out, config=config, console=console, strict=strict)
+    code = run_deidentify(
+        bundles,
+        registry=registry,
+        out=out,
+        config=config,
+        console=console,
+        strict=strict,
+        profiles_dir=profiles_dir,
+    )
     raise typer.Exit(code)
 
 

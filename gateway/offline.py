@@ -37,10 +37,14 @@ def run_deidentify(
     config: Path | None,
     console: Console,
     strict: bool = False,
+    profiles_dir: Path | None = None,
 ) -> int:
     table = _summary_table()
+    if profiles_dir is not None and config is not None:
+        console.print("[red]--profiles-dir is for a run without --config (which names its own)[/red]")
+        return 2
     try:
-        with _chains(registry, config) as chains:
+        with _chains(registry, config, profiles_dir) as chains:
             if strict:  # on top of what the configuration says: testing an interface before go-live
                 chains = strict_chains(chains)
             rows = asyncio.run(_all(files, chains, out))
@@ -170,12 +174,13 @@ def _summary_table() -> Table:
 
 
 @contextmanager
-def _chains(registry: str, config_path: Path | None) -> Iterator[Chains]:
-    """Without a configuration: throw-away keys and the embedded TTP. With one: the configured runtime
+def _chains(registry: str, config_path: Path | None, profiles_dir: Path | None = None) -> Iterator[Chains]:
+    """Without a configuration: throw-away keys and the embedded TTP, and the profiles of `profiles_dir`
+    (default: the shipped ones; a registry trying its own profile). With one: the configured runtime
     (keys, TTP, every opt-out source of that registry), as the service would run it."""
     if config_path is None:
         with tempfile.TemporaryDirectory(prefix="fhir-gateway-offline-") as tmp:
-            yield offline_chains(registry, Path(tmp))
+            yield offline_chains(registry, Path(tmp), profiles_dir=profiles_dir)
         return
     from gateway.bootstrap import startup_runtime
 

@@ -385,3 +385,19 @@ def test_profiles_check_takes_another_rules_file(tmp_path):
     result = runner.invoke(app, ["profiles", "check", "--rules", str(rules)])
     assert result.exit_code == 1 and f"{rules}: " in result.output and "Dosage.text" in result.output
     assert runner.invoke(app, ["profiles", "check", "--rules", str(shipped)]).exit_code == 0
+
+
+def test_a_registry_tries_its_own_profile_offline_with_profiles_dir(tmp_path):
+    """A probe: trying a profile being written needed a whole configuration, keys and a TTP."""
+    root = Path(__file__).resolve().parent.parent
+    profile = (root / "profiles" / "example-generic.yaml").read_text()
+    own = tmp_path / "profiles"
+    own.mkdir()
+    (own / "heart.yaml").write_text(profile.replace("id: example-generic", "id: heart-registry", 1))
+    example = root / "examples" / "02-nlps1-vector-patients-transaction.json"
+    args = ["deidentify", str(example), "--registry", "heart-registry", "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, "--profiles-dir", str(own)])
+    assert result.exit_code == 0, result.output
+    (delivered,) = (tmp_path / "out").glob("*.deid.json")
+    assert "urn:fhir-delivery-gateway:profile:heart-registry" in delivered.read_text()
+    assert runner.invoke(app, args).exit_code == 2  # not a shipped profile
