@@ -265,6 +265,7 @@ def scan(
     registry: str = typer.Option(
         None, "--registry", help="with --original: the profile the files were made for (the data it keeps)"
     ),
+    profiles_dir: Path = typer.Option(None, "--profiles-dir", help="where that profile is (default: ours)"),
 ) -> None:
     """Scan FHIR files for direct identifiers; exit 1 on a finding. Findings name paths, not values.
 
@@ -273,7 +274,7 @@ def scan(
     name, address, phone number, identifier and birth date of that input, wherever it appears."""
     from gateway.deid.commands import scan as run
 
-    run(files, original, registry)
+    run(files, original, registry, profiles_dir)
 
 
 @profiles_app.command("check")

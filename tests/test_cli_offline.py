@@ -401,3 +401,7 @@ def test_a_registry_tries_its_own_profile_offline_with_profiles_dir(tmp_path):
     (delivered,) = (tmp_path / "out").glob("*.deid.json")
     assert "urn:fhir-delivery-gateway:profile:heart-registry" in delivered.read_text()
     assert runner.invoke(app, args).exit_code == 2  # not a shipped profile
+    scan = ["scan", str(delivered), "--original", str(example), "--registry", "heart-registry"]
+    checked = runner.invoke(app, [*scan, "--profiles-dir", str(own)])
+    assert checked.exit_code == 0 and "clean" in checked.output, checked.output
+    assert runner.invoke(app, scan).exit_code == 2  # the shipped folder has no such profile

@@ -17,7 +17,7 @@ import yaml
 from gateway import yamlfile
 from gateway.deid.leakscan import SensitiveSet, sensitive_values
 from gateway.deid.leakscan import scan as scan_document
-from gateway.deid.profile import check_profile, extension_problems, load_profile, profile_warnings, read_yaml
+from gateway.deid.profile import check_profile, extension_problems, load_profiles, profile_warnings, read_yaml
 from gateway.deid.rules import DEFAULT_RULES, check_rules
 
 DEFAULT_PROFILES = DEFAULT_RULES.parents[1] / "profiles"
@@ -88,6 +88,9 @@ def scan(
         str | None,
         typer.Option("--registry", help="With --original: the profile the files were made for."),
     ] = None,
+    profiles_dir: Annotated[
+        Path | None, typer.Option("--profiles-dir", help="Where that profile is (default: shipped).")
+    ] = None,
 ) -> None:
     """Leak gate: exit 1 if a file still contains a BSN or an identifying value of the original."""
     sensitive: SensitiveSet | None = None
@@ -96,10 +99,11 @@ def scan(
         typer.echo("--registry says how the --original was de-identified: give --original too", err=True)
         raise typer.Exit(2)
     if registry is not None:
+        folder = profiles_dir or DEFAULT_PROFILES
         try:
-            options = load_profile(DEFAULT_PROFILES / f"{registry}.yaml").leak_gate_options()
-        except (OSError, ValueError):
-            typer.echo(f"{registry}: no such profile in {DEFAULT_PROFILES}", err=True)
+            options = load_profiles(folder)[registry].leak_gate_options()
+        except (OSError, ValueError, KeyError):
+            typer.echo(f"{registry}: no such profile in {folder}", err=True)
             raise typer.Exit(2) from None
     if original:
         sensitive = sensitive_values(_originals(original), **options)
