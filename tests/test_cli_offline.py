@@ -405,3 +405,18 @@ def test_a_registry_tries_its_own_profile_offline_with_profiles_dir(tmp_path):
     checked = runner.invoke(app, [*scan, "--profiles-dir", str(own)])
     assert checked.exit_code == 0 and "clean" in checked.output, checked.output
     assert runner.invoke(app, scan).exit_code == 2  # the shipped folder has no such profile
+
+
+def test_profiles_check_warns_of_a_type_the_rules_never_let_through(tmp_path):
+    """A probe: a profile listing DocumentReference with its content, while the rules drop attachments
+    (a required part of content), passed the check; the engine then dropped every DocumentReference."""
+    profile = tmp_path / "docs.yaml"
+    shipped = (Path(__file__).resolve().parent.parent / "profiles" / "example-generic.yaml").read_text()
+    media = "  Media: [status, subject, content]\n"
+    profile.write_text(shipped.replace("id: example-generic", "id: docs", 1) + media)
+    result = runner.invoke(app, ["profiles", "check", str(profile)])
+    assert result.exit_code == 0, result.output
+    warning = "resources.Media is never delivered: the rules always remove content, which it requires"
+    assert warning in result.output
+    plain = runner.invoke(app, ["profiles", "check"])
+    assert plain.exit_code == 0 and "warning" not in plain.output

@@ -910,3 +910,37 @@ def _deidentify(
         report=report,
         sources=sources,
     )
+
+
+def never_delivered(plan: Plan) -> list[str]:
+    """The resource types the plan can never deliver, each with a required element the rules always remove
+    (`DocumentReference: content.attachment` when attachments are dropped): valid, but surely not meant."""
+    out = []
+    for rtype, node in sorted(plan.nodes.items()):
+        lost = _always_lost(node[0], plan.required.get(rtype, ()), set())
+        if lost is not None:
+            out.append(f"{rtype}: {lost}")
+    return out
+
+
+def _always_lost(
+    fields: Mapping[str, tuple], required: tuple[tuple[str, ...], ...], seen: set[int]
+) -> str | None:
+    """A required element none of whose forms can survive (removed, or its every item losing one of its
+    own), as a dotted path; None when each can. A node on the way being checked already counts as one
+    that can (datatypes are recursive)."""
+    for names in required:
+        reasons = [_lost(fields.get(name), seen) for name in names]
+        if all(r is not None for r in reasons):
+            return names[0] + (reasons[0] if reasons[0] else "")
+    return None
+
+
+def _lost(field: tuple | None, seen: set[int]) -> str | None:
+    if field is None or field[0] == p.REMOVE:
+        return ""
+    node = field[1]
+    if field[0] != p.COMPLEX or node is None or id(node) in seen:
+        return None
+    inner = _always_lost(node[0], node[3], seen | {id(node)})
+    return None if inner is None else "." + inner
