@@ -22,6 +22,7 @@ class GatewayMetrics:
     resources: Counter  # labels: resource type, action (delivered | dropped:<reason>)
     ttp_seconds: Histogram  # one TTP batch call, whatever its size
     bulk_jobs: Gauge  # labels: registry, state (queued | indexing | delivering | completed | failed)
+    store_errors: Counter  # the worker's store reads and writes that failed (the outbox depth is then stale)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None, namespace: str = "gateway") -> GatewayMetrics:
@@ -77,6 +78,12 @@ def create_metrics(registry: CollectorRegistry, namespace: str = "gateway") -> G
             "bulk_jobs",
             "Bulk jobs ($import) this process knows, by registry and state",
             ["registry", "state"],
+            namespace=namespace,
+            registry=registry,
+        ),
+        store_errors=Counter(
+            "outbox_store_errors",
+            "Outbox store reads and writes of the worker that failed (the depth gauge is then stale)",
             namespace=namespace,
             registry=registry,
         ),

@@ -88,6 +88,7 @@ class OutboxWorker:
         self._rng = rng
         self.payload_retention = payload_retention
         self._next_purge = 0.0
+        self._quiet_until = 0.0  # the store-unavailable warning is logged at most every 30 s
         self.on_recorded = on_recorded
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -135,7 +136,10 @@ class OutboxWorker:
                     try:
                         claimed = await self._claim(free)
                     except StoreUnavailable as exc:
-                        log.warning("outbox store unavailable (%s); retrying after the poll interval", exc)
+                        self._store_failed()
+                        if time.monotonic() >= self._quiet_until:  # not every poll while it is down
+                            self._quiet_until = time.monotonic() + 30
+                            log.warning("outbox store unavailable (%s); retrying every poll interval", exc)
                 for d in claimed:
                     in_flight.add(asyncio.create_task(self._handle(d)))
                 idle = len(claimed) < free  # nothing more is due right now
@@ -189,8 +193,14 @@ class OutboxWorker:
     async def _refresh_depth(self) -> None:
         if not self.metrics:
             return
-        with contextlib.suppress(StoreUnavailable):
+        try:
             self.metrics.refresh_outbox(await self.store.depth())
+        except StoreUnavailable:
+            self._store_failed()
+
+    def _store_failed(self) -> None:
+        if self.metrics:
+            self.metrics.store_errors.inc()
 
     async def _handle(self, d: Delivery) -> None:
         client = self.clients[d.registry]
@@ -206,6 +216,7 @@ class OutboxWorker:
             outcome, recorded = await self._record(d, attempt)
         except StoreUnavailable as exc:
             # The lease will expire and the delivery be sent again; the registry's upsert absorbs it.
+            self._store_failed()
             log.error("delivery %s: outcome not recorded (%s)", d.id, exc)
             return
         if self.on_recorded is not None:

@@ -493,3 +493,35 @@ def test_payloads_past_retention_are_emptied_while_idle(receiver: str, store: St
     asyncio.run(go())
     done = store.get(d, with_payload=True)
     assert done.status == "delivered" and done.payload == b"" and done.counts == {"resources": 3}
+
+
+def test_a_store_the_worker_cannot_reach_is_counted_and_said_once_not_every_poll(
+    tmp_path: Path, receiver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe: with the store down, the worker's metrics kept the last outbox depth with nothing to say it
+    was stale, and its log had a warning every 0.2 s."""
+    import sqlite3
+
+    store = open_store(f"sqlite:///{tmp_path}/locked.db?busy_timeout=20")
+    metrics = GatewayMetrics.create(CollectorRegistry())
+    blocker = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock: every claim fails
+
+    async def go() -> None:
+        async with RegistryClient(receiver) as client:
+            worker = OutboxWorker(store, {"dica": client}, owner="w", poll_interval=0.02, metrics=metrics)
+            task = asyncio.create_task(worker.run())
+            await asyncio.sleep(0.6)
+            await worker.stop()
+            await task
+
+    try:
+        with caplog.at_level("WARNING", logger="gateway.worker"):
+            run(go)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        store.close()
+    assert metrics.registry.get_sample_value("gateway_outbox_store_errors_total") >= 5
+    said = [r for r in caplog.records if "outbox store unavailable" in r.getMessage()]
+    assert len(said) == 1
