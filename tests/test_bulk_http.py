@@ -694,3 +694,16 @@ def test_one_hospital_cannot_take_every_bulk_job_slot(tmp_path: Path) -> None:
     assert jobs.new_job("ura:2", REGISTRY).running
     alone = service.BulkJobs(None, work_root=tmp_path / "alone", import_dirs={}, max_jobs=2, providers=1)
     assert alone.new_job("ura:1", REGISTRY).running and alone.new_job("ura:1", REGISTRY).running
+
+
+def test_an_upload_of_only_invalid_lines_is_a_failed_job(chain) -> None:  # noqa: ANN001
+    """A probe: `hello\\nworld` uploaded became a "completed" job (with two invalid lines), where the CLI
+    exits 1: nothing could ever be delivered from it."""
+    c, _ = chain
+    auth = {"Authorization": f"Bearer {c.ehr_api_key}", "Content-Type": "application/fhir+ndjson"}
+    with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
+        response = client.post(f"/registries/{REGISTRY}/$import", content=b"hello\nworld\n")
+        assert response.status_code == 202, response.text
+        status = wait_done(client, response.headers["Content-Location"])
+    assert status["state"] == "failed" and "nothing was delivered" in status["error"], status
+    assert len(status["summary"]["invalidLines"]) == 2

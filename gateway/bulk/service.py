@@ -293,6 +293,10 @@ class BulkJobs:
                     (work_dir / name).unlink(missing_ok=True)
                 job.summary = run()
             job.state = "completed"
+            if _nothing_readable(job.summary):
+                # invalid lines and no patient: it could never deliver anything, not "completed" (a probe)
+                job.state = "failed"
+                job.error = "no patient in the export could be read: nothing was delivered (see invalidLines)"
         except SourceError as exc:
             keep = False
             job.state, job.error = "failed", str(exc)
@@ -458,3 +462,7 @@ def _on_loop(chains: Chains, loop: asyncio.AbstractEventLoop) -> Chains:
     registry = replace(chains.registry, optout=tuple(_OptOutOnLoop(s, loop) for s in chains.registry.optout))
     provider = replace(chains.provider, ttp=_TTPOnLoop(chains.provider.ttp, loop))
     return Chains(registry, provider, chains.validator, chains.mapping)
+
+
+def _nothing_readable(summary: BulkSummary) -> bool:
+    return bool(summary.invalid_lines) and summary.patients == 0 and not summary.sent
