@@ -374,6 +374,11 @@ def test_a_key_given_twice_in_a_profile_the_rules_or_the_configuration_is_refuse
     config.write_text("providers: []\nregistries: {}\nproviders: []\n")
     with pytest.raises(ValueError, match=r"not valid YAML: the key 'providers' is given twice \(line 3"):
         load_config(config)
+    # a merge key is no key given twice, and a key it brings may be given again (a re-probe's configuration)
+    from gateway import yamlfile
+
+    merged = yamlfile.load("a: &reg {profile: p, endpoint: x}\nb:\n  <<: *reg\n  endpoint: y\n")
+    assert merged["b"] == {"profile": "p", "endpoint": "y"}
 
 
 def test_profiles_check_takes_another_rules_file(tmp_path):

@@ -386,3 +386,10 @@ def test_a_birth_date_at_an_event_date_is_not_reported_and_one_in_a_note_is_by_i
     ]
     only_events = {**doc, "entry": [event, event]}
     assert scan(only_events, DATED_MANY) == [] == _walk(only_events, DATED_MANY)
+
+
+def test_an_entry_list_outside_a_bundle_is_walked_whole() -> None:
+    """A re-probe: a hand-made Patient with an `entry` list had only its entries walked, outside the Patient,
+    where a date is an event's; the whole walk reports the birth date."""
+    doc = {"resourceType": "Patient", "entry": [{"effectiveDateTime": "1934-04-10"}]}
+    assert [f.kind for f in scan(doc, DATED_ONE)] == ["birth-date"] == [f.kind for f in _walk(doc, DATED_ONE)]

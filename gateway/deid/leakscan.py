@@ -1233,7 +1233,7 @@ def scan(
     scanner = _Scanner(sensitive)
     if _clean_at_a_glance(output, scanner, serialized):
         return findings
-    if scanner.only_birth_dates and isinstance(output, dict) and isinstance(output.get("entry"), list):
+    if scanner.only_birth_dates and root == "Bundle" and isinstance(output.get("entry"), list):
         _walk_where_birth_dates(output, scanner, root)
         return findings + scanner.findings
     if scanner.glued and not scanner.glued_decided and serialized is not None:
