@@ -707,3 +707,30 @@ def test_an_upload_of_only_invalid_lines_is_a_failed_job(chain) -> None:  # noqa
         status = wait_done(client, response.headers["Content-Location"])
     assert status["state"] == "failed" and "nothing was delivered" in status["error"], status
     assert len(status["summary"]["invalidLines"]) == 2
+
+
+def test_a_running_jobs_status_counts_the_bundles_it_has_stored(chain, tmp_path: Path) -> None:  # noqa: ANN001
+    """A re-probe: while a job stored its Bundles (`delivering`), its `outbox` counts were all zero: they
+    were looked up under the status's job id, not the id in the Bundles' outbox keys."""
+    c, _ = chain
+    write_export(tmp_path / "export", SynthSpec(patients=600, resources_per_patient=6))
+    body = b"".join(p.read_bytes() for p in sorted((tmp_path / "export").glob("*.ndjson")))
+    store = c.runtime.store
+    before = sum(store.depth().values())
+    auth = {"Authorization": f"Bearer {c.ehr_api_key}"}
+    seen = []
+    with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
+        headers = {"Content-Type": "application/fhir+ndjson"}
+        response = client.post(f"/registries/{REGISTRY}/$import", content=body, headers=headers)
+        assert response.status_code == 202, response.text
+        location = response.headers["Content-Location"]
+        deadline = time.monotonic() + 120
+        while (status := client.get(location).json())["state"] not in ("completed", "failed"):
+            stored = sum(store.depth().values()) - before  # read after the status: at least what it saw
+            if status["state"] == "delivering" and "outbox" in status:
+                seen.append((sum(status["outbox"].values()), stored))
+            assert time.monotonic() < deadline, status
+            time.sleep(0.02)
+    assert seen, "the job was never seen storing its Bundles"
+    assert any(counted > 0 for counted, _ in seen), seen
+    assert all(counted <= stored for counted, stored in seen), seen

@@ -62,6 +62,7 @@ class JobStatus:
     error: str | None = None
     resumable: bool = False  # a manifest job: its folder (offsets, keyed hashes, state) outlives a failure
     upload_sha256: str | None = None  # an upload's content, so that the same export sent again is one job
+    bulk_id: str | None = None  # the job id in its Bundles' outbox keys (`bulk|<bulk_id>|...`), once it runs
 
     @property
     def running(self) -> bool:
@@ -234,6 +235,7 @@ class BulkJobs:
         # again; a manifest posted to another gateway of the same store (a probe's two scale-out hosts
         # delivered one export twice, each job under its own random id), or after its state expired.
         options = replace(options, job_id=_bulk_job_id(job, options))
+        job.bulk_id = options.job_id
         thread = threading.Thread(
             target=self._run,
             args=(job, sources, chains, spec, options, sender),

@@ -116,8 +116,9 @@ def install_bulk_routes(
         view = job.view()
         if job.state in ("delivering", "completed"):
             # "completed" is the job's part (every Bundle in the outbox); what the registry has is the
-            # outbox's (a probe read "completed" while the registry, down, had nothing)
-            prefix = f"bulk|{job.summary.job if job.summary else job.id}|"
+            # outbox's (a probe read "completed" while the registry, down, had nothing), also while the job
+            # is still storing them
+            prefix = f"bulk|{job.bulk_id or (job.summary.job if job.summary else job.id)}|"
             with contextlib.suppress(StoreUnavailable):
                 view["outbox"] = await asyncio.to_thread(
                     runtime.store.depth_by_key_prefix, job.provider, job.registry, prefix
