@@ -669,3 +669,21 @@ def test_after_the_servers_connections_are_dropped_one_request_fails_not_one_per
         assert store.depth()["queued"] == 0  # a fresh one: the other dead ones went with the first
     finally:
         store.close()
+
+
+def test_a_dead_letter_is_not_requeued_over_a_newer_delivered_bundle_that_has_its_patient_second(
+    store: Store,
+) -> None:
+    """A re-probe: a delivered Bundle's patients other than its first were not kept, so a dead letter of
+    such a patient was requeued over it, and the older version would have overwritten the newer."""
+    old = put(store, "old", patient="Patient/p")
+    assert store.claim_batch("w", 10, 30)[0].id == old and store.mark_dead(old, "w", "rejected")
+    newer, _ = store.enqueue(
+        provider="ura:1", registry="dica", sender="ehr-1", payload=b"{}", idempotency_key="newer",
+        patient_keys=["Patient/q", "Patient/p"],
+    )
+    assert [d.id for d in store.claim_batch("w", 10, 30)] == [newer]
+    assert store.mark_delivered(newer, "w", registry_status=200)
+    with pytest.raises(Superseded):
+        store.requeue(old)
+    assert store.get(old).status == "dead"

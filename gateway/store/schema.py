@@ -102,7 +102,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
         6,
         (
-            # Every patient a delivery carries, while it is pending or dead: a Bundle of several patients (a
+            # Every patient a delivery carries (kept once delivered: a dead letter requeued must not overtake
+            # a newer delivery of any of them, `SqlStore.requeue`): a Bundle of several patients (a
             # bulk Bundle, a family) was ordered by its first patient only, and a later post of its second
             # patient overtook it at the registry, which then kept the older version (a probe).
             """CREATE TABLE delivery_patients (
@@ -113,8 +114,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
             "CREATE INDEX delivery_patients_key ON delivery_patients (registry, patient_key, seq)",
             "INSERT INTO delivery_patients (seq, registry, patient_key) "
-            "SELECT seq, registry, patient_order_key FROM deliveries "
-            "WHERE patient_order_key IS NOT NULL AND status <> 'delivered'",
+            "SELECT seq, registry, patient_order_key FROM deliveries WHERE patient_order_key IS NOT NULL",
         ),
     ),
 )

@@ -301,14 +301,6 @@ class SqlStore:
             )
             if cur.rowcount != 1:
                 return False
-            if assignments.startswith("status = 'delivered'"):
-                # the registry has it: no later delivery waits for it any more (a dead one keeps its
-                # patients: requeued, it must not overtake a newer delivery of them)
-                self._q(
-                    conn,
-                    "DELETE FROM delivery_patients WHERE seq IN (SELECT seq FROM deliveries WHERE id = ?)",
-                    (delivery_id,),
-                )
             if audit is not None:
                 self._audit(conn, audit, now)
             return True
@@ -401,18 +393,15 @@ class SqlStore:
             return True
 
     def _superseded(self, conn: Any, delivery_id: str) -> bool:
-        """A newer delivery to the same registry carries one of this dead one's patients: a pending or dead
-        one by its patients, a delivered one by its first patient (a delivered one's others are not kept)."""
+        """A newer delivery to the same registry, whatever its status, carries one of this dead one's
+        patients (any of them: a re-probe's newer Bundle had the patient second)."""
         row = self._q(
             conn,
             """SELECT 1 FROM deliveries x JOIN delivery_patients mine ON mine.seq = x.seq
-               WHERE x.id = ? AND x.status = 'dead' AND (
-                   EXISTS (SELECT 1 FROM delivery_patients other
-                           WHERE other.registry = mine.registry AND other.patient_key = mine.patient_key
-                             AND other.seq > x.seq)
-                   OR EXISTS (SELECT 1 FROM deliveries e
-                              WHERE e.registry = x.registry AND e.patient_order_key = mine.patient_key
-                                AND e.seq > x.seq AND e.status = 'delivered'))""",
+               WHERE x.id = ? AND x.status = 'dead' AND EXISTS (
+                   SELECT 1 FROM delivery_patients other
+                   WHERE other.registry = mine.registry AND other.patient_key = mine.patient_key
+                     AND other.seq > x.seq)""",
             (delivery_id,),
         ).fetchone()
         return row is not None
