@@ -898,3 +898,21 @@ def test_the_provenance_states_the_profiles_purpose_of_use(purpose: str, allows:
     out = deidentify(source, plan, id_key=KEY_A, pseudonyms=fake_pseudonyms(source), provenance=PROVENANCE)
     [provenance] = resources(out.bundle, "Provenance")
     assert [c["code"] for r in provenance["reason"] for c in r["coding"]] == [code]
+
+
+def test_a_relative_reference_resolves_against_its_own_entrys_server_only() -> None:
+    """A re-probe: `Observation/o2` in an entry under http://hospital.example/fhir/ was rewritten to another
+    server's Observation o2 in the Bundle (validation reads it as not in the Bundle), linking one patient's
+    record to another's. A relative reference from a urn:uuid entry still matches any entry's Type/id."""
+    other = obs("urn:uuid:p") | {"id": "o2"}
+    here = obs("urn:uuid:p", derivedFrom=[{"reference": "Observation/o2"}]) | {"id": "o1"}
+    loose = obs("urn:uuid:p", derivedFrom=[{"reference": "Observation/o2"}]) | {"id": "o3"}
+    b = bundle(
+        ("urn:uuid:p", patient()),
+        ("http://other.org/fhir/Observation/o2", other),
+        ("http://hospital.example/fhir/Observation/o1", here),
+        ("urn:uuid:o3", loose),
+    )
+    delivered = resources(run(b).bundle, "Observation")
+    assert "derivedFrom" not in delivered[1]  # under hospital.example: that server's o2, not in the Bundle
+    assert delivered[2]["derivedFrom"] == [{"reference": "urn:uuid:" + delivered[0]["id"]}]

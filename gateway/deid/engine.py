@@ -31,6 +31,7 @@ from gateway.deid.r4 import R4Types, r4
 from gateway.deid.rules import ExtensionShape, Rule, Rules
 from gateway.linkage import SHARED_TYPES, linked_to_patients
 from gateway.memory import paused_gc
+from gateway.pipeline.validate import restful_base
 
 PSEUDED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -330,6 +331,7 @@ class _Candidate:
     pseudonyms: list[dict[str, Any]]
     index: int  # of its entry in the input
     shift_key: str | None = None  # a Patient's date-shift key (see `_offsets`)
+    base: str | None = None  # its entry's RESTful base (`WalkContext.base`)
 
 
 class _Resolver:
@@ -490,7 +492,8 @@ def _select(
                 by_key[k] = urn
             pending.append((rtype, res, urn))
             shift = next((shift_keys[k] for k in keys if k in shift_keys), None) if pseud else None
-            candidates.append(_Candidate(rtype, res, new_id, pseud, index, shift))
+            base = restful_base(entry.get("fullUrl"))
+            candidates.append(_Candidate(rtype, res, new_id, pseud, index, shift, base))
     return candidates, resolver
 
 
@@ -660,7 +663,7 @@ def _walk_all(
     nodes = plan.nodes
     walk = p.walk
     for c, off in zip(candidates, offsets, strict=True):
-        ctx.date_offset = off
+        ctx.date_offset, ctx.base = off, c.base
         ctx.emitted = links["urn:uuid:" + c.new_id] = []
         rtype, res = c.rtype, c.resource
         out: dict[str, Any] = {"resourceType": rtype, "id": c.new_id}

@@ -65,6 +65,7 @@ class WalkContext:
         "references_dropped",
         "pseudonyms",
         "emitted",
+        "base",
     )
 
     def __init__(
@@ -86,6 +87,9 @@ class WalkContext:
         self.references_dropped = 0
         self.pseudonyms: list[dict[str, Any]] = []
         self.emitted: list[str] = []  # the references written into the resource being walked
+        # the RESTful base of the entry being walked (`http://x/fhir/`), None for a urn: fullUrl: a relative
+        # reference resolves against it only, as validation reads it (FHIR's rule)
+        self.base: str | None = None
 
     def count(self, label: str) -> None:
         self.removed[label] = self.removed.get(label, 0) + 1
@@ -348,9 +352,14 @@ def _reference(value: Any, ctx: WalkContext) -> dict[str, Any] | None:
     if type(value) is not dict:
         return None
     ref = value.get("reference")
-    new = ctx.ref_map.get(ref) if type(ref) is str else None  # the common case: a fullUrl or Type/id
-    if new is None and type(ref) is str:
-        new = ctx.resolve(ref)
+    if type(ref) is str and ctx.base is not None and _relative(ref):
+        # `Observation/o2` in an entry under http://x/fhir/ is http://x/fhir/Observation/o2 only; another
+        # server's o2 in the Bundle is not it (a re-probe's linked two patients' records)
+        new = ctx.ref_map.get(ctx.base + ref.split("/_history/", 1)[0])
+    else:
+        new = ctx.ref_map.get(ref) if type(ref) is str else None  # the common case: a fullUrl or Type/id
+        if new is None and type(ref) is str:
+            new = ctx.resolve(ref)
     if new is None:
         # unresolvable, external, to a dropped resource, or logical (identifier/display only)
         ctx.references_dropped += 1
@@ -372,6 +381,11 @@ def _reference(value: Any, ctx: WalkContext) -> dict[str, Any] | None:
     if "identifier" in value:
         ctx.count("Reference.identifier")
     return out
+
+
+def _relative(ref: str) -> bool:
+    """`Type/id` (maybe versioned): not absolute, urn:, contained (#) or conditional (?)."""
+    return "://" not in ref and not ref.startswith(("urn:", "#")) and "?" not in ref
 
 
 def pseudonymise_reference(value: Any, f: tuple, ctx: WalkContext) -> Any:

@@ -769,7 +769,7 @@ class _Resolver:
             else:
                 self._warn(i, resource, ref, "reference to another server")
             return set()
-        base = _restful_base(entry.get("fullUrl"))
+        base = restful_base(entry.get("fullUrl"))
         if base is None:
             # No RESTful base to resolve against (urn:uuid or absent fullUrl): match Type/id liberally.
             found = self.by_type_id.get(f"{rtype}/{rid}")
@@ -910,7 +910,7 @@ def reference_type(reference: str) -> str | None:
     return tail.group(1) if tail else None
 
 
-def _restful_base(full_url: Any) -> str | None:
+def restful_base(full_url: Any) -> str | None:
     """`http://x/fhir/` for `http://x/fhir/Observation/1`; None for urn: or absent fullUrls."""
     if not isinstance(full_url, str) or not _ABSOLUTE.match(full_url):
         return None
