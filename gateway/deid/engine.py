@@ -29,9 +29,9 @@ from gateway.deid.homes import at_home, person_homes
 from gateway.deid.profile import Profile, ProfileError, _path_tree, expand_tree, extension_problems
 from gateway.deid.r4 import R4Types, r4
 from gateway.deid.rules import ExtensionShape, Rule, Rules
+from gateway.fhirurls import restful_base
 from gateway.linkage import SHARED_TYPES, linked_to_patients
 from gateway.memory import paused_gc
-from gateway.pipeline.validate import restful_base
 
 PSEUDED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",

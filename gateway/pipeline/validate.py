@@ -47,6 +47,7 @@ import jsonschema_rs
 import orjson
 
 from gateway.deid.r4 import R4Types, r4
+from gateway.fhirurls import ABSOLUTE, RESTFUL_TAIL, restful_base
 from gateway.outcome import FhirError, Issue
 from gateway.pipeline.parse import safe_name
 
@@ -607,10 +608,6 @@ _REFERENCE_VALUE = re.compile(rb'"reference":"([^"\\]*(?:\\.[^"\\]*)*)"')  # unr
 _URL_VALUE = re.compile(rb'"url":"([^"\\]*)"')
 _PATIENT_TYPE = b'"resourceType":"Patient"'
 _LOGICAL_HINT = b'"identifier":{'
-_ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_RESTFUL_TAIL = re.compile(
-    r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
-)
 _CONDITIONAL = re.compile(r"([A-Z][A-Za-z]+)\?(.*)", re.DOTALL)
 _UNSEEN: Any = object()
 _SUBJECT_PATH = re.compile(r"\.resource\.(?:subject|patient)(?:\[\d+\])?$")
@@ -753,9 +750,9 @@ class _Resolver:
                 self._dangling(i, resource, ref, "reference to a urn: fullUrl that is not in the Bundle")
             return set()
         conditional = _CONDITIONAL.fullmatch(ref)
-        if conditional and not _ABSOLUTE.match(ref):
+        if conditional and not ABSOLUTE.match(ref):
             return self._conditional(i, resource, ref, conditional.group(1), conditional.group(2))
-        tail = _RESTFUL_TAIL.search(ref)
+        tail = RESTFUL_TAIL.search(ref)
         if tail is None:
             self._warn(i, resource, ref, "reference in an unrecognised format")
             return set()
@@ -763,7 +760,7 @@ class _Resolver:
         versionless = ref.split("/_history/", 1)[0]
         if versionless in self.by_full_url:
             return {self.by_full_url[versionless]}
-        if _ABSOLUTE.match(ref):
+        if ABSOLUTE.match(ref):
             if rtype == "Patient":
                 self._dangling(i, resource, ref, "reference to a Patient on another server")
             else:
@@ -895,8 +892,8 @@ def _unfollowable(ref: dict, resource: dict) -> str | None:
         return None if target[1:] in ids else "reference to a contained resource that is not there"
     if target.startswith("urn:"):
         return None
-    tail = _RESTFUL_TAIL.search(target)
-    conditional = _CONDITIONAL.fullmatch(target) if tail is None and not _ABSOLUTE.match(target) else None
+    tail = RESTFUL_TAIL.search(target)
+    conditional = _CONDITIONAL.fullmatch(target) if tail is None and not ABSOLUTE.match(target) else None
     named = tail or conditional
     if named is None:
         return "subject or patient reference in an unrecognised format"
@@ -906,16 +903,8 @@ def _unfollowable(ref: dict, resource: dict) -> str | None:
 
 def reference_type(reference: str) -> str | None:
     """The resource type a RESTful reference names (`Group/g1`, `http://x/fhir/Group/g1`), else None."""
-    tail = _RESTFUL_TAIL.search(reference)
+    tail = RESTFUL_TAIL.search(reference)
     return tail.group(1) if tail else None
-
-
-def restful_base(full_url: Any) -> str | None:
-    """`http://x/fhir/` for `http://x/fhir/Observation/1`; None for urn: or absent fullUrls."""
-    if not isinstance(full_url, str) or not _ABSOLUTE.match(full_url):
-        return None
-    tail = _RESTFUL_TAIL.search(full_url)
-    return full_url[: tail.start() + 1] if tail else None
 
 
 def _type_id_index(entries: list[dict]) -> dict[str, list[int]]:
@@ -927,7 +916,7 @@ def _type_id_index(entries: list[dict]) -> dict[str, list[int]]:
         if isinstance(resource.get("id"), str):
             keys.add(f"{resource.get('resourceType')}/{resource['id']}")
         full_url = entry.get("fullUrl") or ""
-        tail = None if full_url.startswith("urn:") else _RESTFUL_TAIL.search(full_url)
+        tail = None if full_url.startswith("urn:") else RESTFUL_TAIL.search(full_url)
         if tail:
             keys.add(f"{tail.group(1)}/{tail.group(2)}")
         for key in keys:
