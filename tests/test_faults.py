@@ -87,11 +87,25 @@ class SlowTTP:
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await self._held(scope, receive, send)
-        finally:
+        counted = [True]
+
+        def done() -> None:
             with self._lock:
-                self.in_flight -= 1
+                if counted[0]:
+                    counted[0] = False
+                    self.in_flight -= 1
+
+        async def answering(message: dict) -> None:
+            # out of flight before the answer's last byte leaves: the caller may send its next request on
+            # it before this task runs again, and that one was counted on top (a flaky 5 of 4)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done()
+            await send(message)
+
+        try:
+            await self._held(scope, receive, answering)
+        finally:
+            done()
 
     async def _held(self, scope: dict, receive: Any, send: Any) -> None:
         buffered = []
