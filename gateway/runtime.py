@@ -315,8 +315,9 @@ class Runtime:
         return hmac.new(self.keys.idempotency_key(), msg, hashlib.sha256).hexdigest()
 
     async def wait_for(self, delivery_id: str, timeout: float) -> Any:
-        """The delivery once delivered or dead, or once an attempt failed and it waits for its retry (the
-        registry is down: the EHR is told so now, not after `timeout`), or as it stands after `timeout`.
+        """The delivery once delivered or dead, or once an attempt failed and it waits for its retry, or it
+        waits behind an older one of its patients that does (the registry is down: the EHR is told so now,
+        not after `timeout`), or as it stands after `timeout`.
         Woken by this process's worker when it records an outcome; the store is polled as well, for another
         process's worker."""
         loop = asyncio.get_running_loop()
@@ -331,6 +332,8 @@ class Runtime:
                     return d
                 if d.status == "queued" and d.attempts > 0:
                     return d  # an attempt failed: queued for its retry
+                if d.status == "queued" and await asyncio.to_thread(self.store.behind_a_retry, delivery_id):
+                    return d  # it waits for an older delivery of its patients that failed (a re-probe)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(recorded.wait(), min(delay, max(0.0, deadline - loop.time())))
                 recorded.clear()

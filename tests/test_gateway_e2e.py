@@ -400,6 +400,32 @@ def test_an_old_dead_letter_is_not_requeued_over_a_newer_delivery_of_its_patient
     assert forced.status_code == 200, forced.text
 
 
+def test_a_synchronous_post_behind_a_failed_delivery_of_its_patient_is_answered_queued(chain):
+    """A re-probe: a sync post of a patient whose earlier delivery failed and waits for its retry had no
+    attempt of its own, and held the EHR's connection until the retry went (up to 20 s)."""
+    example = orjson.loads((EXAMPLES / "02-nlps1-vector-patients-transaction.json").read_bytes())
+    one = [e for e in example["entry"] if e["resource"]["id"].startswith("vector-4")]
+    first = {**example, "entry": one, "identifier": {"system": "urn:x", "value": str(uuid.uuid4())}}
+    later = {**first, "identifier": {"system": "urn:x", "value": str(uuid.uuid4())}}
+    later["entry"] = [dict(e) for e in one]
+    amended = {**later["entry"][3]["resource"], "status": "amended"}
+    later["entry"][3] = {**later["entry"][3], "resource": amended}
+    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 503, "count": 1, "retry_after": "5"})
+    assert _post(chain, orjson.dumps(first), headers={"Prefer": "respond-async"}).status_code == 202
+    _wait_until(lambda: httpx.get(f"{chain.receiver_url}/_faults").json() == [])  # its attempt failed
+    behind = _post(chain, orjson.dumps(later))
+    assert behind.status_code == 202, behind.text  # not 200 five seconds later, after the retry
+    assert {p["name"]: p for p in behind.json()["parameter"]}["status"]["valueCode"] == "queued"
+    auth = {"Authorization": f"Bearer {chain.ehr_api_key}"}
+    final = _wait_until(
+        lambda: (r := httpx.get(chain.gateway_url + behind.headers["Content-Location"], headers=auth))
+        .status_code
+        == 200
+        and r.json()
+    )
+    assert final["status"] == "delivered"
+
+
 def test_registry_429_retry_after_is_honoured(chain):
     httpx.post(f"{chain.receiver_url}/_faults", json={"status": 429, "count": 1, "retry_after": "1"})
     started = time.monotonic()

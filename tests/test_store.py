@@ -687,3 +687,13 @@ def test_a_dead_letter_is_not_requeued_over_a_newer_delivered_bundle_that_has_it
     with pytest.raises(Superseded):
         store.requeue(old)
     assert store.get(old).status == "dead"
+
+
+def test_a_delivery_behind_a_failed_older_one_of_its_patient_is_known_to_wait(store: Store) -> None:
+    first = put(store, "first", patient="Patient/p")
+    later = put(store, "later", patient="Patient/p")
+    other = put(store, "other", patient="Patient/q")
+    assert not store.behind_a_retry(later)  # the older one is queued, but has not failed
+    assert [d.id for d in store.claim_batch("w", 10, 30)] == [first, other]
+    assert store.mark_retry(first, "w", 60, registry_status=503, error="registry unavailable")
+    assert store.behind_a_retry(later) and not store.behind_a_retry(other)

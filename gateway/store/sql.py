@@ -392,6 +392,24 @@ class SqlStore:
             )
             return True
 
+    def behind_a_retry(self, delivery_id: str) -> bool:
+        """Is this queued delivery waiting for an older one of its patients whose attempt failed (queued
+        again for its retry)? Then it goes only after that one: its own answer is known, "queued"."""
+        with self._conn() as conn:
+            row = self._q(
+                conn,
+                """SELECT 1 FROM deliveries x
+                   JOIN delivery_patients mine ON mine.seq = x.seq
+                   JOIN delivery_patients other
+                     ON other.registry = mine.registry AND other.patient_key = mine.patient_key
+                        AND other.seq < mine.seq
+                   JOIN deliveries e ON e.seq = other.seq
+                   WHERE x.id = ? AND x.status = 'queued' AND e.status = 'queued' AND e.attempts > 0
+                   LIMIT 1""",
+                (delivery_id,),
+            ).fetchone()
+        return row is not None
+
     def _superseded(self, conn: Any, delivery_id: str) -> bool:
         """A newer delivery to the same registry, whatever its status, carries one of this dead one's
         patients (any of them: a re-probe's newer Bundle had the patient second)."""
