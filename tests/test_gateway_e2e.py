@@ -66,6 +66,13 @@ def _wait_until(predicate, timeout: float = 30.0):
     raise AssertionError("condition not reached in time")
 
 
+def _fault(chain, **fault) -> None:
+    """The registry's next answer(s), once nothing else is on its way to it: an earlier test's delivery
+    still in flight would take the fault meant for this test's Bundle."""
+    _wait_until(lambda: (d := chain.runtime.store.depth())["queued"] + d["delivering"] == 0)
+    httpx.post(f"{chain.receiver_url}/_faults", json=fault)
+
+
 class RecordingTTP:
     """Wraps the real TTP app and keeps every request body it receives (the TTP's request log)."""
 
@@ -312,7 +319,7 @@ def test_async_request_pattern(chain):
 
 
 def test_registry_503_then_200_is_delivered_once(chain):
-    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 503, "count": 1})
+    _fault(chain, status=503, count=1)
     before = httpx.get(f"{chain.receiver_url}/").json()["bundles"]
     response = _post(
         chain,
@@ -332,7 +339,7 @@ def test_registry_503_then_200_is_delivered_once(chain):
 def test_a_synchronous_post_is_answered_queued_once_an_attempt_failed(chain):
     """A probe: with the registry down, a synchronous post held the EHR's connection for 20 s before its
     202; once an attempt has failed, the answer is known (queued for its retry) and given at once."""
-    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 503, "count": 2, "retry_after": "2"})
+    _fault(chain, status=503, count=2, retry_after="2")
     response = _post(
         chain,
         EXAMPLES / "02-nlps1-vector-patients-transaction.json",
@@ -365,7 +372,7 @@ def test_a_later_post_of_any_patient_of_a_waiting_bundle_goes_after_it(chain):
     second["entry"] = [e for e in example["entry"] if e["resource"]["id"].startswith("vector-2")]
     second["entry"][3]["resource"]["valueQuantity"] = {"value": 99, "unit": "kg"}
     before = len(_received(chain))
-    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 503, "count": 1, "retry_after": "2"})
+    _fault(chain, status=503, count=1, retry_after="2")
     first = _post(chain, orjson.dumps(example), headers={"Prefer": "respond-async"})
     assert first.status_code == 202, first.text
     _wait_until(lambda: httpx.get(f"{chain.receiver_url}/_faults").json() == [])  # the four were refused
@@ -387,7 +394,7 @@ def test_an_old_dead_letter_is_not_requeued_over_a_newer_delivery_of_its_patient
     newer["entry"] = [dict(e) for e in one["entry"]]
     amended = {**newer["entry"][3]["resource"], "status": "amended"}
     newer["entry"][3] = {**newer["entry"][3], "resource": amended}
-    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 422, "count": 1})
+    _fault(chain, status=422, count=1)
     dead = _post(chain, orjson.dumps(older))
     assert dead.status_code == 422, dead.text
     dead_id = {p["name"]: p for p in dead.json()["parameter"]}["delivery"]["valueString"]
@@ -410,7 +417,7 @@ def test_a_synchronous_post_behind_a_failed_delivery_of_its_patient_is_answered_
     later["entry"] = [dict(e) for e in one]
     amended = {**later["entry"][3]["resource"], "status": "amended"}
     later["entry"][3] = {**later["entry"][3], "resource": amended}
-    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 503, "count": 1, "retry_after": "5"})
+    _fault(chain, status=503, count=1, retry_after="5")
     assert _post(chain, orjson.dumps(first), headers={"Prefer": "respond-async"}).status_code == 202
     _wait_until(lambda: httpx.get(f"{chain.receiver_url}/_faults").json() == [])  # its attempt failed
     behind = _post(chain, orjson.dumps(later))
@@ -427,7 +434,7 @@ def test_a_synchronous_post_behind_a_failed_delivery_of_its_patient_is_answered_
 
 
 def test_registry_429_retry_after_is_honoured(chain):
-    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 429, "count": 1, "retry_after": "1"})
+    _fault(chain, status=429, count=1, retry_after="1")
     started = time.monotonic()
     response = _post(
         chain,
@@ -450,7 +457,7 @@ def test_registry_429_retry_after_is_honoured(chain):
 
 
 def test_registry_400_goes_to_dead_letters_and_can_be_requeued(chain):
-    httpx.post(f"{chain.receiver_url}/_faults", json={"status": 400, "count": 1})
+    _fault(chain, status=400, count=1)
     response = _post(
         chain,
         EXAMPLES / "02-nlps1-vector-patients-transaction.json",
