@@ -330,10 +330,11 @@ class Runtime:
                 d = await asyncio.to_thread(self.store.get, delivery_id)
                 if d is None or d.status in ("delivered", "dead") or loop.time() > deadline:
                     return d
-                if d.status == "queued" and d.attempts > 0:
-                    return d  # an attempt failed: queued for its retry
-                if d.status == "queued" and await asyncio.to_thread(self.store.behind_a_retry, delivery_id):
-                    return d  # it waits for an older delivery of its patients that failed (a re-probe)
+                if d.status == "queued" and (
+                    d.attempts > 0  # an attempt failed: queued for its retry
+                    or await asyncio.to_thread(self.store.behind_a_retry, delivery_id)  # or an older one's
+                ):
+                    return d
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(recorded.wait(), min(delay, max(0.0, deadline - loop.time())))
                 recorded.clear()

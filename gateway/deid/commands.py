@@ -138,8 +138,7 @@ def _warn_never_delivered(valid: dict[Path, Any], rules: Any, problems: list[str
     for path, data in valid.items():
         if any(str(p).startswith(f"{path}: ") for p in problems):
             continue
-        for lost in never_delivered(compile_plan(profile_from_data(data, path.name), rules)):
-            rtype, element = lost.split(": ", 1)
+        for rtype, element in never_delivered(compile_plan(profile_from_data(data, path.name), rules)):
             typer.echo(
                 f"{path}: warning: resources.{rtype} is never delivered: the rules always remove {element}, "
                 "which it requires"

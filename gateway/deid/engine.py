@@ -915,14 +915,15 @@ def _deidentify(
     )
 
 
-def never_delivered(plan: Plan) -> list[str]:
+def never_delivered(plan: Plan) -> list[tuple[str, str]]:
     """The resource types the plan can never deliver, each with a required element the rules always remove
-    (`DocumentReference: content.attachment` when attachments are dropped): valid, but surely not meant."""
+    (`("DocumentReference", "content.attachment")` when attachments are dropped): valid, but surely not
+    meant."""
     out = []
     for rtype, node in sorted(plan.nodes.items()):
         lost = _always_lost(node[0], plan.required.get(rtype, ()), set())
         if lost is not None:
-            out.append(f"{rtype}: {lost}")
+            out.append((rtype, lost))
     return out
 
 

@@ -45,10 +45,10 @@ CLAIMABLE = """
 # EHR's live posts back until it has drained. Per-patient order still holds (CLAIMABLE): a patient's post
 # waits for that patient's earlier bulk Bundle.
 BULK_KEY = "substr(d.idempotency_key, 1, 5) = 'bulk|'"
-KINDS = {"posted": f"AND NOT ({BULK_KEY})", "bulk": f"AND {BULK_KEY}", None: ""}
+KINDS = {"posted": f"AND NOT ({BULK_KEY})", "bulk": f"AND {BULK_KEY}"}
 
 
-def _claimable(now: float, registries: list[str] | None, kind: str | None = None) -> tuple[str, list[Any]]:
+def _claimable(now: float, registries: list[str] | None, kind: str) -> tuple[str, list[Any]]:
     if registries is None:
         return CLAIMABLE.format(registry_filter=KINDS[kind]), [now, now, now]
     marks = ", ".join("?" for _ in registries) or "NULL"
@@ -80,7 +80,7 @@ class Dialect:
         registries: list[str] | None,
         limit: int,
         returning: str,
-        kind: str | None = None,
+        kind: str,
     ) -> tuple[str, list[Any]]:
         """The claim statement and its parameters (their order differs between the two statements)."""
         raise NotImplementedError
@@ -128,7 +128,7 @@ class SqliteDialect(Dialect):
         registries: list[str] | None,
         limit: int,
         returning: str,
-        kind: str | None = None,
+        kind: str,
     ) -> tuple[str, list[Any]]:
         where, where_params = _claimable(now, registries, kind)
         # One UPDATE ... RETURNING inside BEGIN IMMEDIATE: the write lock makes the claim atomic across
@@ -160,7 +160,7 @@ class PostgresDialect(Dialect):
         registries: list[str] | None,
         limit: int,
         returning: str,
-        kind: str | None = None,
+        kind: str,
     ) -> tuple[str, list[Any]]:
         where, where_params = _claimable(now, registries, kind)
         returning = ", ".join(f"deliveries.{c.strip()}" for c in returning.split(","))  # c.seq is ambiguous

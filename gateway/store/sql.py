@@ -249,6 +249,7 @@ class SqlStore:
         A delivery whose lease expired (its worker died) is claimable again. `attempts` counts claims.
         """
         now = self._clock()
+        only = None if registries is None else sorted(set(registries))
         rows: list[Any] = []
         with self._tx() as conn:
             self.dialect.lock_claims(conn)
@@ -259,7 +260,7 @@ class SqlStore:
                     owner=owner,
                     now=now,
                     lease_until=now + lease_seconds,
-                    registries=None if registries is None else sorted(set(registries)),
+                    registries=only,
                     limit=limit - len(rows),
                     returning=_WITH_PAYLOAD + ", seq",
                     kind=kind,
