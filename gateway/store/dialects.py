@@ -44,8 +44,9 @@ CLAIMABLE = """
 # claimed after the posted ones: a yearly delivery of thousands of Bundles in the outbox must not hold an
 # EHR's live posts back until it has drained. Per-patient order still holds (CLAIMABLE): a patient's post
 # waits for that patient's earlier bulk Bundle.
-BULK_KEY = "substr(d.idempotency_key, 1, 5) = 'bulk|'"
-KINDS = {"posted": f"AND NOT ({BULK_KEY})", "bulk": f"AND {BULK_KEY}"}
+BULK_KEY = "substr({table}.idempotency_key, 1, 5) = 'bulk|'"
+IS_KIND = {"posted": f"NOT ({BULK_KEY})", "bulk": BULK_KEY}  # each the predicate of an index (schema v7)
+KINDS = {kind: "AND " + predicate.format(table="d") for kind, predicate in IS_KIND.items()}
 
 
 def _claimable(now: float, registries: list[str] | None, kind: str) -> tuple[str, list[Any]]:
@@ -54,6 +55,17 @@ def _claimable(now: float, registries: list[str] | None, kind: str) -> tuple[str
     marks = ", ".join("?" for _ in registries) or "NULL"
     where = CLAIMABLE.format(registry_filter=f"AND d.registry IN ({marks}) {KINDS[kind]}")
     return where, [now, now, *registries, now]
+
+
+# The claim reads the head of the queue first: the `window` oldest pending deliveries of the kind, walked
+# in `seq` order on the kind's partial index (schema v7), so that a claim costs the same with a backlog of a
+# hundred thousand as with ten. Only when the head is full and holds fewer claimable ones than asked
+# (retries waiting at the front, a patient's later Bundles behind its first) does the claim read every due
+# delivery, as it always did (`window=None`). Both engines use a partial index only for a query that
+# states the index's own predicate, so the head spells it out.
+_HEAD = """SELECT w.seq FROM deliveries w {hint}
+           WHERE w.status IN ('queued', 'delivering') AND {kind}
+           ORDER BY w.seq LIMIT ?"""
 
 
 @dataclass
@@ -81,9 +93,27 @@ class Dialect:
         limit: int,
         returning: str,
         kind: str,
+        window: int | None,
     ) -> tuple[str, list[Any]]:
-        """The claim statement and its parameters (their order differs between the two statements)."""
+        """The claim statement and its parameters (their order differs between the two statements);
+        `window`: look only at that many of the oldest pending deliveries (None: at every due one)."""
         raise NotImplementedError
+
+    def queue_head(self, kind: str, window: int) -> tuple[str, list[Any]]:
+        """The `window` oldest pending deliveries of a kind, of every registry (with a registry's term
+        SQLite takes the per-patient index and sorts the whole queue): SQL and params."""
+        predicate = IS_KIND[kind].format(table="w")
+        return _HEAD.format(hint=self.head_index_hint(kind), kind=predicate), [window]
+
+    def head_index_hint(self, kind: str) -> str:
+        return ""
+
+    def claim_source(self, kind: str, window: int | None) -> tuple[str, str, list[Any]]:
+        """FROM clause, the join condition that starts the WHERE, and the FROM clause's parameters."""
+        if window is None:
+            return "deliveries d", "", []
+        head, params = self.queue_head(kind, window)
+        return f"({head}) AS head CROSS JOIN deliveries d", "d.seq = head.seq AND ", params
 
     def lock_migrations(self, conn: Any) -> None:
         """Serialise concurrent migrators (several worker processes starting at once)."""
@@ -119,6 +149,11 @@ class SqliteDialect(Dialect):
         finally:
             self.writer.release()
 
+    def head_index_hint(self, kind: str) -> str:
+        # Without ANALYZE statistics SQLite prefers the status index and sorts every pending delivery. The
+        # hint also makes a head query that no longer states the index's predicate fail instead of crawl.
+        return f"INDEXED BY deliveries_pending_{kind}"
+
     def claim(
         self,
         *,
@@ -129,17 +164,19 @@ class SqliteDialect(Dialect):
         limit: int,
         returning: str,
         kind: str,
+        window: int | None,
     ) -> tuple[str, list[Any]]:
         where, where_params = _claimable(now, registries, kind)
+        source, join, source_params = self.claim_source(kind, window)
         # One UPDATE ... RETURNING inside BEGIN IMMEDIATE: the write lock makes the claim atomic across
         # processes sharing the file.
         sql = f"""UPDATE deliveries SET status = 'delivering', lease_owner = ?, lease_expires_at = ?,
                        attempts = attempts + 1, updated_at = ?
-                   WHERE seq IN (SELECT d.seq FROM deliveries d
-                                 WHERE {where}
+                   WHERE seq IN (SELECT d.seq FROM {source}
+                                 WHERE {join}{where}
                                  ORDER BY d.seq LIMIT ?)
                    RETURNING {returning}"""
-        return sql, [owner, lease_until, now, *where_params, limit]
+        return sql, [owner, lease_until, now, *source_params, *where_params, limit]
 
 
 class PostgresDialect(Dialect):
@@ -161,20 +198,22 @@ class PostgresDialect(Dialect):
         limit: int,
         returning: str,
         kind: str,
+        window: int | None,
     ) -> tuple[str, list[Any]]:
         where, where_params = _claimable(now, registries, kind)
+        source, join, source_params = self.claim_source(kind, window)
         returning = ", ".join(f"deliveries.{c.strip()}" for c in returning.split(","))  # c.seq is ambiguous
         # SKIP LOCKED lets concurrent workers take disjoint batches without waiting on each other. Rows
         # another worker has just claimed are re-checked after the lock (READ COMMITTED re-evaluation), so
         # they drop out instead of being claimed twice.
-        claim = f"""WITH c AS (SELECT d.seq FROM deliveries d
-                               WHERE {where}
+        claim = f"""WITH c AS (SELECT d.seq FROM {source}
+                               WHERE {join}{where}
                                ORDER BY d.seq LIMIT ? FOR UPDATE OF d SKIP LOCKED)
                     UPDATE deliveries SET status = 'delivering', lease_owner = ?, lease_expires_at = ?,
                         attempts = deliveries.attempts + 1, updated_at = ?
                     FROM c WHERE deliveries.seq = c.seq
                     RETURNING {returning}"""
-        return self.sql(claim), [*where_params, limit, owner, lease_until, now]
+        return self.sql(claim), [*source_params, *where_params, limit, owner, lease_until, now]
 
     def lock_migrations(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(7310451)")

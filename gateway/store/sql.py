@@ -42,6 +42,7 @@ _AUDIT = (
     "pseudonym_types, detail, request_id"
 )
 MAX_ERROR_TEXT = 8000  # a registry's OperationOutcome is kept for the operator, bounded
+CLAIM_WINDOW = 128  # pending deliveries at the head of a queue a claim reads first (`dialects._HEAD`)
 
 
 class SqlStore:
@@ -52,8 +53,10 @@ class SqlStore:
         pool_size: int = 8,
         pool_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
+        claim_window: int = CLAIM_WINDOW,
     ) -> None:
         self.dialect = dialect
+        self.claim_window = claim_window
         self._pool: Pool[Any] = Pool(dialect.connect, size=pool_size, timeout=pool_timeout)
         self._clock = clock
         self.migrate()
@@ -250,24 +253,33 @@ class SqlStore:
         """
         now = self._clock()
         only = None if registries is None else sorted(set(registries))
+        window = max(self.claim_window, limit)
         rows: list[Any] = []
         with self._tx() as conn:
             self.dialect.lock_claims(conn)
             for kind in ("posted", "bulk"):  # a bulk job's Bundles fill the slots posted Bundles leave
-                if len(rows) == limit:
-                    break
-                sql, params = self.dialect.claim(
-                    owner=owner,
-                    now=now,
-                    lease_until=now + lease_seconds,
-                    registries=only,
-                    limit=limit - len(rows),
-                    returning=_WITH_PAYLOAD + ", seq",
-                    kind=kind,
-                )
-                rows += conn.execute(sql, tuple(params)).fetchall()
+                for look_at in (window, None):  # the head of the queue first; every due one if it is full
+                    if len(rows) == limit:
+                        break
+                    if look_at is None and not self._head_full(conn, kind, window):
+                        break
+                    sql, params = self.dialect.claim(
+                        owner=owner,
+                        now=now,
+                        lease_until=now + lease_seconds,
+                        registries=only,
+                        limit=limit - len(rows),
+                        returning=_WITH_PAYLOAD + ", seq",
+                        kind=kind,
+                        window=look_at,
+                    )
+                    rows += conn.execute(sql, tuple(params)).fetchall()
         rows.sort(key=lambda r: r[-1])
         return [_delivery(r[:-1]) for r in rows]
+
+    def _head_full(self, conn: Any, kind: str, window: int) -> bool:
+        head, params = self.dialect.queue_head(kind, window)
+        return self._q(conn, f"SELECT count(*) FROM ({head}) AS head", params).fetchone()[0] >= window
 
     def extend_lease(self, delivery_id: str, owner: str, lease_seconds: float) -> bool:
         """Keep a long delivery leased (heartbeat); False if the lease already went to another worker."""
