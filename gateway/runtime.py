@@ -40,7 +40,7 @@ from gateway.optout import (
 )
 from gateway.optout.base import OUTAGE_REASONS, OptOutUnavailable
 from gateway.outcome import FhirError
-from gateway.pipeline.validate import SchemaValidator, check_bundle_shell, validate_bundle
+from gateway.pipeline.validate import SchemaValidator, validate_bundle
 from gateway.process import (
     REPORT_COUNTS,
     Processed,
@@ -219,20 +219,19 @@ class Runtime:
         # cheap look-up first: a re-post costs no TTP round trip
         existing = await asyncio.to_thread(self.store.find_by_idempotency, provider, registry, key)
         if existing is not None:
-            try:  # the digest covers the entries: the rest must be a valid Bundle too
-                await cpu_work(large, check_bundle_shell, bundle, self.validator)
+            # Valid before it is answered with the earlier delivery: the digest leaves out what a re-post may
+            # change (the Bundle's own elements, fullUrls, meta stamps; a probe's `lastUpdated: "garbage"`
+            # was answered 200). And other content under a used key that is not valid either: what is wrong
+            # with it helps the EHR more than the key (a probe's integrator saw only that).
+            try:
+                chain = self.registries[registry]
+                await cpu_work(
+                    large, validate_bundle, bundle, self.validator, require_patient=chain.require_patient
+                )
             except FhirError as err:
                 await self.record_refusal(caller, registry, err)
                 raise
             if not await self._same_request(provider, registry, key, request, earlier):
-                try:  # other content that is not valid either: what is wrong with it helps the EHR more
-                    chain = self.registries[registry]  # than the key (a probe's integrator saw only that)
-                    await cpu_work(
-                        large, validate_bundle, bundle, self.validator, require_patient=chain.require_patient
-                    )
-                except FhirError as err:
-                    await self.record_refusal(caller, registry, err)
-                    raise
                 raise _conflict(self.metrics)
             self.metrics.bundles.labels(outcome="duplicate").inc()
             return Accepted(existing.id, _report_of(existing.counts), created=False)

@@ -166,6 +166,32 @@ def test_fhir_version_other_than_r4_is_refused(chain: Any) -> None:
                 extra={"Idempotency-Key": "fhir-version-4"}).status_code == 200
 
 
+def test_accept_prefer_and_idempotency_key_are_read_as_http_says(chain: Any) -> None:
+    """A probe: `Accept: application/fhir+xml` got JSON with 200, any Prefer value holding "respond-async"
+    (`x-respond-async-not`) answered asynchronously, and of two Idempotency-Key headers the first won."""
+    body = (HERE / "valid-transaction.json").read_bytes()
+    ct = "application/fhir+json"
+    for accept in ("application/fhir+xml", "text/html, application/xml", "application/fhir+json;q=0"):
+        refused = post(chain, body, ct, extra={"Accept": accept})
+        assert refused.status_code == 406 and issue_codes(refused) == ["not-supported"], refused.text
+    either = "application/fhir+xml;q=1, application/fhir+json;q=0.5"
+    for n, accept in enumerate((either, "*/*", "application/*")):
+        taken = post(chain, body, ct, extra={"Accept": accept, "Idempotency-Key": f"accept-{n}"})
+        assert taken.status_code == 200, taken.text
+    not_async = post(chain, body, ct, extra={"Prefer": "x-respond-async-not", "Idempotency-Key": "prefer-1"})
+    assert not_async.status_code == 200  # answered when delivered, as without a Prefer
+    both = {"Prefer": "return=minimal, respond-async", "Idempotency-Key": "prefer-2"}
+    listed = post(chain, body, ct, extra=both)
+    assert listed.status_code == 202
+    twice = httpx.post(
+        f"{chain.gateway_url}/registries/{REGISTRY}/Bundle",
+        content=body,
+        headers=[("Authorization", f"Bearer {chain.ehr_api_key}"), ("Content-Type", ct),
+                 ("Idempotency-Key", "first"), ("Idempotency-Key", "second")],
+    )
+    assert twice.status_code == 400 and "Idempotency-Key header is given more than once" in twice.text
+
+
 def _raw_request(url: str, head: bytes, send_body: Iterator[bytes]) -> bytes:
     """Send a request over a plain socket while a second thread reads, so an early answer is seen even when
     the server stops reading and closes while the client is still sending."""

@@ -3,6 +3,7 @@ loopback (gateway.demo.embedded_chain), the outbox worker forwarding to the real
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import time
@@ -14,6 +15,7 @@ import orjson
 import pytest
 
 import gateway.service.app as service_app
+from gateway.bulk import sources
 from gateway.bulk.synth import SynthSpec, write_export
 from gateway.demo import embedded_chain
 from gateway.outcome import FhirError
@@ -213,6 +215,9 @@ def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noq
         jobs_before = len(client.get("/bulk").json())
         assert "outside the import folder" in refused(b'{"output":[{"url":"../../etc/passwd"}]}')
         assert "no remote download" in refused(b'{"output":[{"url":"http://example.org/Patient.ndjson"}]}')
+        # a file url with a host was read as a local path (a probe): it names another machine's file
+        on_a_host = orjson.dumps({"output": [{"url": f"file://127.0.0.1{imports}/exp/Patient.ndjson"}]})
+        assert "no remote download" in refused(on_a_host)
         assert "not readable JSON" in refused(b'{"output":[')
         assert "no output list" in refused(b"{}")
         assert "names no file" in refused(b'{"output":[]}')  # was a 202 and a failed job (a later probe)
@@ -223,6 +228,10 @@ def test_manifest_import_and_access_rules(chain, tmp_path: Path) -> None:  # noq
         named = "exp/Patient-MRN00042-999911120.ndjson"
         text = refused(orjson.dumps({"output": [{"type": "Patient", "url": named}]}))
         assert text.endswith("output[0] names a missing file") and "MRN00042" not in text
+        # a probe's manifest of 21,000 entries held the event loop for 2.3 s: entries are capped, and the
+        # same url again is looked at once
+        capped = {"output": [{"url": f"exp/{n}.ndjson"} for n in range(sources.MAX_MANIFEST_FILES + 1)]}
+        assert "more than 10,000 files" in refused(orjson.dumps(capped))
         assert len(client.get("/bulk").json()) == jobs_before
         # authentication and registry authorisation as on the Bundle endpoint
         anonymous = httpx.post(
@@ -734,3 +743,31 @@ def test_a_running_jobs_status_counts_the_bundles_it_has_stored(chain, tmp_path:
     assert seen, "the job was never seen storing its Bundles"
     assert any(counted > 0 for counted, _ in seen), seen
     assert all(counted <= stored for counted, stored in seen), seen
+
+
+def test_a_manifests_files_are_looked_at_off_the_event_loop(chain) -> None:  # noqa: ANN001
+    """A probe: a manifest's files were checked inside the request handler, and one of 21,000 entries held
+    every other hospital's posts (and /healthz) for 2.3 s; four at once for 5.7 s."""
+    c, imports = chain
+    write_export(imports / "exp", SynthSpec(patients=2, resources_per_patient=2))
+    jobs = c.app.state.bulk_jobs
+    checked, looked_at = jobs.manifest_job_id, []
+
+    def on_which_thread(*args: object) -> str:
+        try:
+            asyncio.get_running_loop()
+            looked_at.append("event loop")
+        except RuntimeError:
+            looked_at.append("thread")
+        return checked(*args)
+
+    jobs.manifest_job_id = on_which_thread
+    once = {"type": "Patient", "url": "exp/Patient.ndjson"}
+    auth = {"Authorization": f"Bearer {c.ehr_api_key}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=c.gateway_url, timeout=30, headers=auth) as client:
+        thrice = orjson.dumps({"output": [once] * 3})
+        response = client.post(f"/registries/{REGISTRY}/$import", content=thrice)
+        assert response.status_code == 202, response.text
+        status = wait_done(client, response.headers["Content-Location"])
+    assert looked_at == ["thread"]
+    assert status["state"] == "completed" and status["summary"]["sent"]["Patient"] == 2  # once, not thrice

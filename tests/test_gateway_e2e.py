@@ -279,6 +279,14 @@ def test_a_re_post_that_is_no_valid_bundle_is_refused_not_answered_with_the_deli
         response = _post(chain, orjson.dumps(again))
         assert response.status_code == status, response.text
         assert "Zwartkopje" not in response.text and "0612398765" not in response.text
+    # a later probe: the digest leaves meta stamps out, and a re-post whose lastUpdated is no instant, or
+    # whose versionId has spaces, was answered 200 (a fresh post of it is refused)
+    for stamp, value in (("lastUpdated", "garbage"), ("lastUpdated", "999911120"), ("versionId", "a b c")):
+        stamped = orjson.loads(orjson.dumps(bundle))
+        stamped["entry"][0]["resource"].setdefault("meta", {})[stamp] = value
+        response = _post(chain, orjson.dumps(stamped))
+        assert response.status_code == 400 and f"meta.{stamp}" in response.text, response.text
+        assert "999911120" not in response.text
     assert _post(chain, orjson.dumps(bundle)).status_code == 200  # the same Bundle again: the delivery
     # a second probe: without a key or Bundle.identifier a re-post is known by a digest that leaves fullUrls
     # out, and one with two entries of one fullUrl was answered 200

@@ -183,11 +183,9 @@ class BulkJobs:
         job.upload_sha256 = digest.hexdigest()
         return target
 
-    def manifest_job(self, provider: str, registry: str, manifest: bytes) -> tuple[JobStatus, Path | None]:
-        """The job of this manifest and the files it names as they are now (sizes, modification times).
-        A post of the same export while its job runs or after it completed gets that job (and None: nothing
-        to start, nothing delivered twice); after an interruption (a failure, a gateway that stopped) the
-        job resumes from its folder's state. A changed export is another job."""
+    def manifest_job_id(self, provider: str, registry: str, manifest: bytes) -> str:
+        """Check the files a manifest names and return the id of the export's job as the files are now
+        (sizes, modification times). File-system work only, for a thread: it touches no job state."""
         import_dir = self.import_dirs.get(provider)
         if import_dir is None:
             raise FhirError.single(
@@ -201,7 +199,16 @@ class BulkJobs:
             sources = parse_manifest(manifest, base=import_dir, allowed_root=import_dir)
         except SourceError as exc:
             raise FhirError.single(400, "invalid", str(exc)) from None
-        job_id = _manifest_job_id(provider, registry, manifest, sources)
+        return _manifest_job_id(provider, registry, manifest, sources)
+
+    def manifest_job(
+        self, provider: str, registry: str, manifest: bytes, job_id: str | None = None
+    ) -> tuple[JobStatus, Path | None]:
+        """The job of this manifest (`job_id`: `manifest_job_id`'s answer, when a thread has found it). A
+        post of the same export while its job runs or after it completed gets that job (and None: nothing
+        to start, nothing delivered twice); after an interruption (a failure, a gateway that stopped) the
+        job resumes from its folder's state. A changed export is another job."""
+        job_id = job_id or self.manifest_job_id(provider, registry, manifest)
         current = self.jobs.get(job_id)
         if current is not None and current.state != "failed":
             return current, None

@@ -439,33 +439,6 @@ def resources_of_patients(index: BundleIndex, starts: Iterable[int]) -> set[int]
     return seen
 
 
-def check_bundle_shell(
-    bundle: dict, validator: SchemaValidator, *, allowed_types: frozenset[str] = ALLOWED_BUNDLE_TYPES
-) -> None:
-    """What `validate_bundle` checks of the Bundle itself and its entries' own elements (fullUrl, request),
-    without the entries' resources: cheap. A re-post is recognised by a digest of its entries' requests and
-    resources; before it is answered with the earlier delivery, the rest must be a valid Bundle too (a probe
-    had a `resourceType: Patient` re-post answered 200). Raises FhirError as `validate_bundle` does."""
-    _check_resource_type(bundle, validator)
-    entries = bundle.get("entry")
-    shell = dict(bundle)
-    if isinstance(entries, list):
-        shell["entry"] = [
-            {k: v for k, v in e.items() if k != "resource"} if isinstance(e, dict) else e for e in entries
-        ]
-    schema_issues = validator.validate_resource(shell, "Bundle")
-    if schema_issues:
-        raise FhirError(400, schema_issues)
-    _check_bundle_type(bundle, allowed_types)
-    # the entries' own rules too: the digest leaves fullUrls out (a probe's re-post with two entries of one
-    # fullUrl was answered 200)
-    errors: list[Issue] = []
-    _check_entries_have_resources(entries or [], errors)
-    _full_url_index(entries or [], errors)
-    if errors:
-        raise FhirError(422, errors[:MAX_ISSUES])
-
-
 def _check_resource_type(bundle: dict, validator: SchemaValidator) -> None:
     rtype = bundle.get("resourceType")
     if rtype not in validator.resource_types:

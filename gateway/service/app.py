@@ -31,7 +31,7 @@ from gateway.process import cpu_work
 from gateway.runtime import Runtime, bundle_identifier
 from gateway.service import errors
 from gateway.service.auth import MTLS_HEADER, Caller, require_admin, require_registry
-from gateway.service.body import check_content_type, read_limited
+from gateway.service.body import check_accept, check_content_type, prefers, read_limited, single_header
 from gateway.service.capability import capability_statement
 from gateway.service.logs import request_id
 from gateway.service.responses import fhir_response
@@ -284,12 +284,16 @@ def _ingest_routes(app: FastAPI, runtime: Runtime) -> None:
         caller = caller_of(runtime, request)
         require_registry(caller, registry, runtime.registries)
         check_content_type(request)
+        check_accept(request)
+        idempotency = single_header(request, "Idempotency-Key")
         # before the body is read: a refused post costs next to nothing
         with in_flight.admit(runtime, caller.provider or ""):
-            return await _accept(runtime, caller, registry, request)
+            return await _accept(runtime, caller, registry, request, idempotency)
 
 
-async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Request) -> Response:
+async def _accept(
+    runtime: Runtime, caller: Caller, registry: str, request: Request, idempotency: str | None
+) -> Response:
     """Read, process and store one posted Bundle; answer sync (wait for the registry) or async."""
     body = await read_limited(
         request, runtime.settings.max_body_bytes, idle=runtime.settings.body_idle_timeout_seconds
@@ -300,7 +304,6 @@ async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Requ
     except FhirError as err:  # a duplicate key, a NUL in a code: a near miss the privacy officer counts too
         await runtime.record_refusal(caller, registry, err)
         raise
-    idempotency = request.headers.get("idempotency-key")
     try:
         accepted = await runtime.accept_bundle(
             bundle,
@@ -320,7 +323,7 @@ async def _accept(runtime: Runtime, caller: Caller, registry: str, request: Requ
         return fhir_response(delivery_parameters(None, "nothing-to-deliver", accepted.report), 200)
     status_url = f"/deliveries/{accepted.delivery_id}"
     headers = {"Content-Location": status_url}
-    if "respond-async" in request.headers.get("prefer", ""):
+    if prefers(request, "respond-async"):
         return fhir_response(
             delivery_parameters(accepted.delivery_id, "queued", accepted.report), 202, headers=headers
         )

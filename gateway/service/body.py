@@ -46,6 +46,40 @@ def check_content_type(request: Request, accepted: set[str] = ACCEPTED_TYPES) ->
             raise FhirError.single(415, "not-supported", "only FHIR R4 is accepted (fhirVersion=4.0)")
 
 
+def check_accept(request: Request) -> None:
+    """406 when the client accepts no JSON answer (an `Accept: application/fhir+xml` got JSON with 200)."""
+    raw = ",".join(request.headers.getlist("accept"))
+    if not raw.strip():
+        return
+    for media_range in raw.split(","):
+        media, *params = (part.strip().lower() for part in media_range.split(";"))
+        if any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params):
+            continue
+        kind, _, subtype = media.partition("/")
+        if media == "*/*" or (kind in ("application", "*") and (subtype == "*" or "json" in subtype)):
+            return
+    raise FhirError.single(
+        406, "not-supported", "answers are FHIR JSON: accept application/fhir+json or application/json"
+    )
+
+
+def single_header(request: Request, name: str) -> str | None:
+    """A header that may be given once: twice is refused, not read as the first (or the last)."""
+    values = request.headers.getlist(name)
+    if len(values) > 1:
+        raise FhirError.single(400, "structure", f"the {name} header is given more than once")
+    return values[0] if values else None
+
+
+def prefers(request: Request, preference: str) -> bool:
+    """Whether a `Prefer` header names `preference` (RFC 7240: comma-separated, each with parameters)."""
+    for value in request.headers.getlist("prefer"):
+        for item in value.split(","):
+            if item.split(";", 1)[0].split("=", 1)[0].strip().lower() == preference:
+                return True
+    return False
+
+
 async def read_limited(
     request: Request, max_bytes: int, *, idle: float = BODY_IDLE_SECONDS, total: float = BODY_TOTAL_SECONDS
 ) -> bytes:
