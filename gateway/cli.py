@@ -6,6 +6,8 @@ optional part cannot take the whole command line down.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import secrets
 from pathlib import Path
 
@@ -85,12 +87,15 @@ def serve(
 
     runtime, settings = startup_runtime(config, fail=_fail)
     configure(settings.log_level)
+    host = host or settings.host
+    tls = _tls_files(settings.tls_certfile, settings.tls_keyfile, host)
     app = create_app(runtime, run_worker=settings.run_worker if worker is None else worker)
     freeze_start_up_objects()
     uvicorn.run(
         app,
-        host=host or settings.host,
+        host=host,
         port=port or settings.port,
+        **tls,
         log_config=None,
         proxy_headers=False,  # trust is decided on the peer address (trusted_proxies), never X-Forwarded-For
         timeout_graceful_shutdown=30,
@@ -98,6 +103,32 @@ def serve(
         timeout_keep_alive=75,
         http=with_header_timeout(settings.header_timeout_seconds),
     )
+
+
+def _tls_files(certfile: Path | None, keyfile: Path | None, host: str) -> dict[str, str]:
+    """uvicorn's TLS options; a warning when the gateway listens beyond loopback in plain HTTP: API keys and
+    Bundles (patient data before pseudonymisation) would cross the network readable."""
+    if (certfile is None) != (keyfile is None):
+        _fail("FHIR_GATEWAY_TLS_CERTFILE and FHIR_GATEWAY_TLS_KEYFILE go together: set both or neither")
+    if certfile is not None and keyfile is not None:
+        for path in (certfile, keyfile):
+            if not path.is_file():
+                _fail(f"TLS file not found: {path}")
+        return {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
+    if not _loopback(host):
+        logging.getLogger("gateway").warning(
+            "serving plain HTTP on %s: put a TLS-terminating proxy in front, or set "
+            "FHIR_GATEWAY_TLS_CERTFILE and FHIR_GATEWAY_TLS_KEYFILE",
+            host,
+        )
+    return {}
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @app.command("worker")

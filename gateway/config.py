@@ -198,6 +198,10 @@ class Settings(BaseSettings):
         return value.strip().lower() or None
     host: str = "127.0.0.1"
     port: int = 8200
+    # HTTPS served by the gateway itself (PEM files); without them it serves plain HTTP, for loopback or
+    # behind a TLS-terminating proxy (`serve` warns when it listens elsewhere without them)
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
     log_level: str = "INFO"
     max_body_bytes: int = 50 * 1024 * 1024
     # a request whose headers have not all arrived this long after its connection (or its first byte) is

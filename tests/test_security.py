@@ -9,11 +9,13 @@ ids on every answer and no patient data in metric labels.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -485,6 +487,45 @@ def test_ttp_key_file_wider_than_0600_is_refused(tmp_path: Path) -> None:
     args = ["ttp", "serve", "--key-dir", str(tmp_path / "ttp-keys"), "--port", str(free_port())]
     run = _start_and_fail(args, env, tmp_path)
     _one_clear_line(run, master)
+
+
+def test_serve_speaks_https_with_the_configured_certificate(tmp_path: Path) -> None:
+    """A probe: `serve` had no TLS options, and said nothing when it listened beyond loopback in plain HTTP
+    (API keys and Bundles with patient data readable on the network without a proxy in front)."""
+    cert, key = self_signed(tmp_path / "tls")
+    with process_chain(tmp_path / "chain") as pc:
+        port = free_port()
+        env = {**pc.env, "FHIR_GATEWAY_PORT": str(port), "FHIR_GATEWAY_TLS_CERTFILE": str(cert),
+               "FHIR_GATEWAY_TLS_KEYFILE": str(key)}
+        command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(pc.config_path)]
+        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            trust = ssl.create_default_context(cafile=str(cert))
+            deadline, answer = time.monotonic() + 30, None
+            while answer is None and time.monotonic() < deadline and proc.poll() is None:
+                with contextlib.suppress(httpx.TransportError):
+                    answer = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=trust, timeout=1)
+                time.sleep(0.1)
+            assert answer is not None and answer.status_code == 200
+            with pytest.raises(httpx.TransportError):  # no plain HTTP beside it
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        half = {k: v for k, v in env.items() if k != "FHIR_GATEWAY_TLS_KEYFILE"}
+        run = _start_and_fail(["serve", "--config", str(pc.config_path)], half, tmp_path)
+        assert run.returncode == 2 and "set both or neither" in run.stdout + run.stderr
+
+
+def test_serve_warns_when_it_listens_beyond_loopback_in_plain_http(caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.cli import _tls_files
+
+    with caplog.at_level("WARNING", logger="gateway"):
+        assert _tls_files(None, None, "127.0.0.1") == {} and _tls_files(None, None, "localhost") == {}
+        assert caplog.records == []
+        assert _tls_files(None, None, "0.0.0.0") == {}
+    assert "plain HTTP on 0.0.0.0" in caplog.text and "FHIR_GATEWAY_TLS_CERTFILE" in caplog.text
 
 
 def test_requests_that_could_not_do_what_they_seem_to_are_refused(chain: Any) -> None:
