@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway import __version__
-from gateway.deid.engine import DeidResult, Plan, ProvenanceInfo, deidentify
-from gateway.deid.leakscan import scan, sensitive_values
+from gateway.deid.engine import DeidReport, DeidResult, Plan, ProvenanceInfo, deidentify
+from gateway.deid.leakscan import TERM_DISPLAY_NAME, scan, sensitive_values
 from gateway.keys import derive
 from gateway.linkage import SHARED_TYPES
 from gateway.optout import BundleConsentOptOut, CombinedOptOut, ConsentPolicy, Decision, OptOutSource
@@ -294,7 +294,9 @@ def _deidentified(
     # patient may reach the registry through another patient's resources
     sought = _with_people(bundle, other_people)
     input_paths = _InputPaths(result.sources, kept_positions)
-    payload = _leak_gate(result.bundle, sought, registry.plan.profile.leak_gate_options(), input_paths)
+    payload = _leak_gate(
+        result.bundle, sought, registry.plan.profile.leak_gate_options(), input_paths, result.report
+    )
     if registry.strict:
         _strict_output_gate(result.bundle, input_paths)
     return result, payload, input_paths
@@ -495,15 +497,29 @@ class _InputPaths:
 
 
 def _leak_gate(
-    output: dict[str, Any], sought: dict[str, Any], options: dict[str, Any], input_path: _InputPaths
+    output: dict[str, Any],
+    sought: dict[str, Any],
+    options: dict[str, Any],
+    input_path: _InputPaths,
+    report: DeidReport,
 ) -> bytes:
     """After rewriting, before anything leaves: a hit blocks the delivery, naming the path, not the value.
     Returns the serialised output it scanned, so that what is stored is byte for byte what was checked.
     ``sought``: the input whose people's values are looked for; ``options``: the profile's
-    ``leak_gate_options()``."""
+    ``leak_gate_options()``. A terminology display holding a one-word name loses its display (counted in
+    ``report``), and the output is scanned again."""
     payload = orjson.dumps(output)
     sensitive = sensitive_values(sought, **options)
     findings = scan(output, sensitive, serialized=payload)
+    displays = [f.holder for f in findings if f.kind == TERM_DISPLAY_NAME]
+    if displays and len(displays) == len(findings):
+        for coding in displays:
+            coding.pop("display", None)
+        removed = report.elements_removed
+        removed["Coding.display"] = removed.get("Coding.display", 0) + len(displays)
+        payload = orjson.dumps(output)
+        findings = scan(output, sensitive, serialized=payload)
+    findings = [f for f in findings if f.kind != TERM_DISPLAY_NAME]  # beside a finding: blocked anyway
     if findings:
         issues = [
             Issue(

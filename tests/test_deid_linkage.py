@@ -349,3 +349,28 @@ def test_a_resource_about_something_outside_the_bundle_is_not_delivered_as_a_pat
     )
     assert len(delivered(processed, "Observation")) == 1
     assert processed.report["resourcesDroppedByReason"]["subject-not-a-patient"] == {"Observation": 1}
+
+
+def test_a_terminology_display_with_a_patients_one_word_name_is_removed_the_code_delivered(
+    tmp_path: Path,
+) -> None:
+    """A privacy probe: "Kwakkelsteen" typed into a SNOMED display (and a v3 class display) reached the
+    registry; the leak gate let a one-word name pass there, as it may be the term's own word ("Parkinson's
+    disease" of a patient named Parkinson, which must not stop the Bundle). Such a display is now removed."""
+    chains = offline_chains("example-generic", tmp_path / "k")
+    patient = person("1", "Kwakkelsteen", "1961-07-14")
+    parkinson = person("2", "Parkinson", "1950-01-02")
+    named = {"system": "http://snomed.info/sct", "code": "363358000", "display": "Kwakkelsteen tumour"}
+    eponym = {"system": "http://snomed.info/sct", "code": "49049000", "display": "Parkinson's disease"}
+    other = {"system": "http://snomed.info/sct", "code": "38341003", "display": "Hypertensive disorder"}
+    first = {**condition("c1", "1", "2024-01-01"), "code": {"coding": [named]}}
+    second = {**condition("c2", "2", "2024-01-01"), "code": {"coding": [eponym]}}
+    third = {**condition("c3", "2", "2024-01-01"), "code": {"coding": [other]}}
+    processed = process(chains, collection(patient, parkinson, first, second, third))
+    codings = [c["code"]["coding"][0] for c in delivered(processed, "Condition")]
+    assert sorted(c["code"] for c in codings) == ["363358000", "38341003", "49049000"]
+    assert [c.get("display") for c in codings if c["code"] != "38341003"] == [None, None]
+    assert [c["display"] for c in codings if c["code"] == "38341003"] == ["Hypertensive disorder"]
+    text = orjson.dumps(processed.bundle).decode()
+    assert "Kwakkelsteen" not in text and "Parkinson" not in text
+    assert processed.report["deidentification"]["elementsRemoved"]["Coding.display"] == 2

@@ -254,10 +254,19 @@ def bsn_valid(digits: str) -> bool:
     return total % 11 == 0
 
 
+# A name of one word in a terminology's display ("Kwakkelsteen" in a SNOMED term's display, put there by an
+# EHR): no finding that stops the Bundle, as it may be the term's own word ("Parkinson's disease" of a patient
+# named Parkinson), but a display the chain removes (`Finding.holder`), the code staying; a fresh-eyes probe
+# found such names delivered.
+TERM_DISPLAY_NAME = "name-in-terminology-display"
+
+
 @dataclass(frozen=True)
 class Finding:
     path: str  # e.g. Bundle.entry[3].resource.note[0].text
     kind: str  # name | telecom | address | postcode | identifier | patient-id | patient-fullUrl | bsn
+    # TERM_DISPLAY_NAME: the Coding whose display it is (for the chain to remove it)
+    holder: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -768,7 +777,9 @@ class _Scanner:
             # run into a term's word, a value may be the term's own ("Parkinsonism", "2x1000mg" for a patient
             # in 1000 MG: a re-probe's false finding)
             kind = _glued_kind(s, self.glued)
-        if kind is not None:
+        if kind is None and term and self._value_of_the_input(s, key, sens) is not None:
+            self.findings.append(Finding(_path(parts), TERM_DISPLAY_NAME, holder=parent))
+        elif kind is not None:
             self.findings.append(Finding(_path(parts), kind))
 
     def _bsn(self, s: str, key: str, parent: Mapping[str, Any]) -> str | None:
