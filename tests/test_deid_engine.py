@@ -653,6 +653,45 @@ def test_a_location_at_the_patients_home_gets_the_patients_address_generalisatio
     assert result.report.elements_removed["Location.address.(patient-home)"] == 1
 
 
+def test_a_place_at_the_patients_home_loses_what_names_it_not_only_its_street() -> None:
+    """A privacy probe: a home Location kept its BAG verblijfsobject id and its name ("Lindengracht 87"), a
+    home Organization its KvK number; each pins down the address that was cut to PC4. The clinic keeps all."""
+    home = dict(patient()["address"][0])
+    street = home["line"][0]
+    bag = {"system": "http://fhir.nl/fhir/NamingSystem/bag-verblijfsobject", "value": "0363010012345678"}
+    loc = {
+        "resourceType": "Location", "name": street, "alias": [street], "identifier": [bag],
+        "description": f"bij {street}", "telecom": [{"system": "phone", "value": "0381234567"}],
+        "position": {"latitude": 52.51, "longitude": 6.09}, "address": home,
+        "managingOrganization": {"reference": "urn:uuid:o"},
+    }  # fmt: skip
+    kvk = {"system": "http://fhir.nl/fhir/NamingSystem/kvk", "value": "12345678"}
+    org = {"resourceType": "Organization", "name": f"Kapsalon {street}", "identifier": [kvk],
+           "address": [home]}
+    clinic = {"resourceType": "Organization", "name": "Isala", "identifier": [kvk],
+              "address": [{"line": ["Dokter van Heesweg 2"], "city": "Zwolle", "postalCode": "8025 AB"}]}
+    visit = {
+        "resourceType": "Encounter", "status": "finished", "subject": {"reference": "urn:uuid:p"},
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HH"},
+        "location": [{"location": {"reference": "urn:uuid:l"}}],
+        "serviceProvider": {"reference": "urn:uuid:c"},
+    }  # fmt: skip
+    places = (("urn:uuid:l", loc), ("urn:uuid:o", org), ("urn:uuid:c", clinic))
+    result = run(bundle(("urn:uuid:p", patient(address=[home])), *places, ("urn:uuid:e", visit)))
+    (at_home,) = resources(result.bundle, "Location")
+    assert set(at_home) <= {"resourceType", "id", "mode", "address", "managingOrganization"}, at_home
+    home_org, kept = sorted(resources(result.bundle, "Organization"), key=lambda o: "name" in o)
+    assert "identifier" not in home_org and "name" not in home_org
+    # org-1 (a name or an identifier): the name's place is there, saying it is withheld
+    assert home_org["_name"]["extension"][0]["valueCode"] == "masked"
+    assert kept["name"] == "Isala" and kept["identifier"][0]["value"] == "12345678"
+    text = orjson.dumps(result.bundle).decode()
+    assert "0363010012345678" not in text and street.split()[0] not in text and "52.51" not in text
+    removed = result.report.elements_removed
+    assert removed["Location.identifier.(patient-home)"] == 1
+    assert removed["Organization.identifier.(patient-home)"] == 1
+
+
 def test_reference_type_is_kept_only_as_a_resource_type_name() -> None:
     o = obs("Patient/pat-123")
     o["subject"] = {"reference": "Patient/pat-123", "type": "Patient"}

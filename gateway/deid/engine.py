@@ -610,9 +610,15 @@ def _prune(value: Any, dead: set[str], definition: str, types: R4Types) -> Any:
 
 # ── a Location or Organization at the patient's home (a home visit; gateway/deid/homes.py) ─────────────────
 # Their addresses are kept as a public place's; at the patient's own address it is theirs, and it gets what
-# the profile gives Patient.address (PC4, no street), or nothing when the profile delivers none.
+# the profile gives Patient.address (PC4, no street), or nothing when the profile delivers none. What else
+# names such a place names the home: its identifier (a BAG verblijfsobject id, a KvK number), its name
+# ("Lindengracht 87"), its telecom, a Location's coordinates (a privacy probe found the first two delivered).
 
 _AT_HOME_TYPES = ("Location", "Organization")
+_NAMING_A_HOME = ("identifier", "name", "alias", "telecom", "position", "description", "contact")
+# org-1 asks an Organization for a name or an identifier: the name's place says it is withheld
+_ABSENT = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+_MASKED = {"extension": [{"url": _ABSENT, "valueCode": "masked"}]}
 
 
 def _generalise_homes(
@@ -622,12 +628,24 @@ def _generalise_homes(
     ctx: p.WalkContext,
     other_people: Iterable[dict[str, Any]] = (),
 ) -> None:
-    places = [(c, out) for c, out in kept if c.rtype in _AT_HOME_TYPES and "address" in out]
+    places = [(c, out) for c, out in kept if c.rtype in _AT_HOME_TYPES]
     people = itertools.chain((e.get("resource") for e in entries if type(e) is dict), other_people)
     homes = person_homes(people) if places else []
     for c, out in places:
         if at_home(c.resource, homes):
-            _generalise_home_address(c.resource, out, plan, ctx)
+            if "address" in out:
+                _generalise_home_address(c.resource, out, plan, ctx)
+            _unname_home(out, ctx)
+
+
+def _unname_home(out: dict[str, Any], ctx: p.WalkContext) -> None:
+    rtype = out["resourceType"]
+    for element in _NAMING_A_HOME:
+        if out.pop(element, None) is not None:
+            ctx.count(f"{rtype}.{element}.(patient-home)")
+        out.pop("_" + element, None)
+    if rtype == "Organization":
+        out["_name"] = _MASKED
 
 
 def _generalise_home_address(
