@@ -866,3 +866,17 @@ def test_what_a_re_probe_found_wrongly_refused_is_delivered(
     """A re-probe of the review's fixes: a six-digit number grouped once is how ranges and thousands are
     written, and a postcode run into a term's word may be the term's ("1000mg" as a whole word still is)."""
     assert scan(_device_named(text, system), sensitive_values(_one_patient(False, **patient))) == []
+
+
+def test_a_birth_date_or_a_prefixed_record_numbers_digits_as_a_json_number_are_found() -> None:
+    """A privacy probe: `valueQuantity.value: 19610714` for a patient born 1961-07-14, and 7788123 for the
+    record number MRN7788123, were delivered (as text both were found, as JSON numbers not)."""
+    mrn = {"system": "http://ehr.example.org/mrn", "value": "MRN7788123"}
+    bundle = _patient_bundle(birthDate="1961-07-14", identifier=[mrn])
+    sensitive = sensitive_values(bundle)
+    for number, kind in ((19610714, "birth-date"), (14071961, "birth-date"), (7788123, "identifier")):
+        found = scan(out_with(valueQuantity={"value": number}), sensitive)
+        assert [f.kind for f in found] == [kind], number
+        assert found[0].path == "Bundle.entry[0].resource.valueQuantity.value"
+    assert [f.kind for f in scan(out_with(valueString="dossier 7788123"), sensitive)] == ["identifier"]
+    assert scan(out_with(valueQuantity={"value": 7788124}), sensitive) == []  # another number

@@ -39,6 +39,8 @@ _LOWER_RUNS = bytes(
 )
 _ELEMENT_NAME = re.compile(r"_?[A-Za-z][A-Za-z0-9]{0,63}\Z")
 _NINE = re.compile(r"(?<![0-9A-Za-z])[0-9]{9}(?![0-9A-Za-z])")
+# a record number written as letters and six or more digits ("mrn7788123", case-folded): its digits alone too
+_LETTERS_THEN_DIGITS = re.compile(r"[^\W\d_]+([0-9]{6,})")
 # A BSN as people write it: 1234.56.789, 123 456 789, 123-456-789, 999/911/120, 99 99 11 120, 999,911,120
 # (any of these separators, mixed too). A lookahead, so that overlapping candidates are all seen
 # ("222 333 111" must not hide the "111 222 333" after it).
@@ -339,6 +341,9 @@ class SensitiveSet:
             self.digit_ids.add(joined)  # 7654321 is also written 765-4321 or 7.654.321
         if kind == "identifier" and len(tokens) > 2 and tokens[0].isalpha():
             self.add(" ".join(tokens[1:]), kind)  # "MRN-CANARY-4711" is also written without its "MRN"
+        prefixed = _LETTERS_THEN_DIGITS.fullmatch(joined) if kind == "identifier" else None
+        if prefixed is not None:
+            self.add(prefixed.group(1), kind)  # "MRN7788123" is also written 7788123 (a probe's number)
         entry = (tokens, kind)
         bucket = self.by_first.setdefault(tokens[0], [])
         if entry not in bucket:
@@ -865,12 +870,17 @@ class _Scanner:
                 parts.pop()
         elif t is int and 100_000_000 <= value <= 999_999_999 and bsn_valid(str(value)):
             self.findings.append(Finding(_path(parts), "bsn"))
-        elif t is int and self.sens is not None and any(
-            len(seq) == 1 and kind == "identifier" for seq, kind in self.sens.by_first.get(str(value), ())
-        ):
-            self.findings.append(Finding(_path(parts), "identifier"))  # the input has it as an identifier
+        elif t is int and self.sens is not None and (kind := self._whole_number(value)) is not None:
+            self.findings.append(Finding(_path(parts), kind))  # the input has it as identifier, birth date
         elif t is float and 1e8 <= value < 1e9 and value.is_integer() and bsn_valid(str(int(value))):
             self.findings.append(Finding(_path(parts), "bsn"))  # a BSN sent as a decimal: 999911120.0
+
+    def _whole_number(self, value: int) -> str | None:
+        assert self.sens is not None
+        for seq, kind in self.sens.by_first.get(str(value), ()):
+            if len(seq) == 1 and kind in ("identifier", "birth-date"):  # 19610714 as a JSON number
+                return kind
+        return None
 
 
 def _glued_kind(
