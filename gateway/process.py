@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway import __version__
-from gateway.deid.engine import DeidReport, DeidResult, Plan, ProvenanceInfo, deidentify
-from gateway.deid.leakscan import TERM_DISPLAY_NAME, scan, sensitive_values
+from gateway.deid.engine import DeidReport, DeidResult, Plan, ProvenanceInfo, deidentify, masked
+from gateway.deid.leakscan import Finding, scan, sensitive_values
 from gateway.keys import derive
 from gateway.linkage import SHARED_TYPES
 from gateway.optout import BundleConsentOptOut, CombinedOptOut, ConsentPolicy, Decision, OptOutSource
@@ -511,15 +511,11 @@ def _leak_gate(
     payload = orjson.dumps(output)
     sensitive = sensitive_values(sought, **options)
     findings = scan(output, sensitive, serialized=payload)
-    displays = [f.holder for f in findings if f.kind == TERM_DISPLAY_NAME]
-    if displays and len(displays) == len(findings):
-        for coding in displays:
-            coding.pop("display", None)
-        removed = report.elements_removed
-        removed["Coding.display"] = removed.get("Coding.display", 0) + len(displays)
+    if findings and all(f.holder is not None for f in findings):
+        _remove_held(findings, report)
         payload = orjson.dumps(output)
         findings = scan(output, sensitive, serialized=payload)
-    findings = [f for f in findings if f.kind != TERM_DISPLAY_NAME]  # beside a finding: blocked anyway
+    findings = [f for f in findings if f.holder is None]  # beside a finding: refused anyway
     if findings:
         issues = [
             Issue(
@@ -531,6 +527,23 @@ def _leak_gate(
         ]
         raise FhirError(422, issues)
     return payload
+
+
+def _remove_held(findings: list[Finding], report: DeidReport) -> None:
+    """Remove what a finding the chain may remove holds (a terminology's display, a place's name), counted as
+    `<Type>.<element>.(leak-gate)`; an Organization left without a name and identifier gets its name as
+    withheld (org-1)."""
+    removed = report.elements_removed
+    for finding in findings:
+        assert finding.holder is not None
+        owner, key = finding.holder
+        if owner.pop(key, None) is None:
+            continue  # a second finding in the same element
+        owner.pop("_" + key, None)
+        label = f"{owner.get('resourceType', 'Coding')}.{key}.(leak-gate)"
+        removed[label] = removed.get(label, 0) + 1
+        if owner.get("resourceType") == "Organization" and not ({"name", "identifier"} & owner.keys()):
+            owner["_name"] = masked()
 
 
 def _strict_output_gate(output: dict[str, Any], input_path: _InputPaths) -> None:

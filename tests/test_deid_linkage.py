@@ -373,4 +373,25 @@ def test_a_terminology_display_with_a_patients_one_word_name_is_removed_the_code
     assert [c["display"] for c in codings if c["code"] == "38341003"] == ["Hypertensive disorder"]
     text = orjson.dumps(processed.bundle).decode()
     assert "Kwakkelsteen" not in text and "Parkinson" not in text
-    assert processed.report["deidentification"]["elementsRemoved"]["Coding.display"] == 2
+    assert processed.report["deidentification"]["elementsRemoved"]["Coding.display.(leak-gate)"] == 2
+
+
+def test_a_place_named_after_a_person_loses_its_name_not_the_whole_bundle(tmp_path: Path) -> None:
+    """A privacy probe: "Huisartsenpraktijk Oosterhuisvelde" beside the GP Oosterhuisvelde (whose name the
+    profile removes) refused the whole Bundle (422), a common Dutch naming. The place's name is removed
+    instead; an Organization so left without name and identifier states its name as withheld (org-1)."""
+    chains = offline_chains("example-generic", tmp_path / "k")
+    gp = {"resourceType": "Practitioner", "id": "gp",
+          "name": [{"family": "Oosterhuisvelde", "given": ["Jan"]}]}
+    practice = {"resourceType": "Organization", "id": "gpp", "name": "Huisartsenpraktijk Oosterhuisvelde",
+                "alias": ["Praktijk Oosterhuisvelde"]}
+    patient = {**person("1", "Kwakkelsteen", "1961-07-14"), "generalPractitioner": [
+        {"reference": "Practitioner/gp"}, {"reference": "Organization/gpp"}]}
+    processed = process(chains, collection(patient, gp, practice, condition("c1", "1", "2024-01-01")))
+    (org,) = delivered(processed, "Organization")
+    assert "name" not in org and "alias" not in org
+    assert org["_name"]["extension"][0]["valueCode"] == "masked"
+    assert "Oosterhuisvelde" not in orjson.dumps(processed.bundle).decode()
+    assert len(delivered(processed, "Condition")) == 1
+    removed = processed.report["deidentification"]["elementsRemoved"]
+    assert removed["Organization.name.(leak-gate)"] == 1

@@ -618,7 +618,12 @@ _AT_HOME_TYPES = ("Location", "Organization")
 _NAMING_A_HOME = ("identifier", "name", "alias", "telecom", "position", "description", "contact")
 # org-1 asks an Organization for a name or an identifier: the name's place says it is withheld
 _ABSENT = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
-_MASKED = {"extension": [{"url": _ABSENT, "valueCode": "masked"}]}
+
+
+def masked() -> dict[str, Any]:
+    """A primitive's `_element` saying its value is withheld (an element R4 asks for, whose value would
+    name a person or a home)."""
+    return {"extension": [{"url": _ABSENT, "valueCode": "masked"}]}
 
 
 def _generalise_homes(
@@ -645,7 +650,7 @@ def _unname_home(out: dict[str, Any], ctx: p.WalkContext) -> None:
             ctx.count(f"{rtype}.{element}.(patient-home)")
         out.pop("_" + element, None)
     if rtype == "Organization":
-        out["_name"] = _MASKED
+        out["_name"] = masked()
 
 
 def _generalise_home_address(

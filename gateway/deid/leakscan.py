@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 from types import MappingProxyType
 from typing import Any
@@ -261,14 +261,20 @@ def bsn_valid(digits: str) -> bool:
 # named Parkinson), but a display the chain removes (`Finding.holder`), the code staying; a fresh-eyes probe
 # found such names delivered.
 TERM_DISPLAY_NAME = "name-in-terminology-display"
+# The name of a place (a GP practice named after its GP, "Huisartsenpraktijk Oosterhuisvelde"; a shop named
+# after its street): what it holds is removed with it, and the rest of the Bundle goes (a probe: the whole
+# Bundle was refused).
+_PLACES = frozenset({"Organization", "Location", "HealthcareService"})
+_PLACE_TEXT = frozenset({"name", "alias", "description"})
 
 
 @dataclass(frozen=True)
 class Finding:
     path: str  # e.g. Bundle.entry[3].resource.note[0].text
     kind: str  # name | telecom | address | postcode | identifier | patient-id | patient-fullUrl | bsn
-    # TERM_DISPLAY_NAME: the Coding whose display it is (for the chain to remove it)
-    holder: Any = field(default=None, compare=False, repr=False)
+    # (the object, the key) of a value the chain removes instead of refusing the Bundle: a terminology's
+    # display (TERM_DISPLAY_NAME), a place's name
+    holder: tuple[dict[str, Any], str] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -764,6 +770,13 @@ class _Scanner:
 
     def text(self, s: str, key: str, parent: Mapping[str, Any], parts: list[str]) -> None:
         """Every check of one string; at most one finding of the sensitive values per string."""
+        before = len(self.findings)
+        self._text(s, key, parent, parts)
+        if len(self.findings) > before and key in _PLACE_TEXT and parent.get("resourceType") in _PLACES:
+            holder = (parent, key)
+            self.findings[before:] = [replace(f, holder=holder) for f in self.findings[before:]]
+
+    def _text(self, s: str, key: str, parent: Mapping[str, Any], parts: list[str]) -> None:
         kind = self._bsn(s, key, parent)
         if kind is not None:
             self.findings.append(Finding(_path(parts), kind))
@@ -783,7 +796,7 @@ class _Scanner:
             # in 1000 MG: a re-probe's false finding)
             kind = _glued_kind(s, self.glued)
         if kind is None and term and self._value_of_the_input(s, key, sens) is not None:
-            self.findings.append(Finding(_path(parts), TERM_DISPLAY_NAME, holder=parent))
+            self.findings.append(Finding(_path(parts), TERM_DISPLAY_NAME, holder=(parent, key)))
         elif kind is not None:
             self.findings.append(Finding(_path(parts), kind))
 
