@@ -801,7 +801,7 @@ def test_a_bundles_own_confidentiality_label_is_kept_on_the_delivered_bundle() -
     assert [label["code"] for label in labels] == ["PSEUDED", "V"] and very in labels
 
 
-@pytest.mark.parametrize("written", ["3511 AB", "3511AB", "3511  AB", " 3511\tab "])
+@pytest.mark.parametrize("written", ["3511 AB", "3511AB", "3511  AB", " 3511\tab ", "3511 A B"])
 def test_a_dutch_postcode_however_spaced_becomes_its_pc4(written: str) -> None:
     """A probe: "3511  AB" (two spaces) lost its PC4, while the RGG pseudonym, which strips all whitespace,
     was still made from it: one postcode read two ways."""

@@ -16,17 +16,16 @@ tells the engine to drop the whole resource.
 from __future__ import annotations
 
 import calendar
-import re
 from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
 
 from gateway.deid.r4 import r4
+from gateway.pseudonym.normalise import postcode4
 
 KEEP, COMPLEX, REMOVE, CALL = 0, 1, 2, 3
 _PRIMITIVE = (str, int, float, bool)
 _PRIMITIVE_SET = frozenset(_PRIMITIVE)
-_NL_POSTCODE = re.compile(r"^\s*([1-9][0-9]{3})\s*[A-Za-z]{2}\s*$")  # as RGG reads it: any whitespace
 
 # (fields, label, plain, must): ``plain`` = the names whose field is KEEP (a JSON primitive), filled once by
 # the compiler after the fields (nodes are created before they are filled because datatypes are recursive);
@@ -338,11 +337,11 @@ def generalise_postcode(value: Any, f: tuple, ctx: WalkContext) -> Any:
     """generalise kind=address, the postcode part: a Dutch postcode becomes its 4 digits (PC4)."""
     if type(value) is not str:
         return None
-    m = _NL_POSTCODE.match(value)
-    if m is None:
+    pc4 = postcode4(value)  # as RGG reads it: whitespace anywhere ("1015 K D"), any case
+    if pc4 is None:
         ctx.count("Address.postalCode.(not-dutch)")
         return None  # foreign or malformed postcodes may be fine-grained: not delivered
-    return m.group(1)
+    return pc4
 
 
 # ── references and identifiers ──────────────────────────────────────────────────────────────────────────────
