@@ -227,9 +227,10 @@ def test_a_shared_place_at_a_patients_home_is_generalised_in_every_bundle(tmp_pa
     summary, delivered = deliver(tmp_path, resources, group_size=5)
     assert summary.groups_total == 3
     places = [r for r in delivered if r["resourceType"] == "Location"]
-    at_home = [p["address"] for p in places if p["name"] == "Thuislocatie"]
+    # a place at a home loses its name as well (a later probe: a name can be the street and number)
+    at_home = [p["address"] for p in places if "name" not in p]
     assert len(at_home) == 2 and all(a == {"postalCode": "3811"} for a in at_home)  # one copy per group
-    assert [p["address"]["city"] for p in places if p["name"] == "Polikliniek"] == ["Utrecht"]  # public
+    assert [p["address"]["city"] for p in places if p.get("name") == "Polikliniek"] == ["Utrecht"]  # public
 
 
 def test_a_leak_costs_the_line_it_is_in_not_another_patients_consent(tmp_path: Path) -> None:
@@ -773,11 +774,19 @@ def test_the_ehr_is_told_where_a_reference_was_dropped(tmp_path: Path) -> None:
 
 def test_a_shared_line_the_leak_gate_stops_in_every_group_is_reported_once(tmp_path: Path) -> None:
     """A Location named after patients was rejected by each group that carried it, and counted so: twice
-    as rejected-422, listed twice, and a third time as never referenced."""
+    as rejected-422, listed twice, and a third time as never referenced. (A place's name is now removed
+    instead, in every group's copy: `gateway.deid.leakscan._PLACE_TEXT`.)"""
     room = {"resourceType": "Location", "id": "l1", "name": "Kamer Piet Pietersen"}
     people = others(14)
     resources = [*people, room, *(encounter(f"e{i}", p["id"], "l1") for i, p in enumerate(people))]
     summary, delivered = deliver(tmp_path, resources, group_size=7)
+    rooms = [r for r in delivered if r["resourceType"] == "Location"]
+    assert len(rooms) == 2 and not any("name" in r for r in rooms)  # one copy per group, nameless
+    assert summary.dropped == {} and summary.invalid_lines == []
+    # what is not a place's name still stops the line, in each group, and is reported once
+    wing = {"resourceType": "Location", "id": "l2", "address": {"line": ["Paviljoen Piet Pietersen"]}}
+    resources = [*people, wing, *(encounter(f"e{i}", p["id"], "l2") for i, p in enumerate(people))]
+    summary, delivered = deliver(tmp_path / "second", resources, group_size=7)
     assert "Location" not in {r["resourceType"] for r in delivered}
     assert summary.dropped == {"rejected-422": {"Location": 1}}
     assert summary.invalid_lines == [("Location.ndjson", 1, "rejected-security")]

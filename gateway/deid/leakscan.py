@@ -343,12 +343,13 @@ class SensitiveSet:
             return  # too short to tell from ordinary text
         if kind == "identifier" and digits_only and joined.startswith("0") and len(joined.lstrip("0")) >= 6:
             self.add(joined.lstrip("0"), kind)  # 012345611 is also written 12345611 (as a number, surely)
-        if kind == "identifier" and digits_only and len(joined) >= 6:
-            self.digit_ids.add(joined)  # 7654321 is also written 765-4321 or 7.654.321
+        if kind == "identifier" and digits_only and len(joined.lstrip("0")) >= 6:
+            # 7654321 is also written 765-4321 or 7.654.321 (not 00000001: its digits are in every timestamp)
+            self.digit_ids.add(joined)
         if kind == "identifier" and len(tokens) > 2 and tokens[0].isalpha():
             self.add(" ".join(tokens[1:]), kind)  # "MRN-CANARY-4711" is also written without its "MRN"
         prefixed = _LETTERS_THEN_DIGITS.fullmatch(joined) if kind == "identifier" else None
-        if prefixed is not None:
+        if prefixed is not None and len(prefixed.group(1).lstrip("0")) >= 6:
             self.add(prefixed.group(1), kind)  # "MRN7788123" is also written 7788123 (a probe's number)
         entry = (tokens, kind)
         bucket = self.by_first.setdefault(tokens[0], [])
