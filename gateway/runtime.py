@@ -54,7 +54,7 @@ from gateway.pseudonym.mapping import InputMapping, load_input_mapping
 from gateway.pseudonym.source import SourceStage
 from gateway.service.auth import Authenticator, Caller
 from gateway.service.logs import request_id
-from gateway.store import AuditInput, Store, StoreUnavailable, open_store
+from gateway.store import AuditInput, Delivery, Store, StoreUnavailable, open_store
 from gateway.ttp.backend import TTPBackend, TTPRejected, TTPUnavailable, round_trip
 from gateway.ttp.client import CachingTTP
 from gateway.ttp.timed import TimedTTP
@@ -218,6 +218,8 @@ class Runtime:
             earlier = self._idempotency(provider, registry, f"body:{body_digest}")
         # cheap look-up first: a re-post costs no TTP round trip
         existing = await asyncio.to_thread(self.store.find_by_idempotency, provider, registry, key)
+        if existing is not None and not named:
+            existing, key = await self._latest_version(provider, registry, key, existing)
         if existing is not None:
             # Valid before it is answered with the earlier delivery: the digest leaves out what a re-post may
             # change (the Bundle's own elements, fullUrls, meta stamps; a probe's `lastUpdated: "garbage"`
@@ -285,6 +287,19 @@ class Runtime:
         if created and self._worker is not None:
             self._worker.wake()
         return Accepted(delivery_id, processed.report, created)
+
+    async def _latest_version(
+        self, provider: str, registry: str, key: str, first: Delivery
+    ) -> tuple[Delivery | None, str]:
+        """A Bundle known by its content alone (no Idempotency-Key, no Bundle.identifier), posted again after
+        a newer delivery of its patients (A, B, A: a correction taken back) goes again, as a delivery of its
+        own keyed after the newer one: answered with A's first delivery, the registry kept B (a registry
+        holder's probe). Posted once more, it is that delivery. The delivery to answer with, and the key."""
+        newest = await asyncio.to_thread(self.store.newest_of_patients, first.id)
+        if newest is None or newest.idempotency_key.startswith(key):
+            return newest or first, key
+        again = f"{key}|after|{newest.id}"
+        return await asyncio.to_thread(self.store.find_by_idempotency, provider, registry, again), again
 
     async def _same_request(
         self, provider: str, registry: str, key: str, request: str | None, earlier: str | None = None
@@ -433,8 +448,10 @@ def bundle_identifier(idempotency_key: str) -> str:
 
 def _delivery_identifier(key: str) -> dict[str, str]:
     """A posted Bundle's identifier at the registry, from its idempotency key: stable, so that the registry
-    (and our receiver) recognise a re-sent delivery."""
-    return {"system": DELIVERY_SYSTEM, "value": key[:32]}
+    (and our receiver) recognise a re-sent delivery. A version posted again after a newer one is keyed
+    after it (`_latest_version`): another delivery, so another identifier."""
+    value = hashlib.sha256(key.encode()).hexdigest() if "|" in key else key
+    return {"system": DELIVERY_SYSTEM, "value": value[:32]}
 
 
 def _report_of(counts: dict[str, Any] | None) -> dict[str, Any]:

@@ -922,3 +922,50 @@ def test_a_credential_sent_twice_is_refused(chain):
         response = httpx.get(f"{chain.gateway_url}/deliveries", headers=headers)
         assert response.status_code == 401, (headers, response.text)
         assert key not in response.text
+
+
+def test_a_version_posted_again_after_a_newer_one_is_delivered_again(chain):
+    """A registry holder's probe: A, B, A of one patient without an Idempotency-Key or Bundle.identifier
+    (a correction taken back) answered the third post "delivered" with A's first delivery, and the registry
+    kept B. A named key keeps meaning "the same request" (a late retry must not undo B)."""
+    bundle = orjson.loads((EXAMPLES / "01-nictiz-nl-core-transaction.json").read_bytes())
+    bundle.pop("identifier", None)
+    patient = bundle["entry"][0]
+    patient["resource"]["id"] = f"reverted-{uuid.uuid4().hex[:8]}"  # a patient no other test posts
+
+    def version(value: float) -> bytes:
+        pulse = {
+            "resourceType": "Observation", "id": "pulse", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+            "subject": {"reference": patient["fullUrl"]},
+            "valueQuantity": {"value": value, "system": "http://unitsofmeasure.org", "code": "/min"},
+        }  # fmt: skip
+        entry = {"fullUrl": f"urn:uuid:{uuid.UUID(int=7)}", "resource": pulse,
+                 "request": {"method": "PUT", "url": "Observation/pulse"}}
+        return orjson.dumps({**bundle, "entry": [patient, entry]})
+
+    def posted(body: bytes) -> str:
+        return posted_with(body, {})
+
+    def posted_with(body: bytes, headers: dict) -> str:
+        response = _post(chain, body, headers=headers)
+        assert response.status_code == 200, response.text
+        return {p["name"]: p for p in response.json()["parameter"]}["delivery"]["valueString"]
+
+    def at_the_registry() -> float:
+        (last,) = _received(chain)[-1:]
+        (pulse,) = [e["resource"] for e in last["entry"] if e["resource"]["resourceType"] == "Observation"]
+        return httpx.get(f"{chain.receiver_url}/Observation/{pulse['id']}").json()["valueQuantity"]["value"]
+
+    first, corrected = posted(version(80)), posted(version(81))
+    assert at_the_registry() == 81
+    taken_back = posted(version(80))
+    assert taken_back not in (first, corrected) and at_the_registry() == 80
+    assert posted(version(80)) == taken_back  # once more: that delivery
+    again = posted(version(81))
+    assert again not in (first, corrected, taken_back) and at_the_registry() == 81
+    # under a named key a re-post is the same request, answered with its delivery
+    keyed = {"Idempotency-Key": f"pulse-{uuid.uuid4().hex}"}
+    named = posted_with(version(79), keyed)
+    posted(version(78))
+    assert posted_with(version(79), keyed) == named and at_the_registry() == 78

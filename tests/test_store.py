@@ -798,3 +798,23 @@ def test_a_claim_costs_the_same_whatever_the_backlog(tmp_path: Path) -> None:
         cost[backlog] = steps[0]
         store.close()
     assert cost[2000] < 1.5 * cost[200], cost
+
+
+def test_the_newest_delivery_of_a_deliverys_patients(store: Store) -> None:
+    """What a Bundle known by its content, posted again, is compared with (`Runtime._latest_version`)."""
+    a = put(store, "a", patient="p1")
+    b, _ = store.enqueue(provider="ura:1", registry="dica", sender="ehr", payload=b"{}", idempotency_key="b",
+                         patient_keys=["p2", "p1"])
+    c = put(store, "c", patient="p1")
+    elsewhere = put(store, "d", patient="p1", registry="nkr")  # another registry's is not newer here
+    lone = put(store, "e")
+    assert store.newest_of_patients(a).id == c
+    while batch := store.claim_batch("w", limit=10, lease_seconds=30):  # in patient order: a, b, then c
+        for d in batch:
+            if d.id == c:
+                assert store.mark_dead(c, "w", "refused", registry_status=422)
+            else:
+                assert store.mark_delivered(d.id, "w", registry_status=200)
+    assert store.newest_of_patients(a).id == b  # a dead one never reached the registry; b carries p1 second
+    assert store.newest_of_patients(elsewhere).id == elsewhere
+    assert store.newest_of_patients(lone) is None

@@ -423,6 +423,23 @@ class SqlStore:
             ).fetchone()
         return row is not None
 
+    def newest_of_patients(self, delivery_id: str) -> Delivery | None:
+        """The newest delivery to the same registry, not dead, that carries one of this one's patients (this
+        one itself when none is newer); None when it carries no patient."""
+        with self._conn() as conn:
+            row = self._q(
+                conn,
+                f"""SELECT {_META} FROM deliveries WHERE seq = (
+                       SELECT MAX(o.seq) FROM deliveries x
+                       JOIN delivery_patients mine ON mine.seq = x.seq
+                       JOIN delivery_patients other
+                         ON other.registry = mine.registry AND other.patient_key = mine.patient_key
+                       JOIN deliveries o ON o.seq = other.seq
+                       WHERE x.id = ? AND o.status <> 'dead')""",
+                (delivery_id,),
+            ).fetchone()
+        return None if row is None else _delivery(row)
+
     def _superseded(self, conn: Any, delivery_id: str) -> bool:
         """A newer delivery to the same registry, whatever its status, carries one of this dead one's
         patients (any of them: a re-probe's newer Bundle had the patient second)."""
