@@ -522,6 +522,36 @@ def test_the_bulk_cli_with_the_ttp_down_says_how_to_resume_without_a_traceback(t
     assert "run again with the same --work-dir to resume" in said and "Traceback" not in said
 
 
+@pytest.mark.postgres
+def test_the_bulk_cli_losing_its_store_mid_run_says_how_to_resume_without_a_traceback(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A chaos probe: a store lost during a run (here a table another session holds locked, past the lock
+    timeout) ended in a traceback and exit 1 ("a line was invalid"); it is exit 3, as for the TTP."""
+    import subprocess
+    import sys
+
+    import psycopg
+
+    from gateway.store import open_store
+
+    open_store(pg_url).close()  # the schema is there: the run starts, and its first stored Bundle waits
+    write_export(tmp_path / "export", SynthSpec(patients=4, resources_per_patient=3))
+    (tmp_path / "c").mkdir()
+    with process_chain(tmp_path / "c") as chain, psycopg.connect(pg_url) as holder:
+        holder.execute("LOCK TABLE delivery_patients IN ACCESS EXCLUSIVE MODE")
+        env = {**chain.env, "FHIR_GATEWAY_STORE_URL": pg_url + "%20-clock_timeout%3D300"}
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "bulk", str(tmp_path / "export"), "--registry", REGISTRY,
+             "--config", str(chain.config_path), "--work-dir", str(tmp_path / "w"), "--no-wait"],
+            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        )
+        holder.rollback()
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 3 and "Traceback" not in said, out.stderr[-2000:]
+    assert "store unavailable" in said and "run again with the same --work-dir to resume" in said
+
+
 def test_the_bulk_cli_with_a_configuration_waits_until_its_bundles_arrive(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -628,6 +628,27 @@ def test_register_with_the_sqlite_store(tmp_path: Path) -> None:
     assert (decisions["urn:uuid:a"].status, decisions["urn:uuid:b"].status) == ("objected", "allowed")
 
 
+@pytest.mark.postgres
+def test_a_dropped_store_connection_is_asked_again_before_the_register_counts_as_down(pg_url: str) -> None:
+    """A chaos probe: one connection the database dropped (a restart, a proxy's idle timeout) made the
+    register "cannot answer", and failed a whole bulk job; the pool had already replaced it."""
+    import psycopg
+
+    from gateway.store import open_store
+
+    store = open_store(pg_url + "&application_name=register-drop-test")
+    assert store.add_objection(PROVIDER, REGISTRY, bytes.fromhex(objection_digest(KEY, PROVIDER, "MRN-1")))
+    source = RegisterOptOut(store.objection_lookup, KEY)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'register-drop-test'"
+        )
+    decisions = run(source.check([patient_ref("a", "MRN-1")]))
+    assert decisions["urn:uuid:a"].status == "objected"
+    store.close()
+
+
 # --- CSV import ------------------------------------------------------------------------------------
 
 

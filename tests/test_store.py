@@ -818,3 +818,39 @@ def test_the_newest_delivery_of_a_deliverys_patients(store: Store) -> None:
     assert store.newest_of_patients(a).id == b  # a dead one never reached the registry; b carries p1 second
     assert store.newest_of_patients(elsewhere).id == elsewhere
     assert store.newest_of_patients(lone) is None
+
+
+@pytest.mark.postgres
+def test_postgres_options_may_set_several_parameters(pg_url: str) -> None:
+    """`options=-csearch_path=x -cstatement_timeout=...`: the URL was passed on with the space as "+", which
+    libpq does not read as a space: the schema became "x+-cstatement_timeout=...", and nothing was found."""
+    store = open_store(pg_url + "%20-cstatement_timeout%3D4321")
+    with store._conn() as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone()[0] == "4321ms"
+    assert store.schema_version() == LATEST  # migrated into the schema of search_path
+    store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_gateways_in_other_schemas_do_not_wait_on_each_others_claims(pg_url: str) -> None:
+    import psycopg
+
+    schema = pg_url.rsplit("%3D", 1)[1]
+    other_url = pg_url.replace(schema, schema + "_b")
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}_b"')
+    mine, other = open_store(pg_url), open_store(other_url)
+    try:
+        put(other, "k")
+        with mine._tx() as claiming:  # a claim of this schema's gateway, not yet committed
+            mine.dialect.lock_claims(claiming)
+            done = threading.Event()
+            worker = threading.Thread(target=lambda: other.claim_batch("w", 5, 30) and done.set())
+            worker.start()
+            worker.join(timeout=10)
+            assert done.is_set()  # the other schema's claim did not wait for this one
+    finally:
+        mine.close()
+        other.close()
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{schema}_b" CASCADE')

@@ -25,6 +25,7 @@ from rich.table import Table
 from gateway.bulk import BulkOptions, BulkSummary, JobMismatch, SourceError, run_bulk_async
 from gateway.bulk.sinks import StoreSink
 from gateway.optout.base import OptOutUnavailable
+from gateway.store import StoreUnavailable
 from gateway.ttp.backend import TTPUnavailable
 
 
@@ -104,7 +105,7 @@ def bulk(
     except (SourceError, JobMismatch, ValueError) as exc:
         console.print(f"[red]fhir-gateway bulk: {exc}[/red]")
         raise typer.Exit(2) from None
-    except (TTPUnavailable, OptOutUnavailable) as exc:  # fixed texts; what was stored stays stored
+    except (TTPUnavailable, OptOutUnavailable, StoreUnavailable) as exc:  # fixed texts; what was stored stays
         console.print(f"[red]fhir-gateway bulk: {exc}; run again with the same --work-dir to resume[/red]")
         raise typer.Exit(3) from None
     if json_out:

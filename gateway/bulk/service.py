@@ -41,6 +41,7 @@ from gateway.optout.base import Decision, OptOutUnavailable, PatientRef
 from gateway.outcome import FhirError
 from gateway.pipeline.parse import check_encoding_prefix
 from gateway.pseudonym.types import PrePseudonym
+from gateway.store import StoreUnavailable
 from gateway.store.model import iso_instant
 from gateway.ttp.backend import TTPResult, TTPUnavailable
 
@@ -313,6 +314,8 @@ class BulkJobs:
             job.state, job.error = "failed", f"the TTP could not be reached; {again}"
         except OptOutUnavailable:
             job.state, job.error = "failed", f"an opt-out source could not be reached; {again}"
+        except StoreUnavailable:
+            job.state, job.error = "failed", f"the gateway's store could not be reached; {again}"
         except Exception as exc:  # noqa: BLE001 - reported as a fixed text with the error class only
             log.exception("bulk job %s failed", job.id)
             job.state, job.error = "failed", f"internal error ({type(exc).__name__}); {again}"

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlsplit
 
 from gateway.store.pool import PoolTimeout
 
@@ -179,6 +179,11 @@ class SqliteDialect(Dialect):
         return sql, [owner, lease_until, now, *source_params, *where_params, limit]
 
 
+# Advisory locks belong to the database: keyed by the schema as well, gateways in other schemas of it (another
+# hospital's, a test's) do not wait on each other's claims and migrations (a chaos probe read it so).
+_THIS_SCHEMA = "hashtext(current_schema())"
+
+
 class PostgresDialect(Dialect):
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
@@ -216,14 +221,14 @@ class PostgresDialect(Dialect):
         return self.sql(claim), [*source_params, *where_params, limit, owner, lease_until, now]
 
     def lock_migrations(self, conn: Any) -> None:
-        conn.execute("SELECT pg_advisory_xact_lock(7310451)")
+        conn.execute(f"SELECT pg_advisory_xact_lock(7310451, {_THIS_SCHEMA})")
 
     def lock_claims(self, conn: Any) -> None:
         # Claims are short; taking them one at a time (in their own statement, so the claim's READ COMMITTED
         # snapshot already sees the previous claim) makes the per-patient rule hold even when an operator
         # requeues an older delivery at the moment two workers claim. SKIP LOCKED still keeps a claim from
         # waiting on rows that mark_* calls are updating.
-        conn.execute("SELECT pg_advisory_xact_lock(7310452)")
+        conn.execute(f"SELECT pg_advisory_xact_lock(7310452, {_THIS_SCHEMA})")
 
 
 def sqlite_path(url: str) -> str:
@@ -283,7 +288,8 @@ def postgres_dialect(url: str, on_connect: Callable[[Any], None] | None) -> tupl
     rest = [(k, v) for k, v in query if k != "pool_size"]
     if not any(k == "connect_timeout" for k, _ in rest):
         rest.append(("connect_timeout", "5"))
-    conninfo = parts._replace(query=urlencode(rest)).geturl()
+    # %20, not "+", for a space: libpq does not read "+" as one ("-c a=1 -c b=2" in options)
+    conninfo = parts._replace(query=urlencode(rest, quote_via=quote)).geturl()
 
     def connect() -> Any:
         conn = psycopg.connect(conninfo, autocommit=True)

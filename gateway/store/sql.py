@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 import orjson
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from gateway.store.dialects import Dialect
 from gateway.store.model import (
@@ -686,9 +687,15 @@ class SqlStore:
 
     async def objection_lookup(self, provider: str, registry: str, digest_hex: str) -> bool | None:
         """`gateway.optout.register.ObjectionLookup`: True/False, or None when the store cannot answer
-        (the opt-out source then fails closed)."""
+        (the opt-out source then fails closed). Asked twice before that: the pool replaces a connection it
+        found dropped (a database restart, a proxy's idle timeout), and one such connection failed a whole
+        bulk job (a chaos probe); a store that is down fails both."""
         try:
-            found = await asyncio.to_thread(self.optout_lookup, provider, registry, [digest_hex])
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(2), retry=retry_if_exception_type(StoreUnavailable), reraise=True
+            ):
+                with attempt:
+                    found = await asyncio.to_thread(self.optout_lookup, provider, registry, [digest_hex])
         except StoreUnavailable:
             return None
         return bool(found)
