@@ -440,6 +440,12 @@ def test_cancer_registry_shifts_dates_consistently_per_patient() -> None:
     shift = date.fromisoformat(out_obs["effectiveDateTime"][:10]) - date(2024, 2, 29)
     assert date.fromisoformat(pat["deceasedDateTime"]) - date(2024, 5, 1) == shift
     assert 1 <= abs(shift.days) <= 30
+    # the Provenance says so (a registry holder's probe: it read as one of a profile that keeps dates)
+    shifted = "urn:fhir-delivery-gateway:deid:dates-shifted-per-patient"
+    (provenance,) = resources(out, "Provenance")
+    assert shifted in provenance["policy"]
+    (kept,) = resources(run(b).bundle, "Provenance")
+    assert shifted not in kept["policy"]
 
 
 @pytest.mark.parametrize("placeholder", ["0001-01-02", "0001-01-01T00:00:00Z", "9999-12-30T23:59:59+14:00"])

@@ -781,7 +781,10 @@ def _provenance(entries: list[dict[str, Any]], plan: Plan, ids: _Ids, info: Prov
             "id": pid,
             "target": [{"reference": e["fullUrl"]} for e in entries],
             "recorded": info.recorded,
-            "policy": [f"urn:fhir-delivery-gateway:profile:{plan.registry}"],
+            # what the registry must know to read the data: its dates moved (a registry holder's probe found
+            # a shifting profile's Provenance alike to one that keeps dates)
+            "policy": [f"urn:fhir-delivery-gateway:profile:{plan.registry}"]
+            + (["urn:fhir-delivery-gateway:deid:dates-shifted-per-patient"] if plan.shift_dates else []),
             **reasons,
             "activity": {
                 "coding": [
