@@ -510,3 +510,31 @@ def _whole_response(sock) -> bytes:  # noqa: ANN001 - a socket
     while len(body) < length:
         body += sock.recv(65536)
     return head
+
+
+def test_a_malformed_request_uvicorn_refuses_is_answered_with_an_operation_outcome(tmp_path):
+    """uvicorn answered a malformed request line or header itself, in plain text ("Invalid HTTP request
+    received."): the one refusal an EHR's FHIR client could not read as an OperationOutcome."""
+    import socket
+
+    import orjson
+
+    with process_chain(tmp_path) as chain:
+        gw = chain.start_gateway()
+        host, port = gw.url.removeprefix("http://").split(":")
+        for request in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: 999911120\r\n\r\n",
+                        b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"POST /registries/x/Bundle HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n"):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(request)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/fhir+json" in head.lower()
+            outcome = orjson.loads(body)
+            assert outcome["resourceType"] == "OperationOutcome"
+            assert outcome["issue"][0]["code"] == "structure"
+            assert b"999911120" not in answer
+        assert httpx.get(f"{gw.url}/healthz", timeout=5).status_code == 200

@@ -14,9 +14,24 @@ import asyncio
 import functools
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 HEADER_TIMEOUT_SECONDS = 15.0
+# What uvicorn refuses before the gateway sees it (a malformed request line or header) is answered as every
+# other refusal, not with uvicorn's text line: an EHR's FHIR client reads an OperationOutcome.
+_NOT_HTTP = orjson.dumps(
+    {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": "structure",
+                "diagnostics": "not a readable HTTP request (its request line or a header is malformed)",
+            }
+        ],
+    }
+)
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
@@ -52,6 +67,18 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if unread and not self.transport.is_closing():
             self._arm()
+
+    def send_400_response(self, msg: str) -> None:
+        head = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/fhir+json\r\n",
+            b"content-length: %d\r\n" % len(_NOT_HTTP),
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + _NOT_HTTP)
+        self.transport.close()
 
     def _arm(self) -> None:
         self._disarm()
