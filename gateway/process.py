@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway import __version__
-from gateway.deid.engine import DeidReport, DeidResult, Plan, ProvenanceInfo, deidentify, masked
-from gateway.deid.leakscan import Finding, scan, sensitive_values
+from gateway.deid.engine import DeidResult, Plan, ProvenanceInfo, deidentify
+from gateway.deid.leakscan import scan, sensitive_values
 from gateway.keys import derive
 from gateway.linkage import SHARED_TYPES
 from gateway.optout import BundleConsentOptOut, CombinedOptOut, ConsentPolicy, Decision, OptOutSource
@@ -294,9 +294,7 @@ def _deidentified(
     # patient may reach the registry through another patient's resources
     sought = _with_people(bundle, other_people)
     input_paths = _InputPaths(result.sources, kept_positions)
-    payload = _leak_gate(
-        result.bundle, sought, registry.plan.profile.leak_gate_options(), input_paths, result.report
-    )
+    payload = _leak_gate(result.bundle, sought, registry.plan.profile.leak_gate_options(), input_paths)
     if registry.strict:
         _strict_output_gate(result.bundle, input_paths)
     return result, payload, input_paths
@@ -497,25 +495,15 @@ class _InputPaths:
 
 
 def _leak_gate(
-    output: dict[str, Any],
-    sought: dict[str, Any],
-    options: dict[str, Any],
-    input_path: _InputPaths,
-    report: DeidReport,
+    output: dict[str, Any], sought: dict[str, Any], options: dict[str, Any], input_path: _InputPaths
 ) -> bytes:
     """After rewriting, before anything leaves: a hit blocks the delivery, naming the path, not the value.
     Returns the serialised output it scanned, so that what is stored is byte for byte what was checked.
     ``sought``: the input whose people's values are looked for; ``options``: the profile's
-    ``leak_gate_options()``. A terminology display holding a one-word name loses its display (counted in
-    ``report``), and the output is scanned again."""
+    ``leak_gate_options()``."""
     payload = orjson.dumps(output)
     sensitive = sensitive_values(sought, **options)
     findings = scan(output, sensitive, serialized=payload)
-    if findings and all(f.holder is not None for f in findings):
-        _remove_held(findings, report)
-        payload = orjson.dumps(output)
-        findings = scan(output, sensitive, serialized=payload)
-    findings = [f for f in findings if f.holder is None]  # beside a finding: refused anyway
     if findings:
         issues = [
             Issue(
@@ -527,23 +515,6 @@ def _leak_gate(
         ]
         raise FhirError(422, issues)
     return payload
-
-
-def _remove_held(findings: list[Finding], report: DeidReport) -> None:
-    """Remove what a finding the chain may remove holds (a terminology's display, a place's name), counted as
-    `<Type>.<element>.(leak-gate)`; an Organization left without a name and identifier gets its name as
-    withheld (org-1)."""
-    removed = report.elements_removed
-    for finding in findings:
-        assert finding.holder is not None
-        owner, key = finding.holder
-        if owner.pop(key, None) is None:
-            continue  # a second finding in the same element
-        owner.pop("_" + key, None)
-        label = f"{owner.get('resourceType', 'Coding')}.{key}.(leak-gate)"
-        removed[label] = removed.get(label, 0) + 1
-        if owner.get("resourceType") == "Organization" and not ({"name", "identifier"} & owner.keys()):
-            owner["_name"] = masked()
 
 
 def _strict_output_gate(output: dict[str, Any], input_path: _InputPaths) -> None:

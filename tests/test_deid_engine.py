@@ -698,6 +698,28 @@ def test_a_place_at_the_patients_home_loses_what_names_it_not_only_its_street() 
     assert removed["Organization.identifier.(patient-home)"] == 1
 
 
+def test_what_a_home_is_part_of_names_it_too() -> None:
+    """A re-probe: the home Location was stripped, and the building it is `partOf` ("Woonblok
+    Lindengracht", at "Lindengracht 85-89") was delivered beside it, naming street, number range and city."""
+    home = {"line": ["Lindengracht 87"], "city": "Amsterdam", "postalCode": "1015 KH"}
+    flat = {"resourceType": "Location", "name": "thuis", "address": {**home, "use": "home"},
+            "partOf": {"reference": "urn:uuid:b"}}
+    block = {"resourceType": "Location", "name": "Woonblok Lindengracht",
+             "partOf": {"reference": "urn:uuid:s"},
+             "address": {"line": ["Lindengracht 85-89"], "city": "Amsterdam", "postalCode": "1015 KH"}}
+    street = {"resourceType": "Location", "name": "Blokken Lindengracht-Noord"}
+    visit = {
+        "resourceType": "Encounter", "status": "finished", "subject": {"reference": "urn:uuid:p"},
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HH"},
+        "location": [{"location": {"reference": "urn:uuid:l"}}],
+    }  # fmt: skip
+    places = (("urn:uuid:l", flat), ("urn:uuid:b", block), ("urn:uuid:s", street))
+    result = run(bundle(("urn:uuid:p", patient(address=[home])), *places, ("urn:uuid:e", visit)))
+    text = orjson.dumps(result.bundle).decode()
+    assert "Lindengracht" not in text and "Woonblok" not in text and "Amsterdam" not in text
+    assert len(resources(result.bundle, "Location")) == 3  # delivered, unnamed, their postcodes cut to PC4
+
+
 def test_reference_type_is_kept_only_as_a_resource_type_name() -> None:
     o = obs("Patient/pat-123")
     o["subject"] = {"reference": "Patient/pat-123", "type": "Patient"}

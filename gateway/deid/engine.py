@@ -620,9 +620,8 @@ _NAMING_A_HOME = ("identifier", "name", "alias", "telecom", "position", "descrip
 _ABSENT = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 
 
-def masked() -> dict[str, Any]:
-    """A primitive's `_element` saying its value is withheld (an element R4 asks for, whose value would
-    name a person or a home)."""
+def _masked() -> dict[str, Any]:
+    """A primitive's `_element` saying its value is withheld (a fresh one per output: outputs are mutable)."""
     return {"extension": [{"url": _ABSENT, "valueCode": "masked"}]}
 
 
@@ -636,11 +635,22 @@ def _generalise_homes(
     places = [(c, out) for c, out in kept if c.rtype in _AT_HOME_TYPES]
     people = itertools.chain((e.get("resource") for e in entries if type(e) is dict), other_people)
     homes = person_homes(people) if places else []
-    for c, out in places:
-        if at_home(c.resource, homes):
-            if "address" in out:
-                _generalise_home_address(c.resource, out, plan, ctx)
-            _unname_home(out, ctx)
+    by_urn = {"urn:uuid:" + c.new_id: (c, out) for c, out in places}
+    at_homes = [(c, out) for c, out in places if at_home(c.resource, homes)]
+    done: set[str] = set()
+    while at_homes:
+        c, out = at_homes.pop()
+        if c.new_id in done:
+            continue
+        done.add(c.new_id)
+        if "address" in out:
+            _generalise_home_address(c.resource, out, plan, ctx)
+        _unname_home(out, ctx)
+        # what a home is part of (its building, "Woonblok Lindengracht", at "Lindengracht 85-89") names it
+        # too (a re-probe: the home was stripped and its building delivered beside it)
+        parent = out.get("partOf")
+        if type(parent) is dict and parent.get("reference") in by_urn:
+            at_homes.append(by_urn[parent["reference"]])
 
 
 def _unname_home(out: dict[str, Any], ctx: p.WalkContext) -> None:
@@ -650,7 +660,7 @@ def _unname_home(out: dict[str, Any], ctx: p.WalkContext) -> None:
             ctx.count(f"{rtype}.{element}.(patient-home)")
         out.pop("_" + element, None)
     if rtype == "Organization":
-        out["_name"] = masked()
+        out["_name"] = _masked()
 
 
 def _generalise_home_address(

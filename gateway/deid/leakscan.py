@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 from types import MappingProxyType
 from typing import Any
@@ -256,25 +256,10 @@ def bsn_valid(digits: str) -> bool:
     return total % 11 == 0
 
 
-# A name of one word in a terminology's display ("Kwakkelsteen" in a SNOMED term's display, put there by an
-# EHR): no finding that stops the Bundle, as it may be the term's own word ("Parkinson's disease" of a patient
-# named Parkinson), but a display the chain removes (`Finding.holder`), the code staying; a fresh-eyes probe
-# found such names delivered.
-TERM_DISPLAY_NAME = "name-in-terminology-display"
-# The name of a place (a GP practice named after its GP, "Huisartsenpraktijk Oosterhuisvelde"; a shop named
-# after its street): what it holds is removed with it, and the rest of the Bundle goes (a probe: the whole
-# Bundle was refused).
-_PLACES = frozenset({"Organization", "Location", "HealthcareService"})
-_PLACE_TEXT = frozenset({"name", "alias", "description"})
-
-
 @dataclass(frozen=True)
 class Finding:
     path: str  # e.g. Bundle.entry[3].resource.note[0].text
     kind: str  # name | telecom | address | postcode | identifier | patient-id | patient-fullUrl | bsn
-    # (the object, the key) of a value the chain removes instead of refusing the Bundle: a terminology's
-    # display (TERM_DISPLAY_NAME), a place's name
-    holder: tuple[dict[str, Any], str] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -289,6 +274,7 @@ class SensitiveSet:
     # full birth dates by year: the year is the anchor of every notation, and rare in a document
     birth_dates: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
     glued: set[tuple[str, str]] = field(default_factory=set)  # (case-folded value, kind) sought inside words
+    surnames: set[str] = field(default_factory=set)  # case-folded words of surnames: sought in terms too
     # a birth date with a two-digit year, day first ("14-07-61"): its patterns for case-folded text, by
     # (day, two-digit year)
     short_dates: dict[tuple[int, str], frozenset[re.Pattern[str]]] = field(default_factory=dict)
@@ -474,6 +460,7 @@ def _names(names: Any, out: SensitiveSet) -> None:
         for value in own:
             out.add(value, "name")
         surnames = cores + own
+        _surname_words([family, *surnames] if type(family) is str else surnames, out)
         for given in _list(name.get("given")):
             out.add(given, "name")
             for word in _words(given) if type(given) is str else ():
@@ -487,6 +474,12 @@ def _names(names: Any, out: SensitiveSet) -> None:
             # how eponyms are written ("Hand-Schüller-Christian disease", a re-probe's false finding)
             for surname in surnames:
                 out.add(f"{given} {surname}", "name", glued=False)
+
+
+def _surname_words(surnames: list[str], out: SensitiveSet) -> None:
+    for surname in surnames:
+        words = _TOKEN.findall(fold(surname).casefold()) if type(surname) is str else []
+        out.surnames.update(w for w in words if len(w) >= 3 and w.isalpha() and w not in _SURNAME_PREFIXES)
 
 
 def _telecoms(telecoms: Any, out: SensitiveSet) -> None:
@@ -771,13 +764,6 @@ class _Scanner:
 
     def text(self, s: str, key: str, parent: Mapping[str, Any], parts: list[str]) -> None:
         """Every check of one string; at most one finding of the sensitive values per string."""
-        before = len(self.findings)
-        self._text(s, key, parent, parts)
-        if len(self.findings) > before and key in _PLACE_TEXT and parent.get("resourceType") in _PLACES:
-            holder = (parent, key)
-            self.findings[before:] = [replace(f, holder=holder) for f in self.findings[before:]]
-
-    def _text(self, s: str, key: str, parent: Mapping[str, Any], parts: list[str]) -> None:
         kind = self._bsn(s, key, parent)
         if kind is not None:
             self.findings.append(Finding(_path(parts), kind))
@@ -796,10 +782,20 @@ class _Scanner:
             # run into a term's word, a value may be the term's own ("Parkinsonism", "2x1000mg" for a patient
             # in 1000 MG: a re-probe's false finding)
             kind = _glued_kind(s, self.glued)
-        if kind is None and term and self._value_of_the_input(s, key, sens) is not None:
-            self.findings.append(Finding(_path(parts), TERM_DISPLAY_NAME, holder=(parent, key)))
-        elif kind is not None:
+        if kind is None and term and sens.surnames:
+            kind = self._surname_in_term(s, sens)
+        if kind is not None:
             self.findings.append(Finding(_path(parts), kind))
+
+    def _surname_in_term(self, s: str, sens: SensitiveSet) -> str | None:
+        """A person's surname alone in a terminology's display, as a word or run into one at a change of case
+        ("Kwakkelsteen tumour", "KwakkelsteenSyndrome": a probe saw both delivered). An eponym that is the
+        patient's own surname stops the Bundle too: removing the display only then told the registry the
+        name was a word of the term (a re-probe). A given name alone is a term's word ("Iris structure")."""
+        if any(token in sens.surnames for token in _TOKEN.findall(s.casefold())):
+            return "name"
+        glued = [(value, kind) for value, kind in self.glued if kind == "name" and value in sens.surnames]
+        return _glued_kind(s, glued) if glued else None
 
     def _bsn(self, s: str, key: str, parent: Mapping[str, Any]) -> str | None:
         if _is_code(parent, key) or (key == "value" and self.in_patient and _is_pseudonym(parent)):
@@ -886,8 +882,12 @@ class _Scanner:
             self.findings.append(Finding(_path(parts), "bsn"))
         elif t is int and self.sens is not None and (kind := self._whole_number(value)) is not None:
             self.findings.append(Finding(_path(parts), kind))  # the input has it as identifier, birth date
-        elif t is float and 1e8 <= value < 1e9 and value.is_integer() and bsn_valid(str(int(value))):
-            self.findings.append(Finding(_path(parts), "bsn"))  # a BSN sent as a decimal: 999911120.0
+        elif t is float and value.is_integer() and value < 1e15:  # 999911120.0, 19610714.0, 7.788123e6
+            whole = int(value)
+            if 100_000_000 <= whole <= 999_999_999 and bsn_valid(str(whole)):
+                self.findings.append(Finding(_path(parts), "bsn"))
+            elif self.sens is not None and (kind := self._whole_number(whole)) is not None:
+                self.findings.append(Finding(_path(parts), kind))
 
     def _whole_number(self, value: int) -> str | None:
         assert self.sens is not None
