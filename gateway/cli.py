@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
+import ssl
 from pathlib import Path
 
 import typer
@@ -114,6 +115,11 @@ def _tls_files(certfile: Path | None, keyfile: Path | None, host: str) -> dict[s
         for path in (certfile, keyfile):
             if not path.is_file():
                 _fail(f"TLS file not found: {path}")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:  # as uvicorn will load them: a mismatch or a key with a passphrase is one line, not a traceback
+            context.load_cert_chain(certfile, keyfile, password="")
+        except (ssl.SSLError, ValueError) as exc:
+            _fail(f"TLS certificate and key cannot be used together ({exc.__class__.__name__}): {certfile}")
         return {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
     if not _loopback(host):
         logging.getLogger("gateway").warning(

@@ -171,7 +171,8 @@ def test_accept_prefer_and_idempotency_key_are_read_as_http_says(chain: Any) -> 
     (`x-respond-async-not`) answered asynchronously, and of two Idempotency-Key headers the first won."""
     body = (HERE / "valid-transaction.json").read_bytes()
     ct = "application/fhir+json"
-    for accept in ("application/fhir+xml", "text/html, application/xml", "application/fhir+json;q=0"):
+    for accept in ("application/fhir+xml", "text/html, application/xml", "application/fhir+json;q=0",
+                   "application/json;q=0."):
         refused = post(chain, body, ct, extra={"Accept": accept})
         assert refused.status_code == 406 and issue_codes(refused) == ["not-supported"], refused.text
     either = "application/fhir+xml;q=1, application/fhir+json;q=0.5"
@@ -190,6 +191,8 @@ def test_accept_prefer_and_idempotency_key_are_read_as_http_says(chain: Any) -> 
                  ("Idempotency-Key", "first"), ("Idempotency-Key", "second")],
     )
     assert twice.status_code == 400 and "Idempotency-Key header is given more than once" in twice.text
+    empty = post(chain, body, ct, extra={"Idempotency-Key": ""})
+    assert empty.status_code == 400 and "Idempotency-Key header is empty" in empty.text
 
 
 def _raw_request(url: str, head: bytes, send_body: Iterator[bytes]) -> bytes:

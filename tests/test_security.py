@@ -516,6 +516,12 @@ def test_serve_speaks_https_with_the_configured_certificate(tmp_path: Path) -> N
         half = {k: v for k, v in env.items() if k != "FHIR_GATEWAY_TLS_KEYFILE"}
         run = _start_and_fail(["serve", "--config", str(pc.config_path)], half, tmp_path)
         assert run.returncode == 2 and "set both or neither" in run.stdout + run.stderr
+        # a key that is not the certificate's (a re-probe: a 108-line traceback and exit 1)
+        _, other_key = self_signed(tmp_path / "other")
+        mismatched = {**env, "FHIR_GATEWAY_TLS_KEYFILE": str(other_key)}
+        run = _start_and_fail(["serve", "--config", str(pc.config_path)], mismatched, tmp_path)
+        said = run.stdout + run.stderr
+        assert run.returncode == 2 and "cannot be used together" in said and "Traceback" not in said
 
 
 def test_serve_warns_when_it_listens_beyond_loopback_in_plain_http(caplog: pytest.LogCaptureFixture) -> None:

@@ -53,7 +53,7 @@ def check_accept(request: Request) -> None:
         return
     for media_range in raw.split(","):
         media, *params = (part.strip().lower() for part in media_range.split(";"))
-        if any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params):
+        if any(_quality(p) == 0 for p in params):
             continue
         kind, _, subtype = media.partition("/")
         if media == "*/*" or (kind in ("application", "*") and (subtype == "*" or "json" in subtype)):
@@ -63,11 +63,25 @@ def check_accept(request: Request) -> None:
     )
 
 
+def _quality(param: str) -> float | None:
+    """An Accept parameter's q value (RFC 9110: "0", "0.", "0.000" are all zero), None for another one."""
+    name, _, value = param.replace(" ", "").partition("=")
+    if name != "q":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
 def single_header(request: Request, name: str) -> str | None:
-    """A header that may be given once: twice is refused, not read as the first (or the last)."""
+    """A header that may be given once, with a value: twice is refused, not read as the first (or the last),
+    and so is an empty one (an EHR's template that lost its key would have its posts keyed by content)."""
     values = request.headers.getlist(name)
     if len(values) > 1:
         raise FhirError.single(400, "structure", f"the {name} header is given more than once")
+    if values and not values[0].strip():
+        raise FhirError.single(400, "structure", f"the {name} header is empty")
     return values[0] if values else None
 
 

@@ -11,6 +11,7 @@ default): the only folder a manifest may name files in; without it only uploads 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,8 +62,9 @@ def install_bulk_routes(
     app.state.bulk_jobs = jobs
 
     # A probe's 1 MiB manifests (21,000 entries) held the event loop 2.3 s each, every hospital's posts with
-    # it; four at once held threads the store needs as well.
-    manifest_checks = asyncio.Lock()
+    # it; four at once held threads the store needs as well. One check at a time per hospital: a slow file
+    # system under one hospital's import folder does not hold another's imports (a re-probe).
+    manifest_checks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     @app.post("/registries/{registry}/$import")
     async def bulk_import(registry: str, request: Request) -> Response:
@@ -84,7 +86,7 @@ def install_bulk_routes(
         else:
             manifest = await read_limited(request, MAX_MANIFEST_BYTES, idle=idle)
             provider = caller.provider or ""
-            async with manifest_checks:  # its files are looked at off the event loop, one manifest at a time
+            async with manifest_checks[provider]:  # its files are looked at off the event loop
                 job_id = await asyncio.to_thread(jobs.manifest_job_id, provider, registry, manifest)
             job, manifest_file = jobs.manifest_job(provider, registry, manifest, job_id)
             if manifest_file is not None:  # else: this manifest's job is running; answer with its status
