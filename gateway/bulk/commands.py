@@ -105,7 +105,8 @@ def bulk(
     except (SourceError, JobMismatch, ValueError) as exc:
         console.print(f"[red]fhir-gateway bulk: {exc}[/red]")
         raise typer.Exit(2) from None
-    except (TTPUnavailable, OptOutUnavailable, StoreUnavailable) as exc:  # fixed texts; what was stored stays
+    except (TTPUnavailable, OptOutUnavailable, StoreUnavailable) as exc:
+        # fixed texts; what was stored stays stored
         console.print(f"[red]fhir-gateway bulk: {exc}; run again with the same --work-dir to resume[/red]")
         raise typer.Exit(3) from None
     if json_out:

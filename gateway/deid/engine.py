@@ -616,7 +616,6 @@ def _prune(value: Any, dead: set[str], definition: str, types: R4Types) -> Any:
 
 _AT_HOME_TYPES = ("Location", "Organization")
 _NAMING_A_HOME = ("identifier", "name", "alias", "telecom", "position", "description", "contact")
-# org-1 asks an Organization for a name or an identifier: the name's place says it is withheld
 _ABSENT = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 
 
@@ -659,7 +658,7 @@ def _unname_home(out: dict[str, Any], ctx: p.WalkContext) -> None:
         if out.pop(element, None) is not None:
             ctx.count(f"{rtype}.{element}.(patient-home)")
         out.pop("_" + element, None)
-    if rtype == "Organization":
+    if rtype == "Organization":  # org-1 asks for a name or an identifier: the name's place says it's withheld
         out["_name"] = _masked()
 
 

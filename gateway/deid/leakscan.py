@@ -794,8 +794,13 @@ class _Scanner:
         name was a word of the term (a re-probe). A given name alone is a term's word ("Iris structure")."""
         if any(token in sens.surnames for token in _TOKEN.findall(s.casefold())):
             return "name"
-        glued = [(value, kind) for value, kind in self.glued if kind == "name" and value in sens.surnames]
+        glued = self._glued_surnames
         return _glued_kind(s, glued) if glued else None
+
+    @cached_property
+    def _glued_surnames(self) -> list[tuple[str, str]]:
+        surnames = self.sens.surnames if self.sens is not None else set()
+        return [(value, kind) for value, kind in self.glued if kind == "name" and value in surnames]
 
     def _bsn(self, s: str, key: str, parent: Mapping[str, Any]) -> str | None:
         if _is_code(parent, key) or (key == "value" and self.in_patient and _is_pseudonym(parent)):
