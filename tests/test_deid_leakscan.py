@@ -750,9 +750,11 @@ def test_a_name_by_its_nl_core_own_name_in_a_terminology_display_is_found_not_an
     assert {f.kind for f in scan(with_display("Hand-Schüller-Christian disease"), eponym)} == {"name"}
     charcot = sensitive_values(_patient_bundle(name=[{"family": "Jansen-Charcot", "given": ["Marie"]}]))
     assert {f.kind for f in scan(with_display("Charcot-Marie-Tooth disease"), charcot)} == {"name"}
-    # the voorvoegsels of a surname are not a name: "van der" in a display stops nothing
-    van_der = sensitive_values(_patient_bundle(name=[{"family": "van der Berkhout", "given": ["Kees"]}]))
+    # the voorvoegsels of a surname are not a name: "van der" in a display stops nothing; nor does a short
+    # surname that is a word of Dutch terms ("de Groot": "groot"), from TERM_SURNAME_MIN letters on
+    van_der = sensitive_values(_patient_bundle(name=[{"family": "van der Groot", "given": ["Kees"]}]))
     assert scan(with_display("Structure of van der Hoeve"), van_der) == []
+    assert scan(with_display("groot hematoom"), van_der) == []
 
 
 def _relative() -> dict[str, Any]:

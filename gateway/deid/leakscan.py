@@ -476,10 +476,15 @@ def _names(names: Any, out: SensitiveSet) -> None:
                 out.add(f"{given} {surname}", "name", glued=False)
 
 
+# A surname alone is sought in a terminology's display from this length: the commonest Dutch surnames are
+# words of Dutch terms ("de Jong", "de Groot", "Klein", "de Wit", "Lang": jong, groot, klein, wit, lang).
+TERM_SURNAME_MIN = 6
+
+
 def _surname_words(surnames: list[str], out: SensitiveSet) -> None:
     for surname in surnames:
         words = _TOKEN.findall(fold(surname).casefold()) if type(surname) is str else []
-        out.surnames.update(w for w in words if len(w) >= 3 and w.isalpha() and w not in _SURNAME_PREFIXES)
+        out.surnames.update(w for w in words if len(w) >= TERM_SURNAME_MIN and w.isalpha())
 
 
 def _telecoms(telecoms: Any, out: SensitiveSet) -> None:
