@@ -708,16 +708,21 @@ def test_what_a_home_is_part_of_names_it_too() -> None:
              "partOf": {"reference": "urn:uuid:s"},
              "address": {"line": ["Lindengracht 85-89"], "city": "Amsterdam", "postalCode": "1015 KH"}}
     street = {"resourceType": "Location", "name": "Blokken Lindengracht-Noord"}
+    # and what is part of the home (a later re-probe: a room named and numbered after it was delivered)
+    bag = {"system": "http://fhir.nl/fhir/NamingSystem/bag-verblijfsobject", "value": "0363010000758545-02"}
+    room = {"resourceType": "Location", "name": "Lindengracht 87 kamer 2", "identifier": [bag],
+            "partOf": {"reference": "urn:uuid:l"}}
     visit = {
         "resourceType": "Encounter", "status": "finished", "subject": {"reference": "urn:uuid:p"},
         "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HH"},
-        "location": [{"location": {"reference": "urn:uuid:l"}}],
+        "location": [{"location": {"reference": "urn:uuid:r"}}],
     }  # fmt: skip
-    places = (("urn:uuid:l", flat), ("urn:uuid:b", block), ("urn:uuid:s", street))
+    places = (("urn:uuid:l", flat), ("urn:uuid:b", block), ("urn:uuid:s", street), ("urn:uuid:r", room))
     result = run(bundle(("urn:uuid:p", patient(address=[home])), *places, ("urn:uuid:e", visit)))
     text = orjson.dumps(result.bundle).decode()
     assert "Lindengracht" not in text and "Woonblok" not in text and "Amsterdam" not in text
-    assert len(resources(result.bundle, "Location")) == 3  # delivered, unnamed, their postcodes cut to PC4
+    assert "0363010000758545" not in text
+    assert len(resources(result.bundle, "Location")) == 4  # delivered, unnamed, their postcodes cut to PC4
 
 
 def test_reference_type_is_kept_only_as_a_resource_type_name() -> None:

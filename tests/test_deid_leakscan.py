@@ -892,3 +892,33 @@ def test_a_birth_date_or_a_prefixed_record_numbers_digits_as_a_json_number_are_f
     # refused every Patient of a synthetic export, whose MRN pseudonym's assigner is the URA 00000000
     sensitive = sensitive_values(_patient_bundle(identifier=[{**mrn, "value": "MRN00000000"}]))
     assert scan(out_with(valueString="URA 00000000"), sensitive) == []
+
+
+def test_a_patients_surname_in_a_terminology_display_however_written_others_surnames_not() -> None:
+    """Re-probes: a surname's second word ("Kwakkelsteen Oosterhout", "O'Callaghan") never reached the
+    walk (the whole-document check looked for a name's first word), "StraßburgerSyndrome" was missed (the
+    glued search reads lower-cased text, "straßburger"). A relative's or a professional's surname alone is
+    not sought there: eponyms (Stevens-Johnson, Merkel cell, Hodgkin) of the people around a patient."""
+
+    def with_display(display: str) -> dict:
+        out = out_with(valueString="x")
+        coding = {"system": SNOMED, "code": "1", "display": display}
+        out["entry"][0]["resource"]["code"] = {"coding": [coding]}
+        return out
+
+    for family, display in [("Kwakkelsteen Oosterhout", "Oosterhout tumour"),
+                            ("O'Callaghan", "Callaghan syndrome"),
+                            ("Straßburger", "StraßburgerSyndrome"), ("Straßburger", "Strassburger tumour")]:
+        sensitive = sensitive_values(_patient_bundle(name=[{"family": family, "given": ["Maria"]}]))
+        assert {f.kind for f in scan(with_display(display), sensitive)} == {"name"}, display
+    bundle = _patient_bundle(name=[{"family": "Kwakkelsteen", "given": ["Maria"]}])
+    bundle["entry"].append({"resource": {"resourceType": "RelatedPerson", "name": [{"family": "Hodgkin"}]}})
+    assert scan(with_display("Hodgkin lymphoma"), sensitive_values(bundle)) == []
+
+
+def test_a_phone_number_as_a_json_number_is_found() -> None:
+    """A re-probe: +31 6 12345678 as `valueInteger: 612345678` (its 0 lost) or 31612345678.0 was delivered."""
+    sensitive = sensitive_values(_patient_bundle(telecom=[{"system": "phone", "value": "+31 6 12345678"}]))
+    for number in (612345678, 31612345678.0, 612345678.0):
+        assert [f.kind for f in scan(out_with(valueInteger=number), sensitive)] == ["telecom"], number
+    assert scan(out_with(valueInteger=612345679), sensitive) == []

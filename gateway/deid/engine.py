@@ -635,21 +635,28 @@ def _generalise_homes(
     people = itertools.chain((e.get("resource") for e in entries if type(e) is dict), other_people)
     homes = person_homes(people) if places else []
     by_urn = {"urn:uuid:" + c.new_id: (c, out) for c, out in places}
-    at_homes = [(c, out) for c, out in places if at_home(c.resource, homes)]
+    # what a home is part of (its building, "Woonblok Lindengracht" at "Lindengracht 85-89") and what is part
+    # of it (a room, numbered after the home's BAG id) name the home too (re-probes: each was delivered
+    # beside the stripped home). Not who manages it: that is mostly the hospital or a home-care organisation.
+    near: dict[str, set[str]] = {urn: set() for urn in by_urn}
+    for urn, (_, out) in by_urn.items():
+        parent = out.get("partOf")
+        parent = parent.get("reference") if type(parent) is dict else None
+        if parent in by_urn:
+            near[urn].add(parent)
+            near[parent].add(urn)
+    at_homes = [urn for urn, (c, _) in by_urn.items() if at_home(c.resource, homes)]
     done: set[str] = set()
     while at_homes:
-        c, out = at_homes.pop()
-        if c.new_id in done:
+        urn = at_homes.pop()
+        if urn in done:
             continue
-        done.add(c.new_id)
+        done.add(urn)
+        c, out = by_urn[urn]
         if "address" in out:
             _generalise_home_address(c.resource, out, plan, ctx)
         _unname_home(out, ctx)
-        # what a home is part of (its building, "Woonblok Lindengracht", at "Lindengracht 85-89") names it
-        # too (a re-probe: the home was stripped and its building delivered beside it)
-        parent = out.get("partOf")
-        if type(parent) is dict and parent.get("reference") in by_urn:
-            at_homes.append(by_urn[parent["reference"]])
+        at_homes += near[urn] - done
 
 
 def _unname_home(out: dict[str, Any], ctx: p.WalkContext) -> None:

@@ -443,7 +443,8 @@ def _words(text: str) -> list[str]:
     return kept if len(words) > 1 else []
 
 
-def _names(names: Any, out: SensitiveSet) -> None:
+def _names(names: Any, out: SensitiveSet, *, own: bool = False) -> None:
+    """``own``: a Patient's names, whose surname alone is sought in a terminology's display too."""
     for name in names if isinstance(names, list) else [names]:
         if not isinstance(name, dict):
             continue
@@ -456,11 +457,12 @@ def _names(names: Any, out: SensitiveSet) -> None:
         cores = surname_cores(family) if type(family) is str else []
         for core in cores:
             out.add(core, NAME_PART)
-        own = list(_ext_strings(name.get("_family")))  # nl-core own name, partner name
-        for value in own:
+        own_names = list(_ext_strings(name.get("_family")))  # nl-core own name, partner name
+        for value in own_names:
             out.add(value, "name")
-        surnames = cores + own
-        _surname_words([family, *surnames] if type(family) is str else surnames, out)
+        surnames = cores + own_names
+        if own:
+            _surname_words([family, *surnames] if type(family) is str else surnames, out)
         for given in _list(name.get("given")):
             out.add(given, "name")
             for word in _words(given) if type(given) is str else ():
@@ -482,9 +484,18 @@ TERM_SURNAME_MIN = 6
 
 
 def _surname_words(surnames: list[str], out: SensitiveSet) -> None:
+    """Each word of a patient's surname, as the walk compares it (case-folded) and as the glued search does
+    (lower-cased: "straßburger"); each sought alone too, so that the whole-document check sends a display
+    holding a surname's second word ("Kwakkelsteen Oosterhout", "O'Callaghan") to the walk (a re-probe)."""
     for surname in surnames:
-        words = _TOKEN.findall(fold(surname).casefold()) if type(surname) is str else []
-        out.surnames.update(w for w in words if len(w) >= TERM_SURNAME_MIN and w.isalpha())
+        if type(surname) is not str:
+            continue
+        folded = fold(surname)
+        for words in (_TOKEN.findall(folded.casefold()), _TOKEN.findall(folded.lower())):
+            for word in words:
+                if len(word) >= TERM_SURNAME_MIN and word.isalpha() and word not in out.surnames:
+                    out.surnames.add(word)
+                    out.add(word, NAME_PART)
 
 
 def _telecoms(telecoms: Any, out: SensitiveSet) -> None:
@@ -533,7 +544,7 @@ def _resource_identifiers(res: dict[str, Any], out: SensitiveSet) -> None:
 
 
 def _person(res: dict[str, Any], out: SensitiveSet) -> None:
-    _names(res.get("name"), out)
+    _names(res.get("name"), out, own=res.get("resourceType") == "Patient")
     _telecoms(res.get("telecom"), out)
     _addresses(res.get("address"), out)
     _contacts(res, out)
@@ -904,6 +915,9 @@ class _Scanner:
         for seq, kind in self.sens.by_first.get(str(value), ()):
             if len(seq) == 1 and kind in ("identifier", "birth-date"):  # 19610714 as a JSON number
                 return kind
+        digits = str(value)  # a phone number as a number lost its 0 (612345678) or has its 31 (31612345678)
+        if {"0" + digits, "0" + digits[2:] if digits.startswith("31") else ""} & self.sens.phones:
+            return "telecom"
         return None
 
 
