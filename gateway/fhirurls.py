@@ -20,3 +20,8 @@ def restful_base(full_url: Any) -> str | None:
         return None
     tail = RESTFUL_TAIL.search(full_url)
     return full_url[: tail.start() + 1] if tail else None
+
+
+def relative_restful(reference: str) -> bool:
+    """`Type/id` (maybe versioned), not absolute: what resolves against the referring entry's base only."""
+    return not ABSOLUTE.match(reference) and RESTFUL_TAIL.search(reference) is not None

@@ -30,10 +30,14 @@ class Chunk:
     tag: str
     payload: bytes
     counts: Counter[str]  # resource type → entries in this Bundle (Provenance included)
-    order_key: str | None  # the first Patient's new `Patient/<id>`
     picked: list[int] = field(default_factory=list)  # the entries of the split Bundle it carries
     # every Patient's new `Patient/<id>`: a later delivery of any of them waits for this Bundle
     patient_keys: tuple[str, ...] = ()
+
+    @property
+    def order_key(self) -> str | None:
+        """The first Patient's new `Patient/<id>`."""
+        return self.patient_keys[0] if self.patient_keys else None
 
 
 def split_transaction(bundle: dict[str, Any], *, max_entries: int, tag: str) -> list[Chunk]:
@@ -159,7 +163,7 @@ def _chunk(
         for i in picked
         if entries[i]["resource"].get("resourceType") == "Patient"
     )
-    return Chunk(tag, payload, counts, patient_keys[0] if patient_keys else None, picked, patient_keys)
+    return Chunk(tag, payload, counts, picked, patient_keys)
 
 
 def _provenance_for(provenance: dict, full_urls: list[str], tag: str) -> dict[str, Any]:

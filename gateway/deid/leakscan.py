@@ -804,7 +804,7 @@ class _Scanner:
             self.findings.append(Finding(_path(parts), kind))
 
     def _surname_in_term(self, s: str, sens: SensitiveSet) -> str | None:
-        """A person's surname alone in a terminology's display, as a word or run into one at a change of case
+        """A patient's surname alone in a terminology's display, as a word or run into one at a change of case
         ("Kwakkelsteen tumour", "KwakkelsteenSyndrome": a probe saw both delivered). An eponym that is the
         patient's own surname stops the Bundle too: removing the display only then told the registry the
         name was a word of the term (a re-probe). A given name alone is a term's word ("Iris structure")."""
@@ -915,10 +915,10 @@ class _Scanner:
         for seq, kind in self.sens.by_first.get(str(value), ()):
             if len(seq) == 1 and kind in ("identifier", "birth-date"):  # 19610714 as a JSON number
                 return kind
-        digits = str(value)  # a phone number as a number lost its 0 (612345678) or has its 31 (31612345678)
-        if {"0" + digits, "0" + digits[2:] if digits.startswith("31") else ""} & self.sens.phones:
-            return "telecom"
-        return None
+        # a phone number as a number lost its 0 (612345678) or kept its country code (31612345678)
+        digits = str(value)
+        national = ("0" + digits, "0" + digits[2:]) if digits.startswith("31") else ("0" + digits,)
+        return "telecom" if any(n in self.sens.phones for n in national) else None
 
 
 def _glued_kind(

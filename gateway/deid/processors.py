@@ -21,6 +21,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from gateway.deid.r4 import r4
+from gateway.fhirurls import relative_restful
 from gateway.pseudonym.normalise import postcode4
 
 KEEP, COMPLEX, REMOVE, CALL = 0, 1, 2, 3
@@ -351,7 +352,7 @@ def _reference(value: Any, ctx: WalkContext) -> dict[str, Any] | None:
     if type(value) is not dict:
         return None
     ref = value.get("reference")
-    if type(ref) is str and ctx.base is not None and _relative(ref):
+    if type(ref) is str and ctx.base is not None and relative_restful(ref):
         # `Observation/o2` in an entry under http://x/fhir/ is http://x/fhir/Observation/o2 only; another
         # server's o2 in the Bundle is not it (a re-probe's linked two patients' records)
         new = ctx.ref_map.get(ctx.base + ref.split("/_history/", 1)[0])
@@ -380,11 +381,6 @@ def _reference(value: Any, ctx: WalkContext) -> dict[str, Any] | None:
     if "identifier" in value:
         ctx.count("Reference.identifier")
     return out
-
-
-def _relative(ref: str) -> bool:
-    """`Type/id` (maybe versioned): not absolute, urn:, contained (#) or conditional (?)."""
-    return "://" not in ref and not ref.startswith(("urn:", "#")) and "?" not in ref
 
 
 def pseudonymise_reference(value: Any, f: tuple, ctx: WalkContext) -> Any:

@@ -43,6 +43,11 @@ _AUDIT = (
     "pseudonym_types, detail, request_id"
 )
 MAX_ERROR_TEXT = 8000  # a registry's OperationOutcome is kept for the operator, bounded
+# The deliveries `o` (delivery `x` among them) to the same registry that carry one of `x`'s patients
+_SHARING_A_PATIENT = """deliveries x
+    JOIN delivery_patients mine ON mine.seq = x.seq
+    JOIN delivery_patients other ON other.registry = mine.registry AND other.patient_key = mine.patient_key
+    JOIN deliveries o ON o.seq = other.seq"""
 CLAIM_WINDOW = 128  # pending deliveries at the head of a queue a claim reads first (`dialects._HEAD`)
 
 
@@ -412,13 +417,9 @@ class SqlStore:
         with self._conn() as conn:
             row = self._q(
                 conn,
-                """SELECT 1 FROM deliveries x
-                   JOIN delivery_patients mine ON mine.seq = x.seq
-                   JOIN delivery_patients other
-                     ON other.registry = mine.registry AND other.patient_key = mine.patient_key
-                        AND other.seq < mine.seq
-                   JOIN deliveries e ON e.seq = other.seq
-                   WHERE x.id = ? AND x.status = 'queued' AND e.status = 'queued' AND e.attempts > 0
+                f"""SELECT 1 FROM {_SHARING_A_PATIENT}
+                   WHERE x.id = ? AND o.seq < x.seq AND x.status = 'queued' AND o.status = 'queued'
+                     AND o.attempts > 0
                    LIMIT 1""",
                 (delivery_id,),
             ).fetchone()
@@ -431,12 +432,7 @@ class SqlStore:
             row = self._q(
                 conn,
                 f"""SELECT {_META} FROM deliveries WHERE seq = (
-                       SELECT MAX(o.seq) FROM deliveries x
-                       JOIN delivery_patients mine ON mine.seq = x.seq
-                       JOIN delivery_patients other
-                         ON other.registry = mine.registry AND other.patient_key = mine.patient_key
-                       JOIN deliveries o ON o.seq = other.seq
-                       WHERE x.id = ? AND o.status <> 'dead')""",
+                       SELECT MAX(o.seq) FROM {_SHARING_A_PATIENT} WHERE x.id = ? AND o.status <> 'dead')""",
                 (delivery_id,),
             ).fetchone()
         return None if row is None else _delivery(row)
@@ -446,11 +442,8 @@ class SqlStore:
         patients (any of them: a re-probe's newer Bundle had the patient second)."""
         row = self._q(
             conn,
-            """SELECT 1 FROM deliveries x JOIN delivery_patients mine ON mine.seq = x.seq
-               WHERE x.id = ? AND x.status = 'dead' AND EXISTS (
-                   SELECT 1 FROM delivery_patients other
-                   WHERE other.registry = mine.registry AND other.patient_key = mine.patient_key
-                     AND other.seq > x.seq)""",
+            f"SELECT 1 FROM {_SHARING_A_PATIENT} "
+            "WHERE x.id = ? AND x.status = 'dead' AND o.seq > x.seq LIMIT 1",
             (delivery_id,),
         ).fetchone()
         return row is not None
