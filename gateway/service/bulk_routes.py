@@ -120,8 +120,11 @@ def install_bulk_routes(
                 "no such bulk job for this client (jobs do not outlive a gateway restart: post the same "
                 "manifest again to resume its job, or upload the export again)",
             )
+        # whether it runs, read before what it says: read after the outbox look-up below, a job that ended
+        # meanwhile was answered 200 with the view of a running one ("delivering": a clean-clone CI saw it)
+        running = job.running
         headers = {"X-Progress": f"{job.state} {job.phase_done}/{job.phase_total}"}
-        if job.running:
+        if running:
             headers["Retry-After"] = "2"
         view = job.view()
         if job.state in ("delivering", "completed"):
@@ -135,7 +138,7 @@ def install_bulk_routes(
                 )
         return Response(
             orjson.dumps(view),
-            status_code=202 if job.running else 200,
+            status_code=202 if running else 200,
             media_type="application/json",
             headers=headers,
         )
